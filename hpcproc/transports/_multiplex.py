@@ -1,0 +1,464 @@
+"""Shared mechanics: lightweight connections multiplexed over one link per peer.
+
+Every built-in transport reduces to a :class:`Link`: one reliable, ordered,
+message-preserving pipe between two endpoints (a TCP socket, a pair of shared-memory
+rings, MPI point-to-point traffic, a UCX endpoint, or a direct call in memory). This
+module turns links into the full :mod:`~hpcproc.transports.base` contract: connection
+ids, ``ConnectionOpened`` / ``Received`` / ``ConnectionClosed`` events, bundle failure,
+self-connections, endpoint close, and the ``break_connection`` fault hook. Writing it
+once is what makes every transport fail the same way.
+
+A transport subclasses :class:`MultiplexedEndPoint` (implementing :meth:`_open_link`
+and optionally :meth:`_release`) and :class:`Link` (implementing ``send_control``,
+``send_data``, ``close`` and ``abort``). Its receive path calls the endpoint's
+``_on_open`` / ``_on_data`` / ``_on_close`` / ``_on_link_down`` methods, always on the
+event loop thread (a progress thread must hop with ``call_soon_threadsafe``).
+
+Links stay up until the endpoint closes or the bundle fails, even when no connection
+is open: re-opening a connection to a recent peer then costs one control message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from .base import (
+    Buffer,
+    ConnectError,
+    ConnectErrorCode,
+    Connection,
+    ConnectionClosed,
+    ConnectionId,
+    ConnectionOpened,
+    EndPoint,
+    EndPointAddress,
+    EndPointClosed,
+    EndPointClosedError,
+    ErrorEvent,
+    Event,
+    EventError,
+    EventErrorCode,
+    Received,
+    Reliability,
+    SendError,
+    SendErrorCode,
+    Transport,
+    TransportError,
+)
+
+log = logging.getLogger("hpcproc.transports")
+
+#: Bound on the graceful part of closing a link; after it the link is aborted.
+LINK_CLOSE_TIMEOUT = 5.0
+
+
+class Kind(enum.IntEnum):
+    """Message kinds on a link (the multiplexing protocol shared by all transports)."""
+
+    OPEN = 1
+    DATA = 2
+    CLOSE = 3
+
+
+class Link(ABC):
+    """One reliable, ordered, message-preserving pipe to one remote endpoint.
+
+    The transport implements the four abstract methods; the attributes below belong to
+    :class:`MultiplexedEndPoint` (bookkeeping of the bundle this link carries).
+    """
+
+    def __init__(self, remote: EndPointAddress) -> None:
+        self.remote = remote
+        #: False once the link failed or was closed; set by the endpoint core only.
+        self.alive = True
+        #: sender's connection id -> local ConnectionId, for open incoming connections.
+        self.incoming: dict[int, ConnectionId] = {}
+        #: open outgoing connections carried by this link.
+        self.outgoing: dict[int, OutgoingConnection] = {}
+
+    @abstractmethod
+    def send_control(self, kind: Kind, conn_id: int) -> None:
+        """Queue an OPEN or CLOSE message; never blocks, ordered with ``send_data``.
+
+        Errors are not raised: a link that cannot send reports itself down through
+        ``_on_link_down``.
+        """
+
+    @abstractmethod
+    async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
+        """Send a DATA message; return once ``frames`` may be reused.
+
+        Raises any exception when the link is broken; the caller maps it to
+        ``SendError(FAILED)``.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush queued messages, then close so that the peer sees the link end."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Tear the link down at once (fault path); the peer must notice eventually."""
+
+
+class _State(enum.Enum):
+    OPEN = 0
+    CLOSED = 1
+    FAILED = 2
+
+
+class OutgoingConnection(Connection):
+    """A lightweight connection; a thin handle on the link carrying it."""
+
+    __slots__ = ("_endpoint", "_id", "_link", "_state")
+
+    def __init__(self, endpoint: MultiplexedEndPoint, link: Link, conn_id: int) -> None:
+        self._endpoint = endpoint
+        self._link = link
+        self._id = conn_id
+        self._state = _State.OPEN
+
+    @property
+    def remote_address(self) -> EndPointAddress:
+        return self._link.remote
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        if self._state is not _State.OPEN:
+            if self._state is _State.CLOSED:
+                raise SendError(SendErrorCode.CLOSED, "connection was closed locally")
+            raise SendError(
+                SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost"
+            )
+        try:
+            await self._link.send_data(self._id, frames)
+        except TransportError:
+            raise
+        except Exception as exc:
+            self._endpoint._on_link_down(self._link, f"send failed: {exc!r}")
+            raise SendError(
+                SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost"
+            ) from exc
+
+    def _fail(self) -> None:
+        if self._state is _State.OPEN:
+            self._state = _State.FAILED
+
+    async def close(self) -> None:
+        if self._state is not _State.OPEN:
+            self._state = _State.CLOSED if self._state is _State.CLOSED else self._state
+            return
+        self._state = _State.CLOSED
+        link = self._link
+        if link.outgoing.pop(self._id, None) is not None and link.alive:
+            link.send_control(Kind.CLOSE, self._id)
+
+
+class EventQueue:
+    """The endpoint's single event queue.
+
+    Unbounded by design: the transport contract has no way to refuse an event, so
+    back-pressure is applied where data enters (the link's flow control) and the
+    process layer drains this queue continuously.
+    """
+
+    __slots__ = ("_done", "_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: deque[Event] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._done = False
+
+    def put(self, event: Event) -> None:
+        self._items.append(event)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def get(self) -> Event:
+        while not self._items:
+            if self._done:
+                raise EndPointClosedError()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                # Pass a wake-up we may have consumed on to the next waiter.
+                if waiter.done() and not waiter.cancelled() and self._items:
+                    self.put_wakeup()
+                raise
+        event = self._items.popleft()
+        if isinstance(event, EndPointClosed):
+            self._done = True
+            # Wake every other waiter so that it raises too.
+            for waiter in self._waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._waiters.clear()
+        elif self._items:
+            self.put_wakeup()
+        return event
+
+    def put_wakeup(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class _LoopbackLink(Link):
+    """The link an endpoint uses to connect to itself: events go straight to its queue."""
+
+    def __init__(self, endpoint: MultiplexedEndPoint) -> None:
+        super().__init__(endpoint.address)
+        self._endpoint = endpoint
+
+    def send_control(self, kind: Kind, conn_id: int) -> None:
+        if kind is Kind.OPEN:
+            self._endpoint._on_open(self, conn_id)
+        else:
+            self._endpoint._on_close(self, conn_id)
+
+    async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
+        # Copy: the caller may reuse its buffers once send returns.
+        self._endpoint._on_data(self, conn_id, [memoryview(bytearray(f)) for f in frames])
+
+    async def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class MultiplexedEndPoint(EndPoint):
+    """An endpoint built from links; see the module docstring."""
+
+    def __init__(self, address: EndPointAddress) -> None:
+        self._address = address
+        self._events = EventQueue()
+        self._links: dict[EndPointAddress, Link] = {}
+        self._pending: dict[EndPointAddress, asyncio.Future[Link]] = {}
+        self._next_conn_id = itertools.count(1)
+        self._next_incoming_id = itertools.count(1)
+        self._closed = False
+        #: Set by the owning transport so that a closed endpoint is forgotten.
+        self._forget: Callable[[], object] | None = None
+
+    # ------------------------------------------------------------------ transport hooks
+
+    @abstractmethod
+    async def _open_link(self, remote: EndPointAddress, timeout: float | None) -> Link:
+        """Establish (or find, after a crossed connect) the link to ``remote``.
+
+        Called only when no live link to ``remote`` exists and no other call for it is
+        pending. Must raise :class:`ConnectError` with the right code. The returned
+        link is registered by the caller.
+        """
+
+    async def _release(self) -> None:  # noqa: B027 - optional hook
+        """Release transport resources (listeners, segments) after links are closed."""
+
+    def _register_link(self, link: Link) -> None:
+        """Make ``link`` the live link to ``link.remote`` (for links a peer opened).
+
+        A previous live link to the same peer is taken down first: the peer opened a
+        new bundle, so the old one is dead (it may not have noticed yet).
+        """
+        old = self._links.get(link.remote)
+        if old is not None and old is not link:
+            self._on_link_down(old, "peer opened a new bundle")
+            old.abort()
+        self._links[link.remote] = link
+
+    # ------------------------------------------------------------------ receive path
+
+    def _on_open(self, link: Link, conn_id: int) -> None:
+        if not link.alive or self._closed:
+            return
+        local = next(self._next_incoming_id)
+        link.incoming[conn_id] = local
+        self._events.put(ConnectionOpened(local, Reliability.RELIABLE_ORDERED, link.remote))
+
+    def _on_data(self, link: Link, conn_id: int, frames: Sequence[memoryview]) -> None:
+        local = link.incoming.get(conn_id)
+        if local is None or not link.alive:
+            if link.alive and not self._closed:
+                self._protocol_violation(link, f"data on unknown connection {conn_id}")
+            return
+        self._events.put(Received(local, frames))
+
+    def _on_close(self, link: Link, conn_id: int) -> None:
+        local = link.incoming.pop(conn_id, None)
+        if local is None or not link.alive:
+            if link.alive and not self._closed:
+                self._protocol_violation(link, f"close of unknown connection {conn_id}")
+            return
+        self._events.put(ConnectionClosed(local))
+
+    def _protocol_violation(self, link: Link, reason: str) -> None:
+        log.warning("dropping link to %r: protocol violation: %s", link.remote, reason)
+        self._on_link_down(link, f"protocol violation: {reason}")
+        link.abort()
+
+    def _on_link_down(self, link: Link, reason: str) -> None:
+        """The link failed or the peer closed it: fail the bundle (idempotent)."""
+        if not link.alive:
+            return
+        link.alive = False
+        if self._links.get(link.remote) is link:
+            del self._links[link.remote]
+        had_connections = bool(link.incoming or link.outgoing)
+        for conn in link.outgoing.values():
+            conn._fail()
+        link.outgoing.clear()
+        link.incoming.clear()
+        if had_connections and not self._closed:
+            log.debug("connection to %r lost: %s", link.remote, reason)
+            self._events.put(
+                ErrorEvent(
+                    EventError(EventErrorCode.CONNECTION_LOST, reason, link.remote)
+                )
+            )
+
+    # ------------------------------------------------------------------ EndPoint API
+
+    @property
+    def address(self) -> EndPointAddress:
+        return self._address
+
+    async def receive(self) -> Event:
+        return await self._events.get()
+
+    async def connect(
+        self,
+        address: EndPointAddress,
+        *,
+        reliability: Reliability = Reliability.RELIABLE_ORDERED,
+        timeout: float | None = None,
+    ) -> Connection:
+        if self._closed:
+            raise ConnectError(ConnectErrorCode.FAILED, "endpoint is closed")
+        if not isinstance(address, bytes):
+            raise ConnectError(
+                ConnectErrorCode.FAILED, f"address must be bytes, not {type(address).__name__}"
+            )
+        address = EndPointAddress(address)
+        link = self._links.get(address)
+        if link is None:
+            link = await self._get_link(address, timeout)
+        conn_id = next(self._next_conn_id)
+        conn = OutgoingConnection(self, link, conn_id)
+        link.outgoing[conn_id] = conn
+        link.send_control(Kind.OPEN, conn_id)
+        return conn
+
+    async def _get_link(self, address: EndPointAddress, timeout: float | None) -> Link:
+        pending = self._pending.get(address)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
+        self._pending[address] = fut
+        try:
+            if address == self._address:
+                link: Link = _LoopbackLink(self)
+            elif timeout is not None:
+                try:
+                    link = await asyncio.wait_for(self._open_link(address, timeout), timeout)
+                except asyncio.TimeoutError:
+                    raise ConnectError(
+                        ConnectErrorCode.TIMEOUT,
+                        f"no answer from {address!r} within {timeout} s",
+                    ) from None
+            else:
+                link = await self._open_link(address, None)
+            if self._closed:
+                link.abort()
+                raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
+            if link.alive and self._links.get(address) is not link:
+                self._register_link(link)
+            fut.set_result(link)
+            return link
+        except BaseException as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+                # Mark retrieved: concurrent waiters may not exist.
+                fut.exception()
+            raise
+        finally:
+            self._pending.pop(address, None)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        links = list(self._links.values())
+        self._links.clear()
+        for link in links:
+            for conn_id, conn in list(link.outgoing.items()):
+                conn._state = _State.CLOSED
+                link.send_control(Kind.CLOSE, conn_id)
+            link.outgoing.clear()
+            link.incoming.clear()
+            link.alive = False
+        try:
+            if links:
+                await asyncio.wait_for(
+                    asyncio.gather(*(link.close() for link in links), return_exceptions=True),
+                    LINK_CLOSE_TIMEOUT,
+                )
+        except (asyncio.TimeoutError, Exception) as exc:
+            log.debug("graceful close of links failed: %r", exc)
+        finally:
+            for link in links:
+                link.abort()
+            try:
+                await self._release()
+            finally:
+                if self._forget is not None:
+                    self._forget()
+                self._events.put(EndPointClosed())
+
+    # ------------------------------------------------------------------ fault hook
+
+    def _break(self, remote: EndPointAddress) -> None:
+        link = self._links.get(remote)
+        if link is None:
+            return
+        self._on_link_down(link, "connection broken by break_connection")
+        link.abort()
+
+
+class MultiplexedTransport(Transport):
+    """Keeps the transport's endpoints; closes them all; routes ``break_connection``."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[EndPointAddress, MultiplexedEndPoint] = {}
+        self._closed = False
+
+    def _add_endpoint(self, endpoint: MultiplexedEndPoint) -> None:
+        address = endpoint.address
+        self._endpoints[address] = endpoint
+        endpoint._forget = lambda: self._endpoints.pop(address, None)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        endpoints = list(self._endpoints.values())
+        self._endpoints.clear()
+        await asyncio.gather(*(ep.close() for ep in endpoints), return_exceptions=True)
+
+    async def break_connection(self, local: EndPointAddress, remote: EndPointAddress) -> None:
+        endpoint = self._endpoints.get(EndPointAddress(local))
+        if endpoint is None:
+            raise ValueError(f"{local!r} is not an endpoint of this transport")
+        endpoint._break(EndPointAddress(remote))

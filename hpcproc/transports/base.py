@@ -1,0 +1,364 @@
+"""The transport contract: endpoints, lightweight connections, events and errors.
+
+This is hpcproc's analogue of Haskell's ``network-transport``. Every transport
+(``inmemory``, ``tcp``, ``shm``, ``mpi``, ``ucx``) implements these three ABCs and is
+checked by the same conformance suite (:mod:`hpcproc.testing.conformance`).
+
+Vocabulary
+----------
+*Endpoint*
+    A heavyweight communication end (a socket, a shared-memory region, an MPI rank
+    slot). It has an :class:`EndPointAddress` that peers use to connect, and one event
+    queue (:meth:`EndPoint.receive`) that reports everything that happens to it.
+*Connection*
+    A lightweight, unidirectional, message-oriented, reliable and ordered channel from
+    one endpoint to another. Thousands of them between two endpoints must be cheap.
+*Bundle*
+    All connections between two endpoints, in both directions. A bundle fails as a
+    unit: this is what lets the process layer treat "disconnect" as "failure".
+
+Guarantees every transport gives
+--------------------------------
+* A message is a sequence of frames; the receiver gets the same frames with the same
+  boundaries, including empty frames.
+* Ordering holds per connection, not across connections.
+* :class:`ConnectionOpened` precedes every :class:`Received` of its connection, and
+  :class:`ConnectionClosed` follows every one of them.
+* Bundle failure: when the link between endpoints A and B breaks, A gets exactly one
+  ``ErrorEvent(CONNECTION_LOST, B)`` (if the bundle carried an open connection in
+  either direction); afterwards no old connection between them carries anything:
+  outgoing sends raise ``SendError(FAILED)`` and incoming connections from B are
+  implicitly closed (no ``ConnectionClosed`` follows for them). B eventually sees
+  ``CONNECTION_LOST(A)`` too. A transport never reconnects by itself: a new
+  :meth:`EndPoint.connect` starts a new bundle.
+* Closing an endpoint closes its outgoing connections gracefully (peers see
+  ``ConnectionClosed``) and peers that had connections to it see
+  ``CONNECTION_LOST``. Locally ``EndPointClosed`` is the last event; afterwards
+  ``receive`` raises :class:`EndPointClosedError`, ``send`` raises
+  ``SendError(FAILED)`` and ``connect`` raises ``ConnectError(FAILED)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "Buffer",
+    "ConnectError",
+    "ConnectErrorCode",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionId",
+    "ConnectionOpened",
+    "EndPoint",
+    "EndPointAddress",
+    "EndPointClosed",
+    "EndPointClosedError",
+    "ErrorEvent",
+    "Event",
+    "EventError",
+    "EventErrorCode",
+    "NewEndPointError",
+    "NewEndPointErrorCode",
+    "Received",
+    "Reliability",
+    "SendError",
+    "SendErrorCode",
+    "Transport",
+    "TransportError",
+]
+
+#: Anything a transport accepts as a frame: an object exposing the buffer protocol.
+Buffer = Union[bytes, bytearray, memoryview, "np.ndarray[Any, Any]"]
+
+#: Identifies one incoming connection within the receiving endpoint. Ids are unique per
+#: endpoint for its lifetime (they are never reused, even across bundles).
+ConnectionId = int
+
+
+class EndPointAddress(bytes):
+    """The routable, serialisable address of an endpoint.
+
+    It is plain bytes (so it can be sent in messages and compared), whose layout is
+    private to the transport that made it. Peers only pass it back to ``connect``.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"EndPointAddress({bytes(self)!r})"
+
+
+class Reliability(enum.Enum):
+    """Delivery guarantee requested for a connection.
+
+    Every built-in transport delivers ``RELIABLE_ORDERED`` whatever is requested (a
+    stronger guarantee is always allowed); the field is kept so that the process
+    layer's requests are explicit and so that third-party transports can do less work
+    for weaker requests.
+    """
+
+    RELIABLE_ORDERED = "reliable_ordered"
+    RELIABLE_UNORDERED = "reliable_unordered"
+    UNRELIABLE = "unreliable"
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One whole message on incoming connection ``conn_id``.
+
+    ``frames`` have the boundaries the sender gave. They belong to the receiver: no
+    transport touches them after delivery, so arrays may be rebuilt over them.
+    """
+
+    conn_id: ConnectionId
+    frames: Sequence[memoryview]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOpened:
+    """A peer opened connection ``conn_id`` towards this endpoint."""
+
+    conn_id: ConnectionId
+    reliability: Reliability
+    remote_address: EndPointAddress
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed ``conn_id``; it follows every ``Received`` of that connection."""
+
+    conn_id: ConnectionId
+
+
+@dataclass(frozen=True, slots=True)
+class EndPointClosed:
+    """The last event of a locally closed endpoint; ``receive`` raises afterwards."""
+
+
+class EventErrorCode(enum.Enum):
+    """What an :class:`ErrorEvent` reports."""
+
+    #: The endpoint itself failed; it is unusable and will deliver nothing more.
+    ENDPOINT_FAILED = "endpoint_failed"
+    #: The whole transport failed; every endpoint of it is unusable.
+    TRANSPORT_FAILED = "transport_failed"
+    #: The bundle to ``remote_address`` broke (peer died, closed, or the network
+    #: failed). Every connection between the two endpoints, both directions, is dead.
+    CONNECTION_LOST = "connection_lost"
+
+
+@dataclass(frozen=True, slots=True)
+class EventError:
+    """Details of an asynchronous failure."""
+
+    code: EventErrorCode
+    message: str
+    remote_address: EndPointAddress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """An asynchronous failure; see :class:`EventErrorCode` for what each means."""
+
+    error: EventError
+
+
+Event = Union[Received, ConnectionOpened, ConnectionClosed, EndPointClosed, ErrorEvent]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class TransportError(Exception):
+    """Base class of every error a transport raises.
+
+    Subclasses carry a ``code`` chosen by what the caller must do differently.
+    """
+
+    code: enum.Enum | None = None
+
+    def __init__(self, code: enum.Enum | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        return f"[{self.code.name}] {base}" if self.code is not None else base
+
+
+class ConnectErrorCode(enum.Enum):
+    #: No endpoint at that address (never existed, or closed). Do not retry blindly.
+    NOT_FOUND = "not_found"
+    #: The peer did not answer within the timeout; retrying may succeed.
+    TIMEOUT = "timeout"
+    #: Out of sockets, memory, ring slots... Free resources, then retry.
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
+    #: Anything else: malformed address, authentication refused, local endpoint closed.
+    FAILED = "failed"
+
+
+class ConnectError(TransportError):
+    """:meth:`EndPoint.connect` failed; ``code`` is a :class:`ConnectErrorCode`."""
+
+    code: ConnectErrorCode
+
+    def __init__(self, code: ConnectErrorCode, message: str) -> None:
+        super().__init__(code, message)
+
+
+class SendErrorCode(enum.Enum):
+    #: You closed this connection (or its endpoint); nothing was sent.
+    CLOSED = "closed"
+    #: The bundle failed (peer or network broke it); nothing more will be delivered.
+    FAILED = "failed"
+
+
+class SendError(TransportError):
+    """:meth:`Connection.send` failed; ``code`` is a :class:`SendErrorCode`."""
+
+    code: SendErrorCode
+
+    def __init__(self, code: SendErrorCode, message: str) -> None:
+        super().__init__(code, message)
+
+
+class NewEndPointErrorCode(enum.Enum):
+    INSUFFICIENT_RESOURCES = "insufficient_resources"
+    FAILED = "failed"
+
+
+class NewEndPointError(TransportError):
+    """:meth:`Transport.new_endpoint` failed."""
+
+    code: NewEndPointErrorCode
+
+    def __init__(self, code: NewEndPointErrorCode, message: str) -> None:
+        super().__init__(code, message)
+
+
+class EndPointClosedError(TransportError):
+    """``receive`` was called on an endpoint after its ``EndPointClosed`` event."""
+
+    def __init__(self, message: str = "endpoint is closed") -> None:
+        super().__init__(None, message)
+
+
+# --------------------------------------------------------------------------- ABCs
+
+
+class Connection(ABC):
+    """A lightweight, unidirectional, reliable, ordered connection to one endpoint."""
+
+    @property
+    @abstractmethod
+    def remote_address(self) -> EndPointAddress:
+        """The address this connection was opened to."""
+
+    @abstractmethod
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        """Send one message made of ``frames``.
+
+        Returns once the transport no longer needs the caller's buffers (they may be
+        reused or mutated); it does not imply delivery. May block while the transport
+        applies back-pressure. Messages on one connection are delivered in order.
+
+        Raises:
+            SendError(CLOSED): this connection or its endpoint was closed locally.
+            SendError(FAILED): the bundle failed; the message is not delivered.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connection; idempotent, never raises for a broken bundle.
+
+        Messages already sent are delivered before the peer's ``ConnectionClosed``.
+        """
+
+
+class EndPoint(ABC):
+    """A heavyweight endpoint: one address, one event queue, many connections."""
+
+    @property
+    @abstractmethod
+    def address(self) -> EndPointAddress:
+        """The address peers connect to."""
+
+    @abstractmethod
+    async def receive(self) -> Event:
+        """Wait for the next event of this endpoint.
+
+        All connections and all errors share this one queue; events of one connection
+        are in order. Blocks until an event is available.
+
+        Raises:
+            EndPointClosedError: the endpoint's ``EndPointClosed`` event was already
+                delivered.
+        """
+
+    @abstractmethod
+    async def connect(
+        self,
+        address: EndPointAddress,
+        *,
+        reliability: Reliability = Reliability.RELIABLE_ORDERED,
+        timeout: float | None = None,
+    ) -> Connection:
+        """Open a new lightweight connection to ``address``.
+
+        Connecting to oneself is allowed. The first connection to a peer (or the first
+        after a bundle failure) establishes a new bundle; later ones reuse it.
+
+        Raises:
+            ConnectError(NOT_FOUND): no endpoint at ``address`` (unknown or closed).
+            ConnectError(TIMEOUT): no answer within ``timeout`` seconds.
+            ConnectError(INSUFFICIENT_RESOURCES): out of local or remote resources.
+            ConnectError(FAILED): malformed address, authentication failure, this
+                endpoint is closed, or any other failure.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the endpoint gracefully; idempotent.
+
+        Outgoing connections are closed (peers see ``ConnectionClosed``), peers with
+        connections to this endpoint see ``CONNECTION_LOST``, and ``EndPointClosed``
+        is queued as the last local event. Resources are released even when the
+        graceful part fails.
+        """
+
+
+class Transport(ABC):
+    """A factory of endpoints sharing one network backend."""
+
+    @abstractmethod
+    async def new_endpoint(self) -> EndPoint:
+        """Create a new endpoint.
+
+        Raises:
+            NewEndPointError: could not create it (see its code).
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close every endpoint of this transport and release the backend; idempotent."""
+
+    @abstractmethod
+    async def break_connection(self, local: EndPointAddress, remote: EndPointAddress) -> None:
+        """Test-only fault hook: make the bundle ``local``<->``remote`` fail.
+
+        ``local`` must be an endpoint of this transport. The effect is that of a real
+        network fault: both sides see ``CONNECTION_LOST`` (the remote side eventually),
+        no old connection carries anything afterwards, and a new ``connect`` starts a
+        new bundle.
+        """
