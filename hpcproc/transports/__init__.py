@@ -112,9 +112,7 @@ def _resolve(name: str) -> TransportFactory:
         if ep.name == name:
             loaded: TransportFactory = ep.load()
             return loaded
-    raise UnknownTransportError(
-        f"unknown transport {name!r}; available: {', '.join(available())}"
-    )
+    raise UnknownTransportError(f"unknown transport {name!r}; available: {', '.join(available())}")
 
 
 def create(name: str, **options: Any) -> Transport:

@@ -132,9 +132,7 @@ class OutgoingConnection(Connection):
         if self._state is not _State.OPEN:
             if self._state is _State.CLOSED:
                 raise SendError(SendErrorCode.CLOSED, "connection was closed locally")
-            raise SendError(
-                SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost"
-            )
+            raise SendError(SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost")
         try:
             await self._link.send_data(self._id, frames)
         except TransportError:
@@ -264,7 +262,7 @@ class MultiplexedEndPoint(EndPoint):
         link is registered by the caller.
         """
 
-    async def _release(self) -> None:  # noqa: B027 - optional hook
+    async def _release(self) -> None:
         """Release transport resources (listeners, segments) after links are closed."""
 
     def _register_link(self, link: Link) -> None:
@@ -324,9 +322,7 @@ class MultiplexedEndPoint(EndPoint):
         if had_connections and not self._closed:
             log.debug("connection to %r lost: %s", link.remote, reason)
             self._events.put(
-                ErrorEvent(
-                    EventError(EventErrorCode.CONNECTION_LOST, reason, link.remote)
-                )
+                ErrorEvent(EventError(EventErrorCode.CONNECTION_LOST, reason, link.remote))
             )
 
     # ------------------------------------------------------------------ EndPoint API

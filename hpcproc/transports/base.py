@@ -174,7 +174,7 @@ class ErrorEvent:
     error: EventError
 
 
-Event = Union[Received, ConnectionOpened, ConnectionClosed, EndPointClosed, ErrorEvent]
+Event = Received | ConnectionOpened | ConnectionClosed | EndPointClosed | ErrorEvent
 
 
 # --------------------------------------------------------------------------- errors

@@ -1,0 +1,79 @@
+"""The byte layout of link messages, for transports that carry them as bytes.
+
+A link message is a fixed 16-byte prefix, then one 8-byte length per frame, then the
+frame bytes in order::
+
+    kind:u8  pad:3  nframes:u32  conn_id:u64  |  len_0:u64 ... len_{n-1}:u64  |  frames
+
+(little endian). Every field read from the wire is checked before it is used:
+unknown kinds, more than ``max_frames`` frames, and totals over ``max_message``
+raise :class:`WireError`, so that no buffer is ever allocated from an unchecked
+length. TCP, UCX and shared memory use this layout; MPI uses its own envelope since
+MPI already preserves message boundaries.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from ._multiplex import Kind
+
+__all__ = [
+    "DEFAULT_MAX_FRAMES",
+    "DEFAULT_MAX_MESSAGE",
+    "PREFIX",
+    "WireError",
+    "encode_header",
+    "parse_lengths",
+    "parse_prefix",
+]
+
+PREFIX = struct.Struct("<B3xIQ")
+_LEN = struct.Struct("<Q")
+DEFAULT_MAX_FRAMES = 1 << 16
+DEFAULT_MAX_MESSAGE = 1 << 32  # 4 GiB
+_KINDS = frozenset(int(k) for k in Kind)
+
+
+class WireError(Exception):
+    """Bytes from a peer that break the protocol; the link must be dropped."""
+
+
+def encode_header(kind: Kind, conn_id: int, lengths: Sequence[int]) -> bytes:
+    """The prefix and length table of a message whose frames have ``lengths``."""
+    n = len(lengths)
+    return PREFIX.pack(kind, n, conn_id) + struct.pack(f"<{n}Q", *lengths)
+
+
+def parse_prefix(
+    data: bytes | memoryview, *, max_frames: int = DEFAULT_MAX_FRAMES
+) -> tuple[Kind, int, int]:
+    """``(kind, nframes, conn_id)`` from the 16-byte prefix, checked.
+
+    Raises:
+        WireError: unknown kind, too many frames, or a control message with frames.
+    """
+    kind, nframes, conn_id = PREFIX.unpack(data)
+    if kind not in _KINDS:
+        raise WireError(f"unknown message kind {kind}")
+    if nframes > max_frames:
+        raise WireError(f"message has {nframes} frames, more than the limit {max_frames}")
+    if kind != Kind.DATA and nframes:
+        raise WireError(f"control message {Kind(kind).name} carries {nframes} frames")
+    return Kind(kind), nframes, conn_id
+
+
+def parse_lengths(
+    data: bytes | memoryview, nframes: int, *, max_message: int = DEFAULT_MAX_MESSAGE
+) -> list[int]:
+    """The frame lengths from the length table, checked against ``max_message``.
+
+    Raises:
+        WireError: the total exceeds ``max_message``.
+    """
+    lengths = list(struct.unpack(f"<{nframes}Q", data))
+    total = sum(lengths)
+    if total > max_message:
+        raise WireError(f"message of {total} bytes exceeds the limit of {max_message} bytes")
+    return lengths
