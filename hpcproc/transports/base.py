@@ -44,10 +44,14 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import numpy as np
+    # The buffer-protocol type (collections.abc.Buffer on Python >= 3.12); numpy
+    # arrays, bytes, bytearray, memoryview and mmap all satisfy it.
+    from typing_extensions import Buffer
+else:
+    Buffer = object
 
 __all__ = [
     "Buffer",
@@ -75,8 +79,8 @@ __all__ = [
     "TransportError",
 ]
 
-#: Anything a transport accepts as a frame: an object exposing the buffer protocol.
-Buffer = Union[bytes, bytearray, memoryview, "np.ndarray[Any, Any]"]
+#: Anything a transport accepts as a frame is a ``Buffer``: an object exposing the
+#: buffer protocol.
 
 #: Identifies one incoming connection within the receiving endpoint. Ids are unique per
 #: endpoint for its lifetime (they are never reused, even across bundles).

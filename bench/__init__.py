@@ -1,0 +1,1 @@
+"""hpcproc benchmarks: ``python -m bench SUITE [--transport NAME] [--quick] [--json PATH]``."""
