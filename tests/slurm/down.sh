@@ -19,4 +19,9 @@ stop() {  # stop <pidfile>: SIGTERM, bounded wait, then SIGKILL
 for n in n1 n2 n3; do stop "$STATE/slurmd.$n.pid"; done
 stop "$STATE/slurmctld.pid"
 if [ -f "$STATE/munged.started" ]; then stop /run/munge/munged.pid; fi
+# Drop the name entries up.sh added (rewritten in place: /etc/hosts may be a mount).
+if grep -q ' # hpcproc-slurm$' /etc/hosts; then
+    kept=$(grep -v ' # hpcproc-slurm$' /etc/hosts)
+    printf '%s\n' "$kept" > /etc/hosts
+fi
 rm -rf "$STATE"

@@ -25,6 +25,12 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 munge -n | unmunge >/dev/null
 
+# The node names must resolve, as on a real cluster (ranks reach the rendezvous store
+# on the first node by its name). All three are this machine.
+for n in n1 n2 n3; do
+    getent hosts "$n" >/dev/null || echo "127.0.0.1 $n # hpcproc-slurm" >> /etc/hosts
+done
+
 slurmctld -f "$SLURM_CONF"
 for n in n1 n2 n3; do slurmd -f "$SLURM_CONF" -N "$n"; done
 

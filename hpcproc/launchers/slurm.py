@@ -1,0 +1,163 @@
+"""SLURM: a task of a job step (``srun``), or a batch / ``salloc`` shell.
+
+Only the step variables describe the ranks started together: ``SLURM_STEP_NUM_TASKS``,
+``SLURM_STEP_NODELIST``, ``SLURM_STEP_TASKS_PER_NODE``, with ``SLURM_PROCID``,
+``SLURM_LOCALID``, ``SLURM_NODEID`` for this task. The job-wide ``SLURM_NTASKS`` /
+``SLURM_NODELIST`` describe the allocation, not a step, and are never used for sizes:
+a batch script or an ``salloc`` shell (no step variables, or the interactive step
+with one task) is a single rank, not one of a multi-rank step.
+
+The rank-to-host map is computed only for the block distribution (Slurm's default,
+``SLURM_DISTRIBUTION`` unset or ``block``), and only after this task checked its own
+entry: its node name must be the map's host for its rank, and ``SLURM_GTIDS`` (the
+global task ids on this node) must be exactly the block of ranks the map gives this
+node. Otherwise ``hosts`` is None. Rank 0 always runs on the step's first node, which
+is where the rendezvous store is served.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from .hostlist import expand_hostlist, parse_task_counts
+from .info import ClusterInfo, LauncherError, env_int, env_opt_int
+
+__all__ = ["BATCH_STEP_ID", "INTERACTIVE_STEP_ID", "detect", "in_step"]
+
+log = logging.getLogger("hpcproc.launchers")
+
+#: Slurm's reserved step ids (SLURM_BATCH_SCRIPT, SLURM_INTERACTIVE_STEP).
+BATCH_STEP_ID = 4294967291
+INTERACTIVE_STEP_ID = 4294967290
+
+
+def in_step(env: Mapping[str, str]) -> bool:
+    """Whether ``env`` is a task of a Slurm job step (step variables present)."""
+    return "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env
+
+
+def detect(env: Mapping[str, str], hostname: str) -> ClusterInfo | None:
+    """A task of a Slurm step, a single-rank batch / salloc shell, or None.
+
+    Raises:
+        LauncherError: step variables are malformed (the message names the variable).
+    """
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not in_step(env):
+        if job_id is None:
+            return None
+        # A batch script or salloc shell: the allocation's shell is one rank.
+        return ClusterInfo(
+            launcher="slurm",
+            rank=0,
+            size=1,
+            local_rank=0,
+            local_size=1,
+            node_index=0,
+            num_nodes=1,
+            hostname=env.get("SLURMD_NODENAME", hostname),
+            job_id=job_id,
+            step_id="batch" if "SLURM_PROCID" in env else None,
+            hosts=None,
+            server_host=None,
+        )
+    node_name = env.get("SLURMD_NODENAME", hostname)
+    step_id = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
+    size = env_int(env, "SLURM_STEP_NUM_TASKS")
+    rank = env_int(env, "SLURM_PROCID")
+    if "SLURM_HET_SIZE" in env:
+        return _het_step(env, node_name, job_id, step_id, rank)
+    nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST", ""))
+    counts = parse_task_counts(env["SLURM_STEP_TASKS_PER_NODE"]) if nodes else []
+    node_index = env_opt_int(env, "SLURM_NODEID")
+    if nodes and len(counts) != len(nodes):
+        raise LauncherError(
+            f"slurm: SLURM_STEP_TASKS_PER_NODE={env['SLURM_STEP_TASKS_PER_NODE']!r} has"
+            f" {len(counts)} entries for {len(nodes)} nodes in SLURM_STEP_NODELIST"
+        )
+    if counts and sum(counts) != size:
+        raise LauncherError(
+            f"slurm: SLURM_STEP_TASKS_PER_NODE sums to {sum(counts)},"
+            f" SLURM_STEP_NUM_TASKS is {size}"
+        )
+    local_size = counts[node_index] if node_index is not None and node_index < len(counts) else None
+    return ClusterInfo(
+        launcher="slurm",
+        rank=rank,
+        size=size,
+        local_rank=env_opt_int(env, "SLURM_LOCALID"),
+        local_size=local_size,
+        node_index=node_index,
+        num_nodes=len(nodes) if nodes else env_opt_int(env, "SLURM_STEP_NUM_NODES"),
+        hostname=node_name,
+        job_id=job_id,
+        step_id=step_id,
+        hosts=_block_hosts(env, nodes, counts, rank, node_index, node_name),
+        server_host=nodes[0] if nodes else None,
+    )
+
+
+def _het_step(
+    env: Mapping[str, str], node_name: str, job_id: str | None, step_id: str | None, rank: int
+) -> ClusterInfo:
+    """A step of a heterogeneous job: ranks are global, placement is not certain."""
+    het_size = env_int(env, "SLURM_HET_SIZE")
+    group_sizes = [env_opt_int(env, f"SLURM_STEP_NUM_TASKS_HET_GROUP_{i}") for i in range(het_size)]
+    if all(n is not None for n in group_sizes):
+        size = sum(n for n in group_sizes if n is not None)
+    else:
+        size = env_int(env, "SLURM_STEP_NUM_TASKS")
+    first_nodes = env.get("SLURM_STEP_NODELIST_HET_GROUP_0") or env.get("SLURM_STEP_NODELIST", "")
+    nodes = expand_hostlist(first_nodes)
+    return ClusterInfo(
+        launcher="slurm",
+        rank=rank,
+        size=size,
+        local_rank=env_opt_int(env, "SLURM_LOCALID"),
+        local_size=None,
+        node_index=None,
+        num_nodes=None,
+        hostname=node_name,
+        job_id=env.get("SLURM_HET_JOB_ID") or job_id,
+        step_id=step_id,
+        hosts=None,
+        server_host=nodes[0] if nodes else None,
+    )
+
+
+def _block_hosts(
+    env: Mapping[str, str],
+    nodes: list[str],
+    counts: list[int],
+    rank: int,
+    node_index: int | None,
+    node_name: str,
+) -> tuple[str, ...] | None:
+    """Host of every rank under the block distribution, if this task's entry checks out."""
+    distribution = env.get("SLURM_DISTRIBUTION", "block")
+    if not nodes or distribution.split(":")[0] not in ("block", ""):
+        return None
+    hosts = tuple(host for host, count in zip(nodes, counts, strict=True) for _ in range(count))
+    first = sum(counts[:node_index]) if node_index is not None else None
+    expected_gtids = (
+        list(range(first, first + counts[node_index]))
+        if node_index is not None and first is not None and node_index < len(counts)
+        else None
+    )
+    gtids_text = env.get("SLURM_GTIDS")
+    try:
+        gtids = [int(g) for g in gtids_text.split(",")] if gtids_text else None
+    except ValueError:
+        raise LauncherError(f"slurm: SLURM_GTIDS={gtids_text!r} is not a list of ids") from None
+    problems = []
+    if hosts[rank] != node_name:
+        problems.append(
+            f"block map puts rank {rank} on {hosts[rank]}, this task runs on {node_name}"
+        )
+    if gtids is not None and expected_gtids is not None and gtids != expected_gtids:
+        problems.append(f"SLURM_GTIDS={gtids_text} but the block map gives {expected_gtids}")
+    if problems:
+        log.warning("slurm: rank-to-host map not certain: %s", "; ".join(problems))
+        return None
+    return hosts
