@@ -66,6 +66,11 @@ def detect(env: Mapping[str, str], hostname: str) -> ClusterInfo | None:
     step_id = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID")
     size = env_int(env, "SLURM_STEP_NUM_TASKS")
     rank = env_int(env, "SLURM_PROCID")
+    if rank >= size and "SLURM_HET_SIZE" not in env:
+        raise LauncherError(
+            f"slurm: rank {rank} is outside 0..{size - 1}"
+            f" (SLURM_PROCID={rank}, SLURM_STEP_NUM_TASKS={size})"
+        )
     if "SLURM_HET_SIZE" in env:
         return _het_step(env, node_name, job_id, step_id, rank)
     nodes = expand_hostlist(env.get("SLURM_STEP_NODELIST", ""))
