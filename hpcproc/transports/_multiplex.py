@@ -138,7 +138,10 @@ class OutgoingConnection(Connection):
         except TransportError:
             raise
         except Exception as exc:
+            # Part of the message may be on the link already: the only safe way on is
+            # to fail the whole bundle, on both sides (network-transport's semantics).
             self._endpoint._on_link_down(self._link, f"send failed: {exc!r}")
+            self._link.abort()
             raise SendError(
                 SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost"
             ) from exc
@@ -149,7 +152,8 @@ class OutgoingConnection(Connection):
 
     async def close(self) -> None:
         if self._state is not _State.OPEN:
-            self._state = _State.CLOSED if self._state is _State.CLOSED else self._state
+            # A failed connection closed by its owner now reports the owner's close.
+            self._state = _State.CLOSED
             return
         self._state = _State.CLOSED
         link = self._link
@@ -171,6 +175,10 @@ class EventQueue:
         self._items: deque[Event] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._done = False
+
+    def __len__(self) -> int:
+        """Events queued and not yet received (lets a polling transport spin until one)."""
+        return len(self._items)
 
     def put(self, event: Event) -> None:
         self._items.append(event)
@@ -237,6 +245,16 @@ class _LoopbackLink(Link):
         pass
 
 
+class _Pending:
+    """A link establishment under way and how many ``connect`` calls wait for it."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task[Link]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
 class MultiplexedEndPoint(EndPoint):
     """An endpoint built from links; see the module docstring."""
 
@@ -244,7 +262,7 @@ class MultiplexedEndPoint(EndPoint):
         self._address = address
         self._events = EventQueue()
         self._links: dict[EndPointAddress, Link] = {}
-        self._pending: dict[EndPointAddress, asyncio.Future[Link]] = {}
+        self._pending: dict[EndPointAddress, _Pending] = {}
         self._next_conn_id = itertools.count(1)
         self._next_incoming_id = itertools.count(1)
         self._closed = False
@@ -351,6 +369,14 @@ class MultiplexedEndPoint(EndPoint):
         link = self._links.get(address)
         if link is None:
             link = await self._get_link(address, timeout)
+            if self._closed:
+                raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
+            if not link.alive:
+                # The new bundle failed before we could use it; that is this
+                # connect's failure, not a reason to reconnect behind the caller.
+                raise ConnectError(
+                    ConnectErrorCode.FAILED, f"link to {address!r} failed while connecting"
+                )
         conn_id = next(self._next_conn_id)
         conn = OutgoingConnection(self, link, conn_id)
         link.outgoing[conn_id] = conn
@@ -358,39 +384,53 @@ class MultiplexedEndPoint(EndPoint):
         return conn
 
     async def _get_link(self, address: EndPointAddress, timeout: float | None) -> Link:
+        """Wait for the link to ``address``, joining an establishment under way.
+
+        Establishment runs in its own task so that cancelling one caller (or its
+        timeout) does not fail the others; it is cancelled when no caller waits any
+        more.
+        """
         pending = self._pending.get(address)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
-        self._pending[address] = fut
+        if pending is None:
+            pending = _Pending(
+                asyncio.get_running_loop().create_task(self._establish(address, timeout))
+            )
+            self._pending[address] = pending
+            pending.task.add_done_callback(lambda task: self._establish_done(address, task))
+        pending.waiters += 1
         try:
-            if address == self._address:
-                link: Link = _LoopbackLink(self)
-            elif timeout is not None:
-                try:
-                    link = await asyncio.wait_for(self._open_link(address, timeout), timeout)
-                except asyncio.TimeoutError:
-                    raise ConnectError(
-                        ConnectErrorCode.TIMEOUT,
-                        f"no answer from {address!r} within {timeout} s",
-                    ) from None
-            else:
-                link = await self._open_link(address, None)
-            if self._closed:
-                link.abort()
-                raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
-            if link.alive and self._links.get(address) is not link:
-                self._register_link(link)
-            fut.set_result(link)
-            return link
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                # Mark retrieved: concurrent waiters may not exist.
-                fut.exception()
-            raise
+            if timeout is None:
+                return await asyncio.shield(pending.task)
+            try:
+                return await asyncio.wait_for(asyncio.shield(pending.task), timeout)
+            except asyncio.TimeoutError:
+                raise ConnectError(
+                    ConnectErrorCode.TIMEOUT, f"no answer from {address!r} within {timeout} s"
+                ) from None
         finally:
-            self._pending.pop(address, None)
+            pending.waiters -= 1
+            if pending.waiters == 0 and not pending.task.done():
+                pending.task.cancel()
+
+    async def _establish(self, address: EndPointAddress, timeout: float | None) -> Link:
+        if address == self._address:
+            link: Link = _LoopbackLink(self)
+        else:
+            link = await self._open_link(address, timeout)
+        if self._closed:
+            link.abort()
+            raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
+        if link.alive and self._links.get(address) is not link:
+            self._register_link(link)
+        return link
+
+    def _establish_done(self, address: EndPointAddress, task: asyncio.Task[Link]) -> None:
+        pending = self._pending.get(address)
+        if pending is not None and pending.task is task:
+            del self._pending[address]
+        if not task.cancelled():
+            # Every waiter may have left (cancelled or timed out): mark it retrieved.
+            task.exception()
 
     async def close(self) -> None:
         if self._closed:
@@ -400,7 +440,9 @@ class MultiplexedEndPoint(EndPoint):
         self._links.clear()
         for link in links:
             for conn_id, conn in list(link.outgoing.items()):
-                conn._state = _State.CLOSED
+                # Not CLOSED: the caller closed the endpoint, not this connection, and
+                # network-transport reports SendFailed for it.
+                conn._state = _State.FAILED
                 link.send_control(Kind.CLOSE, conn_id)
             link.outgoing.clear()
             link.incoming.clear()
