@@ -413,6 +413,10 @@ class MultiplexedEndPoint(EndPoint):
                 pending.task.cancel()
 
     async def _establish(self, address: EndPointAddress, timeout: float | None) -> Link:
+        existing = self._links.get(address)
+        if existing is not None:
+            # The peer connected to us (a crossed connect) before this task ran.
+            return existing
         if address == self._address:
             link: Link = _LoopbackLink(self)
         else:

@@ -36,6 +36,11 @@ Guarantees every transport gives
   ``CONNECTION_LOST``. Locally ``EndPointClosed`` is the last event; afterwards
   ``receive`` raises :class:`EndPointClosedError`, ``send`` raises
   ``SendError(FAILED)`` and ``connect`` raises ``ConnectError(FAILED)``.
+* A send that fails part-way (a frame that is not a buffer, an I/O error) fails the
+  bundle: the sender gets ``SendError(FAILED)`` and both sides see
+  ``CONNECTION_LOST``; a new ``connect`` starts a new bundle.
+* Cancelling a ``connect`` (or its timeout) leaves no connection behind and does not
+  affect other ``connect`` calls to the same peer.
 """
 
 from __future__ import annotations
@@ -222,9 +227,10 @@ class ConnectError(TransportError):
 
 
 class SendErrorCode(enum.Enum):
-    #: You closed this connection (or its endpoint); nothing was sent.
+    #: You closed this connection; nothing was sent.
     CLOSED = "closed"
-    #: The bundle failed (peer or network broke it); nothing more will be delivered.
+    #: The bundle failed (peer or network broke it, or this send could not complete),
+    #: or this connection's endpoint was closed; nothing more will be delivered.
     FAILED = "failed"
 
 
@@ -278,8 +284,11 @@ class Connection(ABC):
         applies back-pressure. Messages on one connection are delivered in order.
 
         Raises:
-            SendError(CLOSED): this connection or its endpoint was closed locally.
-            SendError(FAILED): the bundle failed; the message is not delivered.
+            SendError(CLOSED): this connection was closed locally.
+            SendError(FAILED): the bundle failed or this endpoint was closed; the
+                message is not delivered. A send that cannot complete (a frame that is
+                not a buffer, an I/O error part-way) fails the whole bundle, as a
+                network fault would: both sides see ``CONNECTION_LOST``.
         """
 
     @abstractmethod

@@ -3,11 +3,17 @@
 It is the fake that the process layer's unit tests run on, and it passes the same
 conformance suite as the network transports. Frames are copied on send (the caller may
 reuse its buffers when ``send`` returns), so receivers never share memory with senders.
+
+All in-memory transports of a process share one address space, as network transports
+share a network: an endpoint of one transport can connect to an endpoint of another
+(two nodes in one test each own a transport), and closing one transport looks to the
+other like a peer going away. Endpoints must live on the same event loop to talk.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
@@ -24,6 +30,12 @@ from .base import (
 __all__ = ["InMemoryTransport"]
 
 _PREFIX = b"inmemory:"
+
+#: Every open in-memory endpoint of this process, by address. Weak, so that an endpoint
+#: its owner dropped without closing cannot be reached (nor kept alive) through it.
+_ENDPOINTS: weakref.WeakValueDictionary[EndPointAddress, _InMemoryEndPoint] = (
+    weakref.WeakValueDictionary()
+)
 
 
 class _InMemoryLink(Link):
@@ -76,14 +88,18 @@ class _InMemoryEndPoint(MultiplexedEndPoint):
     async def _open_link(self, remote: EndPointAddress, timeout: float | None) -> Link:
         if not remote.startswith(_PREFIX):
             raise ConnectError(ConnectErrorCode.FAILED, f"not an in-memory address: {remote!r}")
-        peer_ep = self._transport._endpoints.get(remote)
-        if not isinstance(peer_ep, _InMemoryEndPoint) or peer_ep._closed:
+        peer_ep = _ENDPOINTS.get(remote)
+        if peer_ep is None or peer_ep._closed:
             raise ConnectError(ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}")
         mine = _InMemoryLink(self, remote)
         theirs = _InMemoryLink(peer_ep, self.address)
         mine.peer, theirs.peer = theirs, mine
         peer_ep._register_link(theirs)
         return mine
+
+    async def _release(self) -> None:
+        if _ENDPOINTS.get(self.address) is self:
+            del _ENDPOINTS[self.address]
 
 
 class InMemoryTransport(MultiplexedTransport):
@@ -102,6 +118,7 @@ class InMemoryTransport(MultiplexedTransport):
         address = EndPointAddress(b"%s%d:%d" % (_PREFIX, self._name, next(self._next_endpoint)))
         endpoint = _InMemoryEndPoint(self, address)
         self._add_endpoint(endpoint)
+        _ENDPOINTS[address] = endpoint
         return endpoint
 
 

@@ -1,0 +1,31 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcproc.testing.conformance import Harness, TransportSpec
+
+from .transport_specs import SPECS
+
+_MARKS = {"ucx": [pytest.mark.ucx]}
+# pytest-mpi skips every test with "mpi" among its keywords (parameter ids included)
+# unless run under mpiexec with --with-mpi; these run in a single rank.
+_IDS = {"mpi": "mpi-singleton"}
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(s, id=_IDS.get(s.name, s.name), marks=_MARKS.get(s.name, [])) for s in SPECS
+    ]
+)
+def harness(request: pytest.FixtureRequest) -> Harness:
+    """A conformance :class:`Harness` for each transport of ``tests/transport_specs.py``.
+
+    Skips, with the reason, a transport whose module or optional library is missing.
+    """
+    spec: TransportSpec = request.param
+    reason = spec.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    return Harness(spec)

@@ -1,0 +1,46 @@
+"""How each transport is tested: one :class:`TransportSpec` per transport.
+
+Each transport's engineer owns its entry: factory options, the environment it needs,
+what it supports, and scenario sizes (see :class:`hpcproc.testing.conformance.
+TransportSpec` for every field). A transport whose module does not exist yet, or whose
+optional library is missing, is skipped with the reason; once its module lands the
+suite runs against it unchanged:
+
+    .venv/bin/pytest tests/test_transport_conformance.py -k tcp
+"""
+
+from __future__ import annotations
+
+from hpcproc.testing.conformance import TransportSpec
+
+__all__ = ["SPECS"]
+
+SPECS: list[TransportSpec] = [
+    TransportSpec(
+        "inmemory",
+        two_process_reason="in-memory endpoints live in one process by definition",
+    ),
+    TransportSpec(
+        "tcp",
+        two_process=True,
+    ),
+    TransportSpec(
+        "shm",
+        two_process=True,
+    ),
+    TransportSpec(
+        "mpi",
+        requires=("mpi4py",),
+        # One rank (a singleton MPI init) with several endpoints; two OS processes need
+        # mpiexec, which the MPI transport's own tests use.
+        two_process_reason="a singleton MPI process cannot reach another; see the mpiexec tests",
+        separate_transports=False,
+    ),
+    TransportSpec(
+        "ucx",
+        requires=("ucxx",),
+        # UCX needs a socket-capable transport for listener connections.
+        env={"UCX_TLS": "tcp,sm,self"},
+        two_process=True,
+    ),
+]
