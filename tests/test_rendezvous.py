@@ -1,0 +1,239 @@
+"""Rendezvous over real loopback sockets and a real directory: every rank learns every
+address, and a missing rank fails every rank with a named error instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hpcproc.launchers import ClusterInfo, LauncherError
+from hpcproc.launchers.rendezvous import (
+    PORT_BASE,
+    PORT_SPAN,
+    RendezvousError,
+    exchange,
+    rendezvous,
+    store_ports,
+)
+from hpcproc.launchers.tcpstore import gather_as_client, serve
+from hpcproc.transports.base import EndPointAddress
+
+COOKIE = "rendezvous-test-cookie"
+
+
+@pytest.fixture(autouse=True)
+def cookie(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCPROC_COOKIE", COOKIE)
+
+
+def infos(size: int, job: str | None = None) -> list[ClusterInfo]:
+    job = job or uuid.uuid4().hex
+    return [
+        ClusterInfo(
+            launcher="explicit",
+            rank=r,
+            size=size,
+            local_rank=r,
+            local_size=size,
+            node_index=0,
+            num_nodes=1,
+            hostname=f"h{r}",
+            job_id=job,
+            server_host="127.0.0.1",
+        )
+        for r in range(size)
+    ]
+
+
+def run(coro: object, timeout: float = 30.0) -> object:
+    async def bounded() -> object:
+        return await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
+
+    return asyncio.run(bounded())
+
+
+def test_store_gives_every_rank_every_address_in_rank_order() -> None:
+    ranks = infos(4)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            *(rendezvous(i, EndPointAddress(b"ep-%d" % i.rank), timeout=10, env={}) for i in ranks)
+        )
+
+    rosters = run(main())
+    assert isinstance(rosters, list)
+    for roster in rosters:
+        assert roster.addresses == tuple(EndPointAddress(b"ep-%d" % r) for r in range(4))
+        assert roster.hosts == ("h0", "h1", "h2", "h3")
+
+
+def test_clients_wait_for_a_server_that_starts_late() -> None:
+    ranks = infos(3)
+
+    async def main() -> list[list[bytes]]:
+        clients = [
+            asyncio.ensure_future(exchange(i, b"%d" % i.rank, timeout=10, env={}))
+            for i in ranks[1:]
+        ]
+        await asyncio.sleep(0.3)  # not synchronisation: the server must simply start late
+        server = await exchange(ranks[0], b"0", timeout=10, env={})
+        return [server, *await asyncio.gather(*clients)]
+
+    assert run(main()) == [[b"0", b"1", b"2"]] * 3
+
+
+def test_missing_rank_fails_every_rank_naming_it_and_the_launcher() -> None:
+    ranks = infos(4)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            *(exchange(i, b"x", timeout=1.0, env={}) for i in ranks[:3]), return_exceptions=True
+        )
+
+    results = run(main())
+    assert isinstance(results, list)
+    for result in results:
+        assert isinstance(result, RendezvousError)
+        assert "ranks 3 of 4 did not arrive" in str(result)
+        assert "launcher explicit" in str(result)
+
+
+def test_unreachable_rank_zero_fails_naming_the_store_and_launcher() -> None:
+    (_, rank1) = infos(2)
+    with pytest.raises(RendezvousError, match=r"rank 0's store on 127\.0\.0\.1.*launcher explicit"):
+        run(exchange(rank1, b"x", timeout=0.5, env={}))
+
+
+def test_wrong_cookie_is_refused_and_counts_as_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    rank0, rank1 = infos(2)
+
+    async def main() -> tuple[object, object]:
+        server = asyncio.ensure_future(exchange(rank0, b"0", timeout=1.5, env={}))
+        await asyncio.sleep(0)
+        ports = store_ports(rank1, {})
+        intruder = gather_as_client(
+            "127.0.0.1",
+            ports,
+            rank=1,
+            payload=b"evil",
+            cookie=b"not-the-cookie",
+            key=b"hpcproc-rendezvous|explicit|" + rank1.job_id.encode() + b"|-|2",  # type: ignore[union-attr]
+            timeout=1.0,
+            describe="intruder",
+        )
+        got = await asyncio.gather(server, intruder, return_exceptions=True)
+        return got[0], got[1]
+
+    server_result, intruder_result = run(main())  # type: ignore[misc]
+    assert isinstance(server_result, RendezvousError)
+    assert "ranks 1 of 2 did not arrive" in str(server_result)
+    assert isinstance(intruder_result, RendezvousError)
+
+
+def test_store_takes_next_port_when_derived_one_is_in_use() -> None:
+    ranks = infos(2)
+    first = store_ports(ranks[0], {})[0]
+    squatter = socket.socket()
+    try:
+        squatter.bind(("", first))
+        squatter.listen()
+
+        async def main() -> list[list[bytes]]:
+            return await asyncio.gather(
+                *(exchange(i, b"%d" % i.rank, timeout=5, env={}) for i in ranks)
+            )
+
+        assert run(main()) == [[b"0", b"1"], [b"0", b"1"]]
+    finally:
+        squatter.close()
+
+
+def test_client_skips_another_jobs_store_on_the_same_port() -> None:
+    async def main() -> list[bytes]:
+        probe = socket.socket()
+        probe.bind(("", 0))
+        base = probe.getsockname()[1]
+        probe.close()
+        ports = [base, base + 1]
+        other = await serve(ports, size=2, cookie=COOKIE.encode(), key=b"job-A", describe="A")
+        ours = await serve(ports, size=2, cookie=COOKIE.encode(), key=b"job-B", describe="B")
+        try:
+            assert (other.port, ours.port) == (base, base + 1)
+            gathered = asyncio.ensure_future(ours.gather(b"b0", 5))
+            client = await gather_as_client(
+                "127.0.0.1",
+                ports,
+                rank=1,
+                payload=b"b1",
+                cookie=COOKIE.encode(),
+                key=b"job-B",
+                timeout=5,
+                describe="B",
+            )
+            assert await gathered == [b"b0", b"b1"]
+            return client
+        finally:
+            await other.close()
+            await ours.close()
+
+    assert run(main()) == [b"b0", b"b1"]
+
+
+def test_derived_ports_are_below_ephemeral_range_and_differ_per_step() -> None:
+    (info,) = infos(1, job="1234")
+    from dataclasses import replace
+
+    ports0 = store_ports(replace(info, step_id="0"), {})
+    ports1 = store_ports(replace(info, step_id="1"), {})
+    assert ports0 != ports1
+    assert ports0 == store_ports(replace(info, step_id="0"), {})
+    for port in ports0 + ports1:
+        assert PORT_BASE <= port < PORT_BASE + PORT_SPAN < 32768
+    assert len(set(ports0)) == len(ports0)
+
+
+def test_hpcproc_port_overrides_the_derived_port() -> None:
+    (info,) = infos(1)
+    assert store_ports(info, {"HPCPROC_PORT": "31000"}) == [31000]
+    with pytest.raises(LauncherError):
+        store_ports(info, {"HPCPROC_PORT": "70000"})
+
+
+def test_file_mode_gathers_and_cleans_up(tmp_path: Path) -> None:
+    ranks = infos(3)
+    env = {"HPCPROC_RENDEZVOUS_DIR": str(tmp_path)}
+
+    async def main() -> list[list[bytes]]:
+        return await asyncio.gather(
+            *(exchange(i, b"%d" % i.rank, timeout=5, env=env) for i in ranks)
+        )
+
+    assert run(main()) == [[b"0", b"1", b"2"]] * 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_mode_missing_rank_fails_naming_it(tmp_path: Path) -> None:
+    ranks = infos(3)
+    env = {"HPCPROC_RENDEZVOUS_DIR": str(tmp_path)}
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            *(exchange(i, b"x", timeout=0.5, env=env) for i in (ranks[0], ranks[2])),
+            return_exceptions=True,
+        )
+
+    for result in run(main()):  # type: ignore[attr-defined]
+        assert isinstance(result, RendezvousError)
+        assert "ranks [1] of 3" in str(result)
+
+
+def test_auto_without_server_host_says_what_to_set() -> None:
+    (_, rank1) = infos(2)
+    from dataclasses import replace
+
+    with pytest.raises(RendezvousError, match="HPCPROC_RENDEZVOUS_HOST"):
+        run(exchange(replace(rank1, server_host=None), b"x", timeout=1, env={}))
