@@ -1,0 +1,190 @@
+"""The node-controller protocol: messages between the controllers of two nodes.
+
+Each pair of nodes that talk uses one lightweight connection per direction for these
+messages (separate from the per-process-pair connections that carry user messages).
+Every message is a frozen dataclass pickled whole. Requests that expect an answer
+carry a ``req`` number that the :class:`Reply` repeats; the sender's node is the
+connection's remote address, so it is never sent.
+
+Wire framing of the first message on any process-layer connection (see
+:func:`bind_frame`): one byte saying what the connection carries (``C`` controller,
+``P`` a process pair), then for ``P`` the destination and source local ids.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from ._ids import MonitorRef, Pid
+from ._signals import DiedReason
+
+__all__ = [
+    "CONTROL",
+    "PROCESS",
+    "Deliver",
+    "Died",
+    "Exit",
+    "GetInfo",
+    "GetStats",
+    "Kill",
+    "LinkReq",
+    "MonitorReq",
+    "NSend",
+    "NodeDown",
+    "NodeWatch",
+    "Register",
+    "Reply",
+    "SpawnReq",
+    "UnlinkReq",
+    "UnmonitorReq",
+    "WhereIs",
+    "bind_frame",
+    "parse_bind",
+]
+
+CONTROL = 0x43  # "C"
+PROCESS = 0x50  # "P"
+_PAIR = struct.Struct("!BQQ")
+
+
+def bind_frame(dest_lid: int | None = None, src_lid: int = 0) -> bytes:
+    """The frame that opens a connection: controller traffic, or process src -> dest."""
+    if dest_lid is None:
+        return bytes([CONTROL])
+    return _PAIR.pack(PROCESS, dest_lid, src_lid)
+
+
+def parse_bind(frame: memoryview) -> tuple[int, int, int]:
+    """``(kind, dest_lid, src_lid)`` from a bind frame.
+
+    Raises:
+        ValueError: the frame is not a bind frame of this protocol.
+    """
+    if len(frame) == 1 and frame[0] == CONTROL:
+        return CONTROL, 0, 0
+    if len(frame) == _PAIR.size and frame[0] == PROCESS:
+        return _PAIR.unpack(frame)  # type: ignore[return-value]
+    raise ValueError("malformed bind frame")
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnReq:
+    """Start ``fn(*args)`` (both pickled) and reply with its Pid or an error text.
+
+    ``watcher`` is linked (``link``) or monitors with ``ref`` before the process runs.
+    """
+
+    req: int
+    fn_name: str
+    fn_blob: bytes
+    args_blob: bytes
+    watcher: Pid | None = None
+    link: bool = False
+    ref: MonitorRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer to request ``req``: ``value`` when ``ok``, else an error text."""
+
+    req: int
+    ok: bool
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class LinkReq:
+    watcher: Pid
+    target: Pid
+
+
+@dataclass(frozen=True, slots=True)
+class UnlinkReq:
+    watcher: Pid
+    target: Pid
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorReq:
+    ref: MonitorRef
+    target: Pid
+
+
+@dataclass(frozen=True, slots=True)
+class UnmonitorReq:
+    ref: MonitorRef
+    target: Pid
+
+
+@dataclass(frozen=True, slots=True)
+class NodeWatch:
+    """The sender watches this node: tell it ``NodeDown`` when closing."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDown:
+    """The sending node is closing; its processes have already been reported dead."""
+
+
+@dataclass(frozen=True, slots=True)
+class Died:
+    """``target`` ended with ``reason``; for ``watcher``'s link (ref None) or monitor."""
+
+    target: Pid
+    reason: DiedReason
+    watcher: Pid
+    ref: MonitorRef | None
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    target: Pid
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    target: Pid
+    sender: Pid | None
+    reason: Any
+
+
+@dataclass(frozen=True, slots=True)
+class NSend:
+    name: str
+    msg: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Put ``msg`` in ``target``'s mailbox (controller-routed, e.g. logs and replies)."""
+
+    target: Pid
+    msg: Any
+
+
+@dataclass(frozen=True, slots=True)
+class WhereIs:
+    req: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    req: int
+    name: str
+    pid: Pid | None
+    replace: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GetInfo:
+    req: int
+    pid: Pid
+
+
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    req: int

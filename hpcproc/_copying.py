@@ -1,0 +1,80 @@
+"""Copy semantics of local ``send``: the receiver never shares a mutable object.
+
+Messages made only of immutable values (numbers, strings, bytes, identities, and tuples
+or frozensets of those) are passed as they are, because no one can observe the
+difference; everything else is copied through pickle, the same representation a
+remote send uses, so a message behaves alike whether its receiver is local or not.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import cloudpickle
+
+from ._channels import SendPort
+from ._ids import MonitorRef, NodeId, Pid
+from ._signals import (
+    DiedDisconnect,
+    DiedException,
+    DiedNodeDown,
+    DiedNormal,
+    DiedUnknownId,
+    NodeMonitorNotification,
+    PortMonitorNotification,
+    ProcessMonitorNotification,
+)
+
+__all__ = ["copy_message", "is_immutable"]
+
+_ATOMS: frozenset[type] = frozenset(
+    {
+        int,
+        float,
+        complex,
+        bool,
+        str,
+        bytes,
+        type(None),
+        range,
+        Pid,
+        NodeId,
+        MonitorRef,
+        SendPort,
+        DiedNormal,
+        DiedException,
+        DiedDisconnect,
+        DiedNodeDown,
+        DiedUnknownId,
+        ProcessMonitorNotification,
+        NodeMonitorNotification,
+        PortMonitorNotification,
+    }
+)
+
+
+def is_immutable(msg: Any) -> bool:
+    """True when ``msg`` is built only from immutable values (so sharing it is safe)."""
+    t = type(msg)
+    if t in _ATOMS:
+        return True
+    if t is tuple or t is frozenset:
+        return all(is_immutable(x) for x in msg)
+    return False
+
+
+def copy_message(msg: Any) -> Any:
+    """Return ``msg`` itself if immutable, else a deep copy made through pickle.
+
+    Raises:
+        pickle.PicklingError (or the error cloudpickle raises): ``msg`` cannot be
+            pickled, so it could not be sent to another node either.
+    """
+    if is_immutable(msg):
+        return msg
+    try:
+        data = pickle.dumps(msg, protocol=5)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        data = cloudpickle.dumps(msg, protocol=5)
+    return pickle.loads(data)

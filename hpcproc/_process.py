@@ -1,0 +1,244 @@
+"""A process: an asyncio task with a mailbox, channels and pending signals.
+
+:class:`Process` *is* the task (a subclass of :class:`asyncio.Task` with ``__slots__``)
+so that an idle process costs one task, one coroutine and a few slots; everything
+else (mailbox, channels, outgoing connections, watchers, names) is created on first
+use. The module-level API finds the current process with
+:func:`asyncio.current_task`.
+
+Signals (a link firing, ``exit``, ``kill``) are delivered by cancelling the task with
+the signal stored on the process: inside ``receive`` / ``expect`` and the other
+awaiting API calls the cancellation is turned back into the signal's exception
+(``ProcessLinkException``, ``ProcessExitException``), which the process may catch.
+Suspended anywhere else (a plain ``asyncio.sleep``), the process ends with the signal
+as its reason. A kill is never turned into a catchable exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from ._channels import ChanMessage, ReceivePort, SendPort
+from ._errors import NotInProcessError
+from ._ids import Pid
+from ._matching import Matcher
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+__all__ = ["Kill", "Process", "current"]
+
+_TIMEOUT = object()
+
+
+class Kill:
+    """A pending kill: uncatchable; the process dies with ``DiedException(text)``."""
+
+    __slots__ = ("node_down", "text")
+
+    def __init__(self, text: str, node_down: bool = False) -> None:
+        self.text = text
+        self.node_down = node_down
+
+
+def _uncancel(task: asyncio.Task[Any]) -> None:
+    # Python >= 3.11 counts cancellation requests; a converted signal must not count.
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+
+
+def _fire_timeout(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(_TIMEOUT)
+
+
+class Process(asyncio.Task):  # type: ignore[type-arg]
+    """A process; created by :class:`~hpcproc.Node`, never directly."""
+
+    __slots__ = (
+        "_conns",
+        "_mailbox",
+        "_names",
+        "_next_port",
+        "_ports",
+        "_signal",
+        "_waiter",
+        "_watchers",
+        "node",
+        "pid",
+    )
+
+    def __init__(
+        self, coro: Coroutine[Any, Any, Any], node: Node, pid: Pid, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        super().__init__(coro, loop=loop)
+        self.node = node
+        self.pid = pid
+        self._mailbox: deque[Any] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
+        self._signal: BaseException | Kill | None = None
+        #: MonitorRef (monitor) or Pid (link) -> None, for everyone watching us.
+        self._watchers: dict[Any, None] | None = None
+        #: destination Pid -> Connection, or BROKEN after a connection loss.
+        self._conns: dict[Pid, Any] | None = None
+        self._ports: dict[int, ReceivePort[Any]] | None = None
+        self._next_port = 0
+        self._names: list[str] | None = None
+
+    # ------------------------------------------------------------------ delivery
+
+    def deliver(self, msg: Any) -> None:
+        """Append ``msg`` to the mailbox (or its channel) and wake the process; never blocks."""
+        if type(msg) is ChanMessage:
+            ports = self._ports
+            port = ports.get(msg.port_id) if ports is not None else None
+            if port is None:
+                return
+            port._queue.append(msg.payload)
+        else:
+            mb = self._mailbox
+            if mb is None:
+                mb = self._mailbox = deque()
+            mb.append(msg)
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def signal(self, sig: BaseException | Kill) -> None:
+        """Raise ``sig`` in the process at its next await (a Kill overrides anything)."""
+        if self.done():
+            return
+        old = self._signal
+        if old is not None and (isinstance(old, Kill) or not isinstance(sig, Kill)):
+            return
+        self._signal = sig
+        self.cancel()
+
+    def check_signal(self) -> None:
+        """Raise a pending catchable signal now (called on entry of awaiting API calls)."""
+        sig = self._signal
+        if sig is not None and not isinstance(sig, Kill):
+            self._signal = None
+            _uncancel(self)
+            raise sig
+
+    def convert_cancel(self, exc: asyncio.CancelledError) -> BaseException:
+        """The exception to raise for a cancellation seen inside an API call."""
+        sig = self._signal
+        if sig is None or isinstance(sig, Kill):
+            return exc
+        self._signal = None
+        _uncancel(self)
+        return sig
+
+    # ------------------------------------------------------------------ channels
+
+    def new_chan(self) -> tuple[SendPort[Any], ReceivePort[Any]]:
+        """Create a channel owned by this process."""
+        self._next_port += 1
+        send_port: SendPort[Any] = SendPort(self.pid, self._next_port)
+        port: ReceivePort[Any] = ReceivePort(self, send_port)
+        if self._ports is None:
+            self._ports = {}
+        self._ports[self._next_port] = port
+        return send_port, port
+
+    # ------------------------------------------------------------------ receive
+
+    async def expect(self, type_: type | tuple[type, ...], timeout: float | None) -> Any:
+        """The oldest message that is a ``type_``; ``None`` on timeout."""
+        mb = self._mailbox
+        if mb and self._signal is None:
+            if type_ is object:
+                return mb.popleft()
+            for i, msg in enumerate(mb):
+                if isinstance(msg, type_):
+                    del mb[i]
+                    return msg
+        return await self.receive((Matcher(type_, None, _identity),), timeout)
+
+    async def receive(self, matchers: Sequence[Matcher], timeout: float | None) -> Any:
+        """Selective receive; see :func:`hpcproc.receive`."""
+        self.check_signal()
+        for m in matchers:
+            if m.port is not None and m.port._owner is not self:
+                raise ValueError(f"{m.port!r} belongs to another process")
+        loop = self._loop  # type: ignore[attr-defined]
+        start = 0
+        timer: asyncio.TimerHandle | None = None
+        fut: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                mb = self._mailbox
+                if mb is not None and len(mb) > start:
+                    i = start
+                    for msg in islice(mb, start, None):
+                        for m in matchers:
+                            if m.port is None and m.accepts(msg):
+                                del mb[i]
+                                return await _handle(m, msg)
+                        i += 1
+                    start = i
+                for m in matchers:
+                    if m.port is not None and m.port._queue:
+                        return await _handle(m, m.port._queue.popleft())
+                if fut is not None and fut.done() and fut.result() is _TIMEOUT:
+                    return None
+                if timeout is not None and timeout <= 0:
+                    return None
+                fut = loop.create_future()
+                self._waiter = fut
+                if timeout is not None and timer is None:
+                    timer = loop.call_later(timeout, _fire_timeout, fut)
+                elif timer is not None:
+                    # Re-arm on the new future with the remaining time.
+                    remaining = timer.when() - loop.time()
+                    timer.cancel()
+                    timer = loop.call_later(max(remaining, 0.0), _fire_timeout, fut)
+                try:
+                    await fut
+                except asyncio.CancelledError as exc:
+                    raise self.convert_cancel(exc) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waiter is fut:
+                self._waiter = None
+
+
+def _identity(msg: Any) -> Any:
+    return msg
+
+
+async def _handle(m: Matcher, msg: Any) -> Any:
+    result = m.handler(msg)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def current() -> Process:
+    """The running process.
+
+    Raises:
+        NotInProcessError: called outside a process.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    if type(task) is not Process:
+        raise NotInProcessError(
+            "this hpcproc function must be called inside a process (a function started "
+            "with spawn, spawn_local or Node.run), not from plain code or a plain "
+            "asyncio task"
+        )
+    return task

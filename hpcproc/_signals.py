@@ -1,0 +1,151 @@
+"""Why processes die, and how the processes watching them are told.
+
+A death has a :class:`DiedReason`. Monitors turn it into a notification *message*
+(:class:`ProcessMonitorNotification`, :class:`NodeMonitorNotification`,
+:class:`PortMonitorNotification`); links turn an abnormal one into an *exception*
+raised in the linking process (:class:`ProcessLinkException`,
+:class:`NodeLinkException`). :class:`ProcessExitException` is what ``exit`` raises in
+its target, which may catch it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._ids import MonitorRef, NodeId, Pid
+
+__all__ = [
+    "DiedDisconnect",
+    "DiedException",
+    "DiedNodeDown",
+    "DiedNormal",
+    "DiedReason",
+    "DiedUnknownId",
+    "NodeLinkException",
+    "NodeMonitorNotification",
+    "PortMonitorNotification",
+    "ProcessExitException",
+    "ProcessLinkException",
+    "ProcessMonitorNotification",
+    "ProcessTerminationException",
+]
+
+
+class DiedReason:
+    """Base class of the reasons a process (or a node, as seen by a watcher) ended."""
+
+    __slots__ = ()
+
+    @property
+    def normal(self) -> bool:
+        """True only for :class:`DiedNormal`; links fire for every other reason."""
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class DiedNormal(DiedReason):
+    """The process function returned."""
+
+    @property
+    def normal(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class DiedException(DiedReason):
+    """The process raised, was killed, or did not catch an exit; ``reason`` says which."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DiedDisconnect(DiedReason):
+    """Communication with the process's node was lost (or never established).
+
+    A lost connection counts as failure: the process may still be running, but no
+    message between the two nodes is guaranteed any more.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class DiedNodeDown(DiedReason):
+    """The process's node shut down (it announced its close to its watchers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiedUnknownId(DiedReason):
+    """The pid named no live process when the link or monitor was set up."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessMonitorNotification:
+    """Message sent to a monitoring process when the monitored process ends."""
+
+    ref: MonitorRef
+    pid: Pid
+    reason: DiedReason
+
+
+@dataclass(frozen=True, slots=True)
+class NodeMonitorNotification:
+    """Message sent to a process monitoring a node when that node goes away."""
+
+    ref: MonitorRef
+    node: NodeId
+    reason: DiedReason
+
+
+@dataclass(frozen=True, slots=True)
+class PortMonitorNotification:
+    """Message sent to a process monitoring a ``SendPort`` when its owner ends."""
+
+    ref: MonitorRef
+    port: Any
+    reason: DiedReason
+
+
+class ProcessLinkException(Exception):
+    """Raised in a process linked to ``pid`` when ``pid`` ends abnormally."""
+
+    def __init__(self, pid: Pid, reason: DiedReason) -> None:
+        super().__init__(pid, reason)
+        self.pid = pid
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"linked process {self.pid!r} died: {self.reason!r}"
+
+
+class NodeLinkException(Exception):
+    """Raised in a process linked to ``node`` when that node goes away."""
+
+    def __init__(self, node: NodeId, reason: DiedReason) -> None:
+        super().__init__(node, reason)
+        self.node = node
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"linked node {self.node} went away: {self.reason!r}"
+
+
+class ProcessExitException(Exception):
+    """Raised in a process by ``exit(pid, reason)``; catch it to survive.
+
+    Uncaught, the process ends with ``DiedException`` naming ``reason``.
+    """
+
+    def __init__(self, sender: Pid | None, reason: Any) -> None:
+        super().__init__(sender, reason)
+        self.sender = sender
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"exit from {self.sender!r}: {self.reason!r}"
+
+
+class ProcessTerminationException(Exception):
+    """Raised by ``terminate()``; ends the current process with ``DiedException``."""
+
+    def __str__(self) -> str:
+        return "terminated"
