@@ -1,0 +1,509 @@
+"""``python -m hpcproc.run``: start one node per rank and run ``main(cluster)``.
+
+Usage::
+
+    python -m hpcproc.run [--transport auto|tcp|shm|mpi|ucx|inmemory] [--spmd] [--np N]
+                          [--timeout S] [--dry-run] module:function | path.py:function
+
+Each rank (``srun``, ``mpiexec``, ``pbsdsh``, ... started it, or ``--np N`` here):
+
+1. detects its launcher and place in the job (:func:`hpcproc.launchers.detect`);
+2. creates the transport and its node;
+3. registers its run controller, then takes part in the rendezvous
+   (:mod:`hpcproc.launchers.rendezvous`), so every rank knows every node id;
+4. master/worker (default): rank 0 runs ``await main(cluster)``, linked to every
+   worker node, so a worker that dies raises ``NodeLinkException`` (``DiedNodeDown``
+   or ``DiedDisconnect``) in ``main`` unless ``main`` handles it; the other ranks
+   serve spawn requests until rank 0 sends them its exit status, and exit with it.
+   A worker whose master goes away exits with status 1.
+   ``--spmd``: every rank runs ``main``; rank 0 waits for every rank's result before
+   releasing them, and each rank exits with its own status.
+
+``main`` is an ``async def`` taking one :class:`Cluster`. Its return value is ignored
+unless it is an ``int`` (the exit status). An exception exits with status 1 and a
+message naming the rank and host of any node it mentions.
+
+SIGTERM / SIGINT (what ``scancel`` and Ctrl-C send) close the node: its processes are
+killed (watchers see ``DiedNodeDown``), the endpoint is closed, and the rank exits
+with 128 + the signal number. ``--np N`` forwards them to its local nodes.
+
+``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
+host, ...) and exits without importing the entry point or creating a transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .launchers import ClusterInfo, LauncherError, detect
+from .launchers.errors import RendezvousError
+from .launchers.rendezvous import DEFAULT_TIMEOUT, Method, rendezvous
+
+if TYPE_CHECKING:
+    from ._ids import NodeId
+    from ._node import Node
+    from .transports.base import Transport
+
+__all__ = ["Cluster", "load_entry", "main"]
+
+log = logging.getLogger("hpcproc.run")
+
+TRANSPORTS = ("auto", "tcp", "shm", "mpi", "ucx", "inmemory")
+
+#: Registered name of each node's run controller (receives Done / Shutdown).
+CONTROLLER = "hpcproc.run"
+
+#: Bound on the master waiting for SPMD ranks to report, after its own main ended.
+#: Ranks that are still running main keep it waiting; dead ranks are noticed at once.
+EXIT_STATUS_LOST = 1
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What ``main(cluster)`` gets: this node and every other one, by rank.
+
+    ``nodes[r]`` is rank ``r``'s node id; ``peers`` are the nodes ``main`` may spawn
+    on: the workers (every rank but 0) in master/worker mode, every other rank with
+    ``--spmd``. ``hosts[r]`` is the host rank ``r`` reported.
+    """
+
+    rank: int
+    size: int
+    node: Node
+    nodes: tuple[NodeId, ...]
+    hosts: tuple[str, ...]
+    info: ClusterInfo
+    spmd: bool = False
+    peers: tuple[NodeId, ...] = field(default=())
+
+    def describe_node(self, nid: NodeId) -> str:
+        """``"rank 3 on n2"`` for a node of this cluster, else the id itself."""
+        for r, n in enumerate(self.nodes):
+            if n == nid:
+                return f"rank {r} on {self.hosts[r]}"
+        return repr(nid)
+
+
+# ---------------------------------------------------------------- control messages
+
+
+@dataclass(frozen=True)
+class Done:
+    """SPMD: rank ``rank`` finished ``main`` with ``status`` (sent to rank 0)."""
+
+    rank: int
+    status: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Rank 0 to every other rank: exit now with ``status``."""
+
+    status: int
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load_entry(spec: str) -> Callable[[Cluster], Coroutine[Any, Any, Any]]:
+    """Import ``module:function`` or ``path/to/file.py:function``.
+
+    Raises:
+        ValueError: ``spec`` has no ``:function`` part, or the function is missing
+            or not ``async def``.
+        ImportError: the module cannot be imported.
+    """
+    target, sep, func_name = spec.rpartition(":")
+    if not sep or not target or not func_name:
+        raise ValueError(f"entry point {spec!r} is not module:function or file.py:function")
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target).resolve()
+        if not path.is_file():
+            raise ImportError(f"no such file: {target}")
+        name = f"_hpcproc_main_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ImportError(f"cannot import {target}")
+        module = importlib.util.module_from_spec(module_spec)
+        # Registered so that functions defined there can be pickled by reference.
+        sys.modules[name] = module
+        sys.path.insert(0, str(path.parent))
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, func_name, None)
+    if fn is None:
+        raise ValueError(f"{target} has no function {func_name!r}")
+    if not asyncio.iscoroutinefunction(fn):
+        raise ValueError(f"{spec} must be an async def function taking the cluster")
+    entry: Callable[[Cluster], Coroutine[Any, Any, Any]] = fn
+    return entry
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcproc.run",
+        description="Run main(cluster) on a set of hpcproc nodes, one per rank.",
+    )
+    parser.add_argument("--transport", choices=TRANSPORTS, default="auto")
+    parser.add_argument("--spmd", action="store_true", help="run main on every rank")
+    parser.add_argument(
+        "--np", type=int, default=None, help="outside a scheduler: start N local nodes"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="rendezvous timeout in seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--rendezvous",
+        choices=("auto", "store", "file", "mpi"),
+        default="auto",
+        help="how ranks exchange addresses (default: mpi with --transport mpi, else"
+        " a shared directory if HPCPROC_RENDEZVOUS_DIR is set, else rank 0's store)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what was detected, exit")
+    parser.add_argument("entry", help="module:function or path/to/file.py:function")
+    args = parser.parse_args(argv)
+    if args.np is not None and args.np < 1:
+        parser.error("--np must be at least 1")
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    logging.basicConfig(
+        level=os.environ.get("HPCPROC_LOG_LEVEL", "WARNING"),
+        format="hpcproc[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        info = detect()
+    except LauncherError as exc:
+        print(f"hpcproc.run: {exc}", file=sys.stderr)
+        return 2
+    if args.np is not None and args.np > 1:
+        if info.is_multi_rank:
+            print(
+                f"hpcproc.run: --np {args.np} given inside a {info.size}-rank"
+                f" {info.launcher} step; the launcher already started the ranks",
+                file=sys.stderr,
+            )
+            return 2
+        return _run_local(args.np, _without_np(argv), dry_run=args.dry_run)
+    if args.dry_run:
+        print(info.describe(), flush=True)
+        return 0
+    try:
+        entry = load_entry(args.entry)
+    except (ImportError, ValueError) as exc:
+        print(f"hpcproc.run: cannot load {args.entry}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_run_rank(info, entry, args))
+
+
+def _without_np(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--np":
+            skip = True
+            continue
+        if arg.startswith("--np="):
+            continue
+        out.append(arg)
+    return out
+
+
+# ---------------------------------------------------------------- --np N locally
+
+
+def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
+    """Start ``n`` ranks of this command as child processes; return rank 0's status.
+
+    SIGTERM / SIGINT received here are forwarded to every child; the children are
+    always waited for (and killed if they outlive a bounded grace period after a
+    forwarded signal).
+    """
+    job = f"local-{uuid.uuid4().hex[:12]}"
+    children: list[subprocess.Popen[bytes]] = []
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for rank in range(n):
+            env = dict(os.environ)
+            env.update(
+                HPCPROC_RANK=str(rank),
+                HPCPROC_SIZE=str(n),
+                HPCPROC_LOCAL_RANK=str(rank),
+                HPCPROC_LOCAL_SIZE=str(n),
+                HPCPROC_HOSTS=",".join(["127.0.0.1"] * n),
+                HPCPROC_JOB_ID=job,
+            )
+            children.append(subprocess.Popen([sys.executable, "-m", "hpcproc.run", *argv], env=env))
+        statuses = []
+        for child in children:
+            while True:
+                try:
+                    timeout = 10.0 if received else None
+                    statuses.append(child.wait(timeout))
+                    break
+                except subprocess.TimeoutExpired:
+                    child.kill()
+        status = statuses[0]
+        if status < 0:
+            status = 128 - status
+        if dry_run:
+            return max(abs(s) for s in statuses)
+        return status
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------- one rank
+
+
+def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
+    from . import transports
+
+    if name == "auto":
+        name = "tcp"
+    if name == "tcp":
+        local_only = info.hosts is not None and all(h == "127.0.0.1" for h in info.hosts)
+        if info.size == 1 or local_only:
+            return name, transports.create("tcp", host="127.0.0.1")
+        return name, transports.create("tcp", host="0.0.0.0", advertised_host=info.hostname)
+    return name, transports.create(name)
+
+
+async def _run_rank(
+    info: ClusterInfo, entry: Callable[[Cluster], Coroutine[Any, Any, Any]], args: Any
+) -> int:
+    """One rank's whole life; returns its exit status."""
+    import hpcproc as hp
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        stop.set()
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, on_signal, s)
+    try:
+        transport_name, transport = _create_transport(info, args.transport)
+        method: Method = args.rendezvous
+        if method == "auto" and transport_name == "mpi":
+            method = "mpi"
+        node = hp.Node(transport)
+        await node.start()
+        try:
+            life = asyncio.ensure_future(
+                _serve_rank(node, info, entry, spmd=args.spmd, timeout=args.timeout, method=method)
+            )
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({life, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if life.done():
+                stopper.cancel()
+                return life.result()
+            life.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await life
+            print(
+                f"hpcproc.run: rank {info.rank} on {info.hostname}: stopped by"
+                f" {signal.Signals(signals[0]).name}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 128 + signals[0]
+        finally:
+            await node.close()
+            await transport.close()
+    except RendezvousError as exc:
+        print(f"hpcproc.run: rank {info.rank} on {info.hostname}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+
+
+async def _serve_rank(
+    node: Node,
+    info: ClusterInfo,
+    entry: Callable[[Cluster], Coroutine[Any, Any, Any]],
+    *,
+    spmd: bool,
+    timeout: float,
+    method: Method,
+) -> int:
+    import hpcproc as hp
+
+    # The controller is registered before the rendezvous, so that once any rank is
+    # past the rendezvous every rank's controller can receive.
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def controller() -> None:
+        while True:
+            msg = await hp.expect()
+            inbox.put_nowait(msg)
+
+    node.register(CONTROLLER, node.spawn_local(controller))
+    roster = await rendezvous(info, node.node_id.address, timeout=timeout, method=method)
+    nodes = tuple(hp.NodeId(a) for a in roster.addresses)
+    if nodes[info.rank] != node.node_id:
+        raise RendezvousError(f"rendezvous returned another address for rank {info.rank}")
+    others = tuple(n for r, n in enumerate(nodes) if r != info.rank)
+    cluster = Cluster(
+        rank=info.rank,
+        size=info.size,
+        node=node,
+        nodes=nodes,
+        hosts=roster.hosts,
+        info=info,
+        spmd=spmd,
+        peers=others if spmd else (nodes[1:] if info.rank == 0 else ()),
+    )
+    if info.rank == 0 or spmd:
+        status = await _run_main(node, entry, cluster)
+    if info.rank == 0:
+        if spmd:
+            status = max(status, await _collect_done(node, cluster, inbox))
+        for nid in nodes[1:]:
+            node.nsend_remote(nid, CONTROLLER, Shutdown(status))
+        return status
+    if spmd:
+        node.nsend_remote(nodes[0], CONTROLLER, Done(info.rank, status))
+    return await _await_shutdown(node, cluster, inbox)
+
+
+async def _run_main(
+    node: Node, entry: Callable[[Cluster], Coroutine[Any, Any, Any]], cluster: Cluster
+) -> int:
+    import hpcproc as hp
+
+    async def master() -> Any:
+        if not cluster.spmd:
+            for nid in cluster.peers:
+                await hp.link_node(nid)
+        return await entry(cluster)
+
+    try:
+        result = await node.run(master)
+    except Exception as exc:
+        print(
+            f"hpcproc.run: main failed on rank {cluster.rank} ({cluster.info.hostname}):"
+            f" {_name_nodes(exc, cluster)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        log.debug("main failed", exc_info=exc)
+        return 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _name_nodes(exc: BaseException, cluster: Cluster) -> str:
+    """The exception's text with every node id of the cluster named by rank and host."""
+    text = f"{type(exc).__name__}: {exc}"
+    for nid in cluster.nodes:
+        for form in (repr(nid), str(nid)):
+            if form in text:
+                text = text.replace(form, f"node {cluster.describe_node(nid)} [{form}]")
+                break
+    return text
+
+
+async def _watch_nodes(node: Node, nids: Sequence[NodeId], inbox: asyncio.Queue[Any]) -> None:
+    """Forward a NodeMonitorNotification into ``inbox`` for each of ``nids`` that dies."""
+    import hpcproc as hp
+
+    async def watcher() -> None:
+        for nid in nids:
+            await hp.monitor_node(nid)
+        while True:
+            inbox.put_nowait(await hp.expect(hp.NodeMonitorNotification))
+
+    node.spawn_local(watcher)
+
+
+async def _collect_done(node: Node, cluster: Cluster, inbox: asyncio.Queue[Any]) -> int:
+    """SPMD rank 0: wait until every other rank reported Done or died."""
+    import hpcproc as hp
+
+    pending = set(range(1, cluster.size))
+    await _watch_nodes(node, cluster.nodes[1:], inbox)
+    worst = 0
+    while pending:
+        msg = await inbox.get()
+        if isinstance(msg, Done) and msg.rank in pending:
+            pending.discard(msg.rank)
+            worst = max(worst, msg.status)
+        elif isinstance(msg, hp.NodeMonitorNotification):
+            rank = cluster.nodes.index(msg.node)
+            if rank in pending:
+                pending.discard(rank)
+                print(
+                    f"hpcproc.run: node {cluster.describe_node(msg.node)} went away"
+                    f" before finishing: {msg.reason!r}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                worst = max(worst, EXIT_STATUS_LOST)
+    return worst
+
+
+async def _await_shutdown(node: Node, cluster: Cluster, inbox: asyncio.Queue[Any]) -> int:
+    """A worker: serve until rank 0 says Shutdown (its status) or goes away (1)."""
+    import hpcproc as hp
+
+    await _watch_nodes(node, cluster.nodes[:1], inbox)
+    while True:
+        msg = await inbox.get()
+        if isinstance(msg, Shutdown):
+            return msg.status
+        if isinstance(msg, hp.NodeMonitorNotification):
+            print(
+                f"hpcproc.run: rank {cluster.rank} on {cluster.info.hostname}: the master"
+                f" (node {cluster.describe_node(msg.node)}) went away: {msg.reason!r}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_STATUS_LOST
+
+
+if __name__ == "__main__":
+    sys.exit(main())
