@@ -144,9 +144,13 @@ class StoreServer:
             self._server = None
         for writer in list(self._clients.values()):
             writer.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        # Closed connections end their handlers (EOF); cancel only stragglers.
+        handlers = list(self._handlers)
+        if handlers:
+            _, stragglers = await asyncio.wait(handlers, timeout=HANDSHAKE_TIMEOUT)
+            for task in stragglers:
+                task.cancel()
+            await asyncio.gather(*stragglers, return_exceptions=True)
 
 
 async def serve(
