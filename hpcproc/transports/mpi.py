@@ -139,6 +139,7 @@ DEFAULT_DRAIN_TIMEOUT = 5.0
 DEFAULT_MAX_FRAMES = 1 << 16
 DEFAULT_MAX_MESSAGE = 1 << 32
 
+_ADDRESS_CACHE = 4096  # peers whose address bytes an endpoint keeps
 _POLL_BATCH = 64  # envelopes taken per progress call, so one call stays short
 
 
@@ -358,21 +359,37 @@ class _Engine:
 
         Never blocks. Must be called on an event-loop thread.
         """
-        done: list[_SendOp] = []
-        ready: list[_Inbound] = []
         with self.lock:
             if self.closed:
                 return False
-            if self._send_reqs:
-                self._test_sends(done)
-            if self._recv_reqs:
-                self._test_recvs(ready)
-            self._poll(ready)
+            if not (self._send_reqs or self._recv_reqs):
+                # The common idle case (spinning in receive): one probe, no allocation.
+                message = self.comm.Improbe(self._any_source, _TAG, self._status)
+                if message is None:
+                    return False
+                done: list[_SendOp] = []
+                ready: list[_Inbound] = []
+                self._take(message, ready)
+            else:
+                done = []
+                ready = []
+                if self._send_reqs:
+                    self._test_sends(done)
+                if self._recv_reqs:
+                    self._test_recvs(ready)
+                message = self.comm.Improbe(self._any_source, _TAG, self._status)
+                if message is None:
+                    if not (done or ready):
+                        return False
+                else:
+                    self._take(message, ready)
+            if message is not None:
+                self._poll(ready)
         for op in done:
             _set_result(op.loop, op.future)
         for msg in ready:
             self._route(msg)
-        return bool(done or ready)
+        return True
 
     def busy(self) -> bool:
         """Whether requests are outstanding (the pump then keeps polling every iteration)."""
@@ -414,27 +431,33 @@ class _Engine:
             ready.append(queue.popleft())
 
     def _poll(self, ready: list[_Inbound]) -> None:
-        comm, status, byte = self.comm, self._status, self._byte
+        comm, status, source = self.comm, self._status, self._any_source
         for _ in range(_POLL_BATCH):
-            message = comm.Improbe(self._any_source, _TAG, status)
+            message = comm.Improbe(source, _TAG, status)
             if message is None:
                 return
-            src = status.Get_source()
-            buf = bytearray(status.Get_count(byte))
-            message.Recv([buf, byte])
-            if src in self._poisoned:
-                continue
-            try:
-                msg = self._parse(src, buf)
-            except _ProtocolError as exc:
-                self._poison(src, str(exc))
-                continue
-            queue = self._inbound.get(src)
-            if queue is None:
-                queue = self._inbound[src] = deque()
+            self._take(message, ready)
+
+    def _take(self, message: MPI.Message, ready: list[_Inbound]) -> None:
+        """Receive the envelope that ``message`` (just probed into ``_status``) holds."""
+        status, byte = self._status, self._byte
+        src = status.Get_source()
+        buf = bytearray(status.Get_count(byte))
+        message.Recv([buf, byte])
+        if src in self._poisoned:
+            return
+        try:
+            msg = self._parse(src, buf)
+        except _ProtocolError as exc:
+            self._poison(src, str(exc))
+            return
+        queue = self._inbound.get(src)
+        if queue is None:
+            queue = self._inbound[src] = deque()
+        if msg.remaining == 0 and not queue:
+            ready.append(msg)
+        else:
             queue.append(msg)
-            if msg.remaining == 0 and len(queue) == 1:
-                ready.append(queue.popleft())
 
     def _parse(self, src: int, buf: bytearray) -> _Inbound:
         size = len(buf)
@@ -788,6 +811,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
         self.loop = loop
         self._key = (engine.rank, endpoint_id)
         self._connecting: dict[EndPointAddress, _PendingConnect] = {}
+        self._addresses: dict[tuple[int, int], EndPointAddress] = {}
 
     # ------------------------------------------------------------------ waiting
 
@@ -856,7 +880,11 @@ class _MpiEndPoint(MultiplexedEndPoint):
 
     def _handle(self, msg: _Inbound) -> None:
         """Dispatch one message from the engine (on this endpoint's loop)."""
-        remote = format_address(msg.src, msg.src_ep)
+        remote = self._addresses.get((msg.src, msg.src_ep))
+        if remote is None:
+            remote = format_address(msg.src, msg.src_ep)
+            if len(self._addresses) < _ADDRESS_CACHE:
+                self._addresses[(msg.src, msg.src_ep)] = remote
         kind = msg.kind
         if kind <= _Msg.CLOSE:
             link = self._links.get(remote)
