@@ -43,6 +43,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -323,7 +324,10 @@ async def _run_rank(
         signals.append(signum)
         stop.set()
 
-    for s in (signal.SIGTERM, signal.SIGINT):
+    # Signal handlers can only be installed from the main thread (embedded use may
+    # run this elsewhere; the caller then owns signal handling).
+    handled = (signal.SIGTERM, signal.SIGINT) if _in_main_thread() else ()
+    for s in handled:
         loop.add_signal_handler(s, on_signal, s)
     try:
         transport_name, transport = _create_transport(info, args.transport)
@@ -358,8 +362,12 @@ async def _run_rank(
         print(f"hpcproc.run: rank {info.rank} on {info.hostname}: {exc}", file=sys.stderr)
         return 1
     finally:
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in handled:
             loop.remove_signal_handler(s)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 async def _serve_rank(

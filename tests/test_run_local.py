@@ -1,0 +1,279 @@
+"""`python -m hpcproc.run` with real OS processes on this machine: --np, explicit
+ranks, master/worker exit status, SPMD, failures that name the node, signals."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hpcproc as hp
+
+ROOT = Path(__file__).resolve().parent.parent
+THIS = f"{Path(__file__).resolve()}"
+WAIT = 60.0
+
+
+# ------------------------------------------------------------ apps run by the tests
+
+
+async def report_rank(cluster: Any) -> int:
+    return int(cluster.rank)
+
+
+async def app_peers(cluster: Any) -> int:
+    """Spawn on every peer; each answers with its node's rank."""
+    me = hp.self_pid()
+    for peer in cluster.peers:
+        await hp.spawn(peer, answer_rank, me, cluster.nodes.index(peer))
+    got = sorted([await hp.expect(int, timeout=30) for _ in cluster.peers])
+    print(f"master rank={cluster.rank} size={cluster.size} peers={got}", flush=True)
+    return 0
+
+
+async def answer_rank(master: hp.Pid, rank: int) -> None:
+    await hp.send(master, rank)
+
+
+async def app_status_3(cluster: Any) -> int:
+    return 3
+
+
+async def app_spmd(cluster: Any) -> int:
+    print(f"spmd rank={cluster.rank} peers={len(cluster.peers)}", flush=True)
+    return 0
+
+
+async def app_raises(cluster: Any) -> None:
+    raise ValueError("deliberate failure in main")
+
+
+async def app_wait_on_workers(cluster: Any) -> None:
+    """Run a long process on every worker, report readiness, wait forever."""
+    for peer in cluster.peers:
+        await hp.spawn(peer, sleep_forever)
+    print("ready", flush=True)
+    await hp.expect(str)
+
+
+async def sleep_forever() -> None:
+    await hp.expect(str)
+
+
+async def app_ready_then_wait(cluster: Any) -> None:
+    print(f"ready rank={cluster.rank}", flush=True)
+    await hp.expect(str)
+
+
+# ------------------------------------------------------------ helpers
+
+
+class Rank:
+    """A child process with its output lines readable with a deadline."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hpcproc.run", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, prefix: str, timeout: float = WAIT) -> str:
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                raise AssertionError(f"exited before printing {prefix!r}: {self.output}")
+            self.output.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def finish(self, timeout: float = WAIT) -> tuple[int, str]:
+        rc = self.proc.wait(timeout)
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                break
+            self.output.append(line)
+        return rc, "".join(self.output)
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
+    e["HPCPROC_COOKIE"] = "test-run-local-cookie"
+    e["PYTHONPATH"] = str(ROOT)
+    return e
+
+
+@pytest.fixture
+def ranks() -> Iterator[list[Rank]]:
+    started: list[Rank] = []
+    yield started
+    for r in started:
+        if r.proc.poll() is None:
+            os.killpg(r.proc.pid, signal.SIGKILL)
+            r.proc.wait(10)
+
+
+def start(ranks: list[Rank], args: list[str], env: dict[str, str]) -> Rank:
+    rank = Rank(args, env)
+    ranks.append(rank)
+    return rank
+
+
+def explicit(env: dict[str, str], rank: int, size: int, job: str) -> dict[str, str]:
+    return {
+        **env,
+        "HPCPROC_RANK": str(rank),
+        "HPCPROC_SIZE": str(size),
+        "HPCPROC_HOSTS": ",".join(["127.0.0.1"] * size),
+        "HPCPROC_JOB_ID": job,
+    }
+
+
+# ------------------------------------------------------------ tests
+
+
+def test_np_master_reaches_every_peer(ranks: list[Rank], env: dict[str, str]) -> None:
+    r = start(ranks, ["--np", "3", f"{THIS}:app_peers"], env)
+    rc, out = r.finish()
+    assert rc == 0, out
+    assert "master rank=0 size=3 peers=[1, 2]" in out
+
+
+def test_every_rank_exits_with_the_masters_status(ranks: list[Rank], env: dict[str, str]) -> None:
+    procs = [
+        start(ranks, [f"{THIS}:app_status_3"], explicit(env, r, 3, "status3")) for r in range(3)
+    ]
+    results = [p.finish() for p in procs]
+    assert [rc for rc, _ in results] == [3, 3, 3], results
+
+
+def test_spmd_runs_main_on_every_rank(ranks: list[Rank], env: dict[str, str]) -> None:
+    procs = [
+        start(ranks, ["--spmd", f"{THIS}:app_spmd"], explicit(env, r, 3, "spmd")) for r in range(3)
+    ]
+    outs = [p.finish() for p in procs]
+    assert [rc for rc, _ in outs] == [0, 0, 0], outs
+    for r, (_, out) in enumerate(outs):
+        assert f"spmd rank={r} peers=2" in out
+
+
+def test_exception_in_main_exits_nonzero_with_message(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    r = start(ranks, ["--np", "2", f"{THIS}:app_raises"], env)
+    rc, out = r.finish()
+    assert rc == 1
+    assert "main failed on rank 0" in out
+    assert "deliberate failure in main" in out
+
+
+def test_killed_worker_makes_master_exit_nonzero_naming_it(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    procs = [
+        start(ranks, [f"{THIS}:app_wait_on_workers"], explicit(env, r, 3, "killed"))
+        for r in range(3)
+    ]
+    procs[0].wait_for_line("ready")
+    os.killpg(procs[2].proc.pid, signal.SIGKILL)
+    rc, out = procs[0].finish()
+    assert rc != 0
+    assert "rank 2 on 127.0.0.1" in out, out
+    rc1, out1 = procs[1].finish()
+    assert rc1 == rc, out1
+
+
+def test_sigterm_stops_every_local_node(ranks: list[Rank], env: dict[str, str]) -> None:
+    procs = [
+        start(ranks, ["--spmd", f"{THIS}:app_ready_then_wait"], explicit(env, r, 3, "term"))
+        for r in range(3)
+    ]
+    for p in procs:
+        p.wait_for_line("ready")
+    for p in procs:
+        p.proc.send_signal(signal.SIGTERM)
+    for p in procs:
+        rc, out = p.finish(timeout=15)
+        assert rc == 128 + signal.SIGTERM, out
+        assert "stopped by SIGTERM" in out
+
+
+def test_sigint_to_np_parent_is_forwarded(ranks: list[Rank], env: dict[str, str]) -> None:
+    r = start(ranks, ["--np", "2", "--spmd", f"{THIS}:app_ready_then_wait"], env)
+    r.wait_for_line("ready")
+    r.wait_for_line("ready")
+    r.proc.send_signal(signal.SIGINT)
+    rc, out = r.finish(timeout=20)
+    assert rc == 128 + signal.SIGINT, out
+    assert out.count("stopped by SIGINT") == 2
+
+
+def test_missing_rank_fails_every_rank_naming_it(ranks: list[Rank], env: dict[str, str]) -> None:
+    procs = [
+        start(ranks, ["--timeout", "2", f"{THIS}:report_rank"], explicit(env, r, 3, "missing"))
+        for r in range(2)
+    ]
+    for p in procs:
+        rc, out = p.finish()
+        assert rc == 1
+        assert "ranks 2 of 3 did not arrive" in out
+        assert "launcher explicit" in out
+
+
+def test_dry_run_prints_every_local_rank_without_importing(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    r = start(ranks, ["--np", "2", "--dry-run", "no_such_module:nothing"], env)
+    rc, out = r.finish()
+    assert rc == 0, out
+    for rank in range(2):
+        assert f"rank={rank} size=2 node_index=0" in out
+
+
+def test_unloadable_entry_exits_2_with_reason(ranks: list[Rank], env: dict[str, str]) -> None:
+    rc, out = start(ranks, ["no_such_module_xyz:main"], env).finish()
+    assert rc == 2
+    assert "cannot load no_such_module_xyz:main" in out
+    rc, out = start(ranks, [f"{THIS}:explicit"], env).finish()
+    assert rc == 2
+    assert "async def" in out
+
+
+def test_np_inside_a_multi_rank_step_is_refused(ranks: list[Rank], env: dict[str, str]) -> None:
+    rc, out = start(ranks, ["--np", "2", f"{THIS}:report_rank"], explicit(env, 0, 2, "np")).finish()
+    assert rc == 2
+    assert "already started the ranks" in out
+
+
+@pytest.mark.timeout(60)
+def test_single_rank_runs_main_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcproc.run import main
+
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "PMI_", "OMPI_", "HPCPROC_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HPCPROC_COOKIE", "test-run-local-cookie")
+    assert main([f"{THIS}:app_status_3"]) == 3
