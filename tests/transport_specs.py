@@ -31,10 +31,10 @@ SPECS: list[TransportSpec] = [
     TransportSpec(
         "mpi",
         requires=("mpi4py",),
-        # One rank (a singleton MPI init) with several endpoints; two OS processes need
-        # mpiexec, which the MPI transport's own tests use.
-        two_process_reason="a singleton MPI process cannot reach another; see the mpiexec tests",
-        separate_transports=False,
+        # One rank (a singleton MPI init) with several endpoints, of one or several
+        # transports (they share the process's MPI engine); two OS processes need
+        # mpiexec: tests/test_mpi_two_ranks.py runs these scenarios across two ranks.
+        two_process_reason="a singleton MPI process cannot reach another; see tests/test_mpi_two_ranks.py",
     ),
     TransportSpec(
         "ucx",
