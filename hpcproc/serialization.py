@@ -1,16 +1,19 @@
 """Messages to frames and back, without copying large buffers.
 
-A message becomes ``[header, buf1, buf2, ...]``: ``header`` is a protocol-5 pickle
-and every buffer at least :data:`OUT_OF_BAND_MIN` bytes long that the object exposes
-through ``PickleBuffer`` (numpy arrays, ``bytearray``, ``memoryview``, ``bytes`` via
-:class:`~pickle.PickleBuffer` reducers) travels out-of-band as its own frame: the
-serializer never copies it, and the transport sends it from the original memory. On
-receive, ``pickle.loads(header, buffers=frames[1:])`` rebuilds arrays over the
-received frames, again without a copy (see ``tests/test_serialization.py``).
+A message becomes ``[header, buf1, buf2, ...]``: ``header`` is a protocol-5 pickle,
+and every buffer at least :data:`OUT_OF_BAND_MIN` bytes long travels out-of-band as its
+own frame: the serializer never copies it, and the transport sends it from the
+original memory. That covers numpy arrays (and anything else exposing
+:class:`~pickle.PickleBuffer`), ``bytes``, ``bytearray`` and contiguous
+``memoryview`` objects, at any depth in the message. On receive, arrays and
+memoryviews are rebuilt over the received frames without a copy (see
+``tests/test_serialization.py``); ``bytes`` and ``bytearray`` cannot wrap foreign
+memory, so they are copied out of their frame once. Non-contiguous arrays and
+memoryviews are copied into the header (pickle has no other way to send them).
 
 Plain data goes through the standard (C) pickler; only objects it cannot handle
-(lambdas, closures, functions defined in ``__main__``) fall back to cloudpickle,
-whose output the receiver loads with plain ``pickle`` as well.
+(lambdas, closures, functions defined in ``__main__``) fall back to cloudpickle.
+The receiver always loads with the standard (C) unpickler.
 
 Security: unpickling runs code. Only call :func:`deserialize` on frames from an
 authenticated peer (the network transports authenticate with the cluster cookie).
@@ -18,8 +21,10 @@ authenticated peer (the network transports authenticate with the cluster cookie)
 
 from __future__ import annotations
 
+import io
 import pickle
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import cloudpickle
@@ -36,42 +41,142 @@ class SerializationError(Exception):
     """An object could not be serialized, or frames could not be deserialized."""
 
 
+_BYTES, _BYTEARRAY, _MEMORYVIEW = 0, 1, 2
+
+
+class _OutOfBand:
+    """Pickler mixin: large ``bytes``/``bytearray``/``memoryview`` become frames.
+
+    The C pickler serializes these types itself (``reducer_override`` never sees
+    ``bytes`` or ``bytearray``), so they are caught by ``persistent_id``. Out-of-band
+    buffers and persistent ids share one frame list in pickling order, which is the
+    order in which the unpickler meets ``NEXT_BUFFER`` and ``PERSID`` opcodes.
+    """
+
+    frames: list[Buffer]
+
+    def _keep_large(self, pb: pickle.PickleBuffer) -> bool:
+        view = pb.raw()
+        if view.nbytes < OUT_OF_BAND_MIN:
+            return True  # in-band
+        self.frames.append(view)
+        return False
+
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is bytes or kind is bytearray:
+            if len(obj) < OUT_OF_BAND_MIN:
+                return None
+            self.frames.append(obj)
+            return _BYTES if kind is bytes else _BYTEARRAY
+        if kind is memoryview:
+            if obj.nbytes >= OUT_OF_BAND_MIN and obj.c_contiguous:
+                self.frames.append(obj)
+                return (_MEMORYVIEW, obj.format, obj.shape, None)
+            # Small or strided: its bytes go in-band (a copy is the only option).
+            return (_MEMORYVIEW, obj.format, obj.shape, obj.tobytes())
+        return None
+
+
+class _Pickler(_OutOfBand, pickle.Pickler):
+    def __init__(self, file: io.BytesIO, frames: list[Buffer]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=self._keep_large)
+        self.frames = frames
+        self.file = file
+        self.busy = False
+
+
+class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
+    def __init__(self, file: io.BytesIO, frames: list[Buffer]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=self._keep_large)
+        self.frames = frames
+
+
+#: One reusable pickler per thread: creating a pickler costs several times more than
+#: pickling a small message with it.
+_local = threading.local()
+
+
+def _pickler() -> _Pickler:
+    pickler: _Pickler | None = getattr(_local, "pickler", None)
+    if pickler is None or pickler.busy:  # busy: serialize() re-entered from a reducer
+        pickler = _Pickler(io.BytesIO(), [])
+        if getattr(_local, "pickler", None) is None:
+            _local.pickler = pickler
+    return pickler
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, header: Buffer, frames: Iterator[Buffer]) -> None:
+        super().__init__(io.BytesIO(header), buffers=frames)
+        self._frames = frames
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid == _BYTES:
+            return bytes(next(self._frames))
+        if pid == _BYTEARRAY:
+            return bytearray(next(self._frames))
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == _MEMORYVIEW:
+            _, fmt, shape, inline = pid
+            view = memoryview(next(self._frames) if inline is None else inline).cast("B")
+            try:
+                return view.cast(fmt, shape)
+            except (TypeError, ValueError):
+                return view  # a format ``cast`` cannot express: the raw bytes
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
 def serialize(obj: Any) -> list[Buffer]:
     """Return ``[header, *buffers]`` for ``obj``; buffers are views, not copies.
 
     Raises:
         SerializationError: neither pickle nor cloudpickle can serialize ``obj``.
     """
-    buffers: list[Buffer] = []
-
-    def keep_large(pb: pickle.PickleBuffer) -> bool:
-        view = pb.raw()
-        if view.nbytes < OUT_OF_BAND_MIN:
-            return True  # in-band
-        buffers.append(view)
-        return False
-
+    frames: list[Buffer] = []
+    pickler = _pickler()
+    out = pickler.file
+    pickler.busy = True
+    pickler.frames = frames
     try:
-        header = pickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+        pickler.dump(obj)
+        header = out.getvalue()
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
-        buffers.clear()
+        frames.clear()
+        out = io.BytesIO()
         try:
-            header = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep_large)
+            _CloudPickler(out, frames).dump(obj)
         except Exception as exc2:
             raise SerializationError(f"cannot serialize {type(obj).__name__}: {exc2}") from exc
-    return [header, *buffers]
+        header = out.getvalue()
+    finally:
+        # Forget the message: the pickler must not keep it (or its buffers) alive.
+        pickler.clear_memo()
+        pickler.frames = []
+        pickler.file.seek(0)
+        pickler.file.truncate()
+        pickler.busy = False
+    return [header, *frames]
 
 
 def deserialize(frames: Sequence[Buffer]) -> Any:
     """Rebuild the object from ``frames``; arrays share memory with the frames.
 
     Raises:
-        SerializationError: the frames are not a valid message (empty, corrupt, or
-            referring to code that is not importable here).
+        SerializationError: the frames are not a valid message (empty, corrupt, missing
+            or extra frames, or referring to code that is not importable here).
     """
     if not frames:
         raise SerializationError("empty message: expected a header frame")
+    rest = iter(frames[1:])
     try:
-        return pickle.loads(frames[0], buffers=frames[1:])
+        try:
+            # Fast path: messages without out-of-band bytes or memoryviews.
+            obj = pickle.loads(frames[0], buffers=rest)
+        except pickle.UnpicklingError:
+            rest = iter(frames[1:])
+            obj = _Unpickler(frames[0], rest).load()
     except Exception as exc:
         raise SerializationError(f"cannot deserialize message: {exc!r}") from exc
+    if next(rest, None) is not None:
+        raise SerializationError("message has more frames than its header refers to")
+    return obj

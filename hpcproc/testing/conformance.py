@@ -1136,7 +1136,7 @@ async def _peer_link(h: Harness) -> tuple[PeerProcess, EndPoint, Connection]:
 async def peer_killed_reports_connection_lost(h: Harness) -> None:
     """A peer process killed with SIGKILL is reported as CONNECTION_LOST; sends fail."""
     peer, endpoint, conn = await _peer_link(h)
-    peer.kill()
+    await peer.kill(h.timeout)
     await h.expect_lost(endpoint, peer.address)
     await h.fails(conn.send([b"ping"]), SendError, SendErrorCode.FAILED)
 
@@ -1145,7 +1145,7 @@ async def peer_killed_reports_connection_lost(h: Harness) -> None:
 async def peer_killed_connect_not_found(h: Harness) -> None:
     """Connecting to the endpoint of a killed process raises ConnectError(NOT_FOUND)."""
     peer, endpoint, _ = await _peer_link(h)
-    peer.kill()
+    await peer.kill(h.timeout)
     await h.expect_lost(endpoint, peer.address)
     await h.fails(endpoint.connect(peer.address), ConnectError, ConnectErrorCode.NOT_FOUND)
 

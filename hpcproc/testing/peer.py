@@ -160,10 +160,20 @@ class PeerProcess:
             raise PeerError("peer exited")
         return event
 
-    def kill(self) -> None:
-        """SIGKILL the peer (a crash: it closes nothing)."""
+    async def kill(self, timeout: float) -> None:
+        """SIGKILL the peer (a crash: it closes nothing) and wait until it is gone.
+
+        Once this returns the kernel has closed every socket of the process.
+
+        Raises:
+            PeerError: the process did not exit within ``timeout``.
+        """
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGKILL)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise PeerError(f"peer did not exit within {timeout} s of SIGKILL") from None
 
     async def stop(self, timeout: float) -> None:
         """Ask the peer to quit; kill it if it does not within ``timeout``; reap it."""

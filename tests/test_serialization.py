@@ -1,0 +1,209 @@
+"""hpcproc.serialization: round trips, zero copies, out-of-band frames, errors."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deserialize, serialize
+
+
+def received(frames: Sequence[Any]) -> list[memoryview]:
+    """What a transport hands the receiver: fresh writable buffers with the same bytes."""
+    return [memoryview(bytearray(memoryview(f).cast("B"))) for f in frames]
+
+
+def round_trip(obj: object) -> Any:
+    return deserialize(received(serialize(obj)))
+
+
+def shares_any(array: np.ndarray[Any, Any], frames: Sequence[memoryview]) -> bool:
+    return any(np.shares_memory(array, np.asarray(f)) for f in frames)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        None,
+        0,
+        -(2**70),
+        3.25,
+        "text é",
+        [1, [2, [3, []]]],
+        {"a": (1, 2), 3: {4, 5}, (6,): frozenset({7})},
+        b"",
+        b"small bytes",
+        b"\x00" * (4 * OUT_OF_BAND_MIN),
+        bytearray(b"\x01" * (4 * OUT_OF_BAND_MIN)),
+        {"nested": [b"x" * OUT_OF_BAND_MIN, (b"y" * 10, bytearray(b"z" * 5000))]},
+    ],
+    ids=repr,
+)
+def test_plain_data_and_bytes_round_trip_equal(obj: object) -> None:
+    result = round_trip(obj)
+    assert result == obj
+    assert type(result) is type(obj)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float64, np.float32, np.int8, np.int64, np.uint16, np.complex128, np.bool_]
+)
+def test_numpy_arrays_of_each_dtype_round_trip_equal(dtype: type) -> None:
+    array = (np.arange(3000) % 7).astype(dtype).reshape(30, 100)
+    result = round_trip({"array": array, "small": array[:1, :3].copy()})
+    assert result["array"].dtype == array.dtype
+    assert np.array_equal(result["array"], array)
+    assert np.array_equal(result["small"], array[:1, :3])
+
+
+def test_zero_dim_and_empty_arrays_round_trip() -> None:
+    zero_d = np.array(2.5)
+    empty = np.zeros((0, 4), dtype=np.int32)
+    result = round_trip([zero_d, empty])
+    assert result[0].shape == () and result[0] == 2.5
+    assert result[1].shape == (0, 4) and result[1].dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: a[::3],
+        lambda a: a.reshape(100, 100).T,
+        lambda a: a.reshape(100, 100)[10:50, 20:80],
+        lambda a: np.asfortranarray(a.reshape(100, 100)),
+        lambda a: a[::-1],
+    ],
+    ids=["strided", "transposed", "sliced", "fortran", "reversed"],
+)
+def test_non_contiguous_arrays_round_trip_equal(make: Any) -> None:
+    array = make(np.arange(10000, dtype=np.float64))
+    result = round_trip(array)
+    assert np.array_equal(result, array)
+
+
+def test_nested_arrays_in_containers_round_trip() -> None:
+    message = {
+        "grid": np.ones((64, 64)),
+        "parts": [np.arange(5000, dtype=np.int16), (np.eye(40), "label")],
+    }
+    result = round_trip(message)
+    assert np.array_equal(result["grid"], message["grid"])
+    assert np.array_equal(result["parts"][0], message["parts"][0])
+    assert np.array_equal(result["parts"][1][0], message["parts"][1][0])
+    assert result["parts"][1][1] == "label"
+
+
+def test_large_array_is_an_out_of_band_frame_not_a_copy() -> None:
+    array = np.arange(1 << 16, dtype=np.float64)
+    frames = serialize({"array": array})
+    assert len(frames) == 2
+    assert len(frames[0]) < OUT_OF_BAND_MIN
+    assert np.shares_memory(array, np.asarray(frames[1]))
+
+
+def test_small_array_stays_in_band() -> None:
+    frames = serialize(np.arange(4, dtype=np.float64))
+    assert len(frames) == 1
+
+
+def test_rebuilt_array_shares_memory_with_received_frame() -> None:
+    array = np.random.default_rng(0).random((128, 256))
+    frames = received(serialize(array))
+    result = deserialize(frames)
+    assert np.array_equal(result, array)
+    assert np.shares_memory(result, np.asarray(frames[1]))
+    assert result.flags.writeable
+
+
+def test_rebuilt_fortran_array_shares_memory_with_received_frame() -> None:
+    array = np.asfortranarray(np.ones((200, 300)))
+    frames = received(serialize(array))
+    result = deserialize(frames)
+    assert result.flags.f_contiguous
+    assert shares_any(result, frames)
+
+
+def test_large_bytes_bytearray_and_memoryview_are_out_of_band_frames() -> None:
+    data = b"b" * (8 * OUT_OF_BAND_MIN)
+    mutable = bytearray(b"a" * (8 * OUT_OF_BAND_MIN))
+    view = memoryview(np.arange(4096, dtype=np.int32)).cast("B").cast("i")
+    frames = serialize(("tag", data, [mutable, view]))
+    assert len(frames) == 4
+    assert len(frames[0]) < OUT_OF_BAND_MIN
+    assert frames[1] is data and frames[2] is mutable
+    assert np.shares_memory(np.asarray(view), np.asarray(frames[3]))
+
+
+def test_memoryview_round_trips_over_the_received_frame() -> None:
+    view = memoryview(np.arange(4096, dtype=np.int64))
+    frames = received(serialize({"view": view, "small": memoryview(b"abc")}))
+    result = deserialize(frames)
+    assert result["view"].format == view.format and result["view"].tolist() == view.tolist()
+    assert bytes(result["small"]) == b"abc"
+    assert np.shares_memory(np.asarray(result["view"]), np.asarray(frames[1]))
+
+
+def test_lambdas_and_closures_round_trip_by_value() -> None:
+    offset = 10
+
+    def add_offset(x: int) -> int:
+        return x + offset
+
+    square = lambda x: x * x  # noqa: E731
+    result = round_trip({"closure": add_offset, "lambda": square, "data": np.ones(2000)})
+    assert result["closure"](5) == 15
+    assert result["lambda"](7) == 49
+    assert np.array_equal(result["data"], np.ones(2000))
+
+
+def test_importable_function_goes_by_reference() -> None:
+    frames = serialize(np.linalg.norm)
+    assert len(frames[0]) < 100
+    assert round_trip(np.linalg.norm) is np.linalg.norm
+
+
+def test_unserializable_object_raises_serialization_error() -> None:
+    import threading
+
+    with pytest.raises(SerializationError):
+        serialize(threading.Lock())
+
+
+def test_empty_frames_raise_serialization_error() -> None:
+    with pytest.raises(SerializationError):
+        deserialize([])
+
+
+@pytest.mark.parametrize(
+    "header", [b"", b"garbage", b"\x80\x05\x95\xff\xff", pickle.dumps([1, 2, 3])[:-3]]
+)
+def test_corrupt_header_raises_serialization_error(header: bytes) -> None:
+    with pytest.raises(SerializationError):
+        deserialize([header])
+
+
+def test_missing_out_of_band_frame_raises_serialization_error() -> None:
+    frames = serialize([np.ones(4096), b"x" * 4096])
+    with pytest.raises(SerializationError):
+        deserialize(frames[:-1])
+
+
+def test_extra_frame_raises_serialization_error() -> None:
+    with pytest.raises(SerializationError):
+        deserialize([*serialize(np.ones(4096)), b"unexpected"])
+
+
+def test_serialize_does_not_keep_the_message_alive() -> None:
+    import gc
+    import weakref
+
+    array = np.ones(4096)
+    ref = weakref.ref(array)
+    serialize({"array": array})
+    del array
+    gc.collect()
+    assert ref() is None
