@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from functools import lru_cache
 
 from ._multiplex import Kind
 
@@ -33,7 +34,17 @@ PREFIX = struct.Struct("<B3xIQ")
 _LEN = struct.Struct("<Q")
 DEFAULT_MAX_FRAMES = 1 << 16
 DEFAULT_MAX_MESSAGE = 1 << 32  # 4 GiB
-_KINDS = frozenset(int(k) for k in Kind)
+_KINDS = {int(k): k for k in Kind}
+
+
+@lru_cache(maxsize=256)
+def _header_struct(nframes: int) -> struct.Struct:
+    return struct.Struct(f"<B3xIQ{nframes}Q")
+
+
+@lru_cache(maxsize=256)
+def _lengths_struct(nframes: int) -> struct.Struct:
+    return struct.Struct(f"<{nframes}Q")
 
 
 class WireError(Exception):
@@ -42,37 +53,45 @@ class WireError(Exception):
 
 def encode_header(kind: Kind, conn_id: int, lengths: Sequence[int]) -> bytes:
     """The prefix and length table of a message whose frames have ``lengths``."""
-    n = len(lengths)
-    return PREFIX.pack(kind, n, conn_id) + struct.pack(f"<{n}Q", *lengths)
+    # One cached Struct per frame count: this runs once per message sent.
+    return _header_struct(len(lengths)).pack(kind, len(lengths), conn_id, *lengths)
 
 
 def parse_prefix(
-    data: bytes | memoryview, *, max_frames: int = DEFAULT_MAX_FRAMES
+    data: bytes | bytearray | memoryview,
+    *,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    offset: int = 0,
 ) -> tuple[Kind, int, int]:
-    """``(kind, nframes, conn_id)`` from the 16-byte prefix, checked.
+    """``(kind, nframes, conn_id)`` from the 16-byte prefix at ``offset``, checked.
 
     Raises:
         WireError: unknown kind, too many frames, or a control message with frames.
     """
-    kind, nframes, conn_id = PREFIX.unpack(data)
-    if kind not in _KINDS:
-        raise WireError(f"unknown message kind {kind}")
+    raw, nframes, conn_id = PREFIX.unpack_from(data, offset)
+    kind = _KINDS.get(raw)
+    if kind is None:
+        raise WireError(f"unknown message kind {raw}")
     if nframes > max_frames:
         raise WireError(f"message has {nframes} frames, more than the limit {max_frames}")
-    if kind != Kind.DATA and nframes:
-        raise WireError(f"control message {Kind(kind).name} carries {nframes} frames")
-    return Kind(kind), nframes, conn_id
+    if nframes and kind is not Kind.DATA:
+        raise WireError(f"control message {kind.name} carries {nframes} frames")
+    return kind, nframes, conn_id
 
 
 def parse_lengths(
-    data: bytes | memoryview, nframes: int, *, max_message: int = DEFAULT_MAX_MESSAGE
+    data: bytes | bytearray | memoryview,
+    nframes: int,
+    *,
+    max_message: int = DEFAULT_MAX_MESSAGE,
+    offset: int = 0,
 ) -> list[int]:
-    """The frame lengths from the length table, checked against ``max_message``.
+    """The ``nframes`` frame lengths of the table at ``offset``, checked against ``max_message``.
 
     Raises:
         WireError: the total exceeds ``max_message``.
     """
-    lengths = list(struct.unpack(f"<{nframes}Q", data))
+    lengths = list(_lengths_struct(nframes).unpack_from(data, offset))
     total = sum(lengths)
     if total > max_message:
         raise WireError(f"message of {total} bytes exceeds the limit of {max_message} bytes")

@@ -104,6 +104,7 @@ DIRECT_MIN = 64 * 1024
 MAX_HANDSHAKES = 256
 #: Longest endpoint address accepted in a handshake.
 MAX_ADDRESS = 1024
+_PREFIX_SIZE = PREFIX.size
 #: Linux IOV_MAX: most buffers in one sendmsg.
 _IOV_MAX = 1024
 #: Bound on reads per readiness callback, so one busy peer cannot starve the loop.
@@ -214,7 +215,7 @@ class _Write:
 
     __slots__ = ("bufs", "fut", "index")
 
-    def __init__(self, bufs: list[memoryview], fut: asyncio.Future[None] | None) -> None:
+    def __init__(self, bufs: list[Buffer], fut: asyncio.Future[None] | None) -> None:
         self.bufs = bufs
         self.index = 0
         self.fut = fut
@@ -263,7 +264,6 @@ class _TcpLink(Link):
         self._start = 0
         self._end = 0
         self._state = 0  # 0: prefix, 1: length table, 2: frame bodies
-        self._kind = Kind.DATA
         self._nframes = 0
         self._cid = 0
         self._frames: list[memoryview] = []
@@ -301,8 +301,16 @@ class _TcpLink(Link):
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self._dead:
             raise ConnectionError(f"link to {self.remote!r} is down")
-        views = [_as_bytes_view(f) for f in frames]
-        lengths = [len(v) for v in views]
+        views: list[Buffer] = []
+        lengths: list[int] = []
+        for frame in frames:
+            if type(frame) is bytes or type(frame) is bytearray:
+                views.append(frame)
+                lengths.append(len(frame))
+            else:
+                view = _as_bytes_view(frame)
+                views.append(view)
+                lengths.append(len(view))
         total = sum(lengths)
         if len(views) > MAX_FRAMES or total > self._max_message:
             raise SendError(
@@ -311,7 +319,7 @@ class _TcpLink(Link):
                 f"({MAX_FRAMES} frames, {self._max_message} bytes); nothing was sent",
             )
         header = encode_header(Kind.DATA, conn_id, lengths)
-        bufs = [memoryview(header), *views]
+        bufs = [header, *views]
         if not self._wq and len(bufs) <= _IOV_MAX:
             try:
                 sent = self._sock.sendmsg(bufs)
@@ -339,14 +347,14 @@ class _TcpLink(Link):
         bufs = entry.bufs
         i = entry.index
         while i < len(bufs) and n:
-            size = len(bufs[i])
+            size = len(bufs[i])  # type: ignore[arg-type]
             if size <= n:
                 n -= size
                 i += 1
             else:
-                bufs[i] = bufs[i][n:]
+                bufs[i] = memoryview(bufs[i])[n:]  # type: ignore[arg-type]
                 n = 0
-        while i < len(bufs) and not len(bufs[i]):
+        while i < len(bufs) and not len(bufs[i]):  # type: ignore[arg-type]
             i += 1
         entry.index = i
         return n
@@ -359,7 +367,7 @@ class _TcpLink(Link):
     def _on_writable(self) -> None:
         wq = self._wq
         while wq and not self._dead:
-            bufs: list[memoryview] = []
+            bufs: list[Buffer] = []
             for entry in wq:
                 bufs.extend(entry.bufs[entry.index :])
                 if len(bufs) >= _IOV_MAX:
@@ -432,16 +440,17 @@ class _TcpLink(Link):
 
     def _parse(self) -> None:
         """Dispatch every whole message in the buffer; keep the partial one's state."""
-        mv = self._mv
+        buf = self._buf
         ep = self._ep
         while not self._dead:
+            start = self._start
+            avail = self._end - start
             if self._state == 0:
-                if self._end - self._start < PREFIX.size:
+                if avail < _PREFIX_SIZE:
                     return
-                kind, nframes, cid = parse_prefix(
-                    mv[self._start : self._start + PREFIX.size], max_frames=MAX_FRAMES
-                )
-                self._start += PREFIX.size
+                kind, nframes, cid = parse_prefix(buf, max_frames=MAX_FRAMES, offset=start)
+                start += _PREFIX_SIZE
+                self._start = start
                 if nframes == 0:
                     if kind is Kind.DATA:
                         ep._on_data(self, cid, [])
@@ -450,21 +459,33 @@ class _TcpLink(Link):
                     else:
                         ep._on_close(self, cid)
                     continue
-                self._kind, self._nframes, self._cid = kind, nframes, cid
+                self._nframes, self._cid = nframes, cid
                 self._state = 1
+                avail -= _PREFIX_SIZE
             if self._state == 1:
-                need = 8 * self._nframes
-                if self._end - self._start < need:
+                nframes = self._nframes
+                need = 8 * nframes
+                if avail < need:
                     return
-                lengths = parse_lengths(
-                    mv[self._start : self._start + need],
-                    self._nframes,
-                    max_message=self._max_message,
-                )
-                self._start += need
+                lengths = parse_lengths(buf, nframes, max_message=self._max_message, offset=start)
+                start += need
+                avail -= need
+                total = sum(lengths)
+                if total <= avail and total < DIRECT_MIN:
+                    # The whole (small) message is here: slice its frames out.
+                    frames = []
+                    for n in lengths:
+                        frames.append(memoryview(buf[start : start + n]))
+                        start += n
+                    self._start = start
+                    self._state = 0
+                    ep._on_data(self, self._cid, frames)
+                    continue
+                self._start = start
                 self._frames = [_alloc(n) for n in lengths]
                 self._fi = self._fpos = 0
                 self._state = 2
+            mv = self._mv
             frames = self._frames
             nframes = self._nframes
             while self._fi < nframes:

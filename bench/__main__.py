@@ -1,0 +1,34 @@
+"""``python -m bench SUITE [--transport NAME] [--quick] [--json PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ._records import format_table, write_json
+from ._suites import SUITES, SuiteOptions, load_suite
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="hpcproc benchmarks, with baselines from the same run"
+    )
+    parser.add_argument("suite", help=f"suite to run ({', '.join(SUITES)})")
+    parser.add_argument("--transport", default="tcp", help="transport name (default: tcp)")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations: under a minute")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the records as JSON")
+    args = parser.parse_args(argv)
+    try:
+        run = load_suite(args.suite)
+    except KeyError as exc:
+        parser.error(str(exc.args[0]))
+    records = run(SuiteOptions(transport=args.transport, quick=args.quick))
+    print(format_table(records))
+    if args.json is not None:
+        write_json(records, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Suites by name: ``bench.<name>`` modules with a ``run(options)`` function."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._records import Record
+
+__all__ = ["SUITES", "SuiteOptions", "load_suite"]
+
+#: Registered suites: name -> module. A suite module defines ``run(options) -> list[Record]``.
+SUITES: dict[str, str] = {
+    "transport": "bench.transport",
+    "process": "bench.process",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SuiteOptions:
+    """What ``python -m bench`` passes to a suite."""
+
+    #: Transport name for :func:`hpcproc.transports.create`.
+    transport: str = "tcp"
+    #: Finish in under a minute: fewer iterations and runs.
+    quick: bool = False
+
+
+def load_suite(name: str) -> Callable[[SuiteOptions], list[Record]]:
+    """The ``run`` function of suite ``name``.
+
+    Raises:
+        KeyError: no such suite (registered, or importable as ``bench.<name>``).
+    """
+    module_name = SUITES.get(name, f"bench.{name}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise KeyError(f"no benchmark suite {name!r}; known: {', '.join(SUITES)}") from None
+    run: Callable[[SuiteOptions], list[Record]] = module.run
+    return run
