@@ -344,7 +344,9 @@ async def _run_rank(
             await asyncio.wait({life, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if life.done():
                 stopper.cancel()
-                return life.result()
+                status = life.result()
+                log.info("rank %d on %s exits with status %d", info.rank, info.hostname, status)
+                return status
             life.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await life
@@ -395,6 +397,14 @@ async def _serve_rank(
     nodes = tuple(hp.NodeId(a) for a in roster.addresses)
     if nodes[info.rank] != node.node_id:
         raise RendezvousError(f"rendezvous returned another address for rank {info.rank}")
+    log.info(
+        "rank %d/%d on %s (%s) joined as %r",
+        info.rank,
+        info.size,
+        info.hostname,
+        info.launcher,
+        node.node_id,
+    )
     others = tuple(n for r, n in enumerate(nodes) if r != info.rank)
     cluster = Cluster(
         rank=info.rank,

@@ -1,0 +1,311 @@
+"""End to end on a real Slurm cluster (tests/slurm/up.sh: slurmctld + slurmd n1..n3).
+
+Skipped with the reason when no cluster answers, except under HPCPROC_REQUIRE_SLURM=1
+(set by .ci/run), where a missing cluster is a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hpcproc as hp
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parent.parent
+THIS = str(Path(__file__).resolve())
+PYTHON = sys.executable
+WAIT = 120.0
+
+
+# ------------------------------------------------------------ apps run under srun
+
+
+async def app_ready_then_wait(cluster: Any) -> None:
+    print(f"ready rank={cluster.rank} pid={os.getpid()}", flush=True)
+    await hp.expect(str)
+
+
+async def report_pid(master: hp.Pid, rank: int) -> None:
+    await hp.send(master, (rank, os.getpid()))
+    await hp.expect(str)
+
+
+async def app_workers_report_pids(cluster: Any) -> None:
+    """Start a process on every worker that reports its OS pid, then wait forever."""
+    me = hp.self_pid()
+    for peer in cluster.peers:
+        await hp.spawn(peer, report_pid, me, cluster.nodes.index(peer))
+    for _ in cluster.peers:
+        rank, pid = await hp.expect(tuple, timeout=60)
+        print(f"worker rank={rank} pid={pid}", flush=True)
+    print("ready", flush=True)
+    await hp.expect(str)
+
+
+# ------------------------------------------------------------ the cluster
+
+
+def _slurm_conf() -> str:
+    state = os.environ.get("HPCPROC_SLURM_STATE", "/tmp/hpcproc-slurm")
+    return os.environ.get("SLURM_CONF") or f"{state}/slurm.conf"
+
+
+def _cluster_problem(env: dict[str, str]) -> str | None:
+    if shutil.which("srun") is None or shutil.which("sinfo") is None:
+        return "slurm-wlm is not installed (srun/sinfo missing)"
+    if not Path(env["SLURM_CONF"]).is_file():
+        return f"no cluster config at {env['SLURM_CONF']} (start one: tests/slurm/up.sh)"
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 20 s"
+    states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    usable = [
+        n for n in ("n1", "n2", "n3") if states.get(n, "").rstrip("*") in ("idle", "mix", "alloc")
+    ]
+    if out.returncode != 0 or len(usable) != 3:
+        return (
+            f"the cluster's nodes n1..n3 are not all up: {out.stdout.strip()} {out.stderr.strip()}"
+        )
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "HPCPROC_"))}
+    env.update(
+        SLURM_CONF=_slurm_conf(),
+        HPCPROC_COOKIE=f"slurm-e2e-{uuid.uuid4().hex}",
+        HPCPROC_LOG_LEVEL="INFO",
+        PYTHONPATH=str(ROOT),
+    )
+    problem = _cluster_problem(env)
+    if problem is not None:
+        if os.environ.get("HPCPROC_REQUIRE_SLURM") == "1":
+            pytest.fail(f"HPCPROC_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    return env
+
+
+class Step:
+    """An srun (or other client) process whose output lines can be awaited."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_lines(self, pattern: str, count: int, timeout: float = WAIT) -> list[str]:
+        found: list[str] = []
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"ended before {count} x {pattern!r}:\n{''.join(self.output)}")
+            self.output.append(line)
+            if re.search(pattern, line):
+                found.append(line)
+        return found
+
+    def finish(self, timeout: float = WAIT) -> tuple[int, str]:
+        rc = self.proc.wait(timeout)
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            self.output.append(line)
+        return rc, "".join(self.output)
+
+
+@pytest.fixture
+def steps(slurm_env: dict[str, str]) -> Iterator[list[Step]]:
+    started: list[Step] = []
+    yield started
+    for step in started:
+        if step.proc.poll() is None:
+            os.killpg(step.proc.pid, signal.SIGKILL)
+            step.proc.wait(30)
+    # Whatever a failed test left in the queue is cancelled, so the next test has nodes.
+    subprocess.run(["scancel", "--user", "root"], env=slurm_env, timeout=30, check=False)
+
+
+def srun(steps: list[Step], env: dict[str, str], *args: str, name: str | None = None) -> Step:
+    name = name or f"hpcproc-e2e-{uuid.uuid4().hex[:8]}"
+    step = Step(["srun", f"--job-name={name}", *args], env)
+    steps.append(step)
+    return step
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------ tests
+
+
+def test_srun_dry_run_prints_each_ranks_placement(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    rc, out = srun(
+        steps, slurm_env, "-N", "3", "-n", "6", PYTHON, "-m", "hpcproc.run", "--dry-run", "x:y"
+    ).finish()
+    assert rc == 0, out
+    lines = sorted(line for line in out.splitlines() if line.startswith("rank="))
+    assert len(lines) == 6, out
+    for rank in range(6):
+        node = rank // 2
+        assert any(
+            line.startswith(f"rank={rank} size=6 node_index={node} num_nodes=3 host=n{node + 1} ")
+            for line in lines
+        ), out
+
+
+def test_srun_pingpong_runs_with_all_six_ranks(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    rc, out = srun(
+        steps,
+        slurm_env,
+        "-N", "3", "-n", "6",
+        PYTHON, "-m", "hpcproc.run", "examples/pingpong.py:main",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    for rank in range(6):
+        assert re.search(rf"rank {rank}/6 on n{rank // 2 + 1} \(slurm\) joined", out), out
+        assert f"rank {rank} on n{rank // 2 + 1} exits with status 0" in out, out
+
+
+def test_srun_scatter_gather_uses_every_worker(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    rc, out = srun(
+        steps,
+        slurm_env,
+        "-N", "3", "-n", "6",
+        PYTHON, "-m", "hpcproc.run", "examples/scatter_gather.py:main",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    for rank in range(1, 6):
+        assert f"scatter_gather: rank {rank} on n{rank // 2 + 1} " in out, out
+    assert "5 workers" in out and ": OK" in out, out
+
+
+def test_sbatch_wait_jobscript_succeeds_and_shows_result(
+    slurm_env: dict[str, str], tmp_path: Path
+) -> None:
+    out_file = tmp_path / "job.out"
+    env = {**slurm_env, "PYTHON": PYTHON}
+    done = subprocess.run(
+        ["sbatch", "--wait", f"--output={out_file}", "jobscripts/slurm.sbatch"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    output = out_file.read_text() if out_file.exists() else "<no output file>"
+    assert done.returncode == 0, (done.stdout, done.stderr, output)
+    assert "5 workers" in output and ": OK" in output, output
+    assert "finished with status 0" in output, output
+
+
+def test_srun_pmi2_with_mpi_transport(steps: list[Step], slurm_env: dict[str, str]) -> None:
+    if importlib.util.find_spec("hpcproc.transports.mpi") is None:
+        pytest.skip("hpcproc.transports.mpi does not exist yet")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install hpcproc[mpi])")
+    rc, out = srun(
+        steps,
+        slurm_env,
+        "--mpi=pmi2", "-N", "2", "-n", "4",
+        PYTHON, "-m", "hpcproc.run", "--transport", "mpi", "examples/scatter_gather.py:main",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    assert "3 workers" in out and ": OK" in out, out
+    for rank in range(4):
+        assert re.search(
+            rf"rank {rank}/4 on n{rank // 2 + 1} \(slurm\+pmi\) joined as NodeId\(b'mpi:", out
+        ), out
+
+
+def test_scancel_ends_every_rank_within_10_s(steps: list[Step], slurm_env: dict[str, str]) -> None:
+    name = f"hpcproc-scancel-{uuid.uuid4().hex[:8]}"
+    step = srun(
+        steps,
+        slurm_env,
+        "-N", "3", "-n", "6",
+        PYTHON, "-m", "hpcproc.run", "--spmd", f"{THIS}:app_ready_then_wait",
+        name=name,
+    )  # fmt: skip
+    ready = step.wait_for_lines(r"^ready rank=\d+ pid=\d+", 6)
+    pids = [int(line.split("pid=")[1]) for line in ready]
+    subprocess.run(["scancel", f"--name={name}"], env=slurm_env, timeout=30, check=True)
+    cancelled_at = time.monotonic()
+    deadline = cancelled_at + 10.0
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling for exit, bounded by the deadline
+    left = [p for p in pids if _alive(p)]
+    assert not left, f"ranks still running 10 s after scancel: {left}"
+    rc, out = step.finish(timeout=30)
+    assert rc != 0
+    assert out.count("stopped by SIGTERM") == 6, out
+
+
+def test_killed_rank_makes_master_exit_nonzero_naming_it(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    step = srun(
+        steps,
+        slurm_env,
+        "-N", "3", "-n", "6", "--kill-on-bad-exit=0",
+        PYTHON, "-m", "hpcproc.run", f"{THIS}:app_workers_report_pids",
+    )  # fmt: skip
+    lines = step.wait_for_lines(r"^worker rank=\d+ pid=\d+", 5)
+    step.wait_for_lines(r"^ready", 1)
+    pids = {
+        int(m[1]): int(m[2])
+        for m in (re.match(r"worker rank=(\d+) pid=(\d+)", x) for x in lines)
+        if m
+    }
+    os.kill(pids[4], signal.SIGKILL)
+    rc, out = step.finish()
+    assert rc != 0, out
+    assert re.search(r"main failed on rank 0 \(n1\): .*node rank 4 on n3", out), out
+    assert all(not _alive(p) for p in pids.values()), out
