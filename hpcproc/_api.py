@@ -310,13 +310,13 @@ async def unmonitor(ref: MonitorRef) -> None:
 async def monitor_node(node: NodeId) -> MonitorRef:
     """Get a ``NodeMonitorNotification`` when ``node`` closes or becomes unreachable."""
     proc = current()
-    return proc.node.monitor_node(proc, node)
+    return await _guard(proc, proc.node.monitor_node(proc, node))
 
 
 async def link_node(node: NodeId) -> None:
     """Get ``NodeLinkException`` raised when ``node`` closes or becomes unreachable."""
     proc = current()
-    proc.node.link_node(proc, node)
+    await _guard(proc, proc.node.link_node(proc, node))
 
 
 # ---------------------------------------------------------------------- termination

@@ -120,7 +120,9 @@ class UnmonitorReq:
 
 @dataclass(frozen=True, slots=True)
 class NodeWatch:
-    """The sender watches this node: tell it ``NodeDown`` when closing."""
+    """The sender watches this node: tell it ``NodeDown`` when closing (acknowledged)."""
+
+    req: int
 
 
 @dataclass(frozen=True, slots=True)

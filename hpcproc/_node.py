@@ -23,6 +23,7 @@ Everything here runs on the event loop thread of the node; nothing is thread-saf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import logging
@@ -591,19 +592,28 @@ class Node:
                     del mb[i]
                     break
 
-    def monitor_node(self, proc: Process, nid: NodeId) -> MonitorRef:
-        """``proc`` gets a NodeMonitorNotification when ``nid`` goes away."""
+    async def monitor_node(self, proc: Process, nid: NodeId) -> MonitorRef:
+        """``proc`` gets a NodeMonitorNotification when ``nid`` goes away.
+
+        Returns once ``nid`` acknowledged the watch (so its close will be reported as
+        ``DiedNodeDown``) or the watch already fired (unreachable: ``DiedDisconnect``).
+        """
         ref = MonitorRef(nid, proc.pid, next(self._refs))
         if nid != self._node_id:
             self._watch_remote(nid, ref, proc.pid.lid)
-            self._post(nid, ctl.NodeWatch())
+            await self._watch_node(nid)
         return ref
 
-    def link_node(self, proc: Process, nid: NodeId) -> None:
-        """``proc`` gets NodeLinkException raised when ``nid`` goes away."""
+    async def link_node(self, proc: Process, nid: NodeId) -> None:
+        """``proc`` gets NodeLinkException raised when ``nid`` goes away (see monitor_node)."""
         if nid != self._node_id:
             self._watch_remote(nid, ("nodelink", proc.pid.lid), proc.pid.lid)
-            self._post(nid, ctl.NodeWatch())
+            await self._watch_node(nid)
+
+    async def _watch_node(self, nid: NodeId) -> None:
+        # Unreachable: the watch has already fired with DiedDisconnect.
+        with contextlib.suppress(NodeUnreachableError):
+            await self._request(nid, lambda req: ctl.NodeWatch(req), NodeUnreachableError)
 
     # ------------------------------------------------------------------ kill, exit
 
@@ -1019,6 +1029,7 @@ class Node:
                 tp._watchers.pop(key, None)
         elif kind is ctl.NodeWatch:
             self._node_watchers.add(nid)
+            self._reply(nid, msg.req, True, None)
         elif kind is ctl.NodeDown:
             self._node_lost(nid, DiedNodeDown())
         elif kind is ctl.Kill:
