@@ -1,0 +1,760 @@
+"""Process-layer semantics across two nodes.
+
+Every scenario runs twice: on two in-memory nodes in this process, and over TCP
+between this process and a node in a separate OS process
+(:mod:`hpcproc.testing.node_server`). Process functions spawned on the other node are
+module-level here, so the node server imports them by reference (``tests`` is a
+package and its working directory is the repository root); closures travel by value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hpcproc as hp
+from hpcproc.testing.node_server import NodeServerProcess
+from hpcproc.transports import create
+
+from .test_process_local import Add, DivByZero, Divide, math_server
+
+TIMEOUT = 60.0
+WAIT = 15.0
+COOKIE = "hpcproc-process-tests"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tcp_unavailable() -> str | None:
+    try:
+        import hpcproc.transports.tcp  # noqa: F401
+    except ImportError:
+        return "tcp transport not available yet"
+    return None
+
+
+# ---------------------------------------------------------------------- harness
+
+
+@dataclass
+class Cluster:
+    """What a scenario gets: it runs on node ``a``; ``b`` is the other node."""
+
+    kind: str
+    a: hp.Node
+    transport: Any
+    b: hp.NodeId
+    dead: hp.NodeId  # a node that existed and has closed
+    stop_b: Callable[[], Awaitable[Any]]
+    logs: list[str]
+    logged: asyncio.Event
+
+    async def break_link(self) -> None:
+        """The network fault hook between a and b."""
+        await self.transport.break_connection(self.a.node_id.address, self.b.address)
+
+
+class Servers:
+    """Node servers (separate OS processes) for the tcp runs; all stopped at teardown."""
+
+    def __init__(self) -> None:
+        self._all: list[NodeServerProcess] = []
+        self._shared: NodeServerProcess | None = None
+        self._dead: hp.NodeId | None = None
+
+    def _start(self) -> NodeServerProcess:
+        env = dict(os.environ, HPCPROC_COOKIE=COOKIE)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        server = NodeServerProcess("tcp", env=env, cwd=str(ROOT))
+        self._all.append(server)
+        return server
+
+    def shared(self) -> NodeServerProcess:
+        if self._shared is None or not self._shared.alive:
+            self._shared = self._start()
+        return self._shared
+
+    def fresh(self) -> NodeServerProcess:
+        return self._start()
+
+    def dead(self) -> hp.NodeId:
+        if self._dead is None:
+            server = self._start()
+            server.stop()
+            self._dead = server.node_id
+        return self._dead
+
+    def close(self) -> None:
+        for server in self._all:
+            server.stop()
+            server.kill()
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    s = Servers()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(params=["inmemory", "tcp"])
+def kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "tcp":
+        reason = _tcp_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
+    return str(request.param)
+
+
+Scenario = Callable[[Cluster], Coroutine[Any, Any, Any]]
+
+
+def run_cluster(kind: str, servers: Servers, body: Scenario, *, fresh: bool = False) -> Any:
+    """Run ``body(cluster)`` as a process on node a; return its result."""
+    logs: list[str] = []
+    logged = asyncio.Event()
+
+    def sink(line: str) -> None:
+        logs.append(line)
+        logged.set()
+
+    if kind == "inmemory":
+
+        async def main() -> Any:
+            transport = create("inmemory")
+            a = await hp.Node(transport, log_sink=sink).start()
+            b = await hp.Node(transport).start()
+            d = await hp.Node(transport).start()
+            dead = d.node_id
+            await d.close()
+            cluster = Cluster(kind, a, transport, b.node_id, dead, b.close, logs, logged)
+            try:
+                return await asyncio.wait_for(a.run(body, cluster), TIMEOUT)
+            finally:
+                await a.close()
+                await b.close()
+                await transport.close()
+
+        return asyncio.run(main())
+
+    server = servers.fresh() if fresh else servers.shared()
+    dead = servers.dead()
+
+    async def main_tcp() -> Any:
+        transport = create("tcp", cookie=COOKIE)
+        a = await hp.Node(transport, log_sink=sink).start()
+
+        async def stop_b() -> None:
+            await asyncio.to_thread(server.stop)
+
+        cluster = Cluster(kind, a, transport, server.node_id, dead, stop_b, logs, logged)
+        try:
+            return await asyncio.wait_for(a.run(body, cluster), TIMEOUT)
+        finally:
+            await a.close()
+            await transport.close()
+
+    try:
+        return asyncio.run(main_tcp())
+    finally:
+        if fresh:
+            server.stop()
+
+
+async def expect_ref(ref: hp.MonitorRef) -> Any:
+    msg = await hp.receive(hp.match_if(lambda m: getattr(m, "ref", None) == ref), timeout=WAIT)
+    assert msg is not None, "no notification arrived"
+    return msg
+
+
+async def sync_with(node: hp.NodeId) -> None:
+    """A controller round trip: everything posted to ``node`` before has been handled."""
+    await hp.whereis_remote(node, "logger", timeout=WAIT)
+
+
+# ---------------------------------------------------------------------- remote processes
+
+
+@dataclass(frozen=True)
+class Ping:
+    sender: hp.Pid
+    n: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    n: int
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+class _Never:
+    pass
+
+
+async def pong_server() -> None:
+    while True:
+        ping = await hp.expect(Ping)
+        await hp.send(ping.sender, Pong(ping.n))
+
+
+async def ends_normally() -> None:
+    return None
+
+
+async def crashes() -> None:
+    raise ValueError("remote boom")
+
+
+async def waits_forever() -> None:
+    await hp.expect(_Never)
+
+
+async def echo() -> None:
+    while True:
+        sender, msg = await hp.expect(tuple)
+        await hp.send(sender, msg)
+
+
+async def terminates() -> None:
+    hp.terminate()
+
+
+async def stubborn(reply: hp.Pid) -> None:
+    await hp.send(reply, "ready")
+    while True:
+        try:
+            await hp.expect(_Never)
+        except Exception:
+            continue
+
+
+async def catcher(reply: hp.Pid) -> None:
+    try:
+        await hp.send(reply, "ready")
+        await hp.expect(_Never)
+    except hp.ProcessExitException as exc:
+        await hp.send(reply, ("caught", exc.reason, exc.sender))
+
+
+async def chan_replier() -> None:
+    port = await hp.expect(hp.SendPort)
+    await hp.send_chan(port, ("reply from", hp.self_node()))
+
+
+async def floods(reply: hp.Pid, n: int) -> None:
+    for i in range(n):
+        await hp.send(reply, i)
+    await hp.send(reply, "wanted")
+    await hp.send(reply, Done())
+
+
+async def collector(reply: hp.Pid) -> None:
+    got: list[Any] = []
+    while True:
+        msg = await hp.expect()
+        if msg == "report":
+            await hp.reconnect(reply)
+            await hp.send(reply, ("report", tuple(got)))
+        else:
+            got.append(msg)
+
+
+async def sayer(reply: hp.Pid, text: str) -> None:
+    hp.say(text)
+    await hp.send(reply, "said")
+
+
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+def not_async() -> int:
+    return 1
+
+
+# ---------------------------------------------------------------------- messages
+
+
+def test_ping_thousands_of_round_trips_in_order(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> list[int]:
+        pid = await hp.spawn(c.b, pong_server)
+        me = hp.self_pid()
+        seen = []
+        for n in range(2000):
+            await hp.send(pid, Ping(me, n))
+            pong = await hp.expect(Pong, timeout=WAIT)
+            assert pong is not None
+            seen.append(pong.n)
+        return seen
+
+    assert run_cluster(kind, servers, body) == list(range(2000))
+
+
+def test_math_remote_dispatches_on_match_and_match_if(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> list[Any]:
+        server = await hp.spawn(c.b, math_server)
+        me = hp.self_pid()
+        out = []
+        for msg in (Add(me, 10, 22), Divide(me, 6, 3), Divide(me, 1, 0)):
+            await hp.send(server, msg)
+            out.append(await hp.expect(timeout=WAIT))
+        return out
+
+    assert run_cluster(kind, servers, body) == [32, 2.0, DivByZero()]
+
+
+def test_timeout0_finds_remote_message_behind_10000_unwanted(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        await hp.spawn(c.b, floods, hp.self_pid(), 10000)
+        assert await hp.expect(Done, timeout=WAIT) == Done()
+        return await hp.expect(str, timeout=0), await hp.expect(int, timeout=0)
+
+    assert run_cluster(kind, servers, body) == ("wanted", 0)
+
+
+def test_send_to_terminated_remote_process_is_dropped(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid, ref = await hp.spawn_monitor(c.b, ends_normally)
+        await expect_ref(ref)
+        await hp.send(pid, "into the void")
+        live = await hp.spawn(c.b, echo)
+        await hp.send(live, (hp.self_pid(), "still works"))
+        return await hp.expect(str, timeout=WAIT), await hp.get_process_info(pid)
+
+    assert run_cluster(kind, servers, body) == ("still works", None)
+
+
+def test_typed_channel_send_port_in_message_carries_reply(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        sp, rp = hp.new_chan()
+        pid = await hp.spawn(c.b, chan_replier)
+        await hp.send(pid, sp)
+        return await hp.receive_chan(rp, timeout=WAIT), c.b
+
+    (tag, node), b = run_cluster(kind, servers, body)
+    assert tag == "reply from" and node == b
+
+
+def test_spawn_closure_travels_by_value(kind: str, servers: Servers) -> None:
+    secret = [41]
+
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+
+        async def closure() -> None:
+            await hp.send(me, (secret[0] + 1, hp.self_node()))
+
+        await hp.spawn(c.b, closure)
+        return await hp.expect(tuple, timeout=WAIT), c.b
+
+    (value, node), b = run_cluster(kind, servers, body)
+    assert value == 42 and node == b
+
+
+def test_call_runs_function_remotely_and_returns_result(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        return await hp.call(c.b, add, 20, 22)
+
+    assert run_cluster(kind, servers, body) == 42
+
+
+# ---------------------------------------------------------------------- spawning
+
+
+def test_spawn_terminate_1000_remote_spawns_all_end(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> int:
+        refs = [(await hp.spawn_monitor(c.b, ends_normally))[1] for _ in range(1000)]
+        normal = 0
+        for ref in refs:
+            normal += (await expect_ref(ref)).reason == hp.DiedNormal()
+        return normal
+
+    assert run_cluster(kind, servers, body) == 1000
+
+
+def test_spawn_invalid_non_async_function_fails_in_caller(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        try:
+            await hp.spawn(c.b, not_async)
+        except hp.SpawnError as exc:
+            return str(exc), str(c.b)
+        return "no error", ""
+
+    msg, node = run_cluster(kind, servers, body)
+    assert "not_async" in msg and node in msg
+
+
+def test_spawn_invalid_raising_on_start_names_function_and_node(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        try:
+            await hp.spawn(c.b, add, 1, 2, 3)
+        except hp.SpawnError as exc:
+            return str(exc), str(c.b)
+        return "no error", ""
+
+    msg, node = run_cluster(kind, servers, body)
+    assert "add" in msg and "raised while starting" in msg and node in msg
+
+
+def test_spawn_invalid_function_not_loadable_remotely(servers: Servers, tmp_path: Path) -> None:
+    reason = _tcp_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    (tmp_path / "only_here_mod.py").write_text(
+        textwrap.dedent(
+            """
+            async def only_here() -> None:
+                return None
+            """
+        )
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import only_here_mod  # type: ignore[import-not-found]
+
+        async def body(c: Cluster) -> Any:
+            try:
+                await hp.spawn(c.b, only_here_mod.only_here)
+            except hp.SpawnError as exc:
+                return str(exc), str(c.b)
+            return "no error", ""
+
+        msg, node = run_cluster("tcp", servers, body)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("only_here_mod", None)
+    assert "only_here_mod.only_here" in msg and "cannot load" in msg and node in msg
+
+
+# ---------------------------------------------------------------------- termination
+
+
+def test_terminate_remote_reports_died_exception(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        _, ref = await hp.spawn_monitor(c.b, terminates)
+        return (await expect_ref(ref)).reason
+
+    reason = run_cluster(kind, servers, body)
+    assert isinstance(reason, hp.DiedException) and "terminated" in reason.reason
+
+
+def test_kill_remote_is_uncatchable_and_reports_reason(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid, ref = await hp.spawn_monitor(c.b, stubborn, hp.self_pid())
+        assert await hp.expect(str, timeout=WAIT) == "ready"
+        await hp.kill(pid, "remote enough")
+        return (await expect_ref(ref)).reason
+
+    reason = run_cluster(kind, servers, body)
+    assert isinstance(reason, hp.DiedException) and "remote enough" in reason.reason
+
+
+def test_exit_remote_can_be_caught(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, catcher, hp.self_pid())
+        assert await hp.expect(str, timeout=WAIT) == "ready"
+        await hp.exit(pid, "stop please")
+        return await hp.expect(tuple, timeout=WAIT), hp.self_pid()
+
+    (tag, reason, sender), me = run_cluster(kind, servers, body)
+    assert (tag, reason, sender) == ("caught", "stop please", me)
+
+
+# ---------------------------------------------------------------------- registry
+
+
+def test_registry_remote_register_whereis_nsend(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> list[Any]:
+        me = hp.self_pid()
+        pid = await hp.spawn(c.b, echo)
+        name = f"echo-{kind}-{me.lid}"
+        await hp.register_remote(c.b, name, pid)
+        out: list[Any] = [await hp.whereis_remote(c.b, name, timeout=WAIT) == pid]
+        await hp.nsend_remote(c.b, name, (me, "by remote name"))
+        out.append(await hp.expect(str, timeout=WAIT))
+        out.append(await hp.whereis_remote(c.b, "no-such-name", timeout=WAIT))
+        try:
+            await hp.register_remote(c.b, name, me)
+        except hp.ProcessRegistrationException:
+            out.append("taken")
+        out.append(hp.whereis(name))  # names belong to their node
+        return out
+
+    assert run_cluster(kind, servers, body) == [True, "by remote name", None, "taken", None]
+
+
+def test_registry_monitoring_remote_name_dropped_on_death(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid, ref = await hp.spawn_monitor(c.b, waits_forever)
+        name = f"doomed-{kind}-{hp.self_pid().lid}"
+        await hp.register_remote(c.b, name, pid)
+        before = await hp.whereis_remote(c.b, name, timeout=WAIT) == pid
+        await hp.kill(pid, "x")
+        await expect_ref(ref)
+        return before, await hp.whereis_remote(c.b, name, timeout=WAIT)
+
+    assert run_cluster(kind, servers, body) == (True, None)
+
+
+def test_remote_process_info_and_node_stats(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        await hp.send(pid, "queued")
+        await sync_with(c.b)
+        info = await hp.get_process_info(pid)
+        stats = await hp.get_node_stats(c.b)
+        await hp.kill(pid, "x")
+        return info, stats, c.b
+
+    info, stats, b = run_cluster(kind, servers, body)
+    assert info.message_queue_length == 1 and info.node == b
+    assert stats.node == b and stats.processes >= 2
+
+
+# ---------------------------------------------------------------------- logger
+
+
+def test_logs_of_another_node_can_be_redirected_here(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        await hp.redirect_logs(c.b)
+        await hp.spawn(c.b, sayer, hp.self_pid(), "hello from b")
+        assert await hp.expect(str, timeout=WAIT) == "said"
+        await asyncio.wait_for(c.logged.wait(), WAIT)
+        return list(c.logs), str(c.b)
+
+    logs, b = run_cluster(kind, servers, body, fresh=True)
+    assert len(logs) == 1 and "hello from b" in logs[0] and b in logs[0]
+
+
+# ---------------------------------------------------------------------- monitors and links
+
+
+def test_monitor_remote_normal_termination(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid, ref = await hp.spawn_monitor(c.b, ends_normally)
+        note = await expect_ref(ref)
+        return note.pid == pid, note.reason
+
+    assert run_cluster(kind, servers, body) == (True, hp.DiedNormal())
+
+
+def test_monitor_remote_abnormal_termination(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        _, ref = await hp.spawn_monitor(c.b, crashes)
+        return (await expect_ref(ref)).reason
+
+    reason = run_cluster(kind, servers, body)
+    assert isinstance(reason, hp.DiedException) and "remote boom" in reason.reason
+
+
+def test_link_remote_normal_termination_raises_nothing(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn_link(c.b, ends_normally)
+        ref = await hp.monitor(pid)
+        await expect_ref(ref)
+        await sync_with(c.b)
+        return await hp.expect(timeout=0)
+
+    assert run_cluster(kind, servers, body) is None
+
+
+def test_link_remote_abnormal_termination_raises_link_exception(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = None
+        try:
+            pid = await hp.spawn_link(c.b, crashes)
+            await hp.expect(_Never, timeout=WAIT)
+        except hp.ProcessLinkException as exc:
+            return exc.pid == pid, exc.reason
+        return "no exception", None
+
+    same, reason = run_cluster(kind, servers, body)
+    assert same is True and isinstance(reason, hp.DiedException)
+
+
+def test_monitor_remote_dead_process_reports_unknown_id(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid, ref = await hp.spawn_monitor(c.b, ends_normally)
+        await expect_ref(ref)
+        ref2 = await hp.monitor(pid)
+        return (await expect_ref(ref2)).reason
+
+    assert run_cluster(kind, servers, body) == hp.DiedUnknownId()
+
+
+def test_link_remote_dead_process_raises_unknown_id(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid, ref = await hp.spawn_monitor(c.b, ends_normally)
+        await expect_ref(ref)
+        try:
+            await hp.link(pid)
+            await hp.expect(_Never, timeout=WAIT)
+        except hp.ProcessLinkException as exc:
+            return exc.reason
+        return "no exception"
+
+    assert run_cluster(kind, servers, body) == hp.DiedUnknownId()
+
+
+def test_monitor_reports_disconnect(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        ref = await hp.monitor(pid)
+        await sync_with(c.b)
+        await c.break_link()
+        note = await expect_ref(ref)
+        return note.pid == pid, note.reason
+
+    assert run_cluster(kind, servers, body) == (True, hp.DiedDisconnect())
+
+
+def test_link_reports_disconnect_as_link_exception(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        await hp.link(pid)
+        await sync_with(c.b)
+        try:
+            await c.break_link()
+            await hp.expect(_Never, timeout=WAIT)
+        except hp.ProcessLinkException as exc:
+            return exc.pid == pid, exc.reason
+        return "no exception", None
+
+    assert run_cluster(kind, servers, body) == (True, hp.DiedDisconnect())
+
+
+def test_monitor_unreachable_node_reports_disconnect(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = hp.Pid(c.dead, 12345)
+        ref = await hp.monitor(pid)
+        return (await expect_ref(ref)).reason
+
+    assert run_cluster(kind, servers, body) == hp.DiedDisconnect()
+
+
+def test_link_unreachable_node_raises_disconnect(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        try:
+            await hp.link(hp.Pid(c.dead, 12345))
+            await hp.expect(_Never, timeout=WAIT)
+        except hp.ProcessLinkException as exc:
+            return exc.reason
+        return "no exception"
+
+    assert run_cluster(kind, servers, body) == hp.DiedDisconnect()
+
+
+def test_unmonitor_remote_means_no_notification(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        ref = await hp.monitor(pid)
+        witness = await hp.monitor(pid)
+        await hp.unmonitor(ref)
+        await hp.kill(pid, "x")
+        await expect_ref(witness)
+        return await hp.receive(hp.match_if(lambda m: getattr(m, "ref", None) == ref), timeout=0)
+
+    assert run_cluster(kind, servers, body) is None
+
+
+def test_unlink_remote_means_no_exception(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        await hp.link(pid)
+        witness = await hp.monitor(pid)
+        await hp.unlink(pid)
+        await hp.kill(pid, "x")
+        await expect_ref(witness)
+        await sync_with(c.b)
+        return await hp.expect(timeout=0)
+
+    assert run_cluster(kind, servers, body) is None
+
+
+def test_monitor_node_of_dead_node_reports_disconnect(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        ref = await hp.monitor_node(c.dead)
+        note = await expect_ref(ref)
+        return type(note), note.node == c.dead, note.reason
+
+    assert run_cluster(kind, servers, body) == (
+        hp.NodeMonitorNotification,
+        True,
+        hp.DiedDisconnect(),
+    )
+
+
+def test_monitor_live_node_reports_node_down_when_it_closes(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        pref = await hp.monitor(pid)
+        nref = await hp.monitor_node(c.b)
+        await c.stop_b()
+        pnote = await expect_ref(pref)
+        nnote = await expect_ref(nref)
+        return pnote.reason, nnote.node == c.b, nnote.reason
+
+    assert run_cluster(kind, servers, body, fresh=True) == (
+        hp.DiedNodeDown(),
+        True,
+        hp.DiedNodeDown(),
+    )
+
+
+def test_link_node_raises_when_node_closes(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        await hp.link_node(c.b)
+        # Stopped from a plain task: the link exception is raised in an hpcproc call.
+        stopper = asyncio.ensure_future(c.stop_b())
+        try:
+            await hp.expect(_Never, timeout=WAIT)
+        except hp.NodeLinkException as exc:
+            return exc.node == c.b, exc.reason
+        finally:
+            await stopper
+        return "no exception", None
+
+    assert run_cluster(kind, servers, body, fresh=True) == (True, hp.DiedNodeDown())
+
+
+# ---------------------------------------------------------------------- reconnect
+
+
+def test_reconnect_after_disconnect_drops_messages_until_reconnect(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        pid = await hp.spawn(c.b, collector, me)
+        await hp.send(pid, "m1")
+        await hp.send(pid, "report")
+        first = await hp.expect(tuple, timeout=WAIT)
+        await c.break_link()
+        await hp.send(pid, "m2")  # dropped: the connection to pid was lost
+        await hp.send(pid, "m2b")  # still dropped until reconnect
+        await hp.reconnect(pid)
+        await hp.send(pid, "m3")
+        await hp.send(pid, "report")
+        second = await hp.expect(tuple, timeout=WAIT)
+        return first, second
+
+    first, second = run_cluster(kind, servers, body)
+    assert first == ("report", ("m1",))
+    assert second == ("report", ("m1", "m3"))
