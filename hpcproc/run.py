@@ -68,8 +68,7 @@ TRANSPORTS = ("auto", "tcp", "shm", "mpi", "ucx", "inmemory")
 #: Registered name of each node's run controller (receives Done / Shutdown).
 CONTROLLER = "hpcproc.run"
 
-#: Bound on the master waiting for SPMD ranks to report, after its own main ended.
-#: Ranks that are still running main keep it waiting; dead ranks are noticed at once.
+#: Exit status of a rank whose master went away, and of an SPMD job that lost a rank.
 EXIT_STATUS_LOST = 1
 
 

@@ -206,6 +206,21 @@ def test_killed_worker_makes_master_exit_nonzero_naming_it(
     assert rc1 == rc, out1
 
 
+def test_workers_exit_nonzero_naming_a_master_that_died(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    procs = [
+        start(ranks, [f"{THIS}:app_wait_on_workers"], explicit(env, r, 3, "master-killed"))
+        for r in range(3)
+    ]
+    procs[0].wait_for_line("ready")
+    os.killpg(procs[0].proc.pid, signal.SIGKILL)
+    for p in procs[1:]:
+        rc, out = p.finish()
+        assert rc == 1, out
+        assert "the master (node rank 0 on 127.0.0.1) went away" in out, out
+
+
 def test_sigterm_stops_every_local_node(ranks: list[Rank], env: dict[str, str]) -> None:
     procs = [
         start(ranks, ["--spmd", f"{THIS}:app_ready_then_wait"], explicit(env, r, 3, "term"))
