@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -15,6 +17,7 @@ from hpcproc.launchers.rendezvous import (
     PORT_BASE,
     PORT_SPAN,
     RendezvousError,
+    Roster,
     exchange,
     rendezvous,
     store_ports,
@@ -23,6 +26,7 @@ from hpcproc.launchers.tcpstore import gather_as_client, serve
 from hpcproc.transports.base import EndPointAddress
 
 COOKIE = "rendezvous-test-cookie"
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -49,24 +53,20 @@ def infos(size: int, job: str | None = None) -> list[ClusterInfo]:
     ]
 
 
-def run(coro: object, timeout: float = 30.0) -> object:
-    async def bounded() -> object:
-        return await asyncio.wait_for(coro, timeout)  # type: ignore[arg-type]
-
-    return asyncio.run(bounded())
+def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """Run ``coro`` on a fresh loop, bounded by ``timeout``."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_store_gives_every_rank_every_address_in_rank_order() -> None:
     ranks = infos(4)
 
-    async def main() -> list[object]:
+    async def main() -> list[Roster]:
         return await asyncio.gather(
             *(rendezvous(i, EndPointAddress(b"ep-%d" % i.rank), timeout=10, env={}) for i in ranks)
         )
 
-    rosters = run(main())
-    assert isinstance(rosters, list)
-    for roster in rosters:
+    for roster in run(main()):
         assert roster.addresses == tuple(EndPointAddress(b"ep-%d" % r) for r in range(4))
         assert roster.hosts == ("h0", "h1", "h2", "h3")
 
@@ -89,7 +89,7 @@ def test_clients_wait_for_a_server_that_starts_late() -> None:
 def test_missing_rank_fails_every_rank_naming_it_and_the_launcher() -> None:
     ranks = infos(4)
 
-    async def main() -> list[object]:
+    async def main() -> list[BaseException | list[bytes]]:
         return await asyncio.gather(
             *(exchange(i, b"x", timeout=1.0, env={}) for i in ranks[:3]), return_exceptions=True
         )
@@ -111,7 +111,7 @@ def test_unreachable_rank_zero_fails_naming_the_store_and_launcher() -> None:
 def test_wrong_cookie_is_refused_and_counts_as_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     rank0, rank1 = infos(2)
 
-    async def main() -> tuple[object, object]:
+    async def main() -> tuple[BaseException | list[bytes], BaseException | list[bytes]]:
         server = asyncio.ensure_future(exchange(rank0, b"0", timeout=1.5, env={}))
         await asyncio.sleep(0)
         ports = store_ports(rank1, {})
@@ -121,14 +121,14 @@ def test_wrong_cookie_is_refused_and_counts_as_missing(monkeypatch: pytest.Monke
             rank=1,
             payload=b"evil",
             cookie=b"not-the-cookie",
-            key=b"hpcproc-rendezvous|explicit|" + rank1.job_id.encode() + b"|-|2",  # type: ignore[union-attr]
+            key=b"hpcproc-rendezvous|explicit|" + str(rank1.job_id).encode() + b"|-|2",
             timeout=1.0,
             describe="intruder",
         )
         got = await asyncio.gather(server, intruder, return_exceptions=True)
         return got[0], got[1]
 
-    server_result, intruder_result = run(main())  # type: ignore[misc]
+    server_result, intruder_result = run(main())
     assert isinstance(server_result, RendezvousError)
     assert "ranks 1 of 2 did not arrive" in str(server_result)
     assert isinstance(intruder_result, RendezvousError)
@@ -220,13 +220,13 @@ def test_file_mode_missing_rank_fails_naming_it(tmp_path: Path) -> None:
     ranks = infos(3)
     env = {"HPCPROC_RENDEZVOUS_DIR": str(tmp_path)}
 
-    async def main() -> list[object]:
+    async def main() -> list[BaseException | list[bytes]]:
         return await asyncio.gather(
             *(exchange(i, b"x", timeout=0.5, env=env) for i in (ranks[0], ranks[2])),
             return_exceptions=True,
         )
 
-    for result in run(main()):  # type: ignore[attr-defined]
+    for result in run(main()):
         assert isinstance(result, RendezvousError)
         assert "ranks [1] of 3" in str(result)
 
