@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import enum
 import itertools
 import logging
@@ -614,13 +615,21 @@ def _set_result(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -
         if not future.done():
             future.set_result(None)
     else:
-        loop.call_soon_threadsafe(_set_result, loop, future)
+        _call_soon_threadsafe(loop, _set_result, loop, future)
 
 
 def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
     if _running_loop() is loop:
         fn(*args)
-    elif not loop.is_closed():
+    else:
+        _call_soon_threadsafe(loop, fn, *args)
+
+
+def _call_soon_threadsafe(
+    loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any
+) -> None:
+    # A loop that is gone has no endpoint left to tell (its callers stopped waiting).
+    with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(fn, *args)
 
 
