@@ -411,6 +411,10 @@ class MultiplexedEndPoint(EndPoint):
             pending.waiters -= 1
             if pending.waiters == 0 and not pending.task.done():
                 pending.task.cancel()
+                # Forget it now: a connect arriving before the cancellation lands must
+                # start afresh, not join a task that will end cancelled.
+                if self._pending.get(address) is pending:
+                    del self._pending[address]
 
     async def _establish(self, address: EndPointAddress, timeout: float | None) -> Link:
         existing = self._links.get(address)
