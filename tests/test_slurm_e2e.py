@@ -112,7 +112,8 @@ def slurm_env() -> dict[str, str]:
 class Step:
     """An srun (or other client) process whose output lines can be awaited."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
+        self.name = name
         self.proc = subprocess.Popen(
             argv,
             cwd=ROOT,
@@ -159,13 +160,15 @@ def steps(slurm_env: dict[str, str]) -> Iterator[list[Step]]:
         if step.proc.poll() is None:
             os.killpg(step.proc.pid, signal.SIGKILL)
             step.proc.wait(30)
-    # Whatever a failed test left in the queue is cancelled, so the next test has nodes.
-    subprocess.run(["scancel", "--user", "root"], env=slurm_env, timeout=30, check=False)
+    # What a failed test left in the queue is cancelled (only this test's jobs: the
+    # cluster may be shared with other tests), so that the next test has nodes.
+    for step in started:
+        subprocess.run(["scancel", f"--name={step.name}"], env=slurm_env, timeout=30, check=False)
 
 
 def srun(steps: list[Step], env: dict[str, str], *args: str, name: str | None = None) -> Step:
     name = name or f"hpcproc-e2e-{uuid.uuid4().hex[:8]}"
-    step = Step(["srun", f"--job-name={name}", *args], env)
+    step = Step(["srun", f"--job-name={name}", *args], env, name)
     steps.append(step)
     return step
 
@@ -233,14 +236,24 @@ def test_sbatch_wait_jobscript_succeeds_and_shows_result(
 ) -> None:
     out_file = tmp_path / "job.out"
     env = {**slurm_env, "PYTHON": PYTHON}
-    done = subprocess.run(
-        ["sbatch", "--wait", f"--output={out_file}", "jobscripts/slurm.sbatch"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
+    name = f"hpcproc-sbatch-{uuid.uuid4().hex[:8]}"
+    try:
+        done = subprocess.run(
+            [
+                "sbatch",
+                "--wait",
+                f"--job-name={name}",
+                f"--output={out_file}",
+                "jobscripts/slurm.sbatch",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+    finally:
+        subprocess.run(["scancel", f"--name={name}"], env=slurm_env, timeout=30, check=False)
     output = out_file.read_text() if out_file.exists() else "<no output file>"
     assert done.returncode == 0, (done.stdout, done.stderr, output)
     assert "5 workers" in output and ": OK" in output, output
