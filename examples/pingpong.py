@@ -6,6 +6,9 @@ the ``pong`` process on B and the ``ping`` process on A, and prints the round tr
 Each process answers a ``Ping`` with a ``Ping`` carrying its own pid, so neither needs
 to know the other in advance. Both nodes share a freshly generated cookie.
 
+Under a launcher, ``python -m hpcproc.run examples/pingpong.py:main`` plays the same
+game between rank 0 and every other rank in turn (see :func:`main`).
+
 The functions and the message type live in this module, which node B imports by
 name (``pingpong.pong``): the script's directory is put on B's ``PYTHONPATH``.
 """
@@ -19,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hpcproc as hp
 from hpcproc.testing.node_server import NodeServerProcess
@@ -52,7 +56,7 @@ async def ping(partner: hp.Pid, rounds: int, report: hp.Pid) -> None:
     await hp.send(report, time.perf_counter() - start)
 
 
-async def main(node_b: hp.NodeId, rounds: int) -> float:
+async def game(node_b: hp.NodeId, rounds: int) -> float:
     """Spawn pong on node B and ping here; return the seconds the rounds took."""
     pong_pid = await hp.spawn(node_b, pong)
     ping_pid = await hp.spawn_link(hp.self_node(), ping, pong_pid, rounds, hp.self_pid())
@@ -62,6 +66,20 @@ async def main(node_b: hp.NodeId, rounds: int) -> float:
     if elapsed is None:
         raise RuntimeError("no result from ping")
     return float(elapsed)
+
+
+async def main(cluster: Any) -> int:
+    """``python -m hpcproc.run examples/pingpong.py:main``: rank 0 plays a game with
+    every worker node in turn (pong there, ping here); ``PINGPONG_ROUNDS`` (1000)."""
+    rounds = int(os.environ.get("PINGPONG_ROUNDS", "1000"))
+    for partner in list(cluster.peers) or [hp.self_node()]:
+        elapsed = await game(partner, rounds)
+        print(
+            f"pingpong with {cluster.describe_node(partner)}: {rounds} round trips,"
+            f" {elapsed / rounds * 1e6:.1f} us per round trip",
+            flush=True,
+        )
+    return 0
 
 
 async def run(rounds: int) -> None:
@@ -75,7 +93,7 @@ async def run(rounds: int) -> None:
         transport = hp.transports.create("tcp", cookie=cookie)
         async with hp.Node(transport) as node_a:
             print(f"node A: {node_a.node_id}\nnode B: {server.node_id}")
-            elapsed = await node_a.run(main, server.node_id, rounds)
+            elapsed = await node_a.run(game, server.node_id, rounds)
         await transport.close()
     finally:
         await asyncio.to_thread(server.stop)
