@@ -102,6 +102,10 @@ def test_cancelled_tasks_leak_no_connections(harness: Harness) -> None:
     run(harness, conformance.kill)
 
 
+def test_cancelled_connect_does_not_fail_concurrent_connects(harness: Harness) -> None:
+    run(harness, conformance.cancel_connect)
+
+
 def test_break_connection_fails_bundle_on_both_sides_then_reconnects(harness: Harness) -> None:
     run(harness, conformance.break_connection)
 

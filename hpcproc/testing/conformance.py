@@ -34,6 +34,7 @@ import importlib.util
 import inspect
 import os
 import random
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -240,7 +241,8 @@ class Harness:
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        self._loop_errors.append(f"{context.get('message')}: {exc!r}")
+        where = "".join(traceback.format_exception(exc)) if exc is not None else ""
+        self._loop_errors.append(f"{context.get('message')}: {exc!r}\n{where}")
 
     async def _cleanup(self) -> None:
         errors: list[BaseException] = []
@@ -936,6 +938,48 @@ async def kill(h: Harness) -> None:
     await conn.close()
     streams = await collect(h, ep2, 3)
     check(list(streams.values()) == [[[b"after"]]], f"unexpected traffic: {streams!r}")
+
+
+@scenario
+async def cancel_connect(h: Harness) -> None:
+    """Cancelling one of several concurrent connects to a new peer does not fail the
+    others; cancelling all of them leaves the endpoints able to connect afresh."""
+    a = await h.endpoint()
+    b = await h.endpoint()
+    loop = asyncio.get_running_loop()
+
+    # Cancel the first of four connects while they all wait for the new link.
+    tasks = [loop.create_task(a.connect(b.address)) for _ in range(4)]
+    await asyncio.sleep(0)
+    tasks[0].cancel()
+    await h.wait(asyncio.wait(tasks), "concurrent connects")
+    for task in tasks[1:]:
+        check(not task.cancelled(), "a connect that was not cancelled was")
+        check(task.exception() is None, f"a concurrent connect failed: {task.exception()!r}")
+    conns = [t.result() for t in tasks if not t.cancelled()]
+    for conn in conns:
+        await h.wait(conn.send([b"ping"]), "send()")
+        await conn.close()
+    streams = await collect(h, b, connections=len(conns))
+    check(list(streams.values()) == [[[b"ping"]]] * len(conns), f"b saw {streams!r}")
+
+    # Cancel every connect to a fresh peer: no connection, and a later connect works.
+    c = await h.endpoint()
+    tasks = [loop.create_task(a.connect(c.address)) for _ in range(3)]
+    await asyncio.sleep(0)
+    for task in tasks:
+        task.cancel()
+    await h.wait(asyncio.wait(tasks), "cancelled connects")
+    conns = [t.result() for t in tasks if not t.cancelled()]
+    conn = await h.wait(a.connect(c.address), "connect() after cancelled connects")
+    await h.wait(conn.send([b"after"]), "send()")
+    for each in [*conns, conn]:
+        await each.close()
+    streams = await collect(h, c, connections=len(conns) + 1)
+    check(
+        sorted(streams.values()) == sorted([[]] * len(conns) + [[[b"after"]]]),
+        f"c saw {streams!r}",
+    )
 
 
 @scenario
