@@ -144,6 +144,10 @@ def test_peer_process_numpy_round_trip_without_copies(harness: Harness) -> None:
     run(harness, conformance.peer_numpy_round_trip)
 
 
+def test_peer_process_closing_reports_closed_then_connection_lost(harness: Harness) -> None:
+    run(harness, conformance.peer_close_reports_closed_then_lost)
+
+
 def test_peer_process_killed_reports_connection_lost(harness: Harness) -> None:
     run(harness, conformance.peer_killed_reports_connection_lost)
 

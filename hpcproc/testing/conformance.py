@@ -1170,20 +1170,36 @@ async def peer_numpy_round_trip(h: Harness) -> None:
     await conn.close()
 
 
-async def _peer_link(h: Harness) -> tuple[PeerProcess, EndPoint, Connection]:
-    """A peer, a local endpoint, and a connection each way (after one round trip)."""
+async def _peer_link(h: Harness) -> tuple[PeerProcess, EndPoint, Connection, ConnectionId]:
+    """A peer, a local endpoint, a connection to the peer and the id of the peer's
+    connection back (after one round trip)."""
     peer = await h.peer()
     endpoint = await h.endpoint()
     conn = await h.wait(endpoint.connect(peer.address), "connect()")
     opened = await h.expect(endpoint, ConnectionOpened)
     await ping_on(h, endpoint, conn, opened.conn_id, b"hello")
-    return peer, endpoint, conn
+    return peer, endpoint, conn, opened.conn_id
+
+
+@scenario
+async def peer_close_reports_closed_then_lost(h: Harness) -> None:
+    """A peer process that closes its transport gracefully: its connections here close
+    (after their messages), then CONNECTION_LOST for the connections we had to it."""
+    peer, endpoint, conn, reply_id = await _peer_link(h)
+    await h.wait(conn.send([b"last"]), "send()")
+    await peer.stop(h.timeout)
+    check(peer.process.returncode == 0, f"peer exited with {peer.process.returncode}")
+    event = await h.expect(endpoint, Received)
+    check((event.conn_id, as_bytes(event.frames)) == (reply_id, [b"last"]), f"{event!r}")
+    check((await h.expect(endpoint, ConnectionClosed)).conn_id == reply_id, "wrong close")
+    await h.expect_lost(endpoint, peer.address)
+    await h.fails(conn.send([b"after"]), SendError, SendErrorCode.FAILED)
 
 
 @scenario
 async def peer_killed_reports_connection_lost(h: Harness) -> None:
     """A peer process killed with SIGKILL is reported as CONNECTION_LOST; sends fail."""
-    peer, endpoint, conn = await _peer_link(h)
+    peer, endpoint, conn, _ = await _peer_link(h)
     await peer.kill(h.timeout)
     await h.expect_lost(endpoint, peer.address)
     await h.fails(conn.send([b"ping"]), SendError, SendErrorCode.FAILED)
@@ -1192,7 +1208,7 @@ async def peer_killed_reports_connection_lost(h: Harness) -> None:
 @scenario
 async def peer_killed_connect_not_found(h: Harness) -> None:
     """Connecting to the endpoint of a killed process raises ConnectError(NOT_FOUND)."""
-    peer, endpoint, _ = await _peer_link(h)
+    peer, endpoint, _, _ = await _peer_link(h)
     await peer.kill(h.timeout)
     await h.expect_lost(endpoint, peer.address)
     await h.fails(endpoint.connect(peer.address), ConnectError, ConnectErrorCode.NOT_FOUND)
@@ -1202,7 +1218,7 @@ async def peer_killed_connect_not_found(h: Harness) -> None:
 async def peer_break_connection(h: Harness) -> None:
     """break_connection across processes: both sides see CONNECTION_LOST, from either
     side, and a new connect starts a new bundle."""
-    peer, endpoint, conn = await _peer_link(h)
+    peer, endpoint, conn, _ = await _peer_link(h)
     here = endpoint.address.hex()
 
     await h.break_connection(endpoint, peer.address)
