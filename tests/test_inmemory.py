@@ -93,3 +93,22 @@ def test_break_connection_of_a_foreign_endpoint_raises_value_error() -> None:
             await transport.close()
 
     asyncio.run(main())
+
+
+def test_receive_cancelled_after_wake_up_loses_no_event() -> None:
+    async def main() -> None:
+        transport = InMemoryTransport()
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            waiters = [asyncio.ensure_future(b.receive()) for _ in range(2)]
+            await asyncio.sleep(0)  # both are now parked in receive()
+            await a.connect(b.address)  # wakes the first waiter...
+            waiters[0].cancel()  # ...which is cancelled before it runs
+            event = await asyncio.wait_for(waiters[1], TIMEOUT)
+            assert isinstance(event, ConnectionOpened) and event.remote_address == a.address
+            assert waiters[0].cancelled()
+        finally:
+            await transport.close()
+
+    asyncio.run(main())
