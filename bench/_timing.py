@@ -30,13 +30,13 @@ class Step:
 
 
 def plan(quick: bool, sizes: tuple[int, ...] = SIZES) -> list[Step]:
-    """Iteration counts sized so that a run lasts about 50 ms (quick) or 250 ms.
+    """Iteration counts sized so that a run lasts about 40 ms (quick) or 200 ms.
 
     The estimate assumes ~150 us per round trip plus 1 GB/s each way, the slowest
     transport on the reference machine; faster transports just finish sooner.
     """
-    budget = 0.05 if quick else 0.25
-    runs = 5 if quick else 11
+    budget = 0.04 if quick else 0.2
+    runs = 3 if quick else 7
     steps = []
     for size in sizes:
         estimate = 150e-6 + 2 * size / 1e9

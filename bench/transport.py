@@ -38,7 +38,10 @@ BANDWIDTH_MIN = 32768
 
 #: transport -> [(baseline name, role function, launch mode)].
 BASELINES: dict[str, list[tuple[str, str, Launch]]] = {
-    "tcp": [("socket", "bench.baselines.socket_tcp:role", "local")],
+    "tcp": [
+        ("socket", "bench.baselines.socket_tcp:role", "local"),
+        ("socket-asyncio", "bench.baselines.socket_asyncio:role", "local"),
+    ],
     "shm": [
         ("mp.Pipe", "bench.baselines.pipe:role", "solo"),
         ("mpi4py", "bench.baselines.mpi:buffer_role", "mpiexec"),
@@ -153,7 +156,7 @@ def run(options: SuiteOptions) -> list[Record]:
     if name not in BASELINES:
         raise ValueError(f"no transport benchmark for {name!r}; have: {', '.join(BASELINES)}")
     steps = plan(options.quick)
-    rounds = 1 if options.quick else 2
+    rounds = 2 if options.quick else 3
     env = dict(_ENV.get(name, {}))
     # A private cookie, so that the benchmark never reads or creates ~/.hpcproc/cookie.
     env.setdefault("HPCPROC_COOKIE", os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16))

@@ -626,3 +626,29 @@ def test_large_and_small_messages_interleave_in_order_on_many_connections() -> N
             await two.close()
 
     run(main)
+
+
+def test_received_large_frames_stay_intact_while_held() -> None:
+    """Pooled receive buffers are reused only after the receiver drops the frame."""
+
+    async def main() -> None:
+        one, two = TcpTransport(), TcpTransport()
+        try:
+            a, b = await one.new_endpoint(), await two.new_endpoint()
+            conn = await a.connect(b.address)
+            assert isinstance(await next_event(b), ConnectionOpened)
+            held = []
+            for k in range(6):
+                await conn.send([bytes([k]) * (3 << 20)])
+                event = await next_event(b)
+                assert isinstance(event, Received)
+                if k % 2 == 0:
+                    held.append((k, event.frames[0]))
+                del event  # odd messages' buffers go back to the pool
+            for k, frame in held:
+                assert frame == bytes([k]) * (3 << 20)
+        finally:
+            await one.close()
+            await two.close()
+
+    run(main)

@@ -6,6 +6,7 @@ echoes and returns ``None``). They do not use hpcproc at all.
 
 * :mod:`.socket_tcp`: raw Python sockets, 8-byte length prefix, ``sendmsg`` gather,
   ``recv_into`` a preallocated buffer, TCP_NODELAY (the ``tcp`` baseline);
+* :mod:`.socket_asyncio`: the same over an asyncio loop, the floor of asyncio transports;
 * :mod:`.pipe`: ``multiprocessing.Pipe`` ``send_bytes`` / ``recv_bytes_into`` (``shm``);
 * :mod:`.mpi`: mpi4py buffer ``Send``/``Recv`` and pickle ``send``/``recv`` under
   ``mpiexec -n 2`` (``shm``, ``mpi``);

@@ -32,14 +32,17 @@ already registered; if the dialer holds no link from that peer, the peer's link 
 stale (the dialer had dropped it) and the dialer retries with ``REPLACE``, which
 replaces it. A losing socket is closed before any link message is read from it.
 
-I/O design, chosen by measurement on Python 3.11 (see ``bench/transport.py``):
-asyncio's socket transports copy: ``Transport.writelines`` joins its arguments, and
-``write`` copies whatever the kernel does not take at once into its own buffer (most
-of a 16 MiB frame); streams add a further copy and a task switch per read. Measured
-against a raw socket, those copies cost about a third of the 16 MiB round-trip
-bandwidth. This module therefore drives non-blocking sockets directly from the event
-loop (``add_reader`` / ``add_writer``), which is what ``BufferedProtocol`` does for
-receive, and adds what asyncio lacks for send:
+I/O design, chosen by measurement on Python 3.11. A ping-pong through asyncio streams
+(``readexactly`` / ``write`` + ``drain``) reached 0.24-0.36 GB/s at 16 MiB where the
+same loop on non-blocking sockets driven by the event loop reached 0.70-0.82 GB/s
+(same run, loaded 2-core machine; 8-byte round trips were within noise of each
+other): streams copy every byte once more into their buffer. A
+``BufferedProtocol`` receives as well as the direct path (its ``get_buffer`` is a
+``recv_into``), but on 3.11 its transport's ``writelines`` joins its arguments and
+``write`` copies whatever the kernel does not take at once (most of a 16 MiB frame)
+into its own buffer. This module therefore drives non-blocking sockets directly
+from the event loop (``add_reader`` / ``add_writer``), which is what
+``BufferedProtocol`` does for receive, and adds what asyncio lacks for send:
 
 * sends gather header and frames into one ``sendmsg`` (no concatenation), tried at
   once from ``send`` (a small message costs one system call and no task switch);
@@ -47,7 +50,13 @@ receive, and adds what asyncio lacks for send:
   and ``send`` awaits it (back-pressure; ``send`` returns once the buffers are free);
 * receive parses small messages out of one coalescing buffer (one ``recv_into``
   fills it with as many messages as have arrived) and reads the body of a large
-  frame with ``recv_into`` straight into that frame's own, freshly allocated buffer.
+  frame with ``recv_into`` straight into that frame's own buffer (recycled from a
+  pool once the receiver drops it, see :class:`_FramePool`).
+
+What bounds small-message latency is the event loop itself: every message costs each
+side a readiness callback, a future and a task switch (two loop iterations). The
+``socket-asyncio`` baseline of ``python -m bench transport`` measures that floor
+without any transport logic.
 
 Bad input from a peer (a wrong cookie, garbage, a truncated frame, an oversize
 length, an unknown kind, data on an unopened connection) drops that peer's socket
@@ -67,6 +76,7 @@ import logging
 import secrets
 import socket
 import struct
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,6 +110,8 @@ MAX_FRAMES = 8192
 RECV_BUFFER = 256 * 1024
 #: Frame bodies at least this large are received straight into their own buffer.
 DIRECT_MIN = 64 * 1024
+#: Frames at least this large get recycled buffers (see :class:`_FramePool`).
+POOL_MIN = 1 << 20
 #: Most unauthenticated handshakes in progress per transport; more are refused.
 MAX_HANDSHAKES = 256
 #: Longest endpoint address accepted in a handshake.
@@ -200,14 +212,49 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n:
 
 
 def _alloc(n: int) -> memoryview:
-    """A fresh writable buffer for a received frame.
-
-    Large ones come from ``numpy.empty``, which does not zero the memory the next
-    ``recv_into`` overwrites anyway (``bytearray(n)`` spends ~0.6 ms on 16 MiB).
-    """
-    if n >= DIRECT_MIN:
-        return memoryview(np.empty(n, dtype=np.uint8))  # type: ignore[arg-type]
+    """A fresh writable buffer for a small received frame."""
     return memoryview(bytearray(n))
+
+
+class _FramePool:
+    """Recycles the buffers of large received frames once their receiver drops them.
+
+    A fresh multi-megabyte buffer costs the kernel a page fault and a page of zeroes
+    per page on first touch (about 1 ms per 16 MiB here, 15 % of a 16 MiB round trip
+    on loopback), and the allocator hands such buffers back to the system on free.
+    So frames of at least :data:`POOL_MIN` bytes are views of pooled buffers (size
+    classes of powers of two): when the last reference to a frame goes (the frame,
+    or an array rebuilt over it), a finalizer returns its buffer here. The receiver
+    still owns the frame exclusively while it holds it; at most ``limit`` bytes are
+    kept idle. Finalizers may run on any thread; list operations are atomic.
+    """
+
+    def __init__(self, limit: int = 256 << 20) -> None:
+        self._limit = limit
+        self._idle = 0
+        self._free: dict[int, list[np.ndarray]] = {}
+
+    def get(self, n: int) -> memoryview:
+        if n < POOL_MIN:
+            return memoryview(np.empty(n, dtype=np.uint8))  # type: ignore[arg-type]
+        size = 1 << (n - 1).bit_length()
+        free = self._free.get(size)
+        try:
+            base = free.pop() if free else None
+        except IndexError:  # emptied by another thread meanwhile
+            base = None
+        if base is None:
+            base = np.empty(size, dtype=np.uint8)
+        else:
+            self._idle -= size
+        view = base[:n]
+        weakref.finalize(view, self._put, base)
+        return memoryview(view)  # type: ignore[arg-type]
+
+    def _put(self, base: np.ndarray) -> None:
+        if self._idle + base.size <= self._limit:
+            self._idle += base.size
+            self._free.setdefault(base.size, []).append(base)
 
 
 class _Write:
@@ -247,6 +294,7 @@ class _TcpLink(Link):
     ) -> None:
         super().__init__(remote)
         self._ep = endpoint
+        self._pool = endpoint._transport._pool
         self._sock = sock
         self._fd = sock.fileno()
         self._peer = _peer_name(sock)
@@ -482,7 +530,8 @@ class _TcpLink(Link):
                     ep._on_data(self, self._cid, frames)
                     continue
                 self._start = start
-                self._frames = [_alloc(n) for n in lengths]
+                alloc = self._pool.get
+                self._frames = [alloc(n) if n >= DIRECT_MIN else _alloc(n) for n in lengths]
                 self._fi = self._fpos = 0
                 self._state = 2
             mv = self._mv
@@ -781,6 +830,7 @@ class TcpTransport(MultiplexedTransport):
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._pool = _FramePool()
 
     @property
     def port(self) -> int | None:
