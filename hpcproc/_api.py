@@ -127,32 +127,32 @@ async def unsafe_send(pid: Pid, msg: Any) -> None:
     await _guard(proc, node.send_remote(proc, pid, msg))
 
 
-async def expect(type_: type | tuple[type, ...] = object, timeout: float | None = None) -> Any:
+def expect(
+    type_: type | tuple[type, ...] = object, timeout: float | None = None
+) -> Coroutine[Any, Any, Any]:
     """Take the oldest message that is an instance of ``type_``; others stay queued.
 
-    Waits up to ``timeout`` seconds (forever if None; ``0`` only looks at what is
-    queued) and returns ``None`` when nothing matched in time.
+    Await the result. Waits up to ``timeout`` seconds (forever if None; ``0`` only
+    looks at what is queued) and gives ``None`` when nothing matched in time.
+    (A plain function returning the coroutine, so that a waiting process holds no
+    extra frame.)
     """
-    proc = current()
-    mb = proc._mailbox
-    if type_ is object and mb and proc._signal is None:
-        return mb.popleft()
-    return await proc.expect(type_, timeout)
+    return current().receive((), timeout, type_)
 
 
-async def receive(*matchers: Matcher, timeout: float | None = None) -> Any:
-    """Selective receive: the result of the handler of the first match.
+def receive(*matchers: Matcher, timeout: float | None = None) -> Coroutine[Any, Any, Any]:
+    """Selective receive: await it for the result of the handler of the first match.
 
     Messages are examined in arrival order, each against ``matchers`` in order; the
     first message some matcher accepts is removed and passed to that matcher's
     handler (awaited if it is async). Unmatched messages stay in the mailbox, in
     order. Channel matchers (``match_chan``) are tried when no mailbox message matches.
-    Returns ``None`` when nothing matched within ``timeout`` seconds (``0`` polls).
+    Gives ``None`` when nothing matched within ``timeout`` seconds (``0`` polls).
 
     Raises:
         ValueError: a ``match_chan`` port belongs to another process.
     """
-    return await current().receive(matchers, timeout)
+    return current().receive(matchers, timeout)
 
 
 # ---------------------------------------------------------------------- channels

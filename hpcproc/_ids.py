@@ -6,7 +6,8 @@ never copied by a local ``send``.
 
 from __future__ import annotations
 
-from typing import Any
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 from .transports.base import EndPointAddress
 
@@ -18,7 +19,9 @@ class NodeId:
 
     ``NodeId(address_bytes)`` rebuilds a node's id from its endpoint address, so a
     launcher can name every rank after a rendezvous of addresses. Two ids are equal
-    when their addresses are.
+    when their addresses are. Ids are interned (one object per address in a Python
+    process), which makes comparing and unpickling them cheap; the table grows with
+    the number of distinct nodes ever seen, which is the size of the cluster.
     """
 
     __slots__ = ("_hash", "address")
@@ -26,9 +29,15 @@ class NodeId:
     address: EndPointAddress
     _hash: int
 
-    def __init__(self, address: bytes) -> None:
-        object.__setattr__(self, "address", EndPointAddress(address))
-        object.__setattr__(self, "_hash", hash(bytes(address)))
+    def __new__(cls, address: bytes) -> NodeId:
+        key = bytes(address)
+        nid = _interned.get(key)
+        if nid is None:
+            nid = object.__new__(cls)
+            object.__setattr__(nid, "address", EndPointAddress(key))
+            object.__setattr__(nid, "_hash", hash(key))
+            _interned[key] = nid
+        return nid
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("NodeId is immutable")
@@ -49,39 +58,40 @@ class NodeId:
         return f"nid://{bytes(self.address).decode('utf-8', 'backslashreplace')}"
 
 
-class Pid:
+_interned: dict[bytes, NodeId] = {}
+
+
+class Pid(tuple):  # type: ignore[type-arg]
     """Identifies a process: the node it runs on and a number unique on that node.
 
     Numbers are never reused while a node lives, so a Pid never names a later process.
+    (A tuple underneath, so that hashing and comparing are done in C.)
     """
 
-    __slots__ = ("_hash", "lid", "node")
+    __slots__ = ()
 
-    node: NodeId
-    lid: int
-    _hash: int
+    def __new__(cls, node: NodeId, lid: int) -> Pid:
+        return tuple.__new__(cls, (node, lid))
 
-    def __init__(self, node: NodeId, lid: int) -> None:
-        object.__setattr__(self, "node", node)
-        object.__setattr__(self, "lid", lid)
-        object.__setattr__(self, "_hash", hash((node._hash, lid)))
+    if TYPE_CHECKING:
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("Pid is immutable")
+        @property
+        def node(self) -> NodeId:
+            """The node the process runs on."""
 
-    def __eq__(self, other: object) -> bool:
-        return self is other or (
-            type(other) is Pid and other.lid == self.lid and other.node == self.node
-        )
+        @property
+        def lid(self) -> int:
+            """The process's number on its node."""
 
-    def __hash__(self) -> int:
-        return self._hash
+    else:
+        node = property(itemgetter(0), doc="The node the process runs on.")
+        lid = property(itemgetter(1), doc="The process's number on its node.")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Pid, (self.node, self.lid))
+        return (Pid, (self[0], self[1]))
 
     def __repr__(self) -> str:
-        return f"<pid {self.node}:{self.lid}>"
+        return f"<pid {self[0]}:{self[1]}>"
 
 
 class MonitorRef:

@@ -50,7 +50,7 @@ async def logger_main(sink: Callable[[str], object]) -> None:
 
     proc = current()
     while True:
-        rec = await proc.expect(LogRecord, None)
+        rec = await proc.receive((), None, LogRecord)
         try:
             sink(format_record(rec))
         except Exception as exc:  # a broken sink must not kill logging for good

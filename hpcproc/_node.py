@@ -482,7 +482,7 @@ class Node:
             return
         if type(key) is MonitorRef:
             proc.deliver(notification(key, reason))
-        elif isinstance(key, tuple) and key[0] == "nodelink":
+        elif type(key) is tuple and key[0] == "nodelink":
             proc.signal(NodeLinkException(target, reason))
         elif not reason.normal:
             proc.signal(ProcessLinkException(target, reason))

@@ -153,21 +153,30 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
 
     # ------------------------------------------------------------------ receive
 
-    async def expect(self, type_: type | tuple[type, ...], timeout: float | None) -> Any:
-        """The oldest message that is a ``type_``; ``None`` on timeout."""
+    async def receive(
+        self,
+        matchers: Sequence[Matcher],
+        timeout: float | None,
+        type_: type | tuple[type, ...] | None = None,
+    ) -> Any:
+        """Selective receive; see :func:`hpcproc.receive`.
+
+        With ``type_`` (and no matchers) it is ``expect``: the oldest message that is
+        an instance of ``type_``, returned as is. ``None`` on timeout.
+        """
         mb = self._mailbox
-        if mb and self._signal is None:
+        if self._signal is not None:
+            self.check_signal()
+        elif mb and type_ is not None:
+            # Fast path: no future, no suspension.
             if type_ is object:
                 return mb.popleft()
-            for i, msg in enumerate(mb):
+            i = 0
+            for msg in mb:
                 if isinstance(msg, type_):
                     del mb[i]
                     return msg
-        return await self.receive((Matcher(type_, None, _identity),), timeout)
-
-    async def receive(self, matchers: Sequence[Matcher], timeout: float | None) -> Any:
-        """Selective receive; see :func:`hpcproc.receive`."""
-        self.check_signal()
+                i += 1
         for m in matchers:
             if m.port is not None and m.port._owner is not self:
                 raise ValueError(f"{m.port!r} belongs to another process")
@@ -180,12 +189,19 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 mb = self._mailbox
                 if mb is not None and len(mb) > start:
                     i = start
-                    for msg in islice(mb, start, None):
-                        for m in matchers:
-                            if m.port is None and m.accepts(msg):
+                    if type_ is not None:
+                        for msg in islice(mb, start, None):
+                            if isinstance(msg, type_):
                                 del mb[i]
-                                return await _handle(m, msg)
-                        i += 1
+                                return msg
+                            i += 1
+                    else:
+                        for msg in islice(mb, start, None):
+                            for m in matchers:
+                                if m.port is None and m.accepts(msg):
+                                    del mb[i]
+                                    return await _handle(m, msg)
+                            i += 1
                     start = i
                 for m in matchers:
                     if m.port is not None and m.port._queue:
@@ -210,7 +226,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         finally:
             if timer is not None:
                 timer.cancel()
-            if self._waiter is fut:
+            if fut is not None and self._waiter is fut:
                 self._waiter = None
 
 

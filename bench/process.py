@@ -1,0 +1,386 @@
+"""The ``process`` suite: the process layer against the layers and libraries below it.
+
+Rows (each with a baseline measured in the same run, in fresh OS processes):
+
+* ``rtt`` (8 B payload): process-to-process round trip between two nodes in two OS
+  processes (``send`` + ``expect`` on both sides), against the raw transport's round
+  trip (``bench.transport:hpcproc_role``, the transport suite's own measurement).
+  Target: ratio <= 2.0.
+* ``msg_rate`` between two nodes: one process sends N small messages one way to a
+  process on the other node; against the raw transport sending N one-frame messages
+  one way.
+* ``msg_rate`` within one node: the same between two processes of one node; against
+  ``asyncio.Queue`` between two tasks, and the target 200000/s.
+* ``spawn_rate`` local: ``spawn_local`` of N processes that end at once, until all
+  ended; against ``asyncio.create_task`` of N coroutines, and the target 20000/s.
+* ``spawn_rate`` remote: sequential ``await spawn(other node, fn)``; against one
+  process round trip per spawn (the best a request-reply spawn can do).
+* ``bytes_per_process``: RSS growth of 100000 idle processes (each suspended in
+  ``expect``) divided by 100000; against bare asyncio tasks suspended on a future,
+  and the target 2048 bytes.
+
+Runs are interleaved (baseline, hpcproc, baseline, ...) and the median is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import time
+from dataclasses import asdict
+from typing import Any
+
+from ._pair import Peer, run_pair
+from ._records import Record, median, record
+from ._suites import SuiteOptions
+from ._timing import Step
+
+__all__ = [
+    "local_role",
+    "memory_role",
+    "noop",
+    "pair_role",
+    "raw_rate_role",
+    "run",
+]
+
+SUITE = "process"
+RTT_SIZE = 8
+MEMORY_PROCESSES = 100_000
+TARGET_LOCAL_RATE = 200_000.0
+TARGET_SPAWN_RATE = 20_000.0
+TARGET_BYTES = 2048.0
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def noop() -> None:
+    """A process that ends at once."""
+
+
+async def _idle() -> None:
+    import hpcproc as hp
+
+    await hp.expect(bytes)
+
+
+async def _echo() -> None:
+    import hpcproc as hp
+
+    while True:
+        msg = await hp.expect()
+        if msg == "stop":
+            return
+        await hp.send(msg[0], msg[1])
+
+
+async def _sink() -> None:
+    """Counts ``n`` messages after a ``("count", n, reply)`` header, then replies."""
+    import hpcproc as hp
+
+    while True:
+        header = await hp.expect(tuple)
+        if header[0] == "stop":
+            return
+        _, n, reply = header
+        expect = hp.expect
+        for _ in range(n):
+            await expect()
+        await hp.send(reply, "done")
+
+
+# ---------------------------------------------------------------------- two nodes
+
+
+async def pair_role(peer: Peer) -> dict[str, Any] | None:
+    """Role 1 serves ``echo`` and ``sink``; role 0 measures rtt, one-way rate, spawns."""
+    import hpcproc as hp
+    from hpcproc.transports import create
+
+    transport = create(peer.params["transport"])
+    try:
+        async with hp.Node(transport) as node:
+            if peer.role == 1:
+
+                async def serve() -> None:
+                    hp.register("echo", hp.spawn_local(_echo))
+                    hp.register("sink", hp.spawn_local(_sink))
+                    hp.register("server", hp.self_pid())
+                    peer.publish("address", base64.b64encode(node.node_id.address).decode())
+                    await hp.expect(str)  # "stop" from role 0
+
+                await node.run(serve)
+                return None
+            other = hp.NodeId(base64.b64decode(await peer.alookup("address")))
+            result: dict[str, Any] = await node.run(_measure_pair, other, peer.params)
+            return result
+    finally:
+        await transport.close()
+
+
+async def _measure_pair(other: Any, params: dict[str, Any]) -> dict[str, Any]:
+    import hpcproc as hp
+
+    step = Step(**params["rtt_step"])
+    me = hp.self_pid()
+    echo = await hp.whereis_remote(other, "echo", timeout=60)
+    sink = await hp.whereis_remote(other, "sink", timeout=60)
+    assert echo is not None and sink is not None
+    payload = b"x" * RTT_SIZE
+    send, expect = hp.send, hp.expect
+    msg = (me, payload)
+    for _ in range(step.warmup):
+        await send(echo, msg)
+        await expect()
+    rtts = []
+    for _ in range(step.runs):
+        t0 = time.perf_counter()
+        for _ in range(step.iters):
+            await send(echo, msg)
+            await expect()
+        rtts.append((time.perf_counter() - t0) / step.iters)
+    rates = []
+    n = params["rate_count"]
+    for _ in range(params["rate_runs"]):
+        t0 = time.perf_counter()
+        await send(sink, ("count", n, me))
+        for i in range(n):
+            await send(sink, i)
+        assert await expect(str, timeout=120) == "done"
+        rates.append(n / (time.perf_counter() - t0))
+    spawns = []
+    k = params["spawn_count"]
+    for _ in range(params["rate_runs"]):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            await hp.spawn(other, noop)
+        spawns.append(k / (time.perf_counter() - t0))
+    await send(echo, "stop")
+    await send(sink, ("stop",))
+    await hp.nsend_remote(other, "server", "stop")
+    return {"rtt": rtts, "rate": rates, "spawn": spawns}
+
+
+async def raw_rate_role(peer: Peer) -> dict[str, Any] | None:
+    """One-way rate of the raw transport: N one-frame messages, then one reply."""
+    from hpcproc.transports import ConnectionOpened, Received, create
+
+    transport = create(peer.params["transport"])
+    n = peer.params["rate_count"]
+    runs = peer.params["rate_runs"]
+    try:
+        endpoint = await transport.new_endpoint()
+        if peer.role == 1:
+            peer.publish("address", base64.b64encode(endpoint.address).decode())
+            back = None
+            for _ in range(runs):
+                count = 0
+                while count < n:
+                    event = await endpoint.receive()
+                    if isinstance(event, Received):
+                        count += 1
+                    elif isinstance(event, ConnectionOpened) and back is None:
+                        back = await endpoint.connect(event.remote_address)
+                assert back is not None
+                await back.send([b"done"])
+            return None
+        address = base64.b64decode(await peer.alookup("address"))
+        conn = await endpoint.connect(address)  # type: ignore[arg-type]
+        frames = [b"12345678"]
+        rates = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await conn.send(frames)
+            while not isinstance(await endpoint.receive(), Received):
+                pass
+            rates.append(n / (time.perf_counter() - t0))
+        return {"rate": rates}
+    finally:
+        await transport.close()
+
+
+# ---------------------------------------------------------------------- one node
+
+
+async def local_role(peer: Peer) -> dict[str, Any]:
+    """Within one node: message rate and spawn rate, with asyncio baselines."""
+    import hpcproc as hp
+
+    n = peer.params["local_count"]
+    k = peer.params["spawn_count_local"]
+    runs = peer.params["rate_runs"]
+    out: dict[str, list[float]] = {"rate": [], "queue": [], "spawn": [], "task": []}
+    transport = hp.transports.create("inmemory")
+    async with hp.Node(transport) as node:
+
+        async def measure() -> None:
+            me = hp.self_pid()
+            sink = hp.spawn_local(_sink)
+            send = hp.send
+            for _ in range(runs):
+                # asyncio.Queue between two tasks: the floor of any mailbox.
+                queue: asyncio.Queue[Any] = asyncio.Queue()
+
+                async def drain(q: asyncio.Queue[Any]) -> None:
+                    get = q.get
+                    for _ in range(n):
+                        await get()
+
+                t0 = time.perf_counter()
+                task = asyncio.ensure_future(drain(queue))
+                put = queue.put_nowait
+                for i in range(n):
+                    put(i)
+                    if i % 1024 == 0:
+                        await asyncio.sleep(0)
+                await task
+                out["queue"].append(n / (time.perf_counter() - t0))
+
+                t0 = time.perf_counter()
+                await send(sink, ("count", n, me))
+                for i in range(n):
+                    await send(sink, i)
+                    if i % 1024 == 0:
+                        await asyncio.sleep(0)
+                assert await hp.expect(str, timeout=120) == "done"
+                out["rate"].append(n / (time.perf_counter() - t0))
+
+                t0 = time.perf_counter()
+                tasks = [asyncio.ensure_future(noop()) for _ in range(k)]
+                await asyncio.wait(tasks)
+                out["task"].append(k / (time.perf_counter() - t0))
+
+                t0 = time.perf_counter()
+                procs = node._procs
+                spawned = [procs[hp.spawn_local(noop).lid] for _ in range(k)]
+                await asyncio.wait(spawned)
+                out["spawn"].append(k / (time.perf_counter() - t0))
+            await send(sink, ("stop",))
+
+        await node.run(measure)
+    await transport.close()
+    return out
+
+
+async def memory_role(peer: Peer) -> dict[str, Any]:
+    """RSS growth per idle process (``kind="process"``) or per bare task (``"task"``)."""
+    import gc
+
+    import hpcproc as hp
+
+    n = int(peer.params["processes"])
+    transport = hp.transports.create("inmemory")
+    async with hp.Node(transport) as node:
+
+        async def measure() -> float:
+            loop = asyncio.get_running_loop()
+            keep: list[Any] = []
+            gc.collect()
+            before = _rss()
+            if peer.params["kind"] == "process":
+                for _ in range(n):
+                    keep.append(hp.spawn_local(_idle))
+            else:
+
+                async def bare(fut: asyncio.Future[None]) -> None:
+                    await fut
+
+                for _ in range(n):
+                    keep.append(asyncio.ensure_future(bare(loop.create_future())))
+            # Let every process reach its first suspension.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            gc.collect()
+            per = (_rss() - before) / n
+            for item in keep:
+                if isinstance(item, hp.Pid):
+                    node._procs[item.lid].cancel()
+                else:
+                    item.cancel()
+            return per
+
+        per_process = float(await node.run(measure))
+    await transport.close()
+    return {"bytes": per_process}
+
+
+# ---------------------------------------------------------------------- suite
+
+
+def run(options: SuiteOptions) -> list[Record]:
+    """Measure the process layer on ``options.transport``; see the module docstring.
+
+    Raises:
+        PairError: a measuring process failed.
+    """
+    name = options.transport
+    quick = options.quick
+    rounds = 1 if quick else 3
+    rtt_step = Step(RTT_SIZE, 300 if quick else 1000, 5 if quick else 9, 100)
+    params: dict[str, Any] = {
+        "transport": name,
+        "rtt_step": asdict(rtt_step),
+        "steps": [asdict(rtt_step)],
+        "rate_count": 5000 if quick else 20000,
+        "rate_runs": 3 if quick else 5,
+        "spawn_count": 300 if quick else 1000,
+        "local_count": 100_000 if quick else 300_000,
+        "spawn_count_local": 20_000 if quick else 100_000,
+    }
+    env = {"HPCPROC_COOKIE": os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16)}
+    raw_rtt: list[float] = []
+    raw_rate: list[float] = []
+    ours: dict[str, list[float]] = {"rtt": [], "rate": [], "spawn": []}
+    local: dict[str, list[float]] = {"rate": [], "queue": [], "spawn": [], "task": []}
+    for _ in range(rounds):
+        raw = run_pair("bench.transport:hpcproc_role", params, env=env)[0]
+        raw_rtt.extend(raw[str(RTT_SIZE)])
+        raw_rate.extend(run_pair("bench.process:raw_rate_role", params, env=env)[0]["rate"])
+        mine = run_pair("bench.process:pair_role", params, env=env)[0]
+        for key in ours:
+            ours[key].extend(mine[key])
+        loc = run_pair("bench.process:local_role", params, launch="solo", env=env)[0]
+        for key in local:
+            local[key].extend(loc[key])
+    mem_proc = run_pair(
+        "bench.process:memory_role",
+        {"kind": "process", "processes": MEMORY_PROCESSES},
+        launch="solo",
+        env=env,
+    )[0]["bytes"]
+    mem_task = run_pair(
+        "bench.process:memory_role",
+        {"kind": "task", "processes": MEMORY_PROCESSES},
+        launch="solo",
+        env=env,
+    )[0]["bytes"]
+    rtt_us, raw_us = median(ours["rtt"]) * 1e6, median(raw_rtt) * 1e6
+    spawn_local = median(local["spawn"])
+    local_rate = median(local["rate"])
+    return [
+        record(SUITE, name, "rtt", RTT_SIZE, rtt_us, f"raw {name} transport", raw_us),
+        record(
+            SUITE,
+            name,
+            "msg_rate",
+            RTT_SIZE,
+            median(ours["rate"]),
+            f"raw {name} one-way",
+            median(raw_rate),
+        ),
+        record(SUITE, "local", "msg_rate", 0, local_rate, "asyncio.Queue", median(local["queue"])),
+        record(SUITE, "local", "msg_rate", 0, local_rate, "target", TARGET_LOCAL_RATE),
+        record(SUITE, "local", "spawn_rate", 0, spawn_local, "asyncio task", median(local["task"])),
+        record(SUITE, "local", "spawn_rate", 0, spawn_local, "target", TARGET_SPAWN_RATE),
+        record(
+            SUITE, name, "spawn_rate", 0, median(ours["spawn"]), "1 / process rtt", 1e6 / rtt_us
+        ),
+        record(SUITE, "local", "bytes_per_process", 0, mem_proc, "asyncio task", mem_task),
+        record(SUITE, "local", "bytes_per_process", 0, mem_proc, "target", TARGET_BYTES),
+    ]
