@@ -214,6 +214,11 @@ class Harness:
         saved = {key: os.environ.get(key) for key in self.spec.env}
         os.environ.update(self.spec.env)
         self._loop_errors.clear()
+        self._transports.clear()
+        self._default = None
+        self._owner.clear()
+        self._tasks.clear()
+        self._peers.clear()
         try:
             asyncio.run(self._main(fn))
         finally:
@@ -231,20 +236,30 @@ class Harness:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._on_loop_error)
         try:
-            await asyncio.wait_for(fn(self), self.spec.scenario_timeout)
-        except asyncio.TimeoutError:
-            raise ConformanceError(
-                f"scenario did not finish within {self.spec.scenario_timeout} s"
-            ) from None
-        finally:
-            await self._cleanup()
+            try:
+                await asyncio.wait_for(fn(self), self.spec.scenario_timeout)
+            except asyncio.TimeoutError:
+                raise ConformanceError(
+                    f"scenario did not finish within {self.spec.scenario_timeout} s"
+                ) from None
+        except BaseException as exc:
+            # Keep the scenario's failure; what cleanup found (say, a crashed echo
+            # server that made the scenario wait) is often its cause.
+            errors = await self._cleanup()
+            if errors and hasattr(exc, "add_note"):
+                exc.add_note(f"found while cleaning up: {errors!r}")
+            raise
+        errors = await self._cleanup()
+        if errors:
+            raise errors[0]
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         where = "".join(traceback.format_exception(exc)) if exc is not None else ""
         self._loop_errors.append(f"{context.get('message')}: {exc!r}\n{where}")
 
-    async def _cleanup(self) -> None:
+    async def _cleanup(self) -> list[BaseException]:
+        """Stop tasks, peers and transports (each bounded); return what went wrong."""
         errors: list[BaseException] = []
         for task in self._tasks:
             task.cancel()
@@ -255,7 +270,10 @@ class Harness:
                 except Exception as exc:
                     errors.append(exc)
         for peer in self._peers:
-            await peer.stop(self.timeout)
+            try:
+                await peer.stop(self.timeout)
+            except Exception as exc:
+                errors.append(exc)
         for transport in reversed(self._transports):
             try:
                 await asyncio.wait_for(transport.close(), self.timeout)
@@ -265,8 +283,7 @@ class Harness:
                 )
             except Exception as exc:
                 errors.append(exc)
-        if errors:
-            raise errors[0]
+        return errors
 
     # ------------------------------------------------------------------ resources
 
