@@ -278,6 +278,11 @@ class MultiplexedEndPoint(EndPoint):
         Called only when no live link to ``remote`` exists and no other call for it is
         pending. Must raise :class:`ConnectError` with the right code. The returned
         link is registered by the caller.
+
+        It runs in a task of its own, shared by every ``connect`` waiting for this
+        peer, and is cancelled when all of them were cancelled or timed out: it must
+        then release whatever it acquired (sockets, segments) and let the peer see a
+        failed handshake, never an exception of its own in the event loop.
         """
 
     async def _release(self) -> None:
