@@ -117,6 +117,10 @@ def test_frame_boundaries_preserved_for_empty_tiny_and_huge_frames(harness: Harn
     run(harness, conformance.frame_boundaries)
 
 
+def test_received_frames_stay_intact_while_held(harness: Harness) -> None:
+    run(harness, conformance.received_frames_stay_intact)
+
+
 def test_send_buffers_may_be_reused_after_send_returns(harness: Harness) -> None:
     run(harness, conformance.send_buffers_reusable)
 

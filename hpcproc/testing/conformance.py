@@ -1075,6 +1075,32 @@ async def frame_boundaries(h: Harness) -> None:
 
 
 @scenario
+async def received_frames_stay_intact(h: Harness) -> None:
+    """Received frames belong to the receiver: frames kept, and arrays rebuilt over
+    frames that were then dropped, are unchanged by the messages that follow."""
+    a = await h.endpoint()
+    b = await h.endpoint()
+    conn = await h.wait(a.connect(b.address), "connect()")
+    await h.expect(b, ConnectionOpened)
+    size = 2 * MiB
+    kept_frames: list[memoryview] = []
+    kept_arrays: list[np.ndarray[Any, Any]] = []
+    for i in range(16):
+        if i % 2:
+            await h.wait(conn.send([bytes([i]) * size]), "send()")
+            kept_frames.append((await h.expect(b, Received)).frames[0])
+        else:
+            frames = serialization.serialize(np.full(size // 8, i, dtype=np.int64))
+            await h.wait(conn.send(frames), "send()")
+            kept_arrays.append(serialization.deserialize((await h.expect(b, Received)).frames))
+    await conn.close()
+    for i, frame in zip(range(1, 16, 2), kept_frames, strict=True):
+        check(bytes(frame) == bytes([i]) * size, f"kept frame {i} was overwritten")
+    for i, array in zip(range(0, 16, 2), kept_arrays, strict=True):
+        check(bool((array == i).all()), f"array {i} rebuilt over a dropped frame was overwritten")
+
+
+@scenario
 async def send_buffers_reusable(h: Harness) -> None:
     """Once ``send`` returns the caller may overwrite its buffers; the message is intact."""
     a = await h.endpoint()
