@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deserialize, serialize
 
@@ -204,3 +206,28 @@ def test_serialize_does_not_keep_the_message_alive() -> None:
     del array
     gc.collect()
     assert ref() is None
+
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=3 * OUT_OF_BAND_MIN)
+)
+_data = st.recursive(
+    _leaves,
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_data)
+def test_any_plain_data_round_trips_equal(obj: object) -> None:
+    assert round_trip(obj) == obj
