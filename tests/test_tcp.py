@@ -652,3 +652,38 @@ def test_received_large_frames_stay_intact_while_held() -> None:
             await two.close()
 
     run(main)
+
+
+@pytest.mark.parametrize("dialer", ["larger", "smaller"])
+def test_redial_over_a_link_the_peer_still_holds_starts_a_new_bundle(dialer: str) -> None:
+    """A dropped its link to B without B noticing yet; A's next connect must succeed.
+
+    When A's address is the larger one, B first answers as to a crossed connect; A,
+    holding no link from B, then asks B to replace the stale link.
+    """
+
+    async def main() -> None:
+        one, two = TcpTransport(), TcpTransport()
+        try:
+            x, y = await one.new_endpoint(), await two.new_endpoint()
+            larger, smaller = (x, y) if x.address > y.address else (y, x)
+            a, b = (larger, smaller) if dialer == "larger" else (smaller, larger)
+            await a.connect(b.address)
+            assert isinstance(await next_event(b), ConnectionOpened)
+            stale = a._links.pop(b.address)  # type: ignore[attr-defined]
+            stale.alive = False  # A forgets the link; B is not told
+            try:
+                conn = await asyncio.wait_for(a.connect(b.address), WAIT)
+                await conn.send([b"new bundle"])
+                lost = await next_event(b)
+                assert isinstance(lost, ErrorEvent) and lost.error.remote_address == a.address
+                assert isinstance(await next_event(b), ConnectionOpened)
+                got = await next_event(b)
+                assert isinstance(got, Received) and bytes(got.frames[0]) == b"new bundle"
+            finally:
+                stale.abort()
+        finally:
+            await one.close()
+            await two.close()
+
+    run(main)
