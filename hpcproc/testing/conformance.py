@@ -60,6 +60,7 @@ from hpcproc.transports.base import (
     EventErrorCode,
     NewEndPointError,
     Received,
+    Reliability,
     SendError,
     SendErrorCode,
     Transport,
@@ -457,6 +458,7 @@ async def ping(
     conn = await h.wait(endpoint.connect(server), "connect()")
     opened = await h.expect(endpoint, ConnectionOpened)
     check(opened.remote_address == server, f"reply connection from {opened.remote_address!r}")
+    check(opened.reliability is Reliability.RELIABLE_ORDERED, f"reliability of {opened!r}")
     for _ in range(pings):
         await h.wait(conn.send([msg]), "send()")
         reply = await h.expect(endpoint, Received)
