@@ -68,11 +68,20 @@ ProcessFn = Callable[..., Coroutine[Any, Any, Any]]
 
 
 async def _guard(proc: Process, aw: Coroutine[Any, Any, T]) -> T:
-    """Await ``aw`` inside ``proc``, turning a signal's cancellation into its exception."""
+    """Await the hpcproc call ``aw`` inside ``proc``.
+
+    A catchable signal arriving meanwhile does not interrupt it: it is redelivered
+    once the call returned (see :meth:`Process.signal`).
+    """
+    proc._guarded = True
     try:
         return await aw
     except asyncio.CancelledError as exc:
         raise proc.convert_cancel(exc) from None
+    finally:
+        proc._guarded = False
+        if proc._signal is not None:
+            proc._loop.call_soon(proc.redeliver)  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------- identity

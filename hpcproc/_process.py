@@ -6,12 +6,13 @@ else (mailbox, channels, outgoing connections, watchers, names) is created on fi
 use. The module-level API finds the current process with
 :func:`asyncio.current_task`.
 
-Signals (a link firing, ``exit``, ``kill``) are delivered by cancelling the task with
-the signal stored on the process: inside ``receive`` / ``expect`` and the other
-awaiting API calls the cancellation is turned back into the signal's exception
-(``ProcessLinkException``, ``ProcessExitException``), which the process may catch.
-Suspended anywhere else (a plain ``asyncio.sleep``), the process ends with the signal
-as its reason. A kill is never turned into a catchable exception.
+Signals (a link firing, ``exit``) are stored on the process and raised as exceptions
+(``ProcessLinkException``, ``ProcessExitException``, which the process may catch)
+from its hpcproc calls: a process waiting in ``receive`` / ``expect`` is woken and
+the call raises; a process in another hpcproc call (``spawn``, ``whereis_remote``...)
+gets the call's result and the signal right after; a process suspended anywhere else
+(a plain ``asyncio.sleep``) is cancelled there and ends with the signal as its
+reason. A kill always cancels the task and is never turned into an exception.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
 
     __slots__ = (
         "_conns",
+        "_guarded",
         "_mailbox",
         "_names",
         "_next_port",
@@ -83,6 +85,8 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         self._mailbox: deque[Any] | None = None
         self._waiter: asyncio.Future[Any] | None = None
         self._signal: BaseException | Kill | None = None
+        #: True while the process awaits an hpcproc call other than receive.
+        self._guarded = False
         #: MonitorRef (monitor) or Pid (link) -> None, for everyone watching us.
         self._watchers: dict[Any, None] | None = None
         #: destination Pid -> Connection, or BROKEN after a connection loss.
@@ -113,21 +117,38 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 w.set_result(None)
 
     def signal(self, sig: BaseException | Kill) -> None:
-        """Raise ``sig`` in the process at its next await (a Kill overrides anything)."""
+        """Deliver ``sig`` (a Kill overrides anything; a second catchable one is dropped).
+
+        A kill cancels the task. A catchable signal wakes the process if it waits in
+        ``receive`` (which raises it), waits until the hpcproc call in progress
+        returns (then it is redelivered), is left for the running process to pick up
+        at its next hpcproc call, and otherwise cancels the task where it is
+        suspended (ending it with the signal as its reason).
+        """
         if self.done():
             return
         old = self._signal
         if old is not None and (isinstance(old, Kill) or not isinstance(sig, Kill)):
             return
         self._signal = sig
+        if isinstance(sig, Kill):
+            self.cancel()
+            return
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+            return
+        if self._guarded or asyncio.current_task() is self:
+            return
         self.cancel()
 
     def check_signal(self) -> None:
-        """Raise a pending catchable signal now (called on entry of awaiting API calls)."""
+        """Raise a pending catchable signal now (called by the awaiting API calls)."""
         sig = self._signal
         if sig is not None and not isinstance(sig, Kill):
             self._signal = None
-            _uncancel(self)
             raise sig
 
     def convert_cancel(self, exc: asyncio.CancelledError) -> BaseException:
@@ -138,6 +159,13 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         self._signal = None
         _uncancel(self)
         return sig
+
+    def redeliver(self) -> None:
+        """Re-run :meth:`signal` for a signal that arrived during a guarded call."""
+        sig = self._signal
+        if sig is not None and not self.done():
+            self._signal = None
+            self.signal(sig)
 
     # ------------------------------------------------------------------ channels
 
@@ -171,12 +199,10 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             # Fast path: no future, no suspension.
             if type_ is object:
                 return mb.popleft()
-            i = 0
-            for msg in mb:
+            for i, msg in enumerate(mb):
                 if isinstance(msg, type_):
                     del mb[i]
                     return msg
-                i += 1
         for m in matchers:
             if m.port is not None and m.port._owner is not self:
                 raise ValueError(f"{m.port!r} belongs to another process")
@@ -223,6 +249,8 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                     await fut
                 except asyncio.CancelledError as exc:
                     raise self.convert_cancel(exc) from None
+                if self._signal is not None:
+                    self.check_signal()
         finally:
             if timer is not None:
                 timer.cancel()

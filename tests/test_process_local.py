@@ -754,3 +754,27 @@ def test_say_goes_through_logger_with_node_and_pid() -> None:
     node, pid = run(body, log_sink=sink)
     assert len(lines) == 1
     assert "hello log" in lines[0] and node in lines[0] and pid in lines[0]
+
+
+def test_exit_to_self_can_be_caught_and_process_continues() -> None:
+    async def body() -> Any:
+        try:
+            await hp.exit(hp.self_pid(), "self")
+        except hp.ProcessExitException as exc:
+            caught = exc.reason
+        await hp.send(hp.self_pid(), "after")
+        return caught, await hp.expect(str, timeout=WAIT)
+
+    assert run(body) == ("self", "after")
+
+
+def test_signal_during_spawn_link_is_raised_after_spawn_returns() -> None:
+    async def body() -> Any:
+        pid = await hp.spawn_link(hp.self_node(), crashes)
+        try:
+            await hp.expect(_Never, timeout=WAIT)
+        except hp.ProcessLinkException as exc:
+            return exc.pid == pid
+        return "no exception"
+
+    assert run(body) is True
