@@ -1,0 +1,367 @@
+"""A single-producer, single-consumer byte ring in a shared mapping.
+
+The shared-memory transport gives each direction of a link one ring, living in a
+``memfd`` that the producer created and passed to the consumer. The mapping starts
+with a 4 KiB header, then ``capacity`` bytes of data (a power of two)::
+
+    0    magic:u64  capacity:u64
+    64   head:u64        written by the producer only (bytes ever published)
+    128  tail:u64        written by the consumer only (bytes ever consumed)
+    192  sleep_seq:u64   consumer: odd while it is (about to be) asleep
+    256  wait_seq:u64    producer: odd while it waits for free space
+    4096 data[capacity]
+
+Each cache line has one writer. Records are 8-byte aligned and never wrap: when a
+record does not fit before the end, the producer writes an 8-byte wrap marker and
+starts again at offset 0. A record is::
+
+    rec_len:u32  magic:u32  kind:u8 pad:3 nframes:u32 conn_id:u64   (24 bytes)
+    len_0:u64 ... len_{n-1}:u64
+    frame payloads in order
+
+The 16 bytes after ``magic`` are :data:`hpcproc.transports._wire.PREFIX`. A length
+with bit 63 set names a frame held in a shared segment; its payload in the record is
+``seg_id:u64 offset:u64`` instead of the bytes.
+
+Wake-ups: the consumer sets ``sleep_seq`` odd before it waits on its socket and
+re-checks ``head`` afterwards; the producer publishes ``head`` and then reads
+``sleep_seq``. A full memory barrier sits between the store and the load on both
+sides (a lock round trip, which is a locked instruction on x86-64), so that one of
+them always sees the other (Dekker's pattern). Space works the same way with
+``wait_seq``.
+
+Everything read from the mapping is checked before use: the peer may be buggy or its
+memory corrupted, and this process must not read out of bounds. Violations raise
+:class:`RingError`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import threading
+from collections.abc import Callable
+from typing import Final
+
+from ._multiplex import Kind
+from ._wire import DEFAULT_MAX_FRAMES, PREFIX
+
+__all__ = [
+    "DATA_OFF",
+    "HEADER_SIZE",
+    "OUT_OF_LINE",
+    "REC",
+    "SEGREF",
+    "RingError",
+    "RingReader",
+    "RingWriter",
+    "check_ring",
+    "init_ring",
+    "record_size",
+]
+
+HEADER_SIZE: Final = 4096
+DATA_OFF: Final = HEADER_SIZE
+_MAGIC_OFF: Final = 0
+_HEAD_OFF: Final = 64
+_TAIL_OFF: Final = 128
+_SLEEP_OFF: Final = 192
+_WAIT_OFF: Final = 256
+
+_RING_MAGIC: Final = 0x31524D4853505048  # "HPPSHMR1"
+_REC_MAGIC: Final = 0x43455248  # "HREC"
+_WRAP_MAGIC: Final = 0x50415257  # "WRAP"
+
+_U64 = struct.Struct("<Q")
+_HDR2 = struct.Struct("<QQ")
+_MARK = struct.Struct("<II")
+#: Record header: rec_len, magic, then the shared link-message prefix.
+REC = struct.Struct("<II" + PREFIX.format.lstrip("<"))
+#: Payload of an out-of-line frame: segment id and offset in the segment's data area.
+SEGREF = struct.Struct("<QQ")
+#: Bit 63 of a frame length: the frame lives in a shared segment.
+OUT_OF_LINE: Final = 1 << 63
+
+_KINDS: Final = {int(k): k for k in Kind}
+_LENS: dict[int, struct.Struct] = {}
+
+# A full memory barrier: acquiring and releasing an uncontended lock executes locked
+# read-modify-write instructions.
+_barrier_lock = threading.Lock()
+_acquire = _barrier_lock.acquire
+_release = _barrier_lock.release
+
+
+def _barrier() -> None:
+    _acquire()
+    _release()
+
+
+def _lens(n: int) -> struct.Struct:
+    s = _LENS.get(n)
+    if s is None:
+        s = _LENS[n] = struct.Struct(f"<{n}Q")
+    return s
+
+
+class RingError(Exception):
+    """The ring's contents break the protocol (corrupted header or record)."""
+
+
+def record_size(nframes: int, payload: int) -> int:
+    """Bytes a record with ``nframes`` frames and ``payload`` payload bytes occupies."""
+    return (REC.size + 8 * nframes + payload + 7) & ~7
+
+
+def init_ring(mm: mmap.mmap, capacity: int) -> None:
+    """Write the header of a fresh ring of ``capacity`` data bytes into ``mm``."""
+    _HDR2.pack_into(mm, _MAGIC_OFF, _RING_MAGIC, capacity)
+
+
+def check_ring(mm: mmap.mmap) -> int:
+    """Validate a peer's ring header against the mapping; return its capacity.
+
+    Raises:
+        RingError: wrong magic, or a capacity that is not a power of two filling the
+            mapping exactly.
+    """
+    if len(mm) <= HEADER_SIZE:
+        raise RingError(f"ring mapping of {len(mm)} bytes is too small")
+    magic, capacity = _HDR2.unpack_from(mm, _MAGIC_OFF)
+    if magic != _RING_MAGIC:
+        raise RingError("bad ring magic")
+    if capacity & (capacity - 1) or capacity < 4096 or capacity != len(mm) - HEADER_SIZE:
+        raise RingError(f"bad ring capacity {capacity} for a mapping of {len(mm)} bytes")
+    return int(capacity)
+
+
+class RingWriter:
+    """The producer side of a ring; one per link direction, on one thread."""
+
+    __slots__ = ("_mask", "_waiting", "_woken", "capacity", "head", "mm", "view")
+
+    def __init__(self, mm: mmap.mmap, capacity: int) -> None:
+        self.mm = mm
+        self.view = memoryview(mm)
+        self.capacity = capacity
+        self._mask = capacity - 1
+        #: Bytes published so far (the producer's private copy of ``head``).
+        self.head = 0
+        self._woken = 0
+        self._waiting = 0
+
+    def reserve(self, size: int) -> int:
+        """Offset in the mapping for a ``size``-byte record, or -1 when the ring is full.
+
+        ``size`` must be a multiple of 8 and at most a quarter of the capacity. The
+        record becomes visible only at the next :meth:`publish`.
+
+        Raises:
+            RingError: the consumer's ``tail`` is impossible.
+        """
+        head = self.head
+        pos = head & self._mask
+        room = self.capacity - pos
+        need = size if size <= room else room + size
+        used = head - _U64.unpack_from(self.mm, _TAIL_OFF)[0]
+        if used < 0 or used > self.capacity:
+            raise RingError(f"consumer tail is {used} bytes from head")
+        if self.capacity - used < need:
+            return -1
+        if size > room:
+            _MARK.pack_into(self.mm, DATA_OFF + pos, room, _WRAP_MAGIC)
+            head += room
+            pos = 0
+        self.head = head + size
+        return DATA_OFF + pos
+
+    def publish(self) -> bool:
+        """Make reserved records visible; True when the consumer must be woken."""
+        _barrier()
+        _U64.pack_into(self.mm, _HEAD_OFF, self.head)
+        _barrier()
+        seq: int = _U64.unpack_from(self.mm, _SLEEP_OFF)[0]
+        if seq & 1 and seq != self._woken:
+            self._woken = seq
+            return True
+        return False
+
+    def write(
+        self,
+        off: int,
+        rec_len: int,
+        kind: int,
+        conn_id: int,
+        lengths: tuple[int, ...],
+        parts: list[memoryview | tuple[int, int]],
+    ) -> None:
+        """Write one record at ``off`` (from :meth:`reserve`).
+
+        ``parts`` are the frames in order: a byte memoryview written inline, or a
+        ``(seg_id, offset)`` reference whose length in ``lengths`` has
+        :data:`OUT_OF_LINE` set.
+        """
+        mm = self.mm
+        n = len(lengths)
+        REC.pack_into(mm, off, rec_len, _REC_MAGIC, kind, n, conn_id)
+        if n:
+            p = off + REC.size
+            _lens(n).pack_into(mm, p, *lengths)
+            p += 8 * n
+            view = self.view
+            for part in parts:
+                if type(part) is tuple:
+                    SEGREF.pack_into(mm, p, *part)
+                    p += SEGREF.size
+                else:
+                    q = p + part.nbytes  # type: ignore[union-attr]
+                    view[p:q] = part  # type: ignore[assignment]
+                    p = q
+
+    def start_waiting(self) -> None:
+        """Announce that the producer will sleep until the consumer frees space."""
+        self._waiting += 2
+        _U64.pack_into(self.mm, _WAIT_OFF, self._waiting - 1)
+        _barrier()
+
+    def stop_waiting(self) -> None:
+        _U64.pack_into(self.mm, _WAIT_OFF, self._waiting)
+
+    def release(self) -> None:
+        """Drop the exported view so that the mapping can be closed."""
+        self.view.release()
+
+
+class RingReader:
+    """The consumer side of a ring; validates everything it reads."""
+
+    __slots__ = ("_mask", "_signalled", "_sleep", "capacity", "mm", "tail", "view")
+
+    def __init__(self, mm: mmap.mmap, capacity: int) -> None:
+        self.mm = mm
+        self.view = memoryview(mm)
+        self.capacity = capacity
+        self._mask = capacity - 1
+        self.tail = 0
+        self._sleep = 0
+        self._signalled = 0
+
+    def pending(self) -> bool:
+        """Whether the producer published records not consumed yet (no barrier)."""
+        return bool(_U64.unpack_from(self.mm, _HEAD_OFF)[0] != self.tail)
+
+    def drain(
+        self,
+        deliver: Callable[[Kind, int, list[object]], bool],
+        *,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+    ) -> int:
+        """Parse every published record and pass it to ``deliver``.
+
+        ``deliver(kind, conn_id, frames)`` gets inline frames as writable memoryviews
+        (copies out of the ring) and out-of-line frames as ``(seg_id, offset,
+        length)`` tuples for the caller to check and resolve; it returns False to stop
+        (the link went down). The consumed space is handed back to the producer.
+        Returns the number of records delivered.
+
+        Raises:
+            RingError: a corrupted header or record; nothing after it is delivered.
+        """
+        mm = self.mm
+        view = self.view
+        cap = self.capacity
+        tail = self.tail
+        head = _U64.unpack_from(mm, _HEAD_OFF)[0]
+        if head == tail:
+            return 0
+        _barrier()
+        avail = head - tail
+        if avail < 0 or avail > cap or avail & 7:
+            raise RingError(f"producer head is {avail} bytes from tail")
+        count = 0
+        try:
+            while tail != head:
+                pos = tail & self._mask
+                off = DATA_OFF + pos
+                rec_len, magic = _MARK.unpack_from(mm, off)
+                if magic == _WRAP_MAGIC:
+                    if rec_len != cap - pos or rec_len > head - tail:
+                        raise RingError(f"wrap marker of {rec_len} bytes at {pos}")
+                    tail += rec_len
+                    continue
+                if magic != _REC_MAGIC:
+                    raise RingError(f"bad record magic {magic:#x} at {pos}")
+                size = (rec_len + 7) & ~7
+                if rec_len < REC.size or size > cap - pos or size > head - tail:
+                    raise RingError(f"record length {rec_len} at {pos} out of bounds")
+                _, _, kind_no, nframes, conn_id = REC.unpack_from(mm, off)
+                kind = _KINDS.get(kind_no)
+                if kind is None:
+                    raise RingError(f"unknown message kind {kind_no}")
+                end = off + rec_len
+                p = off + REC.size
+                frames: list[object] = []
+                if nframes:
+                    if kind is not Kind.DATA:
+                        raise RingError(f"control message {kind.name} carries frames")
+                    if nframes > max_frames or p + 8 * nframes > end:
+                        raise RingError(f"record claims {nframes} frames")
+                    lengths = _lens(nframes).unpack_from(mm, p)
+                    p += 8 * nframes
+                    for length in lengths:
+                        if length & OUT_OF_LINE:
+                            if p + SEGREF.size > end:
+                                raise RingError("segment reference beyond the record")
+                            seg_id, seg_off = SEGREF.unpack_from(mm, p)
+                            frames.append((seg_id, seg_off, length & ~OUT_OF_LINE))
+                            p += SEGREF.size
+                        else:
+                            if length > end - p:
+                                raise RingError(f"frame of {length} bytes beyond the record")
+                            frames.append(memoryview(bytearray(view[p : p + length])))
+                            p += length
+                if p != end:
+                    raise RingError(f"record of {rec_len} bytes has {end - p} stray bytes")
+                tail += size
+                count += 1
+                if not deliver(kind, conn_id, frames):
+                    break
+        finally:
+            self.tail = tail
+            _U64.pack_into(mm, _TAIL_OFF, tail)
+        return count
+
+    def producer_waiting(self) -> bool:
+        """True (once per wait) when the producer sleeps until space is freed."""
+        _barrier()
+        seq: int = _U64.unpack_from(self.mm, _WAIT_OFF)[0]
+        if seq & 1 and seq != self._signalled:
+            self._signalled = seq
+            return True
+        return False
+
+    def sleep(self) -> bool:
+        """Announce that the consumer goes to sleep; False if data arrived meanwhile.
+
+        After False the consumer is awake again and must drain.
+        """
+        self._sleep += 2
+        _U64.pack_into(self.mm, _SLEEP_OFF, self._sleep - 1)
+        _barrier()
+        if self.pending():
+            self.wake()
+            return False
+        return True
+
+    def wake(self) -> None:
+        """Announce that the consumer is awake (producers stop sending wake-ups)."""
+        if _U64.unpack_from(self.mm, _SLEEP_OFF)[0] != self._sleep:
+            _U64.pack_into(self.mm, _SLEEP_OFF, self._sleep)
+
+    @property
+    def asleep(self) -> bool:
+        return bool(_U64.unpack_from(self.mm, _SLEEP_OFF)[0] != self._sleep)
+
+    def release(self) -> None:
+        """Drop the exported view so that the mapping can be closed."""
+        self.view.release()

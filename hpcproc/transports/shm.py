@@ -1,0 +1,936 @@
+"""Shared-memory transport: endpoints on one host, linked through ``memfd`` mappings.
+
+Design
+------
+Each endpoint listens on a Unix ``SOCK_SEQPACKET`` socket in the abstract namespace
+(nothing appears in the file system or in ``/dev/shm``). A link between two endpoints
+is one such socket plus two rings (:mod:`hpcproc.transports._shm_ring`), one per
+direction; each side creates the ring it writes to with ``memfd_create``, seals its
+size and passes the descriptor over the socket (``SCM_RIGHTS``).
+
+* Frames smaller than ``inline_threshold`` are copied into the ring and out again on
+  the receiving side (two small copies cost less than mapping anything).
+* Larger frames (and every frame of a message too big for the ring) are copied once
+  into a *segment*: a sealed ``memfd`` from the sender's per-link pool, passed to the
+  receiver once and mapped by it for the life of the link. The receiver gets writable
+  memoryviews over the segment itself, so a numpy array is copied exactly once end to
+  end. The segment returns to the sender's pool when the receiver has dropped every
+  view of that message (a finalizer on the numpy array the views are cut from clears
+  the segment's busy word); until then the sender uses another one. The pool keeps at
+  most ``max_pool_segments`` per link; beyond that a one-shot segment is used, which
+  the kernel frees once the receiver's views are gone.
+* The socket carries only wake-ups, segment descriptors and the handshake. A consumer
+  polls its rings from the event loop for ``spin_us`` microseconds after the last
+  message (keeping the loop running, never blocking it), then announces that it
+  sleeps; producers write one wake-up byte only then.
+* The socket is the death detector: it closes when the peer process exits, even by
+  ``SIGKILL``. The survivor drains what the peer published, reports
+  ``CONNECTION_LOST`` and drops its mappings; the kernel frees the memory when the
+  last mapping goes.
+* Peers must run under the same user id (``SO_PEERCRED``); others are refused and
+  logged.
+
+Addresses are ``b"shm:<hostname>:<boot id>:<socket name>"``; connecting to an address
+of another host (or another boot) fails with ``ConnectError(NOT_FOUND)``.
+
+Linux only (``memfd_create``, abstract Unix sockets). Memory ordering relies on a
+full barrier (see :mod:`~hpcproc.transports._shm_ring`).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import secrets
+import socket
+import struct
+import time
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
+from ._shm_ring import (
+    HEADER_SIZE,
+    OUT_OF_LINE,
+    REC,
+    SEGREF,
+    RingError,
+    RingReader,
+    RingWriter,
+    check_ring,
+    init_ring,
+)
+from .base import (
+    Buffer,
+    ConnectError,
+    ConnectErrorCode,
+    EndPoint,
+    EndPointAddress,
+    NewEndPointError,
+    NewEndPointErrorCode,
+    SendError,
+    SendErrorCode,
+)
+
+__all__ = ["ShmTransport", "create_transport"]
+
+log = logging.getLogger("hpcproc.transports.shm")
+
+_PREFIX = b"shm:"
+_VERSION = 1
+#: Bound on an incoming handshake and on waiting for a crossed connect's link.
+HANDSHAKE_TIMEOUT = 10.0
+#: Bytes before a segment's data: the busy word (1 while the receiver holds views).
+SEG_HEADER = 64
+_SEG_ALIGN = 64
+_SEG_GRANULE = 1 << 20
+
+_MSG_WAKE = b"W"
+_MSG_SPACE = b"S"
+_NEWSEG = struct.Struct("<cxxxxxxxQQQ")  # b"N", seg_id, size, oneshot
+_DROPSEG = struct.Struct("<cxxxxxxxQ")  # b"D", seg_id
+_HELLO = struct.Struct("<cxxxI")  # b"H", version; then the connector's address
+_WELCOME = b"A"
+_REJECT_CROSSED = b"RX"
+_REJECT_CLOSED = b"RC"
+_U32 = struct.Struct("<I")
+_PEERCRED = struct.Struct("3i")
+_MAX_MSG = 1024
+_FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_NAME_RE = re.compile(rb"[A-Za-z0-9._-]{1,100}")
+
+
+# --------------------------------------------------------------------------- host, memfd
+
+
+@lru_cache(maxsize=1)
+def _host_identity() -> tuple[bytes, bytes]:
+    """(hostname, boot id): together they name one running kernel."""
+    host = socket.gethostname().encode().replace(b":", b"_") or b"localhost"
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = b"unknown-boot"
+    return host, boot
+
+
+def _parse_address(address: bytes) -> tuple[bytes, bytes, bytes]:
+    parts = address.split(b":")
+    if (
+        len(parts) != 4
+        or parts[0] + b":" != _PREFIX
+        or not parts[1]
+        or not parts[2]
+        or not _NAME_RE.fullmatch(parts[3])
+    ):
+        raise ConnectError(ConnectErrorCode.FAILED, f"not a shared-memory address: {address!r}")
+    return parts[1], parts[2], parts[3]
+
+
+def _new_memfd(name: str, size: int, *, populate: bool) -> tuple[mmap.mmap, int]:
+    """A sealed (fixed-size) anonymous shared file of ``size`` bytes: (mapping, fd).
+
+    The caller closes ``fd`` once it has passed it to the peer; the mapping stays.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        return mmap.mmap(fd, size, flags=flags), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _map_peer_memfd(fd: int, size: int | None, *, populate: bool) -> mmap.mmap:
+    """Map a descriptor a peer passed; it must be sealed against shrinking.
+
+    Without the seal the peer could truncate the file and make this process fault
+    (SIGBUS) when it reads. Raises :class:`RingError` for a bad descriptor.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        actual = os.fstat(fd).st_size
+    except OSError as exc:
+        raise RingError(f"peer passed an unusable descriptor: {exc}") from exc
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise RingError("peer passed a shared file that is not sealed against shrinking")
+    if size is not None and actual != size:
+        raise RingError(f"peer's shared file has {actual} bytes, announced {size}")
+    if actual <= 0:
+        raise RingError("peer passed an empty shared file")
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+    return mmap.mmap(fd, actual, flags=flags)
+
+
+def _send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+
+
+def _recv(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and the descriptors passed with it (non-blocking)."""
+    data, ancdata, _flags, _addr = sock.recvmsg(_MAX_MSG, _FD_SPACE)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(array.array("i", payload[:usable]))
+    return data, fds
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+async def _recv_async(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """Wait for one message on a non-blocking socket (handshake only)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[tuple[bytes, list[int]]] = loop.create_future()
+
+    def ready() -> None:
+        if fut.done():
+            return
+        try:
+            fut.set_result(_recv(sock))
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            fut.set_exception(exc)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        result = await fut
+    except BaseException:
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            _close_fds(fut.result()[1])
+        raise
+    finally:
+        loop.remove_reader(sock.fileno())
+    return result
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    _pid, uid, _gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    return int(uid)
+
+
+def _as_bytes(frame: Buffer) -> memoryview:
+    view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+    elif not view.contiguous:
+        view = memoryview(view.tobytes())
+    return view
+
+
+# --------------------------------------------------------------------------- segments
+
+
+class _TxSegment:
+    """A segment of the sender's pool; its busy word is cleared by the receiver."""
+
+    __slots__ = ("mm", "seg_id", "size", "view")
+
+    def __init__(self, seg_id: int, mm: mmap.mmap, size: int) -> None:
+        self.seg_id = seg_id
+        self.size = size
+        self.mm = mm
+        self.view = memoryview(mm)
+
+    def is_free(self) -> bool:
+        return bool(_U32.unpack_from(self.mm, 0)[0] == 0)
+
+    def mark_busy(self) -> None:
+        _U32.pack_into(self.mm, 0, 1)
+
+    def close(self) -> None:
+        self.view.release()
+        self.mm.close()
+
+
+class _RxSegment:
+    """A peer's segment as mapped here; views of one message at a time."""
+
+    __slots__ = ("busy", "mm", "oneshot", "size")
+
+    def __init__(self, mm: mmap.mmap, size: int, oneshot: bool) -> None:
+        self.mm = mm
+        self.size = size
+        self.oneshot = oneshot
+        self.busy = False
+
+    def release(self) -> None:
+        """Every view of the current message is gone: hand the segment back."""
+        self.busy = False
+        _U32.pack_into(self.mm, 0, 0)
+
+
+# --------------------------------------------------------------------------- link
+
+
+class _Queued:
+    """A record waiting for ring space (kept in order behind earlier ones)."""
+
+    __slots__ = ("conn_id", "done", "kind", "lengths", "parts", "rec_len", "size")
+
+    def __init__(
+        self,
+        kind: int,
+        conn_id: int,
+        rec_len: int,
+        lengths: tuple[int, ...],
+        parts: list[memoryview | tuple[int, int]],
+        done: asyncio.Future[None] | None,
+    ) -> None:
+        self.kind = kind
+        self.conn_id = conn_id
+        self.rec_len = rec_len
+        self.size = (rec_len + 7) & ~7
+        self.lengths = lengths
+        self.parts = parts
+        self.done = done
+
+
+class _ShmLink(Link):
+    """A socket plus one ring per direction; see the module docstring."""
+
+    def __init__(
+        self,
+        endpoint: _ShmEndPoint,
+        remote: EndPointAddress,
+        sock: socket.socket,
+        tx: mmap.mmap,
+        rx: mmap.mmap,
+    ) -> None:
+        super().__init__(remote)
+        opts = endpoint._opts
+        self._endpoint = endpoint
+        self._loop = endpoint._loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._writer = RingWriter(tx, len(tx) - HEADER_SIZE)
+        self._reader = RingReader(rx, check_ring(rx))
+        self._max_record = self._writer.capacity // 4
+        self._threshold: int = opts["inline_threshold"]
+        self._spin: float = opts["spin_us"] * 1e-6
+        self._max_pool: int = opts["max_pool_segments"]
+        self._queue: deque[_Queued] = deque()
+        self._pool: list[_TxSegment] = []
+        self._next_seg = 1
+        self._rx_segments: dict[int, _RxSegment] = {}
+        self._polling = False
+        self._spin_until = 0.0
+        self._down = False
+        self._flushed: asyncio.Future[None] | None = None
+
+    def start(self) -> None:
+        """Start receiving (after the link is registered with its endpoint)."""
+        if self._down:
+            return
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._progress()
+
+    # ------------------------------------------------------------------ sending
+
+    def send_control(self, kind: Kind, conn_id: int) -> None:
+        if self._down:
+            return
+        if not self._queue:
+            off = self._writer.reserve(REC.size)
+            if off >= 0:
+                self._writer.write(off, REC.size, kind, conn_id, (), [])
+                self._publish()
+                return
+        self._enqueue(_Queued(kind, conn_id, REC.size, (), [], None))
+
+    async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
+        if self._down:
+            raise ConnectionError("shared-memory link is down")
+        views = [_as_bytes(f) for f in frames]
+        threshold = self._threshold
+        sizes = [v.nbytes for v in views]
+        inline = [n < threshold for n in sizes]
+        payload = sum(n if small else SEGREF.size for n, small in zip(sizes, inline, strict=True))
+        rec_len = REC.size + 8 * len(views) + payload
+        if rec_len > self._max_record:
+            inline = [False] * len(views)
+            rec_len = REC.size + (8 + SEGREF.size) * len(views)
+            if rec_len > self._max_record:
+                raise SendError(
+                    SendErrorCode.FAILED,
+                    f"a message of {len(views)} frames does not fit the shared-memory ring "
+                    f"(ring_size {self._writer.capacity} bytes)",
+                )
+        if all(inline):
+            lengths = tuple(sizes)
+            parts: list[memoryview | tuple[int, int]] = list(views)
+        else:
+            lengths, parts = self._place_out_of_line(views, sizes, inline)
+        if not self._queue:
+            off = self._writer.reserve((rec_len + 7) & ~7)
+            if off >= 0:
+                self._writer.write(off, rec_len, Kind.DATA, conn_id, lengths, parts)
+                self._publish()
+                return
+        done = self._loop.create_future()
+        self._enqueue(_Queued(Kind.DATA, conn_id, rec_len, lengths, parts, done))
+        await done
+
+    def _place_out_of_line(
+        self, views: list[memoryview], sizes: list[int], inline: list[bool]
+    ) -> tuple[tuple[int, ...], list[memoryview | tuple[int, int]]]:
+        """Copy the large frames into one segment; return the record's lengths and parts."""
+        total = 0
+        for n, small in zip(sizes, inline, strict=True):
+            if not small:
+                total += (n + _SEG_ALIGN - 1) & ~(_SEG_ALIGN - 1)
+        seg = self._segment_for(total)
+        seg.mark_busy()
+        lengths: list[int] = []
+        parts: list[memoryview | tuple[int, int]] = []
+        off = 0
+        sview = seg.view
+        for view, n, small in zip(views, sizes, inline, strict=True):
+            if small:
+                lengths.append(n)
+                parts.append(view)
+            else:
+                start = SEG_HEADER + off
+                sview[start : start + n] = view
+                lengths.append(n | OUT_OF_LINE)
+                parts.append((seg.seg_id, off))
+                off += (n + _SEG_ALIGN - 1) & ~(_SEG_ALIGN - 1)
+        if seg not in self._pool:
+            seg.close()  # one-shot: the receiver's mapping keeps the memory
+        return tuple(lengths), parts
+
+    def _segment_for(self, nbytes: int) -> _TxSegment:
+        best: _TxSegment | None = None
+        for seg in self._pool:
+            if seg.size >= nbytes and (best is None or seg.size < best.size) and seg.is_free():
+                best = seg
+        if best is not None and best.size <= 4 * nbytes + _SEG_GRANULE:
+            return best
+        size = max(_SEG_GRANULE, (nbytes + _SEG_GRANULE - 1) & ~(_SEG_GRANULE - 1))
+        if len(self._pool) >= self._max_pool:
+            free = [s for s in self._pool if s.is_free()]
+            if free:
+                victim = min(free, key=lambda s: s.size)
+                self._pool.remove(victim)
+                self._sock.send(_DROPSEG.pack(b"D", victim.seg_id))
+                victim.close()
+        mm, fd = _new_memfd("hpcproc-shm-segment", SEG_HEADER + size, populate=True)
+        seg = _TxSegment(self._next_seg, mm, size)
+        self._next_seg += 1
+        oneshot = len(self._pool) >= self._max_pool
+        try:
+            _send_fd(self._sock, _NEWSEG.pack(b"N", seg.seg_id, size, oneshot), fd)
+        except BaseException:
+            seg.close()
+            raise
+        finally:
+            os.close(fd)
+        if not oneshot:
+            self._pool.append(seg)
+        return seg
+
+    def _enqueue(self, item: _Queued) -> None:
+        self._queue.append(item)
+        if len(self._queue) == 1:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Write queued records while the ring has room; sleep on the consumer if not."""
+        writer = self._writer
+        queue = self._queue
+        wrote = False
+        try:
+            while queue and not self._down:
+                item = queue[0]
+                off = writer.reserve(item.size)
+                if off < 0:
+                    writer.start_waiting()
+                    off = writer.reserve(item.size)
+                    if off < 0:
+                        break
+                    writer.stop_waiting()
+                writer.write(off, item.rec_len, item.kind, item.conn_id, item.lengths, item.parts)
+                wrote = True
+                queue.popleft()
+                if item.done is not None and not item.done.done():
+                    item.done.set_result(None)
+        except RingError as exc:
+            self._violation(str(exc))
+            return
+        if wrote:
+            self._publish()
+        if not queue and self._flushed is not None and not self._flushed.done():
+            self._flushed.set_result(None)
+
+    def _publish(self) -> None:
+        try:
+            wake = self._writer.publish()
+        except ValueError:  # the mapping was closed under us (torn down)
+            return
+        if wake:
+            self._signal(_MSG_WAKE)
+
+    def _signal(self, msg: bytes) -> None:
+        try:
+            self._sock.send(msg)
+        except BlockingIOError:
+            pass  # the peer has unread signals already; it will look at the ring
+        except OSError:
+            pass  # the reader notices the broken socket
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_readable(self) -> None:
+        if not self._read_socket():
+            return
+        self._reader.wake()
+        if not self._polling:
+            self._progress()
+
+    def _read_socket(self) -> bool:
+        """Handle every pending socket message; False when the link went down."""
+        sock = self._sock
+        while not self._down:
+            try:
+                data, fds = _recv(sock)
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                self._peer_gone(f"link socket failed: {exc}")
+                return False
+            try:
+                if not data:
+                    self._peer_gone("peer closed the link or died")
+                    return False
+                tag = data[:1]
+                if tag == _MSG_WAKE:
+                    pass
+                elif tag == _MSG_SPACE:
+                    self._pump()
+                elif tag == b"N" and len(data) == _NEWSEG.size and len(fds) == 1:
+                    _, seg_id, size, oneshot = _NEWSEG.unpack(data)
+                    if seg_id in self._rx_segments or size > 1 << 40:
+                        raise RingError(f"bad new segment {seg_id} of {size} bytes")
+                    mm = _map_peer_memfd(fds[0], SEG_HEADER + size, populate=True)
+                    self._rx_segments[seg_id] = _RxSegment(mm, size, bool(oneshot))
+                elif tag == b"D" and len(data) == _DROPSEG.size:
+                    self._rx_segments.pop(_DROPSEG.unpack(data)[1], None)
+                else:
+                    raise RingError(f"unexpected link message {data[:8]!r}")
+            except (RingError, OSError, ValueError) as exc:
+                self._violation(str(exc))
+                return False
+            finally:
+                _close_fds(fds)
+        return False
+
+    def _progress(self) -> None:
+        """Drain the ring; keep polling for ``spin_us`` after the last record, then sleep."""
+        self._polling = False
+        if self._down:
+            return
+        if self._drain():
+            self._spin_until = time.perf_counter() + self._spin
+        elif time.perf_counter() >= self._spin_until and self._reader.sleep():
+            return
+        if not self._down:
+            self._polling = True
+            self._loop.call_soon(self._progress)
+
+    def _drain(self) -> int:
+        try:
+            n = self._reader.drain(self._deliver)
+            if n and self._reader.producer_waiting():
+                self._signal(_MSG_SPACE)
+            return n
+        except RingError as exc:
+            self._violation(str(exc))
+            return 0
+
+    def _deliver(self, kind: Kind, conn_id: int, frames: list[Any]) -> bool:
+        endpoint = self._endpoint
+        if kind is Kind.DATA:
+            for frame in frames:
+                if type(frame) is tuple:
+                    frames = self._resolve(frames)
+                    break
+            endpoint._on_data(self, conn_id, frames)
+        elif kind is Kind.OPEN:
+            endpoint._on_open(self, conn_id)
+        else:
+            endpoint._on_close(self, conn_id)
+        return self.alive and not self._down
+
+    def _resolve(self, frames: list[Any]) -> list[memoryview]:
+        """Turn segment references into views of the segments; check every bound."""
+        bases: dict[int, np.ndarray[Any, Any]] = {}
+        out: list[memoryview] = []
+        for frame in frames:
+            if type(frame) is not tuple:
+                out.append(frame)
+                continue
+            seg_id, off, n = frame
+            seg = self._rx_segments.get(seg_id)
+            if seg is None:
+                # Its descriptor was sent before the record; it may still be queued.
+                self._read_socket()
+                seg = self._rx_segments.get(seg_id)
+                if seg is None:
+                    raise RingError(f"record refers to unknown segment {seg_id}")
+            if off > seg.size or n > seg.size - off:
+                raise RingError(
+                    f"frame of {n} bytes at {off} is beyond segment {seg_id} of {seg.size} bytes"
+                )
+            base = bases.get(seg_id)
+            if base is None:
+                if seg.busy:
+                    raise RingError(f"segment {seg_id} reused before the receiver released it")
+                base = np.frombuffer(seg.mm, np.uint8, count=seg.size, offset=SEG_HEADER)
+                seg.busy = True
+                weakref.finalize(base, seg.release)
+                bases[seg_id] = base
+                if seg.oneshot:
+                    del self._rx_segments[seg_id]
+            out.append(memoryview(base[off : off + n]))  # type: ignore[arg-type]
+        return out
+
+    # ------------------------------------------------------------------ failure, close
+
+    def _violation(self, reason: str) -> None:
+        if self._down:
+            return
+        if self.alive:
+            self._endpoint._protocol_violation(self, f"corrupt shared memory: {reason}")
+        else:
+            log.warning("dropping link to %r: %s", self.remote, reason)
+        self._teardown()
+
+    def _peer_gone(self, reason: str) -> None:
+        if self._down:
+            return
+        self._drain()
+        if not self._down:
+            self._endpoint._on_link_down(self, reason)
+            self._teardown()
+
+    async def close(self) -> None:
+        if self._down:
+            return
+        if self._queue:
+            self._flushed = self._loop.create_future()
+            await self._flushed
+        self._teardown()
+
+    def abort(self) -> None:
+        self._teardown()
+
+    def _teardown(self) -> None:
+        """Release everything at once; the peer sees the socket close."""
+        if self._down:
+            return
+        self._down = True
+        self._loop.remove_reader(self._fd)
+        self._sock.close()
+        queue, self._queue = self._queue, deque()
+        for item in queue:
+            if item.done is not None and not item.done.done():
+                item.done.set_exception(ConnectionError("shared-memory link is down"))
+        if self._flushed is not None and not self._flushed.done():
+            self._flushed.set_result(None)
+        for seg in self._pool:
+            seg.close()
+        self._pool.clear()
+        # Views handed to the application keep their segments mapped until dropped.
+        self._rx_segments.clear()
+        for ring in (self._writer, self._reader):
+            ring.release()
+            with contextlib.suppress(BufferError):  # a view escaped: GC unmaps it
+                ring.mm.close()
+
+
+# --------------------------------------------------------------------------- endpoint
+
+
+class _ShmEndPoint(MultiplexedEndPoint):
+    def __init__(
+        self,
+        transport: ShmTransport,
+        address: EndPointAddress,
+        listener: socket.socket,
+        opts: dict[str, Any],
+    ) -> None:
+        super().__init__(address)
+        self._transport = transport
+        self._listener = listener
+        self._opts = opts
+        self._loop = asyncio.get_running_loop()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._incoming_waiters: dict[EndPointAddress, list[asyncio.Future[Link]]] = {}
+        self._loop.add_reader(listener.fileno(), self._on_acceptable)
+
+    def _new_ring(self) -> tuple[mmap.mmap, int]:
+        size: int = self._opts["ring_size"]
+        mm, fd = _new_memfd("hpcproc-shm-ring", HEADER_SIZE + size, populate=True)
+        init_ring(mm, size)
+        return mm, fd
+
+    # ------------------------------------------------------------------ connecting
+
+    async def _open_link(self, remote: EndPointAddress, timeout: float | None) -> Link:
+        host, boot, name = _parse_address(remote)
+        my_host, my_boot = _host_identity()
+        if (host, boot) != (my_host, my_boot):
+            raise ConnectError(
+                ConnectErrorCode.NOT_FOUND,
+                f"{remote!r} is an endpoint on host {host.decode(errors='replace')} "
+                f"(boot {boot.decode(errors='replace')}), not on this host "
+                f"({my_host.decode(errors='replace')}); the shm transport only connects "
+                "endpoints on one host: use the tcp or ucx transport for peers on other hosts",
+            )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        tx: mmap.mmap | None = None
+        try:
+            try:
+                await self._loop.sock_connect(sock, b"\0" + name)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise ConnectError(
+                    ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}"
+                ) from exc
+            if _peer_uid(sock) != os.getuid():
+                raise ConnectError(
+                    ConnectErrorCode.FAILED, f"endpoint {remote!r} belongs to another user"
+                )
+            tx, tx_fd = self._new_ring()
+            try:
+                _send_fd(sock, _HELLO.pack(b"H", _VERSION) + bytes(self.address), tx_fd)
+            finally:
+                os.close(tx_fd)
+            data, fds = await _recv_async(sock)
+            try:
+                if data == _REJECT_CROSSED:
+                    sock.close()
+                    tx.close()
+                    return await self._incoming_link(remote)
+                if data != _WELCOME or len(fds) != 1:
+                    raise ConnectError(
+                        ConnectErrorCode.NOT_FOUND, f"endpoint {remote!r} is closing or closed"
+                    )
+                rx = _map_peer_memfd(fds[0], None, populate=True)
+            finally:
+                _close_fds(fds)
+            try:
+                link = _ShmLink(self, remote, sock, tx, rx)
+            except RingError:
+                rx.close()
+                raise
+        except ConnectError:
+            self._discard(sock, tx)
+            raise
+        except RingError as exc:
+            self._discard(sock, tx)
+            log.warning("refusing link to %r: %s", remote, exc)
+            raise ConnectError(
+                ConnectErrorCode.FAILED, f"bad handshake from {remote!r}: {exc}"
+            ) from exc
+        except OSError as exc:
+            self._discard(sock, tx)
+            raise ConnectError(ConnectErrorCode.FAILED, f"connecting to {remote!r}: {exc}") from exc
+        except BaseException:
+            self._discard(sock, tx)
+            raise
+        if self._closed:
+            link.abort()
+            raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
+        self._loop.call_soon(link.start)
+        return link
+
+    @staticmethod
+    def _discard(sock: socket.socket, tx: mmap.mmap | None) -> None:
+        sock.close()
+        if tx is not None and not tx.closed:
+            tx.close()
+
+    async def _incoming_link(self, remote: EndPointAddress) -> Link:
+        """The peer won a crossed connect: wait for the link it is opening to us."""
+        link = self._links.get(remote)
+        if link is not None:
+            return link
+        fut: asyncio.Future[Link] = self._loop.create_future()
+        self._incoming_waiters.setdefault(remote, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, HANDSHAKE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ConnectError(
+                ConnectErrorCode.TIMEOUT, f"crossed connect with {remote!r} did not complete"
+            ) from None
+
+    # ------------------------------------------------------------------ accepting
+
+    def _on_acceptable(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("shm endpoint %r: accept failed: %s", self.address, exc)
+                return
+            conn.setblocking(False)
+            task = self._loop.create_task(self._accept(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _accept(self, conn: socket.socket) -> None:
+        tx: mmap.mmap | None = None
+        rx: mmap.mmap | None = None
+        remote = EndPointAddress(b"?")
+        try:
+            if _peer_uid(conn) != os.getuid():
+                log.warning("shm endpoint %r: refused a peer of another user", self.address)
+                conn.close()
+                return
+            data, fds = await asyncio.wait_for(_recv_async(conn), HANDSHAKE_TIMEOUT)
+            try:
+                if len(data) <= _HELLO.size or len(fds) != 1:
+                    raise RingError(f"bad hello {data[:16]!r} with {len(fds)} descriptors")
+                tag, version = _HELLO.unpack_from(data)
+                if tag != b"H" or version != _VERSION:
+                    raise RingError(f"bad hello tag {tag!r} version {version}")
+                remote = EndPointAddress(data[_HELLO.size :])
+                try:
+                    _parse_address(remote)
+                except ConnectError as exc:
+                    raise RingError(str(exc)) from None
+                if self._closed:
+                    conn.send(_REJECT_CLOSED)
+                    conn.close()
+                    return
+                if remote in self._pending and bytes(self.address) < bytes(remote):
+                    conn.send(_REJECT_CROSSED)
+                    conn.close()
+                    return
+                rx = _map_peer_memfd(fds[0], None, populate=True)
+            finally:
+                _close_fds(fds)
+            tx, tx_fd = self._new_ring()
+            try:
+                link = _ShmLink(self, remote, conn, tx, rx)
+                _send_fd(conn, _WELCOME, tx_fd)
+            finally:
+                os.close(tx_fd)
+        except (RingError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("shm endpoint %r: refused link from %r: %s", self.address, remote, exc)
+            conn.close()
+            for mm in (tx, rx):
+                if mm is not None:
+                    mm.close()
+            return
+        self._register_link(link)
+        link.start()
+        for fut in self._incoming_waiters.pop(remote, []):
+            if not fut.done():
+                fut.set_result(link)
+
+    async def _release(self) -> None:
+        self._loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        for futs in self._incoming_waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(ConnectError(ConnectErrorCode.FAILED, "endpoint closed"))
+        self._incoming_waiters.clear()
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class ShmTransport(MultiplexedTransport):
+    """Endpoints of processes on one host, linked through shared memory.
+
+    Options (all per link):
+        ring_size: bytes of each direction's ring (a power of two >= 64 KiB).
+        inline_threshold: frames at least this long go through a shared segment
+            (one copy) instead of the ring (two copies).
+        spin_us: how long a consumer polls after its last message before sleeping.
+        max_pool_segments: pooled segments per link direction.
+    """
+
+    def __init__(
+        self,
+        *,
+        ring_size: int = 1 << 20,
+        inline_threshold: int = 8192,
+        spin_us: float = 200.0,
+        max_pool_segments: int = 8,
+    ) -> None:
+        if not hasattr(os, "memfd_create"):
+            raise NotImplementedError("the shm transport needs Linux (memfd_create)")
+        if ring_size < 1 << 16 or ring_size & (ring_size - 1):
+            raise ValueError(f"ring_size must be a power of two >= 64 KiB, not {ring_size}")
+        if not 0 <= inline_threshold <= ring_size // 8:
+            raise ValueError(
+                f"inline_threshold must be in [0, ring_size/8], not {inline_threshold}"
+            )
+        if spin_us < 0 or max_pool_segments < 0:
+            raise ValueError("spin_us and max_pool_segments must not be negative")
+        super().__init__()
+        self._opts: dict[str, Any] = {
+            "ring_size": ring_size,
+            "inline_threshold": inline_threshold,
+            "spin_us": spin_us,
+            "max_pool_segments": max_pool_segments,
+        }
+
+    async def new_endpoint(self) -> EndPoint:
+        if self._closed:
+            raise NewEndPointError(NewEndPointErrorCode.FAILED, "transport is closed")
+        host, boot = _host_identity()
+        name = b"hpcproc-shm-%d-%s" % (os.getpid(), secrets.token_hex(8).encode())
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            listener.setblocking(False)
+            listener.bind(b"\0" + name)
+            listener.listen(128)
+        except OSError as exc:
+            listener.close()
+            code = (
+                NewEndPointErrorCode.INSUFFICIENT_RESOURCES
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+                else NewEndPointErrorCode.FAILED
+            )
+            raise NewEndPointError(code, f"cannot listen: {exc}") from exc
+        address = EndPointAddress(b"%s%s:%s:%s" % (_PREFIX, host, boot, name))
+        endpoint = _ShmEndPoint(self, address, listener, self._opts)
+        self._add_endpoint(endpoint)
+        return endpoint
+
+
+def create_transport(**options: Any) -> ShmTransport:
+    """Registry factory for ``shm``; see :class:`ShmTransport` for the options."""
+    return ShmTransport(**options)
