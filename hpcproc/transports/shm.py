@@ -808,6 +808,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         tx: mmap.mmap | None = None
         rx: mmap.mmap | None = None
         remote = EndPointAddress(b"?")
+        link: _ShmLink | None = None
         try:
             if _peer_uid(conn) != os.getuid():
                 log.warning("shm endpoint %r: refused a peer of another user", self.address)
@@ -839,15 +840,22 @@ class _ShmEndPoint(MultiplexedEndPoint):
             tx, tx_fd = self._new_ring()
             try:
                 link = _ShmLink(self, remote, conn, tx, rx)
+            finally:
+                if link is None:
+                    os.close(tx_fd)
+            try:
                 _send_fd(conn, _WELCOME, tx_fd)
             finally:
                 os.close(tx_fd)
         except (RingError, OSError, asyncio.TimeoutError) as exc:
             log.warning("shm endpoint %r: refused link from %r: %s", self.address, remote, exc)
-            conn.close()
-            for mm in (tx, rx):
-                if mm is not None:
-                    mm.close()
+            if link is not None:
+                link.abort()
+            else:
+                conn.close()
+                for mm in (tx, rx):
+                    if mm is not None:
+                        mm.close()
             return
         self._register_link(link)
         link.start()
