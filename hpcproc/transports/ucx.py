@@ -1,0 +1,1141 @@
+"""UCX transport over ``ucxx``: one authenticated UCX endpoint per pair of endpoints.
+
+UCX reaches InfiniBand verbs, RoCE, shared memory (with zero-copy CMA/XPMEM) and CUDA
+IPC through one API. ``UCX_TLS``, ``UCX_NET_DEVICES`` and every other ``UCX_*``
+variable are read by UCX itself when a transport creates its context, so they pass
+through unchanged (on a machine without an RDMA network, ``UCX_TLS=tcp,sm,self``;
+UCX needs a socket-capable transport in the list for listener connections). ``ucxx``
+is imported on first use; without it :func:`create_transport` raises ``ImportError``
+naming ``pip install hpcproc[ucx]``.
+
+Layout. Every transport object owns one UCX context, one worker and one listener;
+its endpoints are told apart by an id in the address,
+``b"ucx://HOST:PORT/INSTANCE/ID"`` (``INSTANCE`` is random per transport object).
+All lightweight connections between two endpoints share one UCX endpoint, a
+:class:`~hpcproc.transports._multiplex.Link`.
+
+Link set-up (UCX stream API on the new UCX endpoint, every field fixed-size or
+length-checked; ``I`` = initiator, ``A`` = acceptor), the same challenge-response as
+the TCP transport (:class:`~hpcproc.transports._auth.Handshake`)::
+
+    I -> A  HELLO: magic, nonce_I, flags, len(src), len(dst); then src, dst
+    A -> I  nonce_A
+    I -> A  proof_I, tag_I
+    A       verifies proof_I (else: log and drop), decides, registers the link
+    A -> I  proof_A, status (ACCEPT | NOT_FOUND | CROSSED_PENDING | CROSSED_LIVE), tag_A
+    I       verifies proof_A (else: ConnectError(FAILED)); link messages follow
+
+``tag_X`` is a random 64-bit UCX tag on which X receives; nothing is received on it
+before the peer has proved the cookie, so nothing an unauthenticated peer sends is
+delivered. Crossed connects are resolved by the same rule as in the TCP transport:
+an endpoint that is itself dialing the initiator accepts only if the initiator's
+address is the smaller one, and answers ``CROSSED_PENDING`` otherwise (the loser then
+waits for the winner's link); ``CROSSED_LIVE`` answers a dial that arrives after the
+winner's link was registered, and a dialer holding no link from that peer retries with
+``REPLACE``.
+
+Link messages: the tag API, chosen by measurement. A message goes out as one *header*
+tag message (the :mod:`~hpcproc.transports._wire` prefix and length table, a list of
+device-memory frames, then the small frames copied inline) on tag ``t``, followed by
+each large frame as its own tag message on tag ``t ^ 1``, sent from the caller's
+memory (zero-copy; above ``UCX_RNDV_THRESH`` UCX uses rendezvous, i.e. CMA or RDMA
+straight into the receiver's buffer). The receiver keeps one header receive posted
+into a reusable buffer; on a header it posts, in order, one receive per large frame
+into a buffer allocated for that frame's final size (``numpy.empty``, or device memory
+for frames the sender marked as CUDA), and delivers messages strictly in header
+order. Tag matching keeps per-tag order from one sender, so frame ``k`` of the
+``n``-th message lands in the ``k``-th receive posted for it. Why tags: active
+messages would let UCX allocate receive buffers, but a multi-frame message would then
+be several AMs whose order under rendezvous ucxx does not promise, and a buffer per
+message allocated by a host allocator we do not control; the stream API needs one
+exact-size receive per header field (three requests, three progress rounds, for the
+smallest message). With tags a small message costs one send request and one receive
+completion, measured at about half the round trip of the stream variant.
+
+Progress. ``ucxx``'s asyncio layer completes requests either by a progress thread
+plus a notifier thread (two thread hops per message, GIL contention on a small
+machine) or by spinning the event loop with ``asyncio.sleep(0)`` while any request is
+pending, and a link always has a receive pending: an idle process would burn a core.
+This module instead drives the worker from the event loop thread, in UCX's blocking
+mode: the worker's event descriptor is registered with ``loop.add_reader``; each
+wake-up progresses the worker, completes the finished requests (checked by their
+``completed`` flag, no futures) and re-arms the worker. While a large transfer is in
+flight the loop polls the worker once per iteration instead (a rendezvous needs
+several progress rounds that raise no event); a slow timer progresses the worker as a
+safety net. No thread is started; everything, including the listener's and the UCX
+endpoints' error callbacks, runs on the event loop thread.
+
+Failure. A UCX endpoint error (peer process died, network fault, peer aborted the
+link) arrives through the endpoint's close callback and fails the bundle
+(``CONNECTION_LOST``); a failed receive does the same. Closing a link is graceful: a
+``CLOSE`` for connection id 0 (never a connection's id) marks the end of the link,
+after everything sent before it; the peer answers it likewise and the UCX endpoint is
+closed once both ends are known, bounded by the core's ``LINK_CLOSE_TIMEOUT``.
+``abort`` closes the UCX endpoint at once, which the peer sees as an endpoint error.
+
+GPU memory: a frame exposing ``__cuda_array_interface__`` is sent as is (never
+inline) and flagged in the header; the receiver allocates its buffer with CuPy (or
+Numba when CuPy is missing) and delivers it as the frame object. This path needs a
+GPU and a CUDA-enabled UCX (``UCX_TLS`` including ``cuda_copy``/``cuda_ipc``); it is
+not exercised by the test suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import importlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from ._auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
+from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
+from ._wire import PREFIX, WireError, encode_header, parse_lengths, parse_prefix
+from .base import (
+    Buffer,
+    ConnectError,
+    ConnectErrorCode,
+    EndPoint,
+    EndPointAddress,
+    NewEndPointError,
+    NewEndPointErrorCode,
+    SendError,
+    SendErrorCode,
+)
+
+__all__ = ["DEFAULT_MAX_MESSAGE", "UcxTransport", "create_transport", "parse_address"]
+
+log = logging.getLogger("hpcproc.transports.ucx")
+
+#: Default bound on one message (sum of its frames) accepted from or sent to a peer.
+DEFAULT_MAX_MESSAGE = 1 << 30
+#: Most frames per message (the header, with its tables, must fit HEADER_MAX).
+MAX_FRAMES = 4096
+#: Frames are copied into the header while the inline bytes stay within this budget.
+INLINE_BUDGET = 8192
+#: Size of the reusable header receive buffer (an upper bound on every header).
+HEADER_MAX = PREFIX.size + 8 * MAX_FRAMES + 4 + 4 * MAX_FRAMES + INLINE_BUDGET
+#: Transfers at least this large make the progress engine poll until they finish.
+POLL_MIN = 8192
+#: Safety-net progress period (seconds) against a missed worker wake-up.
+IDLE_PROGRESS = 0.25
+#: Most progress rounds per loop callback before yielding to other tasks.
+_ROUNDS = 64
+#: Most unauthenticated handshakes in progress per transport; more are refused.
+MAX_HANDSHAKES = 256
+#: Longest endpoint address accepted in a handshake.
+MAX_ADDRESS = 1024
+#: How long a dialer told ``CROSSED_PENDING`` waits before dialing again.
+_CROSS_WAIT = 1.0
+#: Bound on closing one UCX endpoint (ns): UCX may wait for the peer's answer.
+_CLOSE_PERIOD_NS = 100_000_000
+#: Connection id that marks the end of a link in a CLOSE message.
+_FIN = 0
+
+_MAGIC = b"HPCPUCX\x01"
+_HELLO = struct.Struct(f"<8s{NONCE_LEN}sBHH")
+_PROOF_TAG = struct.Struct(f"<{PROOF_LEN}sQ")
+_REPLY = struct.Struct(f"<{PROOF_LEN}sBQ")
+_U32 = struct.Struct("<I")
+_FLAG_REPLACE = 1
+_SCHEME = b"ucx://"
+_CONTROL = {kind: [PREFIX.pack(kind, 0, 0)] for kind in Kind}
+
+
+class _Status(enum.IntEnum):
+    ACCEPT = 0
+    NOT_FOUND = 1
+    CROSSED_PENDING = 2
+    CROSSED_LIVE = 3
+
+
+class _HandshakeError(Exception):
+    """The peer broke the handshake; the message is the logged reason."""
+
+
+# --------------------------------------------------------------------------- ucxx
+
+
+@dataclass(frozen=True)
+class _Ucxx:
+    """The parts of ucxx this module uses (imported once, on first use)."""
+
+    api: ModuleType
+    Array: Any
+    Tag: Any
+    TagMaskFull: Any
+
+
+_ucxx: _Ucxx | None = None
+
+
+def _load_ucxx() -> _Ucxx:
+    """Import ucxx's low-level API.
+
+    Raises:
+        ImportError: ucxx is not installed; the message names the extra to install.
+    """
+    global _ucxx
+    if _ucxx is None:
+        # ucxx sets UCX_MEMTYPE_CACHE, which this UCX no longer reads; UCX would warn
+        # about it on stdout (which peers and launchers parse) in every process.
+        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        try:
+            import ucxx._lib.libucxx as api
+            from ucxx._lib.arr import Array
+            from ucxx.types import Tag, TagMaskFull
+        except ImportError as exc:
+            raise ImportError(
+                "the ucx transport needs ucxx, which is not installed: pip install hpcproc[ucx]"
+            ) from exc
+        _ucxx = _Ucxx(api, Array, Tag, TagMaskFull)
+    return _ucxx
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+@dataclass(frozen=True, slots=True)
+class UcxAddress:
+    """A parsed endpoint address."""
+
+    host: str
+    port: int
+    instance: bytes
+    endpoint_id: int
+
+
+def parse_address(address: bytes) -> UcxAddress:
+    """Parse ``b"ucx://HOST:PORT/INSTANCE/ID"`` (``HOST`` may be ``[v6-address]``).
+
+    Raises:
+        ValueError: the address is malformed.
+    """
+    if not address.startswith(_SCHEME):
+        raise ValueError("not a ucx address")
+    hostport, _, tail = bytes(address[len(_SCHEME) :]).partition(b"/")
+    instance, _, ident = tail.partition(b"/")
+    host, sep, port_text = hostport.rpartition(b":")
+    if not sep or not host or not instance or not ident.isdigit() or not port_text.isdigit():
+        raise ValueError("expected ucx://HOST:PORT/INSTANCE/ID")
+    if host.startswith(b"[") and host.endswith(b"]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return UcxAddress(host.decode("ascii"), port, instance, int(ident))
+
+
+def _format_address(host: str, port: int, instance: bytes, endpoint_id: int) -> EndPointAddress:
+    shown = f"[{host}]" if ":" in host else host
+    return EndPointAddress(
+        b"%s%s:%d/%s/%d" % (_SCHEME, shown.encode(), port, instance, endpoint_id)
+    )
+
+
+def _context(src: bytes, dst: bytes) -> bytes:
+    """Binds both proofs to this pair of endpoints."""
+    return struct.pack("<HH", len(src), len(dst)) + src + dst
+
+
+def _new_tag() -> int:
+    """A random receive tag; its low bit is 0 (``tag | 1`` carries large frames)."""
+    return secrets.randbits(64) & ~1
+
+
+# --------------------------------------------------------------------------- progress
+
+
+_Callback = Callable[[Any], None]
+
+
+class _Engine:
+    """One UCX context and worker, progressed from the event loop thread.
+
+    Requests are registered with a callback that runs (on the loop thread) once the
+    request has completed, successfully or not; see the module docstring.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        ucxx = _load_ucxx()
+        self.ucxx = ucxx
+        api = ucxx.api
+        self.loop = loop
+        self.context = api.UCXContext(
+            {}, feature_flags=(api.Feature.TAG, api.Feature.WAKEUP, api.Feature.STREAM)
+        )
+        self.worker = api.UCXWorker(
+            self.context, enable_delayed_submission=False, enable_python_future=False
+        )
+        self.worker.init_blocking_progress_mode()
+        self._fd: int = self.worker.epoll_file_descriptor
+        self._pending: list[tuple[Any, _Callback]] = []
+        self._scheduled = False
+        self._polling = 0
+        self._closed = False
+        loop.add_reader(self._fd, self._run)
+        self._timer: asyncio.TimerHandle | None = loop.call_later(IDLE_PROGRESS, self._tick)
+
+    def watch(self, request: Any, callback: _Callback, *, bulk: bool = False) -> None:
+        """Call ``callback(request)`` once ``request`` completes.
+
+        ``bulk`` requests make the engine poll until they complete.
+        """
+        if bulk:
+            self._polling += 1
+
+            def done(req: Any, callback: _Callback = callback) -> None:
+                self._polling -= 1
+                callback(req)
+
+            self._pending.append((request, done))
+        else:
+            self._pending.append((request, callback))
+        self.kick()
+
+    def kick(self) -> None:
+        """Progress the worker soon (after posting work, or when polling)."""
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self.loop.call_soon(self._run)
+
+    def _tick(self) -> None:
+        if self._closed:
+            return
+        self._timer = self.loop.call_later(IDLE_PROGRESS, self._tick)
+        self._run()
+
+    def _run(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        worker = self.worker
+        for _ in range(_ROUNDS):
+            worker.progress()
+            if self._pending:
+                self._reap()
+            if self._closed:
+                return
+            if self._polling:
+                break
+            if worker.arm():
+                return
+        self.kick()
+
+    def _reap(self) -> None:
+        pending = self._pending
+        done = [entry for entry in pending if entry[0].completed]
+        if not done:
+            return
+        self._pending = [entry for entry in pending if not entry[0].completed]
+        for request, callback in done:
+            try:
+                callback(request)
+            except Exception:
+                log.exception("ucx: request callback failed")
+
+    def close(self) -> None:
+        """Stop progressing; pending requests are dropped (their links are aborted)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self._fd)
+        self._pending.clear()
+
+    def progress_now(self) -> None:
+        """One synchronous progress round (used while closing UCX endpoints)."""
+        if not self._closed:
+            self.worker.progress()
+            if self._pending:
+                self._reap()
+
+
+async def _wait(engine: _Engine, request: Any, timeout: float | None = None) -> None:
+    """Await one request (handshake and set-up only); raise its error."""
+    if not request.completed:
+        fut: asyncio.Future[None] = engine.loop.create_future()
+
+        def done(_: Any) -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        engine.watch(request, done)
+        await asyncio.wait_for(fut, timeout)
+    request.check_error()
+
+
+async def _stream_send(engine: _Engine, ep: Any, data: bytes, timeout: float) -> None:
+    await _wait(engine, ep.stream_send(engine.ucxx.Array(data)), timeout)
+
+
+async def _stream_recv(engine: _Engine, ep: Any, n: int, timeout: float) -> bytes:
+    buf = bytearray(n)
+    await _wait(engine, ep.stream_recv(engine.ucxx.Array(buf)), timeout)
+    return bytes(buf)
+
+
+def _close_ucx_endpoint(ep: Any) -> None:
+    """Close a UCX endpoint at once (the peer sees an endpoint error)."""
+    with contextlib.suppress(Exception):
+        ep.close_blocking(period=_CLOSE_PERIOD_NS, max_attempts=1)
+    with contextlib.suppress(Exception):
+        ep.remove_close_callback()
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def _is_device(frame: object) -> bool:
+    return hasattr(frame, "__cuda_array_interface__")
+
+
+def _as_bytes_view(frame: Buffer) -> memoryview:
+    view = memoryview(frame)  # type: ignore[arg-type]
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    if view.c_contiguous:
+        return view.cast("B")
+    return memoryview(view.tobytes())
+
+
+def _inline_plan(lengths: Sequence[int], device: frozenset[int]) -> list[bool]:
+    """Which frames travel inside the header; both sides compute the same plan."""
+    used = 0
+    plan = []
+    for i, n in enumerate(lengths):
+        inline = i not in device and used + n <= INLINE_BUDGET
+        if inline:
+            used += n
+        plan.append(inline)
+    return plan
+
+
+def _device_empty(n: int) -> object:
+    """A device buffer of ``n`` bytes for a received CUDA frame."""
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        cuda = importlib.import_module("numba.cuda")
+        return cuda.device_array(n, dtype=np.uint8)
+    return cupy.empty(n, dtype=cupy.uint8)
+
+
+class _Incoming:
+    """A received message whose large frames are still arriving."""
+
+    __slots__ = ("conn_id", "control", "frames", "missing")
+
+    def __init__(self, conn_id: int, control: Kind | None, frames: list[Any], missing: int):
+        self.conn_id = conn_id
+        self.control = control
+        self.frames = frames
+        self.missing = missing
+
+
+# --------------------------------------------------------------------------- link
+
+
+class _UcxLink(Link):
+    """One authenticated UCX endpoint to one remote endpoint."""
+
+    def __init__(
+        self,
+        endpoint: _UcxEndPoint,
+        remote: EndPointAddress,
+        ep: Any,
+        send_tag: int,
+        recv_tag: int,
+    ) -> None:
+        super().__init__(remote)
+        self._ep_owner = endpoint
+        self._ucx_ep = ep
+        engine = endpoint._transport._engine
+        assert engine is not None
+        self._engine = engine
+        ucxx = engine.ucxx
+        self._Array = ucxx.Array
+        self._send_header_tag = ucxx.Tag(send_tag)
+        self._send_bulk_tag = ucxx.Tag(send_tag | 1)
+        self._recv_header_tag = ucxx.Tag(recv_tag)
+        self._recv_bulk_tag = ucxx.Tag(recv_tag | 1)
+        self._mask = ucxx.TagMaskFull
+        self._max_message = endpoint._transport._max_message
+        self._dead = False
+        self._fin_sent = False
+        self._fin_received = False
+        self._finished: asyncio.Future[None] = engine.loop.create_future()
+        self._header = bytearray(HEADER_MAX)
+        self._header_array = self._Array(self._header)
+        self._inbox: deque[_Incoming] = deque()
+
+    def start(self) -> None:
+        """Watch the UCX endpoint for errors and post the first header receive."""
+        self._ucx_ep.set_close_callback(self._on_endpoint_error)
+        self._post_header_recv()
+
+    # ------------------------------------------------------------------ send side
+
+    def _post_send(self, data: Any, tag: Any, bulk: bool) -> Any:
+        request = self._ucx_ep.tag_send(self._Array(data), tag)
+        if not request.completed:
+            self._engine.watch(request, self._on_send_done, bulk=bulk)
+        else:
+            self._engine.kick()
+            self._on_send_done(request)
+        return request
+
+    def _on_send_done(self, request: Any) -> None:
+        try:
+            request.check_error()
+        except Exception as exc:
+            self._fail(f"send failed: {exc!r}")
+
+    def send_control(self, kind: Kind, conn_id: int) -> None:
+        if self._dead or self._fin_sent:
+            return
+        self._post_send(PREFIX.pack(kind, 0, conn_id), self._send_header_tag, False)
+
+    async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
+        if self._dead or self._fin_sent:
+            raise ConnectionError(f"link to {self.remote!r} is down")
+        payloads: list[Any] = []
+        lengths: list[int] = []
+        device: list[int] = []
+        for i, frame in enumerate(frames):
+            if _is_device(frame):
+                array = self._Array(frame)
+                payloads.append(array)
+                lengths.append(array.nbytes)
+                device.append(i)
+            else:
+                view = _as_bytes_view(frame)
+                payloads.append(view)
+                lengths.append(len(view))
+        total = sum(lengths)
+        if len(payloads) > MAX_FRAMES or total > self._max_message:
+            raise SendError(
+                SendErrorCode.FAILED,
+                f"message of {len(payloads)} frames / {total} bytes exceeds the limits "
+                f"({MAX_FRAMES} frames, {self._max_message} bytes); nothing was sent",
+            )
+        plan = _inline_plan(lengths, frozenset(device))
+        parts = [encode_header(Kind.DATA, conn_id, lengths), _U32.pack(len(device))]
+        parts.extend(_U32.pack(i) for i in device)
+        bulk: list[Any] = []
+        for payload, inline in zip(payloads, plan, strict=True):
+            if inline:
+                parts.append(payload)
+            else:
+                bulk.append(payload)
+        self._post_send(b"".join(parts), self._send_header_tag, False)
+        requests = [
+            self._post_send(payload, self._send_bulk_tag, len(payload) >= POLL_MIN)
+            for payload in bulk
+        ]
+        waiting = [r for r in requests if not r.completed]
+        if not waiting:
+            self._check_sent(requests)
+            return
+        await self._await_sends(waiting)
+        self._check_sent(requests)
+
+    async def _await_sends(self, requests: list[Any]) -> None:
+        """Wait until UCX no longer needs the sender's buffers.
+
+        Cancellation is deferred until then: the buffers are in UCX's hands and the
+        caller may reuse them as soon as ``send`` ends, normally or not.
+        """
+        fut: asyncio.Future[None] = self._engine.loop.create_future()
+        left = [len(requests)]
+
+        def one_done(_: Any) -> None:
+            left[0] -= 1
+            if left[0] == 0 and not fut.done():
+                fut.set_result(None)
+
+        for request in requests:
+            self._engine.watch(request, one_done, bulk=True)
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(fut)
+                break
+            except asyncio.CancelledError:
+                if fut.done() or self._dead:
+                    raise
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _check_sent(self, requests: list[Any]) -> None:
+        for request in requests:
+            try:
+                request.check_error()
+            except Exception as exc:
+                self._fail(f"send failed: {exc!r}")
+                raise ConnectionError(f"link to {self.remote!r} is down") from exc
+        if self._dead:
+            raise ConnectionError(f"link to {self.remote!r} is down")
+
+    # ------------------------------------------------------------------ receive side
+
+    def _post_header_recv(self) -> None:
+        if self._dead:
+            return
+        request = self._ucx_ep.tag_recv(self._header_array, self._recv_header_tag, self._mask)
+        self._engine.watch(request, self._on_header)
+
+    def _on_header(self, request: Any) -> None:
+        if self._dead:
+            return
+        try:
+            request.check_error()
+        except Exception as exc:
+            self._fail(f"receive failed: {exc!r}")
+            return
+        try:
+            incoming = self._parse(self._header)
+        except (WireError, struct.error) as exc:
+            self._bad_peer(str(exc))
+            return
+        self._post_header_recv()
+        self._inbox.append(incoming)
+        self._deliver()
+
+    def _parse(self, buf: bytearray) -> _Incoming:
+        kind, nframes, conn_id = parse_prefix(memoryview(buf)[: PREFIX.size], max_frames=MAX_FRAMES)
+        if kind is not Kind.DATA:
+            return _Incoming(conn_id, kind, [], 0)
+        pos = PREFIX.size
+        lengths = parse_lengths(
+            memoryview(buf)[pos : pos + 8 * nframes], nframes, max_message=self._max_message
+        )
+        pos += 8 * nframes
+        (ndev,) = _U32.unpack_from(buf, pos)
+        pos += 4
+        if ndev > nframes:
+            raise WireError(f"{ndev} device frames in a message of {nframes}")
+        device = frozenset(struct.unpack_from(f"<{ndev}I", buf, pos))
+        pos += 4 * ndev
+        if any(i >= nframes for i in device):
+            raise WireError("device frame index out of range")
+        frames: list[Any] = []
+        missing = 0
+        incoming = _Incoming(conn_id, None, frames, 0)
+        for i, (n, inline) in enumerate(zip(lengths, _inline_plan(lengths, device), strict=True)):
+            if inline:
+                frames.append(memoryview(buf[pos : pos + n]))
+                pos += n
+                continue
+            target: Any = _device_empty(n) if i in device else np.empty(n, dtype=np.uint8)
+            frames.append(target)
+            missing += 1
+            self._post_bulk_recv(target, n, incoming, i)
+        incoming.missing = missing
+        return incoming
+
+    def _post_bulk_recv(self, target: Any, n: int, incoming: _Incoming, index: int) -> None:
+        request = self._ucx_ep.tag_recv(self._Array(target), self._recv_bulk_tag, self._mask)
+
+        def done(req: Any) -> None:
+            if self._dead:
+                return
+            try:
+                req.check_error()
+            except Exception as exc:
+                self._fail(f"receive failed: {exc!r}")
+                return
+            incoming.missing -= 1
+            if isinstance(incoming.frames[index], np.ndarray):
+                incoming.frames[index] = memoryview(incoming.frames[index])
+            if incoming.missing == 0:
+                self._deliver()
+
+        self._engine.watch(request, done, bulk=n >= POLL_MIN)
+
+    def _deliver(self) -> None:
+        ep = self._ep_owner
+        inbox = self._inbox
+        while inbox and inbox[0].missing == 0 and not self._dead:
+            msg = inbox.popleft()
+            if msg.control is None:
+                ep._on_data(self, msg.conn_id, msg.frames)
+            elif msg.control is Kind.OPEN:
+                ep._on_open(self, msg.conn_id)
+            elif msg.conn_id == _FIN:
+                self._on_fin()
+            else:
+                ep._on_close(self, msg.conn_id)
+
+    def _on_fin(self) -> None:
+        """The peer closed its side: everything it sent has been delivered."""
+        self._fin_received = True
+        self._ep_owner._on_link_down(self, "peer closed the link")
+        if not self._fin_sent:
+            self._send_fin()
+        else:
+            self._finish()
+
+    def _send_fin(self) -> None:
+        self.send_control(Kind.CLOSE, _FIN)
+        self._fin_sent = True
+
+    def _finish(self) -> None:
+        if not self._finished.done():
+            self._finished.set_result(None)
+
+    def _on_endpoint_error(self, *_: object) -> None:
+        # Called by ucxx from inside worker progress, holding the endpoint's callback
+        # lock (removing the callback from here would deadlock): act on the next turn.
+        self._engine.loop.call_soon(self._after_endpoint_error)
+
+    def _after_endpoint_error(self) -> None:
+        self._finish()
+        if not self._dead:
+            self._fail("UCX endpoint error (peer died, closed, or the network failed)")
+
+    def _bad_peer(self, reason: str) -> None:
+        if self._dead:
+            return
+        if self.alive:
+            log.warning("ucx: dropping peer %r: %s", bytes(self.remote), reason)
+        self._fail(f"protocol violation: {reason}")
+
+    def _fail(self, reason: str) -> None:
+        self._ep_owner._on_link_down(self, reason)
+        self.abort()
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        if self._dead:
+            return
+        if not self._fin_sent:
+            self._send_fin()
+        if self._fin_received:
+            # Our FIN answers theirs; give it a chance to leave before closing.
+            self._engine.progress_now()
+        else:
+            await self._finished
+        self.abort()
+
+    def abort(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._finish()
+        self._inbox.clear()
+        ep, self._ucx_ep = self._ucx_ep, None
+        if ep is not None:
+            _close_ucx_endpoint(ep)
+            self._engine.kick()
+
+
+# --------------------------------------------------------------------------- endpoint
+
+
+class _UcxEndPoint(MultiplexedEndPoint):
+    def __init__(self, transport: UcxTransport, address: EndPointAddress, endpoint_id: int) -> None:
+        super().__init__(address)
+        self._transport = transport
+        self._id = endpoint_id
+        #: remote -> number of our dials to it in progress (for crossing decisions).
+        self._dialing: dict[EndPointAddress, int] = {}
+        #: remote -> futures waiting for the peer's link (after CROSSED_PENDING).
+        self._arrivals: dict[EndPointAddress, list[asyncio.Future[None]]] = {}
+
+    async def _open_link(self, remote: EndPointAddress, timeout: float | None) -> Link:
+        try:
+            target = parse_address(remote)
+        except ValueError as exc:
+            raise ConnectError(
+                ConnectErrorCode.FAILED, f"malformed address {remote!r}: {exc}"
+            ) from None
+        limit = timeout if timeout is not None else self._transport._connect_timeout
+        self._dialing[remote] = self._dialing.get(remote, 0) + 1
+        try:
+            return await asyncio.wait_for(self._dial(remote, target), limit)
+        except asyncio.TimeoutError:
+            raise ConnectError(
+                ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {limit} s"
+            ) from None
+        finally:
+            left = self._dialing[remote] - 1
+            if left:
+                self._dialing[remote] = left
+            else:
+                del self._dialing[remote]
+
+    def _live(self, remote: EndPointAddress) -> Link | None:
+        link = self._links.get(remote)
+        return link if link is not None and link.alive else None
+
+    async def _dial(self, remote: EndPointAddress, target: UcxAddress) -> Link:
+        flags = 0
+        while True:
+            if (link := self._live(remote)) is not None:
+                return link
+            status, new = await self._transport._dial_once(self, remote, target, flags)
+            if new is not None:
+                return new
+            if status is _Status.NOT_FOUND:
+                raise ConnectError(ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}")
+            if (link := self._live(remote)) is not None:
+                return link
+            if status is _Status.CROSSED_LIVE:
+                # The peer holds a link from us that we no longer have: it is stale.
+                flags = _FLAG_REPLACE
+                continue
+            fut = asyncio.get_running_loop().create_future()
+            self._arrivals.setdefault(remote, []).append(fut)
+            try:
+                await asyncio.wait_for(fut, _CROSS_WAIT)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                waiters = self._arrivals.get(remote)
+                if waiters is not None and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._arrivals[remote]
+
+    def _accept(self, link: _UcxLink, initiator: EndPointAddress, flags: int) -> _Status:
+        """Decide about an authenticated initiator (see the module docstring)."""
+        if self._closed:
+            return _Status.NOT_FOUND
+        if self._dialing.get(initiator):
+            if initiator >= self.address:
+                return _Status.CROSSED_PENDING
+        elif (
+            self._live(initiator) is not None
+            and not flags & _FLAG_REPLACE
+            and initiator > self.address
+        ):
+            return _Status.CROSSED_LIVE
+        self._register_link(link)
+        for fut in self._arrivals.pop(initiator, ()):
+            if not fut.done():
+                fut.set_result(None)
+        return _Status.ACCEPT
+
+    async def _release(self) -> None:
+        self._transport._by_id.pop(self._id, None)
+        for waiters in self._arrivals.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.cancel()
+        self._arrivals.clear()
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class UcxTransport(MultiplexedTransport):
+    """Endpoints reachable over UCX; see the module docstring for the protocol.
+
+    Args:
+        host: the address peers dial to reach this transport's listener (the
+            listener accepts on every interface UCX allows).
+        port: listener port (0: any free port).
+        max_message: largest message (sum of frames) accepted from or sent to a peer.
+        connect_timeout: bound on ``connect`` when the caller gives no timeout.
+        handshake_timeout: a peer that has not finished authenticating by then is
+            dropped.
+        cookie: the shared secret; default :func:`~hpcproc.transports._auth.load_cookie`.
+
+    Raises:
+        ImportError: ucxx is not installed (``pip install hpcproc[ucx]``).
+        CookieError: no cookie was given and the cookie file is unsafe or unusable.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        connect_timeout: float = 30.0,
+        handshake_timeout: float = 10.0,
+        cookie: bytes | str | None = None,
+    ) -> None:
+        super().__init__()
+        _load_ucxx()
+        if cookie is None:
+            cookie = load_cookie()
+        self._cookie = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
+        self._host = host
+        self._port = port
+        self._max_message = max_message
+        self._connect_timeout = connect_timeout
+        self._handshake_timeout = handshake_timeout
+        self._instance = secrets.token_hex(4).encode()
+        self._next_id = itertools.count(1)
+        self._by_id: dict[int, _UcxEndPoint] = {}
+        self._engine: _Engine | None = None
+        self._listener: Any = None
+        self._listen_port = 0
+        self._handshakes: set[asyncio.Task[None]] = set()
+        #: UCX endpoints not (yet) owned by a link: closed when the transport closes.
+        self._loose: set[Any] = set()
+
+    @property
+    def port(self) -> int | None:
+        """The listener's port, once the first endpoint exists."""
+        return self._listen_port or None
+
+    async def new_endpoint(self) -> EndPoint:
+        if self._closed:
+            raise NewEndPointError(NewEndPointErrorCode.FAILED, "transport is closed")
+        if self._engine is None:
+            self._start()
+        endpoint_id = next(self._next_id)
+        address = _format_address(self._host, self._listen_port, self._instance, endpoint_id)
+        endpoint = _UcxEndPoint(self, address, endpoint_id)
+        self._by_id[endpoint_id] = endpoint
+        self._add_endpoint(endpoint)
+        return endpoint
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            engine = _Engine(loop)
+        except Exception as exc:
+            raise NewEndPointError(
+                NewEndPointErrorCode.FAILED, f"cannot create a UCX worker: {exc}"
+            ) from exc
+        api = engine.ucxx.api
+        try:
+            listener = api.UCXListener.create(
+                engine.worker, self._port, _on_conn_request, (self,), deliver_endpoint=False
+            )
+        except Exception as exc:
+            engine.close()
+            code = (
+                NewEndPointErrorCode.INSUFFICIENT_RESOURCES
+                if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+                else NewEndPointErrorCode.FAILED
+            )
+            raise NewEndPointError(code, f"cannot listen on port {self._port}: {exc}") from exc
+        self._engine = engine
+        self._listener = listener
+        self._listen_port = int(listener.port)
+
+    # ------------------------------------------------------------------ accepting
+
+    def _on_conn_request(self, conn_request: int) -> None:
+        engine = self._engine
+        if engine is None or self._closed or self._listener is None:
+            return
+        try:
+            ep = self._listener.create_endpoint_from_conn_request(conn_request, True)
+        except Exception as exc:
+            log.warning("ucx: cannot accept a connection request: %s", exc)
+            return
+        if len(self._handshakes) >= MAX_HANDSHAKES:
+            log.warning("ucx: dropping a peer: more than %d handshakes in progress", MAX_HANDSHAKES)
+            _close_ucx_endpoint(ep)
+            return
+        self._loose.add(ep)
+        task = engine.loop.create_task(self._handshake(ep))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, ep: Any) -> None:
+        try:
+            await asyncio.wait_for(self._authenticate(ep), self._handshake_timeout)
+        except asyncio.TimeoutError:
+            log.warning("ucx: dropping a peer: no handshake within %s s", self._handshake_timeout)
+            self._drop(ep)
+        except _HandshakeError as exc:
+            log.warning("ucx: dropping a peer: %s", exc)
+            self._drop(ep)
+        except asyncio.CancelledError:
+            self._drop(ep)
+            raise
+        except Exception as exc:
+            log.warning("ucx: dropping a peer: handshake failed: %r", exc)
+            self._drop(ep)
+
+    def _drop(self, ep: Any) -> None:
+        if ep in self._loose:
+            self._loose.discard(ep)
+            _close_ucx_endpoint(ep)
+            if self._engine is not None:
+                self._engine.kick()
+
+    async def _authenticate(self, ep: Any) -> None:
+        engine = self._engine
+        assert engine is not None
+        t = self._handshake_timeout
+        magic, their_nonce, flags, src_len, dst_len = _HELLO.unpack(
+            await _stream_recv(engine, ep, _HELLO.size, t)
+        )
+        if magic != _MAGIC:
+            raise _HandshakeError(f"bad handshake magic {magic!r} (not an hpcproc ucx peer)")
+        if not 0 < src_len <= MAX_ADDRESS or not 0 < dst_len <= MAX_ADDRESS:
+            raise _HandshakeError(f"address lengths {src_len}/{dst_len} out of range")
+        addresses = await _stream_recv(engine, ep, src_len + dst_len, t)
+        src, dst = addresses[:src_len], addresses[src_len:]
+        shake = Handshake(self._cookie, initiator=False, context=_context(src, dst))
+        await _stream_send(engine, ep, shake.nonce, t)
+        their_proof, their_tag = _PROOF_TAG.unpack(
+            await _stream_recv(engine, ep, _PROOF_TAG.size, t)
+        )
+        if not shake.verify(their_nonce, their_proof):
+            raise _HandshakeError("authentication failed (wrong cookie?)")
+        # Authenticated from here on.
+        proof = shake.proof(their_nonce)
+        endpoint = self._find(dst)
+        initiator = EndPointAddress(src)
+        my_tag = _new_tag()
+        status = _Status.NOT_FOUND
+        if endpoint is not None and not self._closed:
+            link = _UcxLink(endpoint, initiator, ep, their_tag, my_tag)
+            status = endpoint._accept(link, initiator, flags)
+            if status is _Status.ACCEPT:
+                self._loose.discard(ep)
+                link.start()
+                await _stream_send(engine, ep, _REPLY.pack(proof, status, my_tag), t)
+                return
+        await _stream_send(engine, ep, _REPLY.pack(proof, status, 0), t)
+        # The dialer closes its UCX endpoint on a refusal; ours goes when it does.
+        self._drop(ep)
+
+    def _find(self, dst: bytes) -> _UcxEndPoint | None:
+        try:
+            target = parse_address(dst)
+        except ValueError:
+            return None
+        if target.instance != self._instance:
+            return None
+        endpoint = self._by_id.get(target.endpoint_id)
+        return endpoint if endpoint is not None and not endpoint._closed else None
+
+    # ------------------------------------------------------------------ dialing
+
+    async def _dial_once(
+        self, endpoint: _UcxEndPoint, remote: EndPointAddress, target: UcxAddress, flags: int
+    ) -> tuple[_Status, _UcxLink | None]:
+        engine = self._engine
+        assert engine is not None
+        loop = engine.loop
+        try:
+            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConnectError(
+                ConnectErrorCode.NOT_FOUND, f"cannot resolve {target.host!r}: {exc}"
+            ) from exc
+        ip = infos[0][4][0]
+        try:
+            ep = engine.ucxx.api.UCXEndpoint.create(engine.worker, ip, target.port, True)
+        except Exception as exc:
+            raise ConnectError(
+                ConnectErrorCode.NOT_FOUND, f"cannot reach {remote!r}: {exc}"
+            ) from exc
+        self._loose.add(ep)
+        engine.kick()
+        t = self._handshake_timeout
+        try:
+            src = bytes(endpoint.address)
+            dst = bytes(remote)
+            shake = Handshake(self._cookie, initiator=True, context=_context(src, dst))
+            try:
+                hello = _HELLO.pack(_MAGIC, shake.nonce, flags, len(src), len(dst))
+                await _stream_send(engine, ep, hello, t)
+                await _stream_send(engine, ep, src + dst, t)
+                their_nonce = await _stream_recv(engine, ep, NONCE_LEN, t)
+            except asyncio.TimeoutError:
+                raise ConnectError(
+                    ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {t} s"
+                ) from None
+            except Exception as exc:
+                raise ConnectError(
+                    ConnectErrorCode.NOT_FOUND, f"nothing answers at {remote!r}: {exc}"
+                ) from exc
+            my_tag = _new_tag()
+            try:
+                await _stream_send(engine, ep, _PROOF_TAG.pack(shake.proof(their_nonce), my_tag), t)
+                reply = await _stream_recv(engine, ep, _REPLY.size, t)
+            except asyncio.TimeoutError:
+                raise ConnectError(
+                    ConnectErrorCode.TIMEOUT, f"{remote!r} did not finish the handshake in {t} s"
+                ) from None
+            except Exception as exc:
+                raise ConnectError(
+                    ConnectErrorCode.FAILED,
+                    f"{remote!r} refused the handshake (wrong cookie, or not an hpcproc "
+                    f"ucx endpoint): {exc}",
+                ) from None
+            their_proof, status_byte, their_tag = _REPLY.unpack(reply)
+            if not shake.verify(their_nonce, their_proof):
+                log.warning("ucx: peer %r failed authentication (wrong cookie?)", dst)
+                raise ConnectError(
+                    ConnectErrorCode.FAILED, f"{remote!r} failed authentication (wrong cookie?)"
+                )
+            try:
+                status = _Status(status_byte)
+            except ValueError:
+                raise ConnectError(
+                    ConnectErrorCode.FAILED, f"{remote!r} sent unknown status {status_byte}"
+                ) from None
+            if status is not _Status.ACCEPT:
+                self._drop(ep)
+                return status, None
+            if endpoint._closed:
+                raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
+            link = _UcxLink(endpoint, remote, ep, their_tag, my_tag)
+            self._loose.discard(ep)
+            link.start()
+            return status, link
+        except BaseException:
+            self._drop(ep)
+            raise
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await super().close()
+        tasks = list(self._handshakes)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for ep in list(self._loose):
+            self._drop(ep)
+        engine = self._engine
+        if engine is not None:
+            # Let UCX process the endpoint closes before the worker goes away.
+            engine.progress_now()
+            engine.close()
+        self._listener = None
+        self._engine = None
+
+
+def _on_conn_request(conn_request: int, transport: UcxTransport) -> None:
+    transport._on_conn_request(conn_request)
+
+
+def create_transport(**options: Any) -> UcxTransport:
+    """Registry factory for ``ucx``; ``options`` are :class:`UcxTransport`'s arguments.
+
+    Raises:
+        ImportError: ucxx is not installed (``pip install hpcproc[ucx]``).
+    """
+    return UcxTransport(**options)
