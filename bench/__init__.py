@@ -11,7 +11,9 @@ Harness API, for writing a suite (``bench/<name>.py``, registered in :data:`SUIT
   process that starts its own partner (``launch="solo"``), and returns each role's
   JSON result. Role functions take a :class:`Peer` (``role``, ``params``,
   ``publish(key, value)``, ``lookup(key)`` / ``await alookup(key)``) and may be
-  ``async``.
+  ``async``. :func:`run_pairs` runs several such jobs at once, their timed runs
+  taking turns (pass ``peer.turn`` to the timing functions), for steady ratios on a
+  busy machine.
 * :func:`plan`, :func:`time_steps`, :func:`atime_steps` (``bench._timing``): sizes,
   warm-up, repeated timed runs; :func:`median` reduces the runs.
 * :func:`record` builds a row from a metric name (``rtt``, ``bandwidth``,
@@ -20,7 +22,7 @@ Harness API, for writing a suite (``bench/<name>.py``, registered in :data:`SUIT
   :func:`write_json` are what ``python -m bench`` prints and writes.
 """
 
-from ._pair import Launch, PairError, Peer, find_mpiexec, run_pair
+from ._pair import Baton, Job, Launch, PairError, Peer, find_mpiexec, run_pair, run_pairs
 from ._records import METRICS, Record, format_table, median, record, write_json
 from ._suites import SUITES, SuiteOptions, load_suite
 from ._timing import SIZES, Step, atime_steps, echo_counts, plan, time_steps
@@ -29,6 +31,8 @@ __all__ = [
     "METRICS",
     "SIZES",
     "SUITES",
+    "Baton",
+    "Job",
     "Launch",
     "PairError",
     "Peer",
@@ -44,6 +48,7 @@ __all__ = [
     "plan",
     "record",
     "run_pair",
+    "run_pairs",
     "time_steps",
     "write_json",
 ]

@@ -17,6 +17,11 @@ directory, which works the same whichever way the processes were started:
     a single child playing role 0, for baselines that start their own partner (such
     as ``multiprocessing.Pipe``); ``run_pair`` then returns a one-element list.
 
+:func:`run_pairs` runs several implementations at once, their measuring roles taking
+turns run by run (:class:`Baton`), so that a slow phase of a shared machine hits all
+of them alike; ratios between them are then much steadier than between
+implementations measured one after the other.
+
 Every child is started in its own session and killed (with its descendants) if the
 run fails or exceeds ``timeout``.
 """
@@ -33,11 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Launch", "PairError", "Peer", "find_mpiexec", "run_pair"]
+__all__ = ["Baton", "Job", "Launch", "PairError", "Peer", "find_mpiexec", "run_pair", "run_pairs"]
 
 Launch = Literal["local", "mpiexec", "solo"]
 
@@ -49,12 +55,20 @@ class PairError(RuntimeError):
 class Peer:
     """What a role function gets: its role, the parameters, and the rendezvous."""
 
-    def __init__(self, workdir: Path, role: int, params: dict[str, Any]) -> None:
+    def __init__(
+        self, workdir: Path, role: int, params: dict[str, Any], baton: Baton | None = None
+    ) -> None:
         self.workdir = workdir
         #: 0 or 1 (0 alone in ``solo`` mode).
         self.role = role
         #: The ``params`` given to :func:`run_pair`.
         self.params = params
+        #: Turn-taking with the other pairs of :func:`run_pairs`; ``None`` if alone.
+        self.baton = baton
+
+    def turn(self) -> contextlib.AbstractContextManager[None]:
+        """Context for one timed run: waits for this pair's turn when interleaved."""
+        return self.baton.turn() if self.baton is not None else contextlib.nullcontext()
 
     def publish(self, key: str, value: Any) -> None:
         """Make ``value`` (JSON) visible to the other role under ``key``."""
@@ -103,6 +117,44 @@ def find_mpiexec() -> str:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One implementation to run as a pair: a role function and how to launch it."""
+
+    target: str
+    launch: Launch = "local"
+
+
+class Baton:
+    """Takes turns between the measuring roles of several pairs run at once.
+
+    Each turn is one timed run; while one pair measures, the others block in
+    ``read`` on a FIFO and use no CPU, so every run of one implementation sits next
+    in time to a run of every other, whatever the rest of the machine does.
+    """
+
+    def __init__(self, directory: Path, index: int, count: int) -> None:
+        self._own = directory / f"baton-{index}"
+        self._next = directory / f"baton-{(index + 1) % count}"
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            # O_RDWR: opening never blocks, and written bytes persist while it is open.
+            self._fds[path] = os.open(path, os.O_RDWR)
+        return self._fds[path]
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        """Wait for this pair's turn, run the body, then hand the turn on."""
+        if not os.read(self._fd(self._own), 1):
+            raise PairError("baton FIFO closed")
+        try:
+            yield
+        finally:
+            os.write(self._fd(self._next), b"x")
+
+
 def run_pair(
     target: str,
     params: Mapping[str, Any] | None = None,
@@ -119,45 +171,89 @@ def run_pair(
         PairError: a role exited with an error, or the run exceeded ``timeout``
             seconds (every child is killed first).
     """
+    return run_pairs([Job(target, launch)], params, env=env, timeout=timeout)[0]
+
+
+def run_pairs(
+    jobs: Sequence[Job],
+    params: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600.0,
+) -> list[list[Any]]:
+    """Run several pairs at once, their timed runs taking turns; results per job.
+
+    Every pair gets the same ``params`` and a :class:`Baton` as ``peer.baton``
+    (``None`` when there is one job). Role functions that time through
+    :func:`bench.time_steps` with ``turn=peer.turn`` take turns, so they must run the
+    same number of timed runs (the same plan).
+
+    Raises:
+        PairError: a role exited with an error (the others are killed at once), or
+            the run exceeded ``timeout`` seconds.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+    batons: list[int] = []
     with tempfile.TemporaryDirectory(prefix="hpcproc-bench-") as tmp:
-        workdir = Path(tmp)
-        (workdir / "params.json").write_text(json.dumps(dict(params or {})))
+        root = Path(tmp)
         child_env = {**os.environ, **(env or {})}
         child_env.pop("BENCH_ROLE", None)
-        base = [sys.executable, "-m", "bench._role", str(workdir), target]
         repo_root = str(Path(__file__).resolve().parent.parent)
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (repo_root, child_env.get("PYTHONPATH", "")) if p
         )
-        procs: list[subprocess.Popen[bytes]] = []
         try:
-            if launch == "mpiexec":
-                cmd = [find_mpiexec(), "-n", "2", *base]
-                procs.append(subprocess.Popen(cmd, env=child_env, start_new_session=True))
-                roles = 2
-            else:
-                roles = 1 if launch == "solo" else 2
-                for role in range(roles):
-                    procs.append(
-                        subprocess.Popen(
-                            base, env={**child_env, "BENCH_ROLE": str(role)}, start_new_session=True
-                        )
+            for index in range(len(jobs)):
+                fifo = root / f"baton-{index}"
+                os.mkfifo(fifo)
+                batons.append(os.open(fifo, os.O_RDWR))
+            owners: list[tuple[int, subprocess.Popen[bytes]]] = []
+            for index, job in enumerate(jobs):
+                workdir = root / f"job-{index}"
+                workdir.mkdir()
+                (workdir / "params.json").write_text(json.dumps(dict(params or {})))
+                job_env = dict(child_env)
+                if len(jobs) > 1:
+                    job_env["BENCH_BATON"] = f"{root}:{index}:{len(jobs)}"
+                base = [sys.executable, "-m", "bench._role", str(workdir), job.target]
+                if job.launch == "mpiexec":
+                    cmd = [find_mpiexec(), "-n", "2", *base]
+                    owners.append(
+                        (index, subprocess.Popen(cmd, env=job_env, start_new_session=True))
                     )
+                else:
+                    for role in range(1 if job.launch == "solo" else 2):
+                        proc = subprocess.Popen(
+                            base, env={**job_env, "BENCH_ROLE": str(role)}, start_new_session=True
+                        )
+                        owners.append((index, proc))
+            procs = [proc for _, proc in owners]
+            if batons:
+                os.write(batons[0], b"x")
             deadline = time.monotonic() + timeout
-            for proc in procs:
-                left = max(0.1, deadline - time.monotonic())
-                try:
-                    code = proc.wait(left)
-                except subprocess.TimeoutExpired:
-                    raise PairError(f"{target} did not finish within {timeout} s") from None
-                if code != 0:
-                    raise PairError(f"{target} ({' '.join(proc.args)}) exited with {code}")  # type: ignore[arg-type]
+            running = list(owners)
+            while running:
+                for index, proc in list(running):
+                    code = proc.poll()
+                    if code is None:
+                        continue
+                    running.remove((index, proc))
+                    if code != 0:
+                        raise PairError(f"{jobs[index].target} exited with {code}")
+                if time.monotonic() > deadline:
+                    raise PairError(f"{[j.target for j in jobs]} did not finish in {timeout} s")
+                if running:
+                    time.sleep(0.05)
             results = []
-            for role in range(roles):
-                path = workdir / f"result-{role}.json"
-                if not path.exists():
-                    raise PairError(f"{target}: role {role} left no result")
-                results.append(json.loads(path.read_text()))
+            for index, job in enumerate(jobs):
+                roles = 1 if job.launch == "solo" else 2
+                per_role = []
+                for role in range(roles):
+                    path = root / f"job-{index}" / f"result-{role}.json"
+                    if not path.exists():
+                        raise PairError(f"{job.target}: role {role} left no result")
+                    per_role.append(json.loads(path.read_text()))
+                results.append(per_role)
             return results
         finally:
             for proc in procs:
@@ -165,3 +261,5 @@ def run_pair(
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            for fd in batons:
+                os.close(fd)

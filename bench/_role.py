@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._pair import PairError, Peer
+from ._pair import Baton, PairError, Peer
 
 _RANK_VARS = ("BENCH_ROLE", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 
@@ -32,7 +32,11 @@ def _child(workdir: Path, target: str) -> None:
     params = json.loads((workdir / "params.json").read_text())
     module_name, _, attr = target.partition(":")
     fn = getattr(importlib.import_module(module_name), attr)
-    peer = Peer(workdir, role, params)
+    baton = None
+    if "BENCH_BATON" in os.environ and role == 0:
+        directory, index, count = os.environ["BENCH_BATON"].rsplit(":", 2)
+        baton = Baton(Path(directory), int(index), int(count))
+    peer = Peer(workdir, role, params, baton)
     result = asyncio.run(fn(peer)) if inspect.iscoroutinefunction(fn) else fn(peer)
     path = workdir / f"result-{role}.json"
     tmp = path.with_suffix(".tmp")

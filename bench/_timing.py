@@ -11,11 +11,12 @@ suites report the median.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-__all__ = ["SIZES", "Step", "atime_steps", "echo_counts", "plan", "time_steps"]
+__all__ = ["SIZES", "Step", "Turn", "atime_steps", "echo_counts", "plan", "time_steps"]
 
 #: Message sizes of the transport suite: 8 B to 64 MiB.
 SIZES = (8, 64, 512, 4096, 32768, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
@@ -30,13 +31,13 @@ class Step:
 
 
 def plan(quick: bool, sizes: tuple[int, ...] = SIZES) -> list[Step]:
-    """Iteration counts sized so that a run lasts about 40 ms (quick) or 200 ms.
+    """Iteration counts sized so that a run lasts about 30 ms (quick) or 150 ms.
 
     The estimate assumes ~150 us per round trip plus 1 GB/s each way, the slowest
     transport on the reference machine; faster transports just finish sooner.
     """
-    budget = 0.04 if quick else 0.2
-    runs = 3 if quick else 7
+    budget = 0.03 if quick else 0.15
+    runs = 5 if quick else 11
     steps = []
     for size in sizes:
         estimate = 150e-6 + 2 * size / 1e9
@@ -45,40 +46,58 @@ def plan(quick: bool, sizes: tuple[int, ...] = SIZES) -> list[Step]:
     return steps
 
 
+Turn = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+def _no_turn() -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
 def time_steps(
-    steps: list[Step], prepare: Callable[[int], Callable[[], object]]
+    steps: list[Step], prepare: Callable[[int], Callable[[], object]], turn: Turn = _no_turn
 ) -> dict[str, list[float]]:
-    """Time ``prepare(size)()`` (one round trip) for every step; see the module doc."""
+    """Time ``prepare(size)()`` (one round trip) for every step; see the module doc.
+
+    Each timed run (the first of a step with its warm-up) happens inside ``turn()``
+    (pass ``peer.turn`` so that interleaved pairs take turns).
+    """
     out: dict[str, list[float]] = {}
     for step in steps:
         one = prepare(step.size)
-        for _ in range(step.warmup):
-            one()
         per_run = []
-        for _ in range(step.runs):
-            t0 = time.perf_counter()
-            for _ in range(step.iters):
-                one()
-            per_run.append((time.perf_counter() - t0) / step.iters)
+        for run in range(step.runs):
+            with turn():
+                for _ in range(step.warmup if run == 0 else 0):
+                    one()
+                t0 = time.perf_counter()
+                for _ in range(step.iters):
+                    one()
+                per_run.append((time.perf_counter() - t0) / step.iters)
         out[str(step.size)] = per_run
     return out
 
 
 async def atime_steps(
-    steps: list[Step], prepare: Callable[[int], Callable[[], Awaitable[object]]]
+    steps: list[Step],
+    prepare: Callable[[int], Callable[[], Awaitable[object]]],
+    turn: Turn = _no_turn,
 ) -> dict[str, list[float]]:
-    """:func:`time_steps` for an ``async`` round trip."""
+    """:func:`time_steps` for an ``async`` round trip.
+
+    Waiting for a turn blocks the event loop, which has nothing to do meanwhile.
+    """
     out: dict[str, list[float]] = {}
     for step in steps:
         one = prepare(step.size)
-        for _ in range(step.warmup):
-            await one()
         per_run = []
-        for _ in range(step.runs):
-            t0 = time.perf_counter()
-            for _ in range(step.iters):
-                await one()
-            per_run.append((time.perf_counter() - t0) / step.iters)
+        for run in range(step.runs):
+            with turn():
+                for _ in range(step.warmup if run == 0 else 0):
+                    await one()
+                t0 = time.perf_counter()
+                for _ in range(step.iters):
+                    await one()
+                per_run.append((time.perf_counter() - t0) / step.iters)
         out[str(step.size)] = per_run
     return out
 

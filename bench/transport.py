@@ -10,8 +10,8 @@ baselines for that transport do the same with raw libraries (see
 * ``bandwidth``: bytes moved per second in a round trip, ``2 * size / rtt`` (GB/s),
   for sizes from 32 KiB.
 
-Every implementation is measured ``rounds`` times, interleaved (baselines, hpcproc,
-baselines, ...), so that slow phases of a shared machine hit both sides.
+All implementations run at once and take turns run by run (:func:`bench.run_pairs`),
+so that slow phases of a shared machine hit hpcproc and its baselines alike.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._pair import Launch, Peer, run_pair
+from ._pair import Job, Launch, Peer, run_pairs
 from ._records import Record, median, record
 from ._suites import SuiteOptions
 from ._timing import Step, atime_steps, plan
@@ -104,7 +104,7 @@ async def hpcproc_role(peer: Peer) -> dict[str, list[float]] | None:
 
             return one
 
-        result = await atime_steps(steps, prepare)
+        result = await atime_steps(steps, prepare, peer.turn)
         await conn.close()
         return result
     finally:
@@ -139,11 +139,6 @@ def _records(
     return out
 
 
-def _merge(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
-    for key, values in more.items():
-        into.setdefault(key, []).extend(values)
-
-
 def run(options: SuiteOptions) -> list[Record]:
     """Measure ``options.transport`` and its baselines; see the module docstring.
 
@@ -156,20 +151,15 @@ def run(options: SuiteOptions) -> list[Record]:
     if name not in BASELINES:
         raise ValueError(f"no transport benchmark for {name!r}; have: {', '.join(BASELINES)}")
     steps = plan(options.quick)
-    rounds = 2 if options.quick else 3
     env = dict(_ENV.get(name, {}))
     # A private cookie, so that the benchmark never reads or creates ~/.hpcproc/cookie.
     env.setdefault("HPCPROC_COOKIE", os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16))
     params: dict[str, Any] = {"steps": [asdict(s) for s in steps], "transport": name}
-    ours: dict[str, list[float]] = {}
-    theirs: dict[str, dict[str, list[float]]] = {b: {} for b, _, _ in BASELINES[name]}
-    for _ in range(rounds):
-        for baseline, target, launch in BASELINES[name]:
-            _merge(theirs[baseline], run_pair(target, params, launch=launch, env=env)[0])
-        _merge(
-            ours,
-            run_pair("bench.transport:hpcproc_role", params, launch=_launch_for(name), env=env)[0],
-        )
+    jobs = [Job(target, launch) for _, target, launch in BASELINES[name]]
+    jobs.append(Job("bench.transport:hpcproc_role", _launch_for(name)))
+    results = [per_role[0] for per_role in run_pairs(jobs, params, env=env)]
+    ours = results[-1]
+    theirs = {baseline: results[i] for i, (baseline, _, _) in enumerate(BASELINES[name])}
     records = []
     for baseline, _, _ in BASELINES[name]:
         records.extend(_records(name, baseline, ours, theirs[baseline]))

@@ -38,7 +38,7 @@ def buffer_role(peer: Peer) -> dict[str, list[float]] | None:
 
         return one
 
-    return time_steps(steps, prepare)
+    return time_steps(steps, prepare, peer.turn)
 
 
 def pickle_role(peer: Peer) -> dict[str, list[float]] | None:
@@ -62,4 +62,4 @@ def pickle_role(peer: Peer) -> dict[str, list[float]] | None:
 
         return one
 
-    return time_steps(steps, prepare)
+    return time_steps(steps, prepare, peer.turn)

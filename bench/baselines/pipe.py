@@ -43,7 +43,7 @@ def role(peer: Peer) -> dict[str, list[float]]:
 
             return one
 
-        return time_steps(steps, prepare)
+        return time_steps(steps, prepare, peer.turn)
     finally:
         child.join(30)
         if child.is_alive():

@@ -88,6 +88,6 @@ async def role(peer: Peer) -> dict[str, list[float]] | None:
 
             return one
 
-        result = await atime_steps(steps, prepare)
+        result = await atime_steps(steps, prepare, peer.turn)
         await loop.sock_sendall(sock, _LEN.pack(_STOP))
     return result

@@ -76,6 +76,6 @@ def role(peer: Peer) -> dict[str, list[float]] | None:
 
             return one
 
-        result = time_steps(steps, prepare)
+        result = time_steps(steps, prepare, peer.turn)
         sock.sendall(_LEN.pack(_STOP))
     return result

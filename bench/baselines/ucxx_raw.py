@@ -55,6 +55,6 @@ async def role(peer: Peer) -> dict[str, list[float]] | None:
 
         return one
 
-    result = await atime_steps(steps, prepare)
+    result = await atime_steps(steps, prepare, peer.turn)
     await ep.close()
     return result
