@@ -257,6 +257,9 @@ class Node:
         messages are flushed (each step bounded by ``CLOSE_STEP_TIMEOUT``), then the
         endpoint is closed and pending remote requests fail with
         :class:`NodeUnreachableError`.
+
+        Safe to call from one of this node's own processes: the closing runs in its
+        own task, so it completes although the caller is killed by it.
         """
         if self._closing:
             if self._closed is not None:
@@ -265,6 +268,10 @@ class Node:
         self._closing = True
         if not self._started:
             return
+        assert self._loop is not None
+        await asyncio.shield(self._loop.create_task(self._close()))
+
+    async def _close(self) -> None:
         assert self._closed is not None
         try:
             procs = list(self._procs.values())

@@ -778,3 +778,27 @@ def test_signal_during_spawn_link_is_raised_after_spawn_returns() -> None:
         return "no exception"
 
     assert run(body) is True
+
+
+def test_node_closed_from_its_own_process_completes_and_reports_node_down() -> None:
+    async def closer(node: hp.Node) -> None:
+        await node.close()
+
+    async def watcher(a: hp.Node, victim: hp.Pid) -> Any:
+        await hp.monitor(victim)
+        await hp.whereis_remote(a.node_id, "logger", timeout=WAIT)  # monitor is in place
+        a.spawn_local(closer, a)
+        return (await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)).reason
+
+    async def main() -> Any:
+        transport = create("inmemory")
+        a = await hp.Node(transport).start()
+        b = await hp.Node(transport).start()
+        victim = a.spawn_local(waits_forever)
+        reason = await asyncio.wait_for(b.run(watcher, a, victim), WAIT)
+        await asyncio.wait_for(a.wait_closed(), WAIT)
+        await b.close()
+        await transport.close()
+        return reason, a.closed
+
+    assert asyncio.run(main()) == (hp.DiedNodeDown(), True)

@@ -114,6 +114,7 @@ async def driver(ops: list[Op], transport: Any, b: hp.NodeId) -> dict[Any, Any]:
 @settings(
     max_examples=40,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(ops=ops_strategy)
