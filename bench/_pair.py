@@ -180,18 +180,23 @@ def run_pairs(
     *,
     env: Mapping[str, str] | None = None,
     timeout: float = 600.0,
+    interleave: bool = True,
 ) -> list[list[Any]]:
     """Run several pairs at once, their timed runs taking turns; results per job.
 
     Every pair gets the same ``params`` and a :class:`Baton` as ``peer.baton``
     (``None`` when there is one job). Role functions that time through
     :func:`bench.time_steps` with ``turn=peer.turn`` take turns, so they must run the
-    same number of timed runs (the same plan).
+    same number of timed runs (the same plan). With ``interleave=False`` the jobs run
+    one after the other instead: needed when a waiting pair would still load the
+    machine (an MPI rank busy-polls in ``Recv`` while its partner waits for a turn).
 
     Raises:
         PairError: a role exited with an error (the others are killed at once), or
             the run exceeded ``timeout`` seconds.
     """
+    if not interleave and len(jobs) > 1:
+        return [run_pairs([job], params, env=env, timeout=timeout)[0] for job in jobs]
     procs: list[subprocess.Popen[bytes]] = []
     batons: list[int] = []
     with tempfile.TemporaryDirectory(prefix="hpcproc-bench-") as tmp:

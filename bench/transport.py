@@ -11,7 +11,9 @@ baselines for that transport do the same with raw libraries (see
   for sizes from 32 KiB.
 
 All implementations run at once and take turns run by run (:func:`bench.run_pairs`),
-so that slow phases of a shared machine hit hpcproc and its baselines alike.
+so that slow phases of a shared machine hit hpcproc and its baselines alike; except
+where one runs under ``mpiexec`` (its waiting rank would busy-poll during the others'
+turns): then they run one after the other.
 """
 
 from __future__ import annotations
@@ -157,7 +159,10 @@ def run(options: SuiteOptions) -> list[Record]:
     params: dict[str, Any] = {"steps": [asdict(s) for s in steps], "transport": name}
     jobs = [Job(target, launch) for _, target, launch in BASELINES[name]]
     jobs.append(Job("bench.transport:hpcproc_role", _launch_for(name)))
-    results = [per_role[0] for per_role in run_pairs(jobs, params, env=env)]
+    # MPI ranks busy-poll while they wait, which would load the others' turns.
+    interleave = all(job.launch != "mpiexec" for job in jobs)
+    runs = run_pairs(jobs, params, env=env, interleave=interleave)
+    results = [per_role[0] for per_role in runs]
     ours = results[-1]
     theirs = {baseline: results[i] for i, (baseline, _, _) in enumerate(BASELINES[name])}
     records = []
