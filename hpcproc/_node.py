@@ -29,6 +29,7 @@ import itertools
 import logging
 import pickle
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -42,7 +43,7 @@ from ._errors import NodeUnreachableError, ProcessRegistrationException, SpawnEr
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
-from ._process import Kill, Process
+from ._process import Kill, Process, new_process
 from ._signals import (
     DiedDisconnect,
     DiedException,
@@ -76,6 +77,7 @@ __all__ = ["BROKEN", "Node", "ProcessKilledError"]
 
 log = logging.getLogger("hpcproc")
 
+_COROUTINE = types.CoroutineType
 #: Marks a process-pair connection lost until ``reconnect``.
 BROKEN: Any = object()
 #: Bound on establishing a controller connection to another node.
@@ -177,6 +179,8 @@ class Node:
         #: node -> {watch key: watcher lid} for watches our processes hold there.
         #: keys: MonitorRef, ("link", lid, target Pid), ("nodelink", lid).
         self._watched: dict[NodeId, dict[Any, int]] = {}
+        #: watcher lid -> [(node, key)] of its entries in _watched (pruned lazily).
+        self._watches_of: dict[int, list[tuple[NodeId, Any]]] = {}
         self._node_watchers: set[NodeId] = set()
         #: req -> (node, future, error class, hook run as the reply is handled)
         self._requests: dict[
@@ -353,22 +357,23 @@ class Node:
         return proc.result()
 
     def _spawn(self, fn: Any, args: tuple[Any, ...], watch: Any = None) -> Process:
-        self._check_open()
+        if self._closing or not self._started:
+            self._check_open()
         try:
             coro = fn(*args)
         except Exception as exc:
             raise SpawnError(
                 f"{fn_name(fn)} raised while starting on node {self._node_id}: {exc!r}"
             ) from exc
-        if not inspect.iscoroutine(coro):
+        if type(coro) is not _COROUTINE and not inspect.iscoroutine(coro):
             raise SpawnError(
                 f"{fn_name(fn)} is not an async function (it returned "
                 f"{type(coro).__name__}) on node {self._node_id}"
             )
         assert self._node_id is not None and self._loop is not None
         lid = next(self._lids)
-        pid = Pid(self._node_id, lid)
-        proc = Process(coro, self, pid, self._loop)
+        pid = tuple.__new__(Pid, (self._node_id, lid))
+        proc = new_process(coro, self, pid, self._loop)
         if watch is not None:
             if type(watch) is MonitorRef and watch.target is None:
                 watch = MonitorRef(pid, watch.watcher, watch.n)
@@ -457,7 +462,6 @@ class Node:
         return DiedException(f"{type(exc).__name__}: {exc}")
 
     def _on_exit(self, proc: Process) -> None:
-        reason = self._death_reason(proc)
         pid = proc.pid
         self._procs.pop(pid.lid, None)
         if proc._names:
@@ -468,9 +472,14 @@ class Node:
             conns = [c for c in proc._conns.values() if c is not BROKEN]
             if conns and not self._closing:
                 self._bg(_close_all(conns))
+        if pid.lid in self._watches_of:
+            self._drop_watches_of(proc)
         if proc._watchers:
+            reason = self._death_reason(proc)
             for key in proc._watchers:
                 self._notify(pid, reason, key)
+        elif not proc.cancelled() and proc.exception() is not None:
+            log.debug("process %r died: %r", pid, proc.exception())
 
     def _notify(self, target: Pid, reason: DiedReason, key: Any) -> None:
         """Tell the watcher behind ``key`` (a MonitorRef or a linker's Pid) of a death."""
@@ -529,6 +538,27 @@ class Node:
         if watches is None:
             watches = self._watched[nid] = {}
         watches[key] = wlid
+        mine = self._watches_of.get(wlid)
+        if mine is None:
+            mine = self._watches_of[wlid] = []
+        elif len(mine) >= 32:
+            # Drop entries of watches that have fired or been removed meanwhile.
+            mine[:] = [(n, k) for n, k in mine if k in self._watched.get(n, ())]
+        mine.append((nid, key))
+
+    def _drop_watches_of(self, proc: Process) -> None:
+        """``proc`` ended: forget its remote watches and tell the targets' nodes."""
+        for nid, key in self._watches_of.pop(proc.pid.lid, ()):
+            watches = self._watched.get(nid)
+            if watches is None or watches.pop(key, None) is None:
+                continue
+            if not watches:
+                del self._watched[nid]
+            if type(key) is MonitorRef and type(key.target) is not NodeId:
+                target = key.target.owner if type(key.target) is SendPort else key.target
+                self._post(nid, ctl.UnmonitorReq(key, target))
+            elif key[0] == "link":
+                self._post(nid, ctl.UnlinkReq(proc.pid, key[2]))
 
     def _unwatch_remote(self, nid: NodeId, key: Any) -> None:
         watches = self._watched.get(nid)

@@ -32,7 +32,7 @@ from ._matching import Matcher
 if TYPE_CHECKING:
     from ._node import Node
 
-__all__ = ["Kill", "Process", "current"]
+__all__ = ["Kill", "Process", "current", "new_process"]
 
 _TIMEOUT = object()
 
@@ -76,24 +76,20 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         "pid",
     )
 
-    def __init__(
-        self, coro: Coroutine[Any, Any, Any], node: Node, pid: Pid, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        super().__init__(coro, loop=loop)
-        self.node = node
-        self.pid = pid
-        self._mailbox: deque[Any] | None = None
-        self._waiter: asyncio.Future[Any] | None = None
-        self._signal: BaseException | Kill | None = None
-        #: True while the process awaits an hpcproc call other than receive.
-        self._guarded = False
-        #: MonitorRef (monitor) or Pid (link) -> None, for everyone watching us.
-        self._watchers: dict[Any, None] | None = None
-        #: destination Pid -> Connection, or BROKEN after a connection loss.
-        self._conns: dict[Pid, Any] | None = None
-        self._ports: dict[int, ReceivePort[Any]] | None = None
-        self._next_port = 0
-        self._names: list[str] | None = None
+    node: Node
+    pid: Pid
+    _mailbox: deque[Any] | None
+    _waiter: asyncio.Future[Any] | None
+    _signal: BaseException | Kill | None
+    #: True while the process awaits an hpcproc call other than receive.
+    _guarded: bool
+    #: MonitorRef (monitor) or Pid (link) -> None, for everyone watching us.
+    _watchers: dict[Any, None] | None
+    #: destination Pid -> Connection, or BROKEN after a connection loss.
+    _conns: dict[Pid, Any] | None
+    _ports: dict[int, ReceivePort[Any]] | None
+    _next_port: int
+    _names: list[str] | None
 
     # ------------------------------------------------------------------ delivery
 
@@ -256,6 +252,29 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 timer.cancel()
             if fut is not None and self._waiter is fut:
                 self._waiter = None
+
+
+def new_process(
+    coro: Coroutine[Any, Any, Any], node: Node, pid: Pid, loop: asyncio.AbstractEventLoop
+) -> Process:
+    """Create (and schedule) the process running ``coro``.
+
+    A factory rather than ``__init__``: the C ``Task.__init__`` runs directly, and
+    the slots are filled here, which makes spawning measurably cheaper.
+    """
+    proc = Process(coro, loop=loop)
+    proc.node = node
+    proc.pid = pid
+    proc._mailbox = None
+    proc._waiter = None
+    proc._signal = None
+    proc._guarded = False
+    proc._watchers = None
+    proc._conns = None
+    proc._ports = None
+    proc._next_port = 0
+    proc._names = None
+    return proc
 
 
 def _identity(msg: Any) -> Any:

@@ -758,3 +758,24 @@ def test_reconnect_after_disconnect_drops_messages_until_reconnect(
     first, second = run_cluster(kind, servers, body)
     assert first == ("report", ("m1",))
     assert second == ("report", ("m1", "m3"))
+
+
+def test_watches_of_an_ended_process_are_removed_on_the_target_node(
+    kind: str, servers: Servers
+) -> None:
+    async def watches_then_ends(target: hp.Pid, reply: hp.Pid) -> None:
+        await hp.monitor(target)
+        await hp.link(target)
+        await hp.send(reply, "watching")
+
+    async def body(c: Cluster) -> Any:
+        target = await hp.spawn(c.b, waits_forever)
+        watcher = hp.spawn_local(watches_then_ends, target, hp.self_pid())
+        ref = await hp.monitor(watcher)
+        assert await hp.expect(str, timeout=WAIT) == "watching"
+        await expect_ref(ref)
+        info = await hp.get_process_info(target)
+        await hp.kill(target, "x")
+        return info.monitored_by, info.linked_by
+
+    assert run_cluster(kind, servers, body) == ((), ())
