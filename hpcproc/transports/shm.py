@@ -330,7 +330,10 @@ class _ShmLink(Link):
         self._reader = RingReader(rx, check_ring(rx))
         self._max_record = self._writer.capacity // 4
         self._threshold: int = opts["inline_threshold"]
-        self._spin: float = opts["spin_us"] * 1e-6
+        self._spin_max: float = opts["spin_us"] * 1e-6
+        self._spin_min = min(self._spin_max, 10e-6)
+        self._spin = self._spin_max
+        self._slept_at = 0.0
         self._max_pool: int = opts["max_pool_segments"]
         self._queue: deque[_Queued] = deque()
         self._pool: list[_TxSegment] = []
@@ -507,6 +510,11 @@ class _ShmLink(Link):
         if not self._read_socket():
             return
         self._reader.wake()
+        if self._slept_at:
+            # Woken soon after giving up: spinning longer would have caught it.
+            if time.perf_counter() - self._slept_at < self._spin_max:
+                self._spin = min(self._spin_max, self._spin * 2)
+            self._slept_at = 0.0
         if not self._polling:
             self._progress()
 
@@ -548,14 +556,25 @@ class _ShmLink(Link):
         return False
 
     def _progress(self) -> None:
-        """Drain the ring; keep polling for ``spin_us`` after the last record, then sleep."""
+        """Drain the ring; keep polling a while after the last record, then sleep.
+
+        The polling time adapts between 10 us and ``spin_us``: it halves whenever it
+        ran out without a record and doubles when a wake-up comes soon after, so that
+        a busy machine (where the peer cannot answer while we spin) falls back to
+        sleeping.
+        """
         self._polling = False
         if self._down:
             return
-        if self._drain():
+        reader = self._reader
+        if reader.pending() and self._drain():
             self._spin_until = time.perf_counter() + self._spin
-        elif time.perf_counter() >= self._spin_until and self._reader.sleep():
-            return
+        else:
+            now = time.perf_counter()
+            if now >= self._spin_until and reader.sleep():
+                self._slept_at = now
+                self._spin = max(self._spin_min, self._spin * 0.5)
+                return
         if not self._down:
             self._polling = True
             self._loop.call_soon(self._progress)

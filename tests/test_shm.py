@@ -1,0 +1,357 @@
+"""Shared-memory transport: what the conformance suite cannot see.
+
+Zero-copy delivery and segment reuse, back-pressure, host-bound addresses, detection
+of corrupted shared memory, reclaiming a SIGKILLed peer's memory, and no ``/dev/shm``
+entry left behind by the whole shm suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import mmap
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hpcproc.transports import (
+    ConnectError,
+    ConnectErrorCode,
+    ConnectionOpened,
+    EndPointAddress,
+    ErrorEvent,
+    EventErrorCode,
+    Received,
+    create,
+)
+from hpcproc.transports._shm_ring import DATA_OFF, REC
+from hpcproc.transports.shm import ShmTransport, _host_identity
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 10.0
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="shm needs Linux (memfd)")
+
+
+async def _next(endpoint: Any, kind: type[Any] = object) -> Any:
+    event = await asyncio.wait_for(endpoint.receive(), TIMEOUT)
+    assert isinstance(event, kind), event
+    return event
+
+
+def _run(fn: Callable[[ShmTransport], Awaitable[None]], **options: Any) -> None:
+    async def main() -> None:
+        transport = create("shm", **options)
+        assert isinstance(transport, ShmTransport)
+        try:
+            await fn(transport)
+        finally:
+            await transport.close()
+
+    asyncio.run(main())
+
+
+def _mapping_lines() -> list[str]:
+    with open("/proc/self/maps") as f:
+        return [line for line in f if "memfd:hpcproc-shm" in line]
+
+
+def _base_object(frame: memoryview) -> object:
+    """The object at the bottom of a received frame's buffer chain."""
+    obj: object = frame
+    while True:
+        nxt = getattr(obj, "base", None) if isinstance(obj, np.ndarray) else None
+        if isinstance(obj, memoryview):
+            nxt = obj.obj
+        if nxt is None:
+            return obj
+        obj = nxt
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def test_address_names_the_host_and_its_boot() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        endpoint = await transport.new_endpoint()
+        host, boot = _host_identity()
+        assert endpoint.address.startswith(b"shm:" + host + b":" + boot + b":")
+
+    _run(scenario)
+
+
+@pytest.mark.parametrize("which", ["host", "boot"])
+def test_connect_to_another_host_raises_not_found_suggesting_tcp_or_ucx(which: str) -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        endpoint = await transport.new_endpoint()
+        _, host, boot, name = bytes(endpoint.address).split(b":")
+        if which == "host":
+            host = b"elsewhere"
+        else:
+            boot = b"00000000-0000-0000-0000-000000000000"
+        other = EndPointAddress(b":".join([b"shm", host, boot, name]))
+        with pytest.raises(ConnectError) as info:
+            await endpoint.connect(other, timeout=TIMEOUT)
+        assert info.value.code is ConnectErrorCode.NOT_FOUND
+        assert "tcp" in str(info.value) and "ucx" in str(info.value)
+
+    _run(scenario)
+
+
+# --------------------------------------------------------------------------- zero copy
+
+
+def test_large_frames_arrive_as_views_of_shared_memory() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        array = np.arange(1 << 18, dtype=np.float64)
+        await conn.send([b"small", array])
+        event = await _next(b, Received)
+        small, big = event.frames
+        assert bytes(small) == b"small"
+        assert isinstance(_base_object(big), mmap.mmap)
+        assert not big.readonly
+        np.testing.assert_array_equal(np.frombuffer(big, dtype=np.float64), array)
+
+    _run(scenario)
+
+
+def test_segment_is_reused_only_after_the_receiver_drops_its_views() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        await conn.send([np.full(1 << 20, 1, np.uint8)])
+        first = await _next(b, Received)
+        await conn.send([np.full(1 << 20, 2, np.uint8)])
+        second = await _next(b, Received)
+        assert len(link._pool) == 2  # the first segment was still held
+        assert bytes(first.frames[0][:4]) == b"\x01" * 4
+        del first
+        gc.collect()
+        await conn.send([np.full(1 << 20, 3, np.uint8)])
+        third = await _next(b, Received)
+        assert len(link._pool) == 2  # the first segment came back
+        assert bytes(second.frames[0][:4]) == b"\x02" * 4
+        assert bytes(third.frames[0][:4]) == b"\x03" * 4
+
+    _run(scenario)
+
+
+def test_message_too_big_for_the_ring_goes_through_a_segment() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        frames = [bytes([i % 251]) * 1000 for i in range(100)]  # 100 KB > ring / 4
+        await conn.send(frames)
+        event = await _next(b, Received)
+        assert [bytes(f) for f in event.frames] == frames
+
+    _run(scenario, ring_size=1 << 16, inline_threshold=4096)
+
+
+def test_sender_waits_for_ring_space_and_keeps_order() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        count = 1000  # about 1 MB through a 64 KiB ring
+
+        async def sender() -> None:
+            for i in range(count):
+                await conn.send([struct.pack("<I", i) * 256])
+
+        task = asyncio.create_task(sender())
+        for i in range(count):
+            event = await _next(b, Received)
+            assert bytes(event.frames[0][:4]) == struct.pack("<I", i)
+        await asyncio.wait_for(task, TIMEOUT)
+
+    _run(scenario, ring_size=1 << 16)
+
+
+# --------------------------------------------------------------------------- corruption
+
+
+def _corrupt_record_length(link: Any, off: int) -> None:
+    struct.pack_into("<I", link._writer.mm, off, 1 << 30)
+
+
+def _corrupt_record_magic(link: Any, off: int) -> None:
+    struct.pack_into("<I", link._writer.mm, off + 4, 0xDEADBEEF)
+
+
+def _corrupt_frame_length(link: Any, off: int) -> None:
+    struct.pack_into("<Q", link._writer.mm, off + REC.size, 1 << 40)
+
+
+def _corrupt_frame_count(link: Any, off: int) -> None:
+    struct.pack_into("<I", link._writer.mm, off + 12, 1 << 20)
+
+
+def _corrupt_ring_head(link: Any, off: int) -> None:
+    struct.pack_into("<Q", link._writer.mm, 64, link._writer.head + 3 * link._writer.capacity)
+
+
+def _corrupt_segment_offset(link: Any, off: int) -> None:
+    struct.pack_into("<Q", link._writer.mm, off + REC.size + 8 + 8, 1 << 50)
+
+
+def _corrupt_segment_id(link: Any, off: int) -> None:
+    struct.pack_into("<Q", link._writer.mm, off + REC.size + 8, 999_999)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "large"),
+    [
+        (_corrupt_record_length, False),
+        (_corrupt_record_magic, False),
+        (_corrupt_frame_length, False),
+        (_corrupt_frame_count, False),
+        (_corrupt_ring_head, False),
+        (_corrupt_segment_offset, True),
+        (_corrupt_segment_id, True),
+    ],
+    ids=lambda p: getattr(p, "__name__", str(p)).removeprefix("_corrupt_"),
+)
+def test_corrupted_shared_memory_fails_the_bundle_with_a_logged_reason(
+    corrupt: Callable[[Any, int], None], large: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        writer = link._writer
+        off = DATA_OFF + (writer.head & (writer.capacity - 1))
+        frame = np.ones(1 << 16, np.uint8) if large else b"x" * 16
+        # send returns without yielding to the loop: the receiver has not read it yet.
+        await conn.send([frame])
+        if large:
+            assert struct.unpack_from("<Q", writer.mm, off + REC.size)[0] >> 63
+        corrupt(link, off)
+        link._signal(b"W")  # in case the receiver sleeps
+        with caplog.at_level(logging.WARNING, logger="hpcproc.transports"):
+            lost = await _next(b, ErrorEvent)
+        assert lost.error.code is EventErrorCode.CONNECTION_LOST
+        assert lost.error.remote_address == a.address
+        assert "corrupt shared memory" in lost.error.message
+        assert any("corrupt shared memory" in r.getMessage() for r in caplog.records)
+        theirs = await _next(a, ErrorEvent)
+        assert theirs.error.code is EventErrorCode.CONNECTION_LOST
+        # The process is fine and a new bundle works.
+        again = await a.connect(b.address, timeout=TIMEOUT)
+        await _next(b, ConnectionOpened)
+        await again.send([b"after"])
+        assert bytes((await _next(b, Received)).frames[0]) == b"after"
+
+    _run(scenario)
+
+
+# --------------------------------------------------------------------------- dead peers
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    import numpy as np
+    from hpcproc.transports import create
+
+    async def main():
+        transport = create("shm")
+        endpoint = await transport.new_endpoint()
+        conn = await endpoint.connect(sys.argv[1].encode(), timeout=10)
+        await conn.send([b"hello", np.ones(1 << 20, np.uint8)])
+        await asyncio.Event().wait()  # until killed
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_killed_peer_is_reported_lost_and_its_memory_unmapped() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        before = _mapping_lines()
+        endpoint = await transport.new_endpoint()
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, endpoint.address.decode()],
+            cwd=ROOT,
+        )
+        try:
+            opened = await _next(endpoint, ConnectionOpened)
+            back = await endpoint.connect(opened.remote_address, timeout=TIMEOUT)
+            received = await _next(endpoint, Received)
+            assert bytes(received.frames[0]) == b"hello"
+            assert isinstance(_base_object(received.frames[1]), mmap.mmap)
+            assert len(_mapping_lines()) > len(before)
+            child.send_signal(signal.SIGKILL)
+            lost = await _next(endpoint, ErrorEvent)
+            assert lost.error.code is EventErrorCode.CONNECTION_LOST
+            assert lost.error.remote_address == opened.remote_address
+            await back.close()
+        finally:
+            child.kill()
+            child.wait(TIMEOUT)
+        # The ring is unmapped at once; the segment when the application drops it.
+        del received
+        gc.collect()
+        assert _mapping_lines() == before
+
+    _run(scenario)
+
+
+_SUITE_CHECK = """
+mount -t tmpfs hpcproc-shm-check /dev/shm || exit 97
+"$PY" -m pytest -q -p no:cacheprovider -x "$@"
+rc=$?
+echo "@@DEVSHM@@"
+ls -A /dev/shm
+exit $rc
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare to give the suite a private /dev/shm",
+)
+def test_shm_suite_leaves_no_dev_shm_entry() -> None:
+    """Runs every shm test (conformance, SIGKILL of a peer) with a private /dev/shm."""
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            _SUITE_CHECK,
+            "sh",
+            "tests/test_transport_conformance.py",
+            "tests/test_shm.py",
+            "-k",
+            "shm and not dev_shm",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PY": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout
+    assert proc.returncode != 97, "could not mount a private /dev/shm"
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    assert "@@DEVSHM@@" in out
+    left = out.split("@@DEVSHM@@", 1)[1].split()
+    assert left == [], f"the shm suite left /dev/shm entries: {left}"
