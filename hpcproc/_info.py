@@ -32,3 +32,6 @@ class NodeStats:
     registered_names: int
     monitors: int
     links: int
+    #: open incoming connections: one per (remote sender, local receiver) pair that
+    #: has communicated, plus one per remote node's controller
+    incoming_connections: int

@@ -809,7 +809,9 @@ class Node:
                         monitors += 1
                     else:
                         links += 1
-        return NodeStats(self._node_id, len(self._procs), len(self._names), monitors, links)
+        return NodeStats(
+            self._node_id, len(self._procs), len(self._names), monitors, links, len(self._incoming)
+        )
 
     async def get_process_info(self, pid: Pid) -> ProcessInfo | None:
         """:meth:`process_info` on the pid's node. Raises NodeUnreachableError."""

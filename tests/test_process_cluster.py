@@ -779,3 +779,80 @@ def test_watches_of_an_ended_process_are_removed_on_the_target_node(
         return info.monitored_by, info.linked_by
 
     assert run_cluster(kind, servers, body) == ((), ())
+
+
+async def sink_forever() -> None:
+    while True:
+        await hp.expect()
+
+
+async def sends_to(targets: tuple[hp.Pid, ...], n: int, reply: hp.Pid) -> None:
+    for target in targets:
+        for i in range(n):
+            await hp.send(target, i)
+    await hp.send(reply, "sent")
+
+
+def test_one_connection_per_communicating_pair_opened_lazily_and_reused(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        before = (await hp.get_node_stats(c.b)).incoming_connections
+        b1 = await hp.spawn(c.b, sink_forever)
+        b2 = await hp.spawn(c.b, sink_forever)
+        spawned = (await hp.get_node_stats(c.b)).incoming_connections
+        hp.spawn_local(sends_to, (b1, b2), 50, me)
+        hp.spawn_local(sends_to, (b1,), 50, me)
+        for _ in range(2):
+            assert await hp.expect(str, timeout=WAIT) == "sent"
+        after = (await hp.get_node_stats(c.b)).incoming_connections
+        await hp.kill(b1, "x")
+        await hp.kill(b2, "x")
+        return spawned - before, after - spawned
+
+    # Spawning uses only the controller connection (at most one new); three sender ->
+    # receiver pairs communicated, 150 messages: three connections.
+    ctl, pairs = run_cluster(kind, servers, body)
+    assert ctl in (0, 1)
+    assert pairs == 3
+
+
+def test_remote_requests_to_an_unreachable_node_raise_node_unreachable(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> list[str]:
+        out = []
+        for request in (
+            lambda: hp.spawn(c.dead, ends_normally),
+            lambda: hp.whereis_remote(c.dead, "logger", timeout=WAIT),
+            lambda: hp.get_node_stats(c.dead),
+        ):
+            try:
+                await request()
+            except hp.NodeUnreachableError:
+                out.append("unreachable")
+        return out
+
+    assert run_cluster(kind, servers, body) == ["unreachable"] * 3
+
+
+def test_call_of_a_killed_function_raises_call_error(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> str:
+        async def killer() -> None:
+            pid = await hp.expect(hp.Pid, timeout=WAIT)
+            await hp.kill(pid, "stop it")
+
+        k = hp.spawn_local(killer)
+
+        async def reports_then_waits() -> None:
+            await hp.send(k, hp.self_pid())
+            await hp.expect(_Never)
+
+        try:
+            await hp.call(c.b, reports_then_waits)
+        except hp.CallError as exc:
+            return str(exc)
+        return "no error"
+
+    assert "stop it" in run_cluster(kind, servers, body)
