@@ -414,6 +414,10 @@ def _as_bytes_view(frame: Buffer) -> memoryview:
     return memoryview(view.tobytes())
 
 
+def _nbytes(payload: Any) -> int:
+    return len(payload) if isinstance(payload, memoryview) else int(payload.nbytes)
+
+
 def _inline_plan(lengths: Sequence[int], device: frozenset[int]) -> list[bool]:
     """Which frames travel inside the header; both sides compute the same plan."""
     used = 0
@@ -492,12 +496,27 @@ class _UcxLink(Link):
     # ------------------------------------------------------------------ send side
 
     def _post_send(self, data: Any, tag: Any, bulk: bool) -> Any:
-        request = self._ucx_ep.tag_send(self._Array(data), tag)
-        if not request.completed:
-            self._engine.watch(request, self._on_send_done, bulk=bulk)
-        else:
+        """Post one tag send; return its request, or ``None`` if the link is down.
+
+        The request's buffer (``data``) stays referenced until it completes.
+        """
+        if self._dead:
+            return None
+        array = data if isinstance(data, self._Array) else self._Array(data)
+        try:
+            request = self._ucx_ep.tag_send(array, tag)
+        except Exception as exc:
+            self._fail(f"send failed: {exc!r}")
+            return None
+        if request.completed:
             self._engine.kick()
             self._on_send_done(request)
+        else:
+
+            def done(req: Any, array: Any = array) -> None:
+                self._on_send_done(req)
+
+            self._engine.watch(request, done, bulk=bulk)
         return request
 
     def _on_send_done(self, request: Any) -> None:
@@ -543,11 +562,13 @@ class _UcxLink(Link):
                 parts.append(payload)
             else:
                 bulk.append(payload)
-        self._post_send(b"".join(parts), self._send_header_tag, False)
-        requests = [
-            self._post_send(payload, self._send_bulk_tag, len(payload) >= POLL_MIN)
+        requests = [self._post_send(b"".join(parts), self._send_header_tag, False)]
+        requests.extend(
+            self._post_send(payload, self._send_bulk_tag, _nbytes(payload) >= POLL_MIN)
             for payload in bulk
-        ]
+        )
+        if self._dead:
+            raise ConnectionError(f"link to {self.remote!r} is down")
         waiting = [r for r in requests if not r.completed]
         if not waiting:
             self._check_sent(requests)
@@ -598,7 +619,11 @@ class _UcxLink(Link):
     def _post_header_recv(self) -> None:
         if self._dead:
             return
-        request = self._ucx_ep.tag_recv(self._header_array, self._recv_header_tag, self._mask)
+        try:
+            request = self._ucx_ep.tag_recv(self._header_array, self._recv_header_tag, self._mask)
+        except Exception as exc:
+            self._fail(f"receive failed: {exc!r}")
+            return
         self._engine.watch(request, self._on_header)
 
     def _on_header(self, request: Any) -> None:
@@ -651,7 +676,11 @@ class _UcxLink(Link):
         return incoming
 
     def _post_bulk_recv(self, target: Any, n: int, incoming: _Incoming, index: int) -> None:
-        request = self._ucx_ep.tag_recv(self._Array(target), self._recv_bulk_tag, self._mask)
+        try:
+            request = self._ucx_ep.tag_recv(self._Array(target), self._recv_bulk_tag, self._mask)
+        except Exception as exc:
+            self._fail(f"receive failed: {exc!r}")
+            return
 
         def done(req: Any) -> None:
             if self._dead:
