@@ -224,13 +224,15 @@ class Node:
         """
         if self._started:
             return self
-        self._started = True
-        self._loop = asyncio.get_running_loop()
-        self._closed = asyncio.Event()
         if self._endpoint is None:
             assert self._transport is not None
             self._endpoint = await self._transport.new_endpoint()
             self._node_id = NodeId(self._endpoint.address)
+        if self._started:  # a concurrent start() finished first
+            return self
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
         self._dispatcher = self._loop.create_task(self._dispatch(), name="hpcproc-dispatcher")
         logger = self._spawn(logger_main, (self._log_sink,))
         self._register(LOGGER_NAME, logger.pid, replace=False)
