@@ -83,6 +83,9 @@ SEGREF = struct.Struct("<QQ")
 OUT_OF_LINE: Final = 1 << 63
 
 _KINDS: Final = {int(k): k for k in Kind}
+_DATA: Final = int(Kind.DATA)
+_ONE = struct.Struct(REC.format + "Q")
+_ONE_SIZE: Final = _ONE.size
 _LENS: dict[int, struct.Struct] = {}
 
 # A full memory barrier: acquiring and releasing an uncontended lock executes locked
@@ -138,7 +141,7 @@ def check_ring(mm: mmap.mmap) -> int:
 class RingWriter:
     """The producer side of a ring; one per link direction, on one thread."""
 
-    __slots__ = ("_mask", "_waiting", "_woken", "capacity", "head", "mm", "view")
+    __slots__ = ("_free_to", "_mask", "_waiting", "_woken", "capacity", "head", "mm", "view")
 
     def __init__(self, mm: mmap.mmap, capacity: int) -> None:
         self.mm = mm
@@ -147,6 +150,8 @@ class RingWriter:
         self._mask = capacity - 1
         #: Bytes published so far (the producer's private copy of ``head``).
         self.head = 0
+        #: ``head`` may grow up to here without looking at the consumer's ``tail``.
+        self._free_to = capacity
         self._woken = 0
         self._waiting = 0
 
@@ -163,11 +168,13 @@ class RingWriter:
         pos = head & self._mask
         room = self.capacity - pos
         need = size if size <= room else room + size
-        used = head - _U64.unpack_from(self.mm, _TAIL_OFF)[0]
-        if used < 0 or used > self.capacity:
-            raise RingError(f"consumer tail is {used} bytes from head")
-        if self.capacity - used < need:
-            return -1
+        if head + need > self._free_to:
+            tail = _U64.unpack_from(self.mm, _TAIL_OFF)[0]
+            if tail > head or head - tail > self.capacity:
+                raise RingError(f"consumer tail is {head - tail} bytes from head")
+            self._free_to = tail + self.capacity
+            if head + need > self._free_to:
+                return -1
         if size > room:
             _MARK.pack_into(self.mm, DATA_OFF + pos, room, _WRAP_MAGIC)
             head += room
@@ -185,6 +192,20 @@ class RingWriter:
             self._woken = seq
             return True
         return False
+
+    def write_one(self, conn_id: int, frame: memoryview, n: int) -> bool:
+        """Reserve and write a DATA record of one inline frame; False when full.
+
+        The fast path of :meth:`reserve` plus :meth:`write`.
+        """
+        rec_len = _ONE_SIZE + n
+        off = self.reserve((rec_len + 7) & ~7)
+        if off < 0:
+            return False
+        _ONE.pack_into(self.mm, off, rec_len, _REC_MAGIC, _DATA, 1, conn_id, n)
+        off += _ONE_SIZE
+        self.view[off : off + n] = frame
+        return True
 
     def write(
         self,

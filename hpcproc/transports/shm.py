@@ -78,6 +78,7 @@ from .base import (
     ConnectErrorCode,
     EndPoint,
     EndPointAddress,
+    Event,
     NewEndPointError,
     NewEndPointErrorCode,
     SendError,
@@ -367,6 +368,19 @@ class _ShmLink(Link):
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self._down:
             raise ConnectionError("shared-memory link is down")
+        if len(frames) == 1 and not self._queue:
+            frame = frames[0]
+            view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
+            n = view.nbytes
+            if (
+                n < self._threshold
+                and view.format == "B"
+                and view.ndim == 1
+                and view.contiguous
+                and self._writer.write_one(conn_id, view, n)
+            ):
+                self._publish()
+                return
         views = [_as_bytes(f) for f in frames]
         threshold = self._threshold
         sizes = [v.nbytes for v in views]
@@ -507,7 +521,8 @@ class _ShmLink(Link):
     # ------------------------------------------------------------------ receiving
 
     def _on_readable(self) -> None:
-        if not self._read_socket():
+        # One message per call: the reader is level-triggered and comes back for more.
+        if not self._read_socket(once=True):
             return
         self._reader.wake()
         if self._slept_at:
@@ -518,8 +533,8 @@ class _ShmLink(Link):
         if not self._polling:
             self._progress()
 
-    def _read_socket(self) -> bool:
-        """Handle every pending socket message; False when the link went down."""
+    def _read_socket(self, *, once: bool = False) -> bool:
+        """Handle pending socket messages (or one); False when the link went down."""
         sock = self._sock
         while not self._down:
             try:
@@ -552,7 +567,10 @@ class _ShmLink(Link):
                 self._violation(str(exc))
                 return False
             finally:
-                _close_fds(fds)
+                if fds:
+                    _close_fds(fds)
+            if once:
+                return True
         return False
 
     def _progress(self) -> None:
@@ -708,7 +726,65 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
         self._incoming_waiters: dict[EndPointAddress, list[asyncio.Future[Link]]] = {}
+        self._busy_max: float = opts["busy_poll_us"] * 1e-6
+        self._busy = self._busy_max
+        # Only the standard event loop shows whether other callbacks are ready.
+        self._ready: Any = getattr(self._loop, "_ready", None)
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
+
+    async def receive(self) -> Event:
+        """See :meth:`EndPoint.receive`; may first poll the rings for a moment.
+
+        When no event is queued and no other callback of the event loop is ready, the
+        rings are polled in place for up to ``busy_poll_us`` (adapting like the
+        links' spin), so that a quick reply is taken without a trip through the
+        event loop. This can delay other I/O of the loop by that much.
+        """
+        events = self._events
+        if events._items or not self._busy_max or self._ready is None:
+            return await events.get()
+        gave_up = self._busy_wait()
+        if not gave_up:
+            return await events.get()
+        event = await events.get()
+        if time.perf_counter() - gave_up < self._busy_max:
+            self._busy = min(self._busy_max, self._busy * 2)
+        else:
+            self._busy = max(self._busy_max / 16, self._busy * 0.5)
+        return event
+
+    def _busy_wait(self) -> float:
+        """Poll the rings until an event is queued; the time it gave up, or 0.0."""
+        ready = self._ready
+        if ready:
+            return 0.0
+        links = [link for link in self._links.values() if type(link) is _ShmLink]
+        if not links:
+            return 0.0
+        for link in links:
+            link._reader.wake()
+        items = self._events._items
+        now = time.perf_counter()
+        deadline = now + self._busy
+        gave_up = 0.0
+        while not items:
+            for link in links:
+                if link._reader.pending() and not link._down:
+                    link._drain()
+            if items or ready:
+                break
+            now = time.perf_counter()
+            if now >= deadline:
+                gave_up = now
+                break
+        for link in links:
+            if not link._down:
+                if not gave_up:
+                    link._spin_until = now + link._spin
+                if not link._polling:
+                    link._polling = True
+                    self._loop.call_soon(link._progress)
+        return gave_up
 
     def _new_ring(self) -> tuple[mmap.mmap, int]:
         size: int = self._opts["ring_size"]
@@ -905,6 +981,8 @@ class ShmTransport(MultiplexedTransport):
         inline_threshold: frames at least this long go through a shared segment
             (one copy) instead of the ring (two copies).
         spin_us: how long a consumer polls after its last message before sleeping.
+        busy_poll_us: how long ``receive`` may poll in place when nothing else is
+            ready (0 disables it); see :meth:`_ShmEndPoint.receive`.
         max_pool_segments: pooled segments per link direction.
     """
 
@@ -914,6 +992,7 @@ class ShmTransport(MultiplexedTransport):
         ring_size: int = 1 << 20,
         inline_threshold: int = 8192,
         spin_us: float = 200.0,
+        busy_poll_us: float = 100.0,
         max_pool_segments: int = 8,
     ) -> None:
         if not hasattr(os, "memfd_create"):
@@ -924,13 +1003,14 @@ class ShmTransport(MultiplexedTransport):
             raise ValueError(
                 f"inline_threshold must be in [0, ring_size/8], not {inline_threshold}"
             )
-        if spin_us < 0 or max_pool_segments < 0:
-            raise ValueError("spin_us and max_pool_segments must not be negative")
+        if spin_us < 0 or busy_poll_us < 0 or max_pool_segments < 0:
+            raise ValueError("spin_us, busy_poll_us and max_pool_segments must not be negative")
         super().__init__()
         self._opts: dict[str, Any] = {
             "ring_size": ring_size,
             "inline_threshold": inline_threshold,
             "spin_us": spin_us,
+            "busy_poll_us": busy_poll_us,
             "max_pool_segments": max_pool_segments,
         }
 
