@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .launchers import ClusterInfo, LauncherError, detect
 from .launchers.errors import RendezvousError
@@ -117,6 +117,12 @@ class Shutdown:
 
 
 # ---------------------------------------------------------------- entry point
+
+
+def _write_line(stream: TextIO, text: str) -> None:
+    """One write per line: ranks sharing a pipe (``--np``) never interleave mid-line."""
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def load_entry(spec: str) -> Callable[[Cluster], Coroutine[Any, Any, Any]]:
@@ -198,24 +204,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         info = detect()
     except LauncherError as exc:
-        print(f"hpcproc.run: {exc}", file=sys.stderr)
+        _write_line(sys.stderr, f"hpcproc.run: {exc}")
         return 2
     if args.np is not None and args.np > 1:
         if info.is_multi_rank:
-            print(
+            _write_line(
+                sys.stderr,
                 f"hpcproc.run: --np {args.np} given inside a {info.size}-rank"
                 f" {info.launcher} step; the launcher already started the ranks",
-                file=sys.stderr,
             )
             return 2
         return _run_local(args.np, _without_np(argv), dry_run=args.dry_run)
     if args.dry_run:
-        print(info.describe(), flush=True)
+        _write_line(sys.stdout, info.describe())
         return 0
     try:
         entry = load_entry(args.entry)
     except (ImportError, ValueError) as exc:
-        print(f"hpcproc.run: cannot load {args.entry}: {exc}", file=sys.stderr)
+        _write_line(sys.stderr, f"hpcproc.run: cannot load {args.entry}: {exc}")
         return 2
     return asyncio.run(_run_rank(info, entry, args))
 
@@ -301,6 +307,11 @@ def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
 
     if name == "auto":
         name = "tcp"
+    if name == "inmemory" and info.size > 1:
+        raise RendezvousError(
+            f"--transport inmemory connects endpoints of one process only; this job has"
+            f" {info.size} ranks (use tcp, shm, mpi or ucx)"
+        )
     if name == "tcp":
         local_only = info.hosts is not None and all(h == "127.0.0.1" for h in info.hosts)
         if info.size == 1 or local_only:
@@ -349,18 +360,17 @@ async def _run_rank(
             life.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await life
-            print(
+            _write_line(
+                sys.stderr,
                 f"hpcproc.run: rank {info.rank} on {info.hostname}: stopped by"
                 f" {signal.Signals(signals[0]).name}",
-                file=sys.stderr,
-                flush=True,
             )
             return 128 + signals[0]
         finally:
             await node.close()
             await transport.close()
     except RendezvousError as exc:
-        print(f"hpcproc.run: rank {info.rank} on {info.hostname}: {exc}", file=sys.stderr)
+        _write_line(sys.stderr, f"hpcproc.run: rank {info.rank} on {info.hostname}: {exc}")
         return 1
     finally:
         for s in handled:
@@ -384,14 +394,7 @@ async def _serve_rank(
 
     # The controller is registered before the rendezvous, so that once any rank is
     # past the rendezvous every rank's controller can receive.
-    inbox: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def controller() -> None:
-        while True:
-            msg = await hp.expect()
-            inbox.put_nowait(msg)
-
-    node.register(CONTROLLER, node.spawn_local(controller))
+    control = _Controller(node)
     roster = await rendezvous(info, node.node_id.address, timeout=timeout, method=method)
     nodes = tuple(hp.NodeId(a) for a in roster.addresses)
     if nodes[info.rank] != node.node_id:
@@ -419,13 +422,13 @@ async def _serve_rank(
         status = await _run_main(node, entry, cluster)
     if info.rank == 0:
         if spmd:
-            status = max(status, await _collect_done(node, cluster, inbox))
+            status = max(status, await _collect_done(cluster, control))
         for nid in nodes[1:]:
             node.nsend_remote(nid, CONTROLLER, Shutdown(status))
         return status
     if spmd:
         node.nsend_remote(nodes[0], CONTROLLER, Done(info.rank, status))
-    return await _await_shutdown(node, cluster, inbox)
+    return await _await_shutdown(cluster, control)
 
 
 async def _run_main(
@@ -442,11 +445,10 @@ async def _run_main(
     try:
         result = await node.run(master)
     except Exception as exc:
-        print(
+        _write_line(
+            sys.stderr,
             f"hpcproc.run: main failed on rank {cluster.rank} ({cluster.info.hostname}):"
             f" {_name_nodes(exc, cluster)}",
-            file=sys.stderr,
-            flush=True,
         )
         log.debug("main failed", exc_info=exc)
         return 1
@@ -464,28 +466,50 @@ def _name_nodes(exc: BaseException, cluster: Cluster) -> str:
     return text
 
 
-async def _watch_nodes(node: Node, nids: Sequence[NodeId], inbox: asyncio.Queue[Any]) -> None:
-    """Forward a NodeMonitorNotification into ``inbox`` for each of ``nids`` that dies."""
-    import hpcproc as hp
+@dataclass(frozen=True)
+class _Watch:
+    """Local request to the controller: monitor these nodes."""
 
-    async def watcher() -> None:
-        for nid in nids:
-            await hp.monitor_node(nid)
-        while True:
-            inbox.put_nowait(await hp.expect(hp.NodeMonitorNotification))
-
-    node.spawn_local(watcher)
+    nodes: tuple[NodeId, ...]
 
 
-async def _collect_done(node: Node, cluster: Cluster, inbox: asyncio.Queue[Any]) -> int:
+class _Controller:
+    """This rank's run controller: one registered process whose mailbox gets Done,
+    Shutdown and the node monitor notifications, in arrival order (one mailbox, so a
+    master's Shutdown is never overtaken by the NodeDown its close sends after it)."""
+
+    def __init__(self, node: Node) -> None:
+        import hpcproc as hp
+
+        self._node = node
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def controller() -> None:
+            while True:
+                msg = await hp.expect()
+                if isinstance(msg, _Watch):
+                    for nid in msg.nodes:
+                        await hp.monitor_node(nid)
+                else:
+                    self.inbox.put_nowait(msg)
+
+        self.pid = node.spawn_local(controller)
+        node.register(CONTROLLER, self.pid)
+
+    def watch(self, nids: Sequence[NodeId]) -> None:
+        """Have a NodeMonitorNotification put in :attr:`inbox` when any of ``nids`` goes."""
+        self._node.send_local(self.pid, _Watch(tuple(nids)))
+
+
+async def _collect_done(cluster: Cluster, control: _Controller) -> int:
     """SPMD rank 0: wait until every other rank reported Done or died."""
     import hpcproc as hp
 
     pending = set(range(1, cluster.size))
-    await _watch_nodes(node, cluster.nodes[1:], inbox)
+    control.watch(cluster.nodes[1:])
     worst = 0
     while pending:
-        msg = await inbox.get()
+        msg = await control.inbox.get()
         if isinstance(msg, Done) and msg.rank in pending:
             pending.discard(msg.rank)
             worst = max(worst, msg.status)
@@ -493,31 +517,29 @@ async def _collect_done(node: Node, cluster: Cluster, inbox: asyncio.Queue[Any])
             rank = cluster.nodes.index(msg.node)
             if rank in pending:
                 pending.discard(rank)
-                print(
+                _write_line(
+                    sys.stderr,
                     f"hpcproc.run: node {cluster.describe_node(msg.node)} went away"
                     f" before finishing: {msg.reason!r}",
-                    file=sys.stderr,
-                    flush=True,
                 )
                 worst = max(worst, EXIT_STATUS_LOST)
     return worst
 
 
-async def _await_shutdown(node: Node, cluster: Cluster, inbox: asyncio.Queue[Any]) -> int:
+async def _await_shutdown(cluster: Cluster, control: _Controller) -> int:
     """A worker: serve until rank 0 says Shutdown (its status) or goes away (1)."""
     import hpcproc as hp
 
-    await _watch_nodes(node, cluster.nodes[:1], inbox)
+    control.watch(cluster.nodes[:1])
     while True:
-        msg = await inbox.get()
+        msg = await control.inbox.get()
         if isinstance(msg, Shutdown):
             return msg.status
         if isinstance(msg, hp.NodeMonitorNotification):
-            print(
+            _write_line(
+                sys.stderr,
                 f"hpcproc.run: rank {cluster.rank} on {cluster.info.hostname}: the master"
                 f" (node {cluster.describe_node(msg.node)}) went away: {msg.reason!r}",
-                file=sys.stderr,
-                flush=True,
             )
             return EXIT_STATUS_LOST
 

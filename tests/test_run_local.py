@@ -22,6 +22,12 @@ THIS = f"{Path(__file__).resolve()}"
 WAIT = 60.0
 
 
+def say_line(text: str) -> None:
+    """One write per line: ranks sharing a pipe never interleave mid-line."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 # ------------------------------------------------------------ apps run by the tests
 
 
@@ -35,7 +41,7 @@ async def app_peers(cluster: Any) -> int:
     for peer in cluster.peers:
         await hp.spawn(peer, answer_rank, me, cluster.nodes.index(peer))
     got = sorted([await hp.expect(int, timeout=30) for _ in cluster.peers])
-    print(f"master rank={cluster.rank} size={cluster.size} peers={got}", flush=True)
+    say_line(f"master rank={cluster.rank} size={cluster.size} peers={got}")
     return 0
 
 
@@ -48,7 +54,7 @@ async def app_status_3(cluster: Any) -> int:
 
 
 async def app_spmd(cluster: Any) -> int:
-    print(f"spmd rank={cluster.rank} peers={len(cluster.peers)}", flush=True)
+    say_line(f"spmd rank={cluster.rank} peers={len(cluster.peers)}")
     return 0
 
 
@@ -60,7 +66,7 @@ async def app_wait_on_workers(cluster: Any) -> None:
     """Run a long process on every worker, report readiness, wait forever."""
     for peer in cluster.peers:
         await hp.spawn(peer, sleep_forever)
-    print("ready", flush=True)
+    say_line("ready")
     await hp.expect(str)
 
 
@@ -69,7 +75,7 @@ async def sleep_forever() -> None:
 
 
 async def app_ready_then_wait(cluster: Any) -> None:
-    print(f"ready rank={cluster.rank}", flush=True)
+    say_line(f"ready rank={cluster.rank}")
     await hp.expect(str)
 
 
@@ -292,3 +298,18 @@ def test_single_rank_runs_main_in_this_process(monkeypatch: pytest.MonkeyPatch) 
             monkeypatch.delenv(name)
     monkeypatch.setenv("HPCPROC_COOKIE", "test-run-local-cookie")
     assert main([f"{THIS}:app_status_3"]) == 3
+
+
+def test_inmemory_transport_with_several_ranks_is_refused(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    rc, out = start(
+        ranks, ["--transport", "inmemory", f"{THIS}:report_rank"], explicit(env, 0, 2, "inmem")
+    ).finish()
+    assert rc == 1
+    assert "one process only" in out
+
+
+def test_inmemory_transport_runs_a_single_rank(ranks: list[Rank], env: dict[str, str]) -> None:
+    rc, out = start(ranks, ["--transport", "inmemory", f"{THIS}:app_status_3"], env).finish()
+    assert rc == 3, out

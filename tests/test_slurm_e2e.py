@@ -33,11 +33,17 @@ PYTHON = sys.executable
 WAIT = 120.0
 
 
+def say_line(text: str) -> None:
+    """One write per line: ranks sharing a pipe never interleave mid-line."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 # ------------------------------------------------------------ apps run under srun
 
 
 async def app_ready_then_wait(cluster: Any) -> None:
-    print(f"ready rank={cluster.rank} pid={os.getpid()}", flush=True)
+    say_line(f"ready rank={cluster.rank} pid={os.getpid()}")
     await hp.expect(str)
 
 
@@ -53,8 +59,8 @@ async def app_workers_report_pids(cluster: Any) -> None:
         await hp.spawn(peer, report_pid, me, cluster.nodes.index(peer))
     for _ in cluster.peers:
         rank, pid = await hp.expect(tuple, timeout=60)
-        print(f"worker rank={rank} pid={pid}", flush=True)
-    print("ready", flush=True)
+        say_line(f"worker rank={rank} pid={pid}")
+    say_line("ready")
     await hp.expect(str)
 
 
