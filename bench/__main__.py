@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         run = load_suite(args.suite)
     except KeyError as exc:
         parser.error(str(exc.args[0]))
-    records = run(SuiteOptions(transport=args.transport, quick=args.quick))
+    try:
+        records = run(SuiteOptions(transport=args.transport, quick=args.quick))
+    except ValueError as exc:  # the suite cannot measure what was asked
+        parser.error(str(exc))
     print(format_table(records))
     if args.json is not None:
         write_json(records, args.json)
