@@ -30,6 +30,7 @@ from hpcproc.transports import (
     ConnectErrorCode,
     ConnectionOpened,
     EndPointAddress,
+    EndPointClosed,
     ErrorEvent,
     EventErrorCode,
     Received,
@@ -51,7 +52,10 @@ async def _next(endpoint: Any, kind: type[Any] = object) -> Any:
 
 
 def _run(fn: Callable[[ShmTransport], Awaitable[None]], **options: Any) -> None:
+    errors: list[dict[str, Any]] = []
+
     async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
         transport = create("shm", **options)
         assert isinstance(transport, ShmTransport)
         try:
@@ -60,6 +64,8 @@ def _run(fn: Callable[[ShmTransport], Awaitable[None]], **options: Any) -> None:
             await transport.close()
 
     asyncio.run(main())
+    gc.collect()
+    assert not errors, f"errors reported to the event loop: {errors}"
 
 
 def _mapping_lines() -> list[str]:
@@ -355,3 +361,59 @@ def test_shm_suite_leaves_no_dev_shm_entry() -> None:
     assert "@@DEVSHM@@" in out
     left = out.split("@@DEVSHM@@", 1)[1].split()
     assert left == [], f"the shm suite left /dev/shm entries: {left}"
+
+
+def test_data_on_an_unknown_connection_drops_the_link_mid_drain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        writer = link._writer
+        off = DATA_OFF + (writer.head & (writer.capacity - 1))
+        await conn.send([b"first"])
+        await conn.send([b"second"])
+        struct.pack_into("<Q", writer.mm, off + 16, 12345)  # the first record's conn_id
+        link._signal(b"W")
+        with caplog.at_level(logging.WARNING, logger="hpcproc.transports"):
+            lost = await _next(b, ErrorEvent)
+        assert lost.error.code is EventErrorCode.CONNECTION_LOST
+        assert "unknown connection" in lost.error.message
+        theirs = await _next(a, ErrorEvent)
+        assert theirs.error.code is EventErrorCode.CONNECTION_LOST
+        # Nothing of the old bundle follows, not even the second record.
+        await transport.close()
+        assert isinstance(await _next(b), EndPointClosed)
+
+    _run(scenario)
+
+
+def test_segments_beyond_the_pool_are_one_shot_and_freed_with_their_views() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        before = len(_mapping_lines())
+        await conn.send([np.full(1 << 20, 1, np.uint8)])
+        pooled = await _next(b, Received)
+        await conn.send([np.full(1 << 20, 2, np.uint8)])  # pool full and busy
+        oneshot = await _next(b, Received)
+        assert len(link._pool) == 1
+        assert bytes(pooled.frames[0][:2]) == b"\x01\x01"
+        assert bytes(oneshot.frames[0][:2]) == b"\x02\x02"
+        with_oneshot = len(_mapping_lines())
+        del oneshot
+        gc.collect()
+        assert len(_mapping_lines()) < with_oneshot  # only the receiver mapped it
+        assert len(_mapping_lines()) > before  # the pooled one stays on both sides
+        del pooled
+        gc.collect()
+        await conn.send([np.full(1 << 20, 3, np.uint8)])  # reuses the pooled segment
+        third = await _next(b, Received)
+        assert bytes(third.frames[0][:2]) == b"\x03\x03"
+        assert len(link._pool) == 1
+
+    _run(scenario, max_pool_segments=1)

@@ -343,6 +343,10 @@ class _ShmLink(Link):
         self._polling = False
         self._spin_until = 0.0
         self._down = False
+        self._draining = False
+        self._rings_closed = False
+        #: Why the peer went away, noticed in the middle of a drain.
+        self._gone: str | None = None
         self._flushed: asyncio.Future[None] | None = None
 
     def start(self) -> None:
@@ -585,7 +589,9 @@ class _ShmLink(Link):
         if self._down:
             return
         reader = self._reader
-        if reader.pending() and self._drain():
+        if reader.pending() and (self._drain() or self._down):
+            if self._down:
+                return
             self._spin_until = time.perf_counter() + self._spin
         else:
             now = time.perf_counter()
@@ -598,14 +604,30 @@ class _ShmLink(Link):
             self._loop.call_soon(self._progress)
 
     def _drain(self) -> int:
+        """Deliver what the ring holds; the link may go down while it runs.
+
+        Delivery can re-enter this link (a protocol violation aborts it, a segment
+        lookup reads the socket and may find its end), so tearing the rings down and
+        handling the peer's departure wait until the parse is over.
+        """
+        self._draining = True
+        error = None
         try:
             n = self._reader.drain(self._deliver)
-            if n and self._reader.producer_waiting():
-                self._signal(_MSG_SPACE)
-            return n
         except RingError as exc:
-            self._violation(str(exc))
-            return 0
+            n = 0
+            error = str(exc)
+        finally:
+            self._draining = False
+        if error is not None:
+            self._violation(error)
+        if self._down:
+            self._close_rings()
+        elif self._gone is not None:
+            self._peer_gone(self._gone)
+        elif n and self._reader.producer_waiting():
+            self._signal(_MSG_SPACE)
+        return n
 
     def _deliver(self, kind: Kind, conn_id: int, frames: list[Any]) -> bool:
         endpoint = self._endpoint
@@ -668,6 +690,10 @@ class _ShmLink(Link):
     def _peer_gone(self, reason: str) -> None:
         if self._down:
             return
+        if self._draining:
+            self._gone = reason
+            return
+        self._gone = None
         self._drain()
         if not self._down:
             self._endpoint._on_link_down(self, reason)
@@ -702,6 +728,13 @@ class _ShmLink(Link):
         self._pool.clear()
         # Views handed to the application keep their segments mapped until dropped.
         self._rx_segments.clear()
+        if not self._draining:
+            self._close_rings()
+
+    def _close_rings(self) -> None:
+        if self._rings_closed:
+            return
+        self._rings_closed = True
         for ring in (self._writer, self._reader):
             ring.release()
             with contextlib.suppress(BufferError):  # a view escaped: GC unmaps it
@@ -769,7 +802,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         gave_up = 0.0
         while not items:
             for link in links:
-                if link._reader.pending() and not link._down:
+                if not link._down and link._reader.pending():
                     link._drain()
             if items or ready:
                 break
