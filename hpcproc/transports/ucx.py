@@ -282,17 +282,21 @@ class _Engine:
         )
         self.worker.init_blocking_progress_mode()
         self._fd: int = self.worker.epoll_file_descriptor
-        self._pending: list[tuple[Any, _Callback]] = []
+        self._pending: list[tuple[Any, _Callback, object]] = []
         self._scheduled = False
         self._polling = 0
         self._closed = False
         loop.add_reader(self._fd, self._run)
         self._timer: asyncio.TimerHandle | None = loop.call_later(IDLE_PROGRESS, self._tick)
 
-    def watch(self, request: Any, callback: _Callback, *, bulk: bool = False) -> None:
+    def watch(
+        self, request: Any, callback: _Callback, *, bulk: bool = False, keep: object = None
+    ) -> None:
         """Call ``callback(request)`` once ``request`` completes.
 
-        ``bulk`` requests make the engine poll until they complete.
+        ``keep`` (the request's buffer) stays referenced until then: UCX writes into
+        or reads from it even if the request's owner gave up on it. ``bulk`` requests
+        make the engine poll until they complete.
         """
         if bulk:
             self._polling += 1
@@ -301,9 +305,9 @@ class _Engine:
                 self._polling -= 1
                 callback(req)
 
-            self._pending.append((request, done))
+            self._pending.append((request, done, keep))
         else:
-            self._pending.append((request, callback))
+            self._pending.append((request, callback, keep))
         self.kick()
 
     def kick(self) -> None:
@@ -341,7 +345,7 @@ class _Engine:
         if not done:
             return
         self._pending = [entry for entry in pending if not entry[0].completed]
-        for request, callback in done:
+        for request, callback, _ in done:
             try:
                 callback(request)
             except Exception:
@@ -366,7 +370,7 @@ class _Engine:
                 self._reap()
 
 
-async def _wait(engine: _Engine, request: Any, timeout: float | None = None) -> None:
+async def _wait(engine: _Engine, request: Any, buffer: object, timeout: float) -> None:
     """Await one request (handshake and set-up only); raise its error."""
     if not request.completed:
         fut: asyncio.Future[None] = engine.loop.create_future()
@@ -375,19 +379,20 @@ async def _wait(engine: _Engine, request: Any, timeout: float | None = None) -> 
             if not fut.done():
                 fut.set_result(None)
 
-        engine.watch(request, done)
+        engine.watch(request, done, keep=buffer)
         await asyncio.wait_for(fut, timeout)
     request.check_error()
 
 
 async def _stream_send(engine: _Engine, ep: Any, data: bytes, timeout: float) -> None:
-    await _wait(engine, ep.stream_send(engine.ucxx.Array(data)), timeout)
+    array = engine.ucxx.Array(data)
+    await _wait(engine, ep.stream_send(array), array, timeout)
 
 
 async def _stream_recv(engine: _Engine, ep: Any, n: int, timeout: float) -> bytes:
-    buf = bytearray(n)
-    await _wait(engine, ep.stream_recv(engine.ucxx.Array(buf)), timeout)
-    return bytes(buf)
+    array = engine.ucxx.Array(bytearray(n))
+    await _wait(engine, ep.stream_recv(array), array, timeout)
+    return bytes(array.obj)
 
 
 def _close_ucx_endpoint(ep: Any) -> None:
@@ -512,11 +517,7 @@ class _UcxLink(Link):
             self._engine.kick()
             self._on_send_done(request)
         else:
-
-            def done(req: Any, array: Any = array) -> None:
-                self._on_send_done(req)
-
-            self._engine.watch(request, done, bulk=bulk)
+            self._engine.watch(request, self._on_send_done, bulk=bulk, keep=array)
         return request
 
     def _on_send_done(self, request: Any) -> None:
@@ -624,7 +625,7 @@ class _UcxLink(Link):
         except Exception as exc:
             self._fail(f"receive failed: {exc!r}")
             return
-        self._engine.watch(request, self._on_header)
+        self._engine.watch(request, self._on_header, keep=self._header_array)
 
     def _on_header(self, request: Any) -> None:
         if self._dead:
@@ -677,7 +678,8 @@ class _UcxLink(Link):
 
     def _post_bulk_recv(self, target: Any, n: int, incoming: _Incoming, index: int) -> None:
         try:
-            request = self._ucx_ep.tag_recv(self._Array(target), self._recv_bulk_tag, self._mask)
+            array = self._Array(target)
+            request = self._ucx_ep.tag_recv(array, self._recv_bulk_tag, self._mask)
         except Exception as exc:
             self._fail(f"receive failed: {exc!r}")
             return
@@ -696,7 +698,7 @@ class _UcxLink(Link):
             if incoming.missing == 0:
                 self._deliver()
 
-        self._engine.watch(request, done, bulk=n >= POLL_MIN)
+        self._engine.watch(request, done, bulk=n >= POLL_MIN, keep=array)
 
     def _deliver(self) -> None:
         ep = self._ep_owner
