@@ -417,3 +417,56 @@ def test_segments_beyond_the_pool_are_one_shot_and_freed_with_their_views() -> N
         assert len(link._pool) == 1
 
     _run(scenario, max_pool_segments=1)
+
+
+_RAW_PEER = textwrap.dedent(
+    """
+    import os, socket, sys
+    if sys.argv[2] == "other-user":
+        os.setgid(65534)
+        os.setuid(65534)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    sock.connect(b"\\0" + sys.argv[1].encode())
+    if sys.argv[2] == "garbage":
+        sock.send(b"H\\0\\0\\0garbage without a descriptor")
+    print("closed" if sock.recv(64) == b"" else "answered", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        "garbage",
+        pytest.param(
+            "other-user",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch user"),
+        ),
+    ],
+)
+def test_bad_handshakes_are_refused_and_logged(peer: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        endpoint = await transport.new_endpoint()
+        name = bytes(endpoint.address).rsplit(b":", 1)[1].decode()
+        with caplog.at_level(logging.WARNING, logger="hpcproc.transports.shm"):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RAW_PEER, name, peer, stdout=subprocess.PIPE
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        assert out.decode().strip() == "closed"
+        assert any("refused" in r.getMessage() for r in caplog.records)
+        # Nothing reached the endpoint, and it still accepts good peers.
+        other = await transport.new_endpoint()
+        conn = await other.connect(endpoint.address, timeout=TIMEOUT)
+        opened = await _next(endpoint, ConnectionOpened)
+        assert opened.remote_address == other.address
+        await conn.send([b"ok"])
+        assert bytes((await _next(endpoint, Received)).frames[0]) == b"ok"
+
+    _run(scenario)

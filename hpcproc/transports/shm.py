@@ -97,6 +97,8 @@ HANDSHAKE_TIMEOUT = 10.0
 SEG_HEADER = 64
 _SEG_ALIGN = 64
 _SEG_GRANULE = 1 << 20
+#: Replies taken by polling in ``receive`` before it lets the event loop run once.
+_FAIR_STREAK = 32
 
 _MSG_WAKE = b"W"
 _MSG_SPACE = b"S"
@@ -341,6 +343,7 @@ class _ShmLink(Link):
         self._next_seg = 1
         self._rx_segments: dict[int, _RxSegment] = {}
         self._polling = False
+        self._handle: asyncio.Handle | None = None
         self._spin_until = 0.0
         self._down = False
         self._draining = False
@@ -601,7 +604,7 @@ class _ShmLink(Link):
                 return
         if not self._down:
             self._polling = True
-            self._loop.call_soon(self._progress)
+            self._handle = self._loop.call_soon(self._progress)
 
     def _drain(self) -> int:
         """Deliver what the ring holds; the link may go down while it runs.
@@ -761,6 +764,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._incoming_waiters: dict[EndPointAddress, list[asyncio.Future[Link]]] = {}
         self._busy_max: float = opts["busy_poll_us"] * 1e-6
         self._busy = self._busy_max
+        self._streak = 0
         # Only the standard event loop shows whether other callbacks are ready.
         self._ready: Any = getattr(self._loop, "_ready", None)
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
@@ -776,6 +780,11 @@ class _ShmEndPoint(MultiplexedEndPoint):
         events = self._events
         if events._items or not self._busy_max or self._ready is None:
             return await events.get()
+        self._streak += 1
+        if self._streak > _FAIR_STREAK:
+            # Let the event loop run now and then even while replies keep coming.
+            self._streak = 0
+            return await events.get()
         gave_up = self._busy_wait()
         if not gave_up:
             return await events.get()
@@ -787,13 +796,19 @@ class _ShmEndPoint(MultiplexedEndPoint):
         return event
 
     def _busy_wait(self) -> float:
-        """Poll the rings until an event is queued; the time it gave up, or 0.0."""
+        """Poll the rings until an event is queued; the time it gave up, or 0.0.
+
+        Does nothing when callbacks other than the links' own polling are ready.
+        """
         ready = self._ready
-        if ready:
-            return 0.0
         links = [link for link in self._links.values() if type(link) is _ShmLink]
         if not links:
             return 0.0
+        if ready:
+            ours = {link._handle for link in links if link._polling}
+            if len(ready) > len(ours) or any(h not in ours for h in ready):
+                return 0.0
+        queued = len(ready)
         for link in links:
             link._reader.wake()
         items = self._events._items
@@ -804,7 +819,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
             for link in links:
                 if not link._down and link._reader.pending():
                     link._drain()
-            if items or ready:
+            if items or len(ready) > queued:
                 break
             now = time.perf_counter()
             if now >= deadline:
@@ -816,7 +831,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
                     link._spin_until = now + link._spin
                 if not link._polling:
                     link._polling = True
-                    self._loop.call_soon(link._progress)
+                    link._handle = self._loop.call_soon(link._progress)
         return gave_up
 
     def _new_ring(self) -> tuple[mmap.mmap, int]:
