@@ -171,6 +171,39 @@ def test_heterogeneous_step_has_global_ranks_and_no_host_map() -> None:
     assert info.job_id == "100"
 
 
+# Recorded on the test cluster (Slurm 22.05): task 2 of `srun -N1 -n1 : -N2 -n2`.
+HET_STEP_RECORDED = {
+    "SLURMD_NODENAME": "n3",
+    "SLURM_GTIDS": "2",
+    "SLURM_HET_SIZE": "2",
+    "SLURM_JOB_ID": "24",
+    "SLURM_JOB_ID_PACK_GROUP_0": "24",
+    "SLURM_JOB_ID_PACK_GROUP_1": "25",
+    "SLURM_JOB_NODELIST": "n[1-3]",
+    "SLURM_JOB_NODELIST_PACK_GROUP_0": "n1",
+    "SLURM_JOB_NODELIST_PACK_GROUP_1": "n[2-3]",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "2",
+    "SLURM_NODELIST": "n[1-3]",
+    "SLURM_NTASKS": "3",
+    "SLURM_PROCID": "2",
+    "SLURM_STEPID": "0",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NODELIST": "n[1-3]",
+    "SLURM_STEP_NUM_NODES": "3",
+    "SLURM_STEP_NUM_TASKS": "3",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x3)",
+}
+
+
+def test_recorded_heterogeneous_step_uses_pack_group_variables() -> None:
+    info = detect(HET_STEP_RECORDED, hostname="vm")
+    assert (info.rank, info.size, info.node_index, info.num_nodes) == (2, 3, 2, 3)
+    assert (info.job_id, info.step_id, info.hostname) == ("24", "0", "n3")
+    assert info.hosts is None
+    assert info.server_host == "n1"
+
+
 def test_inconsistent_task_counts_raise_naming_the_variable() -> None:
     with pytest.raises(LauncherError, match="SLURM_STEP_TASKS_PER_NODE"):
         detect({**SRUN_TASK, "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, hostname="vm")

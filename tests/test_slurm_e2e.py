@@ -237,6 +237,20 @@ def test_srun_scatter_gather_uses_every_worker(
     assert "5 workers" in out and ": OK" in out, out
 
 
+def test_heterogeneous_step_runs_across_components(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    rc, out = srun(
+        steps,
+        slurm_env,
+        "-N1", "-n1", ":", "-N2", "-n2",
+        PYTHON, "-m", "hpcproc.run", "examples/scatter_gather.py:main",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    assert "scatter_gather: rank 1 on n2 " in out and "scatter_gather: rank 2 on n3 " in out, out
+    assert "2 workers" in out and ": OK" in out, out
+
+
 def test_sbatch_wait_jobscript_succeeds_and_shows_result(
     slurm_env: dict[str, str], tmp_path: Path
 ) -> None:

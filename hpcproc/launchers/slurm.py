@@ -103,17 +103,34 @@ def detect(env: Mapping[str, str], hostname: str) -> ClusterInfo | None:
     )
 
 
+def _het_group(env: Mapping[str, str], name: str, group: int) -> str | None:
+    """``name`` of het component ``group``: ``_HET_GROUP_<i>`` (Slurm >= 20.02 in
+    batch / salloc) or ``_PACK_GROUP_<i>`` (what srun still exports in 22.05)."""
+    return env.get(f"{name}_HET_GROUP_{group}") or env.get(f"{name}_PACK_GROUP_{group}")
+
+
 def _het_step(
     env: Mapping[str, str], node_name: str, job_id: str | None, step_id: str | None, rank: int
 ) -> ClusterInfo:
-    """A step of a heterogeneous job: ranks are global, placement is not certain."""
+    """A step across the components of a heterogeneous job.
+
+    Ranks are global (``SLURM_PROCID``) and ``SLURM_STEP_NUM_TASKS`` counts every
+    component's tasks, but ``SLURM_STEP_NODELIST`` is the sorted union of the
+    components' nodes, which need not follow rank order: no host map. Rank 0 runs on
+    the first node of component 0.
+    """
     het_size = env_int(env, "SLURM_HET_SIZE")
-    group_sizes = [env_opt_int(env, f"SLURM_STEP_NUM_TASKS_HET_GROUP_{i}") for i in range(het_size)]
-    if all(n is not None for n in group_sizes):
-        size = sum(n for n in group_sizes if n is not None)
-    else:
-        size = env_int(env, "SLURM_STEP_NUM_TASKS")
-    first_nodes = env.get("SLURM_STEP_NODELIST_HET_GROUP_0") or env.get("SLURM_STEP_NODELIST", "")
+    group_sizes = [_het_group(env, "SLURM_STEP_NUM_TASKS", i) for i in range(het_size)]
+    size = (
+        sum(int(n) for n in group_sizes if n is not None)
+        if all(n is not None and n.isdigit() for n in group_sizes)
+        else env_int(env, "SLURM_STEP_NUM_TASKS")
+    )
+    first_nodes = (
+        _het_group(env, "SLURM_STEP_NODELIST", 0)
+        or _het_group(env, "SLURM_JOB_NODELIST", 0)
+        or env.get("SLURM_STEP_NODELIST", "")
+    )
     nodes = expand_hostlist(first_nodes)
     return ClusterInfo(
         launcher="slurm",
@@ -121,10 +138,10 @@ def _het_step(
         size=size,
         local_rank=env_opt_int(env, "SLURM_LOCALID"),
         local_size=None,
-        node_index=None,
-        num_nodes=None,
+        node_index=env_opt_int(env, "SLURM_NODEID"),
+        num_nodes=env_opt_int(env, "SLURM_STEP_NUM_NODES"),
         hostname=node_name,
-        job_id=env.get("SLURM_HET_JOB_ID") or job_id,
+        job_id=env.get("SLURM_HET_JOB_ID") or env.get("SLURM_PACK_JOB_ID") or job_id,
         step_id=step_id,
         hosts=None,
         server_host=nodes[0] if nodes else None,
