@@ -476,3 +476,39 @@ def test_close_is_bounded_when_the_peer_rank_stops_progressing() -> None:
         world.Barrier()
 
     run(scenario)
+
+
+def test_connect_to_a_rank_that_does_not_answer_times_out_and_leaves_no_link_behind() -> None:
+    async def scenario() -> None:
+        async with Scene() as s:
+            ep = await s.endpoint()
+            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+            if rank == 1:
+                world.Barrier()  # not progressing: rank 0's HELLO waits unanswered
+                await barrier("rank 0 gave up")
+                # The late ACCEPT reaches rank 0 after it gave up; it answers DOWN, so
+                # the link this rank made for the HELLO dies instead of lingering.
+                for _ in range(2000):
+                    if not live_links(ep):
+                        break
+                    await asyncio.sleep(0.001)
+                assert not live_links(ep), "a link of an abandoned connect survived"
+            else:
+                with pytest.raises(ConnectError) as info:
+                    await ep.connect(other, timeout=0.3)
+                assert info.value.code is ConnectErrorCode.TIMEOUT
+                world.Barrier()
+                await barrier("rank 0 gave up")
+            await barrier("checked")
+            # And the pair still works afterwards.
+            conn = await bounded(ep.connect(other), "connect()")
+            await bounded(conn.send([b"works"]), "send()")
+            await receive(ep, ConnectionOpened)
+            assert frames_of(await receive(ep, Received)) == [b"works"]
+
+    run(scenario)
+
+
+def live_links(endpoint: EndPoint) -> list[object]:
+    """The live links of an mpi endpoint (white-box: the core's link table)."""
+    return list(getattr(endpoint, "_links").values())  # noqa: B009

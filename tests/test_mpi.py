@@ -1,0 +1,210 @@
+"""The mpi transport in one process (a singleton MPI rank): what the conformance suite
+does not cover. Cross-rank behaviour is in tests/test_mpi_two_ranks.py."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from hpcproc.transports.base import (
+    ConnectionOpened,
+    EndPoint,
+    ErrorEvent,
+    EventErrorCode,
+    Received,
+    SendError,
+    SendErrorCode,
+)
+
+pytest.importorskip("mpi4py", reason="the mpi transport needs mpi4py (pip install hpcproc[mpi])")
+
+from hpcproc.transports import mpi
+
+T = TypeVar("T")
+WAIT = 10.0
+MiB = 1 << 20
+
+
+async def bounded(awaitable: Awaitable[T]) -> T:
+    return await asyncio.wait_for(awaitable, WAIT)
+
+
+async def expect(endpoint: EndPoint, kind: type[T]) -> T:
+    event = await bounded(endpoint.receive())
+    assert isinstance(event, kind), f"expected {kind.__name__}, got {event!r}"
+    return event
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_importing_the_transport_module_does_not_import_mpi4py() -> None:
+    result = run_python(
+        """
+        import sys
+        import hpcproc.transports.mpi
+        assert "mpi4py" not in sys.modules, "mpi4py imported too early"
+        print("ok")
+        """
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_missing_mpi4py_raises_import_error_naming_the_extra() -> None:
+    result = run_python(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "mpi4py" or name.startswith("mpi4py."):
+                    raise ImportError("No module named 'mpi4py'")
+        sys.meta_path.insert(0, Block())
+        from hpcproc import transports
+        try:
+            transports.create("mpi")
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install hpcproc[mpi]" in result.stdout
+
+
+def test_thread_level_below_serialized_raises_a_clear_error() -> None:
+    result = run_python(
+        """
+        import mpi4py
+        mpi4py.rc.thread_level = "single"
+        from hpcproc.transports import create
+        from hpcproc.transports.mpi import MpiUnavailableError
+        try:
+            create("mpi")
+        except MpiUnavailableError as exc:
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MPI_THREAD_SERIALIZED" in result.stdout
+    assert "MPI_THREAD_SINGLE" in result.stdout
+
+
+def test_addresses_name_rank_and_endpoint_and_malformed_ones_are_rejected() -> None:
+    address = mpi.format_address(3, 17)
+    assert address == b"mpi:3:17"
+    assert mpi.parse_address(address) == (3, 17)
+    for bad in (b"tcp:1:2", b"mpi:1", b"mpi:1:2:3", b"mpi:-1:2", b"mpi:a:2", b"mpi::2"):
+        with pytest.raises(ValueError):
+            mpi.parse_address(bad)
+
+
+def test_several_endpoints_in_one_rank_have_distinct_never_reused_addresses() -> None:
+    async def scenario() -> None:
+        transport = mpi.create_transport()
+        try:
+            first = await transport.new_endpoint()
+            rank, first_id = mpi.parse_address(first.address)
+            assert rank == transport.rank
+            await first.close()
+            second = await transport.new_endpoint()
+            third = await transport.new_endpoint()
+            ids = [mpi.parse_address(e.address)[1] for e in (second, third)]
+            assert len({first_id, *ids}) == 3
+        finally:
+            await bounded(transport.close())
+
+    asyncio.run(scenario())
+
+
+def test_large_frames_are_received_into_buffers_of_their_own_exact_size() -> None:
+    async def scenario() -> None:
+        transport = mpi.create_transport()
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            conn = await bounded(a.connect(b.address))
+            await expect(b, ConnectionOpened)
+            big = np.arange(3 * MiB, dtype=np.uint8)
+            await bounded(conn.send([b"small", big, b"tail"]))
+            event = await expect(b, Received)
+            assert [len(f) for f in event.frames] == [5, 3 * MiB, 4]
+            # One buffer per frame, allocated at exactly the frame's size: the data
+            # landed where the receiver keeps it, no reassembly copy.
+            owners = [f.obj for f in event.frames]
+            assert len({id(o) for o in owners}) == 3
+            assert isinstance(owners[1], np.ndarray) and owners[1].nbytes == 3 * MiB
+            assert np.array_equal(np.frombuffer(event.frames[1], np.uint8), big)
+        finally:
+            await bounded(transport.close())
+
+    asyncio.run(scenario())
+
+
+def test_unpicklable_and_strided_buffers_travel_as_raw_bytes() -> None:
+    async def scenario() -> None:
+        transport = mpi.create_transport(inline_max=0)
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            conn = await bounded(a.connect(b.address))
+            await expect(b, ConnectionOpened)
+            matrix = np.arange(64 * 64, dtype=np.float64).reshape(64, 64)
+            view = memoryview(np.arange(4096, dtype=np.int32))  # memoryviews cannot pickle
+            strided = matrix[:, ::2]  # not contiguous
+            await bounded(conn.send([view, strided, matrix]))
+            event = await expect(b, Received)
+            assert bytes(event.frames[0]) == view.tobytes()
+            assert bytes(event.frames[1]) == strided.tobytes()
+            assert bytes(event.frames[2]) == matrix.tobytes()
+        finally:
+            await bounded(transport.close())
+
+    asyncio.run(scenario())
+
+
+def test_malformed_envelope_drops_the_senders_links_and_delivers_nothing() -> None:
+    from mpi4py import MPI
+
+    async def scenario() -> None:
+        # A communicator of its own, so the poisoned peer rank is private to this test.
+        transport = mpi.create_transport(comm=MPI.COMM_SELF.Dup(), max_message=1 << 20)
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            conn = await bounded(a.connect(b.address))
+            await expect(b, ConnectionOpened)
+            engine: Any = transport._engine
+            a_id, b_id = (mpi.parse_address(e.address)[1] for e in (a, b))
+            link_gen = next(iter(b._links.values())).gen  # type: ignore[attr-defined]
+            # A DATA envelope announcing a 1 TiB frame: refused before any allocation.
+            envelope = mpi._ENVELOPE.pack(mpi._Msg.DATA, 0, 0, 1, a_id, b_id, link_gen, 1)
+            forged = envelope + mpi._LEN.pack(1 << 40)
+            # Non-blocking: a send to oneself completes only when the engine takes it.
+            request = engine.comm.Isend([forged, MPI.BYTE], engine.rank, mpi._TAG)
+            lost = await expect(b, ErrorEvent)
+            assert lost.error.code is EventErrorCode.CONNECTION_LOST
+            assert lost.error.remote_address == a.address
+            assert "protocol violation" in lost.error.message
+            lost_a = await expect(a, ErrorEvent)
+            assert lost_a.error.remote_address == b.address
+            assert not engine._recv_reqs, "a receive was posted for the forged frame"
+            assert request.Test(), "the forged envelope was not taken"
+            with pytest.raises(SendError) as info:
+                await bounded(conn.send([b"after the violation"]))
+            assert info.value.code is SendErrorCode.FAILED
+        finally:
+            await bounded(transport.close())
+
+    asyncio.run(scenario())
