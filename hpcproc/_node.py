@@ -465,7 +465,8 @@ class Node:
 
     def _on_exit(self, proc: Process) -> None:
         pid = proc.pid
-        self._procs.pop(pid.lid, None)
+        lid = pid[1]
+        self._procs.pop(lid, None)
         if proc._names:
             for name in proc._names:
                 if self._names.get(name) == pid:
@@ -474,7 +475,7 @@ class Node:
             conns = [c for c in proc._conns.values() if c is not BROKEN]
             if conns and not self._closing:
                 self._bg(_close_all(conns))
-        if pid.lid in self._watches_of:
+        if self._watches_of and lid in self._watches_of:
             self._drop_watches_of(proc)
         if proc._watchers:
             reason = self._death_reason(proc)
