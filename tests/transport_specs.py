@@ -34,7 +34,7 @@ SPECS: list[TransportSpec] = [
         # One rank (a singleton MPI init) with several endpoints, of one or several
         # transports (they share the process's MPI engine); two OS processes need
         # mpiexec: tests/test_mpi_two_ranks.py runs these scenarios across two ranks.
-        two_process_reason="a singleton MPI process cannot reach another; see tests/test_mpi_two_ranks.py",
+        two_process_reason="a singleton MPI rank cannot reach another; see test_mpi_two_ranks.py",
     ),
     TransportSpec(
         "ucx",
