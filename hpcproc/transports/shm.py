@@ -20,9 +20,15 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
   most ``max_pool_segments`` per link; beyond that a one-shot segment is used, which
   the kernel frees once the receiver's views are gone.
 * The socket carries only wake-ups, segment descriptors and the handshake. A consumer
-  polls its rings from the event loop for ``spin_us`` microseconds after the last
-  message (keeping the loop running, never blocking it), then announces that it
-  sleeps; producers write one wake-up byte only then.
+  polls its rings from the event loop for up to ``spin_us`` microseconds after the
+  last message (a callback that re-schedules itself: the loop keeps running), then
+  announces that it sleeps; producers write one wake-up byte only then. Both spins
+  adapt: they shrink when they run out (a busy machine, an idle peer) and grow back
+  when a message comes soon after.
+* ``receive`` on an empty queue polls the rings in place for up to ``busy_poll_us``
+  when no other callback is ready, so that a reply is taken without a trip through
+  the event loop (epoll, a future, a task switch), which is most of the cost of a
+  small round trip from asyncio. It lets the loop run at least every 32 replies.
 * The socket is the death detector: it closes when the peer process exits, even by
   ``SIGKILL``. The survivor drains what the peer published, reports
   ``CONNECTION_LOST`` and drops its mappings; the kernel frees the memory when the
