@@ -8,12 +8,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pytest
 
 from hpcproc.transports.base import (
+    Buffer,
     ConnectionOpened,
     EndPoint,
     ErrorEvent,
@@ -40,6 +41,11 @@ async def expect(endpoint: EndPoint, kind: type[T]) -> T:
     event = await bounded(endpoint.receive())
     assert isinstance(event, kind), f"expected {kind.__name__}, got {event!r}"
     return event
+
+
+def as_buffer(array: np.ndarray[Any, Any]) -> Buffer:
+    """A numpy array as a frame (numpy's stubs lack the buffer protocol before 3.12)."""
+    return cast(Buffer, array)
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -137,7 +143,7 @@ def test_large_frames_are_received_into_buffers_of_their_own_exact_size() -> Non
             conn = await bounded(a.connect(b.address))
             await expect(b, ConnectionOpened)
             big = np.arange(3 * MiB, dtype=np.uint8)
-            await bounded(conn.send([b"small", big, b"tail"]))
+            await bounded(conn.send([b"small", as_buffer(big), b"tail"]))
             event = await expect(b, Received)
             assert [len(f) for f in event.frames] == [5, 3 * MiB, 4]
             # One buffer per frame, allocated at exactly the frame's size: the data
@@ -161,9 +167,11 @@ def test_unpicklable_and_strided_buffers_travel_as_raw_bytes() -> None:
             conn = await bounded(a.connect(b.address))
             await expect(b, ConnectionOpened)
             matrix = np.arange(64 * 64, dtype=np.float64).reshape(64, 64)
-            view = memoryview(np.arange(4096, dtype=np.int32))  # memoryviews cannot pickle
+            view = memoryview(
+                as_buffer(np.arange(4096, dtype=np.int32))
+            )  # memoryviews cannot pickle
             strided = matrix[:, ::2]  # not contiguous
-            await bounded(conn.send([view, strided, matrix]))
+            await bounded(conn.send([view, as_buffer(strided), as_buffer(matrix)]))
             event = await expect(b, Received)
             assert bytes(event.frames[0]) == view.tobytes()
             assert bytes(event.frames[1]) == strided.tobytes()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pytest
@@ -26,6 +26,7 @@ import pytest
 from hpcproc import serialization
 from hpcproc import transports as registry
 from hpcproc.transports.base import (
+    Buffer,
     ConnectError,
     ConnectErrorCode,
     Connection,
@@ -126,6 +127,11 @@ async def drain_until_closed(endpoint: EndPoint) -> None:
         if isinstance(event, EndPointClosed):
             return
     raise AssertionError(f"rank {rank}: no EndPointClosed")
+
+
+def as_buffer(array: np.ndarray[Any, Any]) -> Buffer:
+    """A numpy array as a frame (numpy's stubs lack the buffer protocol before 3.12)."""
+    return cast(Buffer, array)
 
 
 def frames_of(event: Event) -> list[bytes]:
@@ -257,8 +263,8 @@ def test_several_endpoints_per_rank_reach_every_other_endpoint() -> None:
                         assert event.conn_id in payloads
                         closed.add(event.conn_id)
                 assert closed == set(senders)
-                for conn_id, (source, target) in payloads.items():
-                    assert source == senders[conn_id] and target == ep.address
+                for conn_id, (source, target_address) in payloads.items():
+                    assert source == senders[conn_id] and target_address == ep.address
                 assert sorted(senders.values()) == sorted(bytes(a) for a in addresses)
 
     run(scenario)
@@ -444,7 +450,7 @@ def test_send_buffers_may_be_reused_once_send_returns_across_ranks() -> None:
             await receive(ep, ConnectionOpened)
             big = np.full(8 * MiB, 7, dtype=np.uint8)
             small = bytearray(b"small")
-            await bounded(conn.send([big, small]), "send()")
+            await bounded(conn.send([as_buffer(big), small]), "send()")
             big[:] = 0
             small[:] = b"SMALL"
             event = await receive(ep, Received)
@@ -470,7 +476,7 @@ def test_close_is_bounded_when_the_peer_rank_stops_progressing() -> None:
         conn = await bounded(ep.connect(other), "connect()")
         payload = np.ones(64 * MiB, dtype=np.uint8)
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(conn.send([payload]), 0.5)
+            await asyncio.wait_for(conn.send([as_buffer(payload)]), 0.5)
         await bounded(transport.close(), "transport close() with a send outstanding")
         await drain_until_closed(ep)
         world.Barrier()
