@@ -911,6 +911,7 @@ class Node:
                         frames = serialize(msg)
                     except Exception as exc:
                         out.queue.popleft()
+                        log.warning("dropping control message for %s: %r", nid, exc)
                         self._fail_request(msg, f"cannot serialize {type(msg).__name__}: {exc}")
                         continue
                     if not await self._send_control(nid, out, frames):
