@@ -802,3 +802,16 @@ def test_node_closed_from_its_own_process_completes_and_reports_node_down() -> N
         return reason, a.closed
 
     assert asyncio.run(main()) == (hp.DiedNodeDown(), True)
+
+
+def test_receive_timeout_holds_while_unmatched_messages_arrive() -> None:
+    async def noise(target: hp.Pid) -> None:
+        for i in range(3):
+            await hp.send(target, f"noise {i}")
+
+    async def body() -> tuple[Any, list[Any]]:
+        hp.spawn_local(noise, hp.self_pid())
+        got = await hp.receive(hp.match(int), timeout=0.2)
+        return got, [await hp.expect(timeout=0) for _ in range(3)]
+
+    assert run(body) == (None, ["noise 0", "noise 1", "noise 2"])
