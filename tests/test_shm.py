@@ -34,6 +34,8 @@ from hpcproc.transports import (
     ErrorEvent,
     EventErrorCode,
     Received,
+    SendError,
+    SendErrorCode,
     create,
 )
 from hpcproc.transports._shm_ring import DATA_OFF, REC
@@ -484,3 +486,26 @@ def test_bad_handshakes_are_refused_and_logged(peer: str, caplog: pytest.LogCapt
         assert bytes((await _next(endpoint, Received)).frames[0]) == b"ok"
 
     _run(scenario)
+
+
+def test_corrupted_consumer_tail_fails_the_bundle_on_the_sending_side(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        tail_offset = 128
+        with caplog.at_level(logging.WARNING, logger="hpcproc.transports"):
+            with pytest.raises(SendError) as info:
+                for _ in range(200):  # 200 KB through a 64 KiB ring: the tail is read
+                    struct.pack_into("<Q", link._writer.mm, tail_offset, 1 << 60)
+                    await conn.send([b"x" * 1024])
+            assert info.value.code is SendErrorCode.FAILED
+            lost = await _next(a, ErrorEvent)
+        assert lost.error.code is EventErrorCode.CONNECTION_LOST
+        assert "corrupt shared memory" in lost.error.message
+        assert any("corrupt shared memory" in r.getMessage() for r in caplog.records)
+
+    _run(scenario, ring_size=1 << 16)

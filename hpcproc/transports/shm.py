@@ -370,17 +370,27 @@ class _ShmLink(Link):
     def send_control(self, kind: Kind, conn_id: int) -> None:
         if self._down:
             return
-        if not self._queue:
-            off = self._writer.reserve(REC.size)
-            if off >= 0:
-                self._writer.write(off, REC.size, kind, conn_id, (), [])
-                self._publish()
-                return
-        self._enqueue(_Queued(kind, conn_id, REC.size, (), [], None))
+        try:
+            if not self._queue:
+                off = self._writer.reserve(REC.size)
+                if off >= 0:
+                    self._writer.write(off, REC.size, kind, conn_id, (), [])
+                    self._publish()
+                    return
+            self._enqueue(_Queued(kind, conn_id, REC.size, (), [], None))
+        except RingError as exc:
+            self._violation(str(exc))
 
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self._down:
             raise ConnectionError("shared-memory link is down")
+        try:
+            await self._send_data(conn_id, frames)
+        except RingError as exc:
+            self._violation(str(exc))
+            raise ConnectionError(f"shared-memory link is down: {exc}") from exc
+
+    async def _send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if len(frames) == 1 and not self._queue:
             frame = frames[0]
             view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
