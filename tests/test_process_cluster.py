@@ -856,3 +856,38 @@ def test_call_of_a_killed_function_raises_call_error(kind: str, servers: Servers
         return "no error"
 
     assert "stop it" in run_cluster(kind, servers, body)
+
+
+def test_monitor_reports_disconnect_when_remote_os_process_is_killed(servers: Servers) -> None:
+    reason = _tcp_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = servers.fresh()
+
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        ref = await hp.monitor(pid)
+        nref = await hp.monitor_node(c.b)
+        await asyncio.to_thread(server.kill)  # SIGKILL: no goodbye from node b
+        return (await expect_ref(ref)).reason, (await expect_ref(nref)).reason
+
+    async def main() -> Any:
+        transport = create("tcp", cookie=COOKIE)
+        a = await hp.Node(transport).start()
+
+        async def stop_b() -> None:
+            await asyncio.to_thread(server.kill)
+
+        cluster = Cluster(
+            "tcp", a, transport, server.node_id, servers.dead(), stop_b, [], asyncio.Event()
+        )
+        try:
+            return await asyncio.wait_for(a.run(body, cluster), TIMEOUT)
+        finally:
+            await a.close()
+            await transport.close()
+
+    try:
+        assert asyncio.run(main()) == (hp.DiedDisconnect(), hp.DiedDisconnect())
+    finally:
+        server.kill()
