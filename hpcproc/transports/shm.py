@@ -57,6 +57,7 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import time
 import weakref
 from collections import deque
@@ -65,6 +66,9 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+if not sys.platform.startswith("linux"):
+    raise ImportError("the shm transport needs Linux (memfd_create, abstract Unix sockets)")
 
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
 from ._shm_ring import (
@@ -1006,8 +1010,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 _send_fd(conn, _WELCOME, tx_fd)
             finally:
                 os.close(tx_fd)
-        except (RingError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("shm endpoint %r: refused link from %r: %s", self.address, remote, exc)
+        except BaseException as exc:
+            if isinstance(exc, (RingError, OSError, asyncio.TimeoutError)):
+                log.warning("shm endpoint %r: refused link from %r: %s", self.address, remote, exc)
             if link is not None:
                 link.abort()
             else:
@@ -1015,7 +1020,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 for mm in (tx, rx):
                     if mm is not None:
                         mm.close()
-            return
+            if isinstance(exc, (RingError, OSError, asyncio.TimeoutError)):
+                return
+            raise
         self._register_link(link)
         link.start()
         for fut in self._incoming_waiters.pop(remote, []):
