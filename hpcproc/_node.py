@@ -528,6 +528,8 @@ class Node:
             return
         for key, wlid in watches.items():
             if type(key) is MonitorRef:
+                if key.target is None:
+                    continue  # a spawn_monitor still waiting: its spawn fails instead
                 self._deliver_death(wlid, key.target, reason, key)
             elif key[0] == "nodelink":
                 self._deliver_death(wlid, nid, reason, key)
