@@ -88,9 +88,9 @@ def _cluster_problem(env: dict[str, str]) -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo did not answer within 20 s"
     states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
-    usable = [
-        n for n in ("n1", "n2", "n3") if states.get(n, "").rstrip("*") in ("idle", "mix", "alloc")
-    ]
+    # "plnd": idle, but planned by the backfill scheduler for a pending job.
+    up_states = ("idle", "mix", "alloc", "plnd")
+    usable = [n for n in ("n1", "n2", "n3") if states.get(n, "").rstrip("*") in up_states]
     if out.returncode != 0 or len(usable) != 3:
         return (
             f"the cluster's nodes n1..n3 are not all up: {out.stdout.strip()} {out.stderr.strip()}"
