@@ -216,3 +216,22 @@ def test_malformed_envelope_drops_the_senders_links_and_delivers_nothing() -> No
             await bounded(transport.close())
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("inline_max", [0, 1 << 20], ids=["separate", "inline"])
+def test_fortran_ordered_frames_arrive_as_their_c_order_bytes(inline_max: int) -> None:
+    async def scenario() -> None:
+        transport = mpi.create_transport(inline_max=inline_max)
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            conn = await bounded(a.connect(b.address))
+            await expect(b, ConnectionOpened)
+            fortran = np.asfortranarray(np.arange(32 * 8, dtype=np.int16).reshape(32, 8))
+            await bounded(conn.send([as_buffer(fortran)]))
+            event = await expect(b, Received)
+            assert bytes(event.frames[0]) == fortran.tobytes()
+        finally:
+            await bounded(transport.close())
+
+    asyncio.run(scenario())

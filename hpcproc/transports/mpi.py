@@ -276,6 +276,7 @@ class _Engine:
         self._poisoned: set[int] = set()
         self._pumps: dict[asyncio.AbstractEventLoop, _Pump] = {}
         self._envelopes: dict[int, struct.Struct] = {}
+        self._tables: dict[int, struct.Struct] = {}
         self.closed = False
 
     # ------------------------------------------------------------------ sending
@@ -330,7 +331,7 @@ class _Engine:
             if self.closed:
                 raise ConnectionError("mpi transport engine is shut down")
             if inline:
-                data = b"".join([head, *(v if v.contiguous else v.tobytes() for v in views)])
+                data = b"".join([head, *[v if v.c_contiguous else v.tobytes() for v in views]])
                 req = self.comm.Isend([data, byte], dest, _TAG)
                 if req.Test():
                     return None
@@ -386,10 +387,11 @@ class _Engine:
                     self._take(message, ready)
             if message is not None:
                 self._poll(ready)
+        loop = _running_loop()
         for op in done:
             _set_result(op.loop, op.future)
         for msg in ready:
-            self._route(msg)
+            self._route(msg, loop)
         return True
 
     def busy(self) -> bool:
@@ -474,7 +476,7 @@ class _Engine:
         table_end = _ENVELOPE.size + _LEN.size * nframes
         if size < table_end:
             raise _ProtocolError("envelope shorter than its length table")
-        lengths = struct.unpack_from(f"<{nframes}Q", buf, _ENVELOPE.size)
+        lengths = self._lengths(nframes).unpack_from(buf, _ENVELOPE.size)
         total = sum(lengths)
         if total > self.options.max_message:
             raise _ProtocolError(f"message of {total} bytes exceeds the limit")
@@ -504,6 +506,14 @@ class _Engine:
             frames.append(memoryview(target))
         return msg
 
+    def _lengths(self, nframes: int) -> struct.Struct:
+        table = self._tables.get(nframes)
+        if table is None:
+            table = struct.Struct(f"<{nframes}Q")
+            if nframes <= 16:
+                self._tables[nframes] = table
+        return table
+
     def _poison(self, src: int, reason: str) -> None:
         """A peer broke the protocol: its stream cannot be resynchronised; drop it."""
         log.error("mpi rank %d broke the link protocol (%s); dropping its traffic", src, reason)
@@ -512,7 +522,8 @@ class _Engine:
         for endpoint in list(self.endpoints.values()):
             _call_on(endpoint.loop, endpoint._drop_rank, src, f"protocol violation: {reason}")
 
-    def _route(self, msg: _Inbound) -> None:
+    def _route(self, msg: _Inbound, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Hand ``msg`` to its endpoint; ``loop`` is the running loop, if any."""
         endpoint = self.endpoints.get(msg.dst_ep)
         if endpoint is None:
             if msg.kind == _Msg.HELLO:
@@ -520,7 +531,10 @@ class _Engine:
             elif msg.kind == _Msg.ACCEPT:
                 self.post_control(msg.src, _Msg.DOWN, msg.dst_ep, msg.src_ep, msg.gen, 0)
             return
-        _call_on(endpoint.loop, endpoint._handle, msg)
+        if endpoint.loop is loop:
+            endpoint._handle(msg)
+        else:
+            _call_soon_threadsafe(endpoint.loop, endpoint._handle, msg)
 
     # ------------------------------------------------------------------ endpoints, pumps
 
