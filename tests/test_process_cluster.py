@@ -388,7 +388,7 @@ def test_spawn_terminate_1000_remote_spawns_all_end(kind: str, servers: Servers)
 def test_spawn_invalid_non_async_function_fails_in_caller(kind: str, servers: Servers) -> None:
     async def body(c: Cluster) -> Any:
         try:
-            await hp.spawn(c.b, not_async)
+            await hp.spawn(c.b, not_async)  # type: ignore[arg-type]
         except hp.SpawnError as exc:
             return str(exc), str(c.b)
         return "no error", ""
@@ -776,6 +776,7 @@ def test_watches_of_an_ended_process_are_removed_on_the_target_node(
         await expect_ref(ref)
         info = await hp.get_process_info(target)
         await hp.kill(target, "x")
+        assert info is not None
         return info.monitored_by, info.linked_by
 
     assert run_cluster(kind, servers, body) == ((), ())

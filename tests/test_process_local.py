@@ -352,7 +352,7 @@ def test_spawn_local_runs_the_process_with_its_arguments() -> None:
     async def body() -> bool:
         pid = hp.spawn_local(child, hp.self_pid(), 2, 3)
         got = await hp.expect(tuple, timeout=WAIT)
-        return got == (pid, 5)
+        return bool(got == (pid, 5))
 
     assert run(body)
 
@@ -381,7 +381,7 @@ def test_spawn_invalid_non_async_function_names_function_and_node() -> None:
 
     async def body() -> str:
         try:
-            hp.spawn_local(not_async)
+            hp.spawn_local(not_async)  # type: ignore[arg-type]
         except hp.SpawnError as exc:
             assert str(hp.self_node()) in str(exc)
             return str(exc)

@@ -65,6 +65,13 @@ async def sender_main(index: int, driver: hp.Pid) -> None:
         await hp.send(driver, "ack")
 
 
+def _is_report_of(pid: hp.Pid) -> Any:
+    def test(m: Any) -> bool:
+        return isinstance(m, tuple) and m[:2] == ("got", pid)
+
+    return test
+
+
 async def driver(ops: list[Op], transport: Any, b: hp.NodeId) -> dict[Any, Any]:
     me = hp.self_pid()
     senders = [hp.spawn_local(sender_main, i, me) for i in range(SENDERS)]
@@ -102,7 +109,7 @@ async def driver(ops: list[Op], transport: Any, b: hp.NodeId) -> dict[Any, Any]:
         await hp.reconnect(pid)
         await hp.send(pid, ("report", me))
         reply = await hp.receive(
-            hp.match_if(lambda m, pid=pid: isinstance(m, tuple) and m[:2] == ("got", pid)),
+            hp.match_if(_is_report_of(pid)),
             timeout=WAIT,
         )
         assert reply is not None, "receiver did not report"
