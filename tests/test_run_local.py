@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,3 +314,44 @@ def test_inmemory_transport_with_several_ranks_is_refused(
 def test_inmemory_transport_runs_a_single_rank(ranks: list[Rank], env: dict[str, str]) -> None:
     rc, out = start(ranks, ["--transport", "inmemory", f"{THIS}:app_status_3"], env).finish()
     assert rc == 3, out
+
+
+def _mpiexec(env: dict[str, str], *args: str) -> tuple[int, str]:
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install hpcproc[mpi])")
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which(
+        "mpiexec"
+    )
+    if mpiexec is None:
+        pytest.skip("no mpiexec")
+    done = subprocess.run(
+        [mpiexec, "-n", "3", sys.executable, "-m", "hpcproc.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_mpiexec_with_mpi_transport_exchanges_addresses_by_allgather(env: dict[str, str]) -> None:
+    rc, out = _mpiexec(
+        {**env, "HPCPROC_LOG_LEVEL": "INFO"}, "--transport", "mpi", f"{THIS}:app_peers"
+    )
+    assert rc == 0, out
+    assert "master rank=0 size=3 peers=[1, 2]" in out
+    for rank in range(3):
+        assert f"rank {rank}/3 on" in out and "(hydra) joined as NodeId(b'mpi:" in out, out
+
+
+def test_mpiexec_without_a_rank_0_host_says_what_to_set(env: dict[str, str]) -> None:
+    rc, out = _mpiexec(env, f"{THIS}:app_peers")
+    assert rc != 0
+    assert "does not say where rank 0 runs; set HPCPROC_RENDEZVOUS_HOST" in out, out
+
+
+def test_mpiexec_with_a_shared_directory_rendezvous(env: dict[str, str], tmp_path: Path) -> None:
+    rc, out = _mpiexec({**env, "HPCPROC_RENDEZVOUS_DIR": str(tmp_path)}, f"{THIS}:app_peers")
+    assert rc == 0, out
+    assert "master rank=0 size=3 peers=[1, 2]" in out
+    assert list(tmp_path.iterdir()) == []
