@@ -75,6 +75,19 @@ async def sleep_forever() -> None:
     await hp.expect(str)
 
 
+async def app_report_worker_close(cluster: Any) -> int:
+    """Monitor a process on worker 1; report how it and its node ended."""
+    await hp.spawn_monitor(cluster.peers[0], sleep_forever)
+    say_line("ready")
+    try:
+        note = await hp.expect(hp.ProcessMonitorNotification)
+        say_line(f"monitor fired: {type(note.reason).__name__}")
+        await hp.expect(str)
+    except hp.NodeLinkException as exc:
+        say_line(f"link fired: {type(exc.reason).__name__}")
+    return 0
+
+
 async def app_ready_then_wait(cluster: Any) -> None:
     say_line(f"ready rank={cluster.rank}")
     await hp.expect(str)
@@ -226,6 +239,23 @@ def test_workers_exit_nonzero_naming_a_master_that_died(
         rc, out = p.finish()
         assert rc == 1, out
         assert "the master (node rank 0 on 127.0.0.1) went away" in out, out
+
+
+def test_sigterm_closes_a_worker_cleanly_and_its_watchers_see_node_down(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    procs = [
+        start(ranks, [f"{THIS}:app_report_worker_close"], explicit(env, r, 2, "clean-close"))
+        for r in range(2)
+    ]
+    procs[0].wait_for_line("ready")
+    procs[1].proc.send_signal(signal.SIGTERM)
+    rc1, out1 = procs[1].finish()
+    assert rc1 == 128 + signal.SIGTERM, out1
+    rc0, out0 = procs[0].finish()
+    assert rc0 == 0, out0
+    # DiedNodeDown (not DiedDisconnect): the worker announced its close to its watchers.
+    assert "fired: DiedNodeDown" in out0, out0
 
 
 def test_sigterm_stops_every_local_node(ranks: list[Rank], env: dict[str, str]) -> None:
