@@ -261,6 +261,28 @@ def test_small_and_large_messages_keep_their_order_on_a_connection() -> None:
     run(main)
 
 
+def test_busy_poll_mode_delivers_large_messages() -> None:
+    async def main() -> None:
+        t1 = ucx.UcxTransport(busy_poll=True)
+        t2 = ucx.UcxTransport(busy_poll=True)
+        try:
+            a = await t1.new_endpoint()
+            b = await t2.new_endpoint()
+            conn = await asyncio.wait_for(a.connect(b.address), WAIT)
+            payload = np.arange(4 << 20, dtype=np.uint8)
+            for _ in range(3):
+                await asyncio.wait_for(conn.send(message(payload, b"x")), WAIT)
+            await expect(b, ConnectionOpened)
+            for _ in range(3):
+                event = await expect(b, Received)
+                assert np.array_equal(np.asarray(event.frames[0]), payload)
+        finally:
+            for transport in (t1, t2):
+                await asyncio.wait_for(transport.close(), WAIT)
+
+    run(main)
+
+
 def test_message_over_the_frame_limit_is_refused_and_the_link_survives() -> None:
     async def main() -> None:
         transport = create("ucx")
