@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ class SerializationError(Exception):
 
 
 _BYTES, _BYTEARRAY, _MEMORYVIEW = 0, 1, 2
+_BY_REFERENCE = frozenset({types.FunctionType, type})
 
 
 class _OutOfBand:
@@ -84,6 +86,14 @@ class _Pickler(_OutOfBand, pickle.Pickler):
         self.frames = frames
         self.file = file
         self.busy = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        # The standard pickler saves functions and classes by reference, which for
+        # ``__main__`` names a module the receiving node does not have; refusing here
+        # sends the whole message through cloudpickle, which ships them by value.
+        if type(obj) in _BY_REFERENCE and getattr(obj, "__module__", None) == "__main__":
+            raise pickle.PicklingError(f"{obj!r} is defined in __main__")
+        return NotImplemented
 
 
 class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]

@@ -231,3 +231,32 @@ _data = st.recursive(
 @given(_data)
 def test_any_plain_data_round_trips_equal(obj: object) -> None:
     assert round_trip(obj) == obj
+
+
+_MAIN_SCRIPT = """
+import subprocess, sys
+from hpcproc.serialization import serialize
+
+def add_one(x):
+    return x + 1
+
+class Point:
+    pass
+
+header, *rest = serialize({"f": add_one, "cls": Point})
+assert not rest
+# A fresh interpreter has no such __main__ names: they must travel by value.
+code = "import pickle, sys; d = pickle.loads(sys.stdin.buffer.read()); print(d['f'](41), d['cls'].__name__)"
+out = subprocess.run([sys.executable, "-c", code], input=bytes(header), capture_output=True, timeout=60)
+sys.stdout.write(out.stdout.decode() + out.stderr.decode())
+"""
+
+
+def test_functions_and_classes_of_main_travel_by_value(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(_MAIN_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "42 Point", out.stdout + out.stderr
