@@ -109,6 +109,10 @@ _SEG_ALIGN = 64
 _SEG_GRANULE = 1 << 20
 #: Replies taken by polling in ``receive`` before it lets the event loop run once.
 _FAIR_STREAK = 32
+#: A poll at least this long (s) tells whether this process had a CPU to itself ...
+_SPIN_PROBE = 20e-6
+#: ... and if it had not, polling stops for this long (s).
+_NO_SPIN_PERIOD = 0.05
 
 _MSG_WAKE = b"W"
 _MSG_SPACE = b"S"
@@ -347,6 +351,9 @@ class _ShmLink(Link):
         self._spin_min = min(self._spin_max, 10e-6)
         self._spin = self._spin_max
         self._slept_at = 0.0
+        #: Start (wall and CPU time) of the current polling period, 0.0 outside one.
+        self._spin_started = 0.0
+        self._spin_cpu = 0.0
         self._max_pool: int = opts["max_pool_segments"]
         self._queue: deque[_Queued] = deque()
         self._pool: list[_TxSegment] = []
@@ -604,9 +611,10 @@ class _ShmLink(Link):
         """Drain the ring; keep polling a while after the last record, then sleep.
 
         The polling time adapts between 10 us and ``spin_us``: it halves whenever it
-        ran out without a record and doubles when a wake-up comes soon after, so that
-        a busy machine (where the peer cannot answer while we spin) falls back to
-        sleeping.
+        ran out without a record and doubles when a wake-up comes soon after. When
+        the process did not get a CPU to itself while polling (the CPUs are
+        oversubscribed, and the peer may be the one waiting for ours), the endpoint
+        stops polling for a while and sleeps at once.
         """
         self._polling = False
         if self._down:
@@ -615,12 +623,25 @@ class _ShmLink(Link):
         if reader.pending() and (self._drain() or self._down):
             if self._down:
                 return
-            self._spin_until = time.perf_counter() + self._spin
+            now = time.perf_counter()
+            self._spin_until = now + self._spin
+            if not self._spin_started:
+                self._spin_started = now
+                self._spin_cpu = time.thread_time()
         else:
             now = time.perf_counter()
-            if now >= self._spin_until and reader.sleep():
+            endpoint = self._endpoint
+            if (now >= self._spin_until or now < endpoint._no_spin_until) and reader.sleep():
                 self._slept_at = now
                 self._spin = max(self._spin_min, self._spin * 0.5)
+                started, self._spin_started = self._spin_started, 0.0
+                wall = now - started
+                if (
+                    started
+                    and wall > _SPIN_PROBE
+                    and time.thread_time() - self._spin_cpu < wall / 2
+                ):
+                    endpoint._no_spin_until = now + _NO_SPIN_PERIOD
                 return
         if not self._down:
             self._polling = True
@@ -785,6 +806,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._busy_max: float = opts["busy_poll_us"] * 1e-6
         self._busy = self._busy_max
         self._streak = 0
+        #: Until then neither ``receive`` nor the links poll: the CPUs are oversubscribed.
+        self._no_spin_until = 0.0
         # Only the standard event loop shows whether other callbacks are ready.
         self._ready: Any = getattr(self._loop, "_ready", None)
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
@@ -828,11 +851,15 @@ class _ShmEndPoint(MultiplexedEndPoint):
             ours = {link._handle for link in links if link._polling}
             if len(ready) > len(ours) or any(h not in ours for h in ready):
                 return 0.0
+        start = time.perf_counter()
+        if start < self._no_spin_until:
+            return 0.0
         queued = len(ready)
         for link in links:
             link._reader.wake()
         items = self._events._items
-        now = time.perf_counter()
+        cpu = time.thread_time()
+        now = start
         deadline = now + self._busy
         gave_up = 0.0
         while not items:
@@ -845,6 +872,10 @@ class _ShmEndPoint(MultiplexedEndPoint):
             if now >= deadline:
                 gave_up = now
                 break
+        if now - start > _SPIN_PROBE and time.thread_time() - cpu < 0.5 * (now - start):
+            # We polled without the CPU to ourselves: other processes want it (the
+            # peer among them, perhaps), so polling only delays the reply. Sleep instead.
+            self._no_spin_until = now + _NO_SPIN_PERIOD
         for link in links:
             if not link._down:
                 if not gave_up:
