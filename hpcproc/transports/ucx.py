@@ -1081,7 +1081,10 @@ class UcxTransport(MultiplexedTransport):
                 await _stream_send(engine, ep, _REPLY.pack(proof, status, my_tag), t)
                 return
         await _stream_send(engine, ep, _REPLY.pack(proof, status, 0), t)
-        # The dialer closes its UCX endpoint on a refusal; ours goes when it does.
+        # The dialer closes its UCX endpoint on a refusal; closing ours first could
+        # discard the reply before it arrives. Its close fails this receive.
+        with contextlib.suppress(Exception):
+            await _stream_recv(engine, ep, 1, t)
         self._drop(ep)
 
     def _find(self, dst: bytes) -> _UcxEndPoint | None:
