@@ -562,7 +562,7 @@ class Node:
             if type(key) is MonitorRef and type(key.target) is not NodeId:
                 target = key.target.owner if type(key.target) is SendPort else key.target
                 self._post(nid, ctl.UnmonitorReq(key, target))
-            elif key[0] == "link":
+            elif type(key) is tuple and key[0] == "link":
                 self._post(nid, ctl.UnlinkReq(proc.pid, key[2]))
 
     def _unwatch_remote(self, nid: NodeId, key: Any) -> None:

@@ -892,3 +892,25 @@ def test_monitor_reports_disconnect_when_remote_os_process_is_killed(servers: Se
         assert asyncio.run(main()) == (hp.DiedDisconnect(), hp.DiedDisconnect())
     finally:
         server.kill()
+
+
+async def _watch_node_and_end(node: hp.NodeId) -> None:
+    await hp.monitor_node(node)
+
+
+def test_process_ending_with_a_node_monitor_drops_it_cleanly(kind: str, servers: Servers) -> None:
+    async def body(c: Cluster) -> Any:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        pid = hp.spawn_local(_watch_node_and_end, c.b)
+        ref = await hp.monitor(pid)
+        note = await expect_ref(ref)
+        # The node still serves the other node after the watch was dropped.
+        echoed = await hp.call(c.b, _identity, 7)
+        return note.reason, echoed, [ctx.get("exception") for ctx in errors]
+
+    assert run_cluster(kind, servers, body) == (hp.DiedNormal(), 7, [])
+
+
+async def _identity(x: int) -> int:
+    return x
