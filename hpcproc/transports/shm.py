@@ -242,6 +242,13 @@ async def _recv_async(sock: socket.socket) -> tuple[bytes, list[int]]:
     return result
 
 
+def _peer_pid(sock: socket.socket) -> int:
+    pid, _uid, _gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    return int(pid)
+
+
 def _peer_uid(sock: socket.socket) -> int:
     _pid, uid, _gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -343,6 +350,8 @@ class _ShmLink(Link):
         self._loop = endpoint._loop
         self._sock = sock
         self._fd = sock.fileno()
+        #: Whether the peer endpoint lives in another process.
+        self._remote_process = _peer_pid(sock) != os.getpid()
         self._writer = RingWriter(tx, len(tx) - HEADER_SIZE)
         self._reader = RingReader(rx, check_ring(rx))
         self._max_record = self._writer.capacity // 4
@@ -844,7 +853,10 @@ class _ShmEndPoint(MultiplexedEndPoint):
         Does nothing when callbacks other than the links' own polling are ready.
         """
         ready = self._ready
-        links = [link for link in self._links.values() if type(link) is _ShmLink]
+        # A peer in this process answers only when the loop runs: polling cannot help.
+        links = [
+            link for link in self._links.values() if type(link) is _ShmLink and link._remote_process
+        ]
         if not links:
             return 0.0
         if ready:
