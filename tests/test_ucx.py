@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -327,7 +328,7 @@ def test_ucx_environment_configuration_passes_through(monkeypatch: pytest.Monkey
     assert "64K" in config["RNDV_THRESH"]
 
 
-def test_address_carries_host_and_listener_port() -> None:
+def test_address_carries_host_name_and_listener_port() -> None:
     async def main() -> None:
         transport = ucx.UcxTransport(host="127.0.0.1")
         try:
@@ -337,6 +338,12 @@ def test_address_carries_host_and_listener_port() -> None:
             assert parsed.port == transport.port
         finally:
             await asyncio.wait_for(transport.close(), WAIT)
+        default = ucx.UcxTransport()
+        try:
+            endpoint = await default.new_endpoint()
+            assert ucx.parse_address(endpoint.address).host == socket.gethostname()
+        finally:
+            await asyncio.wait_for(default.close(), WAIT)
 
     run(main)
 

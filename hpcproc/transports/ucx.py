@@ -910,8 +910,9 @@ class UcxTransport(MultiplexedTransport):
     """Endpoints reachable over UCX; see the module docstring for the protocol.
 
     Args:
-        host: the address peers dial to reach this transport's listener (the
-            listener accepts on every interface UCX allows).
+        host: the host name or address peers dial to reach this transport's
+            listener, which accepts on every interface (default: this machine's host
+            name, so that ``create("ucx")`` works across the nodes of a cluster).
         port: listener port (0: any free port).
         max_message: largest message (sum of frames) accepted from or sent to a peer.
         connect_timeout: bound on ``connect`` when the caller gives no timeout.
@@ -932,7 +933,7 @@ class UcxTransport(MultiplexedTransport):
     def __init__(
         self,
         *,
-        host: str = "127.0.0.1",
+        host: str | None = None,
         port: int = 0,
         max_message: int = DEFAULT_MAX_MESSAGE,
         connect_timeout: float = 30.0,
@@ -946,7 +947,7 @@ class UcxTransport(MultiplexedTransport):
         if cookie is None:
             cookie = load_cookie()
         self._cookie = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
-        self._host = host
+        self._host = host if host is not None else socket.gethostname()
         self._port = port
         self._max_message = max_message
         self._connect_timeout = connect_timeout
