@@ -98,11 +98,14 @@ import enum
 import itertools
 import logging
 import struct
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
 from .base import (
@@ -139,6 +142,7 @@ DEFAULT_CONNECT_TIMEOUT = 60.0
 DEFAULT_DRAIN_TIMEOUT = 5.0
 DEFAULT_MAX_FRAMES = 1 << 16
 DEFAULT_MAX_MESSAGE = 1 << 32
+DEFAULT_RECV_POOL_BYTES = 256 << 20
 
 _ADDRESS_CACHE = 4096  # peers whose address bytes an endpoint keeps
 _POLL_BATCH = 64  # envelopes taken per progress call, so one call stays short
@@ -237,6 +241,44 @@ class _ProtocolError(Exception):
     pass
 
 
+class _BufferPool:
+    """Receive buffers for large frames, reused once nothing but the pool refers to them.
+
+    A large frame is received into a pooled numpy array and handed to the receiver as
+    a view of it; the array is reused only when every view of it, and everything built
+    on them (arrays rebuilt by the serializer, for instance), is gone, which CPython's
+    reference count tells exactly. Reusing warm memory avoids the page faults and
+    kernel zeroing of a fresh allocation, which for large messages cost about as much
+    as the transfer itself. At most ``limit`` bytes are pooled; beyond that frames get
+    fresh arrays that the pool does not keep.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.arrays: list[np.ndarray[Any, Any]] = []
+        self.total = 0
+
+    def take(self, size: int) -> np.ndarray[Any, Any]:
+        """An array of ``size`` bytes that nobody else refers to."""
+        arrays = self.arrays
+        for i in range(len(arrays)):
+            # 2: the list's reference and getrefcount's argument; nobody else's.
+            if arrays[i].nbytes == size and sys.getrefcount(arrays[i]) == 2:
+                return arrays[i]
+        if self.total + size > self.limit:
+            for i in reversed(range(len(arrays))):
+                if sys.getrefcount(arrays[i]) == 2:
+                    self.total -= arrays[i].nbytes
+                    del arrays[i]
+                    if self.total + size <= self.limit:
+                        break
+        array = np.empty(size, dtype=np.uint8)
+        if self.total + size <= self.limit:
+            arrays.append(array)
+            self.total += size
+        return array
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -275,8 +317,11 @@ class _Engine:
         self._inbound: dict[int, deque[_Inbound]] = {}
         self._poisoned: set[int] = set()
         self._pumps: dict[asyncio.AbstractEventLoop, _Pump] = {}
+        #: When progress last moved anything (``time.monotonic``); pumps stay hot after.
+        self.last_activity = time.monotonic()
         self._envelopes: dict[int, struct.Struct] = {}
         self._tables: dict[int, struct.Struct] = {}
+        self._pool = _BufferPool(options.recv_pool_bytes)
         self.closed = False
 
     # ------------------------------------------------------------------ sending
@@ -387,6 +432,7 @@ class _Engine:
                     self._take(message, ready)
             if message is not None:
                 self._poll(ready)
+        self.last_activity = time.monotonic()
         loop = _running_loop()
         for op in done:
             _set_result(op.loop, op.future)
@@ -494,13 +540,7 @@ class _Engine:
             raise _ProtocolError("envelope of a multi-message DATA carries bytes")
         msg = _Inbound(src, kind, src_ep, dst_ep, gen, conn_id, frames, nframes)
         for length in lengths:
-            target: Any
-            if length >= _NUMPY_MIN:
-                import numpy
-
-                target = numpy.empty(length, dtype=numpy.uint8)
-            else:
-                target = bytearray(length)
+            target: Any = self._pool.take(length) if length >= _NUMPY_MIN else bytearray(length)
             self._recv_reqs.append(self.comm.Irecv([target, self._byte], src, _TAG))
             self._recv_msgs.append(msg)
             frames.append(memoryview(target))
@@ -596,6 +636,7 @@ class _Options:
         "inline_max",
         "max_frames",
         "max_message",
+        "recv_pool_bytes",
         "spin",
     )
 
@@ -610,8 +651,10 @@ class _Options:
         drain_timeout: float,
         max_frames: int,
         max_message: int,
+        recv_pool_bytes: int,
     ) -> None:
         self.inline_max = inline_max
+        self.recv_pool_bytes = recv_pool_bytes
         self.spin = spin_us * 1e-6
         self.hot_window = hot_window
         self.idle_interval = idle_interval
@@ -647,21 +690,45 @@ def _call_soon_threadsafe(
         loop.call_soon_threadsafe(fn, *args)
 
 
+def _nothing_else_ready(loop: asyncio.AbstractEventLoop, pump: _Pump | None) -> bool:
+    """Whether no callback but ``pump``'s waits to run on ``loop``: spinning then delays
+    no other task.
+
+    Reads asyncio's ready queue (``BaseEventLoop._ready``, an implementation detail); a
+    loop without one (uvloop) gets ``False``, so the transport never spins there and
+    the pump alone makes progress.
+    """
+    ready = getattr(loop, "_ready", None)
+    if ready is None:
+        return False
+    n = len(ready)
+    if n == 0:
+        return True
+    return n == 1 and pump is not None and pump.hot_handle() is ready[0]
+
+
 class _Pump:
-    """Polls the engine from one event loop: every iteration while hot, else on a timer."""
+    """Polls the engine from one event loop: every iteration while hot, else on a timer.
+
+    While hot and nothing else is runnable, one call spins for up to ``spin_us``:
+    the loop would otherwise only go round to poll again.
+    """
 
     def __init__(self, engine: _Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.loop = loop
         self.users = 0
-        self.last_activity = time.monotonic()
         self.handle: asyncio.Handle | None = None
         self.timer = False
         self.stopped = False
 
+    def hot_handle(self) -> asyncio.Handle | None:
+        """The handle of the next poll if it runs on the next iteration."""
+        return None if self.timer else self.handle
+
     def poke(self) -> None:
         """Activity is expected: poll on the next loop iteration."""
-        self.last_activity = time.monotonic()
+        self.engine.last_activity = time.monotonic()
         if self.stopped:
             return
         if self.handle is not None:
@@ -682,21 +749,28 @@ class _Pump:
         if self.stopped:
             return
         engine = self.engine
+        options = engine.options
         try:
             moved = engine.progress()
+            if (
+                not moved
+                and options.spin > 0
+                and time.monotonic() - engine.last_activity < options.hot_window
+                and _nothing_else_ready(self.loop, None)
+            ):
+                deadline = time.perf_counter() + options.spin
+                progress = engine.progress
+                while not progress() and time.perf_counter() < deadline:
+                    pass
         except Exception:
             log.exception("mpi transport: progress failed")
-            moved = False
-        now = time.monotonic()
-        if moved:
-            self.last_activity = now
         if self.stopped:
             return
-        if engine.busy() or now - self.last_activity < engine.options.hot_window:
+        if engine.busy() or time.monotonic() - engine.last_activity < options.hot_window:
             self.handle = self.loop.call_soon(self._run)
             self.timer = False
         else:
-            self.handle = self.loop.call_later(engine.options.idle_interval, self._run)
+            self.handle = self.loop.call_later(options.idle_interval, self._run)
             self.timer = True
 
 
@@ -839,26 +913,28 @@ class _MpiEndPoint(MultiplexedEndPoint):
     # ------------------------------------------------------------------ waiting
 
     async def _wait(self, future: asyncio.Future[Any]) -> Any:
-        """Spin on progress for up to ``spin_us``, then let the pump wake us."""
+        """Spin on progress for up to ``spin_us`` if no other task is runnable, then let
+        the pump wake us."""
         if not future.done():
             engine = self.engine
+            pump = engine.pump_for(self.loop)
             spin = self.opts.spin
-            if spin > 0:
+            if spin > 0 and _nothing_else_ready(self.loop, pump):
                 deadline = time.perf_counter() + spin
                 progress = engine.progress
                 while not future.done() and time.perf_counter() < deadline:
                     progress()
-            if not future.done():
-                pump = engine.pump_for(self.loop)
-                if pump is not None:
-                    pump.poke()
+            if not future.done() and pump is not None:
+                pump.poke()
         return await future
 
     async def receive(self) -> Event:
+        """The next event; with none queued and no other task runnable, first spins on
+        MPI progress for up to ``spin_us`` (much faster than a trip round the loop)."""
         if not len(self._events) and not self._closed:
             engine = self.engine
             spin = self.opts.spin
-            if spin > 0:
+            if spin > 0 and _nothing_else_ready(self.loop, engine.pump_for(self.loop)):
                 events = self._events
                 progress = engine.progress
                 deadline = time.perf_counter() + spin
@@ -1041,6 +1117,7 @@ def create_transport(
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_message: int = DEFAULT_MAX_MESSAGE,
+    recv_pool_bytes: int = DEFAULT_RECV_POOL_BYTES,
 ) -> MpiTransport:
     """Registry factory for ``mpi``.
 
@@ -1078,5 +1155,6 @@ def create_transport(
         drain_timeout=drain_timeout,
         max_frames=max_frames,
         max_message=max_message,
+        recv_pool_bytes=recv_pool_bytes,
     )
     return MpiTransport(_engine_for(mpi, comm, options), options)
