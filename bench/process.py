@@ -37,6 +37,7 @@ from ._pair import Peer, run_pair
 from ._records import Record, median, record
 from ._suites import SuiteOptions
 from ._timing import Step
+from .transport import _launch_for
 
 __all__ = [
     "local_role",
@@ -337,15 +338,19 @@ def run(options: SuiteOptions) -> list[Record]:
         "spawn_count_local": 20_000,
     }
     env = {"HPCPROC_COOKIE": os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16)}
+    # The two nodes must be MPI ranks for the mpi transport.
+    launch = _launch_for(name)
     raw_rtt: list[float] = []
     raw_rate: list[float] = []
     ours: dict[str, list[float]] = {"rtt": [], "rate": [], "spawn": []}
     local: dict[str, list[float]] = {"rate": [], "queue": [], "spawn": [], "task": []}
     for _ in range(rounds):
-        raw = run_pair("bench.transport:hpcproc_role", params, env=env)[0]
+        raw = run_pair("bench.transport:hpcproc_role", params, launch=launch, env=env)[0]
         raw_rtt.extend(raw[str(RTT_SIZE)])
-        raw_rate.extend(run_pair("bench.process:raw_rate_role", params, env=env)[0]["rate"])
-        mine = run_pair("bench.process:pair_role", params, env=env)[0]
+        raw_rate.extend(
+            run_pair("bench.process:raw_rate_role", params, launch=launch, env=env)[0]["rate"]
+        )
+        mine = run_pair("bench.process:pair_role", params, launch=launch, env=env)[0]
         for key in ours:
             ours[key].extend(mine[key])
         loc = run_pair("bench.process:local_role", params, launch="solo", env=env)[0]
