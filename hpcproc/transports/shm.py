@@ -113,6 +113,8 @@ _FAIR_STREAK = 32
 _SPIN_PROBE = 20e-6
 #: ... and if it had not, polling stops for this long (s).
 _NO_SPIN_PERIOD = 0.05
+#: A message this many polling budgets after giving up counts as "just missed".
+_LATE = 4
 
 _MSG_WAKE = b"W"
 _MSG_SPACE = b"S"
@@ -570,7 +572,7 @@ class _ShmLink(Link):
         self._reader.wake()
         if self._slept_at:
             # Woken soon after giving up: spinning longer would have caught it.
-            if time.perf_counter() - self._slept_at < self._spin_max:
+            if time.perf_counter() - self._slept_at < _LATE * self._spin_max:
                 self._spin = min(self._spin_max, self._spin * 2)
             self._slept_at = 0.0
         if not self._polling:
@@ -841,7 +843,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
         if not gave_up:
             return await events.get()
         event = await events.get()
-        if time.perf_counter() - gave_up < self._busy_max:
+        # A reply a little too late for the poll: poll longer (sleeping costs a wake-up
+        # system call on the peer, often more than the poll); a long silence: shorter.
+        if time.perf_counter() - gave_up < _LATE * self._busy_max:
             self._busy = min(self._busy_max, self._busy * 2)
         else:
             self._busy = max(self._busy_max / 16, self._busy * 0.5)
@@ -859,7 +863,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         ]
         if not links:
             return 0.0
-        if ready:
+        if ready and not (len(ready) == 1 and ready[0] is links[0]._handle):
             ours = {link._handle for link in links if link._polling}
             if len(ready) > len(ours) or any(h not in ours for h in ready):
                 return 0.0
@@ -870,7 +874,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
         for link in links:
             link._reader.wake()
         items = self._events._items
-        cpu = time.thread_time()
+        # Reading the CPU clock is a system call: probe one wait in eight.
+        cpu = time.thread_time() if not self._streak & 7 else -1.0
         now = start
         deadline = now + self._busy
         gave_up = 0.0
@@ -884,7 +889,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
             if now >= deadline:
                 gave_up = now
                 break
-        if now - start > _SPIN_PROBE and time.thread_time() - cpu < 0.5 * (now - start):
+        if cpu >= 0 and now - start > _SPIN_PROBE and time.thread_time() - cpu < (now - start) / 2:
             # We polled without the CPU to ourselves: other processes want it (the
             # peer among them, perhaps), so polling only delays the reply. Sleep instead.
             self._no_spin_until = now + _NO_SPIN_PERIOD
