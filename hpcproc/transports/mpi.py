@@ -131,6 +131,8 @@ _PREFIX = b"mpi:"
 _TAG = 0x4850  # "HP"; the only tag the transport uses on its own communicator
 _ENVELOPE = struct.Struct("<BBHIIIQQ")  # kind flags pad nframes src_ep dst_ep gen conn_id
 _LEN = struct.Struct("<Q")
+_NFRAMES = struct.Struct("<I")
+_NFRAMES_AT = 4  # offset of nframes in the envelope
 _FLAG_INLINE = 1
 _NUMPY_MIN = 1 << 20  # frames this large are allocated by numpy (huge pages)
 
@@ -320,7 +322,6 @@ class _Engine:
         #: When progress last moved anything (``time.monotonic``); pumps stay hot after.
         self.last_activity = time.monotonic()
         self._envelopes: dict[int, struct.Struct] = {}
-        self._tables: dict[int, struct.Struct] = {}
         self._pool = _BufferPool(options.recv_pool_bytes)
         self.closed = False
 
@@ -512,17 +513,20 @@ class _Engine:
         size = len(buf)
         if size < _ENVELOPE.size:
             raise _ProtocolError(f"short envelope of {size} bytes")
-        kind, flags, _, nframes, src_ep, dst_ep, gen, conn_id = _ENVELOPE.unpack_from(buf)
-        if kind not in _KINDS:
-            raise _ProtocolError(f"unknown message kind {kind}")
-        if nframes and kind != _Msg.DATA:
-            raise _ProtocolError(f"{_Msg(kind).name} message carries {nframes} frames")
+        nframes: int = _NFRAMES.unpack_from(buf, _NFRAMES_AT)[0]
         if nframes > self.options.max_frames:
             raise _ProtocolError(f"{nframes} frames, more than the limit")
         table_end = _ENVELOPE.size + _LEN.size * nframes
         if size < table_end:
             raise _ProtocolError("envelope shorter than its length table")
-        lengths = self._lengths(nframes).unpack_from(buf, _ENVELOPE.size)
+        # One unpack for the envelope and its length table.
+        kind, flags, _, _, src_ep, dst_ep, gen, conn_id, *lengths = self._envelope(
+            nframes
+        ).unpack_from(buf)
+        if kind not in _KINDS:
+            raise _ProtocolError(f"unknown message kind {kind}")
+        if nframes and kind != _Msg.DATA:
+            raise _ProtocolError(f"{_Msg(kind).name} message carries {nframes} frames")
         total = sum(lengths)
         if total > self.options.max_message:
             raise _ProtocolError(f"message of {total} bytes exceeds the limit")
@@ -545,14 +549,6 @@ class _Engine:
             self._recv_msgs.append(msg)
             frames.append(memoryview(target))
         return msg
-
-    def _lengths(self, nframes: int) -> struct.Struct:
-        table = self._tables.get(nframes)
-        if table is None:
-            table = struct.Struct(f"<{nframes}Q")
-            if nframes <= 16:
-                self._tables[nframes] = table
-        return table
 
     def _poison(self, src: int, reason: str) -> None:
         """A peer broke the protocol: its stream cannot be resynchronised; drop it."""
