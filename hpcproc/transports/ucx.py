@@ -160,7 +160,6 @@ _REPLY = struct.Struct(f"<{PROOF_LEN}sBQ")
 _U32 = struct.Struct("<I")
 _FLAG_REPLACE = 1
 _SCHEME = b"ucx://"
-_CONTROL = {kind: [PREFIX.pack(kind, 0, 0)] for kind in Kind}
 
 
 class _Status(enum.IntEnum):
@@ -515,9 +514,11 @@ class _UcxLink(Link):
         self._header = bytearray(HEADER_MAX)
         self._header_array = self._Array(self._header)
         self._inbox: deque[_Incoming] = deque()
+        self._links = endpoint._transport._links
 
     def start(self) -> None:
         """Watch the UCX endpoint for errors and post the first header receive."""
+        self._links.add(self)
         self._ucx_ep.set_close_callback(self._on_endpoint_error)
         self._post_header_recv()
 
@@ -799,6 +800,7 @@ class _UcxLink(Link):
         if self._dead:
             return
         self._dead = True
+        self._links.discard(self)
         self._finish()
         self._inbox.clear()
         ep, self._ucx_ep = self._ucx_ep, None
@@ -961,6 +963,9 @@ class UcxTransport(MultiplexedTransport):
         self._handshakes: set[asyncio.Task[None]] = set()
         #: UCX endpoints not (yet) owned by a link: closed when the transport closes.
         self._loose: set[Any] = set()
+        #: Started links not yet aborted, including those whose bundle already
+        #: failed but whose peer has not closed its side yet.
+        self._links: set[_UcxLink] = set()
 
     @property
     def port(self) -> int | None:
@@ -1190,6 +1195,8 @@ class UcxTransport(MultiplexedTransport):
         await asyncio.gather(*tasks, return_exceptions=True)
         for ep in list(self._loose):
             self._drop(ep)
+        for link in list(self._links):
+            link.abort()
         engine = self._engine
         if engine is not None:
             # Let UCX process the endpoint closes before the worker goes away.
