@@ -28,6 +28,7 @@ import pytest
 from hpcproc.transports import (
     ConnectError,
     ConnectErrorCode,
+    ConnectionClosed,
     ConnectionOpened,
     EndPointAddress,
     EndPointClosed,
@@ -509,3 +510,48 @@ def test_corrupted_consumer_tail_fails_the_bundle_on_the_sending_side(
         assert any("corrupt shared memory" in r.getMessage() for r in caplog.records)
 
     _run(scenario, ring_size=1 << 16)
+
+
+_STREAM_CHILD = textwrap.dedent(
+    """
+    import asyncio, struct, sys
+    from hpcproc.transports import create
+
+    async def main():
+        transport = create("shm", ring_size=1 << 16)
+        endpoint = await transport.new_endpoint()
+        conn = await endpoint.connect(sys.argv[1].encode(), timeout=10)
+        for i in range(int(sys.argv[2])):
+            await conn.send([struct.pack("<Q", i) * (1 + i % 97)])
+        await conn.close()
+        await transport.close()  # flushes what the ring still holds
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_stream_between_processes_through_a_small_ring_arrives_intact_in_order() -> None:
+    """The producer publishes while the consumer reads, in another process, for real."""
+    count = 20_000
+
+    async def scenario(transport: ShmTransport) -> None:
+        endpoint = await transport.new_endpoint()
+        child = subprocess.Popen(
+            [sys.executable, "-c", _STREAM_CHILD, endpoint.address.decode(), str(count)],
+            cwd=ROOT,
+        )
+        try:
+            await _next(endpoint, ConnectionOpened)
+            for i in range(count):
+                event = await _next(endpoint, Received)
+                assert bytes(event.frames[0]) == struct.pack("<Q", i) * (1 + i % 97), i
+            await _next(endpoint, ConnectionClosed)
+            await endpoint.close()
+            assert child.wait(TIMEOUT) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(TIMEOUT)
+
+    _run(scenario)

@@ -11,7 +11,8 @@ with a 4 KiB header, then ``capacity`` bytes of data (a power of two)::
     256  wait_seq:u64    producer: odd while it waits for free space
     4096 data[capacity]
 
-Each cache line has one writer. Records are 8-byte aligned and never wrap: when a
+Each cache line has one writer; the four counters are native, aligned 64-bit words
+(one machine store each, never seen torn). Records are 8-byte aligned and never wrap: when a
 record does not fit before the end, the producer writes an 8-byte wrap marker and
 starts again at offset 0. A record is::
 
@@ -72,7 +73,10 @@ _RING_MAGIC: Final = 0x31524D4853505048  # "HPPSHMR1"
 _REC_MAGIC: Final = 0x43455248  # "HREC"
 _WRAP_MAGIC: Final = 0x50415257  # "WRAP"
 
-_U64 = struct.Struct("<Q")
+# Native format: CPython then moves the 8 bytes with one aligned load or store (a
+# memcpy of constant size), which another process can never see half done; the
+# standard "<Q" goes byte by byte and a concurrent reader could see a torn value.
+_U64 = struct.Struct("@Q")
 _HDR2 = struct.Struct("<QQ")
 _MARK = struct.Struct("<II")
 #: Record header: rec_len, magic, then the shared link-message prefix.
