@@ -518,3 +518,39 @@ def test_connect_to_a_rank_that_does_not_answer_times_out_and_leaves_no_link_beh
 def live_links(endpoint: EndPoint) -> list[object]:
     """The live links of an mpi endpoint (white-box: the core's link table)."""
     return list(getattr(endpoint, "_links").values())  # noqa: B009
+
+
+def test_send_to_a_rank_that_stops_progressing_fails_the_bundle_after_send_timeout() -> None:
+    async def scenario() -> None:
+        transport = registry.create("mpi", send_timeout=0.5)
+        try:
+            ep = await transport.new_endpoint()
+            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+            if rank == 1:
+                await receive(ep, ConnectionOpened)
+                world.Barrier()  # not progressing while rank 0 sends
+                # MPI cannot retract a posted send: the message may still arrive, but
+                # the bundle is reported lost after it.
+                for _ in range(3):
+                    event = await bounded(ep.receive(), "CONNECTION_LOST")
+                    if isinstance(event, ErrorEvent):
+                        assert event.error.code is EventErrorCode.CONNECTION_LOST
+                        assert event.error.remote_address == other
+                        break
+                    assert isinstance(event, Received), f"unexpected {event!r}"
+                else:
+                    raise AssertionError("no CONNECTION_LOST")
+            else:
+                conn = await bounded(ep.connect(other), "connect()")
+                payload = np.ones(64 * MiB, dtype=np.uint8)
+                with pytest.raises(SendError) as info:
+                    await bounded(conn.send([as_buffer(payload)]), "send()")
+                assert info.value.code is SendErrorCode.FAILED
+                lost = await receive(ep, ErrorEvent)
+                assert lost.error.code is EventErrorCode.CONNECTION_LOST
+                world.Barrier()
+            await barrier("both saw the failure")
+        finally:
+            await bounded(transport.close(), "transport close()")
+
+    run(scenario)
