@@ -555,3 +555,52 @@ def test_stream_between_processes_through_a_small_ring_arrives_intact_in_order()
                 child.wait(TIMEOUT)
 
     _run(scenario)
+
+
+_ECHO_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from hpcproc.transports import ConnectionOpened, Received, create
+
+    async def main():
+        transport = create("shm")
+        endpoint = await transport.new_endpoint()
+        back = await endpoint.connect(sys.argv[1].encode(), timeout=10)
+        while True:
+            event = await endpoint.receive()
+            if isinstance(event, Received):
+                await back.send(event.frames)
+            elif not isinstance(event, ConnectionOpened):
+                break  # the parent closed its connection or went away
+        await transport.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_ping_pong_with_another_process_never_sees_a_half_written_counter() -> None:
+    """Thousands of round trips: each side polls the counters the other is writing."""
+    rounds = 5000
+
+    async def scenario(transport: ShmTransport) -> None:
+        endpoint = await transport.new_endpoint()
+        child = subprocess.Popen(
+            [sys.executable, "-c", _ECHO_CHILD, endpoint.address.decode()], cwd=ROOT
+        )
+        try:
+            opened = await _next(endpoint, ConnectionOpened)
+            conn = await endpoint.connect(opened.remote_address, timeout=TIMEOUT)
+            for i in range(rounds):
+                payload = struct.pack("<Q", i)
+                await conn.send([payload])
+                event = await _next(endpoint, Received)
+                assert bytes(event.frames[0]) == payload
+            await conn.close()
+            assert child.wait(TIMEOUT) == 0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(TIMEOUT)
+
+    _run(scenario)

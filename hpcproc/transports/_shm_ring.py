@@ -64,19 +64,26 @@ __all__ = [
 HEADER_SIZE: Final = 4096
 DATA_OFF: Final = HEADER_SIZE
 _MAGIC_OFF: Final = 0
-_HEAD_OFF: Final = 64
-_TAIL_OFF: Final = 128
-_SLEEP_OFF: Final = 192
-_WAIT_OFF: Final = 256
+# Indices of the shared counters in the header seen as 64-bit words.
+_HEAD: Final = 64 // 8
+_TAIL: Final = 128 // 8
+_SLEEP: Final = 192 // 8
+_WAIT: Final = 256 // 8
 
 _RING_MAGIC: Final = 0x31524D4853505048  # "HPPSHMR1"
 _REC_MAGIC: Final = 0x43455248  # "HREC"
 _WRAP_MAGIC: Final = 0x50415257  # "WRAP"
 
-# Native format: CPython then moves the 8 bytes with one aligned load or store (a
-# memcpy of constant size), which another process can never see half done; the
-# standard "<Q" goes byte by byte and a concurrent reader could see a torn value.
-_U64 = struct.Struct("@Q")
+# The shared counters are read and written as items of a native 64-bit memoryview:
+# one aligned load or store each, so that the peer never sees a value half written.
+# (struct.pack_into zero-fills its target before writing: a concurrent reader could
+# see 0 there.)
+
+
+def _words(mm: mmap.mmap) -> memoryview:
+    return memoryview(mm)[:HEADER_SIZE].cast("Q")
+
+
 _HDR2 = struct.Struct("<QQ")
 _MARK = struct.Struct("<II")
 #: Record header: rec_len, magic, then the shared link-message prefix.
@@ -145,11 +152,22 @@ def check_ring(mm: mmap.mmap) -> int:
 class RingWriter:
     """The producer side of a ring; one per link direction, on one thread."""
 
-    __slots__ = ("_free_to", "_mask", "_waiting", "_woken", "capacity", "head", "mm", "view")
+    __slots__ = (
+        "_free_to",
+        "_mask",
+        "_waiting",
+        "_woken",
+        "capacity",
+        "head",
+        "mm",
+        "view",
+        "words",
+    )
 
     def __init__(self, mm: mmap.mmap, capacity: int) -> None:
         self.mm = mm
         self.view = memoryview(mm)
+        self.words = _words(mm)
         self.capacity = capacity
         self._mask = capacity - 1
         #: Bytes published so far (the producer's private copy of ``head``).
@@ -173,7 +191,7 @@ class RingWriter:
         room = self.capacity - pos
         need = size if size <= room else room + size
         if head + need > self._free_to:
-            tail = _U64.unpack_from(self.mm, _TAIL_OFF)[0]
+            tail = self.words[_TAIL]
             if tail > head or head - tail > self.capacity:
                 raise RingError(f"consumer tail is {head - tail} bytes from head")
             self._free_to = tail + self.capacity
@@ -189,9 +207,9 @@ class RingWriter:
     def publish(self) -> bool:
         """Make reserved records visible; True when the consumer must be woken."""
         _barrier()
-        _U64.pack_into(self.mm, _HEAD_OFF, self.head)
+        self.words[_HEAD] = self.head
         _barrier()
-        seq: int = _U64.unpack_from(self.mm, _SLEEP_OFF)[0]
+        seq: int = self.words[_SLEEP]
         if seq & 1 and seq != self._woken:
             self._woken = seq
             return True
@@ -246,25 +264,27 @@ class RingWriter:
     def start_waiting(self) -> None:
         """Announce that the producer will sleep until the consumer frees space."""
         self._waiting += 2
-        _U64.pack_into(self.mm, _WAIT_OFF, self._waiting - 1)
+        self.words[_WAIT] = self._waiting - 1
         _barrier()
 
     def stop_waiting(self) -> None:
-        _U64.pack_into(self.mm, _WAIT_OFF, self._waiting)
+        self.words[_WAIT] = self._waiting
 
     def release(self) -> None:
-        """Drop the exported view so that the mapping can be closed."""
+        """Drop the exported views so that the mapping can be closed."""
+        self.words.release()
         self.view.release()
 
 
 class RingReader:
     """The consumer side of a ring; validates everything it reads."""
 
-    __slots__ = ("_mask", "_signalled", "_sleep", "capacity", "mm", "tail", "view")
+    __slots__ = ("_mask", "_signalled", "_sleep", "capacity", "mm", "tail", "view", "words")
 
     def __init__(self, mm: mmap.mmap, capacity: int) -> None:
         self.mm = mm
         self.view = memoryview(mm)
+        self.words = _words(mm)
         self.capacity = capacity
         self._mask = capacity - 1
         self.tail = 0
@@ -273,7 +293,7 @@ class RingReader:
 
     def pending(self) -> bool:
         """Whether the producer published records not consumed yet (no barrier)."""
-        return bool(_U64.unpack_from(self.mm, _HEAD_OFF)[0] != self.tail)
+        return bool(self.words[_HEAD] != self.tail)
 
     def drain(
         self,
@@ -296,7 +316,7 @@ class RingReader:
         view = self.view
         cap = self.capacity
         tail = self.tail
-        head = _U64.unpack_from(mm, _HEAD_OFF)[0]
+        head = self.words[_HEAD]
         if head == tail:
             return 0
         _barrier()
@@ -353,13 +373,13 @@ class RingReader:
                     break
         finally:
             self.tail = tail
-            _U64.pack_into(mm, _TAIL_OFF, tail)
+            self.words[_TAIL] = tail
         return count
 
     def producer_waiting(self) -> bool:
         """True (once per wait) when the producer sleeps until space is freed."""
         _barrier()
-        seq: int = _U64.unpack_from(self.mm, _WAIT_OFF)[0]
+        seq: int = self.words[_WAIT]
         if seq & 1 and seq != self._signalled:
             self._signalled = seq
             return True
@@ -371,7 +391,7 @@ class RingReader:
         After False the consumer is awake again and must drain.
         """
         self._sleep += 2
-        _U64.pack_into(self.mm, _SLEEP_OFF, self._sleep - 1)
+        self.words[_SLEEP] = self._sleep - 1
         _barrier()
         if self.pending():
             self.wake()
@@ -380,13 +400,14 @@ class RingReader:
 
     def wake(self) -> None:
         """Announce that the consumer is awake (producers stop sending wake-ups)."""
-        if _U64.unpack_from(self.mm, _SLEEP_OFF)[0] != self._sleep:
-            _U64.pack_into(self.mm, _SLEEP_OFF, self._sleep)
+        if self.words[_SLEEP] != self._sleep:
+            self.words[_SLEEP] = self._sleep
 
     @property
     def asleep(self) -> bool:
-        return bool(_U64.unpack_from(self.mm, _SLEEP_OFF)[0] != self._sleep)
+        return bool(self.words[_SLEEP] != self._sleep)
 
     def release(self) -> None:
-        """Drop the exported view so that the mapping can be closed."""
+        """Drop the exported views so that the mapping can be closed."""
+        self.words.release()
         self.view.release()

@@ -124,7 +124,9 @@ _HELLO = struct.Struct("<cxxxI")  # b"H", version; then the connector's address
 _WELCOME = b"A"
 _REJECT_CROSSED = b"RX"
 _REJECT_CLOSED = b"RC"
-_U32 = struct.Struct("@I")  # native: one aligned store (see _shm_ring._U64)
+# The busy word has one writer at a time (the sender sets it before handing the
+# segment over, the receiver clears it when done) and only the sender reads it.
+_U32 = struct.Struct("@I")
 _PEERCRED = struct.Struct("3i")
 _MAX_MSG = 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
