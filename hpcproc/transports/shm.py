@@ -111,8 +111,9 @@ _SEG_GRANULE = 1 << 20
 _FAIR_STREAK = 32
 #: A poll at least this long (s) tells whether this process had a CPU to itself ...
 _SPIN_PROBE = 20e-6
-#: ... and if it had not, polling stops for this long (s).
-_NO_SPIN_PERIOD = 0.05
+#: ... and if it had not, several times in a row, polling stops for this long (s).
+_STARVED_POLLS = 4
+_NO_SPIN_PERIOD = 0.02
 #: A message this many polling budgets after giving up counts as "just missed".
 _LATE = 4
 
@@ -649,12 +650,8 @@ class _ShmLink(Link):
                 self._spin = max(self._spin_min, self._spin * 0.5)
                 started, self._spin_started = self._spin_started, 0.0
                 wall = now - started
-                if (
-                    started
-                    and wall > _SPIN_PROBE
-                    and time.thread_time() - self._spin_cpu < wall / 2
-                ):
-                    endpoint._no_spin_until = now + _NO_SPIN_PERIOD
+                if started and wall > _SPIN_PROBE:
+                    endpoint._probed(now, time.thread_time() - self._spin_cpu < wall / 2)
                 return
         if not self._down:
             self._polling = True
@@ -821,6 +818,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._streak = 0
         #: Until then neither ``receive`` nor the links poll: the CPUs are oversubscribed.
         self._no_spin_until = 0.0
+        self._starved = 0
         # Only the standard event loop shows whether other callbacks are ready.
         self._ready: Any = getattr(self._loop, "_ready", None)
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
@@ -852,6 +850,21 @@ class _ShmEndPoint(MultiplexedEndPoint):
         else:
             self._busy = max(self._busy_max / 16, self._busy * 0.5)
         return event
+
+    def _probed(self, now: float, starved: bool) -> None:
+        """Record whether a poll had the CPU to itself (at least half of the time).
+
+        Several starved polls in a row mean that other processes want the CPUs (the
+        peer among them, perhaps), so polling only delays the reply: sleep instead
+        for a while. A single one is a preemption, not a trend.
+        """
+        if not starved:
+            self._starved = 0
+            return
+        self._starved += 1
+        if self._starved >= _STARVED_POLLS:
+            self._starved = 0
+            self._no_spin_until = now + _NO_SPIN_PERIOD
 
     def _busy_wait(self) -> float:
         """Poll the rings until an event is queued; the time it gave up, or 0.0.
@@ -891,10 +904,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
             if now >= deadline:
                 gave_up = now
                 break
-        if cpu >= 0 and now - start > _SPIN_PROBE and time.thread_time() - cpu < (now - start) / 2:
-            # We polled without the CPU to ourselves: other processes want it (the
-            # peer among them, perhaps), so polling only delays the reply. Sleep instead.
-            self._no_spin_until = now + _NO_SPIN_PERIOD
+        if cpu >= 0 and now - start > _SPIN_PROBE:
+            self._probed(now, time.thread_time() - cpu < (now - start) / 2)
         for link in links:
             if not link._down:
                 if not gave_up:
