@@ -232,29 +232,18 @@ class _SendOp:
         self.remaining = remaining
 
 
-class _Inbound:
-    """One received link message, possibly still waiting for its frames."""
+#: One received link message: ``(src rank, kind, src_ep, dst_ep, generation, conn_id,
+#: frames)``. A plain tuple: it is built for every message on the hot path.
+_Inbound = tuple[int, int, int, int, int, int, list[memoryview]]
 
-    __slots__ = ("conn_id", "dst_ep", "frames", "gen", "kind", "remaining", "src", "src_ep")
 
-    def __init__(
-        self,
-        src: int,
-        kind: int,
-        src_ep: int,
-        dst_ep: int,
-        gen: int,
-        conn_id: int,
-        frames: list[memoryview],
-        remaining: int,
-    ) -> None:
-        self.src = src
-        self.kind = kind
-        self.src_ep = src_ep
-        self.dst_ep = dst_ep
-        self.gen = gen
-        self.conn_id = conn_id
-        self.frames = frames
+class _Partial:
+    """A DATA message whose frames are still being received."""
+
+    __slots__ = ("msg", "remaining")
+
+    def __init__(self, msg: _Inbound, remaining: int) -> None:
+        self.msg = msg
         self.remaining = remaining
 
 
@@ -333,9 +322,9 @@ class _Engine:
         self._send_ops: list[_SendOp | None] = []
         # Outstanding frame receives: request i fills a frame of message i.
         self._recv_reqs: list[MPI.Request] = []
-        self._recv_msgs: list[_Inbound] = []
+        self._recv_msgs: list[_Partial] = []
         # Per source rank, messages in arrival order, delivered once complete.
-        self._inbound: dict[int, deque[_Inbound]] = {}
+        self._inbound: dict[int, deque[_Inbound | _Partial]] = {}
         self._poisoned: set[int] = set()
         self._pumps: dict[asyncio.AbstractEventLoop, _Pump] = {}
         #: When progress last moved anything (``time.monotonic``); pumps stay hot after.
@@ -485,10 +474,10 @@ class _Engine:
         finished = set(indices)
         sources: set[int] = set()
         for i in indices:
-            msg = self._recv_msgs[i]
-            msg.remaining -= 1
-            if msg.remaining == 0:
-                sources.add(msg.src)
+            partial = self._recv_msgs[i]
+            partial.remaining -= 1
+            if partial.remaining == 0:
+                sources.add(partial.msg[0])
         self._recv_reqs = [r for i, r in enumerate(self._recv_reqs) if i not in finished]
         self._recv_msgs = [m for i, m in enumerate(self._recv_msgs) if i not in finished]
         for src in sources:
@@ -496,8 +485,15 @@ class _Engine:
 
     def _release_in_order(self, src: int, ready: list[_Inbound]) -> None:
         queue = self._inbound[src]
-        while queue and queue[0].remaining == 0:
-            ready.append(queue.popleft())
+        while queue:
+            head = queue[0]
+            if type(head) is _Partial:
+                if head.remaining:
+                    return
+                queue.popleft()
+                ready.append(head.msg)
+            else:
+                ready.append(queue.popleft())  # type: ignore[arg-type]
 
     def _poll(self, ready: list[_Inbound]) -> None:
         comm, status, source = self.comm, self._status, self._any_source
@@ -523,12 +519,12 @@ class _Engine:
         queue = self._inbound.get(src)
         if queue is None:
             queue = self._inbound[src] = deque()
-        if msg.remaining == 0 and not queue:
+        if type(msg) is tuple and not queue:
             ready.append(msg)
         else:
             queue.append(msg)
 
-    def _parse(self, src: int, buf: bytearray) -> _Inbound:
+    def _parse(self, src: int, buf: bytearray) -> _Inbound | _Partial:
         size = len(buf)
         if size < _ENVELOPE.size:
             raise _ProtocolError(f"short envelope of {size} bytes")
@@ -550,7 +546,7 @@ class _Engine:
         if total > self.options.max_message:
             raise _ProtocolError(f"message of {total} bytes exceeds the limit")
         frames: list[memoryview] = []
-        if flags & _FLAG_INLINE:
+        if flags & _FLAG_INLINE or not nframes:
             if size != table_end + total:
                 raise _ProtocolError("inline message size does not match its lengths")
             view = memoryview(buf)
@@ -558,10 +554,10 @@ class _Engine:
             for length in lengths:
                 frames.append(view[pos : pos + length])
                 pos += length
-            return _Inbound(src, kind, src_ep, dst_ep, gen, conn_id, frames, 0)
+            return (src, kind, src_ep, dst_ep, gen, conn_id, frames)
         if size != table_end:
             raise _ProtocolError("envelope of a multi-message DATA carries bytes")
-        msg = _Inbound(src, kind, src_ep, dst_ep, gen, conn_id, frames, nframes)
+        msg = _Partial((src, kind, src_ep, dst_ep, gen, conn_id, frames), nframes)
         for length in lengths:
             target: Any = self._pool.take(length) if length >= _NUMPY_MIN else bytearray(length)
             self._recv_reqs.append(self.comm.Irecv([target, self._byte], src, _TAG))
@@ -579,12 +575,13 @@ class _Engine:
 
     def _route(self, msg: _Inbound, loop: asyncio.AbstractEventLoop | None) -> None:
         """Hand ``msg`` to its endpoint; ``loop`` is the running loop, if any."""
-        endpoint = self.endpoints.get(msg.dst_ep)
+        endpoint = self.endpoints.get(msg[3])
         if endpoint is None:
-            if msg.kind == _Msg.HELLO:
-                self.post_control(msg.src, _Msg.REFUSE, msg.dst_ep, msg.src_ep, msg.gen, 0)
-            elif msg.kind == _Msg.ACCEPT:
-                self.post_control(msg.src, _Msg.DOWN, msg.dst_ep, msg.src_ep, msg.gen, 0)
+            src, kind, src_ep, dst_ep, gen, _, _ = msg
+            if kind == _Msg.HELLO:
+                self.post_control(src, _Msg.REFUSE, dst_ep, src_ep, gen, 0)
+            elif kind == _Msg.ACCEPT:
+                self.post_control(src, _Msg.DOWN, dst_ep, src_ep, gen, 0)
             return
         if endpoint.loop is loop:
             endpoint._handle(msg)
@@ -683,6 +680,8 @@ class _Options:
 
 
 _KINDS = frozenset(int(k) for k in _Msg)
+# Plain ints for the hot path (comparing with enum members costs attribute lookups).
+_OPEN, _DATA, _CLOSE = int(_Msg.OPEN), int(_Msg.DATA), int(_Msg.CLOSE)
 
 
 def _set_result(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
@@ -1003,55 +1002,55 @@ class _MpiEndPoint(MultiplexedEndPoint):
 
     def _handle(self, msg: _Inbound) -> None:
         """Dispatch one message from the engine (on this endpoint's loop)."""
-        remote = self._addresses.get((msg.src, msg.src_ep))
+        src, kind, src_ep, _, gen, conn_id, frames = msg
+        remote = self._addresses.get((src, src_ep))
         if remote is None:
-            remote = format_address(msg.src, msg.src_ep)
+            remote = format_address(src, src_ep)
             if len(self._addresses) < _ADDRESS_CACHE:
-                self._addresses[(msg.src, msg.src_ep)] = remote
-        kind = msg.kind
-        if kind <= _Msg.CLOSE:
+                self._addresses[(src, src_ep)] = remote
+        if kind <= _CLOSE:
             link = self._links.get(remote)
-            if not isinstance(link, _MpiLink) or link.gen != msg.gen:
+            if type(link) is not _MpiLink or link.gen != gen:
                 return  # a message of an old bundle, or for a closed endpoint
-            if kind == _Msg.DATA:
-                self._on_data(link, msg.conn_id, msg.frames)
-            elif kind == _Msg.OPEN:
-                self._on_open(link, msg.conn_id)
+            if kind == _DATA:
+                self._on_data(link, conn_id, frames)
+            elif kind == _OPEN:
+                self._on_open(link, conn_id)
             else:
-                self._on_close(link, msg.conn_id)
+                self._on_close(link, conn_id)
         elif kind == _Msg.HELLO:
-            self._on_hello(remote, msg)
+            self._on_hello(remote, src, src_ep, gen)
         elif kind == _Msg.DOWN:
             link = self._links.get(remote)
-            if isinstance(link, _MpiLink) and link.gen == msg.gen:
+            if isinstance(link, _MpiLink) and link.gen == gen:
                 link.finished = True
                 self._on_link_down(link, "peer closed or broke the bundle")
                 link.abort()
         else:
-            self._on_reply(remote, msg)
+            self._on_reply(remote, kind, src, src_ep, gen)
 
-    def _on_hello(self, remote: EndPointAddress, msg: _Inbound) -> None:
+    def _on_hello(self, remote: EndPointAddress, src: int, src_ep: int, gen: int) -> None:
         engine = self.engine
         if self._closed:
-            engine.post_control(msg.src, _Msg.REFUSE, self.endpoint_id, msg.src_ep, msg.gen, 0)
+            engine.post_control(src, _Msg.REFUSE, self.endpoint_id, src_ep, gen, 0)
             return
-        if remote in self._connecting and self._key < (msg.src, msg.src_ep):
-            engine.post_control(msg.src, _Msg.CROSSED, self.endpoint_id, msg.src_ep, msg.gen, 0)
+        if remote in self._connecting and self._key < (src, src_ep):
+            engine.post_control(src, _Msg.CROSSED, self.endpoint_id, src_ep, gen, 0)
             return
-        link = _MpiLink(self, remote, msg.src, msg.src_ep, msg.gen)
+        link = _MpiLink(self, remote, src, src_ep, gen)
         self._register_link(link)
-        engine.post_control(msg.src, _Msg.ACCEPT, self.endpoint_id, msg.src_ep, msg.gen, 0)
+        engine.post_control(src, _Msg.ACCEPT, self.endpoint_id, src_ep, gen, 0)
 
-    def _on_reply(self, remote: EndPointAddress, msg: _Inbound) -> None:
+    def _on_reply(
+        self, remote: EndPointAddress, kind: int, src: int, src_ep: int, gen: int
+    ) -> None:
         pending = self._connecting.get(remote)
-        if pending is None or pending.gen != msg.gen or pending.future.done():
-            if msg.kind == _Msg.ACCEPT:
+        if pending is None or pending.gen != gen or pending.future.done():
+            if kind == _Msg.ACCEPT:
                 # We gave up waiting (timeout, close): tell the peer to drop the link.
-                self.engine.post_control(
-                    msg.src, _Msg.DOWN, self.endpoint_id, msg.src_ep, msg.gen, 0
-                )
+                self.engine.post_control(src, _Msg.DOWN, self.endpoint_id, src_ep, gen, 0)
             return
-        if msg.kind == _Msg.ACCEPT:
+        if kind == _Msg.ACCEPT:
             if self._closed:
                 pending.link.abort()
                 pending.future.set_exception(
@@ -1062,7 +1061,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
             # already be sending on this link.
             self._register_link(pending.link)
             pending.future.set_result(pending.link)
-        elif msg.kind == _Msg.REFUSE:
+        elif kind == _Msg.REFUSE:
             pending.future.set_exception(
                 ConnectError(ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}")
             )
