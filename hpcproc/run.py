@@ -545,4 +545,9 @@ async def _await_shutdown(cluster: Cluster, control: _Controller) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this ``__main__`` copy: the control messages
+    # (Shutdown, Done) must be the classes ``hpcproc.run`` defines on every rank,
+    # since the serializer ships ``__main__`` classes by value.
+    from hpcproc.run import main as _main
+
+    sys.exit(_main())
