@@ -604,3 +604,27 @@ def test_ping_pong_with_another_process_never_sees_a_half_written_counter() -> N
                 child.wait(TIMEOUT)
 
     _run(scenario)
+
+
+def test_dial_crossing_a_completed_link_reuses_it_and_keeps_its_connections() -> None:
+    """The race behind crossed connects: A's dial completed (and carries a
+    connection) while B's dial to A is still in flight. A must not replace the live
+    bundle, and B must end up on it, so neither side sees CONNECTION_LOST."""
+
+    async def body(transport: ShmTransport) -> None:
+        a = await transport.new_endpoint()
+        b = await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        # B dials A itself, as its in-flight connect would.
+        link = await b._open_link(a.address, TIMEOUT)  # type: ignore[attr-defined]
+        assert link is b._links[a.address]  # type: ignore[attr-defined]
+        await conn.send([b"still here"])
+        got = await _next(b, Received)
+        assert bytes(got.frames[0]) == b"still here"
+        back = await b.connect(a.address)
+        await back.send([b"and back"])
+        await _next(a, ConnectionOpened)
+        assert bytes((await _next(a, Received)).frames[0]) == b"and back"
+
+    _run(body)

@@ -121,9 +121,16 @@ _MSG_WAKE = b"W"
 _MSG_SPACE = b"S"
 _NEWSEG = struct.Struct("<cxxxxxxxQQQ")  # b"N", seg_id, size, oneshot
 _DROPSEG = struct.Struct("<cxxxxxxxQ")  # b"D", seg_id
-_HELLO = struct.Struct("<cxxxI")  # b"H", version; then the connector's address
+_HELLO = struct.Struct("<cxxxI")  # b"H" (or b"R": replace), version; then the address
+_HELLO_NEW = b"H"
+#: The dialer holds no link to the acceptor, so the acceptor's live link is stale.
+_HELLO_REPLACE = b"R"
 _WELCOME = b"A"
+#: Both sides are dialing and the acceptor's address is smaller: its link wins.
 _REJECT_CROSSED = b"RX"
+#: The acceptor already holds a live link from or to the dialer (a crossed connect
+#: that completed first); the dialer uses that link, or replaces it if it has none.
+_REJECT_LIVE = b"RL"
 _REJECT_CLOSED = b"RC"
 # The busy word has one writer at a time (the sender sets it before handing the
 # segment over, the receiver clears it when done) and only the sender reads it.
@@ -934,6 +941,19 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 f"({my_host.decode(errors='replace')}); the shm transport only connects "
                 "endpoints on one host: use the tcp or ucx transport for peers on other hosts",
             )
+        hello = _HELLO_NEW
+        while True:
+            link = await self._dial(remote, name, hello)
+            if link is not None:
+                return link
+            # The peer holds a live link with us (_REJECT_LIVE).
+            existing = self._links.get(remote)
+            if existing is not None and existing.alive:
+                return existing
+            hello = _HELLO_REPLACE
+
+    async def _dial(self, remote: EndPointAddress, name: bytes, hello: bytes) -> Link | None:
+        """One connection attempt; None when the peer answered ``_REJECT_LIVE``."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         tx: mmap.mmap | None = None
@@ -950,7 +970,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 )
             tx, tx_fd = self._new_ring()
             try:
-                _send_fd(sock, _HELLO.pack(b"H", _VERSION) + bytes(self.address), tx_fd)
+                _send_fd(sock, _HELLO.pack(hello, _VERSION) + bytes(self.address), tx_fd)
             finally:
                 os.close(tx_fd)
             data, fds = await _recv_async(sock)
@@ -959,6 +979,10 @@ class _ShmEndPoint(MultiplexedEndPoint):
                     sock.close()
                     tx.close()
                     return await self._incoming_link(remote)
+                if data == _REJECT_LIVE:
+                    sock.close()
+                    tx.close()
+                    return None
                 if data != _WELCOME or len(fds) != 1:
                     raise ConnectError(
                         ConnectErrorCode.NOT_FOUND, f"endpoint {remote!r} is closing or closed"
@@ -1043,7 +1067,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 if len(data) <= _HELLO.size or len(fds) != 1:
                     raise RingError(f"bad hello {data[:16]!r} with {len(fds)} descriptors")
                 tag, version = _HELLO.unpack_from(data)
-                if tag != b"H" or version != _VERSION:
+                if tag not in (_HELLO_NEW, _HELLO_REPLACE) or version != _VERSION:
                     raise RingError(f"bad hello tag {tag!r} version {version}")
                 remote = EndPointAddress(data[_HELLO.size :])
                 try:
@@ -1052,6 +1076,13 @@ class _ShmEndPoint(MultiplexedEndPoint):
                     raise RingError(str(exc)) from None
                 if self._closed:
                     conn.send(_REJECT_CLOSED)
+                    conn.close()
+                    return
+                existing = self._links.get(remote)
+                if tag == _HELLO_NEW and existing is not None and existing.alive:
+                    # A crossed connect whose other half completed first: keep the
+                    # bundle that may already carry connections.
+                    conn.send(_REJECT_LIVE)
                     conn.close()
                     return
                 if remote in self._pending and bytes(self.address) < bytes(remote):
