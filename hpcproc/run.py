@@ -165,7 +165,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m hpcproc.run",
         description="Run main(cluster) on a set of hpcproc nodes, one per rank.",
     )
-    parser.add_argument("--transport", choices=TRANSPORTS, default="auto")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="auto",
+        help="auto: shm when every rank is on this host, else tcp",
+    )
     parser.add_argument("--spmd", action="store_true", help="run main on every rank")
     parser.add_argument(
         "--np", type=int, default=None, help="outside a scheduler: start N local nodes"
@@ -302,11 +307,23 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
 # ---------------------------------------------------------------- one rank
 
 
+def _auto_transport(info: ClusterInfo) -> str:
+    """What ``--transport auto`` picks for the whole job.
+
+    Shared memory when every rank is known to run on this one host (a single rank,
+    ``--np N``, or a launcher whose host list names one host only), TCP otherwise.
+    The choice is per job, not per peer: a job spanning hosts uses TCP between ranks
+    of one host too (pick ``shm``/``ucx``/``mpi`` explicitly to override).
+    """
+    one_host = info.size == 1 or (info.hosts is not None and len(set(info.hosts)) == 1)
+    return "shm" if one_host and sys.platform.startswith("linux") else "tcp"
+
+
 def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
     from . import transports
 
     if name == "auto":
-        name = "tcp"
+        name = _auto_transport(info)
     if name == "inmemory" and info.size > 1:
         raise RendezvousError(
             f"--transport inmemory connects endpoints of one process only; this job has"

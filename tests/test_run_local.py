@@ -50,6 +50,13 @@ async def answer_rank(master: hp.Pid, rank: int) -> None:
     await hp.send(master, rank)
 
 
+async def app_transport_kind(cluster: Any) -> int:
+    """Name the transport of every node by its address scheme."""
+    kinds = sorted({bytes(n.address).split(b":", 1)[0].decode() for n in cluster.nodes})
+    say_line(f"transports={kinds}")
+    return 0
+
+
 async def app_status_3(cluster: Any) -> int:
     return 3
 
@@ -180,6 +187,27 @@ def test_np_master_reaches_every_peer(ranks: list[Rank], env: dict[str, str]) ->
     rc, out = r.finish()
     assert rc == 0, out
     assert "master rank=0 size=3 peers=[1, 2]" in out
+
+
+def test_auto_transport_is_shared_memory_for_local_nodes(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    r = start(ranks, ["--np", "2", f"{THIS}:app_transport_kind"], env)
+    rc, out = r.finish()
+    assert rc == 0, out
+    assert "transports=['shm']" in out
+
+
+def test_auto_transport_is_tcp_when_ranks_span_hosts() -> None:
+    from hpcproc.launchers.info import ClusterInfo
+    from hpcproc.run import _auto_transport
+
+    def info(hosts: tuple[str, ...]) -> ClusterInfo:
+        return ClusterInfo("slurm", 0, len(hosts), 0, None, 0, None, hosts[0], hosts=hosts)
+
+    assert _auto_transport(info(("n1", "n1", "n2"))) == "tcp"
+    assert _auto_transport(info(("n1", "n1"))) == "shm"
+    assert _auto_transport(ClusterInfo("hydra", 0, 4, None, None, None, None, "h")) == "tcp"
 
 
 def test_every_rank_exits_with_the_masters_status(ranks: list[Rank], env: dict[str, str]) -> None:
