@@ -7,30 +7,10 @@ that reuses the port). All lightweight connections between two endpoints share o
 socket, a :class:`~hpcproc.transports._multiplex.Link` carrying the byte layout of
 :mod:`~hpcproc.transports._wire`.
 
-Link establishment (all fixed-size or length-checked fields; ``I`` = initiator,
-``A`` = acceptor)::
-
-    I -> A  HELLO: magic, nonce_I, flags, len(src), len(dst), src, dst
-    A -> I  nonce_A
-    I -> A  proof_I = HMAC(cookie, ..., nonce_A, nonce_I, context)
-    A       verifies proof_I (else: log and drop), decides, registers the link
-    A -> I  proof_A, status (ACCEPT | NOT_FOUND | CROSSED_PENDING | CROSSED_LIVE)
-    I       verifies proof_A (else: ConnectError(FAILED)); link messages follow
-
-The acceptor proves nothing to, and reveals nothing (not even whether an endpoint
-exists) to, a peer that has not proved the cookie first. Nothing is read past the
-handshake until both proofs are checked, so nothing an unauthenticated peer sends
-reaches the endpoint.
-
-Crossed connects (A and B dial each other at once) are resolved where they meet, in
-the acceptor's decision, by one rule both sides evaluate on the same two addresses:
-while an endpoint is itself dialing the initiator, it accepts the initiator's socket
-only if the initiator's address is the smaller one and answers ``CROSSED_PENDING``
-otherwise; the loser then waits for the winner's socket, which its own endpoint
-accepts. ``CROSSED_LIVE`` answers a dial that arrives after the winner's socket was
-already registered; if the dialer holds no link from that peer, the peer's link is
-stale (the dialer had dropped it) and the dialer retries with ``REPLACE``, which
-replaces it. A losing socket is closed before any link message is read from it.
+Links are established by the handshake of :mod:`~hpcproc.transports._dialing`
+(challenge-response on the cookie, then the acceptor's decision, which also resolves
+crossed connects), with no link parameters (``extra_len`` 0) and the magic
+``HPCPTCP\x01``. A losing socket is closed before any link message is read from it.
 
 I/O design, chosen by measurement on Python 3.11. A ping-pong through asyncio streams
 (``readexactly`` / ``write`` + ``drain``) reached 0.24-0.36 GB/s at 16 MiB where the
@@ -72,22 +52,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
-import itertools
 import logging
-import secrets
 import socket
-import struct
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from ._auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
-from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
+from ._dialing import (
+    HELLO,
+    DialingEndPoint,
+    DialingTransport,
+    HandshakeError,
+    HandshakeFormat,
+    HostAddress,
+    SetupChannel,
+    Status,
+    handshake_context,
+    parse_host_address,
+    resolve,
+)
+from ._multiplex import Kind, Link
 from ._wire import PREFIX, WireError, encode_header, parse_lengths, parse_prefix
 from .base import (
     Buffer,
@@ -115,10 +102,6 @@ RECV_BUFFER = 256 * 1024
 DIRECT_MIN = 64 * 1024
 #: Frames at least this large get recycled buffers (see :class:`_FramePool`).
 POOL_MIN = 1 << 20
-#: Most unauthenticated handshakes in progress per transport; more are refused.
-MAX_HANDSHAKES = 256
-#: Longest endpoint address accepted in a handshake.
-MAX_ADDRESS = 1024
 _PREFIX_SIZE = PREFIX.size
 #: Linux IOV_MAX: most buffers in one sendmsg.
 _IOV_MAX = 1024
@@ -126,35 +109,16 @@ _IOV_MAX = 1024
 _LOWAT_MAX = 4 << 20
 #: Bound on reads per readiness callback, so one busy peer cannot starve the loop.
 _READS_PER_WAKEUP = 64
-#: How long a dialer told ``CROSSED_PENDING`` waits for the peer's socket before
-#: dialing again (the overall connect timeout still applies).
-_CROSS_WAIT = 1.0
 
 _MAGIC = b"HPCPTCP\x01"
-_HELLO = struct.Struct(f"<8s{NONCE_LEN}sBHH")
-_FLAG_REPLACE = 1
-_SCHEME = b"tcp://"
+_FORMAT = HandshakeFormat("tcp", _MAGIC, 0, log)
+# The names the raw-protocol tests speak the handshake with.
+_HELLO = HELLO
+_Status = Status
+_context = handshake_context
 
-
-class _Status(enum.IntEnum):
-    ACCEPT = 0
-    NOT_FOUND = 1
-    CROSSED_PENDING = 2
-    CROSSED_LIVE = 3
-
-
-class _HandshakeError(Exception):
-    """The peer broke the handshake; the message is the logged reason."""
-
-
-@dataclass(frozen=True, slots=True)
-class TcpAddress:
-    """A parsed endpoint address."""
-
-    host: str
-    port: int
-    instance: bytes
-    endpoint_id: int
+#: A parsed tcp endpoint address.
+TcpAddress = HostAddress
 
 
 def parse_address(address: bytes) -> TcpAddress:
@@ -163,31 +127,7 @@ def parse_address(address: bytes) -> TcpAddress:
     Raises:
         ValueError: the address is malformed.
     """
-    if not address.startswith(_SCHEME):
-        raise ValueError("not a tcp address")
-    hostport, _, tail = bytes(address[len(_SCHEME) :]).partition(b"/")
-    instance, _, ident = tail.partition(b"/")
-    host, sep, port_text = hostport.rpartition(b":")
-    if not sep or not host or not instance or not ident.isdigit() or not port_text.isdigit():
-        raise ValueError("expected tcp://HOST:PORT/INSTANCE/ID")
-    if host.startswith(b"[") and host.endswith(b"]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    return TcpAddress(host.decode("ascii"), port, instance, int(ident))
-
-
-def _format_address(host: str, port: int, instance: bytes, endpoint_id: int) -> EndPointAddress:
-    shown = f"[{host}]" if ":" in host else host
-    return EndPointAddress(
-        b"%s%s:%d/%s/%d" % (_SCHEME, shown.encode(), port, instance, endpoint_id)
-    )
-
-
-def _context(src: bytes, dst: bytes) -> bytes:
-    """Binds both proofs to this pair of endpoints."""
-    return struct.pack("<HH", len(src), len(dst)) + src + dst
+    return parse_host_address(address, _FORMAT.scheme)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -203,17 +143,65 @@ def _peer_name(sock: socket.socket) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
-    """Read exactly ``n`` bytes (never more: what follows belongs to the link)."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    pos = 0
-    while pos < n:
-        got = await loop.sock_recv_into(sock, view[pos:])
-        if got == 0:
-            raise _HandshakeError(f"connection closed after {pos} of {n} handshake bytes")
-        pos += got
-    return bytes(buf)
+class _SocketChannel(SetupChannel["_TcpEndPoint"]):
+    """A connected socket during the handshake; ``remote`` is set on the dialing side."""
+
+    def __init__(
+        self, transport: TcpTransport, sock: socket.socket, remote: EndPointAddress | None = None
+    ) -> None:
+        self._transport = transport
+        self._sock = sock
+        self._remote = remote
+        self._loop = asyncio.get_running_loop()
+        self._owned = False
+        self.peer = f"peer {_peer_name(sock)}"
+
+    async def send(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self._sock, data)
+
+    async def recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        pos = 0
+        while pos < n:
+            got = await self._loop.sock_recv_into(self._sock, view[pos:])
+            if got == 0:
+                raise HandshakeError(f"connection closed after {pos} of {n} handshake bytes")
+            pos += got
+        return bytes(buf)
+
+    def drop(self) -> None:
+        if not self._owned and self._sock.fileno() >= 0:
+            self._sock.close()
+
+    def link(self, endpoint: _TcpEndPoint, remote: EndPointAddress, peer_extra: bytes) -> Link:
+        return _TcpLink(endpoint, remote, self._sock, self._transport._max_message)
+
+    async def start(self, link: Link, first: bytes = b"") -> None:
+        assert isinstance(link, _TcpLink)
+        self._owned = True
+        link.start(first)
+
+    async def refuse(self, reply: bytes) -> None:
+        try:
+            await self.send(reply)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_WR)
+        finally:
+            self.drop()
+
+    def dial_error(self, exc: Exception, *, answered: bool) -> ConnectError | None:
+        if isinstance(exc, HandshakeError):
+            return ConnectError(
+                ConnectErrorCode.FAILED,
+                f"{self._remote!r} refused the handshake (wrong cookie, or not an hpcproc "
+                f"tcp endpoint): {exc}",
+            )
+        if isinstance(exc, OSError):
+            return ConnectError(
+                ConnectErrorCode.FAILED, f"handshake with {self._remote!r} failed: {exc}"
+            )
+        return None
 
 
 def _alloc(n: int) -> memoryview:
@@ -625,86 +613,9 @@ class _TcpLink(Link):
         self._frames = []
 
 
-class _TcpEndPoint(MultiplexedEndPoint):
-    def __init__(self, transport: TcpTransport, address: EndPointAddress, endpoint_id: int) -> None:
-        super().__init__(address)
-        self._transport = transport
-        self._id = endpoint_id
-        #: remote -> number of our dials to it in progress (for crossing decisions).
-        self._dialing: dict[EndPointAddress, int] = {}
-        #: remote -> futures waiting for the peer's socket (after CROSSED_PENDING).
-        self._arrivals: dict[EndPointAddress, list[asyncio.Future[None]]] = {}
-
-    async def _open_link(self, remote: EndPointAddress, timeout: float | None) -> Link:
-        try:
-            target = parse_address(remote)
-        except ValueError as exc:
-            raise ConnectError(
-                ConnectErrorCode.FAILED, f"malformed address {remote!r}: {exc}"
-            ) from None
-        limit = timeout if timeout is not None else self._transport._connect_timeout
-        self._dialing[remote] = self._dialing.get(remote, 0) + 1
-        try:
-            return await asyncio.wait_for(self._dial(remote, target), limit)
-        except asyncio.TimeoutError:
-            raise ConnectError(
-                ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {limit} s"
-            ) from None
-        finally:
-            left = self._dialing[remote] - 1
-            if left:
-                self._dialing[remote] = left
-            else:
-                del self._dialing[remote]
-
-    def _live(self, remote: EndPointAddress) -> Link | None:
-        link = self._links.get(remote)
-        return link if link is not None and link.alive else None
-
-    async def _dial(self, remote: EndPointAddress, target: TcpAddress) -> Link:
-        flags = 0
-        while True:
-            if (link := self._live(remote)) is not None:
-                return link
-            status, new = await self._dial_once(remote, target, flags)
-            if new is not None:
-                return new
-            if status is _Status.NOT_FOUND:
-                raise ConnectError(ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}")
-            if (link := self._live(remote)) is not None:
-                return link
-            if status is _Status.CROSSED_LIVE:
-                # The peer holds a link from us that we no longer have: it is stale.
-                flags = _FLAG_REPLACE
-                continue
-            fut = self._loop().create_future()
-            self._arrivals.setdefault(remote, []).append(fut)
-            try:
-                await asyncio.wait_for(fut, _CROSS_WAIT)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                waiters = self._arrivals.get(remote)
-                if waiters is not None and fut in waiters:
-                    waiters.remove(fut)
-                    if not waiters:
-                        del self._arrivals[remote]
-
-    @staticmethod
-    def _loop() -> asyncio.AbstractEventLoop:
-        return asyncio.get_running_loop()
-
-    async def _dial_once(
-        self, remote: EndPointAddress, target: TcpAddress, flags: int
-    ) -> tuple[_Status, _TcpLink | None]:
-        loop = self._loop()
-        try:
-            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConnectError(
-                ConnectErrorCode.NOT_FOUND, f"cannot resolve {target.host!r}: {exc}"
-            ) from exc
-        family, _, proto, _, sockaddr = infos[0]
+class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
+    async def _open_channel(self, remote: EndPointAddress, target: TcpAddress) -> _SocketChannel:
+        family, proto, sockaddr = await resolve(target)
         try:
             sock = socket.socket(family, socket.SOCK_STREAM, proto)
         except OSError as exc:
@@ -712,78 +623,13 @@ class _TcpEndPoint(MultiplexedEndPoint):
         try:
             _tune(sock)
             try:
-                await loop.sock_connect(sock, sockaddr)
+                await asyncio.get_running_loop().sock_connect(sock, sockaddr)
             except OSError as exc:
                 raise _connect_error(exc, remote) from exc
-            src = bytes(self.address)
-            dst = bytes(remote)
-            shake = Handshake(self._transport._cookie, initiator=True, context=_context(src, dst))
-            try:
-                hello = _HELLO.pack(_MAGIC, shake.nonce, flags, len(src), len(dst))
-                await loop.sock_sendall(sock, hello + src + dst)
-                their_nonce = await _recv_exactly(loop, sock, NONCE_LEN)
-                await loop.sock_sendall(sock, shake.proof(their_nonce))
-                reply = await _recv_exactly(loop, sock, PROOF_LEN + 1)
-            except _HandshakeError as exc:
-                raise ConnectError(
-                    ConnectErrorCode.FAILED,
-                    f"{remote!r} refused the handshake (wrong cookie, or not an hpcproc "
-                    f"tcp endpoint): {exc}",
-                ) from None
-            except OSError as exc:
-                raise ConnectError(
-                    ConnectErrorCode.FAILED, f"handshake with {remote!r} failed: {exc}"
-                ) from exc
-            if not shake.verify(their_nonce, reply[:PROOF_LEN]):
-                log.warning("tcp: peer %s failed authentication (wrong cookie?)", _peer_name(sock))
-                raise ConnectError(
-                    ConnectErrorCode.FAILED, f"{remote!r} failed authentication (wrong cookie?)"
-                )
-            try:
-                status = _Status(reply[PROOF_LEN])
-            except ValueError:
-                raise ConnectError(
-                    ConnectErrorCode.FAILED, f"{remote!r} sent unknown status {reply[PROOF_LEN]}"
-                ) from None
-            if status is not _Status.ACCEPT:
-                sock.close()
-                return status, None
-            if self._closed:
-                raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
-            link = _TcpLink(self, remote, sock, self._transport._max_message)
-            link.start()
-            return status, link
         except BaseException:
-            if sock.fileno() >= 0:
-                sock.close()
+            sock.close()
             raise
-
-    def _accept(self, link: _TcpLink, initiator: EndPointAddress, flags: int) -> _Status:
-        """Decide about an authenticated initiator's socket (see the module docstring)."""
-        if self._closed:
-            return _Status.NOT_FOUND
-        if self._dialing.get(initiator):
-            if initiator >= self.address:
-                return _Status.CROSSED_PENDING
-        elif (
-            self._live(initiator) is not None
-            and not flags & _FLAG_REPLACE
-            and initiator > self.address
-        ):
-            return _Status.CROSSED_LIVE
-        self._register_link(link)
-        for fut in self._arrivals.pop(initiator, ()):
-            if not fut.done():
-                fut.set_result(None)
-        return _Status.ACCEPT
-
-    async def _release(self) -> None:
-        self._transport._by_id.pop(self._id, None)
-        for waiters in self._arrivals.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.cancel()
-        self._arrivals.clear()
+        return _SocketChannel(self._transport, sock, remote)
 
 
 def _connect_error(exc: OSError, remote: EndPointAddress) -> ConnectError:
@@ -796,7 +642,7 @@ def _connect_error(exc: OSError, remote: EndPointAddress) -> ConnectError:
     return ConnectError(ConnectErrorCode.FAILED, f"connect to {remote!r} failed: {exc}")
 
 
-class TcpTransport(MultiplexedTransport):
+class TcpTransport(DialingTransport[_TcpEndPoint]):
     """Endpoints reachable over TCP; see the module docstring for the protocol.
 
     Args:
@@ -814,8 +660,6 @@ class TcpTransport(MultiplexedTransport):
         CookieError: no cookie was given and the cookie file is unsafe or unusable.
     """
 
-    _instances = itertools.count(1)
-
     def __init__(
         self,
         *,
@@ -827,24 +671,20 @@ class TcpTransport(MultiplexedTransport):
         handshake_timeout: float = 10.0,
         cookie: bytes | str | None = None,
     ) -> None:
-        super().__init__()
-        if cookie is None:
-            cookie = load_cookie()
-        self._cookie = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
+        super().__init__(
+            _FORMAT,
+            cookie=cookie,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+        )
         self._host = host
         self._port = port
         if advertised_host is None:
             advertised_host = socket.gethostname() if host in ("", "0.0.0.0", "::") else host
         self._advertised = advertised_host
         self._max_message = max_message
-        self._connect_timeout = connect_timeout
-        self._handshake_timeout = handshake_timeout
-        self._instance = secrets.token_hex(4).encode()
-        self._next_id = itertools.count(1)
-        self._by_id: dict[int, _TcpEndPoint] = {}
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
         self._pool = _FramePool()
 
     @property
@@ -858,12 +698,11 @@ class TcpTransport(MultiplexedTransport):
         if self._listener is None:
             self._listen()
         assert self._listener is not None
-        endpoint_id = next(self._next_id)
-        address = _format_address(self._advertised, self.port or 0, self._instance, endpoint_id)
-        endpoint = _TcpEndPoint(self, address, endpoint_id)
-        self._by_id[endpoint_id] = endpoint
-        self._add_endpoint(endpoint)
-        return endpoint
+        return self._new_dialing_endpoint(
+            self._advertised,
+            self.port or 0,
+            lambda address, endpoint_id: _TcpEndPoint(self, address, endpoint_id),
+        )
 
     def _listen(self) -> None:
         try:
@@ -906,92 +745,20 @@ class TcpTransport(MultiplexedTransport):
                     continue
                 log.warning("tcp: listener failed: %s", exc)
                 return
-            if len(self._handshakes) >= MAX_HANDSHAKES:
-                log.warning(
-                    "tcp: dropping peer %s: more than %d handshakes in progress",
-                    _peer_name(sock),
-                    MAX_HANDSHAKES,
-                )
+            try:
+                _tune(sock)
+            except OSError as exc:
+                log.warning("tcp: dropping peer %s: %s", _peer_name(sock), exc)
                 sock.close()
                 continue
-            task = loop.create_task(self._handshake(sock))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    async def _handshake(self, sock: socket.socket) -> None:
-        peer = _peer_name(sock)
-        try:
-            _tune(sock)
-            await asyncio.wait_for(self._authenticate(sock, peer), self._handshake_timeout)
-        except asyncio.TimeoutError:
-            log.warning(
-                "tcp: dropping peer %s: no handshake within %s s", peer, self._handshake_timeout
-            )
-            sock.close()
-        except _HandshakeError as exc:
-            log.warning("tcp: dropping peer %s: %s", peer, exc)
-            sock.close()
-        except OSError as exc:
-            log.warning("tcp: dropping peer %s: handshake failed: %s", peer, exc)
-            sock.close()
-        except BaseException:
-            sock.close()
-            raise
-
-    async def _authenticate(self, sock: socket.socket, peer: str) -> None:
-        loop = asyncio.get_running_loop()
-        magic, their_nonce, flags, src_len, dst_len = _HELLO.unpack(
-            await _recv_exactly(loop, sock, _HELLO.size)
-        )
-        if magic != _MAGIC:
-            raise _HandshakeError(f"bad handshake magic {magic!r} (not an hpcproc tcp peer)")
-        if not 0 < src_len <= MAX_ADDRESS or not 0 < dst_len <= MAX_ADDRESS:
-            raise _HandshakeError(f"address lengths {src_len}/{dst_len} out of range")
-        addresses = await _recv_exactly(loop, sock, src_len + dst_len)
-        src, dst = addresses[:src_len], addresses[src_len:]
-        shake = Handshake(self._cookie, initiator=False, context=_context(src, dst))
-        await loop.sock_sendall(sock, shake.nonce)
-        their_proof = await _recv_exactly(loop, sock, PROOF_LEN)
-        if not shake.verify(their_nonce, their_proof):
-            raise _HandshakeError("authentication failed (wrong cookie?)")
-        # Authenticated from here on.
-        proof = shake.proof(their_nonce)
-        endpoint = self._find(dst)
-        initiator = EndPointAddress(src)
-        if endpoint is None or self._closed:
-            status = _Status.NOT_FOUND
-        else:
-            link = _TcpLink(endpoint, initiator, sock, self._max_message)
-            status = endpoint._accept(link, initiator, flags)
-            if status is _Status.ACCEPT:
-                link.start(proof + bytes([status]))
-                return
-            link._dead = True  # never started: nothing to undo but the socket
-        await loop.sock_sendall(sock, proof + bytes([status]))
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-        sock.close()
-
-    def _find(self, dst: bytes) -> _TcpEndPoint | None:
-        try:
-            target = parse_address(dst)
-        except ValueError:
-            return None
-        if target.instance != self._instance:
-            return None
-        endpoint = self._by_id.get(target.endpoint_id)
-        return endpoint if endpoint is not None and not endpoint._closed else None
+            self._admit(_SocketChannel(self, sock))
 
     async def close(self) -> None:
         if self._closed:
             return
         await super().close()
-        tasks = list(self._handshakes)
-        if self._accept_task is not None:
-            tasks.append(self._accept_task)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        accepting = () if self._accept_task is None else (self._accept_task,)
+        await self._cancel_handshakes(*accepting)
         if self._listener is not None:
             self._listener.close()
             self._listener = None
