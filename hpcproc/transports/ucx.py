@@ -14,25 +14,12 @@ its endpoints are told apart by an id in the address,
 All lightweight connections between two endpoints share one UCX endpoint, a
 :class:`~hpcproc.transports._multiplex.Link`.
 
-Link set-up (UCX stream API on the new UCX endpoint, every field fixed-size or
-length-checked; ``I`` = initiator, ``A`` = acceptor), the same challenge-response as
-the TCP transport (:class:`~hpcproc.transports._auth.Handshake`)::
-
-    I -> A  HELLO: magic, nonce_I, flags, len(src), len(dst); then src, dst
-    A -> I  nonce_A
-    I -> A  proof_I, tag_I
-    A       verifies proof_I (else: log and drop), decides, registers the link
-    A -> I  proof_A, status (ACCEPT | NOT_FOUND | CROSSED_PENDING | CROSSED_LIVE), tag_A
-    I       verifies proof_A (else: ConnectError(FAILED)); link messages follow
-
-``tag_X`` is a random 64-bit UCX tag on which X receives; nothing is received on it
-before the peer has proved the cookie, so nothing an unauthenticated peer sends is
-delivered. Crossed connects are resolved by the same rule as in the TCP transport:
-an endpoint that is itself dialing the initiator accepts only if the initiator's
-address is the smaller one, and answers ``CROSSED_PENDING`` otherwise (the loser then
-waits for the winner's link); ``CROSSED_LIVE`` answers a dial that arrives after the
-winner's link was registered, and a dialer holding no link from that peer retries with
-``REPLACE``.
+Link set-up runs the handshake of :mod:`~hpcproc.transports._dialing` (the same
+challenge-response and crossed-connect resolution as the TCP transport) over the UCX
+stream API of the new UCX endpoint, with the magic ``HPCPUCX\x01``. Its link
+parameters (``extra_X``, 8 bytes) are ``tag_X``, a random 64-bit UCX tag on which X
+receives; nothing is received on it before the peer has proved the cookie, so nothing
+an unauthenticated peer sends is delivered.
 
 Link messages: the tag API, chosen by measurement. A message goes out as one *header*
 tag message (the :mod:`~hpcproc.transports._wire` prefix and length table, a list of
@@ -92,10 +79,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import importlib
-import itertools
 import logging
 import os
 import secrets
@@ -109,8 +94,16 @@ from typing import Any
 
 import numpy as np
 
-from ._auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
-from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
+from ._dialing import (
+    DialingEndPoint,
+    DialingTransport,
+    HandshakeFormat,
+    HostAddress,
+    SetupChannel,
+    parse_host_address,
+    resolve,
+)
+from ._multiplex import Kind, Link
 from ._wire import PREFIX, WireError, encode_header, parse_lengths, parse_prefix
 from .base import (
     Buffer,
@@ -142,35 +135,14 @@ POLL_MIN = 8192
 IDLE_PROGRESS = 0.25
 #: Most progress rounds per loop callback before yielding to other tasks.
 _ROUNDS = 64
-#: Most unauthenticated handshakes in progress per transport; more are refused.
-MAX_HANDSHAKES = 256
-#: Longest endpoint address accepted in a handshake.
-MAX_ADDRESS = 1024
-#: How long a dialer told ``CROSSED_PENDING`` waits before dialing again.
-_CROSS_WAIT = 1.0
 #: Bound on closing one UCX endpoint (ns): UCX may wait for the peer's answer.
 _CLOSE_PERIOD_NS = 100_000_000
 #: Connection id that marks the end of a link in a CLOSE message.
 _FIN = 0
 
-_MAGIC = b"HPCPUCX\x01"
-_HELLO = struct.Struct(f"<8s{NONCE_LEN}sBHH")
-_PROOF_TAG = struct.Struct(f"<{PROOF_LEN}sQ")
-_REPLY = struct.Struct(f"<{PROOF_LEN}sBQ")
+_TAG = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
-_FLAG_REPLACE = 1
-_SCHEME = b"ucx://"
-
-
-class _Status(enum.IntEnum):
-    ACCEPT = 0
-    NOT_FOUND = 1
-    CROSSED_PENDING = 2
-    CROSSED_LIVE = 3
-
-
-class _HandshakeError(Exception):
-    """The peer broke the handshake; the message is the logged reason."""
+_FORMAT = HandshakeFormat("ucx", b"HPCPUCX\x01", _TAG.size, log)
 
 
 # --------------------------------------------------------------------------- ucxx
@@ -215,14 +187,8 @@ def _load_ucxx() -> _Ucxx:
 # --------------------------------------------------------------------------- addresses
 
 
-@dataclass(frozen=True, slots=True)
-class UcxAddress:
-    """A parsed endpoint address."""
-
-    host: str
-    port: int
-    instance: bytes
-    endpoint_id: int
+#: A parsed ucx endpoint address.
+UcxAddress = HostAddress
 
 
 def parse_address(address: bytes) -> UcxAddress:
@@ -231,31 +197,7 @@ def parse_address(address: bytes) -> UcxAddress:
     Raises:
         ValueError: the address is malformed.
     """
-    if not address.startswith(_SCHEME):
-        raise ValueError("not a ucx address")
-    hostport, _, tail = bytes(address[len(_SCHEME) :]).partition(b"/")
-    instance, _, ident = tail.partition(b"/")
-    host, sep, port_text = hostport.rpartition(b":")
-    if not sep or not host or not instance or not ident.isdigit() or not port_text.isdigit():
-        raise ValueError("expected ucx://HOST:PORT/INSTANCE/ID")
-    if host.startswith(b"[") and host.endswith(b"]"):
-        host = host[1:-1]
-    port = int(port_text)
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} out of range")
-    return UcxAddress(host.decode("ascii"), port, instance, int(ident))
-
-
-def _format_address(host: str, port: int, instance: bytes, endpoint_id: int) -> EndPointAddress:
-    shown = f"[{host}]" if ":" in host else host
-    return EndPointAddress(
-        b"%s%s:%d/%s/%d" % (_SCHEME, shown.encode(), port, instance, endpoint_id)
-    )
-
-
-def _context(src: bytes, dst: bytes) -> bytes:
-    """Binds both proofs to this pair of endpoints."""
-    return struct.pack("<HH", len(src), len(dst)) + src + dst
+    return parse_host_address(address, _FORMAT.scheme)
 
 
 def _new_tag() -> int:
@@ -812,103 +754,96 @@ class _UcxLink(Link):
 # --------------------------------------------------------------------------- endpoint
 
 
-class _UcxEndPoint(MultiplexedEndPoint):
-    def __init__(self, transport: UcxTransport, address: EndPointAddress, endpoint_id: int) -> None:
-        super().__init__(address)
+class _UcxChannel(SetupChannel["_UcxEndPoint"]):
+    """A new UCX endpoint's stream API during the handshake.
+
+    The UCX endpoint is one of the transport's loose ones (closed with it) until a
+    link owns it. ``remote`` is set on the dialing side.
+    """
+
+    io_errors = (Exception,)
+
+    def __init__(
+        self, transport: UcxTransport, engine: _Engine, ep: Any, remote: EndPointAddress | None
+    ) -> None:
         self._transport = transport
-        self._id = endpoint_id
-        #: remote -> number of our dials to it in progress (for crossing decisions).
-        self._dialing: dict[EndPointAddress, int] = {}
-        #: remote -> futures waiting for the peer's link (after CROSSED_PENDING).
-        self._arrivals: dict[EndPointAddress, list[asyncio.Future[None]]] = {}
+        self._engine = engine
+        self._ep = ep
+        self._remote = remote
+        self._tag = _new_tag()
+        self.extra = _TAG.pack(self._tag)
+        if remote is not None:
+            self.peer = f"peer {bytes(remote)!r}"
+        transport._loose.add(ep)
 
-    async def _open_link(self, remote: EndPointAddress, timeout: float | None) -> Link:
+    async def send(self, data: bytes) -> None:
+        await _stream_send(self._engine, self._ep, data, self._transport._handshake_timeout)
+
+    async def recv(self, n: int) -> bytes:
+        return await _stream_recv(self._engine, self._ep, n, self._transport._handshake_timeout)
+
+    def drop(self) -> None:
+        self._transport._drop(self._ep)
+
+    def link(self, endpoint: _UcxEndPoint, remote: EndPointAddress, peer_extra: bytes) -> Link:
+        (their_tag,) = _TAG.unpack(peer_extra)
+        return _UcxLink(endpoint, remote, self._ep, their_tag, self._tag)
+
+    async def start(self, link: Link, first: bytes = b"") -> None:
+        assert isinstance(link, _UcxLink)
+        self._transport._loose.discard(self._ep)
+        link.start()
+        if first:
+            await self.send(first)
+
+    async def refuse(self, reply: bytes) -> None:
         try:
-            target = parse_address(remote)
-        except ValueError as exc:
-            raise ConnectError(
-                ConnectErrorCode.FAILED, f"malformed address {remote!r}: {exc}"
-            ) from None
-        limit = timeout if timeout is not None else self._transport._connect_timeout
-        self._dialing[remote] = self._dialing.get(remote, 0) + 1
-        try:
-            return await asyncio.wait_for(self._dial(remote, target), limit)
-        except asyncio.TimeoutError:
-            raise ConnectError(
-                ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {limit} s"
-            ) from None
+            await self.send(reply)
+            # The dialer closes its UCX endpoint on a refusal; closing ours first could
+            # discard the reply before it arrives. Its close fails this receive.
+            with contextlib.suppress(Exception):
+                await self.recv(1)
         finally:
-            left = self._dialing[remote] - 1
-            if left:
-                self._dialing[remote] = left
-            else:
-                del self._dialing[remote]
+            self.drop()
 
-    def _live(self, remote: EndPointAddress) -> Link | None:
-        link = self._links.get(remote)
-        return link if link is not None and link.alive else None
+    def dial_error(self, exc: Exception, *, answered: bool) -> ConnectError | None:
+        remote = self._remote
+        t = self._transport._handshake_timeout
+        if isinstance(exc, asyncio.TimeoutError):
+            if answered:
+                return ConnectError(
+                    ConnectErrorCode.TIMEOUT, f"{remote!r} did not finish the handshake in {t} s"
+                )
+            return ConnectError(ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {t} s")
+        if answered:
+            return ConnectError(
+                ConnectErrorCode.FAILED,
+                f"{remote!r} refused the handshake (wrong cookie, or not an hpcproc "
+                f"ucx endpoint): {exc}",
+            )
+        return ConnectError(ConnectErrorCode.NOT_FOUND, f"nothing answers at {remote!r}: {exc}")
 
-    async def _dial(self, remote: EndPointAddress, target: UcxAddress) -> Link:
-        flags = 0
-        while True:
-            if (link := self._live(remote)) is not None:
-                return link
-            status, new = await self._transport._dial_once(self, remote, target, flags)
-            if new is not None:
-                return new
-            if status is _Status.NOT_FOUND:
-                raise ConnectError(ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}")
-            if (link := self._live(remote)) is not None:
-                return link
-            if status is _Status.CROSSED_LIVE:
-                # The peer holds a link from us that we no longer have: it is stale.
-                flags = _FLAG_REPLACE
-                continue
-            fut = asyncio.get_running_loop().create_future()
-            self._arrivals.setdefault(remote, []).append(fut)
-            try:
-                await asyncio.wait_for(fut, _CROSS_WAIT)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                waiters = self._arrivals.get(remote)
-                if waiters is not None and fut in waiters:
-                    waiters.remove(fut)
-                    if not waiters:
-                        del self._arrivals[remote]
 
-    def _accept(self, link: _UcxLink, initiator: EndPointAddress, flags: int) -> _Status:
-        """Decide about an authenticated initiator (see the module docstring)."""
-        if self._closed:
-            return _Status.NOT_FOUND
-        if self._dialing.get(initiator):
-            if initiator >= self.address:
-                return _Status.CROSSED_PENDING
-        elif (
-            self._live(initiator) is not None
-            and not flags & _FLAG_REPLACE
-            and initiator > self.address
-        ):
-            return _Status.CROSSED_LIVE
-        self._register_link(link)
-        for fut in self._arrivals.pop(initiator, ()):
-            if not fut.done():
-                fut.set_result(None)
-        return _Status.ACCEPT
-
-    async def _release(self) -> None:
-        self._transport._by_id.pop(self._id, None)
-        for waiters in self._arrivals.values():
-            for fut in waiters:
-                if not fut.done():
-                    fut.cancel()
-        self._arrivals.clear()
+class _UcxEndPoint(DialingEndPoint["UcxTransport"]):
+    async def _open_channel(self, remote: EndPointAddress, target: UcxAddress) -> _UcxChannel:
+        engine = self._transport._engine
+        assert engine is not None
+        _, _, sockaddr = await resolve(target)
+        try:
+            ep = engine.ucxx.api.UCXEndpoint.create(engine.worker, sockaddr[0], target.port, True)
+        except Exception as exc:
+            raise ConnectError(
+                ConnectErrorCode.NOT_FOUND, f"cannot reach {remote!r}: {exc}"
+            ) from exc
+        channel = _UcxChannel(self._transport, engine, ep, remote)
+        engine.kick()
+        return channel
 
 
 # --------------------------------------------------------------------------- transport
 
 
-class UcxTransport(MultiplexedTransport):
+class UcxTransport(DialingTransport[_UcxEndPoint]):
     """Endpoints reachable over UCX; see the module docstring for the protocol.
 
     Args:
@@ -943,24 +878,20 @@ class UcxTransport(MultiplexedTransport):
         cookie: bytes | str | None = None,
         busy_poll: bool = False,
     ) -> None:
-        super().__init__()
         _load_ucxx()
+        super().__init__(
+            _FORMAT,
+            cookie=cookie,
+            connect_timeout=connect_timeout,
+            handshake_timeout=handshake_timeout,
+        )
         self._busy_poll = busy_poll
-        if cookie is None:
-            cookie = load_cookie()
-        self._cookie = cookie.encode() if isinstance(cookie, str) else bytes(cookie)
         self._host = host if host is not None else socket.gethostname()
         self._port = port
         self._max_message = max_message
-        self._connect_timeout = connect_timeout
-        self._handshake_timeout = handshake_timeout
-        self._instance = secrets.token_hex(4).encode()
-        self._next_id = itertools.count(1)
-        self._by_id: dict[int, _UcxEndPoint] = {}
         self._engine: _Engine | None = None
         self._listener: Any = None
         self._listen_port = 0
-        self._handshakes: set[asyncio.Task[None]] = set()
         #: UCX endpoints not (yet) owned by a link: closed when the transport closes.
         self._loose: set[Any] = set()
         #: Started links not yet aborted, including those whose bundle already
@@ -977,12 +908,11 @@ class UcxTransport(MultiplexedTransport):
             raise NewEndPointError(NewEndPointErrorCode.FAILED, "transport is closed")
         if self._engine is None:
             self._start()
-        endpoint_id = next(self._next_id)
-        address = _format_address(self._host, self._listen_port, self._instance, endpoint_id)
-        endpoint = _UcxEndPoint(self, address, endpoint_id)
-        self._by_id[endpoint_id] = endpoint
-        self._add_endpoint(endpoint)
-        return endpoint
+        return self._new_dialing_endpoint(
+            self._host,
+            self._listen_port,
+            lambda address, endpoint_id: _UcxEndPoint(self, address, endpoint_id),
+        )
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1020,30 +950,7 @@ class UcxTransport(MultiplexedTransport):
         except Exception as exc:
             log.warning("ucx: cannot accept a connection request: %s", exc)
             return
-        if len(self._handshakes) >= MAX_HANDSHAKES:
-            log.warning("ucx: dropping a peer: more than %d handshakes in progress", MAX_HANDSHAKES)
-            _close_ucx_endpoint(ep)
-            return
-        self._loose.add(ep)
-        task = engine.loop.create_task(self._handshake(ep))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _handshake(self, ep: Any) -> None:
-        try:
-            await asyncio.wait_for(self._authenticate(ep), self._handshake_timeout)
-        except asyncio.TimeoutError:
-            log.warning("ucx: dropping a peer: no handshake within %s s", self._handshake_timeout)
-            self._drop(ep)
-        except _HandshakeError as exc:
-            log.warning("ucx: dropping a peer: %s", exc)
-            self._drop(ep)
-        except asyncio.CancelledError:
-            self._drop(ep)
-            raise
-        except Exception as exc:
-            log.warning("ucx: dropping a peer: handshake failed: %r", exc)
-            self._drop(ep)
+        self._admit(_UcxChannel(self, engine, ep, None))
 
     def _drop(self, ep: Any) -> None:
         if ep in self._loose:
@@ -1052,147 +959,13 @@ class UcxTransport(MultiplexedTransport):
             if self._engine is not None:
                 self._engine.kick()
 
-    async def _authenticate(self, ep: Any) -> None:
-        engine = self._engine
-        assert engine is not None
-        t = self._handshake_timeout
-        magic, their_nonce, flags, src_len, dst_len = _HELLO.unpack(
-            await _stream_recv(engine, ep, _HELLO.size, t)
-        )
-        if magic != _MAGIC:
-            raise _HandshakeError(f"bad handshake magic {magic!r} (not an hpcproc ucx peer)")
-        if not 0 < src_len <= MAX_ADDRESS or not 0 < dst_len <= MAX_ADDRESS:
-            raise _HandshakeError(f"address lengths {src_len}/{dst_len} out of range")
-        addresses = await _stream_recv(engine, ep, src_len + dst_len, t)
-        src, dst = addresses[:src_len], addresses[src_len:]
-        shake = Handshake(self._cookie, initiator=False, context=_context(src, dst))
-        await _stream_send(engine, ep, shake.nonce, t)
-        their_proof, their_tag = _PROOF_TAG.unpack(
-            await _stream_recv(engine, ep, _PROOF_TAG.size, t)
-        )
-        if not shake.verify(their_nonce, their_proof):
-            raise _HandshakeError("authentication failed (wrong cookie?)")
-        # Authenticated from here on.
-        proof = shake.proof(their_nonce)
-        endpoint = self._find(dst)
-        initiator = EndPointAddress(src)
-        my_tag = _new_tag()
-        status = _Status.NOT_FOUND
-        if endpoint is not None and not self._closed:
-            link = _UcxLink(endpoint, initiator, ep, their_tag, my_tag)
-            status = endpoint._accept(link, initiator, flags)
-            if status is _Status.ACCEPT:
-                self._loose.discard(ep)
-                link.start()
-                await _stream_send(engine, ep, _REPLY.pack(proof, status, my_tag), t)
-                return
-        await _stream_send(engine, ep, _REPLY.pack(proof, status, 0), t)
-        # The dialer closes its UCX endpoint on a refusal; closing ours first could
-        # discard the reply before it arrives. Its close fails this receive.
-        with contextlib.suppress(Exception):
-            await _stream_recv(engine, ep, 1, t)
-        self._drop(ep)
-
-    def _find(self, dst: bytes) -> _UcxEndPoint | None:
-        try:
-            target = parse_address(dst)
-        except ValueError:
-            return None
-        if target.instance != self._instance:
-            return None
-        endpoint = self._by_id.get(target.endpoint_id)
-        return endpoint if endpoint is not None and not endpoint._closed else None
-
-    # ------------------------------------------------------------------ dialing
-
-    async def _dial_once(
-        self, endpoint: _UcxEndPoint, remote: EndPointAddress, target: UcxAddress, flags: int
-    ) -> tuple[_Status, _UcxLink | None]:
-        engine = self._engine
-        assert engine is not None
-        loop = engine.loop
-        try:
-            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConnectError(
-                ConnectErrorCode.NOT_FOUND, f"cannot resolve {target.host!r}: {exc}"
-            ) from exc
-        ip = infos[0][4][0]
-        try:
-            ep = engine.ucxx.api.UCXEndpoint.create(engine.worker, ip, target.port, True)
-        except Exception as exc:
-            raise ConnectError(
-                ConnectErrorCode.NOT_FOUND, f"cannot reach {remote!r}: {exc}"
-            ) from exc
-        self._loose.add(ep)
-        engine.kick()
-        t = self._handshake_timeout
-        try:
-            src = bytes(endpoint.address)
-            dst = bytes(remote)
-            shake = Handshake(self._cookie, initiator=True, context=_context(src, dst))
-            try:
-                hello = _HELLO.pack(_MAGIC, shake.nonce, flags, len(src), len(dst))
-                await _stream_send(engine, ep, hello, t)
-                await _stream_send(engine, ep, src + dst, t)
-                their_nonce = await _stream_recv(engine, ep, NONCE_LEN, t)
-            except asyncio.TimeoutError:
-                raise ConnectError(
-                    ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {t} s"
-                ) from None
-            except Exception as exc:
-                raise ConnectError(
-                    ConnectErrorCode.NOT_FOUND, f"nothing answers at {remote!r}: {exc}"
-                ) from exc
-            my_tag = _new_tag()
-            try:
-                await _stream_send(engine, ep, _PROOF_TAG.pack(shake.proof(their_nonce), my_tag), t)
-                reply = await _stream_recv(engine, ep, _REPLY.size, t)
-            except asyncio.TimeoutError:
-                raise ConnectError(
-                    ConnectErrorCode.TIMEOUT, f"{remote!r} did not finish the handshake in {t} s"
-                ) from None
-            except Exception as exc:
-                raise ConnectError(
-                    ConnectErrorCode.FAILED,
-                    f"{remote!r} refused the handshake (wrong cookie, or not an hpcproc "
-                    f"ucx endpoint): {exc}",
-                ) from None
-            their_proof, status_byte, their_tag = _REPLY.unpack(reply)
-            if not shake.verify(their_nonce, their_proof):
-                log.warning("ucx: peer %r failed authentication (wrong cookie?)", dst)
-                raise ConnectError(
-                    ConnectErrorCode.FAILED, f"{remote!r} failed authentication (wrong cookie?)"
-                )
-            try:
-                status = _Status(status_byte)
-            except ValueError:
-                raise ConnectError(
-                    ConnectErrorCode.FAILED, f"{remote!r} sent unknown status {status_byte}"
-                ) from None
-            if status is not _Status.ACCEPT:
-                self._drop(ep)
-                return status, None
-            if endpoint._closed:
-                raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
-            link = _UcxLink(endpoint, remote, ep, their_tag, my_tag)
-            self._loose.discard(ep)
-            link.start()
-            return status, link
-        except BaseException:
-            self._drop(ep)
-            raise
-
     # ------------------------------------------------------------------ close
 
     async def close(self) -> None:
         if self._closed:
             return
         await super().close()
-        tasks = list(self._handshakes)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cancel_handshakes()
         for ep in list(self._loose):
             self._drop(ep)
         for link in list(self._links):
