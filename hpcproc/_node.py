@@ -421,10 +421,8 @@ class Node:
             self._watch_remote(node, ref, ref.watcher.lid)
 
             def on_ok(pid: Any) -> None:
-                # Re-key with the pid as target (equal key, so pop first).
                 assert ref is not None
-                self._unwatch_remote(node, ref)
-                self._watch_remote(node, MonitorRef(pid, ref.watcher, ref.n), ref.watcher.lid)
+                self._rekey_remote(node, ref, MonitorRef(pid, ref.watcher, ref.n))
 
         elif _watch is not None:
             watcher = _watch
@@ -550,6 +548,19 @@ class Node:
             # Drop entries of watches that have fired or been removed meanwhile.
             mine[:] = [(n, k) for n, k in mine if k in self._watched.get(n, ())]
         mine.append((nid, key))
+
+    def _rekey_remote(self, nid: NodeId, old: MonitorRef, new: MonitorRef) -> None:
+        """Replace the watch ``old`` (a spawn_monitor ref without a target yet) by
+        ``new``, which names the spawned pid, in both indexes, so that an unmonitor
+        sent when the watcher ends names the pid."""
+        # Equal keys (same watcher and number): pop first, or the dict keeps ``old``.
+        self._unwatch_remote(nid, old)
+        wlid = new.watcher.lid
+        watches = self._watched.setdefault(nid, {})
+        watches[new] = wlid
+        mine = self._watches_of.setdefault(wlid, [])
+        mine[:] = [(n, k) for n, k in mine if k is not old]
+        mine.append((nid, new))
 
     def _drop_watches_of(self, proc: Process) -> None:
         """``proc`` ended: forget its remote watches and tell the targets' nodes."""

@@ -914,3 +914,27 @@ def test_process_ending_with_a_node_monitor_drops_it_cleanly(kind: str, servers:
 
 async def _identity(x: int) -> int:
     return x
+
+
+async def _spawn_monitor_and_end(node: hp.NodeId, report: hp.Pid) -> None:
+    pid, _ref = await hp.spawn_monitor(node, waits_forever)
+    await hp.send(report, pid)
+
+
+def test_spawn_monitor_is_removed_remotely_when_its_watcher_ends(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        watcher = hp.spawn_local(_spawn_monitor_and_end, c.b, hp.self_pid())
+        ref = await hp.monitor(watcher)
+        target = await hp.expect(hp.Pid, timeout=WAIT)
+        await expect_ref(ref)
+        # The unmonitor was posted before the watcher's DOWN was delivered, on the
+        # same ordered control connection as this query: one query suffices.
+        info = await hp.get_process_info(target)
+        await hp.kill(target, "done")
+        return info is not None and info.monitored_by, errors
+
+    assert run_cluster(kind, servers, body) == ((), [])
