@@ -19,12 +19,14 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from ._multiplex import Kind
+from .base import Buffer
 
 __all__ = [
     "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_MESSAGE",
     "PREFIX",
     "WireError",
+    "as_bytes_view",
     "encode_header",
     "parse_lengths",
     "parse_prefix",
@@ -49,6 +51,16 @@ def _lengths_struct(nframes: int) -> struct.Struct:
 
 class WireError(Exception):
     """Bytes from a peer that break the protocol; the link must be dropped."""
+
+
+def as_bytes_view(frame: Buffer) -> memoryview:
+    """``frame`` as a flat view of bytes, without a copy unless it is not contiguous."""
+    view = memoryview(frame)  # type: ignore[arg-type]
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    if view.c_contiguous:
+        return view.cast("B")
+    return memoryview(view.tobytes())
 
 
 def encode_header(kind: Kind, conn_id: int, lengths: Sequence[int]) -> bytes:

@@ -75,7 +75,14 @@ from ._dialing import (
     resolve,
 )
 from ._multiplex import Kind, Link
-from ._wire import PREFIX, WireError, encode_header, parse_lengths, parse_prefix
+from ._wire import (
+    PREFIX,
+    WireError,
+    as_bytes_view,
+    encode_header,
+    parse_lengths,
+    parse_prefix,
+)
 from .base import (
     Buffer,
     ConnectError,
@@ -266,15 +273,6 @@ class _Write:
         self.index = 0
 
 
-def _as_bytes_view(frame: Buffer) -> memoryview:
-    view = memoryview(frame)  # type: ignore[arg-type]
-    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
-        return view
-    if view.c_contiguous:
-        return view.cast("B")
-    return memoryview(view.tobytes())
-
-
 class _TcpLink(Link):
     """One authenticated socket to one remote endpoint."""
 
@@ -350,7 +348,7 @@ class _TcpLink(Link):
                 views.append(frame)
                 lengths.append(len(frame))
             else:
-                view = _as_bytes_view(frame)
+                view = as_bytes_view(frame)
                 views.append(view)
                 lengths.append(len(view))
         total = sum(lengths)

@@ -104,7 +104,14 @@ from ._dialing import (
     resolve,
 )
 from ._multiplex import Kind, Link
-from ._wire import PREFIX, WireError, encode_header, parse_lengths, parse_prefix
+from ._wire import (
+    PREFIX,
+    WireError,
+    as_bytes_view,
+    encode_header,
+    parse_lengths,
+    parse_prefix,
+)
 from .base import (
     Buffer,
     ConnectError,
@@ -374,15 +381,6 @@ def _is_device(frame: object) -> bool:
     return hasattr(frame, "__cuda_array_interface__")
 
 
-def _as_bytes_view(frame: Buffer) -> memoryview:
-    view = memoryview(frame)  # type: ignore[arg-type]
-    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
-        return view
-    if view.c_contiguous:
-        return view.cast("B")
-    return memoryview(view.tobytes())
-
-
 def _nbytes(payload: Any) -> int:
     return len(payload) if isinstance(payload, memoryview) else int(payload.nbytes)
 
@@ -510,7 +508,7 @@ class _UcxLink(Link):
                 lengths.append(array.nbytes)
                 device.append(i)
             else:
-                view = _as_bytes_view(frame)
+                view = as_bytes_view(frame)
                 payloads.append(view)
                 lengths.append(len(view))
         total = sum(lengths)
