@@ -69,6 +69,7 @@ __all__ = [
     "HostAddress",
     "SetupChannel",
     "Status",
+    "accept_handshake",
     "dial_handshake",
     "format_host_address",
     "handshake_context",

@@ -10,7 +10,7 @@ socket, a :class:`~hpcproc.transports._multiplex.Link` carrying the byte layout 
 Links are established by the handshake of :mod:`~hpcproc.transports._dialing`
 (challenge-response on the cookie, then the acceptor's decision, which also resolves
 crossed connects), with no link parameters (``extra_len`` 0) and the magic
-``HPCPTCP\x01``. A losing socket is closed before any link message is read from it.
+``b"HPCPTCP\\x01"``. A losing socket is closed before any link message is read from it.
 
 I/O design, chosen by measurement on Python 3.11. A ping-pong through asyncio streams
 (``readexactly`` / ``write`` + ``drain``) reached 0.24-0.36 GB/s at 16 MiB where the

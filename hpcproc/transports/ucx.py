@@ -16,7 +16,7 @@ All lightweight connections between two endpoints share one UCX endpoint, a
 
 Link set-up runs the handshake of :mod:`~hpcproc.transports._dialing` (the same
 challenge-response and crossed-connect resolution as the TCP transport) over the UCX
-stream API of the new UCX endpoint, with the magic ``HPCPUCX\x01``. Its link
+stream API of the new UCX endpoint, with the magic ``b"HPCPUCX\\x01"``. Its link
 parameters (``extra_X``, 8 bytes) are ``tag_X``, a random 64-bit UCX tag on which X
 receives; nothing is received on it before the peer has proved the cookie, so nothing
 an unauthenticated peer sends is delivered.
