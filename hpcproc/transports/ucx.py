@@ -104,14 +104,7 @@ from ._dialing import (
     resolve,
 )
 from ._multiplex import Kind, Link
-from ._wire import (
-    PREFIX,
-    WireError,
-    as_bytes_view,
-    encode_header,
-    parse_lengths,
-    parse_prefix,
-)
+from ._wire import PREFIX, WireError, as_bytes_view, encode_header, parse_lengths, parse_prefix
 from .base import (
     Buffer,
     ConnectError,
