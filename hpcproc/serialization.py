@@ -58,11 +58,7 @@ class _OutOfBand:
     frames: list[Buffer]
 
     def _keep_large(self, pb: pickle.PickleBuffer) -> bool:
-        view = pb.raw()
-        if view.nbytes < OUT_OF_BAND_MIN:
-            return True  # in-band
-        self.frames.append(view)
-        return False
+        return _keep_large(self.frames, pb)
 
     def persistent_id(self, obj: Any) -> Any:
         kind = type(obj)
@@ -80,6 +76,27 @@ class _OutOfBand:
         return None
 
 
+class _KeepLarge:
+    """``buffer_callback`` of the fast path: large buffers out-of-band into ``frames``."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[Buffer]) -> None:
+        self.frames = frames
+
+    def __call__(self, pb: pickle.PickleBuffer) -> bool:
+        return _keep_large(self.frames, pb)
+
+
+def _keep_large(frames: list[Buffer], pb: pickle.PickleBuffer) -> bool:
+    """Append a large buffer to ``frames`` (out-of-band: False); small ones stay in-band."""
+    view = pb.raw()
+    if view.nbytes < OUT_OF_BAND_MIN:
+        return True
+    frames.append(view)
+    return False
+
+
 class _Pickler(_OutOfBand, pickle.Pickler):
     def __init__(self, file: io.BytesIO, frames: list[Buffer]) -> None:
         super().__init__(file, protocol=5, buffer_callback=self._keep_large)
@@ -87,13 +104,16 @@ class _Pickler(_OutOfBand, pickle.Pickler):
         self.file = file
         self.busy = False
 
-    def reducer_override(self, obj: Any) -> Any:
-        # The standard pickler saves functions and classes by reference, which for
-        # ``__main__`` names a module the receiving node does not have; refusing here
-        # sends the whole message through cloudpickle, which ships them by value.
-        if type(obj) in _BY_REFERENCE and getattr(obj, "__module__", None) == "__main__":
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind in _BY_REFERENCE and getattr(obj, "__module__", None) == "__main__":
+            # The standard pickler saves functions and classes by reference, which
+            # for ``__main__`` names a module the receiving node does not have;
+            # refusing here sends the whole message through cloudpickle, which ships
+            # them by value. (Checked here rather than in ``reducer_override``: one
+            # Python call per pickled object instead of two.)
             raise pickle.PicklingError(f"{obj!r} is defined in __main__")
-        return NotImplemented
+        return _OutOfBand.persistent_id(self, obj)
 
 
 class _CloudPickler(_OutOfBand, cloudpickle.Pickler):  # type: ignore[misc]
@@ -142,6 +162,18 @@ def serialize(obj: Any) -> list[Buffer]:
     Raises:
         SerializationError: neither pickle nor cloudpickle can serialize ``obj``.
     """
+    # Fast path, entirely in C but for out-of-band array buffers: a header this
+    # short cannot hold a large bytes object in-band, and one without "__main__"
+    # names no function or class of __main__, so it is exactly what the full
+    # pickler below would produce. Anything else is pickled again by the full one.
+    fast: list[Buffer] = []
+    try:
+        header = pickle.dumps(obj, protocol=5, buffer_callback=_KeepLarge(fast))
+    except Exception:
+        pass  # the full path retries, falls back to cloudpickle, or reports the error
+    else:
+        if len(header) < OUT_OF_BAND_MIN and b"__main__" not in header:
+            return [header, *fast]
     frames: list[Buffer] = []
     pickler = _pickler()
     out = pickler.file
