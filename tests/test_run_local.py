@@ -4,12 +4,11 @@ ranks, master/worker exit status, SPMD, failures that name the node, signals."""
 from __future__ import annotations
 
 import os
-import queue
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 import hpcproc as hp
+from tests._lines import LineProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 THIS = f"{Path(__file__).resolve()}"
@@ -103,46 +103,17 @@ async def app_ready_then_wait(cluster: Any) -> None:
 # ------------------------------------------------------------ helpers
 
 
-class Rank:
-    """A child process with its output lines readable with a deadline."""
+class Rank(LineProcess):
+    """``python -m hpcproc.run ARGS`` with its output lines readable with a deadline."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hpcproc.run", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
+        super().__init__([sys.executable, "-m", "hpcproc.run", *args], env, ROOT)
 
     def wait_for_line(self, prefix: str, timeout: float = WAIT) -> str:
-        while True:
-            line = self.lines.get(timeout=timeout)
-            if line is None:
-                raise AssertionError(f"exited before printing {prefix!r}: {self.output}")
-            self.output.append(line)
-            if line.startswith(prefix):
-                return line
+        return self.wait_for_lines("^" + re.escape(prefix), 1, timeout)[0]
 
     def finish(self, timeout: float = WAIT) -> tuple[int, str]:
-        rc = self.proc.wait(timeout)
-        while True:
-            line = self.lines.get(timeout=timeout)
-            if line is None:
-                break
-            self.output.append(line)
-        return rc, "".join(self.output)
+        return super().finish(timeout)
 
 
 @pytest.fixture
@@ -158,9 +129,7 @@ def ranks() -> Iterator[list[Rank]]:
     started: list[Rank] = []
     yield started
     for r in started:
-        if r.proc.poll() is None:
-            os.killpg(r.proc.pid, signal.SIGKILL)
-            r.proc.wait(10)
+        r.kill(10)
 
 
 def start(ranks: list[Rank], args: list[str], env: dict[str, str]) -> Rank:

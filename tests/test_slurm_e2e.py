@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from typing import Any
 import pytest
 
 import hpcproc as hp
+from tests._lines import LineProcess
 
 pytestmark = pytest.mark.slurm
 
@@ -115,47 +114,18 @@ def slurm_env() -> dict[str, str]:
     return env
 
 
-class Step:
+class Step(LineProcess):
     """An srun (or other client) process whose output lines can be awaited."""
 
     def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
+        super().__init__(argv, env, ROOT)
         self.name = name
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.output: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
 
     def wait_for_lines(self, pattern: str, count: int, timeout: float = WAIT) -> list[str]:
-        found: list[str] = []
-        deadline = time.monotonic() + timeout
-        while len(found) < count:
-            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(f"ended before {count} x {pattern!r}:\n{''.join(self.output)}")
-            self.output.append(line)
-            if re.search(pattern, line):
-                found.append(line)
-        return found
+        return super().wait_for_lines(pattern, count, timeout)
 
     def finish(self, timeout: float = WAIT) -> tuple[int, str]:
-        rc = self.proc.wait(timeout)
-        while (line := self.lines.get(timeout=timeout)) is not None:
-            self.output.append(line)
-        return rc, "".join(self.output)
+        return super().finish(timeout)
 
 
 @pytest.fixture
@@ -163,9 +133,7 @@ def steps(slurm_env: dict[str, str]) -> Iterator[list[Step]]:
     started: list[Step] = []
     yield started
     for step in started:
-        if step.proc.poll() is None:
-            os.killpg(step.proc.pid, signal.SIGKILL)
-            step.proc.wait(30)
+        step.kill(30)
     # What a failed test left in the queue is cancelled (only this test's jobs: the
     # cluster may be shared with other tests), so that the next test has nodes.
     for step in started:
