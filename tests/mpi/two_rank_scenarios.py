@@ -94,6 +94,19 @@ async def receive(endpoint: EndPoint, kind: type[E]) -> E:
     return event
 
 
+async def peer_address(endpoint: EndPoint) -> EndPointAddress:
+    """The address of the other rank's endpoint that matches ``endpoint``."""
+    return EndPointAddress((await exchange(bytes(endpoint.address)))[peer_rank])
+
+
+async def connected_both_ways(endpoint: EndPoint) -> Connection:
+    """Connect ``endpoint`` to its peer on the other rank, which connects back; returns
+    this side's connection once the peer's has been opened."""
+    conn = await bounded(endpoint.connect(await peer_address(endpoint)), "connect()")
+    await receive(endpoint, ConnectionOpened)
+    return conn
+
+
 async def new_transport() -> Transport:
     return registry.create("mpi")
 
@@ -186,9 +199,7 @@ def test_frame_boundaries_across_ranks_for_empty_tiny_inline_limit_and_huge_fram
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
-            conn = await bounded(ep.connect(other), "connect()")
-            await receive(ep, ConnectionOpened)
+            conn = await connected_both_ways(ep)
             for message in messages_from(rank):
                 await bounded(conn.send(message), "send()")
             for message in messages_from(peer_rank):
@@ -203,7 +214,7 @@ def test_many_connections_across_ranks_keep_per_connection_order() -> None:
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+            other = await peer_address(ep)
             n, per = 300, 5
             conns = [await bounded(ep.connect(other), "connect()") for _ in range(n)]
             for round_ in range(per):
@@ -301,7 +312,7 @@ def test_crossing_connects_across_ranks_both_succeed() -> None:
         async with Scene() as s:
             for attempt in range(20):
                 ep = await s.endpoint()
-                other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+                other = await peer_address(ep)
                 conn = await bounded(ep.connect(other), f"crossed connect {attempt}")
                 await bounded(conn.send([b"%d" % attempt]), "send()")
                 opened = await receive(ep, ConnectionOpened)
@@ -318,9 +329,8 @@ def test_break_connection_is_reported_on_both_ranks_and_a_new_connect_starts_a_n
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
-            conn = await bounded(ep.connect(other), "connect()")
-            await receive(ep, ConnectionOpened)
+            conn = await connected_both_ways(ep)
+            other = conn.remote_address
             await bounded(conn.send([b"before"]), "send()")
             assert frames_of(await receive(ep, Received)) == [b"before"]
             await barrier("both delivered")
@@ -357,7 +367,7 @@ def test_messages_in_flight_when_the_bundle_breaks_are_never_delivered() -> None
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+            other = await peer_address(ep)
             if rank == 1:
                 conn = await bounded(ep.connect(other), "connect()")
                 await barrier("connected")
@@ -393,7 +403,7 @@ def test_endpoint_close_on_one_rank_is_seen_on_the_other() -> None:
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+            other = await peer_address(ep)
             conn = await bounded(ep.connect(other), "connect()")
             opened = await receive(ep, ConnectionOpened)
             await barrier("connected both ways")
@@ -422,9 +432,7 @@ def test_numpy_array_round_trip_across_ranks_without_serializer_copies() -> None
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
-            conn: Connection = await bounded(ep.connect(other), "connect()")
-            await receive(ep, ConnectionOpened)
+            conn = await connected_both_ways(ep)
             if rank == 0:
                 array = np.arange(4 * MiB, dtype=np.float32)
                 await bounded(conn.send(serialization.serialize({"a": array})), "send()")
@@ -445,9 +453,7 @@ def test_send_buffers_may_be_reused_once_send_returns_across_ranks() -> None:
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
-            conn = await bounded(ep.connect(other), "connect()")
-            await receive(ep, ConnectionOpened)
+            conn = await connected_both_ways(ep)
             big = np.full(8 * MiB, 7, dtype=np.uint8)
             small = bytearray(b"small")
             await bounded(conn.send([as_buffer(big), small]), "send()")
@@ -467,7 +473,7 @@ def test_close_is_bounded_when_the_peer_rank_stops_progressing() -> None:
     async def scenario() -> None:
         transport = await new_transport()
         ep = await transport.new_endpoint()
-        other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+        other = await peer_address(ep)
         if rank == 1:
             await receive(ep, ConnectionOpened)
             world.Barrier()  # blocks this rank's event loop: no MPI progress for it
@@ -488,7 +494,7 @@ def test_connect_to_a_rank_that_does_not_answer_times_out_and_leaves_no_link_beh
     async def scenario() -> None:
         async with Scene() as s:
             ep = await s.endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+            other = await peer_address(ep)
             if rank == 1:
                 world.Barrier()  # not progressing: rank 0's HELLO waits unanswered
                 await barrier("rank 0 gave up")
@@ -525,7 +531,7 @@ def test_send_to_a_rank_that_stops_progressing_fails_the_bundle_after_send_timeo
         transport = registry.create("mpi", send_timeout=0.5)
         try:
             ep = await transport.new_endpoint()
-            other = EndPointAddress((await exchange(bytes(ep.address)))[peer_rank])
+            other = await peer_address(ep)
             if rank == 1:
                 await receive(ep, ConnectionOpened)
                 world.Barrier()  # not progressing while rank 0 sends
