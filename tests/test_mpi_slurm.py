@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -39,12 +40,12 @@ def slurm_unavailable() -> str | None:
 
 
 @pytest.mark.slurm
-def test_conformance_scenarios_pass_in_both_ranks_under_srun_pmi2() -> None:
+def test_conformance_scenarios_pass_in_both_ranks_under_srun_pmi2(tmp_path: Path) -> None:
     reason = slurm_unavailable()
     if reason is not None:
         if os.environ.get("HPCPROC_REQUIRE_SLURM") == "1":
             pytest.fail(f"HPCPROC_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
-    command = ["srun", "--mpi=pmi2", "-N", "2", "-n", "2", "--time=4", *pytest_command()]
+    command = ["srun", "--mpi=pmi2", "-N", "2", "-n", "2", "--time=4", *pytest_command(tmp_path)]
     returncode, output = run_bounded(command, TIMEOUT)
-    check_all_ranks_passed(returncode, output, ranks=2)
+    check_all_ranks_passed(returncode, output, tmp_path, ranks=2)

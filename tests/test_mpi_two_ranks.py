@@ -26,6 +26,7 @@ def mpiexec() -> str:
     return found
 
 
-def test_conformance_scenarios_pass_in_both_ranks_under_mpiexec() -> None:
-    returncode, output = run_bounded([mpiexec(), "-n", "2", *pytest_command()], TIMEOUT)
-    check_all_ranks_passed(returncode, output, ranks=2)
+def test_conformance_scenarios_pass_in_both_ranks_under_mpiexec(tmp_path: Path) -> None:
+    command = [mpiexec(), "-n", "2", *pytest_command(tmp_path)]
+    returncode, output = run_bounded(command, TIMEOUT)
+    check_all_ranks_passed(returncode, output, tmp_path, ranks=2)

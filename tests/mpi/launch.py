@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 SCENARIOS = Path(__file__).with_name("two_rank_scenarios.py")
+RANK_REPORT = Path(__file__).with_name("rank_report.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,12 +31,15 @@ def scenario_count() -> int:
     )
 
 
-def pytest_command() -> list[str]:
-    """The per-rank command: pytest with pytest-mpi on the scenario module."""
+def pytest_command(outdir: Path) -> list[str]:
+    """The per-rank command: pytest with pytest-mpi on the scenario module.
+
+    Each rank writes its output to ``outdir/rank-<N>.txt`` (see ``rank_report.py``).
+    """
     return [
         sys.executable,
-        "-m",
-        "pytest",
+        str(RANK_REPORT),
+        str(outdir),
         "-q",
         "-p",
         "no:cacheprovider",
@@ -78,12 +82,20 @@ def run_bounded(
     return proc.returncode, out
 
 
-def check_all_ranks_passed(returncode: int, output: str, ranks: int) -> None:
-    """Every rank reported all scenarios passed, none failed or skipped."""
+def check_all_ranks_passed(returncode: int, output: str, outdir: Path, ranks: int) -> None:
+    """Every rank reported all scenarios passed, none failed or skipped.
+
+    ``output`` is the launcher's own merged output, ``outdir`` holds one report per rank.
+    """
     expected = scenario_count()
-    summaries = re.findall(r"^=*\s*(\d+ \w+.*) in [\d.]+s", output, re.MULTILINE)
-    assert returncode == 0, f"launcher exited with {returncode}:\n{output}"
-    assert len(summaries) == ranks, f"expected {ranks} pytest summaries:\n{output}"
-    for summary in summaries:
-        assert summary.startswith(f"{expected} passed"), f"rank summary {summary!r}:\n{output}"
-        assert "skipped" not in summary and "failed" not in summary, output
+    reports = {rank: outdir / f"rank-{rank}.txt" for rank in range(ranks)}
+    texts = {rank: path.read_text() if path.exists() else "" for rank, path in reports.items()}
+    everything = output + "".join(f"\n--- rank {r} ---\n{t}" for r, t in texts.items())
+    assert returncode == 0, f"launcher exited with {returncode}:\n{everything}"
+    for rank, text in texts.items():
+        assert reports[rank].exists(), f"rank {rank} wrote no report:\n{everything}"
+        summaries = re.findall(r"^=*\s*(\d+ \w+.*) in [\d.]+s", text, re.MULTILINE)
+        assert len(summaries) == 1, f"rank {rank}: no pytest summary:\n{everything}"
+        summary = summaries[0]
+        assert summary.startswith(f"{expected} passed"), f"rank {rank} {summary!r}:\n{everything}"
+        assert "skipped" not in summary and "failed" not in summary, everything
