@@ -39,6 +39,7 @@ memory corrupted, and this process must not read out of bounds. Violations raise
 from __future__ import annotations
 
 import mmap
+import platform
 import struct
 import threading
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from ._wire import DEFAULT_MAX_FRAMES, PREFIX
 __all__ = [
     "DATA_OFF",
     "HEADER_SIZE",
+    "HEAD_WORD",
     "OUT_OF_LINE",
     "REC",
     "SEGREF",
@@ -69,6 +71,8 @@ _HEAD: Final = 64 // 8
 _TAIL: Final = 128 // 8
 _SLEEP: Final = 192 // 8
 _WAIT: Final = 256 // 8
+#: Index of ``head`` in :attr:`RingReader.words`, for callers polling it inline.
+HEAD_WORD: Final = _HEAD
 
 _RING_MAGIC: Final = 0x31524D4853505048  # "HPPSHMR1"
 _REC_MAGIC: Final = 0x43455248  # "HREC"
@@ -109,6 +113,19 @@ _release = _barrier_lock.release
 def _barrier() -> None:
     _acquire()
     _release()
+
+
+def _no_barrier() -> None:
+    pass
+
+
+# x86-64 keeps stores in order with stores and loads with loads (TSO), so publishing
+# (data, then head) and consuming (head, then data) need no fence there; only a store
+# followed by a load of another word (the sleep and wait handshakes) does. Weaker
+# machines (aarch64, ppc64le) fence both ways.
+_ordered_barrier = (
+    _no_barrier if platform.machine().lower() in {"x86_64", "amd64", "i686", "i386"} else _barrier
+)
 
 
 def _lens(n: int) -> struct.Struct:
@@ -206,28 +223,44 @@ class RingWriter:
 
     def publish(self) -> bool:
         """Make reserved records visible; True when the consumer must be woken."""
-        _barrier()
-        self.words[_HEAD] = self.head
-        _barrier()
-        seq: int = self.words[_SLEEP]
+        words = self.words
+        _ordered_barrier()
+        words[_HEAD] = self.head
+        _acquire()
+        _release()
+        seq: int = words[_SLEEP]
         if seq & 1 and seq != self._woken:
             self._woken = seq
             return True
         return False
 
-    def write_one(self, conn_id: int, frame: memoryview, n: int) -> bool:
-        """Reserve and write a DATA record of one inline frame; False when full.
+    def send_one(self, conn_id: int, frame: memoryview, n: int) -> int:
+        """Reserve, write and publish a DATA record of one inline ``n``-byte frame.
 
-        The fast path of :meth:`reserve` plus :meth:`write`.
+        The fast path of :meth:`reserve`, :meth:`write` and :meth:`publish`. Returns 0
+        when the ring is full (nothing written), 1 when published, 2 when published
+        and the consumer must be woken.
+
+        Raises:
+            RingError: the consumer's ``tail`` is impossible.
         """
         rec_len = _ONE_SIZE + n
         off = self.reserve((rec_len + 7) & ~7)
         if off < 0:
-            return False
+            return 0
         _ONE.pack_into(self.mm, off, rec_len, _REC_MAGIC, _DATA, 1, conn_id, n)
         off += _ONE_SIZE
         self.view[off : off + n] = frame
-        return True
+        words = self.words
+        _ordered_barrier()
+        words[_HEAD] = self.head
+        _acquire()
+        _release()
+        seq: int = words[_SLEEP]
+        if seq & 1 and seq != self._woken:
+            self._woken = seq
+            return 2
+        return 1
 
     def write(
         self,
@@ -319,15 +352,36 @@ class RingReader:
         head = self.words[_HEAD]
         if head == tail:
             return 0
-        _barrier()
+        _ordered_barrier()
         avail = head - tail
         if avail < 0 or avail > cap or avail & 7:
             raise RingError(f"producer head is {avail} bytes from tail")
         count = 0
+        mask = self._mask
         try:
             while tail != head:
-                pos = tail & self._mask
+                pos = tail & mask
                 off = DATA_OFF + pos
+                if cap - pos >= _ONE_SIZE and head - tail >= _ONE_SIZE:
+                    # Fast path: a DATA record of one inline frame, one unpack for all.
+                    rec_len, magic, kind_no, nframes, conn_id, length = _ONE.unpack_from(mm, off)
+                    if (
+                        magic == _REC_MAGIC
+                        and kind_no == _DATA
+                        and nframes == 1
+                        and rec_len == _ONE_SIZE + length
+                    ):
+                        size = (rec_len + 7) & ~7
+                        if size > cap - pos or size > head - tail:
+                            raise RingError(f"record length {rec_len} at {pos} out of bounds")
+                        p = off + _ONE_SIZE
+                        tail += size
+                        count += 1
+                        if not deliver(
+                            Kind.DATA, conn_id, [memoryview(bytearray(view[p : p + length]))]
+                        ):
+                            break
+                        continue
                 rec_len, magic = _MARK.unpack_from(mm, off)
                 if magic == _WRAP_MAGIC:
                     if rec_len != cap - pos or rec_len > head - tail:
@@ -378,7 +432,8 @@ class RingReader:
 
     def producer_waiting(self) -> bool:
         """True (once per wait) when the producer sleeps until space is freed."""
-        _barrier()
+        _acquire()
+        _release()
         seq: int = self.words[_WAIT]
         if seq & 1 and seq != self._signalled:
             self._signalled = seq

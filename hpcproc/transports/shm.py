@@ -72,6 +72,9 @@ if not sys.platform.startswith("linux"):
 
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
 from ._shm_ring import (
+    HEAD_WORD as _HEAD_WORD,
+)
+from ._shm_ring import (
     HEADER_SIZE,
     OUT_OF_LINE,
     REC,
@@ -417,25 +420,31 @@ class _ShmLink(Link):
         if self._down:
             raise ConnectionError("shared-memory link is down")
         try:
+            if len(frames) == 1 and not self._queue:
+                # Fast path: one small byte frame, written and published in one call.
+                frame = frames[0]
+                view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
+                n = view.nbytes
+                if (
+                    n < self._threshold
+                    and view.format == "B"
+                    and view.ndim == 1
+                    and view.contiguous
+                ):
+                    try:
+                        sent = self._writer.send_one(conn_id, view, n)
+                    except ValueError:  # the mapping was closed under us (torn down)
+                        raise ConnectionError("shared-memory link is down") from None
+                    if sent > 0:
+                        if sent == 2:
+                            self._signal(_MSG_WAKE)
+                        return
             await self._send_data(conn_id, frames)
         except RingError as exc:
             self._violation(str(exc))
             raise ConnectionError(f"shared-memory link is down: {exc}") from exc
 
     async def _send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
-        if len(frames) == 1 and not self._queue:
-            frame = frames[0]
-            view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
-            n = view.nbytes
-            if (
-                n < self._threshold
-                and view.format == "B"
-                and view.ndim == 1
-                and view.contiguous
-                and self._writer.write_one(conn_id, view, n)
-            ):
-                self._publish()
-                return
         views = [_as_bytes(f) for f in frames]
         threshold = self._threshold
         sizes = [v.nbytes for v in views]
@@ -828,6 +837,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._starved = 0
         # Only the standard event loop shows whether other callbacks are ready.
         self._ready: Any = getattr(self._loop, "_ready", None)
+        #: The links ``receive`` polls (to peers in other processes); None: recompute.
+        self._poll_links: list[_ShmLink] | None = None
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
 
     async def receive(self) -> Event:
@@ -873,44 +884,80 @@ class _ShmEndPoint(MultiplexedEndPoint):
             self._starved = 0
             self._no_spin_until = now + _NO_SPIN_PERIOD
 
+    def _register_link(self, link: Link) -> None:
+        self._poll_links = None
+        super()._register_link(link)
+
+    def _on_link_down(self, link: Link, reason: str) -> None:
+        self._poll_links = None
+        super()._on_link_down(link, reason)
+
     def _busy_wait(self) -> float:
         """Poll the rings until an event is queued; the time it gave up, or 0.0.
 
         Does nothing when callbacks other than the links' own polling are ready.
         """
         ready = self._ready
-        # A peer in this process answers only when the loop runs: polling cannot help.
-        links = [
-            link for link in self._links.values() if type(link) is _ShmLink and link._remote_process
-        ]
+        links = self._poll_links
+        if links is None:
+            # A peer in this process answers only when the loop runs: polling cannot help.
+            links = self._poll_links = [
+                link
+                for link in self._links.values()
+                if type(link) is _ShmLink and link._remote_process
+            ]
         if not links:
             return 0.0
         if ready and not (len(ready) == 1 and ready[0] is links[0]._handle):
             ours = {link._handle for link in links if link._polling}
             if len(ready) > len(ours) or any(h not in ours for h in ready):
                 return 0.0
-        start = time.perf_counter()
+        perf_counter = time.perf_counter
+        start = perf_counter()
         if start < self._no_spin_until:
             return 0.0
         queued = len(ready)
-        for link in links:
-            link._reader.wake()
         items = self._events._items
         # Reading the CPU clock is a system call: probe one wait in eight.
         cpu = time.thread_time() if not self._streak & 7 else -1.0
         now = start
-        deadline = now + self._busy
         gave_up = 0.0
-        while not items:
+        if len(links) == 1:
+            link = links[0]
+            reader = link._reader
+            reader.wake()
+            words, tail_of = reader.words, reader
+            # The first look needs no clock: a reply is often there already.
+            if words[_HEAD_WORD] != tail_of.tail and not link._down:
+                link._drain()
+            if not items:
+                deadline = now + self._busy
+                while not items:
+                    if words[_HEAD_WORD] != tail_of.tail:
+                        if link._down:
+                            break
+                        link._drain()
+                        continue
+                    if len(ready) > queued:
+                        break
+                    now = perf_counter()
+                    if now >= deadline:
+                        gave_up = now
+                        break
+        else:
             for link in links:
-                if not link._down and link._reader.pending():
-                    link._drain()
-            if items or len(ready) > queued:
-                break
-            now = time.perf_counter()
-            if now >= deadline:
-                gave_up = now
-                break
+                link._reader.wake()
+            deadline = now + self._busy
+            while not items:
+                for link in links:
+                    if not link._down and link._reader.pending():
+                        link._drain()
+                if items or len(ready) > queued:
+                    break
+                now = perf_counter()
+                if now >= deadline:
+                    gave_up = now
+                    break
         if cpu >= 0 and now - start > _SPIN_PROBE:
             self._probed(now, time.thread_time() - cpu < (now - start) / 2)
         for link in links:
