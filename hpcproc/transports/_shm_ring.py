@@ -331,6 +331,7 @@ class RingReader:
     def drain(
         self,
         deliver: Callable[[Kind, int, list[object]], bool],
+        deliver_inline: Callable[[int, list[memoryview]], bool] | None = None,
         *,
         max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> int:
@@ -339,8 +340,10 @@ class RingReader:
         ``deliver(kind, conn_id, frames)`` gets inline frames as writable memoryviews
         (copies out of the ring) and out-of-line frames as ``(seg_id, offset,
         length)`` tuples for the caller to check and resolve; it returns False to stop
-        (the link went down). The consumed space is handed back to the producer.
-        Returns the number of records delivered.
+        (the link went down). ``deliver_inline(conn_id, frames)``, if given, gets
+        instead the DATA records of one inline frame (most small messages). The
+        consumed space is handed back to the producer. Returns the number of records
+        delivered.
 
         Raises:
             RingError: a corrupted header or record; nothing after it is delivered.
@@ -358,6 +361,8 @@ class RingReader:
             raise RingError(f"producer head is {avail} bytes from tail")
         count = 0
         mask = self._mask
+        if deliver_inline is None:
+            deliver_inline = lambda conn_id, frames: deliver(Kind.DATA, conn_id, frames)  # noqa: E731
         try:
             while tail != head:
                 pos = tail & mask
@@ -377,8 +382,8 @@ class RingReader:
                         p = off + _ONE_SIZE
                         tail += size
                         count += 1
-                        if not deliver(
-                            Kind.DATA, conn_id, [memoryview(bytearray(view[p : p + length]))]
+                        if not deliver_inline(
+                            conn_id, [memoryview(bytearray(view[p : p + length]))]
                         ):
                             break
                         continue

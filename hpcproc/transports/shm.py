@@ -70,10 +70,8 @@ import numpy as np
 if not sys.platform.startswith("linux"):
     raise ImportError("the shm transport needs Linux (memfd_create, abstract Unix sockets)")
 
-from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
-from ._shm_ring import (
-    HEAD_WORD as _HEAD_WORD,
-)
+from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
+from ._shm_ring import HEAD_WORD as _HEAD_WORD
 from ._shm_ring import (
     HEADER_SIZE,
     OUT_OF_LINE,
@@ -392,6 +390,7 @@ class _ShmLink(Link):
         #: Why the peer went away, noticed in the middle of a drain.
         self._gone: str | None = None
         self._flushed: asyncio.Future[None] | None = None
+        self._put_event = endpoint._events.put
 
     def start(self) -> None:
         """Start receiving (after the link is registered with its endpoint)."""
@@ -416,29 +415,30 @@ class _ShmLink(Link):
         except RingError as exc:
             self._violation(str(exc))
 
+    def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
+        # One small byte frame and room in the ring: written and published in one call.
+        if self._down or len(frames) != 1 or self._queue:
+            return False
+        frame = frames[0]
+        view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
+        n = view.nbytes
+        if n >= self._threshold or view.format != "B" or view.ndim != 1 or not view.contiguous:
+            return False
+        try:
+            sent = self._writer.send_one(conn_id, view, n)
+        except RingError as exc:
+            self._violation(str(exc))
+            raise ConnectionError(f"shared-memory link is down: {exc}") from exc
+        except ValueError:  # the mapping was closed under us (torn down)
+            raise ConnectionError("shared-memory link is down") from None
+        if sent == 2:
+            self._signal(_MSG_WAKE)
+        return sent > 0
+
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self._down:
             raise ConnectionError("shared-memory link is down")
         try:
-            if len(frames) == 1 and not self._queue:
-                # Fast path: one small byte frame, written and published in one call.
-                frame = frames[0]
-                view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
-                n = view.nbytes
-                if (
-                    n < self._threshold
-                    and view.format == "B"
-                    and view.ndim == 1
-                    and view.contiguous
-                ):
-                    try:
-                        sent = self._writer.send_one(conn_id, view, n)
-                    except ValueError:  # the mapping was closed under us (torn down)
-                        raise ConnectionError("shared-memory link is down") from None
-                    if sent > 0:
-                        if sent == 2:
-                            self._signal(_MSG_WAKE)
-                        return
             await self._send_data(conn_id, frames)
         except RingError as exc:
             self._violation(str(exc))
@@ -683,7 +683,7 @@ class _ShmLink(Link):
         self._draining = True
         error = None
         try:
-            n = self._reader.drain(self._deliver)
+            n = self._reader.drain(self._deliver, self._deliver_inline)
         except RingError as exc:
             n = 0
             error = str(exc)
@@ -698,6 +698,15 @@ class _ShmLink(Link):
         elif n and self._reader.producer_waiting():
             self._signal(_MSG_SPACE)
         return n
+
+    def _deliver_inline(self, conn_id: int, frames: list[memoryview]) -> bool:
+        """A DATA record whose frames are all inline (the ring's fast path)."""
+        local = self.incoming.get(conn_id)
+        if local is None or not self.alive:
+            self._endpoint._on_data(self, conn_id, frames)  # the core's error handling
+            return self.alive and not self._down
+        self._put_event(new_received(local, frames))
+        return not self._down
 
     def _deliver(self, kind: Kind, conn_id: int, frames: list[Any]) -> bool:
         endpoint = self._endpoint
@@ -859,7 +868,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
             return await events.get()
         gave_up = self._busy_wait()
         if not gave_up:
-            return await events.get()
+            event = events.pop_ready()
+            return event if event is not None else await events.get()
         event = await events.get()
         # A reply a little too late for the poll: poll longer (sleeping costs a wake-up
         # system call on the peer, often more than the poll); a long silence: shorter.
