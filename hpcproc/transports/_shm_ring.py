@@ -362,7 +362,7 @@ class RingReader:
         count = 0
         mask = self._mask
         if deliver_inline is None:
-            deliver_inline = lambda conn_id, frames: deliver(Kind.DATA, conn_id, frames)  # noqa: E731
+            deliver_inline = lambda conn_id, frames: deliver(Kind.DATA, conn_id, list(frames))  # noqa: E731
         try:
             while tail != head:
                 pos = tail & mask
