@@ -125,7 +125,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
+from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
 from .base import (
     Buffer,
     ConnectError,
@@ -149,6 +149,8 @@ _PREFIX = b"mpi:"
 _TAG = 0x4850  # "HP"; the only tag the transport uses on its own communicator
 _ENVELOPE = struct.Struct("<BBHIIIQQ")  # kind flags pad nframes src_ep dst_ep gen conn_id
 _LEN = struct.Struct("<Q")
+#: An envelope with a one-frame length table: the common small message, one unpack.
+_ONE = struct.Struct(_ENVELOPE.format + "Q")
 _NFRAMES = struct.Struct("<I")
 _NFRAMES_AT = 4  # offset of nframes in the envelope
 _FLAG_INLINE = 1
@@ -167,6 +169,8 @@ DEFAULT_SEND_TIMEOUT = 120.0
 
 _ADDRESS_CACHE = 4096  # peers whose address bytes an endpoint keeps
 _POLL_BATCH = 64  # envelopes taken per progress call, so one call stays short
+#: Small sends outstanding beyond which ``send`` waits for completion (back-pressure).
+_MAX_UNTRACKED = 64
 
 
 class _Msg(enum.IntEnum):
@@ -356,6 +360,31 @@ class _Engine:
                 self._send_reqs.append(req)
                 self._send_ops.append(None)
 
+    def post_small(
+        self, dest: int, src_ep: int, dst_ep: int, gen: int, conn_id: int, view: memoryview
+    ) -> bool:
+        """Post a DATA message of one contiguous frame, copied; False if too many
+        sends are outstanding (nothing is posted then).
+
+        Raises:
+            ConnectionError: the engine is shut down.
+            MPI.Exception: the MPI library refused the send.
+        """
+        # bytes + a contiguous buffer of any format: one copy of its bytes.
+        data = (
+            _ONE.pack(_DATA, _FLAG_INLINE, 0, 1, src_ep, dst_ep, gen, conn_id, view.nbytes) + view
+        )
+        with self.lock:
+            if self.closed:
+                raise ConnectionError("mpi transport engine is shut down")
+            if len(self._send_reqs) >= _MAX_UNTRACKED:
+                return False
+            req = self.comm.Isend(data, dest, _TAG)
+            if not req.Test():
+                self._send_reqs.append(req)
+                self._send_ops.append(None)
+        return True
+
     def post_data(
         self,
         dest: int,
@@ -410,10 +439,12 @@ class _Engine:
 
     # ------------------------------------------------------------------ progress
 
-    def progress(self) -> bool:
+    def progress(self, batch: bool = True) -> bool:
         """Test outstanding requests, take new envelopes, dispatch; True if anything moved.
 
-        Never blocks. Must be called on an event-loop thread.
+        With ``batch`` false, at most one new envelope is taken (a caller waiting for
+        one event wants it as soon as it is there). Never blocks. Must be called on an
+        event-loop thread.
         """
         with self.lock:
             if self.closed:
@@ -439,9 +470,16 @@ class _Engine:
                         return False
                 else:
                     self._take(message, ready)
-            if message is not None:
+            if message is not None and batch:
                 self._poll(ready)
         self.last_activity = time.monotonic()
+        if not done and len(ready) == 1:
+            # The common case: one message, on this endpoint's loop.
+            msg = ready[0]
+            endpoint = self.endpoints.get(msg[3])
+            if endpoint is not None and endpoint.loop is _running_loop():
+                endpoint._handle(msg)
+                return True
         loop = _running_loop()
         for op in done:
             _set_result(op.loop, op.future)
@@ -507,10 +545,26 @@ class _Engine:
         """Receive the envelope that ``message`` (just probed into ``_status``) holds."""
         status, byte = self._status, self._byte
         src = status.Get_source()
-        buf = bytearray(status.Get_count(byte))
+        size = status.Get_count(byte)
+        buf = bytearray(size)
         message.Recv([buf, byte])
         if src in self._poisoned:
             return
+        if size >= _ONE.size:
+            # Fast path: a DATA message of one inline frame (same checks as _parse).
+            kind, flags, _, nframes, src_ep, dst_ep, gen, conn_id, length = _ONE.unpack_from(buf)
+            if (
+                kind == _DATA
+                and nframes == 1
+                and flags & _FLAG_INLINE
+                and size == _ONE.size + length
+                and length <= self.options.max_message
+                and not self._inbound.get(src)
+            ):
+                ready.append(
+                    (src, kind, src_ep, dst_ep, gen, conn_id, [memoryview(buf)[_ONE.size :]])
+                )
+                return
         try:
             msg = self._parse(src, buf)
         except _ProtocolError as exc:
@@ -851,6 +905,21 @@ class _MpiLink(Link):
             ep._on_link_down(self, f"send failed: {exc!r}")
             self.abort()
 
+    def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
+        # One small frame is copied into the MPI message, so the caller may reuse it
+        # as soon as the send is posted: completion is tracked like a control
+        # message's. Beyond a bound of such sends outstanding, send_data waits.
+        if self.finished or len(frames) != 1:
+            return False
+        frame = frames[0]
+        view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
+        ep = self.endpoint
+        if view.nbytes > ep.opts.inline_max or not view.c_contiguous:
+            return False
+        return ep.engine.post_small(
+            self.rank, ep.endpoint_id, self.remote_ep, self.gen, conn_id, view
+        )
+
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self.finished:
             raise ConnectionError("link is down")
@@ -958,12 +1027,14 @@ class _MpiEndPoint(MultiplexedEndPoint):
             engine = self.engine
             spin = self.opts.spin
             if spin > 0 and _nothing_else_ready(self.loop, engine.pump_for(self.loop)):
-                events = self._events
+                items = self._events._items
                 progress = engine.progress
-                deadline = time.perf_counter() + spin
-                while not len(events) and time.perf_counter() < deadline:
-                    progress()
-        return await super().receive()
+                perf_counter = time.perf_counter
+                deadline = perf_counter() + spin
+                while not items and perf_counter() < deadline:
+                    progress(False)
+        event = self._events.pop_ready()
+        return event if event is not None else await self._events.get()
 
     # ------------------------------------------------------------------ connecting
 
@@ -1004,6 +1075,13 @@ class _MpiEndPoint(MultiplexedEndPoint):
         """Dispatch one message from the engine (on this endpoint's loop)."""
         src, kind, src_ep, _, gen, conn_id, frames = msg
         remote = self._addresses.get((src, src_ep))
+        if kind == _DATA and remote is not None:
+            link = self._links.get(remote)
+            if type(link) is _MpiLink and link.gen == gen:
+                local = link.incoming.get(conn_id)
+                if local is not None and link.alive:
+                    self._events.put(new_received(local, frames))
+                    return
         if remote is None:
             remote = format_address(src, src_ep)
             if len(self._addresses) < _ADDRESS_CACHE:
