@@ -60,6 +60,7 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -257,6 +258,11 @@ class _FramePool:
             self._free.setdefault(base.size, []).append(base)
 
 
+#: Frames up to this size may be sent by ``send_now`` (a partial write copies the rest).
+_SEND_NOW_MAX = 64 * 1024
+_ONE_FRAME_HEADER = struct.Struct(PREFIX.format + "Q")
+
+
 class _Write:
     """A queued message: views still to send and the sender waiting for them."""
 
@@ -339,6 +345,29 @@ class _TcpLink(Link):
             view = memoryview(bytes(view[sent:]))
         self._wq.append(_Write([view], fut))
         self._want_write()
+
+    def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
+        # One small frame and nothing queued: one sendmsg, no coroutine. A partial
+        # write (full socket buffer) queues a copy of the rest, so the caller's frame
+        # is free at once either way.
+        if self._dead or self._wq or len(frames) != 1:
+            return False
+        frame = frames[0]
+        view = frame if type(frame) is bytes else as_bytes_view(frame)
+        n = len(view)
+        if n > _SEND_NOW_MAX:
+            return False
+        header = _ONE_FRAME_HEADER.pack(Kind.DATA, 1, conn_id, n)
+        try:
+            sent = self._sock.sendmsg([header, view])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(header) + n:
+            return True
+        rest = memoryview(b"".join([header, view])[sent:])
+        self._wq.append(_Write([rest], None))
+        self._want_write()
+        return True
 
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self._dead:
