@@ -90,7 +90,9 @@ class IdlePoller:
             self._streak = 0
             return await events.get()
         gave_up = self._poll(events, poll_once)
-        event = await events.get()
+        event = events.pop_ready()
+        if event is None:
+            event = await events.get()
         if gave_up:
             if time.perf_counter() - gave_up < _LATE * self._max:
                 self._budget = min(self._max, self._budget * 2)

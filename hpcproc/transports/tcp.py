@@ -261,6 +261,8 @@ class _FramePool:
 #: Frames up to this size may be sent by ``send_now`` (a partial write copies the rest).
 _SEND_NOW_MAX = 64 * 1024
 _ONE_FRAME_HEADER = struct.Struct(PREFIX.format + "Q")
+_ONE_FRAME_SIZE = _ONE_FRAME_HEADER.size
+_DATA = int(Kind.DATA)
 
 
 class _Write:
@@ -528,6 +530,20 @@ class _TcpLink(Link):
             if self._state == 0:
                 if avail < _PREFIX_SIZE:
                     return
+                if avail >= _ONE_FRAME_SIZE:
+                    # Fast path: a whole small DATA message of one frame, one unpack.
+                    raw, nframes, cid, n = _ONE_FRAME_HEADER.unpack_from(buf, start)
+                    if (
+                        raw == _DATA
+                        and nframes == 1
+                        and n <= avail - _ONE_FRAME_SIZE
+                        and n < DIRECT_MIN
+                        and n <= self._max_message
+                    ):
+                        start += _ONE_FRAME_SIZE
+                        self._start = start + n
+                        ep._on_data(self, cid, [memoryview(buf[start : start + n])])
+                        continue
                 kind, nframes, cid = parse_prefix(buf, max_frames=MAX_FRAMES, offset=start)
                 start += _PREFIX_SIZE
                 self._start = start
@@ -655,6 +671,8 @@ def _instance_of(address: bytes) -> bytes | None:
 
 class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
     _poller: IdlePoller | None = None
+    #: The links ``receive`` polls (to peers in other processes); None: recompute.
+    _polled: list[_TcpLink] | None = None
 
     async def receive(self) -> Event:
         """See :meth:`EndPoint.receive`; may first poll the links (module docstring)."""
@@ -666,12 +684,27 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
         return await poller.receive(self._events, self._poll_links)
 
     def _poll_links(self) -> bool:
+        links = self._polled
+        if links is None:
+            links = self._polled = [
+                link
+                for link in self._links.values()
+                if type(link) is _TcpLink and not link._in_process
+            ]
         polled = False
-        for link in list(self._links.values()):
-            if type(link) is _TcpLink and not link._in_process and not link._dead:
+        for link in links:
+            if not link._dead:
                 link._on_readable()
                 polled = True
         return polled
+
+    def _register_link(self, link: Link) -> None:
+        self._polled = None
+        super()._register_link(link)
+
+    def _on_link_down(self, link: Link, reason: str) -> None:
+        self._polled = None
+        super()._on_link_down(link, reason)
 
     async def _open_channel(self, remote: EndPointAddress, target: TcpAddress) -> _SocketChannel:
         family, proto, sockaddr = await resolve(target)
