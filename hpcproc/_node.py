@@ -66,6 +66,7 @@ from .transports.base import (
     EndPointClosed,
     EndPointClosedError,
     ErrorEvent,
+    Event,
     EventError,
     EventErrorCode,
     Received,
@@ -192,6 +193,8 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
+        #: The endpoint's ``receive_nowait`` if it has one (see :meth:`poll_inline`).
+        self._receive_nowait: Callable[[], Event | None] | None = None
         self._started = False
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -234,6 +237,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         self._dispatcher = self._loop.create_task(self._dispatch(), name="hpcproc-dispatcher")
+        self._receive_nowait = getattr(self._endpoint, "receive_nowait", None)
         logger = self._spawn(logger_main, (self._log_sink,))
         self._register(LOGGER_NAME, logger.pid, replace=False)
         return self
@@ -1003,39 +1007,65 @@ class Node:
     async def _dispatch(self) -> None:
         assert self._endpoint is not None
         endpoint = self._endpoint
-        incoming = self._incoming
-        procs = self._procs
+        handle = self.handle_event
         while True:
             try:
                 event = await endpoint.receive()
             except EndPointClosedError:
                 return
-            try:
-                kind = type(event)
-                if kind is Received:
-                    st = incoming.get(event.conn_id)  # type: ignore[union-attr]
-                    if st is None:
-                        continue
-                    frames = event.frames  # type: ignore[union-attr]
-                    if st.kind == 0:
-                        st.kind, st.dest, _ = ctl.parse_bind(frames[0])
-                        frames = frames[1:]
-                    if st.kind == ctl.PROCESS:
-                        proc = procs.get(st.dest)
-                        if proc is not None:
-                            proc.deliver(deserialize(frames))
-                    else:
-                        self._on_control(st.node, deserialize(frames))
-                elif kind is ConnectionOpened:
-                    incoming[event.conn_id] = _Incoming(NodeId(event.remote_address))  # type: ignore[union-attr]
-                elif kind is ConnectionClosed:
-                    incoming.pop(event.conn_id, None)  # type: ignore[union-attr]
-                elif kind is ErrorEvent:
-                    self._on_error(event.error)  # type: ignore[union-attr]
-                elif kind is EndPointClosed:
+            if type(event) is EndPointClosed:
+                return
+            handle(event)
+
+    def handle_event(self, event: Event) -> None:
+        """Act on one endpoint event (never ``EndPointClosed``); never raises.
+
+        Run by the dispatcher task, and by a process waiting in ``receive`` that took
+        the event itself (:meth:`poll_inline`): events are handled in the order the
+        endpoint hands them out, whoever takes them.
+        """
+        try:
+            kind = type(event)
+            if kind is Received:
+                st = self._incoming.get(event.conn_id)  # type: ignore[union-attr]
+                if st is None:
                     return
-            except Exception:
-                log.exception("hpcproc dispatcher: dropping a malformed or failing event")
+                frames = event.frames  # type: ignore[union-attr]
+                if st.kind == 0:
+                    st.kind, st.dest, _ = ctl.parse_bind(frames[0])
+                    frames = frames[1:]
+                if st.kind == ctl.PROCESS:
+                    proc = self._procs.get(st.dest)
+                    if proc is not None:
+                        proc.deliver(deserialize(frames))
+                else:
+                    self._on_control(st.node, deserialize(frames))
+            elif kind is ConnectionOpened:
+                self._incoming[event.conn_id] = _Incoming(NodeId(event.remote_address))  # type: ignore[union-attr]
+            elif kind is ConnectionClosed:
+                self._incoming.pop(event.conn_id, None)  # type: ignore[union-attr]
+            elif kind is ErrorEvent:
+                self._on_error(event.error)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("hpcproc dispatcher: dropping a malformed or failing event")
+
+    def poll_inline(self) -> bool:
+        """Take and handle one event without suspending, if the endpoint has one soon.
+
+        Called by a process about to wait in ``receive``: when the event loop has
+        nothing else to run, the transport polls its links in place for a bounded
+        time (as the dispatcher's ``receive`` would), and the reply the process waits
+        for is delivered without a trip round the event loop. True if an event was
+        handled.
+        """
+        poll = self._receive_nowait
+        if poll is None:
+            return False
+        event = poll()
+        if event is None:
+            return False
+        self.handle_event(event)
+        return True
 
     def _on_error(self, error: EventError) -> None:
         if error.code is EventErrorCode.CONNECTION_LOST and error.remote_address is not None:

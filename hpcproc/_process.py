@@ -232,6 +232,14 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                     return None
                 if timeout is not None and timeout <= 0:
                     return None
+                # Before sleeping, take what the endpoint has (or gets within its
+                # polling budget while the loop is idle) ourselves: a reply then
+                # costs no trip round the event loop. Handling an event for another
+                # process wakes it, and the next poll then declines (loop not idle).
+                if self.node.poll_inline():
+                    if self._signal is not None:
+                        self.check_signal()  # an exit signal the event brought us
+                    continue
                 fut = loop.create_future()
                 self._waiter = fut
                 if timeout is not None and timer is None:

@@ -54,7 +54,15 @@ _PROBE_MIN = 20e-6
 class IdlePoller:
     """Polls ``poll_once`` while ``receive`` would otherwise sleep; see the module."""
 
-    __slots__ = ("_budget", "_max", "_no_poll_until", "_ready", "_starved", "_streak")
+    __slots__ = (
+        "_budget",
+        "_max",
+        "_no_poll_until",
+        "_ready",
+        "_starved",
+        "_streak",
+        "_yielding",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_us: float) -> None:
         if max_us < 0:
@@ -65,6 +73,8 @@ class IdlePoller:
         self._starved = 0
         self._no_poll_until = 0.0
         self._ready: Any = getattr(loop, "_ready", None)
+        #: True while ``receive`` waits in its yield to other ready callbacks.
+        self._yielding = False
 
     async def receive(self, events: EventQueue, poll_once: Callable[[], bool]) -> Event:
         """The next event of ``events``, polling first while the loop is idle.
@@ -80,7 +90,11 @@ class IdlePoller:
         for _ in range(_YIELDS):
             if not ready:
                 break
-            await asyncio.sleep(0)
+            self._yielding = True
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._yielding = False
             if len(events):
                 return await events.get()
         if ready:
@@ -100,12 +114,32 @@ class IdlePoller:
                 self._budget = max(self._max / 16, self._budget * 0.5)
         return event
 
+    def poll_now(self, events: EventQueue, poll_once: Callable[[], bool]) -> bool:
+        """Poll in place now if the loop is idle (as ``receive`` would); True when an
+        event is queued. Never suspends; polls at most the current budget."""
+        if len(events):
+            return True
+        ready = self._ready
+        if not self._max or ready is None:
+            return False
+        # The one ready callback of a receive yielding to others is no reason not to.
+        if ready and not (self._yielding and len(ready) == 1):
+            return False
+        self._streak += 1
+        if self._streak > FAIR_STREAK:
+            self._streak = 0
+            return False
+        self._poll(events, poll_once)
+        return bool(len(events))
+
     def _poll(self, events: EventQueue, poll_once: Callable[[], bool]) -> float:
         """Poll until an event is queued; the time it gave up, or 0.0."""
         start = time.perf_counter()
         if start < self._no_poll_until:
             return 0.0
         ready = self._ready
+        # Callbacks ready before we started (at most a yielding receive's) are known.
+        queued = len(ready)
         cpu = time.thread_time() if not self._streak & 7 else -1.0
         deadline = start + self._budget
         now = start
@@ -113,7 +147,7 @@ class IdlePoller:
         while True:
             if not poll_once():
                 return 0.0
-            if len(events) or ready:
+            if len(events) or len(ready) > queued:
                 break
             now = time.perf_counter()
             if now >= deadline:

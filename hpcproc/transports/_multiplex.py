@@ -197,12 +197,14 @@ class EventQueue:
     process layer drains this queue continuously.
     """
 
-    __slots__ = ("_done", "_items", "_waiters")
+    __slots__ = ("_done", "_held", "_items", "_waiters")
 
     def __init__(self) -> None:
         self._items: deque[Event] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._done = False
+        #: While True, put does not wake waiters (a receive_nowait caller takes events).
+        self._held = False
 
     def __len__(self) -> int:
         """Events queued and not yet received (lets a polling transport spin until one)."""
@@ -210,6 +212,8 @@ class EventQueue:
 
     def put(self, event: Event) -> None:
         self._items.append(event)
+        if self._held:
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -241,13 +245,16 @@ class EventQueue:
             self.put_wakeup()
         return event
 
-    def pop_ready(self) -> Event | None:
+    def pop_ready(self, *, overtake: bool = False) -> Event | None:
         """The next event if one is queued and nobody waits before us, else None.
 
         :meth:`get` without a coroutine, for callers that just polled for an event.
+        With ``overtake``, a caller waiting in :meth:`get` does not stop it (that
+        caller, woken for nothing, waits again). Never returns ``EndPointClosed``,
+        which only :meth:`get` hands out.
         """
         items = self._items
-        if not items or self._waiters:
+        if not items or (self._waiters and not overtake):
             return None
         event = items.popleft()
         if type(event) is EndPointClosed:
@@ -398,6 +405,38 @@ class MultiplexedEndPoint(EndPoint):
 
     async def receive(self) -> Event:
         return await self._events.get()
+
+    def receive_nowait(self) -> Event | None:
+        """The next event if one can be had without suspending, else None.
+
+        For a consumer that runs beside a task waiting in :meth:`receive` (a process
+        waiting for a reply takes it itself instead of waiting for the dispatcher):
+        takes a queued event, or polls the links in place for a bounded time while
+        the event loop has nothing else to run (the transport's ``_poll_idle``).
+        Events are taken in order, whoever takes them. Never returns
+        ``EndPointClosed`` (``receive`` reports the close). Never blocks longer than
+        the transport's polling budget.
+        """
+        events = self._events
+        # Waiters in receive are not woken for events this call takes: holding the
+        # queue saves them a wake-up for nothing (and the loop an iteration).
+        events._held = True
+        try:
+            event = events.pop_ready(overtake=True)
+            if event is None and self._poll_idle():
+                event = events.pop_ready(overtake=True)
+        finally:
+            events._held = False
+            if events._items:
+                events.put_wakeup()
+        return event
+
+    def _poll_idle(self) -> bool:
+        """Hook: poll the links in place, bounded, while the loop is idle.
+
+        Returns True if an event may have been queued. The default does not poll.
+        """
+        return False
 
     async def connect(
         self,

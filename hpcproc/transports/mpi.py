@@ -1036,6 +1036,19 @@ class _MpiEndPoint(MultiplexedEndPoint):
         event = self._events.pop_ready()
         return event if event is not None else await self._events.get()
 
+    def _poll_idle(self) -> bool:
+        items = self._events._items
+        if not items and not self._closed:
+            engine = self.engine
+            spin = self.opts.spin
+            if spin > 0 and _nothing_else_ready(self.loop, engine.pump_for(self.loop)):
+                progress = engine.progress
+                perf_counter = time.perf_counter
+                deadline = perf_counter() + spin
+                while not items and perf_counter() < deadline:
+                    progress(False)
+        return bool(items)
+
     # ------------------------------------------------------------------ connecting
 
     async def _open_link(self, remote: EndPointAddress, timeout: float | None) -> Link:

@@ -879,6 +879,19 @@ class _ShmEndPoint(MultiplexedEndPoint):
             self._busy = max(self._busy_max / 16, self._busy * 0.5)
         return event
 
+    def _poll_idle(self) -> bool:
+        events = self._events
+        if events._items:
+            return True
+        if not self._busy_max or self._ready is None:
+            return False
+        self._streak += 1
+        if self._streak > _FAIR_STREAK:
+            self._streak = 0
+            return False
+        self._busy_wait()
+        return bool(events._items)
+
     def _probed(self, now: float, starved: bool) -> None:
         """Record whether a poll had the CPU to itself (at least half of the time).
 

@@ -683,6 +683,14 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
             )
         return await poller.receive(self._events, self._poll_links)
 
+    def _poll_idle(self) -> bool:
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = IdlePoller(
+                asyncio.get_running_loop(), self._transport._busy_poll_us
+            )
+        return poller.poll_now(self._events, self._poll_links)
+
     def _poll_links(self) -> bool:
         links = self._polled
         if links is None:
