@@ -119,6 +119,8 @@ async def send(pid: Pid, msg: Any) -> None:
         if tp is not None:
             tp.deliver(copy_message(msg))
         return
+    if proc._signal is None and node.send_remote_nowait(proc, pid, msg):
+        return
     # _guard inlined: one coroutine less per remote message.
     proc._guarded = True
     try:

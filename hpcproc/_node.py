@@ -892,6 +892,26 @@ class Node:
             conns[pid] = BROKEN
             self._bg(conn.close())
 
+    def send_remote_nowait(self, proc: Process, pid: Pid, msg: Any) -> bool:
+        """:meth:`send_remote` when the connection is open and the message can go out
+        without waiting; False (nothing sent) when it must be awaited instead.
+
+        Raises:
+            SerializationError: ``msg`` cannot be pickled.
+        """
+        conns = proc._conns
+        conn = conns.get(pid) if conns is not None else None
+        if conn is None or conn is BROKEN:
+            return False
+        frames = serialize(msg)
+        try:
+            return bool(conn.send_nowait(frames))
+        except TransportError as exc:
+            log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
+            conns[pid] = BROKEN  # type: ignore[index]
+            self._bg(conn.close())
+            return True  # dropped, as send_remote drops it
+
     def reconnect(self, proc: Process, pid: Pid) -> None:
         """Forget ``proc``'s (possibly broken) connection to ``pid``: the next send reopens it."""
         if proc._conns is None:

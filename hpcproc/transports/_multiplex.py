@@ -174,6 +174,23 @@ class OutgoingConnection(Connection):
                 SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost"
             ) from exc
 
+    def send_nowait(self, frames: Sequence[Buffer]) -> bool:
+        """Send at once if that needs no waiting (the link's ``send_now``); False if
+        nothing was sent and the caller must ``await send``. Raises as ``send`` does."""
+        if self._state is not _State.OPEN:
+            return False  # send raises the right error
+        link = self._link
+        try:
+            return link.send_now(self._id, frames)
+        except TransportError:
+            raise
+        except Exception as exc:
+            self._endpoint._on_link_down(link, f"send failed: {exc!r}")
+            link.abort()
+            raise SendError(
+                SendErrorCode.FAILED, f"connection to {link.remote!r} was lost"
+            ) from exc
+
     def _fail(self) -> None:
         if self._state is _State.OPEN:
             self._state = _State.FAILED
