@@ -125,6 +125,10 @@ def test_send_buffers_may_be_reused_after_send_returns(harness: Harness) -> None
     run(harness, conformance.send_buffers_reusable)
 
 
+def test_burst_of_small_messages_arrives_whole_and_in_order(harness: Harness) -> None:
+    run(harness, conformance.burst_of_small_messages)
+
+
 def test_malformed_address_raises_connect_failed(harness: Harness) -> None:
     run(harness, conformance.malformed_address)
 

@@ -1119,6 +1119,43 @@ async def send_buffers_reusable(h: Harness) -> None:
 
 
 @scenario
+async def burst_of_small_messages(h: Harness) -> None:
+    """Thousands of small sends in a row (most complete at once, without suspending;
+    later ones wait for room) arrive whole and in order, each buffer reusable as soon
+    as its send returned."""
+    a = await h.endpoint()
+    b = await h.endpoint()
+    conn = await h.wait(a.connect(b.address), "connect()")
+    await h.expect(b, ConnectionOpened)
+    count = 3000
+    received: list[bytes] = []
+
+    async def reader() -> None:
+        while len(received) < count:
+            event = await b.receive()
+            if isinstance(event, Received):
+                received.append(b"".join(bytes(f) for f in event.frames))
+
+    task = asyncio.ensure_future(reader())
+    buffer = bytearray(4000)
+    expected = []
+    for i in range(count):
+        # About 6 MB in all, sent without yielding while sends complete at once:
+        # enough to fill socket buffers and rings, so later sends must wait.
+        size = 1 + (i * 1237) % 4000
+        message = i.to_bytes(4, "little") * (size // 4 + 1)
+        buffer[:size] = message[:size]
+        await conn.send([memoryview(buffer)[:size]])
+        buffer[:size] = b"\xee" * size  # the transport must have taken its copy
+        expected.append(message[:size])
+    await h.wait(task, "receiving the burst")
+    check(len(received) == count, f"{len(received)} of {count} messages arrived")
+    for i, (got, want) in enumerate(zip(received, expected, strict=True)):
+        check(got == want, f"message {i} arrived as {got[:16]!r}..., not {want[:16]!r}...")
+    await conn.close()
+
+
+@scenario
 async def malformed_address(h: Harness) -> None:
     """Connecting to a malformed address raises ConnectError(FAILED)."""
     endpoint = await h.endpoint()

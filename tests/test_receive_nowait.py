@@ -1,0 +1,76 @@
+"""``receive_nowait`` beside a task waiting in ``receive`` (how a waiting process takes
+its own reply): events come out once each, in order, whoever takes them, and the close
+is reported by ``receive`` only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+from hpcproc.transports import ConnectionOpened, EndPointClosed, Received, create
+from hpcproc.transports.base import EndPointClosedError
+
+TRANSPORTS = ["inmemory", "tcp", "shm"]
+
+
+@pytest.fixture(autouse=True)
+def _cookie(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCPROC_COOKIE", os.environ.get("HPCPROC_COOKIE") or "0" * 32)
+
+
+async def _pair(name: str) -> tuple[Any, Any, Any, Any]:
+    transport = create(name)
+    a = await transport.new_endpoint()
+    b = await transport.new_endpoint()
+    conn = await a.connect(b.address)
+    opened = await asyncio.wait_for(b.receive(), 10)
+    assert isinstance(opened, ConnectionOpened)
+    return transport, a, b, conn
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_events_taken_by_both_consumers_come_out_once_in_order(name: str) -> None:
+    async def main() -> None:
+        transport, _, b, conn = await _pair(name)
+        taken: list[int] = []
+
+        async def waiter() -> None:
+            while True:
+                event = await b.receive()
+                if isinstance(event, Received):
+                    taken.append(int(bytes(event.frames[0])))
+                elif isinstance(event, EndPointClosed):
+                    return
+
+        task = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0)  # the waiter now waits in receive
+        count = 400
+        for i in range(count):
+            await conn.send([str(i).encode()])
+            if i % 3 == 0:
+                # Take what is there (or polls in); the waiter must not see it too.
+                for _ in range(50):
+                    event = b.receive_nowait()
+                    if event is None:
+                        await asyncio.sleep(0)
+                        continue
+                    assert not isinstance(event, EndPointClosed)
+                    if isinstance(event, Received):
+                        taken.append(int(bytes(event.frames[0])))
+                    break
+        while len(taken) < count:
+            await asyncio.sleep(0.001)  # bounded by the wait_for below
+        # Both consumers record an event the moment they take it: one sequence, the
+        # order sent, nothing twice.
+        assert taken == list(range(count))
+        assert b.receive_nowait() is None
+        await transport.close()
+        await asyncio.wait_for(task, 10)
+        assert b.receive_nowait() is None  # the close is receive's to report
+        with pytest.raises(EndPointClosedError):
+            await b.receive()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
