@@ -56,8 +56,26 @@ class LineProcess:
         return found
 
     def finish(self, timeout: float) -> tuple[int, str]:
-        """Wait for the exit; its status and all its output."""
-        rc = self.proc.wait(timeout)
+        """Wait for the exit; its status and all its output.
+
+        Raises:
+            AssertionError: no exit within ``timeout`` seconds (with the output so far).
+        """
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            while True:
+                try:
+                    line = self.lines.get_nowait()
+                except queue.Empty:
+                    break
+                if line is None:
+                    break
+                self.output.append(line)
+            raise AssertionError(
+                f"{self.proc.args!r} did not exit within {timeout} s; output so far:\n"
+                + "".join(self.output)
+            ) from None
         while (line := self.lines.get(timeout=timeout)) is not None:
             self.output.append(line)
         return rc, "".join(self.output)

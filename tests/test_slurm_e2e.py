@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slurm
 ROOT = Path(__file__).resolve().parent.parent
 THIS = str(Path(__file__).resolve())
 PYTHON = sys.executable
-WAIT = 120.0
+WAIT = 90.0  # below pytest's timeout, so that a hung step fails with its output
 
 
 def say_line(text: str) -> None:
