@@ -99,7 +99,14 @@ def _cluster_problem(env: dict[str, str]) -> str | None:
 
 @pytest.fixture(scope="module")
 def slurm_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "HPCPROC_"))}
+    # UCX_*: importing ucxx (in an earlier test of this session) sets UCX_RNDV_* and
+    # UCX_MEMTYPE_* in os.environ, which MPICH's own UCX then reads in the ranks;
+    # seen to corrupt its address exchange under srun --mpi=pmi2.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "PMI_", "HPCPROC_", "UCX_"))
+    }
     env.update(
         SLURM_CONF=_slurm_conf(),
         HPCPROC_COOKIE=f"slurm-e2e-{uuid.uuid4().hex}",
