@@ -115,17 +115,11 @@ def _barrier() -> None:
     _release()
 
 
-def _no_barrier() -> None:
-    pass
-
-
 # x86-64 keeps stores in order with stores and loads with loads (TSO), so publishing
 # (data, then head) and consuming (head, then data) need no fence there; only a store
 # followed by a load of another word (the sleep and wait handshakes) does. Weaker
 # machines (aarch64, ppc64le) fence both ways.
-_ordered_barrier = (
-    _no_barrier if platform.machine().lower() in {"x86_64", "amd64", "i686", "i386"} else _barrier
-)
+_WEAK_ORDER: Final = platform.machine().lower() not in {"x86_64", "amd64", "i686", "i386"}
 
 
 def _lens(n: int) -> struct.Struct:
@@ -224,7 +218,8 @@ class RingWriter:
     def publish(self) -> bool:
         """Make reserved records visible; True when the consumer must be woken."""
         words = self.words
-        _ordered_barrier()
+        if _WEAK_ORDER:
+            _barrier()
         words[_HEAD] = self.head
         _acquire()
         _release()
@@ -245,14 +240,23 @@ class RingWriter:
             RingError: the consumer's ``tail`` is impossible.
         """
         rec_len = _ONE_SIZE + n
-        off = self.reserve((rec_len + 7) & ~7)
-        if off < 0:
-            return 0
+        size = (rec_len + 7) & ~7
+        head = self.head
+        pos = head & self._mask
+        if size <= self.capacity - pos and head + size <= self._free_to:
+            # reserve's common case inline: fits before the end, known free.
+            self.head = head + size
+            off = DATA_OFF + pos
+        else:
+            off = self.reserve(size)
+            if off < 0:
+                return 0
         _ONE.pack_into(self.mm, off, rec_len, _REC_MAGIC, _DATA, 1, conn_id, n)
         off += _ONE_SIZE
         self.view[off : off + n] = frame
         words = self.words
-        _ordered_barrier()
+        if _WEAK_ORDER:
+            _barrier()
         words[_HEAD] = self.head
         _acquire()
         _release()
@@ -355,7 +359,8 @@ class RingReader:
         head = self.words[_HEAD]
         if head == tail:
             return 0
-        _ordered_barrier()
+        if _WEAK_ORDER:
+            _barrier()
         avail = head - tail
         if avail < 0 or avail > cap or avail & 7:
             raise RingError(f"producer head is {avail} bytes from tail")
