@@ -334,6 +334,8 @@ class MultiplexedEndPoint(EndPoint):
         self._closed = False
         #: Set by the owning transport so that a closed endpoint is forgotten.
         self._forget: Callable[[], object] | None = None
+        #: Cache of :meth:`_polled_links`; None: recompute (the links changed).
+        self._polled: list[Link] | None = None
 
     # ------------------------------------------------------------------ transport hooks
 
@@ -354,6 +356,20 @@ class MultiplexedEndPoint(EndPoint):
     async def _release(self) -> None:
         """Release transport resources (listeners, segments) after links are closed."""
 
+    def _pollable(self, link: Link) -> bool:
+        """Hook: whether polling ``link`` in place can find a reply (its peer runs in
+        another process). The default polls none."""
+        return False
+
+    def _polled_links(self) -> list[Link]:
+        """The live links :meth:`_pollable` accepts; cached until the links change."""
+        links = self._polled
+        if links is None:
+            links = self._polled = [
+                link for link in self._links.values() if link.alive and self._pollable(link)
+            ]
+        return links
+
     def _register_link(self, link: Link) -> None:
         """Make ``link`` the live link to ``link.remote`` (for links a peer opened).
 
@@ -365,6 +381,7 @@ class MultiplexedEndPoint(EndPoint):
             self._on_link_down(old, "peer opened a new bundle")
             old.abort()
         self._links[link.remote] = link
+        self._polled = None
 
     # ------------------------------------------------------------------ receive path
 
@@ -401,6 +418,7 @@ class MultiplexedEndPoint(EndPoint):
         if not link.alive:
             return
         link.alive = False
+        self._polled = None
         if self._links.get(link.remote) is link:
             del self._links[link.remote]
         had_connections = bool(link.incoming or link.outgoing)
@@ -549,6 +567,7 @@ class MultiplexedEndPoint(EndPoint):
         self._closed = True
         links = list(self._links.values())
         self._links.clear()
+        self._polled = None
         for link in links:
             for conn_id, conn in list(link.outgoing.items()):
                 # Not CLOSED: the caller closed the endpoint, not this connection, and

@@ -1027,16 +1027,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
     async def receive(self) -> Event:
         """The next event; with none queued and no other task runnable, first spins on
         MPI progress for up to ``spin_us`` (much faster than a trip round the loop)."""
-        if not len(self._events) and not self._closed:
-            engine = self.engine
-            spin = self.opts.spin
-            if spin > 0 and _nothing_else_ready(self.loop, engine.pump_for(self.loop)):
-                items = self._events._items
-                progress = engine.progress
-                perf_counter = time.perf_counter
-                deadline = perf_counter() + spin
-                while not items and perf_counter() < deadline:
-                    progress(False)
+        self._poll_idle()
         event = self._events.pop_ready()
         return event if event is not None else await self._events.get()
 

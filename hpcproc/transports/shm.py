@@ -63,7 +63,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -846,8 +846,6 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._starved = 0
         # Only the standard event loop shows whether other callbacks are ready.
         self._ready: Any = getattr(self._loop, "_ready", None)
-        #: The links ``receive`` polls (to peers in other processes); None: recompute.
-        self._poll_links: list[_ShmLink] | None = None
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
 
     async def receive(self) -> Event:
@@ -907,13 +905,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
             self._starved = 0
             self._no_spin_until = now + _NO_SPIN_PERIOD
 
-    def _register_link(self, link: Link) -> None:
-        self._poll_links = None
-        super()._register_link(link)
-
-    def _on_link_down(self, link: Link, reason: str) -> None:
-        self._poll_links = None
-        super()._on_link_down(link, reason)
+    def _pollable(self, link: Link) -> bool:
+        # A peer in this process answers only when the loop runs: polling cannot help.
+        return type(link) is _ShmLink and link._remote_process
 
     def _busy_wait(self) -> float:
         """Poll the rings until an event is queued; the time it gave up, or 0.0.
@@ -921,14 +915,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         Does nothing when callbacks other than the links' own polling are ready.
         """
         ready = self._ready
-        links = self._poll_links
-        if links is None:
-            # A peer in this process answers only when the loop runs: polling cannot help.
-            links = self._poll_links = [
-                link
-                for link in self._links.values()
-                if type(link) is _ShmLink and link._remote_process
-            ]
+        links = cast("list[_ShmLink]", self._polled_links())
         if not links:
             return 0.0
         if ready and not (len(ready) == 1 and ready[0] is links[0]._handle):

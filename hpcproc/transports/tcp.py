@@ -64,6 +64,7 @@ import struct
 import weakref
 from collections import deque
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -671,8 +672,6 @@ def _instance_of(address: bytes) -> bytes | None:
 
 class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
     _poller: IdlePoller | None = None
-    #: The links ``receive`` polls (to peers in other processes); None: recompute.
-    _polled: list[_TcpLink] | None = None
 
     async def receive(self) -> Event:
         """See :meth:`EndPoint.receive`; may first poll the links (module docstring)."""
@@ -691,28 +690,16 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
             )
         return poller.poll_now(self._events, self._poll_links)
 
+    def _pollable(self, link: Link) -> bool:
+        return type(link) is _TcpLink and not link._in_process
+
     def _poll_links(self) -> bool:
-        links = self._polled
-        if links is None:
-            links = self._polled = [
-                link
-                for link in self._links.values()
-                if type(link) is _TcpLink and not link._in_process
-            ]
         polled = False
-        for link in links:
+        for link in cast("list[_TcpLink]", self._polled_links()):
             if not link._dead:
                 link._on_readable()
                 polled = True
         return polled
-
-    def _register_link(self, link: Link) -> None:
-        self._polled = None
-        super()._register_link(link)
-
-    def _on_link_down(self, link: Link, reason: str) -> None:
-        self._polled = None
-        super()._on_link_down(link, reason)
 
     async def _open_channel(self, remote: EndPointAddress, target: TcpAddress) -> _SocketChannel:
         family, proto, sockaddr = await resolve(target)
