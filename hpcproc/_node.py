@@ -888,9 +888,7 @@ class Node:
         try:
             await conn.send(frames)
         except TransportError as exc:
-            log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
-            conns[pid] = BROKEN
-            self._bg(conn.close())
+            self._send_failed(proc, pid, conn, exc)
 
     def send_remote_nowait(self, proc: Process, pid: Pid, msg: Any) -> bool:
         """:meth:`send_remote` when the connection is open and the message can go out
@@ -907,10 +905,15 @@ class Node:
         try:
             return bool(conn.send_nowait(frames))
         except TransportError as exc:
-            log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
-            conns[pid] = BROKEN  # type: ignore[index]
-            self._bg(conn.close())
+            self._send_failed(proc, pid, conn, exc)
             return True  # dropped, as send_remote drops it
+
+    def _send_failed(self, proc: Process, pid: Pid, conn: Any, exc: TransportError) -> None:
+        """The pair connection broke: drop messages to ``pid`` until ``reconnect``."""
+        log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
+        assert proc._conns is not None
+        proc._conns[pid] = BROKEN
+        self._bg(conn.close())
 
     def reconnect(self, proc: Process, pid: Pid) -> None:
         """Forget ``proc``'s (possibly broken) connection to ``pid``: the next send reopens it."""

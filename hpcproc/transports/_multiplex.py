@@ -166,30 +166,28 @@ class OutgoingConnection(Connection):
         except TransportError:
             raise
         except Exception as exc:
-            # Part of the message may be on the link already: the only safe way on is
-            # to fail the whole bundle, on both sides (network-transport's semantics).
-            self._endpoint._on_link_down(self._link, f"send failed: {exc!r}")
-            self._link.abort()
-            raise SendError(
-                SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost"
-            ) from exc
+            raise self._bundle_failed(exc) from exc
 
     def send_nowait(self, frames: Sequence[Buffer]) -> bool:
         """Send at once if that needs no waiting (the link's ``send_now``); False if
         nothing was sent and the caller must ``await send``. Raises as ``send`` does."""
         if self._state is not _State.OPEN:
             return False  # send raises the right error
-        link = self._link
         try:
-            return link.send_now(self._id, frames)
+            return self._link.send_now(self._id, frames)
         except TransportError:
             raise
         except Exception as exc:
-            self._endpoint._on_link_down(link, f"send failed: {exc!r}")
-            link.abort()
-            raise SendError(
-                SendErrorCode.FAILED, f"connection to {link.remote!r} was lost"
-            ) from exc
+            raise self._bundle_failed(exc) from exc
+
+    def _bundle_failed(self, exc: Exception) -> SendError:
+        """Fail the bundle after a send broke on the link; the error for the caller."""
+        # Part of the message may be on the link already: the only safe way on is to
+        # fail the whole bundle, on both sides (network-transport's semantics).
+        link = self._link
+        self._endpoint._on_link_down(link, f"send failed: {exc!r}")
+        link.abort()
+        return SendError(SendErrorCode.FAILED, f"connection to {link.remote!r} was lost")
 
     def _fail(self) -> None:
         if self._state is _State.OPEN:

@@ -129,7 +129,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
+from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport
 from .base import (
     Buffer,
     ConnectError,
@@ -477,13 +477,6 @@ class _Engine:
             if message is not None and batch:
                 self._poll(ready)
         self.last_activity = time.monotonic()
-        if not done and len(ready) == 1:
-            # The common case: one message, on this endpoint's loop.
-            msg = ready[0]
-            endpoint = self.endpoints.get(msg[3])
-            if endpoint is not None and endpoint.loop is _running_loop():
-                endpoint._handle(msg)
-                return True
         loop = _running_loop()
         for op in done:
             _set_result(op.loop, op.future)
@@ -1083,13 +1076,6 @@ class _MpiEndPoint(MultiplexedEndPoint):
         """Dispatch one message from the engine (on this endpoint's loop)."""
         src, kind, src_ep, _, gen, conn_id, frames = msg
         remote = self._addresses.get((src, src_ep))
-        if kind == _DATA and remote is not None:
-            link = self._links.get(remote)
-            if type(link) is _MpiLink and link.gen == gen:
-                local = link.incoming.get(conn_id)
-                if local is not None and link.alive:
-                    self._events.put(new_received(local, frames))
-                    return
         if remote is None:
             remote = format_address(src, src_ep)
             if len(self._addresses) < _ADDRESS_CACHE:

@@ -675,20 +675,18 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
 
     async def receive(self) -> Event:
         """See :meth:`EndPoint.receive`; may first poll the links (module docstring)."""
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = IdlePoller(
-                asyncio.get_running_loop(), self._transport._busy_poll_us
-            )
-        return await poller.receive(self._events, self._poll_links)
+        return await self._idle_poller().receive(self._events, self._poll_links)
 
     def _poll_idle(self) -> bool:
+        return self._idle_poller().poll_now(self._events, self._poll_links)
+
+    def _idle_poller(self) -> IdlePoller:
         poller = self._poller
         if poller is None:
             poller = self._poller = IdlePoller(
                 asyncio.get_running_loop(), self._transport._busy_poll_us
             )
-        return poller.poll_now(self._events, self._poll_links)
+        return poller
 
     def _pollable(self, link: Link) -> bool:
         return type(link) is _TcpLink and not link._in_process
