@@ -24,10 +24,13 @@ class NodeId:
     the number of distinct nodes ever seen, which is the size of the cluster.
     """
 
-    __slots__ = ("_hash", "address")
+    __slots__ = ("_hash", "_key", "address")
 
     address: EndPointAddress
     _hash: int
+    #: The address as plain bytes (what pickles carry; an EndPointAddress would not
+    #: pickle without a class reference).
+    _key: bytes
 
     def __new__(cls, address: bytes) -> NodeId:
         key = bytes(address)
@@ -35,6 +38,7 @@ class NodeId:
         if nid is None:
             nid = object.__new__(cls)
             object.__setattr__(nid, "address", EndPointAddress(key))
+            object.__setattr__(nid, "_key", key)
             object.__setattr__(nid, "_hash", hash(key))
             _interned[key] = nid
         return nid
@@ -49,7 +53,7 @@ class NodeId:
         return self._hash
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (NodeId, (bytes(self.address),))
+        return (NodeId, (self._key,))
 
     def __repr__(self) -> str:
         return f"NodeId({bytes(self.address)!r})"
@@ -88,10 +92,21 @@ class Pid(tuple):  # type: ignore[type-arg]
         lid = property(itemgetter(1), doc="The process's number on its node.")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (Pid, (self[0], self[1]))
+        # One class reference (``_pid``) instead of two (Pid and NodeId): pids are in
+        # most messages (reply addresses), and each reference costs pickle an import
+        # check when saving and again when loading.
+        return (_pid, (self[0]._key, self[1]))
 
     def __repr__(self) -> str:
         return f"<pid {self[0]}:{self[1]}>"
+
+
+def _pid(address: bytes, lid: int) -> Pid:
+    """Unpickle a :class:`Pid` (see ``Pid.__reduce__``)."""
+    nid = _interned.get(address)
+    if nid is None:
+        nid = NodeId(address)
+    return tuple.__new__(Pid, (nid, lid))
 
 
 class MonitorRef:

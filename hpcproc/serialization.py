@@ -26,6 +26,7 @@ import pickle
 import threading
 import types
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import cloudpickle
@@ -74,18 +75,6 @@ class _OutOfBand:
             # Small or strided: its bytes go in-band (a copy is the only option).
             return (_MEMORYVIEW, obj.format, obj.shape, obj.tobytes())
         return None
-
-
-class _KeepLarge:
-    """``buffer_callback`` of the fast path: large buffers out-of-band into ``frames``."""
-
-    __slots__ = ("frames",)
-
-    def __init__(self, frames: list[Buffer]) -> None:
-        self.frames = frames
-
-    def __call__(self, pb: pickle.PickleBuffer) -> bool:
-        return _keep_large(self.frames, pb)
 
 
 def _keep_large(frames: list[Buffer], pb: pickle.PickleBuffer) -> bool:
@@ -168,7 +157,7 @@ def serialize(obj: Any) -> list[Buffer]:
     # pickler below would produce. Anything else is pickled again by the full one.
     fast: list[Buffer] = []
     try:
-        header = pickle.dumps(obj, protocol=5, buffer_callback=_KeepLarge(fast))
+        header = pickle.dumps(obj, protocol=5, buffer_callback=partial(_keep_large, fast))
     except Exception:
         pass  # the full path retries, falls back to cloudpickle, or reports the error
     else:
@@ -207,7 +196,15 @@ def deserialize(frames: Sequence[Buffer]) -> Any:
         SerializationError: the frames are not a valid message (empty, corrupt, missing
             or extra frames, or referring to code that is not importable here).
     """
-    if not frames:
+    if len(frames) == 1:
+        # Fast path: one frame (most small messages) needs no buffer bookkeeping.
+        try:
+            return pickle.loads(frames[0])
+        except pickle.UnpicklingError:
+            pass  # persistent ids (small memoryviews), or corrupt: the full path
+        except Exception as exc:
+            raise SerializationError(f"cannot deserialize message: {exc!r}") from exc
+    elif not frames:
         raise SerializationError("empty message: expected a header frame")
     rest = iter(frames[1:])
     try:

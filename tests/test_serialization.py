@@ -196,6 +196,49 @@ def test_extra_frame_raises_serialization_error() -> None:
         deserialize([*serialize(np.ones(4096)), b"unexpected"])
 
 
+_setstate_calls: list[int] = []
+
+
+class _FailsToLoad:
+    def __init__(self) -> None:
+        self.state = 1
+
+    def __setstate__(self, state: Any) -> None:
+        _setstate_calls.append(1)
+        raise RuntimeError("refusing to load")
+
+
+def test_load_failure_in_user_code_raises_serialization_error_once() -> None:
+    frames = serialize(_FailsToLoad())
+    assert len(frames) == 1  # the one-frame fast path
+    _setstate_calls.clear()
+    with pytest.raises(SerializationError, match="refusing to load"):
+        deserialize(received(frames))
+    assert _setstate_calls == [1]  # not retried by the full path
+
+
+def test_small_memoryview_in_one_frame_takes_the_full_path() -> None:
+    frames = serialize(memoryview(b"abc"))
+    assert len(frames) == 1
+    assert bytes(deserialize(received(frames))) == b"abc"
+
+
+def test_ids_round_trip_to_the_interned_node_id() -> None:
+    from hpcproc import MonitorRef, NodeId, Pid
+
+    nid = NodeId(b"tcp://127.0.0.1:1/1")
+    pid = Pid(nid, 7)
+    back = round_trip((pid, nid, MonitorRef(pid, pid, 3)))
+    assert back[0] == pid and type(back[0]) is Pid
+    assert back[0].node is nid and back[1] is nid
+    assert back[2] == MonitorRef(pid, pid, 3)
+    # A pid of a node never seen here makes (and interns) its NodeId.
+    unseen = pickle.dumps(Pid(NodeId(b"tcp://127.0.0.1:2/1"), 1), protocol=5)
+    unseen = unseen.replace(b"127.0.0.1:2/1", b"127.0.0.1:3/1")
+    other = deserialize([unseen])
+    assert other.node is NodeId(b"tcp://127.0.0.1:3/1") and other.lid == 1
+
+
 def test_serialize_does_not_keep_the_message_alive() -> None:
     import gc
     import weakref
