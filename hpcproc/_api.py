@@ -114,7 +114,7 @@ async def send(pid: Pid, msg: Any) -> None:
     """
     proc = current()
     node = proc.node
-    if pid.node is node._node_id or pid.node == node._node_id:
+    if pid[0] is node._node_id:  # pid.node; NodeIds are interned
         tp = node._procs.get(pid.lid)
         if tp is not None:
             tp.deliver(copy_message(msg))

@@ -20,14 +20,15 @@ class NodeId:
     ``NodeId(address_bytes)`` rebuilds a node's id from its endpoint address, so a
     launcher can name every rank after a rendezvous of addresses. Two ids are equal
     when their addresses are. Ids are interned (one object per address in a Python
-    process), which makes comparing and unpickling them cheap; the table grows with
-    the number of distinct nodes ever seen, which is the size of the cluster.
+    process, unpickled ones included), so equal ids are the same object: equality and
+    hashing are by identity, done in C (a pid's hash and every "is this pid local?"
+    test use them). The table grows with the number of distinct nodes ever seen,
+    which is the size of the cluster.
     """
 
-    __slots__ = ("_hash", "_key", "address")
+    __slots__ = ("_key", "address")
 
     address: EndPointAddress
-    _hash: int
     #: The address as plain bytes (what pickles carry; an EndPointAddress would not
     #: pickle without a class reference).
     _key: bytes
@@ -39,18 +40,11 @@ class NodeId:
             nid = object.__new__(cls)
             object.__setattr__(nid, "address", EndPointAddress(key))
             object.__setattr__(nid, "_key", key)
-            object.__setattr__(nid, "_hash", hash(key))
             _interned[key] = nid
         return nid
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("NodeId is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (type(other) is NodeId and other.address == self.address)
-
-    def __hash__(self) -> int:
-        return self._hash
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (NodeId, (self._key,))

@@ -227,7 +227,11 @@ def test_ids_round_trip_to_the_interned_node_id() -> None:
     from hpcproc import MonitorRef, NodeId, Pid
 
     nid = NodeId(b"tcp://127.0.0.1:1/1")
+    # Interned: equal addresses give the same object (equality and hash are identity).
+    assert NodeId(bytearray(b"tcp://127.0.0.1:1/1")) is nid
+    assert {nid: 1}[NodeId(memoryview(b"tcp://127.0.0.1:1/1"))] == 1
     pid = Pid(nid, 7)
+    assert Pid(NodeId(b"tcp://127.0.0.1:1/1"), 7) == pid
     back = round_trip((pid, nid, MonitorRef(pid, pid, 3)))
     assert back[0] == pid and type(back[0]) is Pid
     assert back[0].node is nid and back[1] is nid

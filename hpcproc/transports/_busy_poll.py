@@ -117,7 +117,7 @@ class IdlePoller:
     def poll_now(self, events: EventQueue, poll_once: Callable[[], bool]) -> bool:
         """Poll in place now if the loop is idle (as ``receive`` would); True when an
         event is queued. Never suspends; polls at most the current budget."""
-        if len(events):
+        if events._items:
             return True
         ready = self._ready
         if not self._max or ready is None:
@@ -130,7 +130,7 @@ class IdlePoller:
             self._streak = 0
             return False
         self._poll(events, poll_once)
-        return bool(len(events))
+        return bool(events._items)
 
     def _poll(self, events: EventQueue, poll_once: Callable[[], bool]) -> float:
         """Poll until an event is queued; the time it gave up, or 0.0."""
@@ -138,6 +138,8 @@ class IdlePoller:
         if start < self._no_poll_until:
             return 0.0
         ready = self._ready
+        # The queue's deque itself: len() of it is C, EventQueue.__len__ is not.
+        items = events._items
         # Callbacks ready before we started (at most a yielding receive's) are known.
         queued = len(ready)
         cpu = time.thread_time() if not self._streak & 7 else -1.0
@@ -147,7 +149,7 @@ class IdlePoller:
         while True:
             if not poll_once():
                 return 0.0
-            if len(events) or len(ready) > queued:
+            if items or len(ready) > queued:
                 break
             now = time.perf_counter()
             if now >= deadline:

@@ -455,7 +455,7 @@ class MultiplexedEndPoint(EndPoint):
         # queue saves them a wake-up for nothing (and the loop an iteration).
         events._held = True
         try:
-            event = events.pop_ready(overtake=True)
+            event = events.pop_ready(overtake=True) if events._items else None
             if event is None and self._poll_idle():
                 event = events.pop_ready(overtake=True)
         finally:

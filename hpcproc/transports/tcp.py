@@ -64,7 +64,6 @@ import struct
 import weakref
 from collections import deque
 from collections.abc import Sequence
-from typing import cast
 
 import numpy as np
 
@@ -693,7 +692,8 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
 
     def _poll_links(self) -> bool:
         polled = False
-        for link in cast("list[_TcpLink]", self._polled_links()):
+        link: _TcpLink
+        for link in self._polled_links():  # type: ignore[assignment]
             if not link._dead:
                 link._on_readable()
                 polled = True
