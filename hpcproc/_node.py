@@ -83,6 +83,9 @@ _COROUTINE = types.CoroutineType
 BROKEN: Any = object()
 #: Bound on establishing a controller connection to another node.
 CONTROL_CONNECT_TIMEOUT = 30.0
+#: The watcher lid of the registry's monitors of remote processes registered here
+#: (process lids start at 1).
+_REGISTRY_LID = 0
 #: Bound on each graceful step of ``Node.close``.
 CLOSE_STEP_TIMEOUT = 5.0
 
@@ -175,6 +178,10 @@ class Node:
         self._procs: dict[int, Process] = {}
         self._lids = itertools.count(1)
         self._names: dict[str, Pid] = {}
+        #: name -> the registry's monitor of the remote process registered as name,
+        #: and back: the name is dropped when the monitor fires.
+        self._name_refs: dict[str, MonitorRef] = {}
+        self._ref_names: dict[MonitorRef, str] = {}
         self._incoming: dict[int, _Incoming] = {}
         self._control: dict[NodeId, _ControlOut] = {}
         #: node -> {watch key: watcher lid} for watches our processes hold there.
@@ -500,6 +507,8 @@ class Node:
     def _deliver_death(self, wlid: int, target: Any, reason: DiedReason, key: Any) -> None:
         proc = self._procs.get(wlid)
         if proc is None:
+            if wlid == _REGISTRY_LID:
+                self._registered_died(key)
             return
         if type(key) is MonitorRef:
             proc.deliver(notification(key, reason))
@@ -718,6 +727,15 @@ class Node:
             if tp._names is None:
                 tp._names = []
             tp._names.append(name)
+        else:
+            # A process of another node: monitor it from here, so that its name is
+            # dropped when it dies or its node is lost (as for a local process).
+            assert self._node_id is not None
+            ref = MonitorRef(pid, Pid(self._node_id, _REGISTRY_LID), next(self._refs))
+            self._name_refs[name] = ref
+            self._ref_names[ref] = name
+            self._watch_remote(pid.node, ref, _REGISTRY_LID)
+            self._post(pid.node, ctl.MonitorReq(ref, pid))
 
     def _drop_name(self, name: str, pid: Pid) -> None:
         del self._names[name]
@@ -725,6 +743,19 @@ class Node:
             tp = self._procs.get(pid.lid)
             if tp is not None and tp._names and name in tp._names:
                 tp._names.remove(name)
+            return
+        ref = self._name_refs.pop(name, None)
+        if ref is not None:
+            del self._ref_names[ref]
+            self._unwatch_remote(pid.node, ref)
+            self._post(pid.node, ctl.UnmonitorReq(ref, pid))
+
+    def _registered_died(self, ref: Any) -> None:
+        """The registry's monitor ``ref`` fired: drop the name it watched."""
+        name = self._ref_names.pop(ref, None) if type(ref) is MonitorRef else None
+        if name is not None:
+            del self._name_refs[name]
+            del self._names[name]
 
     def register(self, name: str, pid: Pid, *, replace: bool = False) -> None:
         """Register ``name`` for ``pid`` on this node.

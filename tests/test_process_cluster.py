@@ -511,6 +511,83 @@ def test_registry_monitoring_remote_name_dropped_on_death(kind: str, servers: Se
     assert run_cluster(kind, servers, body) == (True, None)
 
 
+def test_registry_monitoring_name_of_a_remote_process_dropped_on_death(
+    kind: str, servers: Servers
+) -> None:
+    """A name registered here for a process of another node goes when it dies."""
+
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        name = f"remote-doomed-{kind}-{hp.self_pid().lid}"
+        hp.register(name, pid)
+        # Monitored after registering: node b reports the registry's watch first.
+        ref = await hp.monitor(pid)
+        before = hp.whereis(name) == pid
+        await hp.kill(pid, "x")
+        await expect_ref(ref)
+        return before, hp.whereis(name)
+
+    assert run_cluster(kind, servers, body) == (True, None)
+
+
+def test_registry_monitoring_name_on_another_node_dropped_when_our_process_dies(
+    kind: str, servers: Servers
+) -> None:
+    """register_remote of one of our processes: its name there goes when it dies."""
+
+    async def body(c: Cluster) -> Any:
+        pid = hp.spawn_local(waits_forever)
+        ref = await hp.monitor(pid)
+        name = f"ours-doomed-{kind}-{pid.lid}"
+        await hp.register_remote(c.b, name, pid)
+        before = await hp.whereis_remote(c.b, name, timeout=WAIT) == pid
+        await hp.kill(pid, "x")
+        await expect_ref(ref)
+        # Our node told b of the death before this request (one FIFO per node pair).
+        return before, await hp.whereis_remote(c.b, name, timeout=WAIT)
+
+    assert run_cluster(kind, servers, body) == (True, None)
+
+
+def test_registry_name_of_a_remote_process_dropped_on_disconnect(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        pid = await hp.spawn(c.b, waits_forever)
+        name = f"remote-cut-{kind}-{hp.self_pid().lid}"
+        hp.register(name, pid)
+        ref = await hp.monitor(pid)
+        await sync_with(c.b)
+        await c.break_link()
+        note = await expect_ref(ref)
+        return note.reason, hp.whereis(name)
+
+    assert run_cluster(kind, servers, body) == (hp.DiedDisconnect(), None)
+
+
+def test_registry_replaced_name_survives_the_death_of_its_old_remote_process(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        old = await hp.spawn(c.b, waits_forever)
+        new = await hp.spawn(c.b, waits_forever)
+        name = f"replaced-{kind}-{hp.self_pid().lid}"
+        hp.register(name, old)
+        await hp.register_remote(c.a.node_id, name, new, replace=True)
+        other = f"unregistered-{kind}-{hp.self_pid().lid}"
+        hp.register(other, old)
+        hp.unregister(other)
+        ref = await hp.monitor(old)
+        await hp.kill(old, "x")
+        await expect_ref(ref)
+        await sync_with(c.b)  # any late word of old's death has come back by now
+        result = hp.whereis(name) == new, hp.whereis(other)
+        await hp.kill(new, "x")
+        return result
+
+    assert run_cluster(kind, servers, body) == (True, None)
+
+
 def test_remote_process_info_and_node_stats(kind: str, servers: Servers) -> None:
     async def body(c: Cluster) -> Any:
         pid = await hp.spawn(c.b, waits_forever)
