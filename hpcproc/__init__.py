@@ -90,6 +90,7 @@ from ._signals import (
     ProcessMonitorNotification,
     ProcessTerminationException,
 )
+from .serialization import SerializationError
 
 __all__ = [
     "CallError",
@@ -120,6 +121,7 @@ __all__ = [
     "ProcessTerminationException",
     "ReceivePort",
     "SendPort",
+    "SerializationError",
     "SpawnError",
     "call",
     "exit",

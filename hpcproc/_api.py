@@ -351,7 +351,11 @@ async def kill(pid: Pid, reason: str) -> None:
 
 
 async def exit(pid: Pid, reason: Any) -> None:
-    """Raise ``ProcessExitException(self_pid(), reason)`` in ``pid`` (it may catch it)."""
+    """Raise ``ProcessExitException(self_pid(), reason)`` in ``pid`` (it may catch it).
+
+    Raises:
+        SerializationError: ``reason`` cannot be pickled (remote ``pid``).
+    """
     proc = current()
     proc.node.exit(proc.pid, pid, reason)
     if pid == proc.pid:
@@ -409,7 +413,11 @@ async def whereis_remote(node: NodeId, name: str, timeout: float | None = None) 
 
 
 async def nsend_remote(node: NodeId, name: str, msg: Any) -> None:
-    """Send ``msg`` to the process registered as ``name`` on ``node`` (dropped if none)."""
+    """Send ``msg`` to the process registered as ``name`` on ``node`` (dropped if none).
+
+    Raises:
+        SerializationError: ``msg`` cannot be pickled (another ``node``).
+    """
     current().node.nsend_remote(node, name, msg)
 
 

@@ -58,7 +58,7 @@ from ._signals import (
     ProcessLinkException,
     ProcessMonitorNotification,
 )
-from .serialization import deserialize, serialize
+from .serialization import SerializationError, deserialize, serialize
 from .transports.base import (
     ConnectionClosed,
     ConnectionOpened,
@@ -106,7 +106,8 @@ class _Incoming:
 
 
 class _ControlOut:
-    """Outgoing controller traffic to one node: a FIFO drained by one task."""
+    """Outgoing controller traffic to one node: a FIFO of serialized control messages,
+    drained by one task."""
 
     __slots__ = ("bound", "conn", "dead", "queue", "task", "waiter")
 
@@ -957,19 +958,27 @@ class Node:
     # ------------------------------------------------------------------ control out
 
     def _post(self, nid: NodeId, msg: Any) -> None:
-        """Queue a control message for ``nid``'s controller; never blocks, FIFO per node."""
+        """Queue a control message for ``nid``'s controller; never blocks, FIFO per node.
+
+        The message is serialized now, so the receiver gets it as it is at this call
+        (copy semantics, as for ``send``).
+
+        Raises:
+            SerializationError: ``msg`` cannot be pickled (nothing is queued).
+        """
         if nid == self._node_id:
             assert self._loop is not None
             self._loop.call_soon(self._on_control, nid, msg)
             return
         out = self._control.get(nid)
+        if out is None and self._closing and not isinstance(msg, ctl.NodeDown | ctl.Died):
+            return
+        frames = serialize(msg)
         if out is None:
-            if self._closing and not isinstance(msg, ctl.NodeDown | ctl.Died):
-                return
             out = self._control[nid] = _ControlOut()
             assert self._loop is not None
             out.task = self._loop.create_task(self._drain(nid, out))
-        out.queue.append(msg)
+        out.queue.append(frames)
         out.wake()
 
     async def _drain(self, nid: NodeId, out: _ControlOut) -> None:
@@ -977,14 +986,7 @@ class Node:
         try:
             while True:
                 while out.queue:
-                    msg = out.queue[0]
-                    try:
-                        frames = serialize(msg)
-                    except Exception as exc:
-                        out.queue.popleft()
-                        log.warning("dropping control message for %s: %r", nid, exc)
-                        self._fail_request(msg, f"cannot serialize {type(msg).__name__}: {exc}")
-                        continue
+                    frames = out.queue[0]
                     if not await self._send_control(nid, out, frames):
                         if self._control.get(nid) is out:
                             self._node_lost(nid, DiedDisconnect())
@@ -1029,12 +1031,6 @@ class Node:
                 out.conn = None
         return False
 
-    def _fail_request(self, msg: Any, text: str) -> None:
-        req = getattr(msg, "req", None)
-        entry = self._requests.pop(req, None) if isinstance(req, int) else None
-        if entry is not None and not entry[1].done():
-            entry[1].set_exception(entry[2](text))
-
     async def _request(
         self,
         nid: NodeId,
@@ -1049,7 +1045,10 @@ class Node:
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._requests[req] = (nid, fut, error, on_ok)
         try:
-            self._post(nid, make(req))
+            try:
+                self._post(nid, make(req))
+            except SerializationError as exc:
+                raise error(f"cannot send the request to node {nid}: {exc}") from exc
             if timeout is None:
                 return await fut
             return await asyncio.wait_for(fut, timeout)

@@ -588,6 +588,46 @@ def test_registry_replaced_name_survives_the_death_of_its_old_remote_process(
     assert run_cluster(kind, servers, body) == (True, None)
 
 
+def test_unpicklable_nsend_remote_exit_and_spawn_fail_in_the_caller(
+    kind: str, servers: Servers
+) -> None:
+    import threading
+
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        pid = await hp.spawn(c.b, echo)
+        name = f"echo-unpicklable-{kind}-{me.lid}"
+        await hp.register_remote(c.b, name, pid)
+        out = []
+        lock = threading.Lock()
+        try:
+            await hp.nsend_remote(c.b, name, (me, lock))
+        except hp.SerializationError:
+            out.append("nsend")
+        try:
+            await hp.exit(pid, lock)
+        except hp.SerializationError:
+            out.append("exit")
+
+        async def holds_lock() -> None:
+            assert lock is not None
+
+        try:
+            await hp.spawn(c.b, holds_lock)
+        except hp.SpawnError as exc:
+            out.append("spawn" if "cannot pickle" in str(exc) else str(exc))
+        # The node's control channel to b still works, and a message is copied when
+        # nsend_remote is called: changing it afterwards does not change what arrives.
+        payload = ["as sent"]
+        await hp.nsend_remote(c.b, name, (me, payload))
+        payload.append("changed later")
+        out.append(await hp.expect(list, timeout=WAIT))
+        await hp.kill(pid, "x")
+        return out
+
+    assert run_cluster(kind, servers, body) == ["nsend", "exit", "spawn", ["as sent"]]
+
+
 def test_remote_process_info_and_node_stats(kind: str, servers: Servers) -> None:
     async def body(c: Cluster) -> Any:
         pid = await hp.spawn(c.b, waits_forever)
