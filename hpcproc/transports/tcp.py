@@ -677,7 +677,8 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
         return await self._idle_poller().receive(self._events, self._poll_links)
 
     def _poll_idle(self) -> bool:
-        return self._idle_poller().poll_now(self._events, self._poll_links)
+        poller = self._poller or self._idle_poller()
+        return poller.poll_now(self._events, self._poll_links)
 
     def _idle_poller(self) -> IdlePoller:
         poller = self._poller
@@ -693,7 +694,8 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
     def _poll_links(self) -> bool:
         polled = False
         link: _TcpLink
-        for link in self._polled_links():  # type: ignore[assignment]
+        links = self._polled
+        for link in links if links is not None else self._polled_links():  # type: ignore[assignment]
             if not link._dead:
                 link._on_readable()
                 polled = True
