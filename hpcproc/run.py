@@ -25,7 +25,9 @@ message naming the rank and host of any node it mentions.
 
 SIGTERM / SIGINT (what ``scancel`` and Ctrl-C send) close the node: its processes are
 killed (watchers see ``DiedNodeDown``), the endpoint is closed, and the rank exits
-with 128 + the signal number. ``--np N`` forwards them to its local nodes.
+with 128 + the signal number. ``--np N`` forwards them to its local nodes; if the
+``--np`` process itself dies without forwarding (SIGKILL), its nodes notice (end of
+file on a pipe only it held) and stop the same way, with 128 + SIGHUP.
 
 ``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
 host, ...) and exits without importing the entry point or creating a transport.
@@ -260,6 +262,10 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
     job = f"local-{uuid.uuid4().hex[:12]}"
     children: list[subprocess.Popen[bytes]] = []
     received: list[int] = []
+    # Every child holds the read end of this pipe; only we hold the write end. If we
+    # die without forwarding anything (SIGKILL, a crash), the children read EOF and
+    # stop, instead of running on as orphans holding their ports.
+    lifeline, keep = os.pipe()
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
@@ -278,8 +284,15 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
                 HPCPROC_LOCAL_SIZE=str(n),
                 HPCPROC_HOSTS=",".join(["127.0.0.1"] * n),
                 HPCPROC_JOB_ID=job,
+                HPCPROC_LIFELINE_FD=str(lifeline),
             )
-            children.append(subprocess.Popen([sys.executable, "-m", "hpcproc.run", *argv], env=env))
+            children.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "hpcproc.run", *argv], env=env, pass_fds=(lifeline,)
+                )
+            )
+        os.close(lifeline)
+        lifeline = -1
         statuses = []
         for child in children:
             while True:
@@ -300,8 +313,45 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+        for fd in (lifeline, keep):
+            if fd >= 0:
+                os.close(fd)
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], None]) -> int | None:
+    """Call ``on_gone`` when the ``--np`` parent that started this rank is gone.
+
+    The parent passes the read end of a pipe whose write end only it holds
+    (``HPCPROC_LIFELINE_FD``); end of file on it means the parent died. The variable
+    is removed from the environment, so that the application's own children do not
+    inherit it. Returns the descriptor watched (to be closed by the caller), or None.
+    """
+    value = os.environ.pop("HPCPROC_LIFELINE_FD", None)
+    if value is None:
+        return None
+    try:
+        fd = int(value)
+        os.fstat(fd)
+    except (ValueError, OSError):
+        log.warning("ignoring HPCPROC_LIFELINE_FD=%r: not an open descriptor", value)
+        return None
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            on_gone()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+    return fd
 
 
 # ---------------------------------------------------------------- one rank
@@ -347,15 +397,23 @@ async def _run_rank(
     stop = asyncio.Event()
     signals: list[int] = []
 
+    why = ""
+
     def on_signal(signum: int) -> None:
         signals.append(signum)
         stop.set()
+
+    def on_parent_gone() -> None:
+        nonlocal why
+        why = " (its hpcproc.run --np launcher is gone)"
+        on_signal(signal.SIGHUP)
 
     # Signal handlers can only be installed from the main thread (embedded use may
     # run this elsewhere; the caller then owns signal handling).
     handled = (signal.SIGTERM, signal.SIGINT) if _in_main_thread() else ()
     for s in handled:
         loop.add_signal_handler(s, on_signal, s)
+    lifeline = _watch_lifeline(loop, on_parent_gone)
     try:
         transport_name, transport = _create_transport(info, args.transport)
         method: Method = args.rendezvous
@@ -380,7 +438,7 @@ async def _run_rank(
             _write_line(
                 sys.stderr,
                 f"hpcproc.run: rank {info.rank} on {info.hostname}: stopped by"
-                f" {signal.Signals(signals[0]).name}",
+                f" {signal.Signals(signals[0]).name}{why}",
             )
             return 128 + signals[0]
         finally:
@@ -392,6 +450,9 @@ async def _run_rank(
     finally:
         for s in handled:
             loop.remove_signal_handler(s)
+        if lifeline is not None:
+            loop.remove_reader(lifeline)
+            os.close(lifeline)
 
 
 def _in_main_thread() -> bool:

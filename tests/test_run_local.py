@@ -3,6 +3,7 @@ ranks, master/worker exit status, SPMD, failures that name the node, signals."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -278,6 +279,21 @@ def test_sigint_to_np_parent_is_forwarded(ranks: list[Rank], env: dict[str, str]
     rc, out = r.finish(timeout=20)
     assert rc == 128 + signal.SIGINT, out
     assert out.count("stopped by SIGINT") == 2
+
+
+def test_np_children_stop_when_the_parent_is_killed(ranks: list[Rank], env: dict[str, str]) -> None:
+    r = start(ranks, ["--np", "2", "--spmd", f"{THIS}:app_ready_then_wait"], env)
+    r.wait_for_line("ready")
+    r.wait_for_line("ready")
+    try:
+        r.proc.kill()  # the --np parent alone: it cannot forward anything
+        # finish() returns once every child has closed the shared output, i.e. exited.
+        rc, out = r.finish(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(r.proc.pid, signal.SIGKILL)  # the children, if they outlived it
+    assert rc == -signal.SIGKILL
+    assert out.count("stopped by SIGHUP (its hpcproc.run --np launcher is gone)") == 2, out
 
 
 def test_missing_rank_fails_every_rank_naming_it(ranks: list[Rank], env: dict[str, str]) -> None:
