@@ -134,6 +134,60 @@ def test_several_endpoints_in_one_rank_have_distinct_never_reused_addresses() ->
     asyncio.run(scenario())
 
 
+def test_endpoints_on_event_loops_of_two_threads_get_messages_in_order() -> None:
+    """Both threads make MPI progress and may take each other's messages: what one
+    takes for the other's endpoint must still arrive in order (small messages, and
+    every 100th a multi-frame one, received in several MPI messages)."""
+    import threading
+
+    n = 5000
+    transport = mpi.create_transport(inline_max=256)
+    address: list[bytes] = []
+    have_address = threading.Event()
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    async def receiver() -> None:
+        endpoint = await transport.new_endpoint()
+        address.append(endpoint.address)
+        have_address.set()
+        while len(got) < n:
+            event = await bounded(endpoint.receive())
+            if isinstance(event, Received):
+                got.append(int(bytes(event.frames[0])))
+        await bounded(endpoint.close())
+
+    def receive_in_thread() -> None:
+        try:
+            asyncio.run(receiver())
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    async def sender() -> None:
+        endpoint = await transport.new_endpoint()
+        assert await asyncio.to_thread(have_address.wait, WAIT)
+        conn = await bounded(endpoint.connect(address[0]))  # type: ignore[arg-type]
+        for i in range(n):
+            frames: list[Buffer] = [str(i).encode()]
+            if i % 100 == 0:
+                frames.append(bytes(1024))
+            await bounded(conn.send(frames))
+            if i % 64 == 0:
+                await asyncio.sleep(0)  # let the pump run on this loop too
+        await asyncio.to_thread(thread.join, 2 * WAIT)
+        await bounded(conn.close())
+        await bounded(transport.close())
+
+    thread = threading.Thread(target=receive_in_thread)
+    thread.start()
+    try:
+        asyncio.run(sender())
+    finally:
+        thread.join(2 * WAIT)
+    assert not thread.is_alive() and not errors, errors
+    assert got == list(range(n))
+
+
 def test_large_frames_are_received_into_buffers_of_their_own_exact_size() -> None:
     async def scenario() -> None:
         transport = mpi.create_transport()

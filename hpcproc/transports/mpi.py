@@ -430,6 +430,7 @@ class _Engine:
         one event wants it as soon as it is there). Never blocks. Must be called on an
         event-loop thread.
         """
+        loop = _running_loop()
         with self.lock:
             if self.closed:
                 return False
@@ -456,12 +457,13 @@ class _Engine:
                     self._take(message, ready)
             if message is not None and batch:
                 self._poll(ready)
+            if ready:
+                ready = self._sort_out(ready, loop)
         self.last_activity = time.monotonic()
-        loop = _running_loop()
         for op in done:
             _set_result(op.loop, op.future)
         for msg in ready:
-            self._route(msg, loop)
+            self._route(msg)
         return True
 
     def busy(self) -> bool:
@@ -522,6 +524,9 @@ class _Engine:
         """``progress(False)`` for a receiver spinning on ``endpoint`` (on its loop):
         when nothing is outstanding, one probe, and a small DATA message for
         ``endpoint`` goes straight to its event queue. True if anything moved."""
+        if endpoint._inbox:
+            endpoint._drain_inbox()
+            return True
         if self._send_reqs or self._recv_reqs:
             return self.progress(False)
         ready: list[_Inbound] = []
@@ -532,10 +537,37 @@ class _Engine:
             if message is None:
                 return False
             self._take(message, ready, endpoint)
+            if ready:
+                ready = self._sort_out(ready, endpoint.loop)
         self.last_activity = time.monotonic()
         for msg in ready:
-            self._route(msg, endpoint.loop)
+            self._route(msg)
         return True
+
+    def _sort_out(
+        self, ready: list[_Inbound], loop: asyncio.AbstractEventLoop | None
+    ) -> list[_Inbound]:
+        """Called with the lock held, in the order messages were taken: the messages
+        of ``ready`` that the caller, on ``loop``, hands to their endpoints itself once
+        the lock is released (and those for no endpoint).
+
+        Every other message goes to its endpoint's inbox, which that endpoint's own
+        loop drains in order. A message is handed over directly only while its
+        endpoint's inbox is empty, so messages reach an endpoint in the order they
+        were taken even when threads of several event loops make progress.
+        """
+        mine = []
+        endpoints = self.endpoints
+        for msg in ready:
+            endpoint = endpoints.get(msg[3])
+            if endpoint is None or (endpoint.loop is loop and not endpoint._inbox):
+                mine.append(msg)
+                continue
+            inbox = endpoint._inbox
+            inbox.append(msg)
+            if len(inbox) == 1:
+                _call_soon_threadsafe(endpoint.loop, endpoint._drain_inbox)
+        return mine
 
     def _take(
         self, message: MPI.Message, ready: list[_Inbound], endpoint: _MpiEndPoint | None = None
@@ -567,6 +599,7 @@ class _Engine:
                 if (
                     endpoint is None
                     or dst_ep != endpoint.endpoint_id
+                    or endpoint._inbox
                     or not endpoint._deliver_data(src, src_ep, gen, conn_id, frame)
                 ):
                     ready.append((src, kind, src_ep, dst_ep, gen, conn_id, [frame]))
@@ -633,8 +666,8 @@ class _Engine:
         for endpoint in list(self.endpoints.values()):
             _call_on(endpoint.loop, endpoint._drop_rank, src, f"protocol violation: {reason}")
 
-    def _route(self, msg: _Inbound, loop: asyncio.AbstractEventLoop | None) -> None:
-        """Hand ``msg`` to its endpoint; ``loop`` is the running loop, if any."""
+    def _route(self, msg: _Inbound) -> None:
+        """Hand ``msg`` to its endpoint (on that endpoint's loop; see :meth:`_sort_out`)."""
         endpoint = self.endpoints.get(msg[3])
         if endpoint is None:
             src, kind, src_ep, dst_ep, gen, _, _ = msg
@@ -643,10 +676,7 @@ class _Engine:
             elif kind == _Msg.ACCEPT:
                 self.post_control(src, _Msg.DOWN, dst_ep, src_ep, gen, 0)
             return
-        if endpoint.loop is loop:
-            endpoint._handle(msg)
-        else:
-            _call_soon_threadsafe(endpoint.loop, endpoint._handle, msg)
+        endpoint._handle(msg)
 
     # ------------------------------------------------------------------ endpoints, pumps
 
@@ -1032,6 +1062,9 @@ class _MpiEndPoint(MultiplexedEndPoint):
         self._key = (engine.rank, endpoint_id)
         self._connecting: dict[EndPointAddress, _PendingConnect] = {}
         self._addresses: dict[tuple[int, int], EndPointAddress] = {}
+        #: Messages for this endpoint that another loop's thread took, in order
+        #: (guarded by the engine's lock; see ``_Engine._sort_out``).
+        self._inbox: deque[_Inbound] = deque()
 
     # ------------------------------------------------------------------ waiting
 
@@ -1072,6 +1105,20 @@ class _MpiEndPoint(MultiplexedEndPoint):
                 while not items and perf_counter() < deadline:
                     take_one(self)
         return bool(items)
+
+    def _drain_inbox(self) -> None:
+        """Handle, in order, the messages another loop's thread took for this endpoint
+        (runs on this endpoint's loop)."""
+        lock = self.engine.lock
+        inbox = self._inbox
+        while True:
+            with lock:
+                if not inbox:
+                    return
+                msgs = list(inbox)
+                inbox.clear()
+            for msg in msgs:
+                self._handle(msg)
 
     def _deliver_data(
         self, src: int, src_ep: int, gen: int, conn_id: int, frame: memoryview
