@@ -1,4 +1,4 @@
-"""``python -m bench SUITE [--transport NAME] [--quick] [--json PATH]``."""
+"""``python -m bench SUITE [--transport NAME] [--quick | --smoke] [--json PATH]``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", help=f"suite to run ({', '.join(SUITES)})")
     parser.add_argument("--transport", default="tcp", help="transport name (default: tcp)")
     parser.add_argument("--quick", action="store_true", help="fewer iterations: under a minute")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few iterations of every row, to check that the suite runs (figures mean nothing)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the records as JSON")
     args = parser.parse_args(argv)
     try:
@@ -24,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         parser.error(str(exc.args[0]))
     try:
-        records = run(SuiteOptions(transport=args.transport, quick=args.quick))
+        records = run(SuiteOptions(transport=args.transport, quick=args.quick, smoke=args.smoke))
     except ValueError as exc:  # the suite cannot measure what was asked
         parser.error(str(exc))
     print(format_table(records))

@@ -25,6 +25,9 @@ class SuiteOptions:
     transport: str = "tcp"
     #: Finish in under a minute: fewer iterations and runs.
     quick: bool = False
+    #: Run every row with a few iterations, to check that the suite works (the test
+    #: suite does); the figures mean nothing.
+    smoke: bool = False
 
 
 def load_suite(name: str) -> Callable[[SuiteOptions], list[Record]]:

@@ -16,10 +16,21 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-__all__ = ["SIZES", "Step", "Turn", "atime_steps", "echo_counts", "plan", "time_steps"]
+__all__ = [
+    "SIZES",
+    "SMOKE_SIZES",
+    "Step",
+    "Turn",
+    "atime_steps",
+    "echo_counts",
+    "plan",
+    "time_steps",
+]
 
 #: Message sizes of the transport suite: 8 B to 64 MiB.
 SIZES = (8, 64, 512, 4096, 32768, 262144, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+#: Sizes of a smoke run (see :func:`plan`).
+SMOKE_SIZES = (8, 32768, 1 << 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +41,16 @@ class Step:
     warmup: int
 
 
-def plan(quick: bool, sizes: tuple[int, ...] = SIZES) -> list[Step]:
+def plan(quick: bool, sizes: tuple[int, ...] = SIZES, *, smoke: bool = False) -> list[Step]:
     """Iteration counts sized so that a run lasts about 30 ms (quick) or 150 ms.
 
     The estimate assumes ~150 us per round trip plus 1 GB/s each way, the slowest
-    transport on the reference machine; faster transports just finish sooner.
+    transport on the reference machine; faster transports just finish sooner. With
+    ``smoke``: three sizes (a round-trip one, the first bandwidth one, 1 MiB), one
+    run of a few iterations each.
     """
+    if smoke:
+        return [Step(size, 5, 1, 1) for size in SMOKE_SIZES]
     budget = 0.03 if quick else 0.15
     runs = 5 if quick else 11
     steps = []

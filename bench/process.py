@@ -322,7 +322,7 @@ def run(options: SuiteOptions) -> list[Record]:
         PairError: a measuring process failed.
     """
     name = options.transport
-    quick = options.quick
+    quick = options.quick or options.smoke
     rounds = 1 if quick else 3
     rtt_step = Step(RTT_SIZE, 300 if quick else 1000, 5 if quick else 9, 100)
     params: dict[str, Any] = {
@@ -337,6 +337,19 @@ def run(options: SuiteOptions) -> list[Record]:
         # every live task more than the cost of a spawn (for asyncio tasks too).
         "spawn_count_local": 20_000,
     }
+    memory_processes = MEMORY_PROCESSES
+    if options.smoke:
+        rtt_step = Step(RTT_SIZE, 20, 1, 5)
+        params.update(
+            rtt_step=asdict(rtt_step),
+            steps=[asdict(rtt_step)],
+            rate_count=200,
+            rate_runs=1,
+            spawn_count=20,
+            local_count=2000,
+            spawn_count_local=2000,
+        )
+        memory_processes = 2000
     env = {"HPCPROC_COOKIE": os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16)}
     # The two nodes must be MPI ranks for the mpi transport.
     launch = _launch_for(name)
@@ -358,13 +371,13 @@ def run(options: SuiteOptions) -> list[Record]:
             local[key].extend(loc[key])
     mem_proc = run_pair(
         "bench.process:memory_role",
-        {"kind": "process", "processes": MEMORY_PROCESSES},
+        {"kind": "process", "processes": memory_processes},
         launch="solo",
         env=env,
     )[0]["bytes"]
     mem_task = run_pair(
         "bench.process:memory_role",
-        {"kind": "task", "processes": MEMORY_PROCESSES},
+        {"kind": "task", "processes": memory_processes},
         launch="solo",
         env=env,
     )[0]["bytes"]

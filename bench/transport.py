@@ -159,7 +159,7 @@ def run(options: SuiteOptions) -> list[Record]:
     name = options.transport
     if name not in BASELINES:
         raise ValueError(f"no transport benchmark for {name!r}; have: {', '.join(BASELINES)}")
-    steps = plan(options.quick)
+    steps = plan(options.quick, smoke=options.smoke)
     env = dict(_ENV.get(name, {}))
     # A private cookie, so that the benchmark never reads or creates ~/.hpcproc/cookie.
     env.setdefault("HPCPROC_COOKIE", os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16))

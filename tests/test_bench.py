@@ -1,0 +1,85 @@
+"""``python -m bench`` runs every suite end to end (``--smoke``: a few iterations per
+row) and writes well-formed records with the baselines it promises. The figures of a
+smoke run mean nothing and are not checked against any threshold."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: (suite, transport) -> the baselines its records must name.
+EXPECTED: dict[tuple[str, str], set[str]] = {
+    ("transport", "tcp"): {"socket", "socket-asyncio"},
+    ("transport", "shm"): {"mp.Pipe", "mpi4py"},
+    ("transport", "mpi"): {"mpi4py", "mpi4py-pickle", "asyncio-floor"},
+    ("transport", "ucx"): {"ucxx"},
+    ("process", "tcp"): {
+        "raw tcp transport",
+        "raw tcp one-way",
+        "asyncio.Queue",
+        "asyncio task",
+        "target",
+        "1 / process rtt",
+    },
+}
+
+NEEDS = {"mpi": "mpi4py", "ucx": "ucxx", "shm": "mpi4py"}
+
+
+def run_bench(suite: str, transport: str, out: Path) -> list[dict[str, Any]]:
+    # A clean environment: no UCX_* variables of this process (importing ucxx sets
+    # some) and no scheduler variables, as a user's shell would have.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCX_", "SLURM_", "PMI_"))}
+    argv = ["-m", "bench", suite, "--transport", transport, "--smoke", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records: list[dict[str, Any]] = json.loads(out.read_text())
+    return records
+
+
+@pytest.mark.parametrize(("suite", "transport"), sorted(EXPECTED))
+def test_bench_suite_runs_and_writes_records_against_its_baselines(
+    suite: str, transport: str, tmp_path: Path
+) -> None:
+    module = NEEDS.get(transport)
+    if module is not None and importlib.util.find_spec(module) is None:
+        pytest.skip(f"the {transport} benchmark needs {module}")
+    records = run_bench(suite, transport, tmp_path / "out.json")
+    assert records
+    assert {r["baseline"] for r in records} == EXPECTED[(suite, transport)]
+    for r in records:
+        assert r["suite"] == suite
+        assert r["value"] > 0 and math.isfinite(r["value"]), r
+        assert r["baseline_value"] > 0 and math.isfinite(r["baseline_value"]), r
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+    if suite == "transport":
+        rtt_sizes = {r["size"] for r in records if r["metric"] == "rtt"}
+        assert rtt_sizes == {8, 32768}
+        # Every baseline but the round-trip-only floor also has a bandwidth row.
+        assert {r["baseline"] for r in records if r["metric"] == "bandwidth"} >= (
+            EXPECTED[(suite, transport)] - {"asyncio-floor"}
+        )
+    else:
+        assert {r["metric"] for r in records} == {
+            "rtt",
+            "msg_rate",
+            "spawn_rate",
+            "bytes_per_process",
+        }
