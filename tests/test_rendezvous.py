@@ -4,6 +4,7 @@ address, and a missing rank fails every rank with a named error instead of hangi
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import uuid
 from collections.abc import Coroutine
@@ -152,12 +153,34 @@ def test_store_takes_next_port_when_derived_one_is_in_use() -> None:
         squatter.close()
 
 
+def _bindable(port: int) -> bool:
+    """Whether a server could listen on ``port`` on every interface (as ``serve`` does)."""
+    families = [socket.AF_INET] + ([socket.AF_INET6] if socket.has_ipv6 else [])
+    for family in families:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", port))
+            except OSError:
+                return False
+    return True
+
+
+def two_free_ports() -> int:
+    """A port ``p`` such that ``p`` and ``p + 1`` are free, below the ephemeral range
+    (32768 and up on Linux), where no client connection of another test can take one
+    meanwhile."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        if _bindable(base) and _bindable(base + 1):
+            return base
+    raise AssertionError("no two consecutive free ports in 20000..32000")
+
+
 def test_client_skips_another_jobs_store_on_the_same_port() -> None:
     async def main() -> list[bytes]:
-        probe = socket.socket()
-        probe.bind(("", 0))
-        base = probe.getsockname()[1]
-        probe.close()
+        base = two_free_ports()
         ports = [base, base + 1]
         other = await serve(ports, size=2, cookie=COOKIE.encode(), key=b"job-A", describe="A")
         ours = await serve(ports, size=2, cookie=COOKIE.encode(), key=b"job-B", describe="B")

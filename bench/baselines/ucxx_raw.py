@@ -8,6 +8,7 @@ only here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import numpy as np
@@ -31,6 +32,11 @@ async def role(peer: Peer) -> dict[str, list[float]] | None:
                     for _ in range(rounds):
                         await ep.recv(buf)  # type: ignore[attr-defined]
                         await ep.send(buf)  # type: ignore[attr-defined]
+                # A send completes before the peer has the data: closing now could
+                # reset the connection under the last reply. Wait for the peer's bye
+                # (or its close: it had every reply by then).
+                with contextlib.suppress(Exception):
+                    await ep.recv(np.empty(1, dtype=np.uint8))  # type: ignore[attr-defined]
                 await ep.close()  # type: ignore[attr-defined]
             finally:
                 if not done.done():
@@ -56,5 +62,6 @@ async def role(peer: Peer) -> dict[str, list[float]] | None:
         return one
 
     result = await atime_steps(steps, prepare, peer.turn)
+    await ep.send(np.zeros(1, dtype=np.uint8))  # bye: the echo closes once it has it
     await ep.close()
     return result
