@@ -978,6 +978,17 @@ class Node:
             out = self._control[nid] = _ControlOut()
             assert self._loop is not None
             out.task = self._loop.create_task(self._drain(nid, out))
+        elif not out.queue and out.bound and out.conn is not None and not out.dead:
+            # Nothing queued before it and the connection is open: send it now if that
+            # needs no waiting, saving the drain task a wake-up (a round of the loop).
+            try:
+                if out.conn.send_nowait(frames):
+                    return
+            except TransportError as exc:
+                log.debug("control send to %s failed: %r", nid, exc)
+                # Not delivered: the drain task opens a new bundle and sends it there.
+                conn, out.conn = out.conn, None
+                self._bg(conn.close())
         out.queue.append(frames)
         out.wake()
 
