@@ -1060,7 +1060,12 @@ class Node:
                 self._post(nid, make(req))
             except SerializationError as exc:
                 raise error(f"cannot send the request to node {nid}: {exc}") from exc
-            if timeout is None:
+            # As a process waiting in receive does: take the reply (and whatever comes
+            # before it) from the endpoint ourselves while the loop is otherwise idle.
+            poll = self.poll_inline
+            while not fut.done() and poll():
+                pass
+            if timeout is None or fut.done():
                 return await fut
             return await asyncio.wait_for(fut, timeout)
         finally:
