@@ -34,8 +34,6 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import cloudpickle
-
 from . import _control as ctl
 from ._channels import ChanMessage, SendPort
 from ._copying import copy_message
@@ -58,7 +56,7 @@ from ._signals import (
     ProcessLinkException,
     ProcessMonitorNotification,
 )
-from .serialization import SerializationError, deserialize, serialize
+from .serialization import SerializationError, deserialize, dumps, serialize
 from .transports.base import (
     ConnectionClosed,
     ConnectionOpened,
@@ -405,8 +403,8 @@ class Node:
     ) -> Pid:
         """Start ``fn(*args)`` on ``node`` (this one or another) and return its pid.
 
-        For another node, ``fn`` and ``args`` are pickled with cloudpickle: an
-        importable function travels by reference, a lambda or closure by value.
+        For another node, ``fn`` and ``args`` are pickled (``serialization.dumps``):
+        an importable function travels by reference, a lambda or closure by value.
 
         Raises:
             SpawnError: ``fn`` or ``args`` cannot be pickled, or the remote node could
@@ -419,8 +417,8 @@ class Node:
         self._check_open()
         name = fn_name(fn)
         try:
-            fn_blob = cloudpickle.dumps(fn, protocol=5)
-            args_blob = cloudpickle.dumps(args, protocol=5)
+            fn_blob = dumps(fn)
+            args_blob = dumps(args)
         except Exception as exc:
             raise SpawnError(
                 f"cannot pickle {name} or its arguments for node {node}: {exc!r}"

@@ -33,7 +33,7 @@ import cloudpickle
 
 from .transports.base import Buffer
 
-__all__ = ["OUT_OF_BAND_MIN", "SerializationError", "deserialize", "serialize"]
+__all__ = ["OUT_OF_BAND_MIN", "SerializationError", "deserialize", "dumps", "serialize"]
 
 #: Buffers smaller than this are pickled in-band: a separate frame costs more than the copy.
 OUT_OF_BAND_MIN = 1024
@@ -187,6 +187,29 @@ def serialize(obj: Any) -> list[Buffer]:
         pickler.file.truncate()
         pickler.busy = False
     return [header, *frames]
+
+
+def dumps(obj: Any) -> bytes:
+    """``obj`` as one pickle (no out-of-band frames), for small values such as a function
+    to spawn and its arguments: the standard (C) pickler where it can, cloudpickle for
+    what it cannot (lambdas, closures, anything of ``__main__``), so functions
+    importable by module and name travel by reference and the others by value.
+
+    Raises:
+        Exception: whatever cloudpickle raises for an object it cannot pickle either.
+    """
+    # Modules registered with cloudpickle.register_pickle_by_value must go by value,
+    # which only cloudpickle does (its registry has no public reader).
+    if not getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None):
+        try:
+            data = pickle.dumps(obj, protocol=5)
+        except Exception:
+            pass  # cloudpickle below pickles it by value, or raises
+        else:
+            if b"__main__" not in data:
+                return data
+    by_value: bytes = cloudpickle.dumps(obj, protocol=5)
+    return by_value
 
 
 def deserialize(frames: Sequence[Buffer]) -> Any:

@@ -307,3 +307,35 @@ def test_functions_and_classes_of_main_travel_by_value(tmp_path: Any) -> None:
     script.write_text(_MAIN_SCRIPT)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "42 Point", out.stdout + out.stderr
+
+
+def module_level_function() -> int:
+    return 42
+
+
+def test_dumps_sends_importable_functions_by_reference_and_closures_by_value() -> None:
+    from hpcproc.serialization import dumps
+
+    by_reference = dumps(module_level_function)
+    assert by_reference == pickle.dumps(module_level_function, protocol=5)
+    assert pickle.loads(by_reference) is module_level_function
+    k = 5
+    closure = pickle.loads(dumps(lambda: k + 1))
+    assert closure() == 6
+
+
+def test_dumps_honours_cloudpickles_register_pickle_by_value() -> None:
+    import sys
+
+    import cloudpickle
+
+    from hpcproc.serialization import dumps
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        data = dumps(module_level_function)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert data != pickle.dumps(module_level_function, protocol=5)  # the code itself
+    assert pickle.loads(data)() == 42
