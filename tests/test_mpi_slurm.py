@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from .mpi.launch import check_all_ranks_passed, pytest_command, run_bounded
 
 pytest.importorskip("mpi4py", reason="the mpi transport needs mpi4py (pip install hpcproc[mpi])")
 
-TIMEOUT = 300.0
+#: Below pytest-timeout's 120 s, so that a hung step is killed and cancelled here.
+TIMEOUT = 100.0
 
 
 def slurm_unavailable() -> str | None:
@@ -46,6 +48,21 @@ def test_conformance_scenarios_pass_in_both_ranks_under_srun_pmi2(tmp_path: Path
         if os.environ.get("HPCPROC_REQUIRE_SLURM") == "1":
             pytest.fail(f"HPCPROC_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
-    command = ["srun", "--mpi=pmi2", "-N", "2", "-n", "2", "--time=4", *pytest_command(tmp_path)]
-    returncode, output = run_bounded(command, TIMEOUT)
+    name = f"hpcproc-mpi-{uuid.uuid4().hex[:8]}"
+    command = [
+        "srun",
+        f"--job-name={name}",
+        "--mpi=pmi2",
+        "-N",
+        "2",
+        "-n",
+        "2",
+        "--time=4",
+        *pytest_command(tmp_path),
+    ]
+    try:
+        returncode, output = run_bounded(command, TIMEOUT)
+    finally:
+        # A step that did not finish must not hold the nodes the next tests need.
+        subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)
     check_all_ranks_passed(returncode, output, tmp_path, ranks=2)

@@ -176,7 +176,9 @@ async def exchange(
 async def _exchange_mpi(
     info: ClusterInfo, payload: bytes, timeout: float, describe: str
 ) -> list[bytes]:
-    from mpi4py import MPI
+    from ..transports.mpi import import_mpi
+
+    MPI = import_mpi()
 
     comm = MPI.COMM_WORLD
     if comm.Get_size() != info.size or comm.Get_rank() != info.rank:
