@@ -107,6 +107,38 @@ def test_thread_level_below_serialized_raises_a_clear_error() -> None:
     assert "MPI_THREAD_SINGLE" in result.stdout
 
 
+def test_ucx_transport_works_in_a_process_that_created_an_mpi_transport_first() -> None:
+    """The mpich wheel's bundled UCX would shadow the ucxx wheel's (undefined symbol in
+    libuct) if MPI were loaded first; the transport loads ucxx's UCX before MPI."""
+    import importlib.util
+
+    if importlib.util.find_spec("ucxx") is None:
+        pytest.skip("ucxx is not installed (pip install hpcproc[ucx])")
+    result = run_python(
+        """
+        import asyncio
+        from hpcproc.transports import create
+
+        async def main():
+            mpi_transport = create("mpi")
+            await mpi_transport.new_endpoint()
+            ucx = create("ucx")
+            a, b = await ucx.new_endpoint(), await ucx.new_endpoint()
+            conn = await a.connect(b.address)
+            await conn.send([b"over ucx"])
+            events = [await b.receive(), await b.receive()]
+            print("received", bytes(events[1].frames[0]).decode())
+            await conn.close()
+            await ucx.close()
+            await mpi_transport.close()
+
+        asyncio.run(main())
+        """
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "received over ucx" in result.stdout
+
+
 def test_addresses_name_rank_and_endpoint_and_malformed_ones_are_rejected() -> None:
     address = mpi.format_address(3, 17)
     assert address == b"mpi:3:17"

@@ -123,6 +123,8 @@ import atexit
 import contextlib
 import ctypes
 import enum
+import importlib
+import importlib.util
 import itertools
 import logging
 import struct
@@ -211,6 +213,7 @@ def import_mpi() -> Any:
     Raises:
         ImportError: mpi4py (or its MPI library) is not installed.
     """
+    _load_ucxx_ucx_first()
     try:
         with _zeroed_allocations():
             from mpi4py import MPI  # initialises MPI
@@ -219,6 +222,24 @@ def import_mpi() -> Any:
             "the mpi transport needs mpi4py and an MPI library: pip install hpcproc[mpi]"
         ) from exc
     return MPI
+
+
+def _load_ucxx_ucx_first() -> None:
+    """Where the ucxx wheel is installed too, load its UCX libraries before MPI.
+
+    The mpich wheel bundles an older UCX (``libucs.so.0``, ``libucp.so.0``). Once MPI
+    has loaded it, the ucxx wheel's ``libuct.so`` binds to that ``libucs`` and fails
+    with "undefined symbol: ucs_ifname_to_ndev_index", so the ucx transport cannot be
+    used in the same process. Loaded the other way round both work (MPICH's UCX netmod
+    then runs on the newer UCX). Nothing happens when MPI is already loaded or libucx
+    is not installed.
+    """
+    if "mpi4py.MPI" in sys.modules or importlib.util.find_spec("libucx") is None:
+        return
+    try:
+        importlib.import_module("libucx").load_library()
+    except Exception as exc:  # a broken ucxx install must not stop MPI
+        log.debug("could not preload libucx: %r", exc)
 
 
 #: glibc's mallopt parameter: allocations are filled with the complement of its value.

@@ -4,8 +4,10 @@ Usage: ``python tests/mpi/rank_report.py OUTDIR PYTEST_ARGS...``
 
 Launchers merge the ranks' output streams, and two ranks printing at once interleave
 within a line, so the summaries cannot be parsed from the merged stream. Each rank
-therefore sends its own stdout and stderr to ``OUTDIR/rank-<N>.txt`` and then becomes
-pytest (``exec``), so MPI is initialised in the process the launcher started.
+therefore sends its own stdout and stderr to ``OUTDIR/rank-<N>.txt``, initialises MPI
+as hpcproc does (``hpcproc.transports.mpi.import_mpi``: see why there; pytest-mpi
+would otherwise initialise it its own way), and runs pytest in this same process, the
+one the launcher started.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ def main() -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    os.execv(sys.executable, [sys.executable, "-m", "pytest", *pytest_args])
+    from hpcproc.transports.mpi import import_mpi
+
+    import_mpi()
+    import pytest
+
+    raise SystemExit(pytest.main(pytest_args))
 
 
 if __name__ == "__main__":
