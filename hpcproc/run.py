@@ -8,6 +8,9 @@ Usage::
 Each rank (``srun``, ``mpiexec``, ``pbsdsh``, ... started it, or ``--np N`` here):
 
 1. detects its launcher and place in the job (:func:`hpcproc.launchers.detect`);
+   with ``--transport mpi`` (or ``--rendezvous mpi``) it initialises MPI here,
+   before importing the entry point, so an application that imports mpi4py itself
+   finds it initialised as hpcproc does it (``hpcproc.transports.mpi.import_mpi``);
 2. creates the transport and its node;
 3. registers its run controller, then takes part in the rendezvous
    (:mod:`hpcproc.launchers.rendezvous`), so every rank knows every node id;
@@ -225,6 +228,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         _write_line(sys.stdout, info.describe())
         return 0
+    if args.transport == "mpi" or args.rendezvous == "mpi":
+        # Initialise MPI before the application's modules are imported: one that
+        # imports mpi4py itself would otherwise initialise it without the care
+        # hpcproc.transports.mpi.import_mpi takes (see there).
+        try:
+            from .transports.mpi import import_mpi
+
+            import_mpi()
+        except ImportError as exc:
+            _write_line(sys.stderr, f"hpcproc.run: {exc}")
+            return 2
     try:
         entry = load_entry(args.entry)
     except (ImportError, ValueError) as exc:

@@ -101,6 +101,15 @@ async def app_ready_then_wait(cluster: Any) -> None:
     await hp.expect(str)
 
 
+MPI_LOADED_AT_IMPORT = "mpi4py.MPI" in sys.modules
+
+
+async def report_mpi_loaded_before_entry(cluster: Any) -> int:
+    """Whether MPI was already initialised when this module (the entry) was imported."""
+    say_line(f"mpi loaded before entry: {MPI_LOADED_AT_IMPORT}")
+    return 0
+
+
 # ------------------------------------------------------------ helpers
 
 
@@ -294,6 +303,18 @@ def test_np_children_stop_when_the_parent_is_killed(ranks: list[Rank], env: dict
             os.killpg(r.proc.pid, signal.SIGKILL)  # the children, if they outlived it
     assert rc == -signal.SIGKILL
     assert out.count("stopped by SIGHUP (its hpcproc.run --np launcher is gone)") == 2, out
+
+
+def test_mpi_jobs_initialise_mpi_before_importing_the_entry(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    """An application importing mpi4py itself must find MPI initialised as hpcproc
+    initialises it (hpcproc.transports.mpi.import_mpi), not initialise it first."""
+    pytest.importorskip("mpi4py", reason="needs mpi4py (pip install hpcproc[mpi])")
+    r = start(ranks, ["--transport", "mpi", f"{THIS}:report_mpi_loaded_before_entry"], env)
+    rc, out = r.finish()
+    assert rc == 0, out
+    assert "mpi loaded before entry: True" in out
 
 
 def test_missing_rank_fails_every_rank_naming_it(ranks: list[Rank], env: dict[str, str]) -> None:
