@@ -13,16 +13,13 @@ from .transport_specs import SPECS
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Load UCX's own libraries before anything loads MPI.
-
-    The mpich wheel bundles an older UCX (``libucs.so.0``, ``libucp.so.0``). Once
-    mpi4py has loaded it, the ucxx wheel's ``libuct.so`` binds to that ``libucs`` and
-    fails with "undefined symbol: ucs_ifname_to_ndev_index", so every ucx test after
-    an mpi test in the same pytest process fails. Loaded the other way round, both work
-    (mpich's netmod then uses the newer UCX). Only when both are installed.
+    """Load UCX's own libraries before anything loads MPI (pytest-mpi, the mpi tests):
+    see ``hpcproc.transports.mpi.load_ucx_before_mpi``. Only when mpi4py is installed.
     """
-    if importlib.util.find_spec("libucx") and importlib.util.find_spec("mpi4py"):
-        importlib.import_module("libucx").load_library()
+    if importlib.util.find_spec("mpi4py"):
+        from hpcproc.transports.mpi import load_ucx_before_mpi
+
+        load_ucx_before_mpi()
 
 
 _MARKS = {"ucx": [pytest.mark.ucx]}

@@ -153,7 +153,13 @@ from .base import (
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-__all__ = ["MpiTransport", "MpiUnavailableError", "create_transport", "import_mpi"]
+__all__ = [
+    "MpiTransport",
+    "MpiUnavailableError",
+    "create_transport",
+    "import_mpi",
+    "load_ucx_before_mpi",
+]
 
 log = logging.getLogger("hpcproc.transports.mpi")
 
@@ -213,7 +219,7 @@ def import_mpi() -> Any:
     Raises:
         ImportError: mpi4py (or its MPI library) is not installed.
     """
-    _load_ucxx_ucx_first()
+    load_ucx_before_mpi()
     try:
         with _zeroed_allocations():
             from mpi4py import MPI  # initialises MPI
@@ -224,7 +230,7 @@ def import_mpi() -> Any:
     return MPI
 
 
-def _load_ucxx_ucx_first() -> None:
+def load_ucx_before_mpi() -> None:
     """Where the ucxx wheel is installed too, load its UCX libraries before MPI.
 
     The mpich wheel bundles an older UCX (``libucs.so.0``, ``libucp.so.0``). Once MPI
@@ -483,14 +489,14 @@ class _Engine:
 
     # ------------------------------------------------------------------ progress
 
-    def progress(self, batch: bool = True) -> bool:
+    def progress(self, batch: bool = True, endpoint: _MpiEndPoint | None = None) -> bool:
         """Test outstanding requests, take new envelopes, dispatch; True if anything moved.
 
         With ``batch`` false, at most one new envelope is taken (a caller waiting for
-        one event wants it as soon as it is there). Never blocks. Must be called on an
-        event-loop thread.
+        one event wants it as soon as it is there). With ``endpoint`` (the caller runs
+        on its loop), a small DATA message for it goes straight to its event queue.
+        Never blocks. Must be called on an event-loop thread.
         """
-        loop = _running_loop()
         with self.lock:
             if self.closed:
                 return False
@@ -501,7 +507,7 @@ class _Engine:
                     return False
                 done: list[_SendOp] = []
                 ready: list[_Inbound] = []
-                self._take(message, ready)
+                self._take(message, ready, endpoint)
             else:
                 done = []
                 ready = []
@@ -514,10 +520,11 @@ class _Engine:
                     if not (done or ready):
                         return False
                 else:
-                    self._take(message, ready)
+                    self._take(message, ready, endpoint)
             if message is not None and batch:
                 self._poll(ready)
             if ready:
+                loop = endpoint.loop if endpoint is not None else _running_loop()
                 ready = self._sort_out(ready, loop)
         self.last_activity = time.monotonic()
         for op in done:
@@ -582,27 +589,12 @@ class _Engine:
 
     def take_one(self, endpoint: _MpiEndPoint) -> bool:
         """``progress(False)`` for a receiver spinning on ``endpoint`` (on its loop):
-        when nothing is outstanding, one probe, and a small DATA message for
-        ``endpoint`` goes straight to its event queue. True if anything moved."""
+        first what other threads took for it, then one probe, a small DATA message for
+        it going straight to its event queue. True if anything moved."""
         if endpoint._inbox:
             endpoint._drain_inbox()
             return True
-        if self._send_reqs or self._recv_reqs:
-            return self.progress(False)
-        ready: list[_Inbound] = []
-        with self.lock:
-            if self.closed:
-                return False
-            message = self.comm.Improbe(self._any_source, _TAG, self._status)
-            if message is None:
-                return False
-            self._take(message, ready, endpoint)
-            if ready:
-                ready = self._sort_out(ready, endpoint.loop)
-        self.last_activity = time.monotonic()
-        for msg in ready:
-            self._route(msg)
-        return True
+        return self.progress(False, endpoint)
 
     def _sort_out(
         self, ready: list[_Inbound], loop: asyncio.AbstractEventLoop | None
