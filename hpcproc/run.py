@@ -26,11 +26,16 @@ Each rank (``srun``, ``mpiexec``, ``pbsdsh``, ... started it, or ``--np N`` here
 unless it is an ``int`` (the exit status). An exception exits with status 1 and a
 message naming the rank and host of any node it mentions.
 
-SIGTERM / SIGINT (what ``scancel`` and Ctrl-C send) close the node: its processes are
-killed (watchers see ``DiedNodeDown``), the endpoint is closed, and the rank exits
-with 128 + the signal number. ``--np N`` forwards them to its local nodes; if the
-``--np`` process itself dies without forwarding (SIGKILL), its nodes notice (end of
-file on a pipe only it held) and stop the same way, with 128 + SIGHUP.
+SIGTERM / SIGINT (what ``scancel`` and Ctrl-C send) to any subset of the ranks end
+the whole job: a worker that gets one tells rank 0 before it closes, rank 0 tells every
+worker, and every rank closes its node (its processes are killed, watchers see
+``DiedNodeDown``) and exits with 128 + the signal number, with one line saying which
+signal stopped it and where it was received; the loss of an interrupted worker is
+never reported as a failure of ``main``. A second signal received while closing exits
+at once. ``--np N`` passes the signals it gets on to its ranks (a second one kills them
+at once); if the ``--np`` process itself dies without passing anything on (SIGKILL),
+its ranks notice (end of file on a pipe only it held) and stop the same way, with
+128 + SIGHUP.
 
 ``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
 host, ...) and exits without importing the entry point or creating a transport.
@@ -53,7 +58,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from .launchers import ClusterInfo, LauncherError, detect
 from .launchers.errors import RendezvousError
@@ -67,6 +72,8 @@ if TYPE_CHECKING:
 __all__ = ["Cluster", "load_entry", "main"]
 
 log = logging.getLogger("hpcproc.run")
+
+_T = TypeVar("_T")
 
 TRANSPORTS = ("auto", "tcp", "shm", "mpi", "ucx", "inmemory")
 
@@ -115,10 +122,40 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Interrupted:
+    """Rank ``rank`` on ``host`` was stopped by signal ``signum`` (``detail`` says more).
+
+    A worker that gets a signal sends this to rank 0's controller before it closes, so
+    that rank 0 stops the job for that reason (and never mistakes the worker's going
+    away for a failure of ``main``); rank 0 passes it on to the others in
+    :class:`Shutdown`.
+    """
+
+    signum: int
+    rank: int
+    host: str
+    detail: str = ""
+
+    @property
+    def status(self) -> int:
+        """The conventional exit status: 128 + the signal number."""
+        return 128 + self.signum
+
+    def describe(self, rank: int) -> str:
+        """``"stopped by SIGINT"``, naming where it was received unless it was ``rank``."""
+        text = f"stopped by {signal.Signals(self.signum).name}{self.detail}"
+        if rank != self.rank:
+            text += f" (received by rank {self.rank} on {self.host})"
+        return text
+
+
+@dataclass(frozen=True)
 class Shutdown:
-    """Rank 0 to every other rank: exit now with ``status``."""
+    """Rank 0 to every other rank: exit now with ``status``; ``interrupted`` when a
+    signal ended the job."""
 
     status: int
+    interrupted: Interrupted | None = None
 
 
 # ---------------------------------------------------------------- entry point
@@ -269,28 +306,42 @@ def _without_np(argv: list[str]) -> list[str]:
 def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
     """Start ``n`` ranks of this command as child processes; return rank 0's status.
 
-    SIGTERM / SIGINT received here are forwarded to every child; the children are
-    always waited for (and killed if they outlive a bounded grace period after a
-    forwarded signal).
+    SIGTERM / SIGINT received here are passed on to every child through its lifeline
+    pipe (not as a signal: a Ctrl-C in a terminal reaches the children directly too,
+    and a signal passed on would count as a second one there); a second signal here
+    kills the children at once. The children are always waited for (and killed if
+    they outlive a bounded grace period after a signal).
     """
     job = f"local-{uuid.uuid4().hex[:12]}"
     children: list[subprocess.Popen[bytes]] = []
     received: list[int] = []
-    # Every child holds the read end of this pipe; only we hold the write end. If we
-    # die without forwarding anything (SIGKILL, a crash), the children read EOF and
-    # stop, instead of running on as orphans holding their ports.
-    lifeline, keep = os.pipe()
+    # Each child holds the read end of a pipe of its own; only we hold the write ends.
+    # A byte on it is a signal passed on; end of file means we died without passing
+    # anything on (SIGKILL, a crash), and the child stops instead of running on as an
+    # orphan holding its ports.
+    lifelines: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        if len(received) > 1:
+            _write_line(
+                sys.stderr,
+                f"hpcproc.run: second {signal.Signals(signum).name}, killing the ranks at once",
+            )
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+            return
+        for fd in lifelines:
+            with contextlib.suppress(OSError):
+                os.write(fd, bytes([signum]))
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for rank in range(n):
             env = dict(os.environ)
+            read_end, write_end = os.pipe()
+            lifelines.append(write_end)
             env.update(
                 HPCPROC_RANK=str(rank),
                 HPCPROC_SIZE=str(n),
@@ -298,15 +349,22 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
                 HPCPROC_LOCAL_SIZE=str(n),
                 HPCPROC_HOSTS=",".join(["127.0.0.1"] * n),
                 HPCPROC_JOB_ID=job,
-                HPCPROC_LIFELINE_FD=str(lifeline),
+                HPCPROC_LIFELINE_FD=str(read_end),
             )
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "hpcproc.run", *argv], env=env, pass_fds=(lifeline,)
+            try:
+                children.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "hpcproc.run", *argv],
+                        env=env,
+                        pass_fds=(read_end,),
+                    )
                 )
-            )
-        os.close(lifeline)
-        lifeline = -1
+            finally:
+                os.close(read_end)
+            if received:
+                # A signal came while starting: pass it on to the late ones too.
+                with contextlib.suppress(OSError):
+                    os.write(write_end, bytes([received[0]]))
         statuses = []
         for child in children:
             while True:
@@ -316,31 +374,34 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
                     break
                 except subprocess.TimeoutExpired:
                     child.kill()
-        status = statuses[0]
-        if status < 0:
-            status = 128 - status
         if dry_run:
             return max(abs(s) for s in statuses)
-        return status
+        if len(received) > 1:
+            return 128 + received[-1]
+        status = statuses[0]
+        return 128 - status if status < 0 else status
     finally:
         for child in children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
-        for fd in (lifeline, keep):
-            if fd >= 0:
-                os.close(fd)
+        for fd in lifelines:
+            os.close(fd)
         for s, handler in old.items():
             signal.signal(s, handler)
 
 
-def _watch_lifeline(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], None]) -> int | None:
-    """Call ``on_gone`` when the ``--np`` parent that started this rank is gone.
+def _watch_lifeline(
+    loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None], on_gone: Callable[[], None]
+) -> int | None:
+    """Follow the lifeline of the ``--np`` parent that started this rank.
 
     The parent passes the read end of a pipe whose write end only it holds
-    (``HPCPROC_LIFELINE_FD``); end of file on it means the parent died. The variable
-    is removed from the environment, so that the application's own children do not
-    inherit it. Returns the descriptor watched (to be closed by the caller), or None.
+    (``HPCPROC_LIFELINE_FD``): each byte on it is a signal the parent received and
+    passes on (``on_signal(signum)``); end of file means the parent died
+    (``on_gone()``). The variable is removed from the environment, so that the
+    application's own children do not inherit it. Returns the descriptor watched (to
+    be closed by the caller), or None.
     """
     value = os.environ.pop("HPCPROC_LIFELINE_FD", None)
     if value is None:
@@ -354,7 +415,7 @@ def _watch_lifeline(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], None]
 
     def readable() -> None:
         try:
-            data = os.read(fd, 1)
+            data = os.read(fd, 64)
         except BlockingIOError:
             return
         except OSError:
@@ -362,6 +423,8 @@ def _watch_lifeline(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], None]
         if not data:
             loop.remove_reader(fd)
             on_gone()
+        for signum in data:
+            on_signal(signum)
 
     os.set_blocking(fd, False)
     loop.add_reader(fd, readable)
@@ -401,6 +464,64 @@ def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
     return name, transports.create(name)
 
 
+class _Stopped(Exception):
+    """This rank stops because of a signal: its own, or one another rank received."""
+
+    def __init__(self, why: Interrupted) -> None:
+        super().__init__(why.describe(why.rank))
+        self.why = why
+
+
+class _Signals:
+    """What signals did to this rank: the first one (received here, passed on by the
+    ``--np`` parent, or received by another rank) stops the job; a second one received
+    here directly while stopping exits at once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, info: ClusterInfo) -> None:
+        #: Done with the reason once the rank (and so the job) is to stop.
+        self.stop: asyncio.Future[Interrupted] = loop.create_future()
+        self._info = info
+        self._direct = 0
+
+    def received(self, signum: int, *, direct: bool = True, detail: str = "") -> None:
+        """A signal for this rank; ``direct`` unless the ``--np`` parent passed it on."""
+        if direct:
+            self._direct += 1
+            if self._direct > 1:
+                _write_line(
+                    sys.stderr,
+                    f"hpcproc.run: rank {self._info.rank} on {self._info.hostname}: second"
+                    f" {signal.Signals(signum).name}, exiting at once",
+                )
+                os._exit(128 + signum)
+        self.interrupt(Interrupted(signum, self._info.rank, self._info.hostname, detail))
+
+    def interrupt(self, why: Interrupted) -> None:
+        """Stop for ``why`` unless already stopping."""
+        if not self.stop.done():
+            self.stop.set_result(why)
+
+
+async def _unless_stopped(aw: Coroutine[Any, Any, _T], stop: asyncio.Future[Interrupted]) -> _T:
+    """Await ``aw``, unless ``stop`` completes first: then ``aw`` is cancelled and
+    :class:`_Stopped` raised."""
+    if stop.done():
+        aw.close()
+        raise _Stopped(stop.result())
+    task = asyncio.ensure_future(aw)
+    either: set[asyncio.Future[Any]] = {task, stop}
+    try:
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise _Stopped(stop.result())
+
+
 async def _run_rank(
     info: ClusterInfo, entry: Callable[[Cluster], Coroutine[Any, Any, Any]], args: Any
 ) -> int:
@@ -408,26 +529,22 @@ async def _run_rank(
     import hpcproc as hp
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals: list[int] = []
+    signals = _Signals(loop, info)
 
-    why = ""
+    def passed_on(signum: int) -> None:
+        signals.received(signum, direct=False)
 
-    def on_signal(signum: int) -> None:
-        signals.append(signum)
-        stop.set()
-
-    def on_parent_gone() -> None:
-        nonlocal why
-        why = " (its hpcproc.run --np launcher is gone)"
-        on_signal(signal.SIGHUP)
+    def parent_gone() -> None:
+        signals.received(
+            signal.SIGHUP, direct=False, detail=" (its hpcproc.run --np launcher is gone)"
+        )
 
     # Signal handlers can only be installed from the main thread (embedded use may
     # run this elsewhere; the caller then owns signal handling).
     handled = (signal.SIGTERM, signal.SIGINT) if _in_main_thread() else ()
     for s in handled:
-        loop.add_signal_handler(s, on_signal, s)
-    lifeline = _watch_lifeline(loop, on_parent_gone)
+        loop.add_signal_handler(s, signals.received, s)
+    lifeline = _watch_lifeline(loop, passed_on, parent_gone)
     try:
         transport_name, transport = _create_transport(info, args.transport)
         method: Method = args.rendezvous
@@ -436,25 +553,24 @@ async def _run_rank(
         node = hp.Node(transport)
         await node.start()
         try:
-            life = asyncio.ensure_future(
-                _serve_rank(node, info, entry, spmd=args.spmd, timeout=args.timeout, method=method)
+            status = await _serve_rank(
+                node,
+                info,
+                entry,
+                spmd=args.spmd,
+                timeout=args.timeout,
+                method=method,
+                signals=signals,
             )
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({life, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if life.done():
-                stopper.cancel()
-                status = life.result()
-                log.info("rank %d on %s exits with status %d", info.rank, info.hostname, status)
-                return status
-            life.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await life
+            log.info("rank %d on %s exits with status %d", info.rank, info.hostname, status)
+            return status
+        except _Stopped as stopped:
             _write_line(
                 sys.stderr,
-                f"hpcproc.run: rank {info.rank} on {info.hostname}: stopped by"
-                f" {signal.Signals(signals[0]).name}{why}",
+                f"hpcproc.run: rank {info.rank} on {info.hostname}:"
+                f" {stopped.why.describe(info.rank)}",
             )
-            return 128 + signals[0]
+            return stopped.why.status
         finally:
             await node.close()
             await transport.close()
@@ -481,13 +597,23 @@ async def _serve_rank(
     spmd: bool,
     timeout: float,
     method: Method,
+    signals: _Signals,
 ) -> int:
+    """Rendezvous, then run ``main`` or serve; the status to exit with.
+
+    Raises:
+        _Stopped: a signal stopped the job (here or on another rank); the other ranks
+            have been told (a worker tells rank 0, rank 0 tells every worker).
+    """
     import hpcproc as hp
 
     # The controller is registered before the rendezvous, so that once any rank is
     # past the rendezvous every rank's controller can receive.
-    control = _Controller(node)
-    roster = await rendezvous(info, node.node_id.address, timeout=timeout, method=method)
+    control = _Controller(node, signals)
+    stop = signals.stop
+    roster = await _unless_stopped(
+        rendezvous(info, node.node_id.address, timeout=timeout, method=method), stop
+    )
     nodes = tuple(hp.NodeId(a) for a in roster.addresses)
     if nodes[info.rank] != node.node_id:
         raise RendezvousError(f"rendezvous returned another address for rank {info.rank}")
@@ -510,22 +636,41 @@ async def _serve_rank(
         spmd=spmd,
         peers=others if spmd else (nodes[1:] if info.rank == 0 else ()),
     )
-    if info.rank == 0 or spmd:
-        status = await _run_main(node, entry, cluster)
-    if info.rank == 0:
+    try:
+        if info.rank == 0 or spmd:
+            status = await _unless_stopped(_run_main(node, entry, cluster, control), stop)
+        if info.rank == 0:
+            if spmd:
+                status = max(status, await _unless_stopped(_collect_done(cluster, control), stop))
+            for nid in nodes[1:]:
+                node.nsend_remote(nid, CONTROLLER, Shutdown(status))
+            return status
         if spmd:
-            status = max(status, await _collect_done(cluster, control))
-        for nid in nodes[1:]:
-            node.nsend_remote(nid, CONTROLLER, Shutdown(status))
-        return status
-    if spmd:
-        node.nsend_remote(nodes[0], CONTROLLER, Done(info.rank, status))
-    return await _await_shutdown(cluster, control)
+            node.nsend_remote(nodes[0], CONTROLLER, Done(info.rank, status))
+        return await _unless_stopped(_await_shutdown(cluster, control), stop)
+    except _Stopped as stopped:
+        # Sent before this node closes, so the receivers have the reason before they
+        # see the node go (one connection, in order): rank 0's main never reports
+        # the loss of a worker that was interrupted as a failure.
+        if info.rank == 0:
+            for nid in nodes[1:]:
+                node.nsend_remote(nid, CONTROLLER, Shutdown(stopped.why.status, stopped.why))
+        elif stopped.why.rank == info.rank:
+            node.nsend_remote(nodes[0], CONTROLLER, stopped.why)
+        raise
 
 
 async def _run_main(
-    node: Node, entry: Callable[[Cluster], Coroutine[Any, Any, Any]], cluster: Cluster
+    node: Node,
+    entry: Callable[[Cluster], Coroutine[Any, Any, Any]],
+    cluster: Cluster,
+    control: _Controller,
 ) -> int:
+    """Run ``main``; its status (1 after a message if it raised).
+
+    Raises:
+        _Stopped: ``main`` failed because the job is being stopped by a signal.
+    """
     import hpcproc as hp
 
     async def master() -> Any:
@@ -537,6 +682,12 @@ async def _run_main(
     try:
         result = await node.run(master)
     except Exception as exc:
+        # A worker stopped by a signal goes away, and main may fail of that (its link
+        # fires) before this rank acts on the reason, which came first on the same
+        # connection: once the controller has handled what came before, it is known.
+        why = await control.interruption()
+        if why is not None:
+            raise _Stopped(why) from None
         _write_line(
             sys.stderr,
             f"hpcproc.run: main failed on rank {cluster.rank} ({cluster.info.hostname}):"
@@ -565,16 +716,31 @@ class _Watch:
     nodes: tuple[NodeId, ...]
 
 
+@dataclass(frozen=True)
+class _Flush:
+    """Local request to the controller: complete ``done`` (once everything delivered
+    before it has been handled)."""
+
+    done: asyncio.Future[None]
+
+
+#: How long :meth:`_Controller.interruption` waits for the controller to catch up.
+_FLUSH_TIMEOUT = 5.0
+
+
 class _Controller:
     """This rank's run controller: one registered process whose mailbox gets Done,
-    Shutdown and the node monitor notifications, in arrival order (one mailbox, so a
-    master's Shutdown is never overtaken by the NodeDown its close sends after it)."""
+    Shutdown, Interrupted and the node monitor notifications, in arrival order (one
+    mailbox, so a master's Shutdown is never overtaken by the NodeDown its close sends
+    after it). Interruptions complete ``stop``; the rest goes to :attr:`inbox`."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, signals: _Signals) -> None:
         import hpcproc as hp
 
         self._node = node
+        self._stop = signals.stop
         self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        interrupt = signals.interrupt
 
         async def controller() -> None:
             while True:
@@ -582,6 +748,13 @@ class _Controller:
                 if isinstance(msg, _Watch):
                     for nid in msg.nodes:
                         await hp.monitor_node(nid)
+                elif isinstance(msg, _Flush):
+                    if not msg.done.done():
+                        msg.done.set_result(None)
+                elif isinstance(msg, Interrupted):
+                    interrupt(msg)
+                elif isinstance(msg, Shutdown) and msg.interrupted is not None:
+                    interrupt(msg.interrupted)
                 else:
                     self.inbox.put_nowait(msg)
 
@@ -591,6 +764,20 @@ class _Controller:
     def watch(self, nids: Sequence[NodeId]) -> None:
         """Have a NodeMonitorNotification put in :attr:`inbox` when any of ``nids`` goes."""
         self._node.send_local(self.pid, _Watch(tuple(nids)))
+
+    async def interruption(self) -> Interrupted | None:
+        """Why the job is stopping, once every message delivered before this call has
+        been handled; None if it is not. Waits at most ``_FLUSH_TIMEOUT`` seconds."""
+        if not self._stop.done():
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._node.send_local(self.pid, _Flush(done))
+            await asyncio.wait({done}, timeout=_FLUSH_TIMEOUT)
+        return self._stop.result() if self._stop.done() else None
+
+    def stopped(self) -> None:
+        """Raise :class:`_Stopped` if the job is stopping."""
+        if self._stop.done():
+            raise _Stopped(self._stop.result())
 
 
 async def _collect_done(cluster: Cluster, control: _Controller) -> int:
@@ -602,6 +789,8 @@ async def _collect_done(cluster: Cluster, control: _Controller) -> int:
     worst = 0
     while pending:
         msg = await control.inbox.get()
+        # A rank that was interrupted said so before it went: not a loss.
+        control.stopped()
         if isinstance(msg, Done) and msg.rank in pending:
             pending.discard(msg.rank)
             worst = max(worst, msg.status)
@@ -625,6 +814,8 @@ async def _await_shutdown(cluster: Cluster, control: _Controller) -> int:
     control.watch(cluster.nodes[:1])
     while True:
         msg = await control.inbox.get()
+        # A master that was interrupted said so before it went: not a loss.
+        control.stopped()
         if isinstance(msg, Shutdown):
             return msg.status
         if isinstance(msg, hp.NodeMonitorNotification):
