@@ -1293,10 +1293,13 @@ async def peer_close_reports_closed_then_lost(h: Harness) -> None:
     (after their messages), then CONNECTION_LOST for the connections we had to it."""
     peer, endpoint, conn, reply_id = await _peer_link(h)
     await h.wait(conn.send([b"last"]), "send()")
-    await peer.stop(h.timeout)
-    check(peer.process.returncode == 0, f"peer exited with {peer.process.returncode}")
+    # Its echo first: the quit command travels on another channel (the peer's stdin)
+    # and could otherwise reach the peer's event loop before the message does (the
+    # peer then quits without echoing it, whatever the transport).
     event = await h.expect(endpoint, Received)
     check((event.conn_id, as_bytes(event.frames)) == (reply_id, [b"last"]), f"{event!r}")
+    await peer.stop(h.timeout)
+    check(peer.process.returncode == 0, f"peer exited with {peer.process.returncode}")
     check((await h.expect(endpoint, ConnectionClosed)).conn_id == reply_id, "wrong close")
     await h.expect_lost(endpoint, peer.address)
     await h.fails(conn.send([b"after"]), SendError, SendErrorCode.FAILED)
