@@ -440,7 +440,7 @@ class _EndPoint(EndPoint):
         not fail the others; it is cancelled when none waits any more.
         """
         pending = self._pending.get(remote)
-        if pending is None:
+        if pending is None or pending.future.done():
             pending = self._establish(remote)
         pending.waiters += 1
         try:
@@ -454,6 +454,10 @@ class _EndPoint(EndPoint):
             pending.waiters -= 1
             if pending.waiters == 0 and not pending.future.done():
                 pending.cancel()
+                # Forget it now: a connect arriving before the cancellation lands must
+                # start afresh, not join an establishment that ends cancelled.
+                if self._pending.get(remote) is pending:
+                    del self._pending[remote]
 
     def _establish(self, remote: EndPointAddress) -> _Pending:
         loop = asyncio.get_running_loop()
