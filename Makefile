@@ -8,10 +8,13 @@ EXTRAS ?= test,dev,mpi,ucx
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# tests/plugin_transport: the test transport `teststreams`, registered through a real
+# `hpcproc.transports` entry point as a third party's transport would be.
+$(STAMP): pyproject.toml tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --disable-pip-version-check -e tests/plugin_transport
 	touch $(STAMP)
 
 lint: venv

@@ -2,8 +2,12 @@
 
 Usage::
 
-    python -m hpcproc.run [--transport auto|tcp|shm|mpi|ucx|inmemory] [--spmd] [--np N]
+    python -m hpcproc.run [--transport auto|NAME] [--spmd] [--np N]
                           [--timeout S] [--dry-run] module:function | path.py:function
+
+``NAME`` is any transport of the registry (:func:`hpcproc.transports.available`): the
+built-in ``tcp``, ``shm``, ``mpi``, ``ucx``, ``inmemory``, and third-party transports
+registered through the ``hpcproc.transports`` entry-point group.
 
 Each rank (``srun``, ``mpiexec``, ``pbsdsh``, ... started it, or ``--np N`` here):
 
@@ -74,8 +78,6 @@ __all__ = ["Cluster", "load_entry", "main"]
 log = logging.getLogger("hpcproc.run")
 
 _T = TypeVar("_T")
-
-TRANSPORTS = ("auto", "tcp", "shm", "mpi", "ucx", "inmemory")
 
 #: Registered name of each node's run controller (receives Done / Shutdown).
 CONTROLLER = "hpcproc.run"
@@ -203,15 +205,21 @@ def load_entry(spec: str) -> Callable[[Cluster], Coroutine[Any, Any, Any]]:
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    from .transports import available
+
+    # The registry's names (built-in, registered, entry points): an unknown name is
+    # refused with the list of these.
+    transports = ("auto", *available())
     parser = argparse.ArgumentParser(
         prog="python -m hpcproc.run",
         description="Run main(cluster) on a set of hpcproc nodes, one per rank.",
     )
     parser.add_argument(
         "--transport",
-        choices=TRANSPORTS,
+        choices=transports,
         default="auto",
-        help="auto: shm when every rank is on this host, else tcp",
+        help="auto: shm when every rank is on this host, else tcp; or any transport of"
+        " the registry (hpcproc.transports.available(), entry points included)",
     )
     parser.add_argument("--spmd", action="store_true", help="run main on every rank")
     parser.add_argument(

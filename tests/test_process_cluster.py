@@ -1,15 +1,20 @@
 """Process-layer semantics across two nodes.
 
-Every scenario runs twice: on two in-memory nodes in this process, and over TCP
-between this process and a node in a separate OS process
-(:mod:`hpcproc.testing.node_server`). Process functions spawned on the other node are
-module-level here, so the node server imports them by reference (``tests`` is a
-package and its working directory is the repository root); closures travel by value.
+Every scenario runs on two in-memory nodes in this process, and over each transport of
+:data:`REMOTE` between this process and a node in a separate OS process
+(:mod:`hpcproc.testing.node_server`): TCP, and ``teststreams``, the test transport
+written to the abstract methods of ``base.py`` only (``tests/plugin_transport``, found
+through its entry point). Process functions spawned on the other node are module-level
+here, so the node server imports them by reference (``tests`` is a package and its
+working directory is the repository root); closures travel by value. Scenarios marked
+``fault_injection`` break the link on purpose and are skipped, with the reason, for a
+transport without :class:`~hpcproc.transports.faults.FaultInjection`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import sys
 import textwrap
@@ -23,6 +28,7 @@ import pytest
 import hpcproc as hp
 from hpcproc.testing.node_server import NodeServerProcess
 from hpcproc.transports import create
+from hpcproc.transports.faults import FaultInjection, require_fault_injection
 
 from .test_process_local import Add, DivByZero, Divide, math_server
 
@@ -32,12 +38,30 @@ COOKIE = "hpcproc-process-tests"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tcp_unavailable() -> str | None:
-    try:
-        import hpcproc.transports.tcp  # noqa: F401
-    except ImportError:
-        return "tcp transport not available yet"
+#: Transports of the cross-process runs -> their factory options (the node server
+#: takes the cookie from HPCPROC_COOKIE).
+REMOTE: dict[str, dict[str, Any]] = {"tcp": {"cookie": COOKIE}, "teststreams": {}}
+
+
+def _unavailable(kind: str) -> str | None:
+    """Why the ``kind`` runs cannot happen here (None when they can)."""
+    if kind == "teststreams" and importlib.util.find_spec("hpcproc_teststreams") is None:
+        return (
+            "teststreams: the test transport's distribution is not installed"
+            " (make venv installs tests/plugin_transport)"
+        )
     return None
+
+
+def _has_fault_injection(kind: str) -> bool:
+    async def check() -> bool:
+        transport = create(kind, **REMOTE.get(kind, {}))
+        try:
+            return isinstance(transport, FaultInjection)
+        finally:
+            await transport.close()
+
+    return asyncio.run(check())
 
 
 # ---------------------------------------------------------------------- harness
@@ -57,39 +81,43 @@ class Cluster:
     logged: asyncio.Event
 
     async def break_link(self) -> None:
-        """The network fault hook between a and b."""
-        await self.transport.break_connection(self.a.node_id.address, self.b.address)
+        """The network fault hook between a and b (tests using it are marked
+        ``fault_injection``)."""
+        faults = require_fault_injection(self.transport)
+        await faults.break_connection(self.a.node_id.address, self.b.address)
 
 
 class Servers:
-    """Node servers (separate OS processes) for the tcp runs; all stopped at teardown."""
+    """Node servers (separate OS processes) for the cross-process runs, per transport;
+    all stopped at teardown."""
 
     def __init__(self) -> None:
         self._all: list[NodeServerProcess] = []
-        self._shared: NodeServerProcess | None = None
-        self._dead: hp.NodeId | None = None
+        self._shared: dict[str, NodeServerProcess] = {}
+        self._dead: dict[str, hp.NodeId] = {}
 
-    def _start(self) -> NodeServerProcess:
+    def _start(self, kind: str) -> NodeServerProcess:
         env = dict(os.environ, HPCPROC_COOKIE=COOKIE)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-        server = NodeServerProcess("tcp", env=env, cwd=str(ROOT))
+        server = NodeServerProcess(kind, env=env, cwd=str(ROOT))
         self._all.append(server)
         return server
 
-    def shared(self) -> NodeServerProcess:
-        if self._shared is None or not self._shared.alive:
-            self._shared = self._start()
-        return self._shared
+    def shared(self, kind: str) -> NodeServerProcess:
+        server = self._shared.get(kind)
+        if server is None or not server.alive:
+            server = self._shared[kind] = self._start(kind)
+        return server
 
-    def fresh(self) -> NodeServerProcess:
-        return self._start()
+    def fresh(self, kind: str) -> NodeServerProcess:
+        return self._start(kind)
 
-    def dead(self) -> hp.NodeId:
-        if self._dead is None:
-            server = self._start()
+    def dead(self, kind: str) -> hp.NodeId:
+        if kind not in self._dead:
+            server = self._start(kind)
             server.stop()
-            self._dead = server.node_id
-        return self._dead
+            self._dead[kind] = server.node_id
+        return self._dead[kind]
 
     def close(self) -> None:
         for server in self._all:
@@ -106,13 +134,27 @@ def servers() -> Iterator[Servers]:
         s.close()
 
 
-@pytest.fixture(params=["inmemory", "tcp"])
+@pytest.fixture(params=["inmemory", *REMOTE])
 def kind(request: pytest.FixtureRequest) -> str:
-    if request.param == "tcp":
-        reason = _tcp_unavailable()
-        if reason is not None:
-            pytest.skip(reason)
-    return str(request.param)
+    """The transport of a scenario: ``inmemory`` (both nodes here) or one of
+    :data:`REMOTE`. Skips, with the reason, a transport that is not installed, and a
+    ``fault_injection`` scenario on a transport without the fault hook."""
+    name = str(request.param)
+    reason = _unavailable(name)
+    if reason is not None:
+        pytest.skip(reason)
+    if request.node.get_closest_marker("fault_injection") and not _has_fault_injection(name):
+        pytest.skip(
+            f"{name}: the transport does not implement the fault-injection interface"
+            " hpcproc.transports.faults.FaultInjection (break_connection)"
+        )
+    return name
+
+
+def _skip_unless_available(kind: str) -> None:
+    reason = _unavailable(kind)
+    if reason is not None:
+        pytest.skip(reason)
 
 
 Scenario = Callable[[Cluster], Coroutine[Any, Any, Any]]
@@ -146,11 +188,11 @@ def run_cluster(kind: str, servers: Servers, body: Scenario, *, fresh: bool = Fa
 
         return asyncio.run(main())
 
-    server = servers.fresh() if fresh else servers.shared()
-    dead = servers.dead()
+    server = servers.fresh(kind) if fresh else servers.shared(kind)
+    dead = servers.dead(kind)
 
-    async def main_tcp() -> Any:
-        transport = create("tcp", cookie=COOKIE)
+    async def main_remote() -> Any:
+        transport = create(kind, **REMOTE[kind])
         a = await hp.Node(transport, log_sink=sink).start()
 
         async def stop_b() -> None:
@@ -164,7 +206,7 @@ def run_cluster(kind: str, servers: Servers, body: Scenario, *, fresh: bool = Fa
             await transport.close()
 
     try:
-        return asyncio.run(main_tcp())
+        return asyncio.run(main_remote())
     finally:
         if fresh:
             server.stop()
@@ -411,10 +453,11 @@ def test_spawn_invalid_raising_on_start_names_function_and_node(
     assert "add" in msg and "raised while starting" in msg and node in msg
 
 
-def test_spawn_invalid_function_not_loadable_remotely(servers: Servers, tmp_path: Path) -> None:
-    reason = _tcp_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+@pytest.mark.parametrize("remote", list(REMOTE))
+def test_spawn_invalid_function_not_loadable_remotely(
+    remote: str, servers: Servers, tmp_path: Path
+) -> None:
+    _skip_unless_available(remote)
     (tmp_path / "only_here_mod.py").write_text(
         textwrap.dedent(
             """
@@ -434,7 +477,7 @@ def test_spawn_invalid_function_not_loadable_remotely(servers: Servers, tmp_path
                 return str(exc), str(c.b)
             return "no error", ""
 
-        msg, node = run_cluster("tcp", servers, body)
+        msg, node = run_cluster(remote, servers, body)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("only_here_mod", None)
@@ -549,6 +592,7 @@ def test_registry_monitoring_name_on_another_node_dropped_when_our_process_dies(
     assert run_cluster(kind, servers, body) == (True, None)
 
 
+@pytest.mark.fault_injection
 def test_registry_name_of_a_remote_process_dropped_on_disconnect(
     kind: str, servers: Servers
 ) -> None:
@@ -730,6 +774,7 @@ def test_link_remote_dead_process_raises_unknown_id(kind: str, servers: Servers)
     assert run_cluster(kind, servers, body) == hp.DiedUnknownId()
 
 
+@pytest.mark.fault_injection
 def test_monitor_reports_disconnect(kind: str, servers: Servers) -> None:
     async def body(c: Cluster) -> Any:
         pid = await hp.spawn(c.b, waits_forever)
@@ -742,6 +787,7 @@ def test_monitor_reports_disconnect(kind: str, servers: Servers) -> None:
     assert run_cluster(kind, servers, body) == (True, hp.DiedDisconnect())
 
 
+@pytest.mark.fault_injection
 def test_link_reports_disconnect_as_link_exception(kind: str, servers: Servers) -> None:
     async def body(c: Cluster) -> Any:
         pid = await hp.spawn(c.b, waits_forever)
@@ -854,6 +900,7 @@ def test_link_node_raises_when_node_closes(kind: str, servers: Servers) -> None:
 # ---------------------------------------------------------------------- reconnect
 
 
+@pytest.mark.fault_injection
 def test_reconnect_after_disconnect_drops_messages_until_reconnect(
     kind: str, servers: Servers
 ) -> None:
@@ -976,11 +1023,12 @@ def test_call_of_a_killed_function_raises_call_error(kind: str, servers: Servers
     assert "stop it" in run_cluster(kind, servers, body)
 
 
-def test_monitor_reports_disconnect_when_remote_os_process_is_killed(servers: Servers) -> None:
-    reason = _tcp_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
-    server = servers.fresh()
+@pytest.mark.parametrize("remote", list(REMOTE))
+def test_monitor_reports_disconnect_when_remote_os_process_is_killed(
+    remote: str, servers: Servers
+) -> None:
+    _skip_unless_available(remote)
+    server = servers.fresh(remote)
 
     async def body(c: Cluster) -> Any:
         pid = await hp.spawn(c.b, waits_forever)
@@ -990,14 +1038,14 @@ def test_monitor_reports_disconnect_when_remote_os_process_is_killed(servers: Se
         return (await expect_ref(ref)).reason, (await expect_ref(nref)).reason
 
     async def main() -> Any:
-        transport = create("tcp", cookie=COOKIE)
+        transport = create(remote, **REMOTE[remote])
         a = await hp.Node(transport).start()
 
         async def stop_b() -> None:
             await asyncio.to_thread(server.kill)
 
         cluster = Cluster(
-            "tcp", a, transport, server.node_id, servers.dead(), stop_b, [], asyncio.Event()
+            remote, a, transport, server.node_id, servers.dead(remote), stop_b, [], asyncio.Event()
         )
         try:
             return await asyncio.wait_for(a.run(body, cluster), TIMEOUT)

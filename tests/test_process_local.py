@@ -1,12 +1,17 @@
-"""Process-layer semantics within one node (in-memory transport).
+"""Process-layer semantics within one node (one process).
 
 Ported from distributed-process's test suite (``TestCH``): each test is named after the
-promise it checks; the cross-node versions live in ``test_process_cluster.py``.
+promise it checks; the cross-node versions live in ``test_process_cluster.py``. Every
+test runs on each transport of :data:`LOCAL`: the in-memory transport, and
+``teststreams``, the test transport written to the abstract methods of ``base.py`` only
+(``tests/plugin_transport``, found through its entry point).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -14,17 +19,40 @@ from typing import Any
 import pytest
 
 import hpcproc as hp
-from hpcproc.transports import create
+from hpcproc.transports import Transport, create
 
 TIMEOUT = 20.0
 WAIT = 10.0  # bound on every single wait inside a scenario
 
+#: The transports every test runs on; TRANSPORT is the current one (set per test).
+LOCAL = ["inmemory", "teststreams"]
+TRANSPORT = "inmemory"
+
+
+@pytest.fixture(autouse=True, params=LOCAL)
+def local_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test on each transport of :data:`LOCAL`; skips, with the reason, one
+    that is not installed."""
+    name = str(request.param)
+    if name == "teststreams" and importlib.util.find_spec("hpcproc_teststreams") is None:
+        pytest.skip(
+            "teststreams: the test transport's distribution is not installed"
+            " (make venv installs tests/plugin_transport)"
+        )
+    monkeypatch.setattr(sys.modules[__name__], "TRANSPORT", name)
+    return name
+
+
+def new_transport() -> Transport:
+    """A transport of the current test's kind (see :data:`LOCAL`)."""
+    return create(TRANSPORT)
+
 
 def run(body: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **node_opts: Any) -> Any:
-    """Run ``body(*args)`` as a process on a fresh in-memory node; return its result."""
+    """Run ``body(*args)`` as a process on a fresh node; return its result."""
 
     async def main() -> Any:
-        transport = create("inmemory")
+        transport = new_transport()
         node = await hp.Node(transport, **node_opts).start()
         try:
             return await asyncio.wait_for(node.run(body, *args), TIMEOUT)
@@ -431,7 +459,7 @@ def test_node_run_returns_result_and_raises_failure() -> None:
         return 5
 
     async def main() -> tuple[int, str]:
-        transport = create("inmemory")
+        transport = new_transport()
         async with hp.Node(transport) as node:
             value = await node.run(ok)
             with pytest.raises(KeyError) as info:
@@ -791,7 +819,7 @@ def test_node_closed_from_its_own_process_completes_and_reports_node_down() -> N
         return (await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)).reason
 
     async def main() -> Any:
-        transport = create("inmemory")
+        transport = new_transport()
         a = await hp.Node(transport).start()
         b = await hp.Node(transport).start()
         victim = a.spawn_local(waits_forever)

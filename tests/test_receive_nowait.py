@@ -5,6 +5,7 @@ is reported by ``receive`` only."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from typing import Any
 
@@ -13,7 +14,20 @@ import pytest
 from hpcproc.transports import ConnectionOpened, EndPointClosed, Received, create
 from hpcproc.transports.base import EndPointClosedError
 
-TRANSPORTS = ["inmemory", "tcp", "shm"]
+TRANSPORTS = [
+    "inmemory",
+    "tcp",
+    "shm",
+    # base.py's default receive_nowait (nothing at once): the same promises hold.
+    pytest.param(
+        "teststreams",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("hpcproc_teststreams") is None,
+            reason="teststreams: the test transport's distribution is not installed"
+            " (make venv installs tests/plugin_transport)",
+        ),
+    ),
+]
 
 
 @pytest.fixture(autouse=True)

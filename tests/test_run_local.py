@@ -4,6 +4,7 @@ ranks, master/worker exit status, SPMD, failures that name the node, signals."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -379,6 +380,34 @@ def test_inmemory_transport_with_several_ranks_is_refused(
 def test_inmemory_transport_runs_a_single_rank(ranks: list[Rank], env: dict[str, str]) -> None:
     rc, out = start(ranks, ["--transport", "inmemory", f"{THIS}:app_status_3"], env).finish()
     assert rc == 3, out
+
+
+def test_transport_choices_come_from_the_registry(ranks: list[Rank], env: dict[str, str]) -> None:
+    """--transport takes any registered name (entry points included) or auto; an unknown
+    name fails at once with the list of the available ones."""
+    from hpcproc.transports import available
+
+    rc, out = start(
+        ranks, ["--transport", "no-such-transport", f"{THIS}:report_rank"], env
+    ).finish()
+    assert rc == 2
+    assert "no-such-transport" in out and "invalid choice" in out
+    for name in ["auto", *available()]:
+        assert repr(name) in out, f"{name!r} missing from the listed choices: {out}"
+
+
+def test_entry_point_transport_runs_pingpong(ranks: list[Rank], env: dict[str, str]) -> None:
+    """A transport registered only through the hpcproc.transports entry point (teststreams,
+    installed from tests/plugin_transport) is selected by name and runs a job."""
+    if importlib.util.find_spec("hpcproc_teststreams") is None:
+        pytest.skip(
+            "teststreams: the test transport's distribution is not installed"
+            " (make venv installs tests/plugin_transport)"
+        )
+    args = ["--np", "2", "--transport", "teststreams", str(ROOT / "examples/pingpong.py") + ":main"]
+    rc, out = start(ranks, args, env).finish()
+    assert rc == 0, out
+    assert "round trips" in out and "teststreams/" in out
 
 
 def _mpiexec(env: dict[str, str], *args: str) -> tuple[int, str]:

@@ -37,6 +37,14 @@ SPECS: list[TransportSpec] = [
         two_process_reason="a singleton MPI rank cannot reach another; see test_mpi_two_ranks.py",
     ),
     TransportSpec(
+        "teststreams",
+        # The transport written to base.py's abstract methods only, installed as its own
+        # distribution (tests/plugin_transport, by `make venv`) and found through its
+        # entry point: the contract is all the layers above need. No fault injection.
+        requires=("hpcproc_teststreams",),
+        two_process=True,
+    ),
+    TransportSpec(
         "ucx",
         requires=("ucxx",),
         # UCX needs a socket-capable transport for listener connections.

@@ -2,10 +2,12 @@
 
 Every scenario is an ``async def scenario(h: Harness) -> None`` written once against
 the :mod:`hpcproc.transports.base` contract; a :class:`Harness` supplies the transport
-under test (a factory plus the ``break_connection`` fault hook) and bounds every wait.
+under test (a factory, and its ``break_connection`` fault hook when the transport
+implements :class:`~hpcproc.transports.faults.FaultInjection`) and bounds every wait.
 A scenario raises :class:`ConformanceError` (an ``AssertionError``) when the transport
 breaks the contract, and :class:`Unsupported` when the transport cannot run it (for
-example a transport without endpoints in separate OS processes).
+example a transport without endpoints in separate OS processes, or without the
+fault-injection interface).
 
 Running the suite against a transport, including a third-party one::
 
@@ -65,6 +67,7 @@ from hpcproc.transports.base import (
     SendErrorCode,
     Transport,
 )
+from hpcproc.transports.faults import FaultInjection, NoFaultInjectionError, require_fault_injection
 
 from .peer import PeerProcess
 
@@ -324,10 +327,30 @@ class Harness:
         self._peers.append(peer)
         return peer
 
+    async def require_fault_injection(self) -> None:
+        """Raise :class:`Unsupported` unless the transport under test implements
+        :class:`~hpcproc.transports.faults.FaultInjection` (checked on the scenario's
+        default transport, which this creates if needed)."""
+        if self._default is None:
+            self._default = await self.transport()
+        if not isinstance(self._default, FaultInjection):
+            raise Unsupported(
+                f"{self.spec.name}: the transport does not implement the fault-injection"
+                " interface hpcproc.transports.faults.FaultInjection (break_connection)"
+            )
+
     async def break_connection(self, endpoint: EndPoint, remote: EndPointAddress) -> None:
-        """The fault hook: make the bundle ``endpoint``<->``remote`` fail."""
-        transport = self._owner[endpoint.address]
-        await self.wait(transport.break_connection(endpoint.address, remote), "break_connection()")
+        """The fault hook: make the bundle ``endpoint``<->``remote`` fail.
+
+        Raises:
+            Unsupported: the endpoint's transport does not implement
+                :class:`~hpcproc.transports.faults.FaultInjection`.
+        """
+        try:
+            faults = require_fault_injection(self._owner[endpoint.address])
+        except NoFaultInjectionError as exc:
+            raise Unsupported(f"{self.spec.name}: {exc}") from None
+        await self.wait(faults.break_connection(endpoint.address, remote), "break_connection()")
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` as a task that is cancelled (and its errors raised) at cleanup."""
@@ -1005,6 +1028,7 @@ async def cancel_connect(h: Harness) -> None:
 async def break_connection(h: Harness) -> None:
     """The fault hook fails the bundle on both sides: CONNECTION_LOST once each, old
     connections carry nothing more, and a new connect starts a new bundle."""
+    await h.require_fault_injection()
     a = await h.endpoint()
     b = await h.endpoint()
     ab = await h.wait(a.connect(b.address), "connect()")
@@ -1269,10 +1293,13 @@ async def peer_close_reports_closed_then_lost(h: Harness) -> None:
     (after their messages), then CONNECTION_LOST for the connections we had to it."""
     peer, endpoint, conn, reply_id = await _peer_link(h)
     await h.wait(conn.send([b"last"]), "send()")
-    await peer.stop(h.timeout)
-    check(peer.process.returncode == 0, f"peer exited with {peer.process.returncode}")
+    # Its echo first: the quit command travels on another channel (the peer's stdin)
+    # and could otherwise reach the peer's event loop before the message does (the
+    # peer then quits without echoing it, whatever the transport).
     event = await h.expect(endpoint, Received)
     check((event.conn_id, as_bytes(event.frames)) == (reply_id, [b"last"]), f"{event!r}")
+    await peer.stop(h.timeout)
+    check(peer.process.returncode == 0, f"peer exited with {peer.process.returncode}")
     check((await h.expect(endpoint, ConnectionClosed)).conn_id == reply_id, "wrong close")
     await h.expect_lost(endpoint, peer.address)
     await h.fails(conn.send([b"after"]), SendError, SendErrorCode.FAILED)
@@ -1300,6 +1327,7 @@ async def peer_killed_connect_not_found(h: Harness) -> None:
 async def peer_break_connection(h: Harness) -> None:
     """break_connection across processes: both sides see CONNECTION_LOST, from either
     side, and a new connect starts a new bundle."""
+    await h.require_fault_injection()
     peer, endpoint, conn, _ = await _peer_link(h)
     here = endpoint.address.hex()
 

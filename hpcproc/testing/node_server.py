@@ -12,7 +12,9 @@ stdin, one command per line, each answered by one ``OK`` or ``ERR <text>`` line:
 ``ping``
     Liveness.
 ``break <hex address>``
-    Fault hook: ``break_connection(own address, address)`` on this node's transport.
+    Fault hook: ``break_connection(own address, address)`` on this node's transport
+    (``ERR`` when it does not implement
+    :class:`~hpcproc.transports.faults.FaultInjection`).
 ``stop``
     Close the node gracefully (its watchers see ``DiedNodeDown``), answer ``OK`` and
     exit 0. End of stdin does the same.
@@ -38,6 +40,7 @@ from hpcproc._ids import NodeId
 from hpcproc._node import Node
 from hpcproc.transports import create
 from hpcproc.transports.base import EndPointAddress
+from hpcproc.transports.faults import require_fault_injection
 
 __all__ = ["NodeServerProcess", "main"]
 
@@ -69,7 +72,7 @@ async def _serve(transport_name: str, options: Mapping[str, Any]) -> int:
                 print("OK", flush=True)
             elif cmd == "break":
                 try:
-                    await transport.break_connection(
+                    await require_fault_injection(transport).break_connection(
                         node.node_id.address, EndPointAddress(bytes.fromhex(arg))
                     )
                 except Exception as exc:

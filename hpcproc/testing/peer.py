@@ -17,7 +17,8 @@ stdin, one command per line, each answered by exactly one ``OK [text]`` or
     whose value is a numpy array to whether that array shares memory with a received
     frame (that is, was rebuilt without a copy).
 ``break <hex address>``
-    Call the fault hook ``break_connection(own address, address)``.
+    Call the fault hook ``break_connection(own address, address)`` (``ERR`` when the
+    transport does not implement :class:`~hpcproc.transports.faults.FaultInjection`).
 ``ping``
     Answer ``OK`` (liveness).
 ``quit``
@@ -57,6 +58,7 @@ from hpcproc.transports.base import (
     Received,
     Transport,
 )
+from hpcproc.transports.faults import require_fault_injection
 
 __all__ = ["PeerError", "PeerProcess", "main"]
 
@@ -271,7 +273,8 @@ async def _serve(name: str, options: dict[str, Any]) -> None:
                     mode = arg
                 elif command == "break":
                     remote = EndPointAddress(bytes.fromhex(arg))
-                    await transport.break_connection(endpoint.address, remote)
+                    faults = require_fault_injection(transport)
+                    await faults.break_connection(endpoint.address, remote)
                 elif command == "quit":
                     break
                 elif command != "ping":

@@ -4,7 +4,11 @@ Built-in transports are imported on first use only, so that ``mpi4py`` and ``ucx
 are needed only by those who pick ``mpi`` or ``ucx``. Third-party transports register
 through the ``hpcproc.transports`` entry-point group (the entry point names a factory
 callable taking the options as keyword arguments) or at run time with
-:func:`register`.
+:func:`register`. ``python -m hpcproc.run --transport NAME`` accepts every name of
+:func:`available`.
+
+The contract is :mod:`hpcproc.transports.base`; fault injection for tests is the
+separate, optional :mod:`hpcproc.transports.faults`.
 """
 
 from __future__ import annotations

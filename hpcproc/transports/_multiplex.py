@@ -5,7 +5,8 @@ message-preserving pipe between two endpoints (a TCP socket, a pair of shared-me
 rings, MPI point-to-point traffic, a UCX endpoint, or a direct call in memory). This
 module turns links into the full :mod:`~hpcproc.transports.base` contract: connection
 ids, ``ConnectionOpened`` / ``Received`` / ``ConnectionClosed`` events, bundle failure,
-self-connections, endpoint close, and the ``break_connection`` fault hook. Writing it
+self-connections, endpoint close, and the ``break_connection`` fault hook (the optional
+:class:`~hpcproc.transports.faults.FaultInjection` interface). Writing it
 once is what makes every transport fail the same way.
 
 A transport subclasses :class:`MultiplexedEndPoint` (implementing :meth:`_open_link`
@@ -51,6 +52,7 @@ from .base import (
     Transport,
     TransportError,
 )
+from .faults import FaultInjection
 
 log = logging.getLogger("hpcproc.transports")
 
@@ -603,7 +605,7 @@ class MultiplexedEndPoint(EndPoint):
         link.abort()
 
 
-class MultiplexedTransport(Transport):
+class MultiplexedTransport(Transport, FaultInjection):
     """Keeps the transport's endpoints; closes them all; routes ``break_connection``."""
 
     def __init__(self) -> None:

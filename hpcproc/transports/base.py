@@ -17,6 +17,21 @@ Vocabulary
     All connections between two endpoints, in both directions. A bundle fails as a
     unit: this is what lets the process layer treat "disconnect" as "failure".
 
+What a transport implements
+---------------------------
+Every call the layers above (the process layer, ``hpcproc.run``, the testing tools)
+make on a transport is declared here, and nothing else is called:
+:meth:`Transport.new_endpoint` and :meth:`Transport.close`; :attr:`EndPoint.address`,
+:meth:`EndPoint.receive`, :meth:`EndPoint.receive_nowait`, :meth:`EndPoint.connect`
+and :meth:`EndPoint.close`; :attr:`Connection.remote_address`, :meth:`Connection.send`,
+:meth:`Connection.send_nowait` and :meth:`Connection.close`. The abstract methods are
+the whole of what a transport must write; the non-blocking calls (``send_nowait``,
+``receive_nowait``) have defaults that defer to the blocking ones, and a transport
+overrides them only to be faster. Fault injection for tests is a separate, optional
+interface (:mod:`hpcproc.transports.faults`). A third-party transport registers its
+factory under the ``hpcproc.transports`` entry-point group (see
+:mod:`hpcproc.transports`).
+
 Guarantees every transport gives
 --------------------------------
 * A message is a sequence of frames; the receiver gets the same frames with the same
@@ -291,6 +306,24 @@ class Connection(ABC):
                 network fault would: both sides see ``CONNECTION_LOST``.
         """
 
+    def send_nowait(self, frames: Sequence[Buffer]) -> bool:
+        """Send one message at once if that needs no waiting; False if nothing was sent.
+
+        The non-blocking form of :meth:`send`, for callers on a fast path: ``True``
+        means the message went out exactly as by :meth:`send` (same ordering with the
+        connection's other messages, ``frames`` may be reused); ``False`` means nothing
+        was sent and the caller must ``await send(frames)`` instead (which also raises
+        the error of a closed or failed connection). Never blocks, never suspends.
+
+        The default says "could not send now", so a transport that implements only
+        :meth:`send` works unchanged, one trip round the event loop slower.
+
+        Raises:
+            SendError: as :meth:`send` does, for a send that began and failed (the
+                bundle fails as it would there).
+        """
+        return False
+
     @abstractmethod
     async def close(self) -> None:
         """Close the connection; idempotent, never raises for a broken bundle.
@@ -318,6 +351,23 @@ class EndPoint(ABC):
             EndPointClosedError: the endpoint's ``EndPointClosed`` event was already
                 delivered.
         """
+
+    def receive_nowait(self) -> Event | None:
+        """The next event if one can be had without suspending, else ``None``.
+
+        The non-blocking form of :meth:`receive`, for a consumer running beside a task
+        that waits in :meth:`receive` (a process waiting for a reply takes it itself
+        instead of waiting for the dispatcher). Events are taken in order, whoever
+        takes them: an event returned here is never returned by :meth:`receive`.
+        Never returns :class:`EndPointClosed` (:meth:`receive` reports the close) and
+        never raises for a closed endpoint. Never suspends; a transport may poll its
+        links in place for a short bounded time while the event loop has nothing else
+        to run.
+
+        The default returns ``None`` (nothing at once), so a transport that implements
+        only :meth:`receive` works unchanged: every event goes through ``receive``.
+        """
+        return None
 
     @abstractmethod
     async def connect(
@@ -352,7 +402,12 @@ class EndPoint(ABC):
 
 
 class Transport(ABC):
-    """A factory of endpoints sharing one network backend."""
+    """A factory of endpoints sharing one network backend.
+
+    Fault injection (making a bundle fail on purpose, for tests) is not part of this
+    interface: a transport that supports it also implements
+    :class:`hpcproc.transports.faults.FaultInjection`.
+    """
 
     @abstractmethod
     async def new_endpoint(self) -> EndPoint:
@@ -365,13 +420,3 @@ class Transport(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Close every endpoint of this transport and release the backend; idempotent."""
-
-    @abstractmethod
-    async def break_connection(self, local: EndPointAddress, remote: EndPointAddress) -> None:
-        """Test-only fault hook: make the bundle ``local``<->``remote`` fail.
-
-        ``local`` must be an endpoint of this transport. The effect is that of a real
-        network fault: both sides see ``CONNECTION_LOST`` (the remote side eventually),
-        no old connection carries anything afterwards, and a new ``connect`` starts a
-        new bundle.
-        """
