@@ -31,6 +31,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "bandwidth": ("GB/s", True),
     "msg_rate": ("messages/s", True),
     "spawn_rate": ("spawns/s", True),
+    "task_rate": ("tasks/s", True),
     "bytes_per_process": ("bytes", False),
 }
 
