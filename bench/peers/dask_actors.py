@@ -7,6 +7,7 @@ listening on 127.0.0.1 without a dashboard, and closes it before returning.
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any
 
@@ -26,19 +27,19 @@ def noop(i: int) -> None:
 
 def role(peer: Peer) -> dict[str, list[float]]:
     """Dask's figures by name; see the module docstring."""
-    from distributed import Client, LocalCluster
-
+    # Typed as Any: distributed is partly unannotated, and CI may not have it.
+    distributed: Any = importlib.import_module("distributed")
     p = peer.params
     runs = p["runs"]
     with (
-        LocalCluster(
+        distributed.LocalCluster(
             n_workers=1,
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
             dashboard_address=None,
         ) as cluster,
-        Client(cluster) as client,
+        distributed.Client(cluster) as client,
     ):
         actor = client.submit(Echo, actor=True).result()
         small = b"x" * 8
