@@ -144,3 +144,12 @@ def test_erlang_baseline_stops_every_node_and_epmd_it_starts() -> None:
         "spawn_local",
     }
     assert all(len(values) == 1 and values[0] > 0 for values in figures.values())
+
+
+@pytest.mark.parametrize("spec", ["inmemory", "tcp,bogus", ""])
+def test_peers_suite_rejects_a_transport_it_cannot_measure_naming_the_choices(spec: str) -> None:
+    from bench import SuiteOptions
+    from bench.peers import run
+
+    with pytest.raises(ValueError, match="comma-separated list of tcp, shm, mpi, ucx"):
+        run(SuiteOptions(transport=spec, smoke=True))
