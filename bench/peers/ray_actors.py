@@ -2,12 +2,15 @@
 submission rate and a numpy argument round trip, on a local Ray instance.
 
 Role 0 (``solo``) starts Ray itself (``ray.init`` with a private, dashboard-less local
-instance) and shuts it down before returning. ``ray`` is imported only here.
+instance in its own session directory) and shuts it down and removes that directory
+before returning. ``ray`` is imported only here.
 """
 
 from __future__ import annotations
 
 import importlib
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,11 +38,14 @@ def role(peer: Peer) -> dict[str, list[float]]:
     ray: Any = importlib.import_module("ray")
     p = peer.params
     runs = p["runs"]
+    # A private session directory (short: Ray puts unix sockets in it), removed after.
+    session = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
+        _temp_dir=session,
     )
     try:
 
@@ -89,3 +95,4 @@ def role(peer: Peer) -> dict[str, list[float]]:
         return out
     finally:
         ray.shutdown()
+        shutil.rmtree(session, ignore_errors=True)
