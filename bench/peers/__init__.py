@@ -16,22 +16,17 @@ the same run by :func:`bench.process.pair_role` (two nodes in two OS processes, 
 every transport named by ``--transport``, a comma-separated list) and
 :func:`bench.process.local_role` (two processes of one node, transport ``local``):
 
-==========================  ===================================  =====================
-hpcproc figure              metric (size)                        peers
-==========================  ===================================  =====================
-process round trip          ``rtt`` (8 B)                         erlang, mp.Pipe,
-                                                                  ray sync/async actor,
-                                                                  dask actor
-16 MiB numpy round trip     ``bandwidth`` (16 MiB)                erlang, mp.Pipe, ray
-one-way messages            ``msg_rate`` (8 B)                    erlang one-way
-pipelined round trips       ``msg_rate`` (8 B)                    ray pipelined calls
-remote spawn (sequential)   ``spawn_rate``                        erlang spawn_request
-concurrent ``hp.call``      ``task_rate``                         ray task,
-                                                                  ProcessPoolExecutor,
-                                                                  dask task
-one node: rtt, one-way      ``rtt``, ``msg_rate``, ``spawn_rate`` erlang (one node)
-messages, local spawn
-==========================  ===================================  =====================
+* process round trip, ``rtt`` 8 B: erlang, mp.Pipe, ray sync and async actors, dask
+  actor;
+* 16 MiB numpy round trip, ``bandwidth``: erlang (a binary), mp.Pipe, ray actor;
+* one-way messages, ``msg_rate`` 8 B: erlang one-way;
+* pipelined round trips (N requests, then N replies), ``msg_rate`` 8 B: ray pipelined
+  actor calls;
+* sequential remote spawn, ``spawn_rate``: erlang ``spawn_request``;
+* ``hp.call`` from 50 concurrent processes, ``task_rate``: ray task,
+  ProcessPoolExecutor, dask task;
+* one node (transport ``local``): round trip, one-way message rate, spawn rate: erlang
+  on one node.
 
 Rounds (1 with ``--quick`` or ``--smoke``, else 3) run every implementation once each,
 one after the other; the median over all runs is reported.

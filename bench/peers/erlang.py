@@ -80,11 +80,39 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float) ->
         time.sleep(0.02)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in process group ``pgid``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        fields = stat.rpartition(")")[2].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """Kill ``proc`` if it still runs, then whatever is left of its process group.
+
+    A node's helpers (erl_child_setup, inet_gethost) share its group and may outlive a
+    node that halted by itself for a moment: they get ``grace`` seconds to exit.
+    """
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        proc.wait()
+    deadline = time.monotonic() + grace
+    while _group_alive(proc.pid):
+        if time.monotonic() > deadline:
+            # Still members of the group: the kernel has not reused its id.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        time.sleep(0.01)
 
 
 def measure(args: list[int], timeout: float = 600.0) -> dict[str, list[float]]:
