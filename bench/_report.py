@@ -324,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="a few iterations per row (figures mean nothing)"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("bench-report"), help="output directory (bench-report)"
+        "--out",
+        type=Path,
+        default=Path("bench-report"),
+        metavar="DIR",
+        help="output directory (default: bench-report)",
     )
     args = parser.parse_args(argv)
     out: Path = args.out
