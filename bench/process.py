@@ -21,6 +21,10 @@ Rows (each with a baseline measured in the same run, in fresh OS processes):
   and the target 2048 bytes.
 
 Runs are interleaved (baseline, hpcproc, baseline, ...) and the median is reported.
+
+:func:`pair_role` and :func:`local_role` also measure the figures :mod:`bench.peers`
+compares with other runtimes when their parameters ask for them (``peer_extras``,
+``local_rtt_step``).
 """
 
 from __future__ import annotations
@@ -181,7 +185,7 @@ async def _caller(parent: Any, other: Any, count: int) -> None:
 
 async def _measure_extras(echo: Any, other: Any, extras: dict[str, Any]) -> dict[str, Any]:
     """The figures only :mod:`bench.peers` compares: big round trip, pipelined
-    round trips, rate of concurrent ``call`` s (one value per run each)."""
+    round trips, rate of ``call`` from concurrent processes (one value per run each)."""
     import numpy as np
 
     import hpcproc as hp
