@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= test,dev,mpi,ucx
 
-.PHONY: venv test lint pytest demo bench clean
+.PHONY: venv test lint pytest demo bench bench-report clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: venv
 
 bench: venv
 	$(PY) -m bench transport --transport tcp --quick
+
+# Every suite and peer available here; JSON, Markdown and plots in bench-report/.
+# Ray and Dask are peers only where installed: $(VENV)/bin/pip install -e '.[bench]'
+bench-report: venv
+	$(PY) -m bench report --quick --out bench-report
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

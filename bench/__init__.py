@@ -17,9 +17,9 @@ Harness API, for writing a suite (``bench/<name>.py``, registered in :data:`SUIT
 * :func:`plan`, :func:`time_steps`, :func:`atime_steps` (``bench._timing``): sizes,
   warm-up, repeated timed runs; :func:`median` reduces the runs.
 * :func:`record` builds a row from a metric name (``rtt``, ``bandwidth``,
-  ``msg_rate``, ``spawn_rate``, ``bytes_per_process``), deriving the unit and a ratio
-  oriented so that lower is better (1.0 = parity); :func:`format_table` and
-  :func:`write_json` are what ``python -m bench`` prints and writes.
+  ``msg_rate``, ``spawn_rate``, ``task_rate``, ``bytes_per_process``), deriving the
+  unit and a ratio oriented so that lower is better (1.0 = parity); :func:`format_table`
+  and :func:`write_json` are what ``python -m bench`` prints and writes.
 """
 
 from ._pair import Baton, Job, Launch, PairError, Peer, find_mpiexec, run_pair, run_pairs

@@ -1,4 +1,5 @@
-"""``python -m bench SUITE [--transport NAME] [--quick | --smoke] [--json PATH]``."""
+"""``python -m bench SUITE [--transport NAME] [--quick | --smoke] [--json PATH]``, and
+``python -m bench report [--quick | --smoke] [--out DIR]`` (:mod:`bench._report`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from ._suites import SUITES, SuiteOptions, load_suite
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from ._report import main as report
+
+        return report(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="hpcproc benchmarks, with baselines from the same run"
     )
-    parser.add_argument("suite", help=f"suite to run ({', '.join(SUITES)})")
+    parser.add_argument(
+        "suite", help=f"suite to run ({', '.join(SUITES)}), or 'report' (see report --help)"
+    )
     parser.add_argument("--transport", default="tcp", help="transport name (default: tcp)")
     parser.add_argument("--quick", action="store_true", help="fewer iterations: under a minute")
     parser.add_argument(

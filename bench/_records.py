@@ -14,11 +14,12 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 __all__ = [
     "METRICS",
     "Record",
+    "as_dicts",
     "format_table",
     "median",
     "record",
@@ -31,6 +32,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "bandwidth": ("GB/s", True),
     "msg_rate": ("messages/s", True),
     "spawn_rate": ("spawns/s", True),
+    "task_rate": ("tasks/s", True),
     "bytes_per_process": ("bytes", False),
 }
 
@@ -142,13 +144,17 @@ def format_table(records: Iterable[Record]) -> str:
     return "\n".join(lines)
 
 
-def write_json(records: Iterable[Record], target: Path | TextIO) -> None:
-    """Write ``records`` as a JSON list of objects (NaN ratios become ``null``)."""
-    data = [
+def as_dicts(records: Iterable[Record]) -> list[dict[str, Any]]:
+    """``records`` as JSON-ready objects (NaN ratios become ``None``)."""
+    return [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(r).items()}
         for r in records
     ]
-    text = json.dumps(data, indent=1)
+
+
+def write_json(records: Iterable[Record], target: Path | TextIO) -> None:
+    """Write ``records`` as a JSON list of objects (NaN ratios become ``null``)."""
+    text = json.dumps(as_dicts(records), indent=1)
     if isinstance(target, Path):
         target.write_text(text + "\n")
     else:

@@ -14,6 +14,7 @@ __all__ = ["SUITES", "SuiteOptions", "load_suite"]
 SUITES: dict[str, str] = {
     "transport": "bench.transport",
     "process": "bench.process",
+    "peers": "bench.peers",
 }
 
 

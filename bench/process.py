@@ -21,6 +21,10 @@ Rows (each with a baseline measured in the same run, in fresh OS processes):
   and the target 2048 bytes.
 
 Runs are interleaved (baseline, hpcproc, baseline, ...) and the median is reported.
+
+:func:`pair_role` and :func:`local_role` also measure the figures :mod:`bench.peers`
+compares with other runtimes when their parameters ask for them (``peer_extras``,
+``local_rtt_step``).
 """
 
 from __future__ import annotations
@@ -162,10 +166,64 @@ async def _measure_pair(other: Any, params: dict[str, Any]) -> dict[str, Any]:
         for _ in range(k):
             await hp.spawn(other, noop)
         spawns.append(k / (time.perf_counter() - t0))
+    result: dict[str, Any] = {"rtt": rtts, "rate": rates, "spawn": spawns}
+    if "peer_extras" in params:
+        result.update(await _measure_extras(echo, other, params["peer_extras"]))
     await send(echo, "stop")
     await send(sink, ("stop",))
     await hp.nsend_remote(other, "server", "stop")
-    return {"rtt": rtts, "rate": rates, "spawn": spawns}
+    return result
+
+
+async def _caller(parent: Any, other: Any, count: int) -> None:
+    import hpcproc as hp
+
+    for _ in range(count):
+        await hp.call(other, noop)
+    await hp.send(parent, "called")
+
+
+async def _measure_extras(echo: Any, other: Any, extras: dict[str, Any]) -> dict[str, Any]:
+    """The figures only :mod:`bench.peers` compares: big round trip, pipelined
+    round trips, rate of ``call`` from concurrent processes (one value per run each)."""
+    import numpy as np
+
+    import hpcproc as hp
+
+    me = hp.self_pid()
+    send, expect = hp.send, hp.expect
+    runs = extras["runs"]
+    big = (me, np.zeros(extras["big_size"], dtype=np.uint8))
+    await send(echo, big)
+    await expect()
+    big_rtts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(extras["big_iters"]):
+            await send(echo, big)
+            await expect()
+        big_rtts.append((time.perf_counter() - t0) / extras["big_iters"])
+    msg = (me, b"x" * RTT_SIZE)
+    n = extras["pipeline_count"]
+    pipelined = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await send(echo, msg)
+        for _ in range(n):
+            await expect()
+        pipelined.append(n / (time.perf_counter() - t0))
+    # ``callers`` local processes each make their share of the calls one after the other.
+    k, callers = extras["call_count"], extras["callers"]
+    calls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for i in range(callers):
+            hp.spawn_local(_caller, me, other, k // callers + (i < k % callers))
+        for _ in range(callers):
+            assert await expect(str, timeout=120) == "called"
+        calls.append(k / (time.perf_counter() - t0))
+    return {"big_rtt": big_rtts, "pipelined": pipelined, "calls": calls}
 
 
 async def raw_rate_role(peer: Peer) -> dict[str, Any] | None:
@@ -225,6 +283,8 @@ async def local_role(peer: Peer) -> dict[str, Any]:
             me = hp.self_pid()
             sink = hp.spawn_local(_sink)
             send = hp.send
+            if "local_rtt_step" in peer.params:  # for bench.peers only
+                out["rtt"] = await _local_rtt(Step(**peer.params["local_rtt_step"]))
             for _ in range(runs):
                 # asyncio.Queue between two tasks: the floor of any mailbox.
                 queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -268,6 +328,27 @@ async def local_role(peer: Peer) -> dict[str, Any]:
         await node.run(measure)
     await transport.close()
     return out
+
+
+async def _local_rtt(step: Step) -> list[float]:
+    """Round trips between this process and an echo process of the same node."""
+    import hpcproc as hp
+
+    echo = hp.spawn_local(_echo)
+    send, expect = hp.send, hp.expect
+    msg = (hp.self_pid(), b"x" * RTT_SIZE)
+    for _ in range(step.warmup):
+        await send(echo, msg)
+        await expect()
+    rtts = []
+    for _ in range(step.runs):
+        t0 = time.perf_counter()
+        for _ in range(step.iters):
+            await send(echo, msg)
+            await expect()
+        rtts.append((time.perf_counter() - t0) / step.iters)
+    await send(echo, "stop")
+    return rtts
 
 
 async def memory_role(peer: Peer) -> dict[str, Any]:
