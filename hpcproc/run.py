@@ -55,7 +55,6 @@ import importlib.util
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import uuid
@@ -65,8 +64,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from .launchers import ClusterInfo, LauncherError, detect
+from .launchers.children import Children, read_lifeline_line, watch_lifeline
 from .launchers.errors import RendezvousError
 from .launchers.rendezvous import DEFAULT_TIMEOUT, Method, rendezvous
+from .launchers.ssh import COOKIE_ENV
 
 if TYPE_CHECKING:
     from ._ids import NodeId
@@ -238,11 +239,21 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help="how ranks exchange addresses (default: mpi with --transport mpi, else"
         " a shared directory if HPCPROC_RENDEZVOUS_DIR is set, else rank 0's store)",
     )
+    hosts = parser.add_mutually_exclusive_group()
+    hosts.add_argument(
+        "--hosts",
+        help="without a scheduler: start one rank per entry over ssh (h1,h2:4,h3)",
+    )
+    hosts.add_argument(
+        "--hostfile", help="like --hosts, from an MPI hostfile (host, host:N, host slots=N)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what was detected, exit")
     parser.add_argument("entry", help="module:function or path/to/file.py:function")
     args = parser.parse_args(argv)
     if args.np is not None and args.np < 1:
         parser.error("--np must be at least 1")
+    if args.np is not None and (args.hosts or args.hostfile):
+        parser.error("--np starts local ranks; --hosts / --hostfile start them over ssh: pick one")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
     return args
@@ -256,11 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=os.environ.get("HPCPROC_LOG_LEVEL", "WARNING"),
         format="hpcproc[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    if os.environ.pop(COOKIE_ENV, None):
+        # Started over ssh: the cookie is the first line of the lifeline (stdin).
+        os.environ["HPCPROC_COOKIE"] = read_lifeline_line()
     try:
         info = detect()
     except LauncherError as exc:
         _write_line(sys.stderr, f"hpcproc.run: {exc}")
         return 2
+    if args.hosts or args.hostfile:
+        return _run_ssh(args, info, argv)
     if args.np is not None and args.np > 1:
         if info.is_multi_rank:
             _write_line(
@@ -269,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" {info.launcher} step; the launcher already started the ranks",
             )
             return 2
-        return _run_local(args.np, _without_np(argv), dry_run=args.dry_run)
+        return _run_local(args.np, _without(argv, "--np"), dry_run=args.dry_run)
     if args.dry_run:
         _write_line(sys.stdout, info.describe())
         return 0
@@ -292,20 +308,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(_run_rank(info, entry, args))
 
 
-def _without_np(argv: list[str]) -> list[str]:
+def _without(argv: list[str], *options: str) -> list[str]:
+    """``argv`` without ``options`` (each takes a value, as ``--opt V`` or ``--opt=V``)."""
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--np":
+        if arg in options:
             skip = True
             continue
-        if arg.startswith("--np="):
+        if arg.startswith(tuple(f"{o}=" for o in options)):
             continue
         out.append(arg)
     return out
+
+
+def _run_ssh(args: argparse.Namespace, info: ClusterInfo, argv: list[str]) -> int:
+    """``--hosts`` / ``--hostfile``: start the ranks over ssh from here."""
+    from .launchers.ssh import parse_hostfile, parse_hosts, run_over_ssh
+    from .transports._auth import CookieError, load_cookie
+
+    if info.is_multi_rank:
+        _write_line(
+            sys.stderr,
+            f"hpcproc.run: --hosts/--hostfile given inside a {info.size}-rank"
+            f" {info.launcher} step; the launcher already started the ranks",
+        )
+        return 2
+    try:
+        hosts = parse_hosts(args.hosts) if args.hosts else parse_hostfile(args.hostfile)
+        cookie = load_cookie()
+        return run_over_ssh(hosts, _without(argv, "--hosts", "--hostfile"), cookie)
+    except (LauncherError, CookieError) as exc:
+        _write_line(sys.stderr, f"hpcproc.run: {exc}")
+        return 2
 
 
 # ---------------------------------------------------------------- --np N locally
@@ -314,42 +352,15 @@ def _without_np(argv: list[str]) -> list[str]:
 def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
     """Start ``n`` ranks of this command as child processes; return rank 0's status.
 
-    SIGTERM / SIGINT received here are passed on to every child through its lifeline
-    pipe (not as a signal: a Ctrl-C in a terminal reaches the children directly too,
-    and a signal passed on would count as a second one there); a second signal here
-    kills the children at once. The children are always waited for (and killed if
-    they outlive a bounded grace period after a signal).
+    SIGTERM / SIGINT received here are passed on to every rank (a second one kills
+    them at once); the ranks are always waited for (see :class:`Children`).
     """
     job = f"local-{uuid.uuid4().hex[:12]}"
-    children: list[subprocess.Popen[bytes]] = []
-    received: list[int] = []
-    # Each child holds the read end of a pipe of its own; only we hold the write ends.
-    # A byte on it is a signal passed on; end of file means we died without passing
-    # anything on (SIGKILL, a crash), and the child stops instead of running on as an
-    # orphan holding its ports.
-    lifelines: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        received.append(signum)
-        if len(received) > 1:
-            _write_line(
-                sys.stderr,
-                f"hpcproc.run: second {signal.Signals(signum).name}, killing the ranks at once",
-            )
-            for child in children:
-                if child.poll() is None:
-                    child.kill()
-            return
-        for fd in lifelines:
-            with contextlib.suppress(OSError):
-                os.write(fd, bytes([signum]))
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    children = Children()
+    restore = children.handle_signals()
     try:
         for rank in range(n):
             env = dict(os.environ)
-            read_end, write_end = os.pipe()
-            lifelines.append(write_end)
             env.update(
                 HPCPROC_RANK=str(rank),
                 HPCPROC_SIZE=str(n),
@@ -357,86 +368,19 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
                 HPCPROC_LOCAL_SIZE=str(n),
                 HPCPROC_HOSTS=",".join(["127.0.0.1"] * n),
                 HPCPROC_JOB_ID=job,
-                HPCPROC_LIFELINE_FD=str(read_end),
             )
-            try:
-                children.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "hpcproc.run", *argv],
-                        env=env,
-                        pass_fds=(read_end,),
-                    )
-                )
-            finally:
-                os.close(read_end)
-            if received:
-                # A signal came while starting: pass it on to the late ones too.
-                with contextlib.suppress(OSError):
-                    os.write(write_end, bytes([received[0]]))
-        statuses = []
-        for child in children:
-            while True:
-                try:
-                    timeout = 10.0 if received else None
-                    statuses.append(child.wait(timeout))
-                    break
-                except subprocess.TimeoutExpired:
-                    child.kill()
-        if dry_run:
-            return max(abs(s) for s in statuses)
-        if len(received) > 1:
-            return 128 + received[-1]
-        status = statuses[0]
-        return 128 - status if status < 0 else status
+            children.start(
+                [sys.executable, "-m", "hpcproc.run", *argv],
+                env,
+                owner="hpcproc.run --np launcher",
+            )
+        statuses = children.wait()
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        for fd in lifelines:
-            os.close(fd)
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def _watch_lifeline(
-    loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None], on_gone: Callable[[], None]
-) -> int | None:
-    """Follow the lifeline of the ``--np`` parent that started this rank.
-
-    The parent passes the read end of a pipe whose write end only it holds
-    (``HPCPROC_LIFELINE_FD``): each byte on it is a signal the parent received and
-    passes on (``on_signal(signum)``); end of file means the parent died
-    (``on_gone()``). The variable is removed from the environment, so that the
-    application's own children do not inherit it. Returns the descriptor watched (to
-    be closed by the caller), or None.
-    """
-    value = os.environ.pop("HPCPROC_LIFELINE_FD", None)
-    if value is None:
-        return None
-    try:
-        fd = int(value)
-        os.fstat(fd)
-    except (ValueError, OSError):
-        log.warning("ignoring HPCPROC_LIFELINE_FD=%r: not an open descriptor", value)
-        return None
-
-    def readable() -> None:
-        try:
-            data = os.read(fd, 64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            loop.remove_reader(fd)
-            on_gone()
-        for signum in data:
-            on_signal(signum)
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, readable)
-    return fd
+        restore()
+        children.kill_all()
+    if dry_run:
+        return max(abs(s) for s in statuses)
+    return children.job_status(statuses[0])
 
 
 # ---------------------------------------------------------------- one rank
@@ -542,17 +486,15 @@ async def _run_rank(
     def passed_on(signum: int) -> None:
         signals.received(signum, direct=False)
 
-    def parent_gone() -> None:
-        signals.received(
-            signal.SIGHUP, direct=False, detail=" (its hpcproc.run --np launcher is gone)"
-        )
+    def parent_gone(launcher: str) -> None:
+        signals.received(signal.SIGHUP, direct=False, detail=f" (its {launcher} is gone)")
 
     # Signal handlers can only be installed from the main thread (embedded use may
     # run this elsewhere; the caller then owns signal handling).
     handled = (signal.SIGTERM, signal.SIGINT) if _in_main_thread() else ()
     for s in handled:
         loop.add_signal_handler(s, signals.received, s)
-    lifeline = _watch_lifeline(loop, passed_on, parent_gone)
+    lifeline = watch_lifeline(loop, passed_on, parent_gone)
     try:
         transport_name, transport = _create_transport(info, args.transport)
         method: Method = args.rendezvous
