@@ -15,7 +15,7 @@ initiator, ``A`` = acceptor)::
     A -> I  proof_A, status (ACCEPT | NOT_FOUND | CROSSED_PENDING | CROSSED_LIVE), extra_A
     I       verifies proof_A (else: ConnectError(FAILED)); link messages follow
 
-The proofs are :class:`~hpcproc.transports._auth.Handshake`'s, bound to both
+The proofs are :class:`~hpcproc.auth.Handshake`'s, bound to both
 addresses. ``extra_X`` are :attr:`HandshakeFormat.extra_len` bytes of link
 parameters (none for TCP; for UCX the tag on which X receives); a refusal carries
 zeroes there. The acceptor proves nothing to, and reveals nothing (not even whether
@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
-from ._auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
+from ..auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
 from ._multiplex import Link, MultiplexedEndPoint, MultiplexedTransport
 from .base import ConnectError, ConnectErrorCode, EndPointAddress
 
@@ -486,7 +486,7 @@ class DialingTransport(MultiplexedTransport, Generic[E]):
 
     Args:
         form: this transport's handshake format.
-        cookie: the shared secret; default :func:`~hpcproc.transports._auth.load_cookie`.
+        cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         connect_timeout: bound on ``connect`` when the caller gives no timeout.
         handshake_timeout: a peer that has not finished authenticating by then is
             dropped.

@@ -121,10 +121,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import enum
-import importlib
-import importlib.util
 import itertools
 import logging
 import struct
@@ -132,11 +129,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..mpi_init import import_mpi
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
 from .base import (
     Buffer,
@@ -157,8 +155,6 @@ __all__ = [
     "MpiTransport",
     "MpiUnavailableError",
     "create_transport",
-    "import_mpi",
-    "load_ucx_before_mpi",
 ]
 
 log = logging.getLogger("hpcproc.transports.mpi")
@@ -209,73 +205,6 @@ class MpiUnavailableError(TransportError):
 
     def __init__(self, message: str) -> None:
         super().__init__(None, message)
-
-
-def import_mpi() -> Any:
-    """mpi4py's ``MPI`` module, importing it (which initialises MPI) as this transport
-    does: see :func:`_zeroed_allocations`. Anything in hpcproc that needs MPI
-    imports it through here.
-
-    Raises:
-        ImportError: mpi4py (or its MPI library) is not installed.
-    """
-    load_ucx_before_mpi()
-    try:
-        with _zeroed_allocations():
-            from mpi4py import MPI  # initialises MPI
-    except ImportError as exc:
-        raise ImportError(
-            "the mpi transport needs mpi4py and an MPI library: pip install hpcproc[mpi]"
-        ) from exc
-    return MPI
-
-
-def load_ucx_before_mpi() -> None:
-    """Where the ucxx wheel is installed too, load its UCX libraries before MPI.
-
-    The mpich wheel bundles an older UCX (``libucs.so.0``, ``libucp.so.0``). Once MPI
-    has loaded it, the ucxx wheel's ``libuct.so`` binds to that ``libucs`` and fails
-    with "undefined symbol: ucs_ifname_to_ndev_index", so the ucx transport cannot be
-    used in the same process. Loaded the other way round both work (MPICH's UCX netmod
-    then runs on the newer UCX). Nothing happens when MPI is already loaded or libucx
-    is not installed.
-    """
-    if "mpi4py.MPI" in sys.modules or importlib.util.find_spec("libucx") is None:
-        return
-    try:
-        importlib.import_module("libucx").load_library()
-    except Exception as exc:  # a broken ucxx install must not stop MPI
-        log.debug("could not preload libucx: %r", exc)
-
-
-#: glibc's mallopt parameter: allocations are filled with the complement of its value.
-_M_PERTURB = -6
-
-
-@contextlib.contextmanager
-def _zeroed_allocations() -> Iterator[None]:
-    """While MPI initialises, make glibc's ``malloc`` return zero-filled memory.
-
-    Why: MPICH (the mpich wheel, 5.0) publishes its UCX address through PMI with
-    uninitialised bytes in it, hex-encoded with runs of zero bytes compressed. Under
-    ``srun --mpi=pmi2`` it speaks PMI-1 to Slurm, whose PMI-1 handler (22.05) reads at
-    most 1024 bytes per request: when the garbage (whatever this Python process freed
-    last) leaves few zero runs, a put line exceeds that, Slurm truncates it, and
-    ``MPI_Init`` fails in ``MPIDI_UCX_comm_addr_exchange``. Measured here: 8 of 8
-    ``srun --mpi=pmi2 ... hpcproc.run --transport mpi`` runs failed, 0 of 8 with this.
-    Does nothing where glibc's ``mallopt`` is unavailable.
-    """
-    mallopt = None
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            mallopt = ctypes.CDLL(None).mallopt
-    if mallopt is not None:
-        mallopt(_M_PERTURB, 0xFF)
-    try:
-        yield
-    finally:
-        if mallopt is not None:
-            mallopt(_M_PERTURB, 0)
 
 
 def format_address(rank: int, endpoint_id: int) -> EndPointAddress:

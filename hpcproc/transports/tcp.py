@@ -741,7 +741,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         connect_timeout: bound on ``connect`` when the caller gives no timeout.
         handshake_timeout: a peer that has not finished authenticating by then is
             dropped.
-        cookie: the shared secret; default :func:`~hpcproc.transports._auth.load_cookie`.
+        cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         busy_poll_us: how long ``receive`` may poll the sockets in place while the
             event loop is idle (0 disables; see the module docstring).
 

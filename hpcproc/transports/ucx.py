@@ -846,7 +846,7 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
         connect_timeout: bound on ``connect`` when the caller gives no timeout.
         handshake_timeout: a peer that has not finished authenticating by then is
             dropped.
-        cookie: the shared secret; default :func:`~hpcproc.transports._auth.load_cookie`.
+        cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         busy_poll: progress the worker on every event-loop iteration while a large
             transfer is in flight, instead of waiting for the worker's wake-up. For
             networks that raise few events during a rendezvous; measured slower with
