@@ -67,7 +67,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._busy_poll import IdlePoller
+from ._busy_poll import IdlePoller, check_budget
 from ._dialing import (
     HELLO,
     DialingEndPoint,
@@ -761,8 +761,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         cookie: bytes | str | None = None,
         busy_poll_us: float = 100.0,
     ) -> None:
-        if busy_poll_us < 0:
-            raise ValueError("busy_poll_us must not be negative")
+        check_budget(busy_poll_us)
         super().__init__(
             _FORMAT,
             cookie=cookie,
