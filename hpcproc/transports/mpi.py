@@ -887,7 +887,7 @@ class _MpiLink(Link):
         remote_ep: int,
         gen: int,
     ) -> None:
-        super().__init__(remote)
+        super().__init__(remote, endpoint)
         self.endpoint = endpoint
         self.rank = rank
         self.remote_ep = remote_ep
@@ -905,8 +905,7 @@ class _MpiLink(Link):
                 self.rank, _Msg(kind), ep.endpoint_id, self.remote_ep, self.gen, conn_id
             )
         except Exception as exc:
-            ep._on_link_down(self, f"send failed: {exc!r}")
-            self.abort()
+            self.fail(f"send failed: {exc!r}")
 
     def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
         """Post a DATA message of one small contiguous frame, copied into the MPI
@@ -1178,8 +1177,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
             link = self._links.get(remote)
             if isinstance(link, _MpiLink) and link.gen == gen:
                 link.finished = True
-                self._on_link_down(link, "peer closed or broke the bundle")
-                link.abort()
+                link.fail("peer closed or broke the bundle")
         else:
             self._on_reply(remote, kind, src, src_ep, gen)
 
@@ -1231,8 +1229,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
     def _drop_rank(self, rank: int, reason: str) -> None:
         for link in list(self._links.values()):
             if isinstance(link, _MpiLink) and link.rank == rank:
-                self._on_link_down(link, reason)
-                link.abort()
+                link.fail(reason)
 
     async def _release(self) -> None:
         for pending in list(self._connecting.values()):

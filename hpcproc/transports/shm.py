@@ -354,7 +354,7 @@ class _ShmLink(Link):
         tx: mmap.mmap,
         rx: mmap.mmap,
     ) -> None:
-        super().__init__(remote)
+        super().__init__(remote, endpoint)
         opts = endpoint._opts
         self._endpoint = endpoint
         self._loop = endpoint._loop
@@ -771,8 +771,7 @@ class _ShmLink(Link):
         self._gone = None
         self._drain()
         if not self._down:
-            self._endpoint._on_link_down(self, reason)
-            self._teardown()
+            self.fail(reason)
 
     async def close(self) -> None:
         if self._down:

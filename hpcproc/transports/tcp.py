@@ -291,7 +291,7 @@ class _TcpLink(Link):
         sock: socket.socket,
         max_message: int,
     ) -> None:
-        super().__init__(remote)
+        super().__init__(remote, endpoint)
         self._ep = endpoint
         self._pool = endpoint._transport._pool
         self._sock = sock
@@ -340,7 +340,7 @@ class _TcpLink(Link):
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self._fail(f"send failed: {exc}")
+                self.fail(f"send failed: {exc}")
                 return
             if sent == len(view):
                 return
@@ -451,7 +451,7 @@ class _TcpLink(Link):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._fail(f"send failed: {exc}")
+                self.fail(f"send failed: {exc}")
                 return
             while wq:
                 entry = wq[0]
@@ -513,7 +513,7 @@ class _TcpLink(Link):
         except WireError as exc:
             self._bad_peer(str(exc))
         except OSError as exc:
-            self._fail(f"receive failed: {exc}")
+            self.fail(f"receive failed: {exc}")
 
     def _set_lowat(self, n: int) -> None:
         if n != self._lowat:
@@ -606,18 +606,14 @@ class _TcpLink(Link):
         if self._state != 0 or self._start != self._end:
             self._bad_peer("connection closed in the middle of a message (truncated frame)")
         else:
-            self._fail("peer closed the link")
+            self.fail("peer closed the link")
 
     def _bad_peer(self, reason: str) -> None:
         if self._dead:
             return
         if self.alive:
             log.warning("tcp: dropping peer %s (%r): %s", self._peer, bytes(self.remote), reason)
-        self._fail(f"protocol violation: {reason}")
-
-    def _fail(self, reason: str) -> None:
-        self._ep._on_link_down(self, reason)
-        self.abort()
+        self.fail(f"protocol violation: {reason}")
 
     # ------------------------------------------------------------------ close
 
