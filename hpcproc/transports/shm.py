@@ -72,6 +72,7 @@ if not sys.platform.startswith("linux"):
     raise ImportError("the shm transport needs Linux (memfd_create, abstract Unix sockets)")
 
 from ._busy_poll import LATE, PROBE_MIN, Budget, IdlePoller, check_budget
+from ._dialing import CROSS_WAIT, CrossedConnects
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
 from ._shm_ring import HEAD_WORD as _HEAD_WORD
 from ._shm_ring import (
@@ -104,7 +105,7 @@ log = logging.getLogger("hpcproc.transports.shm")
 
 _PREFIX = b"shm:"
 _VERSION = 1
-#: Bound on an incoming handshake and on waiting for a crossed connect's link.
+#: Bound on an incoming handshake.
 HANDSHAKE_TIMEOUT = 10.0
 #: Bytes before a segment's data: the busy word (1 while the receiver holds views).
 SEG_HEADER = 64
@@ -832,7 +833,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._opts = opts
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
-        self._incoming_waiters: dict[EndPointAddress, list[asyncio.Future[Link]]] = {}
+        #: Dials in progress and dials waiting for the winner of a crossed connect.
+        self._crossing = CrossedConnects()
         #: Polls in ``receive``; its starvation record also stops the links' spin.
         self._poller = IdlePoller(self._loop, opts["busy_poll_us"])
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
@@ -952,18 +954,27 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 "endpoints on one host: use the tcp or ucx transport for peers on other hosts",
             )
         hello = _HELLO_NEW
-        while True:
-            link = await self._dial(remote, name, hello)
-            if link is not None:
-                return link
-            # The peer holds a live link with us (_REJECT_LIVE).
-            existing = self._links.get(remote)
-            if existing is not None and existing.alive:
-                return existing
-            hello = _HELLO_REPLACE
+        # Crossed connects are resolved as tcp's and ucx's are (_dialing.CrossedConnects:
+        # the link dialed from the smaller address wins; the loser waits for it, then
+        # looks again and dials again), except for a dial into a live link: see _accept.
+        with self._crossing.dialing_to(remote):
+            while True:
+                outcome = await self._dial(remote, name, hello)
+                if isinstance(outcome, Link):
+                    return outcome
+                existing = self._links.get(remote)
+                if outcome == _REJECT_CROSSED and (existing is None or not existing.alive):
+                    await self._crossing.wait_for_arrival(remote, CROSS_WAIT)
+                    existing = self._links.get(remote)
+                if existing is not None and existing.alive:
+                    return existing
+                # _REJECT_LIVE: the peer holds a live link with us that we do not
+                # have (it is stale), so replace it; after a crossing, dial again.
+                hello = _HELLO_REPLACE if outcome == _REJECT_LIVE else _HELLO_NEW
 
-    async def _dial(self, remote: EndPointAddress, name: bytes, hello: bytes) -> Link | None:
-        """One connection attempt; None when the peer answered ``_REJECT_LIVE``."""
+    async def _dial(self, remote: EndPointAddress, name: bytes, hello: bytes) -> Link | bytes:
+        """One connection attempt: the new link, or the peer's refusal
+        (``_REJECT_CROSSED`` or ``_REJECT_LIVE``)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         tx: mmap.mmap | None = None
@@ -985,14 +996,10 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 os.close(tx_fd)
             data, fds = await _recv_async(sock)
             try:
-                if data == _REJECT_CROSSED:
+                if data in (_REJECT_CROSSED, _REJECT_LIVE):
                     sock.close()
                     tx.close()
-                    return await self._incoming_link(remote)
-                if data == _REJECT_LIVE:
-                    sock.close()
-                    tx.close()
-                    return None
+                    return data
                 if data != _WELCOME or len(fds) != 1:
                     raise ConnectError(
                         ConnectErrorCode.NOT_FOUND, f"endpoint {remote!r} is closing or closed"
@@ -1031,20 +1038,6 @@ class _ShmEndPoint(MultiplexedEndPoint):
         sock.close()
         if tx is not None and not tx.closed:
             tx.close()
-
-    async def _incoming_link(self, remote: EndPointAddress) -> Link:
-        """The peer won a crossed connect: wait for the link it is opening to us."""
-        link = self._links.get(remote)
-        if link is not None:
-            return link
-        fut: asyncio.Future[Link] = self._loop.create_future()
-        self._incoming_waiters.setdefault(remote, []).append(fut)
-        try:
-            return await asyncio.wait_for(fut, HANDSHAKE_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise ConnectError(
-                ConnectErrorCode.TIMEOUT, f"crossed connect with {remote!r} did not complete"
-            ) from None
 
     # ------------------------------------------------------------------ accepting
 
@@ -1091,11 +1084,14 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 existing = self._links.get(remote)
                 if tag == _HELLO_NEW and existing is not None and existing.alive:
                     # A crossed connect whose other half completed first: keep the
-                    # bundle that may already carry connections.
+                    # bundle that may already carry connections. Not tcp's rule
+                    # (_dialing.DialingEndPoint._accept), under which a dial from the
+                    # smaller address replaces the live link: here the dialer reuses
+                    # the live link, or replaces it if it holds none (_HELLO_REPLACE).
                     conn.send(_REJECT_LIVE)
                     conn.close()
                     return
-                if remote in self._pending and bytes(self.address) < bytes(remote):
+                if self._crossing.keeps_own_dial(remote, self.address):
                     conn.send(_REJECT_CROSSED)
                     conn.close()
                     return
@@ -1127,20 +1123,14 @@ class _ShmEndPoint(MultiplexedEndPoint):
             raise
         self._register_link(link)
         link.start()
-        for fut in self._incoming_waiters.pop(remote, []):
-            if not fut.done():
-                fut.set_result(link)
+        self._crossing.arrived(remote)
 
     async def _release(self) -> None:
         self._loop.remove_reader(self._listener.fileno())
         self._listener.close()
         for task in list(self._handshakes):
             task.cancel()
-        for futs in self._incoming_waiters.values():
-            for fut in futs:
-                if not fut.done():
-                    fut.set_exception(ConnectError(ConnectErrorCode.FAILED, "endpoint closed"))
-        self._incoming_waiters.clear()
+        self._crossing.fail_waiters(ConnectError(ConnectErrorCode.FAILED, "endpoint closed"))
 
 
 # --------------------------------------------------------------------------- transport
