@@ -13,7 +13,7 @@ import pytest
 
 from hpcproc.testing.peer import PeerProcess
 from hpcproc.transports import create
-from hpcproc.transports._busy_poll import IdlePoller, ready_queue
+from hpcproc.transports._busy_poll import LATE, Budget, IdlePoller, ready_queue
 from hpcproc.transports._multiplex import EventQueue
 from hpcproc.transports.base import (
     ConnectionClosed,
@@ -119,6 +119,44 @@ def test_other_ready_callbacks_run_before_polling() -> None:
 
         await IdlePoller(loop, 1e6).receive(events, poll_once)
         assert order == ["ready callback", "poll"]
+
+    _run(body())
+
+
+def test_budget_halves_after_a_silence_doubles_after_a_near_miss_within_its_bounds() -> None:
+    budget = Budget(100e-6)
+    assert budget.value == budget.maximum == 100e-6
+    assert budget.minimum == 100e-6 / 16
+    for _ in range(10):
+        budget.missed(gave_up=1.0, now=1.0 + 2 * LATE * budget.maximum)  # a silence
+    assert budget.value == budget.minimum
+    budget.missed(gave_up=1.0, now=1.0 + budget.maximum)  # a near miss
+    assert budget.value == 2 * budget.minimum
+    for _ in range(10):
+        budget.grow()
+    assert budget.value == budget.maximum
+    assert Budget(100e-6, 10e-6).minimum == 10e-6
+    assert Budget(0.0, 10e-6).minimum == 0.0
+
+
+def test_a_callers_own_ready_handle_does_not_count_as_other_work() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        poller = IdlePoller(loop, 100.0)
+        assert poller.enabled
+        assert not poller.others_ready()
+        mine = loop.call_soon(lambda: None)
+        assert not poller.others_ready(mine)
+        assert not poller.others_ready_than(lambda: {mine})
+        assert poller.others_ready()
+        theirs = loop.call_soon(lambda: None)
+        assert poller.others_ready(mine)
+        assert poller.others_ready_than(lambda: {mine})
+        assert not poller.others_ready_than(lambda: {mine, theirs})
+        # Nothing is polled while other work is ready.
+        assert not poller.spin(lambda: True, mine)
+        mine.cancel()
+        theirs.cancel()
 
     _run(body())
 
