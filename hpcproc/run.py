@@ -14,10 +14,10 @@ Each rank (``srun``, ``mpiexec``, ``pbsdsh``, ... started it, or ``--np N`` here
 1. detects its launcher and place in the job (:func:`hpcproc.launchers.detect`);
    with ``--transport mpi`` (or ``--rendezvous mpi``) it initialises MPI here,
    before importing the entry point, so an application that imports mpi4py itself
-   finds it initialised as hpcproc does it (``hpcproc.transports.mpi.import_mpi``);
+   finds it initialised as hpcproc does it (``hpcproc.mpi_init.import_mpi``);
 2. creates the transport and its node;
 3. registers its run controller, then takes part in the rendezvous
-   (:mod:`hpcproc.launchers.rendezvous`), so every rank knows every node id;
+   (:mod:`hpcproc.rendezvous`), so every rank knows every node id;
 4. master/worker (default): rank 0 runs ``await main(cluster)``, linked to every
    worker node, so a worker that dies raises ``NodeLinkException`` (``DiedNodeDown``
    or ``DiedDisconnect``) in ``main`` unless ``main`` handles it; the other ranks
@@ -65,9 +65,8 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from .launchers import ClusterInfo, LauncherError, detect
 from .launchers.children import Children, read_lifeline_line, watch_lifeline
-from .launchers.errors import RendezvousError
-from .launchers.rendezvous import DEFAULT_TIMEOUT, Method, rendezvous
 from .launchers.ssh import COOKIE_ENV
+from .rendezvous import DEFAULT_TIMEOUT, Method, RendezvousError, rendezvous
 
 if TYPE_CHECKING:
     from ._ids import NodeId
@@ -292,9 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.transport == "mpi" or args.rendezvous == "mpi":
         # Initialise MPI before the application's modules are imported: one that
         # imports mpi4py itself would otherwise initialise it without the care
-        # hpcproc.transports.mpi.import_mpi takes (see there).
+        # hpcproc.mpi_init.import_mpi takes (see there).
         try:
-            from .transports.mpi import import_mpi
+            from .mpi_init import import_mpi
 
             import_mpi()
         except ImportError as exc:
@@ -328,7 +327,7 @@ def _without(argv: list[str], *options: str) -> list[str]:
 def _run_ssh(args: argparse.Namespace, info: ClusterInfo, argv: list[str]) -> int:
     """``--hosts`` / ``--hostfile``: start the ranks over ssh from here."""
     from .launchers.ssh import parse_hostfile, parse_hosts, run_over_ssh
-    from .transports._auth import CookieError, load_cookie
+    from .auth import CookieError, load_cookie
 
     if info.is_multi_rank:
         _write_line(

@@ -14,10 +14,10 @@ from .transport_specs import SPECS
 
 def pytest_configure(config: pytest.Config) -> None:
     """Load UCX's own libraries before anything loads MPI (pytest-mpi, the mpi tests):
-    see ``hpcproc.transports.mpi.load_ucx_before_mpi``. Only when mpi4py is installed.
+    see ``hpcproc.mpi_init.load_ucx_before_mpi``. Only when mpi4py is installed.
     """
     if importlib.util.find_spec("mpi4py"):
-        from hpcproc.transports.mpi import load_ucx_before_mpi
+        from hpcproc.mpi_init import load_ucx_before_mpi
 
         load_ucx_before_mpi()
 

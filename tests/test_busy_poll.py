@@ -1,14 +1,28 @@
-"""The idle poller of ``EndPoint.receive`` (hpcproc.transports._busy_poll)."""
+"""The idle poller of ``EndPoint.receive`` (hpcproc.transports._busy_poll), and the
+transports that poll (tcp, shm, mpi) on event loops whose ready queue it cannot read."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
-from hpcproc.transports._busy_poll import IdlePoller
+from hpcproc.testing.peer import PeerProcess
+from hpcproc.transports import create
+from hpcproc.transports._busy_poll import LATE, Budget, IdlePoller, ready_queue
 from hpcproc.transports._multiplex import EventQueue
-from hpcproc.transports.base import ConnectionClosed
+from hpcproc.transports.base import (
+    ConnectionClosed,
+    ConnectionOpened,
+    EndPoint,
+    Event,
+    Received,
+    Transport,
+)
 
 TIMEOUT = 10.0
 
@@ -18,8 +32,23 @@ def _run(body: object) -> None:
 
 
 def test_negative_budget_is_refused() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="busy_poll_us"):
+            IdlePoller(loop, -1)
+    finally:
+        loop.close()
+
+
+# pytest-mpi skips tests whose keywords include "mpi" outside mpiexec: not this one.
+@pytest.mark.parametrize("name", ["tcp", "shm", pytest.param("mpi", id="mpi-singleton")])
+def test_every_polling_transport_takes_the_one_option_and_refuses_a_negative_one(
+    name: str,
+) -> None:
+    if name == "mpi" and importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
     with pytest.raises(ValueError, match="busy_poll_us"):
-        IdlePoller(asyncio.new_event_loop(), -1)
+        create(name, busy_poll_us=-1)
 
 
 def test_poll_finds_an_event_without_sleeping() -> None:
@@ -92,3 +121,160 @@ def test_other_ready_callbacks_run_before_polling() -> None:
         assert order == ["ready callback", "poll"]
 
     _run(body())
+
+
+def test_budget_halves_after_a_silence_doubles_after_a_near_miss_within_its_bounds() -> None:
+    budget = Budget(100e-6)
+    assert budget.value == budget.maximum == 100e-6
+    assert budget.minimum == 100e-6 / 16
+    for _ in range(10):
+        budget.missed(gave_up=1.0, now=1.0 + 2 * LATE * budget.maximum)  # a silence
+    assert budget.value == budget.minimum
+    budget.missed(gave_up=1.0, now=1.0 + budget.maximum)  # a near miss
+    assert budget.value == 2 * budget.minimum
+    for _ in range(10):
+        budget.grow()
+    assert budget.value == budget.maximum
+    assert Budget(100e-6, 10e-6).minimum == 10e-6
+    assert Budget(0.0, 10e-6).minimum == 0.0
+
+
+def test_a_callers_own_ready_handle_does_not_count_as_other_work() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        poller = IdlePoller(loop, 100.0)
+        assert poller.enabled
+        assert not poller.others_ready()
+        mine = loop.call_soon(lambda: None)
+        assert not poller.others_ready(mine)
+        assert not poller.others_ready_than(lambda: {mine})
+        assert poller.others_ready()
+        theirs = loop.call_soon(lambda: None)
+        assert poller.others_ready(mine)
+        assert poller.others_ready_than(lambda: {mine})
+        assert not poller.others_ready_than(lambda: {mine, theirs})
+        # Nothing is polled while other work is ready.
+        assert not poller.spin(lambda: True, mine)
+        mine.cancel()
+        theirs.cancel()
+
+    _run(body())
+
+
+class _LoopWithoutReadyQueue:
+    """Stands for an event loop that keeps no ``_ready`` deque (a future asyncio)."""
+
+
+class _LoopWithOtherReady:
+    """An event loop whose ``_ready`` is something else than asyncio's deque."""
+
+    _ready = (object(),)
+
+
+@pytest.mark.parametrize("stand_in", [_LoopWithoutReadyQueue, _LoopWithOtherReady])
+def test_loop_without_a_readable_ready_queue_waits_without_polling(stand_in: type) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        fake: Any = stand_in()
+        assert ready_queue(fake) is None
+        poller = IdlePoller(fake, 1e6)
+        assert not poller.enabled
+        events = EventQueue()
+        polled: list[str] = []
+
+        def poll_once() -> bool:
+            polled.append("poll")
+            return True
+
+        def step() -> bool:
+            polled.append("spin")
+            return True
+
+        loop.call_later(0.01, events.put, ConnectionClosed(4))
+        assert await poller.receive(events, poll_once) == ConnectionClosed(4)
+        assert not poller.poll_now(events, poll_once)
+        assert not poller.spin(step)
+        assert poller.others_ready()
+        assert polled == []
+
+    _run(body())
+
+
+# --------------------------------------------------------------------------- uvloop
+
+ROUND_TRIPS = 50
+
+
+def _run_on_uvloop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
+    loop = uvloop.new_event_loop()
+    try:
+        assert ready_queue(loop) is None
+        loop.run_until_complete(asyncio.wait_for(main(), 60.0))
+    finally:
+        loop.close()
+
+
+async def _event(endpoint: EndPoint, kind: type[Event]) -> Any:
+    event = await asyncio.wait_for(endpoint.receive(), TIMEOUT)
+    assert isinstance(event, kind), event
+    return event
+
+
+async def _make(name: str, **options: Any) -> Transport:
+    made = create(name, **options)
+    return await made if inspect.isawaitable(made) else made  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", ["tcp", "shm"])
+def test_transport_on_uvloop_exchanges_with_another_process_without_polling(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On uvloop (no readable ready queue) every receive is a plain wait: round trips
+    with a peer process, whose links are the ones the transport would poll, work."""
+    monkeypatch.setenv("HPCPROC_COOKIE", "test-cookie-for-busy-poll")
+
+    async def main() -> None:
+        transport = await _make(name, busy_poll_us=1e6)
+        peer = await PeerProcess.start(name, timeout=30.0)
+        try:
+            endpoint = await transport.new_endpoint()
+            conn = await asyncio.wait_for(endpoint.connect(peer.address), TIMEOUT)
+            await _event(endpoint, ConnectionOpened)  # the echo server connects back
+            for i in range(ROUND_TRIPS):
+                await conn.send([b"ping %d" % i])
+                if i % 2:
+                    received = await _event(endpoint, Received)
+                else:
+                    received = endpoint.receive_nowait()
+                    if received is None:
+                        received = await _event(endpoint, Received)
+                assert isinstance(received, Received), received
+                assert [bytes(f) for f in received.frames] == [b"ping %d" % i]
+            await conn.close()
+        finally:
+            await peer.stop(TIMEOUT)
+            await asyncio.wait_for(transport.close(), TIMEOUT)
+
+    _run_on_uvloop(main)
+
+
+def test_mpi_transport_on_uvloop_exchanges_messages_without_polling() -> None:
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
+
+    async def main() -> None:
+        transport = await _make("mpi", busy_poll_us=1e6)
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            conn = await asyncio.wait_for(a.connect(b.address), TIMEOUT)
+            await _event(b, ConnectionOpened)
+            for i in range(ROUND_TRIPS):
+                await conn.send([b"m %d" % i, bytes(40000)])  # a large one waits for MPI
+                received = await _event(b, Received)
+                assert bytes(received.frames[0]) == b"m %d" % i
+        finally:
+            await asyncio.wait_for(transport.close(), TIMEOUT)
+
+    _run_on_uvloop(main)

@@ -30,7 +30,7 @@ from hpcproc.transports._dialing import (
     format_host_address,
     parse_host_address,
 )
-from hpcproc.transports._multiplex import Kind, Link
+from hpcproc.transports._multiplex import Kind, Link, MultiplexedEndPoint
 from hpcproc.transports.base import (
     Buffer,
     ConnectError,
@@ -247,8 +247,8 @@ def test_acceptor_refuses_a_bad_hello_before_revealing_anything(hello: bytes, re
 class StubLink(Link):
     """A link that carries nothing (the decision only registers or discards it)."""
 
-    def __init__(self, remote: EndPointAddress) -> None:
-        super().__init__(remote)
+    def __init__(self, remote: EndPointAddress, owner: MultiplexedEndPoint) -> None:
+        super().__init__(remote, owner)
         self.aborted = False
 
     def send_control(self, kind: Kind, conn_id: int) -> None:
@@ -306,8 +306,8 @@ def test_simultaneous_dials_are_accepted_at_exactly_one_side() -> None:
         small._dialing[large.address] = 1
         large._dialing[small.address] = 1
         # The larger address's dial loses; the smaller one's is accepted.
-        assert small._accept(StubLink(large.address), large.address, 0) is Status.CROSSED_PENDING
-        assert large._accept(StubLink(small.address), small.address, 0) is Status.ACCEPT
+        assert small._accept(StubLink(large.address, small), large.address, 0) is Status.CROSSED_PENDING
+        assert large._accept(StubLink(small.address, large), small.address, 0) is Status.ACCEPT
         assert small.address not in small._links
         assert large._links[small.address].remote == small.address
         await transport.close()
@@ -318,16 +318,16 @@ def test_simultaneous_dials_are_accepted_at_exactly_one_side() -> None:
 def test_dial_into_a_live_link_is_crossed_live_unless_replace_or_smaller() -> None:
     async def main() -> None:
         transport, small, large = await _endpoint_pair()
-        old = StubLink(large.address)
+        old = StubLink(large.address, small)
         small._register_link(old)
-        assert small._accept(StubLink(large.address), large.address, 0) is Status.CROSSED_LIVE
+        assert small._accept(StubLink(large.address, small), large.address, 0) is Status.CROSSED_LIVE
         assert small._links[large.address] is old
-        new = StubLink(large.address)
+        new = StubLink(large.address, small)
         assert small._accept(new, large.address, FLAG_REPLACE) is Status.ACCEPT
         assert small._links[large.address] is new and old.aborted
         # From the smaller address, a dial always starts a new bundle.
-        large._register_link(old := StubLink(small.address))
-        assert large._accept(new := StubLink(small.address), small.address, 0) is Status.ACCEPT
+        large._register_link(old := StubLink(small.address, large))
+        assert large._accept(new := StubLink(small.address, large), small.address, 0) is Status.ACCEPT
         assert large._links[small.address] is new and old.aborted
         await transport.close()
 
@@ -338,7 +338,7 @@ def test_closed_endpoint_answers_not_found() -> None:
     async def main() -> None:
         transport, small, large = await _endpoint_pair()
         await small.close()
-        assert small._accept(StubLink(large.address), large.address, 0) is Status.NOT_FOUND
+        assert small._accept(StubLink(large.address, small), large.address, 0) is Status.NOT_FOUND
         assert transport._find(small.address) is None
         assert transport._find(large.address) is large
         await transport.close()
@@ -350,7 +350,7 @@ def test_crossed_pending_dialer_takes_the_peers_link_when_it_arrives() -> None:
     async def main() -> None:
         transport, small, large = await _endpoint_pair()
         attempts: list[int] = []
-        arrived = StubLink(small.address)
+        arrived = StubLink(small.address, large)
 
         async def script(flags: int) -> tuple[Status, Link | None]:
             attempts.append(flags)
@@ -372,7 +372,7 @@ def test_crossed_live_dialer_retries_once_with_replace() -> None:
     async def main() -> None:
         transport, small, large = await _endpoint_pair()
         attempts: list[int] = []
-        made = StubLink(large.address)
+        made = StubLink(large.address, small)
 
         async def script(flags: int) -> tuple[Status, Link | None]:
             attempts.append(flags)

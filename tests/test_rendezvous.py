@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 from hpcproc.launchers import ClusterInfo, LauncherError
-from hpcproc.launchers.rendezvous import (
+from hpcproc.rendezvous import (
     PORT_BASE,
     PORT_SPAN,
     RendezvousError,
@@ -23,7 +23,7 @@ from hpcproc.launchers.rendezvous import (
     rendezvous,
     store_ports,
 )
-from hpcproc.launchers.tcpstore import gather_as_client, serve
+from hpcproc.rendezvous.tcpstore import gather_as_client, serve
 from hpcproc.transports.base import EndPointAddress
 
 COOKIE = "rendezvous-test-cookie"

@@ -311,7 +311,7 @@ def test_mpi_jobs_initialise_mpi_before_importing_the_entry(
     ranks: list[Rank], env: dict[str, str]
 ) -> None:
     """An application importing mpi4py itself must find MPI initialised as hpcproc
-    initialises it (hpcproc.transports.mpi.import_mpi), not initialise it first."""
+    initialises it (hpcproc.mpi_init.import_mpi), not initialise it first."""
     pytest.importorskip("mpi4py", reason="needs mpi4py (pip install hpcproc[mpi])")
     r = start(ranks, ["--transport", "mpi", f"{THIS}:report_mpi_loaded_before_entry"], env)
     rc, out = r.finish()

@@ -628,3 +628,37 @@ def test_dial_crossing_a_completed_link_reuses_it_and_keeps_its_connections() ->
         assert bytes((await _next(a, Received)).frames[0]) == b"and back"
 
     _run(body)
+
+
+def test_crossed_connects_share_one_link_and_lose_nothing() -> None:
+    """A and B dial each other at once, 25 times with fresh endpoints: each time one
+    dial wins (the link dialed from the smaller address), both sides end up on that
+    one link (one socket pair), and connections over it lose nothing."""
+
+    async def body(transport: ShmTransport) -> None:
+        for round_ in range(25):
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            # Both establish their link at once, as two connects do when neither has
+            # seen the other's link yet (connect checks for a link first).
+            pair = [a._establish(b.address, TIMEOUT), b._establish(a.address, TIMEOUT)]  # type: ignore[attr-defined]
+            link_a, link_b = await asyncio.wait_for(asyncio.gather(*pair), TIMEOUT)
+            assert link_a is a._links[b.address] and link_b is b._links[a.address]  # type: ignore[attr-defined]
+            ab = await a.connect(b.address, timeout=TIMEOUT)
+            ba = await b.connect(a.address, timeout=TIMEOUT)
+            assert link_a._sock.getsockname() == link_b._sock.getpeername()
+            assert link_a._sock.getpeername() == link_b._sock.getsockname()
+            await ab.send([b"a->b %d" % round_])
+            await ba.send([b"b->a %d" % round_])
+            for endpoint, text in ((b, b"a->b %d" % round_), (a, b"b->a %d" % round_)):
+                await _next(endpoint, ConnectionOpened)
+                got = await _next(endpoint, Received)
+                assert bytes(got.frames[0]) == text
+            await ab.close()
+            await ba.close()
+            await _next(b, ConnectionClosed)
+            await _next(a, ConnectionClosed)
+            await a.close()
+            await b.close()
+
+    _run(body)

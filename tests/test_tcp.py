@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from hpcproc.auth import CookieError, Handshake
 from hpcproc.transports import (
     ConnectError,
     ConnectErrorCode,
@@ -35,7 +36,6 @@ from hpcproc.transports import (
     Received,
     create,
 )
-from hpcproc.transports._auth import CookieError, Handshake
 from hpcproc.transports._multiplex import Kind
 from hpcproc.transports._wire import PREFIX, encode_header
 from hpcproc.transports.tcp import _HELLO, _MAGIC, MAX_FRAMES, TcpTransport, _context, _Status

@@ -2,7 +2,7 @@
 
 :func:`detect` reads the environment of ``srun``, ``mpirun`` / ``mpiexec`` (Open MPI,
 hydra, Cray PALS, MVAPICH), Flux, LSF ``jsrun``, PBS / Torque or explicit
-``HPCPROC_*`` overrides and returns a :class:`ClusterInfo`; :mod:`.rendezvous` then
+``HPCPROC_*`` overrides and returns a :class:`ClusterInfo`; :mod:`hpcproc.rendezvous` then
 lets every rank learn every rank's endpoint address.
 """
 

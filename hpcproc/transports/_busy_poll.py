@@ -1,149 +1,214 @@
-"""Adaptive in-place polling for ``EndPoint.receive``.
+"""Polling in place while the event loop is idle: the one budget every polling transport
+(tcp, shm, mpi) uses, under one option, ``busy_poll_us``.
 
 Why: on the virtual machines this project runs on, waking a process that sleeps in
 ``epoll_wait`` costs about 50 us each way, while a non-blocking read finds a reply in
 a few. A two-process ping-pong of plain asyncio sockets measured 110 us per round trip
 sleeping and 7.5 us when the waiting side first polled its socket for up to 50 us
-(same run, both sides asyncio). So when ``receive`` finds no event queued and the
-event loop has nothing else to run, it polls the transport's links for a short while
-before going to sleep.
+(same run, both sides asyncio); MPI measured 20 us polling from a loop callback and
+4 us polling from the awaiting coroutine. So when a transport's ``receive`` (or a wait
+for a send or a connect) finds nothing to return and the event loop has nothing else
+to run, it polls its links for a short while before going to sleep.
 
-Guarantees and costs:
+This is the only module of hpcproc that reads event-loop internals: whether other
+callbacks are ready is read from the standard loop's ready queue, which has no public
+accessor (:func:`ready_queue`). Guarantees and costs:
 
-* It polls only when no other callback of the event loop is ready (it first lets
-  ready callbacks run, up to three loop iterations, since the task a dispatcher just
-  woke is typically about to send the next message), and at most
-  ``max_us`` microseconds at a time, so it delays other I/O and timers of the loop by
-  at most that much; every :data:`FAIR_STREAK` consecutive polls it lets the loop run.
-* The budget adapts: a reply that came a little too late for the poll (within four
-  times ``max_us``) doubles it, up to ``max_us``; a longer silence halves it, down to
-  ``max_us / 16``.
-* When the CPUs are oversubscribed (the poll got less than half of the CPU time it
-  spent, several times in a row) it stops polling for :data:`NO_POLL_PERIOD`: the peer
-  needs that CPU to answer.
-* It needs the standard event loop (it reads the loop's ready queue, which has no
-  public accessor); on other loops (uvloop) it never polls.
+* It polls only when no other callback of the event loop is ready (a transport may
+  name its own callbacks, which do not count), and at most the budget at a time, so
+  it delays other I/O and timers of the loop by at most ``busy_poll_us``; every
+  :data:`FAIR_STREAK` consecutive polls it lets the loop run. A poll stops as soon as
+  another callback becomes ready (a thread's ``call_soon_threadsafe``, say).
+* The budget adapts (:class:`Budget`): a reply that came a little too late for the
+  poll (within :data:`LATE` times the budget's maximum) doubles it, up to
+  ``busy_poll_us``; a longer silence halves it, down to a sixteenth of that.
+* When the CPUs are oversubscribed (a poll got less than half of the CPU time it
+  spent, :data:`STARVED_POLLS` times in a row) polling stops for
+  :data:`NO_POLL_PERIOD`: the peer needs that CPU to answer.
+* On any other event loop (uvloop, or an asyncio whose loop has no ready queue) it
+  never polls: every wait is a plain wait on the loop, correct and only slower.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sized
 from typing import Any
 
 from ._multiplex import EventQueue
 from .base import Event
 
-__all__ = ["FAIR_STREAK", "NO_POLL_PERIOD", "IdlePoller"]
+__all__ = [
+    "FAIR_STREAK",
+    "LATE",
+    "NO_POLL_PERIOD",
+    "OPTION",
+    "PROBE_MIN",
+    "STARVED_POLLS",
+    "Budget",
+    "IdlePoller",
+    "ready_queue",
+]
 
+#: The option, in microseconds, of every transport that polls (0 disables polling).
+OPTION = "busy_poll_us"
 #: Let the event loop run after this many consecutive polls.
 FAIR_STREAK = 32
 #: How long polling stays off once the CPUs were seen oversubscribed.
 NO_POLL_PERIOD = 0.02
 #: Consecutive starved polls that count as oversubscription.
-_STARVED_POLLS = 3
-#: A reply within this many ``max_us`` after giving up counts as "a little too late".
-_LATE = 4.0
-#: How many times receive lets other ready callbacks run before it decides to poll.
+STARVED_POLLS = 4
+#: A reply within this many maximal budgets after giving up counts as "a little too late".
+LATE = 4.0
+#: How many times ``receive`` lets other ready callbacks run before it decides to poll.
 _YIELDS = 8
 #: Polls shorter than this are not checked for starvation (the clock costs too much).
-_PROBE_MIN = 20e-6
+PROBE_MIN = 20e-6
+
+
+def ready_queue(loop: asyncio.AbstractEventLoop) -> Sized | None:
+    """The queue of callbacks ready to run on ``loop``, or None where it cannot be read.
+
+    Reads ``BaseEventLoop._ready`` (a ``collections.deque`` of handles, an
+    implementation detail of asyncio's standard loops). None on any loop that has no
+    such deque (uvloop, a future asyncio): callers then never poll.
+    """
+    ready = getattr(loop, "_ready", None)
+    return ready if isinstance(ready, collections.deque) else None
+
+
+def check_budget(busy_poll_us: float) -> None:
+    """Raise ``ValueError`` naming the option when ``busy_poll_us`` is negative."""
+    if busy_poll_us < 0:
+        raise ValueError(f"{OPTION} must not be negative, not {busy_poll_us}")
+
+
+class Budget:
+    """How long to poll next (seconds): between ``maximum / 16`` (or ``minimum``) and
+    ``maximum``; halves after a silence, doubles after a near miss."""
+
+    __slots__ = ("maximum", "minimum", "value")
+
+    def __init__(self, maximum: float, minimum: float | None = None) -> None:
+        self.maximum = maximum
+        self.minimum = maximum / 16 if minimum is None else min(minimum, maximum)
+        self.value = maximum
+
+    def shrink(self) -> None:
+        """Polling ran out without a reply."""
+        self.value = max(self.minimum, self.value * 0.5)
+
+    def grow(self) -> None:
+        """A reply came soon after polling gave up: polling longer would have caught it."""
+        self.value = min(self.maximum, self.value * 2)
+
+    def missed(self, gave_up: float, now: float) -> None:
+        """A reply came at ``now``, after polling gave up at ``gave_up``."""
+        if now - gave_up < LATE * self.maximum:
+            self.grow()
+        else:
+            self.shrink()
 
 
 class IdlePoller:
-    """Polls ``poll_once`` while ``receive`` would otherwise sleep; see the module."""
+    """Polls a transport's links in place while the loop is idle; see the module.
+
+    One per endpoint (or per event loop, for work shared by its endpoints). Bound to
+    the loop it was created for.
+    """
 
     __slots__ = (
-        "_budget",
-        "_max",
         "_no_poll_until",
         "_ready",
         "_starved",
         "_streak",
         "_yielding",
+        "budget",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_us: float) -> None:
-        if max_us < 0:
-            raise ValueError("busy_poll_us must not be negative")
-        self._max = max_us * 1e-6
-        self._budget = self._max
+    def __init__(self, loop: asyncio.AbstractEventLoop, busy_poll_us: float) -> None:
+        check_budget(busy_poll_us)
+        self.budget = Budget(busy_poll_us * 1e-6)
         self._streak = 0
         self._starved = 0
         self._no_poll_until = 0.0
-        self._ready: Any = getattr(loop, "_ready", None)
+        ready: Any = ready_queue(loop) if busy_poll_us else None
+        self._ready = ready
         #: True while ``receive`` waits in its yield to other ready callbacks.
         self._yielding = False
 
-    async def receive(self, events: EventQueue, poll_once: Callable[[], bool]) -> Event:
-        """The next event of ``events``, polling first while the loop is idle.
+    @property
+    def enabled(self) -> bool:
+        """Whether this poller ever polls (a budget, and a loop whose queue is readable)."""
+        return self._ready is not None
 
-        ``poll_once`` reads whatever has arrived without blocking (queueing events)
-        and returns False when there is nothing to poll (no remote links).
-        """
-        ready = self._ready
-        if len(events) or not self._max or ready is None:
-            return await events.get()
-        # A dispatcher typically calls receive right after waking the task it
-        # delivered to; let that task run (and send, and wait) first, then poll.
-        for _ in range(_YIELDS):
-            if not ready:
-                break
-            self._yielding = True
-            try:
-                await asyncio.sleep(0)
-            finally:
-                self._yielding = False
-            if len(events):
-                return await events.get()
-        if ready:
-            return await events.get()
-        self._streak += 1
-        if self._streak > FAIR_STREAK:
-            self._streak = 0
-            return await events.get()
-        gave_up = self._poll(events, poll_once)
-        event = events.pop_ready()
-        if event is None:
-            event = await events.get()
-        if gave_up:
-            if time.perf_counter() - gave_up < _LATE * self._max:
-                self._budget = min(self._max, self._budget * 2)
-            else:
-                self._budget = max(self._max / 16, self._budget * 0.5)
-        return event
+    # ------------------------------------------------------------------ the parts
 
-    def poll_now(self, events: EventQueue, poll_once: Callable[[], bool]) -> bool:
-        """Poll in place now if the loop is idle (as ``receive`` would); True when an
-        event is queued. Never suspends; polls at most the current budget."""
-        if events._items:
+    def others_ready(self, ours: object = None) -> bool:
+        """Whether a callback other than ``ours`` (a handle of the caller's own, or
+        None) is ready to run. True on a loop whose queue cannot be read."""
+        ready: Any = self._ready
+        if ready is None:
             return True
-        ready = self._ready
-        if not self._max or ready is None:
+        if not ready:
             return False
-        # The one ready callback of a receive yielding to others is no reason not to.
-        if ready and not (self._yielding and len(ready) == 1):
+        return len(ready) != 1 or ready[0] is not ours
+
+    def others_ready_than(self, ours: Callable[[], Container[object]]) -> bool:
+        """Like :meth:`others_ready`, for several handles of the caller's own (``ours``
+        returns them; called only when some callback is ready)."""
+        ready: Any = self._ready
+        if ready is None:
+            return True
+        if not ready:
             return False
+        mine = ours()
+        return any(handle not in mine for handle in ready)
+
+    def take_turn(self) -> bool:
+        """Count one poll; False every :data:`FAIR_STREAK` + 1st: let the loop run now."""
         self._streak += 1
         if self._streak > FAIR_STREAK:
             self._streak = 0
             return False
-        self._poll(events, poll_once)
-        return bool(events._items)
+        return True
 
-    def _poll(self, events: EventQueue, poll_once: Callable[[], bool]) -> float:
-        """Poll until an event is queued; the time it gave up, or 0.0."""
+    def polling_off(self, now: float) -> bool:
+        """Whether polling is off at ``now`` (the CPUs were seen oversubscribed)."""
+        return now < self._no_poll_until
+
+    def probed(self, now: float, starved: bool) -> None:
+        """Record whether a poll ending at ``now`` had the CPU to itself (at least half
+        of the time). Several starved polls in a row turn polling off for a while; a
+        single one is a preemption, not a trend."""
+        if not starved:
+            self._starved = 0
+            return
+        self._starved += 1
+        if self._starved >= STARVED_POLLS:
+            self._starved = 0
+            self._no_poll_until = now + NO_POLL_PERIOD
+
+    def poll(self, items: Sized, poll_once: Callable[[], bool]) -> float:
+        """Call ``poll_once`` until ``items`` (the event queue's deque) is not empty,
+        another callback became ready, or the budget ran out: the time it gave up
+        (budget spent), else 0.0.
+
+        ``poll_once`` takes whatever has arrived without blocking and returns False
+        when there is nothing to poll (then this returns 0.0 at once). Does nothing
+        while polling is off; the caller checked that the loop is idle.
+        """
         start = time.perf_counter()
         if start < self._no_poll_until:
             return 0.0
-        ready = self._ready
-        # The queue's deque itself: len() of it is C, EventQueue.__len__ is not.
-        items = events._items
-        # Callbacks ready before we started (at most a yielding receive's) are known.
+        ready: Any = self._ready
+        # Callbacks ready before we started (the caller's own, at most) are known.
         queued = len(ready)
+        # Reading the CPU clock is a system call: probe one poll in eight.
         cpu = time.thread_time() if not self._streak & 7 else -1.0
-        deadline = start + self._budget
+        deadline = start + self.budget.value
         now = start
         gave_up = 0.0
         while True:
@@ -155,12 +220,78 @@ class IdlePoller:
             if now >= deadline:
                 gave_up = now
                 break
-        if cpu >= 0 and now - start > _PROBE_MIN:
-            if time.thread_time() - cpu < (now - start) / 2:
-                self._starved += 1
-                if self._starved >= _STARVED_POLLS:
-                    self._starved = 0
-                    self._no_poll_until = now + NO_POLL_PERIOD
-            else:
-                self._starved = 0
+        if cpu >= 0 and now - start > PROBE_MIN:
+            self.probed(now, time.thread_time() - cpu < (now - start) / 2)
         return gave_up
+
+    def adapt(self, gave_up: float) -> None:
+        """An event came after a poll that gave up at ``gave_up`` (0.0: nothing to do)."""
+        if gave_up:
+            self.budget.missed(gave_up, time.perf_counter())
+
+    def spin(self, step: Callable[[], bool], ours: object = None) -> bool:
+        """Call ``step`` until it returns True, for at most the maximal budget, if the
+        loop is idle but for ``ours`` and polling is on; whether it returned True.
+
+        For waits that are not a ``receive`` (a send's completion, a connect's answer,
+        a progress callback): they take the budget as it is configured, not adapted.
+        """
+        if self.others_ready(ours):
+            return False
+        perf_counter = time.perf_counter
+        now = perf_counter()
+        if now < self._no_poll_until:
+            return False
+        deadline = now + self.budget.maximum
+        while not step():
+            if perf_counter() >= deadline:
+                return False
+        return True
+
+    # ------------------------------------------------------------------ receive
+
+    async def receive(self, events: EventQueue, poll_once: Callable[[], bool]) -> Event:
+        """The next event of ``events``, polling first while the loop is idle.
+
+        Before polling it lets ready callbacks run, up to :data:`_YIELDS` loop
+        iterations (a dispatcher typically calls receive right after waking the task
+        it delivered to, which is about to send the next message). ``poll_once`` is
+        as for :meth:`poll`.
+        """
+        ready: Any = self._ready
+        if len(events) or ready is None:
+            return await events.get()
+        for _ in range(_YIELDS):
+            if not ready:
+                break
+            self._yielding = True
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._yielding = False
+            if len(events):
+                return await events.get()
+        if ready or not self.take_turn():
+            return await events.get()
+        gave_up = self.poll(events._items, poll_once)
+        event = events.pop_ready()
+        if event is None:
+            event = await events.get()
+        self.adapt(gave_up)
+        return event
+
+    def poll_now(self, events: EventQueue, poll_once: Callable[[], bool]) -> bool:
+        """Poll in place now if the loop is idle (as ``receive`` would); True when an
+        event is queued. Never suspends; polls at most the current budget."""
+        if events._items:
+            return True
+        ready: Any = self._ready
+        if ready is None:
+            return False
+        # The one ready callback of a receive yielding to others is no reason not to.
+        if ready and not (self._yielding and len(ready) == 1):
+            return False
+        if not self.take_turn():
+            return False
+        self.poll(events._items, poll_once)
+        return bool(events._items)

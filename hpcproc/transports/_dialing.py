@@ -15,7 +15,7 @@ initiator, ``A`` = acceptor)::
     A -> I  proof_A, status (ACCEPT | NOT_FOUND | CROSSED_PENDING | CROSSED_LIVE), extra_A
     I       verifies proof_A (else: ConnectError(FAILED)); link messages follow
 
-The proofs are :class:`~hpcproc.transports._auth.Handshake`'s, bound to both
+The proofs are :class:`~hpcproc.auth.Handshake`'s, bound to both
 addresses. ``extra_X`` are :attr:`HandshakeFormat.extra_len` bytes of link
 parameters (none for TCP; for UCX the tag on which X receives); a refusal carries
 zeroes there. The acceptor proves nothing to, and reveals nothing (not even whether
@@ -32,7 +32,8 @@ winner's link, which its own endpoint accepts. ``CROSSED_LIVE`` answers a dial t
 arrives after the winner's link was already registered; if the dialer holds no link
 from that peer, the peer's link is stale (the dialer had dropped it) and the dialer
 retries with ``REPLACE``, which replaces it. A losing pipe is closed before any link
-message is read from it.
+message is read from it. The bookkeeping and the rule (:class:`CrossedConnects`) serve
+the shm transport too, whose handshake is its own.
 
 Everything here runs on the event loop thread.
 """
@@ -40,6 +41,7 @@ Everything here runs on the event loop thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -47,11 +49,11 @@ import secrets
 import socket
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
-from ._auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
+from ..auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
 from ._multiplex import Link, MultiplexedEndPoint, MultiplexedTransport
 from .base import ConnectError, ConnectErrorCode, EndPointAddress
 
@@ -61,6 +63,7 @@ __all__ = [
     "HELLO",
     "MAX_ADDRESS",
     "MAX_HANDSHAKES",
+    "CrossedConnects",
     "DialingEndPoint",
     "DialingTransport",
     "HandshakeError",
@@ -343,6 +346,76 @@ async def accept_handshake(
     return Hello(EndPointAddress(src), dst, flags, answer[PROOF_LEN:], shake.proof(their_nonce))
 
 
+# --------------------------------------------------------------------------- crossing
+
+
+class CrossedConnects:
+    """One endpoint's record of crossed connects, and the rule that resolves them.
+
+    ``dialing`` counts this endpoint's dials in progress per peer; ``arrivals`` holds
+    the dials that lost a crossing and wait for the winner's link. The rule: an
+    endpoint that is itself dialing the initiator answers ``CROSSED_PENDING`` (keeps
+    its own dial) when its address is the smaller one (:meth:`keeps_own_dial`).
+    """
+
+    __slots__ = ("arrivals", "dialing")
+
+    def __init__(self) -> None:
+        self.dialing: dict[EndPointAddress, int] = {}
+        self.arrivals: dict[EndPointAddress, list[asyncio.Future[None]]] = {}
+
+    @contextlib.contextmanager
+    def dialing_to(self, remote: EndPointAddress) -> Iterator[None]:
+        """Count a dial to ``remote`` while the ``with`` block runs."""
+        self.dialing[remote] = self.dialing.get(remote, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.dialing[remote] - 1
+            if left:
+                self.dialing[remote] = left
+            else:
+                del self.dialing[remote]
+
+    def keeps_own_dial(self, initiator: EndPointAddress, acceptor: EndPointAddress) -> bool:
+        """Whether ``acceptor``, dialing ``initiator`` too, refuses the initiator's
+        link: the link dialed from the smaller address wins."""
+        return bool(self.dialing.get(initiator)) and initiator >= acceptor
+
+    async def wait_for_arrival(self, remote: EndPointAddress, timeout: float) -> None:
+        """Wait until :meth:`arrived` for ``remote``, at most ``timeout`` seconds.
+
+        Returns either way (the caller looks for the link); raises what
+        :meth:`fail_waiters` set.
+        """
+        fut = asyncio.get_running_loop().create_future()
+        self.arrivals.setdefault(remote, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            waiters = self.arrivals.get(remote)
+            if waiters is not None and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self.arrivals[remote]
+
+    def arrived(self, remote: EndPointAddress) -> None:
+        """The link from ``remote`` was registered: wake the dials waiting for it."""
+        for fut in self.arrivals.pop(remote, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """Make every waiting dial raise ``error`` (the endpoint closed)."""
+        arrivals, self.arrivals = self.arrivals, {}
+        for futs in arrivals.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(error)
+
+
 # --------------------------------------------------------------------------- endpoint
 
 
@@ -357,10 +430,11 @@ class DialingEndPoint(MultiplexedEndPoint, Generic[T]):
         super().__init__(address)
         self._transport = transport
         self._id = endpoint_id
+        self._crossing = CrossedConnects()
         #: remote -> number of our dials to it in progress (for crossing decisions).
-        self._dialing: dict[EndPointAddress, int] = {}
+        self._dialing = self._crossing.dialing
         #: remote -> futures waiting for the peer's link (after CROSSED_PENDING).
-        self._arrivals: dict[EndPointAddress, list[asyncio.Future[None]]] = {}
+        self._arrivals = self._crossing.arrivals
 
     @abstractmethod
     async def _open_channel(
@@ -381,19 +455,13 @@ class DialingEndPoint(MultiplexedEndPoint, Generic[T]):
                 ConnectErrorCode.FAILED, f"malformed address {remote!r}: {exc}"
             ) from None
         limit = timeout if timeout is not None else transport._connect_timeout
-        self._dialing[remote] = self._dialing.get(remote, 0) + 1
-        try:
-            return await asyncio.wait_for(self._dial(remote, target), limit)
-        except asyncio.TimeoutError:
-            raise ConnectError(
-                ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {limit} s"
-            ) from None
-        finally:
-            left = self._dialing[remote] - 1
-            if left:
-                self._dialing[remote] = left
-            else:
-                del self._dialing[remote]
+        with self._crossing.dialing_to(remote):
+            try:
+                return await asyncio.wait_for(self._dial(remote, target), limit)
+            except asyncio.TimeoutError:
+                raise ConnectError(
+                    ConnectErrorCode.TIMEOUT, f"no answer from {remote!r} within {limit} s"
+                ) from None
 
     def _live(self, remote: EndPointAddress) -> Link | None:
         link = self._links.get(remote)
@@ -415,18 +483,7 @@ class DialingEndPoint(MultiplexedEndPoint, Generic[T]):
                 # The peer holds a link from us that we no longer have: it is stale.
                 flags = FLAG_REPLACE
                 continue
-            fut = asyncio.get_running_loop().create_future()
-            self._arrivals.setdefault(remote, []).append(fut)
-            try:
-                await asyncio.wait_for(fut, CROSS_WAIT)
-            except asyncio.TimeoutError:
-                pass
-            finally:
-                waiters = self._arrivals.get(remote)
-                if waiters is not None and fut in waiters:
-                    waiters.remove(fut)
-                    if not waiters:
-                        del self._arrivals[remote]
+            await self._crossing.wait_for_arrival(remote, CROSS_WAIT)
 
     async def _dial_once(
         self, remote: EndPointAddress, target: HostAddress, flags: int
@@ -454,8 +511,9 @@ class DialingEndPoint(MultiplexedEndPoint, Generic[T]):
         """Decide about an authenticated initiator's link (see the module docstring)."""
         if self._closed:
             return Status.NOT_FOUND
-        if self._dialing.get(initiator):
-            if initiator >= self.address:
+        crossing = self._crossing
+        if crossing.dialing.get(initiator):
+            if crossing.keeps_own_dial(initiator, self.address):
                 return Status.CROSSED_PENDING
         elif (
             self._live(initiator) is not None
@@ -464,9 +522,7 @@ class DialingEndPoint(MultiplexedEndPoint, Generic[T]):
         ):
             return Status.CROSSED_LIVE
         self._register_link(link)
-        for fut in self._arrivals.pop(initiator, ()):
-            if not fut.done():
-                fut.set_result(None)
+        crossing.arrived(initiator)
         return Status.ACCEPT
 
     async def _release(self) -> None:
@@ -486,7 +542,7 @@ class DialingTransport(MultiplexedTransport, Generic[E]):
 
     Args:
         form: this transport's handshake format.
-        cookie: the shared secret; default :func:`~hpcproc.transports._auth.load_cookie`.
+        cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         connect_timeout: bound on ``connect`` when the caller gives no timeout.
         handshake_timeout: a peer that has not finished authenticating by then is
             dropped.

@@ -12,8 +12,9 @@ once is what makes every transport fail the same way.
 A transport subclasses :class:`MultiplexedEndPoint` (implementing :meth:`_open_link`
 and optionally :meth:`_release`) and :class:`Link` (implementing ``send_control``,
 ``send_data``, ``close`` and ``abort``). Its receive path calls the endpoint's
-``_on_open`` / ``_on_data`` / ``_on_close`` / ``_on_link_down`` methods, always on the
-event loop thread (a progress thread must hop with ``call_soon_threadsafe``).
+``_on_open`` / ``_on_data`` / ``_on_close`` methods, and a link that breaks calls its
+:meth:`Link.fail` (the one link-failure path of every transport), always on the event
+loop thread (a progress thread must hop with ``call_soon_threadsafe``).
 
 Links stay up until the endpoint closes or the bundle fails, even when no connection
 is open: re-opening a connection to a recent peer then costs one control message.
@@ -91,8 +92,10 @@ class Link(ABC):
     :class:`MultiplexedEndPoint` (bookkeeping of the bundle this link carries).
     """
 
-    def __init__(self, remote: EndPointAddress) -> None:
+    def __init__(self, remote: EndPointAddress, owner: MultiplexedEndPoint) -> None:
         self.remote = remote
+        #: The endpoint this link belongs to (whose bundle it carries).
+        self.owner = owner
         #: False once the link failed or was closed; set by the endpoint core only.
         self.alive = True
         #: sender's connection id -> local ConnectionId, for open incoming connections.
@@ -105,7 +108,7 @@ class Link(ABC):
         """Queue an OPEN or CLOSE message; never blocks, ordered with ``send_data``.
 
         Errors are not raised: a link that cannot send reports itself down through
-        ``_on_link_down``.
+        :meth:`fail`.
         """
 
     @abstractmethod
@@ -129,6 +132,17 @@ class Link(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Flush queued messages, then close so that the peer sees the link end."""
+
+    def fail(self, reason: str) -> None:
+        """The link broke (or must be dropped): fail its bundle, then abort it.
+
+        The one way every transport takes a broken link down: the owner reports
+        ``CONNECTION_LOST`` (when the bundle carried connections) and fails its
+        outgoing connections (:meth:`MultiplexedEndPoint._on_link_down`), then
+        :meth:`abort` releases the link so that the peer sees it end. Idempotent.
+        """
+        self.owner._on_link_down(self, reason)
+        self.abort()
 
     @abstractmethod
     def abort(self) -> None:
@@ -187,8 +201,7 @@ class OutgoingConnection(Connection):
         # Part of the message may be on the link already: the only safe way on is to
         # fail the whole bundle, on both sides (network-transport's semantics).
         link = self._link
-        self._endpoint._on_link_down(link, f"send failed: {exc!r}")
-        link.abort()
+        link.fail(f"send failed: {exc!r}")
         return SendError(SendErrorCode.FAILED, f"connection to {link.remote!r} was lost")
 
     def _fail(self) -> None:
@@ -291,7 +304,7 @@ class _LoopbackLink(Link):
     """The link an endpoint uses to connect to itself: events go straight to its queue."""
 
     def __init__(self, endpoint: MultiplexedEndPoint) -> None:
-        super().__init__(endpoint.address)
+        super().__init__(endpoint.address, endpoint)
         self._endpoint = endpoint
 
     def send_control(self, kind: Kind, conn_id: int) -> None:
@@ -378,8 +391,7 @@ class MultiplexedEndPoint(EndPoint):
         """
         old = self._links.get(link.remote)
         if old is not None and old is not link:
-            self._on_link_down(old, "peer opened a new bundle")
-            old.abort()
+            old.fail("peer opened a new bundle")
         self._links[link.remote] = link
         self._polled = None
 
@@ -410,8 +422,7 @@ class MultiplexedEndPoint(EndPoint):
 
     def _protocol_violation(self, link: Link, reason: str) -> None:
         log.warning("dropping link to %r: protocol violation: %s", link.remote, reason)
-        self._on_link_down(link, f"protocol violation: {reason}")
-        link.abort()
+        link.fail(f"protocol violation: {reason}")
 
     def _on_link_down(self, link: Link, reason: str) -> None:
         """The link failed or the peer closed it: fail the bundle (idempotent)."""

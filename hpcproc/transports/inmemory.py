@@ -40,8 +40,8 @@ _ENDPOINTS: weakref.WeakValueDictionary[EndPointAddress, _InMemoryEndPoint] = (
 
 class _InMemoryLink(Link):
     def __init__(self, owner: _InMemoryEndPoint, remote: EndPointAddress) -> None:
-        super().__init__(remote)
-        self.owner = owner
+        super().__init__(remote, owner)
+        self.owner: _InMemoryEndPoint = owner
         self.peer: _InMemoryLink | None = None
 
     def _peer_endpoint(self) -> tuple[_InMemoryLink, _InMemoryEndPoint] | None:

@@ -58,13 +58,15 @@ callback that polls ``Improbe`` gave 20 us; polling from the awaiting coroutine 
 gave 4 us. So all MPI calls happen on the event-loop thread, in three places:
 
 * ``receive``, and any wait for a send to complete or a connect to be answered, first
-  spins on the progress function for at most ``spin_us`` microseconds, but only when
-  no other task or callback of the loop is runnable (read from asyncio's ready queue),
-  so spinning never delays other tasks: it replaces a trip round the loop;
+  spins on the progress function for at most ``busy_poll_us`` microseconds, but only
+  when no other task or callback of the loop is runnable, so spinning never delays
+  other tasks: it replaces a trip round the loop (:mod:`~hpcproc.transports._busy_poll`:
+  the receive's budget adapts, it lets the loop run now and then, it stops while the
+  CPUs are oversubscribed, and it never spins on an event loop other than asyncio's);
 * a *pump* callback polls on every loop iteration while there is traffic or pending
   work (and for ``hot_window`` seconds after the last activity; then it too spins up to
-  ``spin_us`` when nothing else is runnable), and every ``idle_interval`` seconds when
-  idle, so an idle node costs almost no CPU;
+  ``busy_poll_us`` when nothing else is runnable), and every ``idle_interval`` seconds
+  when idle, so an idle node costs almost no CPU;
 * sends are posted directly by ``send`` (``Isend`` + ``Test``). A message of one frame
   up to ``inline_max`` bytes is copied into the MPI message, so ``send`` returns once it
   is posted, without suspending, whether or not MPI completed it yet (completion is
@@ -121,10 +123,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import enum
-import importlib
-import importlib.util
+import functools
 import itertools
 import logging
 import struct
@@ -132,11 +132,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..mpi_init import import_mpi
+from ._busy_poll import IdlePoller, check_budget
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
 from .base import (
     Buffer,
@@ -157,8 +159,6 @@ __all__ = [
     "MpiTransport",
     "MpiUnavailableError",
     "create_transport",
-    "import_mpi",
-    "load_ucx_before_mpi",
 ]
 
 log = logging.getLogger("hpcproc.transports.mpi")
@@ -175,7 +175,7 @@ _FLAG_INLINE = 1
 _NUMPY_MIN = 1 << 20  # frames this large are allocated by numpy (huge pages)
 
 DEFAULT_INLINE_MAX = 32 * 1024
-DEFAULT_SPIN_US = 200.0
+DEFAULT_BUSY_POLL_US = 200.0
 DEFAULT_HOT_WINDOW = 0.01
 DEFAULT_IDLE_INTERVAL = 0.001
 DEFAULT_CONNECT_TIMEOUT = 60.0
@@ -209,73 +209,6 @@ class MpiUnavailableError(TransportError):
 
     def __init__(self, message: str) -> None:
         super().__init__(None, message)
-
-
-def import_mpi() -> Any:
-    """mpi4py's ``MPI`` module, importing it (which initialises MPI) as this transport
-    does: see :func:`_zeroed_allocations`. Anything in hpcproc that needs MPI
-    imports it through here.
-
-    Raises:
-        ImportError: mpi4py (or its MPI library) is not installed.
-    """
-    load_ucx_before_mpi()
-    try:
-        with _zeroed_allocations():
-            from mpi4py import MPI  # initialises MPI
-    except ImportError as exc:
-        raise ImportError(
-            "the mpi transport needs mpi4py and an MPI library: pip install hpcproc[mpi]"
-        ) from exc
-    return MPI
-
-
-def load_ucx_before_mpi() -> None:
-    """Where the ucxx wheel is installed too, load its UCX libraries before MPI.
-
-    The mpich wheel bundles an older UCX (``libucs.so.0``, ``libucp.so.0``). Once MPI
-    has loaded it, the ucxx wheel's ``libuct.so`` binds to that ``libucs`` and fails
-    with "undefined symbol: ucs_ifname_to_ndev_index", so the ucx transport cannot be
-    used in the same process. Loaded the other way round both work (MPICH's UCX netmod
-    then runs on the newer UCX). Nothing happens when MPI is already loaded or libucx
-    is not installed.
-    """
-    if "mpi4py.MPI" in sys.modules or importlib.util.find_spec("libucx") is None:
-        return
-    try:
-        importlib.import_module("libucx").load_library()
-    except Exception as exc:  # a broken ucxx install must not stop MPI
-        log.debug("could not preload libucx: %r", exc)
-
-
-#: glibc's mallopt parameter: allocations are filled with the complement of its value.
-_M_PERTURB = -6
-
-
-@contextlib.contextmanager
-def _zeroed_allocations() -> Iterator[None]:
-    """While MPI initialises, make glibc's ``malloc`` return zero-filled memory.
-
-    Why: MPICH (the mpich wheel, 5.0) publishes its UCX address through PMI with
-    uninitialised bytes in it, hex-encoded with runs of zero bytes compressed. Under
-    ``srun --mpi=pmi2`` it speaks PMI-1 to Slurm, whose PMI-1 handler (22.05) reads at
-    most 1024 bytes per request: when the garbage (whatever this Python process freed
-    last) leaves few zero runs, a put line exceeds that, Slurm truncates it, and
-    ``MPI_Init`` fails in ``MPIDI_UCX_comm_addr_exchange``. Measured here: 8 of 8
-    ``srun --mpi=pmi2 ... hpcproc.run --transport mpi`` runs failed, 0 of 8 with this.
-    Does nothing where glibc's ``mallopt`` is unavailable.
-    """
-    mallopt = None
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            mallopt = ctypes.CDLL(None).mallopt
-    if mallopt is not None:
-        mallopt(_M_PERTURB, 0xFF)
-    try:
-        yield
-    finally:
-        if mallopt is not None:
-            mallopt(_M_PERTURB, 0)
 
 
 def format_address(rank: int, endpoint_id: int) -> EndPointAddress:
@@ -590,11 +523,13 @@ class _Engine:
     def take_one(self, endpoint: _MpiEndPoint) -> bool:
         """``progress(False)`` for a receiver spinning on ``endpoint`` (on its loop):
         first what other threads took for it, then one probe, a small DATA message for
-        it going straight to its event queue. True if anything moved."""
+        it going straight to its event queue. False once the engine is shut down
+        (nothing left to poll)."""
         if endpoint._inbox:
             endpoint._drain_inbox()
             return True
-        return self.progress(False, endpoint)
+        self.progress(False, endpoint)
+        return not self.closed
 
     def _sort_out(
         self, ready: list[_Inbound], loop: asyncio.AbstractEventLoop | None
@@ -783,6 +718,7 @@ class _Engine:
 
 class _Options:
     __slots__ = (
+        "busy_poll_us",
         "connect_timeout",
         "drain_timeout",
         "hot_window",
@@ -792,14 +728,13 @@ class _Options:
         "max_message",
         "recv_pool_bytes",
         "send_timeout",
-        "spin",
     )
 
     def __init__(
         self,
         *,
         inline_max: int,
-        spin_us: float,
+        busy_poll_us: float,
         hot_window: float,
         idle_interval: float,
         connect_timeout: float,
@@ -812,7 +747,7 @@ class _Options:
         self.send_timeout = send_timeout
         self.inline_max = inline_max
         self.recv_pool_bytes = recv_pool_bytes
-        self.spin = spin_us * 1e-6
+        self.busy_poll_us = busy_poll_us
         self.hot_window = hot_window
         self.idle_interval = idle_interval
         self.connect_timeout = connect_timeout
@@ -849,27 +784,10 @@ def _call_soon_threadsafe(
         loop.call_soon_threadsafe(fn, *args)
 
 
-def _nothing_else_ready(loop: asyncio.AbstractEventLoop, pump: _Pump | None) -> bool:
-    """Whether no callback but ``pump``'s waits to run on ``loop``: spinning then delays
-    no other task.
-
-    Reads asyncio's ready queue (``BaseEventLoop._ready``, an implementation detail); a
-    loop without one (uvloop) gets ``False``, so the transport never spins there and
-    the pump alone makes progress.
-    """
-    ready = getattr(loop, "_ready", None)
-    if ready is None:
-        return False
-    n = len(ready)
-    if n == 0:
-        return True
-    return n == 1 and pump is not None and pump.hot_handle() is ready[0]
-
-
 class _Pump:
     """Polls the engine from one event loop: every iteration while hot, else on a timer.
 
-    While hot and nothing else is runnable, one call spins for up to ``spin_us``:
+    While hot and nothing else is runnable, one call spins for up to ``busy_poll_us``:
     the loop would otherwise only go round to poll again.
     """
 
@@ -880,6 +798,7 @@ class _Pump:
         self.handle: asyncio.Handle | None = None
         self.timer = False
         self.stopped = False
+        self.poller = IdlePoller(loop, engine.options.busy_poll_us)
 
     def hot_handle(self) -> asyncio.Handle | None:
         """The handle of the next poll if it runs on the next iteration."""
@@ -913,14 +832,10 @@ class _Pump:
             moved = engine.progress()
             if (
                 not moved
-                and options.spin > 0
+                and self.poller.enabled
                 and time.monotonic() - engine.last_activity < options.hot_window
-                and _nothing_else_ready(self.loop, None)
             ):
-                deadline = time.perf_counter() + options.spin
-                progress = engine.progress
-                while not progress() and time.perf_counter() < deadline:
-                    pass
+                self.poller.spin(engine.progress)
         except Exception:
             log.exception("mpi transport: progress failed")
         if self.stopped:
@@ -972,7 +887,7 @@ class _MpiLink(Link):
         remote_ep: int,
         gen: int,
     ) -> None:
-        super().__init__(remote)
+        super().__init__(remote, endpoint)
         self.endpoint = endpoint
         self.rank = rank
         self.remote_ep = remote_ep
@@ -990,8 +905,7 @@ class _MpiLink(Link):
                 self.rank, _Msg(kind), ep.endpoint_id, self.remote_ep, self.gen, conn_id
             )
         except Exception as exc:
-            ep._on_link_down(self, f"send failed: {exc!r}")
-            self.abort()
+            self.fail(f"send failed: {exc!r}")
 
     def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
         """Post a DATA message of one small contiguous frame, copied into the MPI
@@ -1117,46 +1031,61 @@ class _MpiEndPoint(MultiplexedEndPoint):
         #: Messages for this endpoint that another loop's thread took, in order
         #: (guarded by the engine's lock; see ``_Engine._sort_out``).
         self._inbox: deque[_Inbound] = deque()
+        self._poller = IdlePoller(loop, opts.busy_poll_us)
+        self._take_one = functools.partial(engine.take_one, self)
 
     # ------------------------------------------------------------------ waiting
 
     async def _wait(self, future: asyncio.Future[Any]) -> Any:
-        """Spin on progress for up to ``spin_us`` if no other task is runnable, then let
-        the pump wake us."""
+        """Spin on progress for up to ``busy_poll_us`` if no other task is runnable,
+        then let the pump wake us."""
         if not future.done():
             engine = self.engine
             pump = engine.pump_for(self.loop)
-            spin = self.opts.spin
-            if spin > 0 and _nothing_else_ready(self.loop, pump):
-                deadline = time.perf_counter() + spin
+            poller = self._poller
+            if poller.enabled:
                 progress = engine.progress
-                while not future.done() and time.perf_counter() < deadline:
+
+                def step() -> bool:
                     progress()
+                    return future.done()
+
+                poller.spin(step, pump.hot_handle() if pump is not None else None)
             if not future.done() and pump is not None:
                 pump.poke()
         return await future
 
     async def receive(self) -> Event:
         """The next event; with none queued and no other task runnable, first spins on
-        MPI progress for up to ``spin_us`` (much faster than a trip round the loop)."""
+        MPI progress for up to ``busy_poll_us`` (much faster than a trip round the
+        loop)."""
         events = self._events
-        if not events._items:
-            self._poll_idle()
+        gave_up = 0.0 if events._items else self._idle_poll()
         event = events.pop_ready()
-        return event if event is not None else await events.get()
+        if event is not None:
+            return event
+        event = await events.get()
+        self._poller.adapt(gave_up)
+        return event
 
     def _poll_idle(self) -> bool:
         items = self._events._items
-        if not items and not self._closed:
-            engine = self.engine
-            spin = self.opts.spin
-            if spin > 0 and _nothing_else_ready(self.loop, engine.pump_for(self.loop)):
-                take_one = engine.take_one
-                perf_counter = time.perf_counter
-                deadline = perf_counter() + spin
-                while not items and perf_counter() < deadline:
-                    take_one(self)
+        if not items:
+            self._idle_poll()
         return bool(items)
+
+    def _idle_poll(self) -> float:
+        """Spin on MPI progress while the loop is idle, until an event is queued or the
+        budget runs out: the time it gave up, or 0.0."""
+        poller = self._poller
+        if self._closed or not poller.enabled:
+            return 0.0
+        pump = self.engine.pump_for(self.loop)
+        if poller.others_ready(pump.hot_handle() if pump is not None else None):
+            return 0.0
+        if not poller.take_turn():
+            return 0.0
+        return poller.poll(self._events._items, self._take_one)
 
     def _drain_inbox(self) -> None:
         """Handle, in order, the messages another loop's thread took for this endpoint
@@ -1248,8 +1177,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
             link = self._links.get(remote)
             if isinstance(link, _MpiLink) and link.gen == gen:
                 link.finished = True
-                self._on_link_down(link, "peer closed or broke the bundle")
-                link.abort()
+                link.fail("peer closed or broke the bundle")
         else:
             self._on_reply(remote, kind, src, src_ep, gen)
 
@@ -1301,8 +1229,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
     def _drop_rank(self, rank: int, reason: str) -> None:
         for link in list(self._links.values()):
             if isinstance(link, _MpiLink) and link.rank == rank:
-                self._on_link_down(link, reason)
-                link.abort()
+                link.fail(reason)
 
     async def _release(self) -> None:
         for pending in list(self._connecting.values()):
@@ -1357,7 +1284,7 @@ def create_transport(
     *,
     comm: MPI.Comm | None = None,
     inline_max: int = DEFAULT_INLINE_MAX,
-    spin_us: float = DEFAULT_SPIN_US,
+    busy_poll_us: float = DEFAULT_BUSY_POLL_US,
     hot_window: float = DEFAULT_HOT_WINDOW,
     idle_interval: float = DEFAULT_IDLE_INTERVAL,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
@@ -1373,8 +1300,9 @@ def create_transport(
     duplicates it, which is collective: every rank must make that call.
 
     Options of this transport: ``inline_max`` (messages up to this many bytes travel
-    as one MPI message), ``spin_us`` (how long a waiting ``receive``/``send``/``connect``
-    polls MPI before yielding, when no other task is runnable), ``connect_timeout``
+    as one MPI message), ``busy_poll_us`` (how long a waiting
+    ``receive``/``send``/``connect`` polls MPI before yielding, when no other task is
+    runnable; 0 disables it), ``connect_timeout``
     (bound on a connect given no timeout), ``send_timeout`` (a send whose MPI requests
     do not complete within it fails the bundle: the peer stopped progressing or died).
     Options of the process-wide engine, taken from the first call for a communicator:
@@ -1387,6 +1315,7 @@ def create_transport(
         MpiUnavailableError: MPI is finalized, or provides a thread level below
             ``MPI_THREAD_SERIALIZED``.
     """
+    check_budget(busy_poll_us)
     mpi = import_mpi()
     if mpi.Is_finalized():
         raise MpiUnavailableError("MPI is already finalized")
@@ -1405,7 +1334,7 @@ def create_transport(
         )
     options = _Options(
         inline_max=inline_max,
-        spin_us=spin_us,
+        busy_poll_us=busy_poll_us,
         hot_window=hot_window,
         idle_interval=idle_interval,
         connect_timeout=connect_timeout,

@@ -20,15 +20,16 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
   most ``max_pool_segments`` per link; beyond that a one-shot segment is used, which
   the kernel frees once the receiver's views are gone.
 * The socket carries only wake-ups, segment descriptors and the handshake. A consumer
-  polls its rings from the event loop for up to ``spin_us`` microseconds after the
+  polls its rings from the event loop for up to twice ``busy_poll_us`` after the
   last message (a callback that re-schedules itself: the loop keeps running), then
-  announces that it sleeps; producers write one wake-up byte only then. Both spins
-  adapt: they shrink when they run out (a busy machine, an idle peer) and grow back
-  when a message comes soon after.
+  announces that it sleeps; producers write one wake-up byte only then.
 * ``receive`` on an empty queue polls the rings in place for up to ``busy_poll_us``
   when no other callback is ready, so that a reply is taken without a trip through
   the event loop (epoll, a future, a task switch), which is most of the cost of a
-  small round trip from asyncio. It lets the loop run at least every 32 replies.
+  small round trip from asyncio (:mod:`~hpcproc.transports._busy_poll`: fair, off
+  when the CPUs are oversubscribed, on the standard event loop only). Both polls
+  adapt their budget the same way: it shrinks when they run out (a busy machine, an
+  idle peer) and grows back when a message comes soon after.
 * The socket is the death detector: it closes when the peer process exits, even by
   ``SIGKILL``. The survivor drains what the peer published, reports
   ``CONNECTION_LOST`` and drops its mappings; the kernel frees the memory when the
@@ -70,6 +71,8 @@ import numpy as np
 if not sys.platform.startswith("linux"):
     raise ImportError("the shm transport needs Linux (memfd_create, abstract Unix sockets)")
 
+from ._busy_poll import LATE, PROBE_MIN, Budget, IdlePoller, check_budget
+from ._dialing import CROSS_WAIT, CrossedConnects
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
 from ._shm_ring import HEAD_WORD as _HEAD_WORD
 from ._shm_ring import (
@@ -102,21 +105,16 @@ log = logging.getLogger("hpcproc.transports.shm")
 
 _PREFIX = b"shm:"
 _VERSION = 1
-#: Bound on an incoming handshake and on waiting for a crossed connect's link.
+#: Bound on an incoming handshake.
 HANDSHAKE_TIMEOUT = 10.0
 #: Bytes before a segment's data: the busy word (1 while the receiver holds views).
 SEG_HEADER = 64
 _SEG_ALIGN = 64
 _SEG_GRANULE = 1 << 20
-#: Replies taken by polling in ``receive`` before it lets the event loop run once.
-_FAIR_STREAK = 32
-#: A poll at least this long (s) tells whether this process had a CPU to itself ...
-_SPIN_PROBE = 20e-6
-#: ... and if it had not, several times in a row, polling stops for this long (s).
-_STARVED_POLLS = 4
-_NO_SPIN_PERIOD = 0.02
-#: A message this many polling budgets after giving up counts as "just missed".
-_LATE = 4
+#: The links poll their rings (through the loop) this many ``busy_poll_us`` at most.
+_SPIN_FACTOR = 2
+#: ... and at least this long (s).
+_SPIN_MIN = 10e-6
 
 _MSG_WAKE = b"W"
 _MSG_SPACE = b"S"
@@ -357,7 +355,7 @@ class _ShmLink(Link):
         tx: mmap.mmap,
         rx: mmap.mmap,
     ) -> None:
-        super().__init__(remote)
+        super().__init__(remote, endpoint)
         opts = endpoint._opts
         self._endpoint = endpoint
         self._loop = endpoint._loop
@@ -369,9 +367,7 @@ class _ShmLink(Link):
         self._reader = RingReader(rx, check_ring(rx))
         self._max_record = self._writer.capacity // 4
         self._threshold: int = opts["inline_threshold"]
-        self._spin_max: float = opts["spin_us"] * 1e-6
-        self._spin_min = min(self._spin_max, 10e-6)
-        self._spin = self._spin_max
+        self._spin = Budget(_SPIN_FACTOR * opts["busy_poll_us"] * 1e-6, _SPIN_MIN)
         self._slept_at = 0.0
         #: Start (wall and CPU time) of the current polling period, 0.0 outside one.
         self._spin_started = 0.0
@@ -591,8 +587,8 @@ class _ShmLink(Link):
         self._reader.wake()
         if self._slept_at:
             # Woken soon after giving up: spinning longer would have caught it.
-            if time.perf_counter() - self._slept_at < _LATE * self._spin_max:
-                self._spin = min(self._spin_max, self._spin * 2)
+            if time.perf_counter() - self._slept_at < LATE * self._spin.maximum:
+                self._spin.grow()
             self._slept_at = 0.0
         if not self._polling:
             self._progress()
@@ -640,8 +636,9 @@ class _ShmLink(Link):
     def _progress(self) -> None:
         """Drain the ring; keep polling a while after the last record, then sleep.
 
-        The polling time adapts between 10 us and ``spin_us``: it halves whenever it
-        ran out without a record and doubles when a wake-up comes soon after. When
+        The polling time adapts between 10 us and twice ``busy_poll_us``: it halves
+        whenever it ran out without a record and doubles when a wake-up comes soon
+        after (:class:`~hpcproc.transports._busy_poll.Budget`). When
         the process did not get a CPU to itself while polling (the CPUs are
         oversubscribed, and the peer may be the one waiting for ours), the endpoint
         stops polling for a while and sleeps at once.
@@ -654,20 +651,20 @@ class _ShmLink(Link):
             if self._down:
                 return
             now = time.perf_counter()
-            self._spin_until = now + self._spin
+            self._spin_until = now + self._spin.value
             if not self._spin_started:
                 self._spin_started = now
                 self._spin_cpu = time.thread_time()
         else:
             now = time.perf_counter()
-            endpoint = self._endpoint
-            if (now >= self._spin_until or now < endpoint._no_spin_until) and reader.sleep():
+            poller = self._endpoint._poller
+            if (now >= self._spin_until or poller.polling_off(now)) and reader.sleep():
                 self._slept_at = now
-                self._spin = max(self._spin_min, self._spin * 0.5)
+                self._spin.shrink()
                 started, self._spin_started = self._spin_started, 0.0
                 wall = now - started
-                if started and wall > _SPIN_PROBE:
-                    endpoint._probed(now, time.thread_time() - self._spin_cpu < wall / 2)
+                if started and wall > PROBE_MIN:
+                    poller.probed(now, time.thread_time() - self._spin_cpu < wall / 2)
                 return
         if not self._down:
             self._polling = True
@@ -775,8 +772,7 @@ class _ShmLink(Link):
         self._gone = None
         self._drain()
         if not self._down:
-            self._endpoint._on_link_down(self, reason)
-            self._teardown()
+            self.fail(reason)
 
     async def close(self) -> None:
         if self._down:
@@ -837,15 +833,10 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._opts = opts
         self._loop = asyncio.get_running_loop()
         self._handshakes: set[asyncio.Task[None]] = set()
-        self._incoming_waiters: dict[EndPointAddress, list[asyncio.Future[Link]]] = {}
-        self._busy_max: float = opts["busy_poll_us"] * 1e-6
-        self._busy = self._busy_max
-        self._streak = 0
-        #: Until then neither ``receive`` nor the links poll: the CPUs are oversubscribed.
-        self._no_spin_until = 0.0
-        self._starved = 0
-        # Only the standard event loop shows whether other callbacks are ready.
-        self._ready: Any = getattr(self._loop, "_ready", None)
+        #: Dials in progress and dials waiting for the winner of a crossed connect.
+        self._crossing = CrossedConnects()
+        #: Polls in ``receive``; its starvation record also stops the links' spin.
+        self._poller = IdlePoller(self._loop, opts["busy_poll_us"])
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
 
     async def receive(self) -> Event:
@@ -857,12 +848,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
         event loop. This can delay other I/O of the loop by that much.
         """
         events = self._events
-        if events._items or not self._busy_max or self._ready is None:
-            return await events.get()
-        self._streak += 1
-        if self._streak > _FAIR_STREAK:
-            # Let the event loop run now and then even while replies keep coming.
-            self._streak = 0
+        poller = self._poller
+        if events._items or not poller.enabled or not poller.take_turn():
             return await events.get()
         gave_up = self._busy_wait()
         if not gave_up:
@@ -871,66 +858,42 @@ class _ShmEndPoint(MultiplexedEndPoint):
         event = await events.get()
         # A reply a little too late for the poll: poll longer (sleeping costs a wake-up
         # system call on the peer, often more than the poll); a long silence: shorter.
-        if time.perf_counter() - gave_up < _LATE * self._busy_max:
-            self._busy = min(self._busy_max, self._busy * 2)
-        else:
-            self._busy = max(self._busy_max / 16, self._busy * 0.5)
+        poller.adapt(gave_up)
         return event
 
     def _poll_idle(self) -> bool:
         events = self._events
         if events._items:
             return True
-        if not self._busy_max or self._ready is None:
-            return False
-        self._streak += 1
-        if self._streak > _FAIR_STREAK:
-            self._streak = 0
+        poller = self._poller
+        if not poller.enabled or not poller.take_turn():
             return False
         self._busy_wait()
         return bool(events._items)
 
-    def _probed(self, now: float, starved: bool) -> None:
-        """Record whether a poll had the CPU to itself (at least half of the time).
-
-        Several starved polls in a row mean that other processes want the CPUs (the
-        peer among them, perhaps), so polling only delays the reply: sleep instead
-        for a while. A single one is a preemption, not a trend.
-        """
-        if not starved:
-            self._starved = 0
-            return
-        self._starved += 1
-        if self._starved >= _STARVED_POLLS:
-            self._starved = 0
-            self._no_spin_until = now + _NO_SPIN_PERIOD
-
     def _pollable(self, link: Link) -> bool:
         # A peer in this process answers only when the loop runs: polling cannot help.
         return type(link) is _ShmLink and link._remote_process
+
+    def _spin_handles(self) -> set[asyncio.Handle | None]:
+        """The ready-queue handles of the links' own polling (no reason not to poll)."""
+        links = cast("list[_ShmLink]", self._polled_links())
+        return {link._handle for link in links if link._polling}
 
     def _busy_wait(self) -> float:
         """Poll the rings until an event is queued; the time it gave up, or 0.0.
 
         Does nothing when callbacks other than the links' own polling are ready.
         """
-        ready = self._ready
         links = cast("list[_ShmLink]", self._polled_links())
         if not links:
             return 0.0
-        if ready and not (len(ready) == 1 and ready[0] is links[0]._handle):
-            ours = {link._handle for link in links if link._polling}
-            if len(ready) > len(ours) or any(h not in ours for h in ready):
-                return 0.0
-        perf_counter = time.perf_counter
-        start = perf_counter()
-        if start < self._no_spin_until:
+        poller = self._poller
+        if poller.others_ready(links[0]._handle) and poller.others_ready_than(self._spin_handles):
             return 0.0
-        queued = len(ready)
+        if poller.polling_off(time.perf_counter()):
+            return 0.0
         items = self._events._items
-        # Reading the CPU clock is a system call: probe one wait in eight.
-        cpu = time.thread_time() if not self._streak & 7 else -1.0
-        now = start
         gave_up = 0.0
         if len(links) == 1:
             link = links[0]
@@ -941,39 +904,31 @@ class _ShmEndPoint(MultiplexedEndPoint):
             if words[_HEAD_WORD] != tail_of.tail and not link._down:
                 link._drain()
             if not items:
-                deadline = now + self._busy
-                while not items:
+
+                def poll_once() -> bool:
                     if words[_HEAD_WORD] != tail_of.tail:
                         if link._down:
-                            break
+                            return False
                         link._drain()
-                        continue
-                    if len(ready) > queued:
-                        break
-                    now = perf_counter()
-                    if now >= deadline:
-                        gave_up = now
-                        break
+                    return True
+
+                gave_up = poller.poll(items, poll_once)
         else:
             for link in links:
                 link._reader.wake()
-            deadline = now + self._busy
-            while not items:
+
+            def poll_once() -> bool:
                 for link in links:
                     if not link._down and link._reader.pending():
                         link._drain()
-                if items or len(ready) > queued:
-                    break
-                now = perf_counter()
-                if now >= deadline:
-                    gave_up = now
-                    break
-        if cpu >= 0 and now - start > _SPIN_PROBE:
-            self._probed(now, time.thread_time() - cpu < (now - start) / 2)
+                return True
+
+            gave_up = poller.poll(items, poll_once)
+        now = time.perf_counter()
         for link in links:
             if not link._down:
                 if not gave_up:
-                    link._spin_until = now + link._spin
+                    link._spin_until = now + link._spin.value
                 if not link._polling:
                     link._polling = True
                     link._handle = self._loop.call_soon(link._progress)
@@ -999,18 +954,27 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 "endpoints on one host: use the tcp or ucx transport for peers on other hosts",
             )
         hello = _HELLO_NEW
-        while True:
-            link = await self._dial(remote, name, hello)
-            if link is not None:
-                return link
-            # The peer holds a live link with us (_REJECT_LIVE).
-            existing = self._links.get(remote)
-            if existing is not None and existing.alive:
-                return existing
-            hello = _HELLO_REPLACE
+        # Crossed connects are resolved as tcp's and ucx's are (_dialing.CrossedConnects:
+        # the link dialed from the smaller address wins; the loser waits for it, then
+        # looks again and dials again), except for a dial into a live link: see _accept.
+        with self._crossing.dialing_to(remote):
+            while True:
+                outcome = await self._dial(remote, name, hello)
+                if isinstance(outcome, Link):
+                    return outcome
+                existing = self._links.get(remote)
+                if outcome == _REJECT_CROSSED and (existing is None or not existing.alive):
+                    await self._crossing.wait_for_arrival(remote, CROSS_WAIT)
+                    existing = self._links.get(remote)
+                if existing is not None and existing.alive:
+                    return existing
+                # _REJECT_LIVE: the peer holds a live link with us that we do not
+                # have (it is stale), so replace it; after a crossing, dial again.
+                hello = _HELLO_REPLACE if outcome == _REJECT_LIVE else _HELLO_NEW
 
-    async def _dial(self, remote: EndPointAddress, name: bytes, hello: bytes) -> Link | None:
-        """One connection attempt; None when the peer answered ``_REJECT_LIVE``."""
+    async def _dial(self, remote: EndPointAddress, name: bytes, hello: bytes) -> Link | bytes:
+        """One connection attempt: the new link, or the peer's refusal
+        (``_REJECT_CROSSED`` or ``_REJECT_LIVE``)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.setblocking(False)
         tx: mmap.mmap | None = None
@@ -1032,14 +996,10 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 os.close(tx_fd)
             data, fds = await _recv_async(sock)
             try:
-                if data == _REJECT_CROSSED:
+                if data in (_REJECT_CROSSED, _REJECT_LIVE):
                     sock.close()
                     tx.close()
-                    return await self._incoming_link(remote)
-                if data == _REJECT_LIVE:
-                    sock.close()
-                    tx.close()
-                    return None
+                    return data
                 if data != _WELCOME or len(fds) != 1:
                     raise ConnectError(
                         ConnectErrorCode.NOT_FOUND, f"endpoint {remote!r} is closing or closed"
@@ -1078,20 +1038,6 @@ class _ShmEndPoint(MultiplexedEndPoint):
         sock.close()
         if tx is not None and not tx.closed:
             tx.close()
-
-    async def _incoming_link(self, remote: EndPointAddress) -> Link:
-        """The peer won a crossed connect: wait for the link it is opening to us."""
-        link = self._links.get(remote)
-        if link is not None:
-            return link
-        fut: asyncio.Future[Link] = self._loop.create_future()
-        self._incoming_waiters.setdefault(remote, []).append(fut)
-        try:
-            return await asyncio.wait_for(fut, HANDSHAKE_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise ConnectError(
-                ConnectErrorCode.TIMEOUT, f"crossed connect with {remote!r} did not complete"
-            ) from None
 
     # ------------------------------------------------------------------ accepting
 
@@ -1138,11 +1084,14 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 existing = self._links.get(remote)
                 if tag == _HELLO_NEW and existing is not None and existing.alive:
                     # A crossed connect whose other half completed first: keep the
-                    # bundle that may already carry connections.
+                    # bundle that may already carry connections. Not tcp's rule
+                    # (_dialing.DialingEndPoint._accept), under which a dial from the
+                    # smaller address replaces the live link: here the dialer reuses
+                    # the live link, or replaces it if it holds none (_HELLO_REPLACE).
                     conn.send(_REJECT_LIVE)
                     conn.close()
                     return
-                if remote in self._pending and bytes(self.address) < bytes(remote):
+                if self._crossing.keeps_own_dial(remote, self.address):
                     conn.send(_REJECT_CROSSED)
                     conn.close()
                     return
@@ -1174,20 +1123,14 @@ class _ShmEndPoint(MultiplexedEndPoint):
             raise
         self._register_link(link)
         link.start()
-        for fut in self._incoming_waiters.pop(remote, []):
-            if not fut.done():
-                fut.set_result(link)
+        self._crossing.arrived(remote)
 
     async def _release(self) -> None:
         self._loop.remove_reader(self._listener.fileno())
         self._listener.close()
         for task in list(self._handshakes):
             task.cancel()
-        for futs in self._incoming_waiters.values():
-            for fut in futs:
-                if not fut.done():
-                    fut.set_exception(ConnectError(ConnectErrorCode.FAILED, "endpoint closed"))
-        self._incoming_waiters.clear()
+        self._crossing.fail_waiters(ConnectError(ConnectErrorCode.FAILED, "endpoint closed"))
 
 
 # --------------------------------------------------------------------------- transport
@@ -1200,9 +1143,10 @@ class ShmTransport(MultiplexedTransport):
         ring_size: bytes of each direction's ring (a power of two >= 64 KiB).
         inline_threshold: frames at least this long go through a shared segment
             (one copy) instead of the ring (two copies).
-        spin_us: how long a consumer polls after its last message before sleeping.
         busy_poll_us: how long ``receive`` may poll in place when nothing else is
-            ready (0 disables it); see :meth:`_ShmEndPoint.receive`.
+            ready (0 disables it); see :meth:`_ShmEndPoint.receive`. A consumer
+            keeps polling its rings (through the event loop) for up to twice this
+            after its last message before it sleeps.
         max_pool_segments: pooled segments per link direction.
     """
 
@@ -1211,7 +1155,6 @@ class ShmTransport(MultiplexedTransport):
         *,
         ring_size: int = 1 << 20,
         inline_threshold: int = 8192,
-        spin_us: float = 200.0,
         busy_poll_us: float = 100.0,
         max_pool_segments: int = 8,
     ) -> None:
@@ -1223,13 +1166,13 @@ class ShmTransport(MultiplexedTransport):
             raise ValueError(
                 f"inline_threshold must be in [0, ring_size/8], not {inline_threshold}"
             )
-        if spin_us < 0 or busy_poll_us < 0 or max_pool_segments < 0:
-            raise ValueError("spin_us, busy_poll_us and max_pool_segments must not be negative")
+        check_budget(busy_poll_us)
+        if max_pool_segments < 0:
+            raise ValueError(f"max_pool_segments must not be negative, not {max_pool_segments}")
         super().__init__()
         self._opts: dict[str, Any] = {
             "ring_size": ring_size,
             "inline_threshold": inline_threshold,
-            "spin_us": spin_us,
             "busy_poll_us": busy_poll_us,
             "max_pool_segments": max_pool_segments,
         }

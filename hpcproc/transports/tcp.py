@@ -67,7 +67,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._busy_poll import IdlePoller
+from ._busy_poll import IdlePoller, check_budget
 from ._dialing import (
     HELLO,
     DialingEndPoint,
@@ -291,7 +291,7 @@ class _TcpLink(Link):
         sock: socket.socket,
         max_message: int,
     ) -> None:
-        super().__init__(remote)
+        super().__init__(remote, endpoint)
         self._ep = endpoint
         self._pool = endpoint._transport._pool
         self._sock = sock
@@ -340,7 +340,7 @@ class _TcpLink(Link):
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
-                self._fail(f"send failed: {exc}")
+                self.fail(f"send failed: {exc}")
                 return
             if sent == len(view):
                 return
@@ -451,7 +451,7 @@ class _TcpLink(Link):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._fail(f"send failed: {exc}")
+                self.fail(f"send failed: {exc}")
                 return
             while wq:
                 entry = wq[0]
@@ -513,7 +513,7 @@ class _TcpLink(Link):
         except WireError as exc:
             self._bad_peer(str(exc))
         except OSError as exc:
-            self._fail(f"receive failed: {exc}")
+            self.fail(f"receive failed: {exc}")
 
     def _set_lowat(self, n: int) -> None:
         if n != self._lowat:
@@ -606,18 +606,14 @@ class _TcpLink(Link):
         if self._state != 0 or self._start != self._end:
             self._bad_peer("connection closed in the middle of a message (truncated frame)")
         else:
-            self._fail("peer closed the link")
+            self.fail("peer closed the link")
 
     def _bad_peer(self, reason: str) -> None:
         if self._dead:
             return
         if self.alive:
             log.warning("tcp: dropping peer %s (%r): %s", self._peer, bytes(self.remote), reason)
-        self._fail(f"protocol violation: {reason}")
-
-    def _fail(self, reason: str) -> None:
-        self._ep._on_link_down(self, reason)
-        self.abort()
+        self.fail(f"protocol violation: {reason}")
 
     # ------------------------------------------------------------------ close
 
@@ -741,7 +737,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         connect_timeout: bound on ``connect`` when the caller gives no timeout.
         handshake_timeout: a peer that has not finished authenticating by then is
             dropped.
-        cookie: the shared secret; default :func:`~hpcproc.transports._auth.load_cookie`.
+        cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         busy_poll_us: how long ``receive`` may poll the sockets in place while the
             event loop is idle (0 disables; see the module docstring).
 
@@ -761,8 +757,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         cookie: bytes | str | None = None,
         busy_poll_us: float = 100.0,
     ) -> None:
-        if busy_poll_us < 0:
-            raise ValueError("busy_poll_us must not be negative")
+        check_budget(busy_poll_us)
         super().__init__(
             _FORMAT,
             cookie=cookie,

@@ -426,7 +426,7 @@ class _UcxLink(Link):
         send_tag: int,
         recv_tag: int,
     ) -> None:
-        super().__init__(remote)
+        super().__init__(remote, endpoint)
         self._ep_owner = endpoint
         self._ucx_ep = ep
         engine = endpoint._transport._engine
@@ -468,7 +468,7 @@ class _UcxLink(Link):
         try:
             request = self._ucx_ep.tag_send(array, tag)
         except Exception as exc:
-            self._fail(f"send failed: {exc!r}")
+            self.fail(f"send failed: {exc!r}")
             return None
         if request.completed:
             self._engine.kick()
@@ -481,7 +481,7 @@ class _UcxLink(Link):
         try:
             request.check_error()
         except Exception as exc:
-            self._fail(f"send failed: {exc!r}")
+            self.fail(f"send failed: {exc!r}")
 
     def send_control(self, kind: Kind, conn_id: int) -> None:
         if self._dead or self._fin_sent:
@@ -573,7 +573,7 @@ class _UcxLink(Link):
             try:
                 request.check_error()
             except Exception as exc:
-                self._fail(f"send failed: {exc!r}")
+                self.fail(f"send failed: {exc!r}")
                 raise ConnectionError(f"link to {self.remote!r} is down") from exc
         if self._dead:
             raise ConnectionError(f"link to {self.remote!r} is down")
@@ -586,7 +586,7 @@ class _UcxLink(Link):
         try:
             request = self._ucx_ep.tag_recv(self._header_array, self._recv_header_tag, self._mask)
         except Exception as exc:
-            self._fail(f"receive failed: {exc!r}")
+            self.fail(f"receive failed: {exc!r}")
             return
         self._engine.watch(request, self._on_header, keep=self._header_array)
 
@@ -596,7 +596,7 @@ class _UcxLink(Link):
         try:
             request.check_error()
         except Exception as exc:
-            self._fail(f"receive failed: {exc!r}")
+            self.fail(f"receive failed: {exc!r}")
             return
         try:
             incoming = self._parse(self._header)
@@ -644,7 +644,7 @@ class _UcxLink(Link):
             array = self._Array(target)
             request = self._ucx_ep.tag_recv(array, self._recv_bulk_tag, self._mask)
         except Exception as exc:
-            self._fail(f"receive failed: {exc!r}")
+            self.fail(f"receive failed: {exc!r}")
             return
 
         def done(req: Any) -> None:
@@ -653,7 +653,7 @@ class _UcxLink(Link):
             try:
                 req.check_error()
             except Exception as exc:
-                self._fail(f"receive failed: {exc!r}")
+                self.fail(f"receive failed: {exc!r}")
                 return
             incoming.missing -= 1
             if isinstance(incoming.frames[index], np.ndarray):
@@ -702,18 +702,14 @@ class _UcxLink(Link):
     def _after_endpoint_error(self) -> None:
         self._finish()
         if not self._dead:
-            self._fail("UCX endpoint error (peer died, closed, or the network failed)")
+            self.fail("UCX endpoint error (peer died, closed, or the network failed)")
 
     def _bad_peer(self, reason: str) -> None:
         if self._dead:
             return
         if self.alive:
             log.warning("ucx: dropping peer %r: %s", bytes(self.remote), reason)
-        self._fail(f"protocol violation: {reason}")
-
-    def _fail(self, reason: str) -> None:
-        self._ep_owner._on_link_down(self, reason)
-        self.abort()
+        self.fail(f"protocol violation: {reason}")
 
     # ------------------------------------------------------------------ close
 
@@ -846,7 +842,7 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
         connect_timeout: bound on ``connect`` when the caller gives no timeout.
         handshake_timeout: a peer that has not finished authenticating by then is
             dropped.
-        cookie: the shared secret; default :func:`~hpcproc.transports._auth.load_cookie`.
+        cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         busy_poll: progress the worker on every event-loop iteration while a large
             transfer is in flight, instead of waiting for the worker's wake-up. For
             networks that raise few events during a rendezvous; measured slower with

@@ -5,7 +5,7 @@ Usage: ``python tests/mpi/rank_report.py OUTDIR PYTEST_ARGS...``
 Launchers merge the ranks' output streams, and two ranks printing at once interleave
 within a line, so the summaries cannot be parsed from the merged stream. Each rank
 therefore sends its own stdout and stderr to ``OUTDIR/rank-<N>.txt``, initialises MPI
-as hpcproc does (``hpcproc.transports.mpi.import_mpi``: see why there; pytest-mpi
+as hpcproc does (``hpcproc.mpi_init.import_mpi``: see why there; pytest-mpi
 would otherwise initialise it its own way), and runs pytest in this same process, the
 one the launcher started.
 """
@@ -37,7 +37,7 @@ def main() -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    from hpcproc.transports.mpi import import_mpi
+    from hpcproc.mpi_init import import_mpi
 
     import_mpi()
     import pytest

@@ -1,4 +1,4 @@
-"""The rendezvous error (launcher errors live with :class:`~.info.ClusterInfo`)."""
+"""The rendezvous error (launcher errors live with :class:`~hpcproc.launchers.ClusterInfo`)."""
 
 from __future__ import annotations
 

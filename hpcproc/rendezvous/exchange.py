@@ -1,27 +1,6 @@
-"""Rendezvous: every rank learns every rank's endpoint address.
-
-Three methods, one contract (:func:`exchange` is an all-gather of one small payload
-per rank, bounded by a timeout):
-
-``store`` (the default)
-    Rank 0 serves a small TCP store (:mod:`.tcpstore`) on the host the launcher says
-    it runs on (``ClusterInfo.server_host``, or ``HPCPROC_RENDEZVOUS_HOST``). Its port
-    is derived from the job and step ids, so concurrent jobs sharing a node pick
-    different ports: :data:`PORT_BASE` + crc32(job.step) mod :data:`PORT_SPAN`, below
-    the Linux ephemeral range (32768-60999) so that outgoing connections never hold
-    it; when it is in use the next ones are tried (:data:`PORT_TRIES` in all), and
-    clients try them in the same order. ``HPCPROC_PORT`` fixes the port. Every
-    connection is authenticated with the cluster cookie, bound to the job's key.
-``file``
-    A shared directory (``HPCPROC_RENDEZVOUS_DIR``), see :mod:`.filestore`.
-``mpi``
-    ``MPI.COMM_WORLD.allgather`` when the MPI transport is used (MPI already knows
-    every rank; a missing rank is MPI's to report, it aborts the job).
-
-A rank that does not arrive within the timeout makes every rank raise
-:class:`RendezvousError` naming the missing ranks and the launcher: rank 0 reports it
-to every rank that did arrive; a rank that cannot reach rank 0 reports that instead.
-"""
+"""The rendezvous methods behind one all-gather (:func:`exchange`), and
+:func:`rendezvous`, which exchanges endpoint addresses with it; see the package
+docstring for the methods."""
 
 from __future__ import annotations
 
@@ -34,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..transports._auth import load_cookie
+from ..auth import load_cookie
+from ..launchers.info import ClusterInfo, LauncherError, env_opt_int
 from ..transports.base import EndPointAddress
 from .errors import RendezvousError
 from .filestore import gather_via_directory
-from .info import ClusterInfo, LauncherError, env_opt_int
 from .tcpstore import gather_as_client, serve
 
 __all__ = [
@@ -176,7 +155,7 @@ async def exchange(
 async def _exchange_mpi(
     info: ClusterInfo, payload: bytes, timeout: float, describe: str
 ) -> list[bytes]:
-    from ..transports.mpi import import_mpi
+    from ..mpi_init import import_mpi
 
     MPI = import_mpi()
 

@@ -4,7 +4,7 @@ Protocol, per client connection (every message is a 4-byte big-endian length and
 that many bytes; lengths above :data:`MAX_MESSAGE` are refused before reading):
 
 1. client -> server: a fresh nonce; server -> client: its nonce and its proof;
-   client -> server: its proof (:class:`hpcproc.transports._auth.Handshake`, bound to
+   client -> server: its proof (:class:`hpcproc.auth.Handshake`, bound to
    the job's key so that a store of another job on the same port fails the check).
 2. client -> server: ``{"rank": r, "payload": hex}`` (JSON).
 3. server -> every client, once all ``size`` ranks arrived: ``{"payloads": [hex...]}``;
@@ -26,12 +26,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..transports._auth import NONCE_LEN, PROOF_LEN, Handshake
+from ..auth import NONCE_LEN, PROOF_LEN, Handshake
 from .errors import RendezvousError
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_MESSAGE", "StoreServer", "gather_as_client", "serve"]
 
-log = logging.getLogger("hpcproc.launchers")
+log = logging.getLogger("hpcproc.rendezvous")
 
 #: Bound on connecting to a port and getting the store's handshake answer.
 HANDSHAKE_TIMEOUT = 2.0

@@ -22,7 +22,7 @@ from .errors import RendezvousError
 
 __all__ = ["gather_via_directory"]
 
-log = logging.getLogger("hpcproc.launchers")
+log = logging.getLogger("hpcproc.rendezvous")
 
 
 async def gather_via_directory(

@@ -1,7 +1,8 @@
 """The cluster cookie and the HMAC-SHA256 challenge-response built on it.
 
 Network transports (TCP, UCX) run :class:`Handshake` on every new link before
-anything is delivered: each side sends a fresh random nonce and proves knowledge of
+anything is delivered, and the rendezvous store (:mod:`hpcproc.rendezvous`) on every
+connection: each side sends a fresh random nonce and proves knowledge of
 the shared cookie by returning ``HMAC(cookie, label || their_nonce || my_nonce ||
 context)``. The label differs per role, so a proof cannot be reflected back, and both
 nonces are bound in, so a proof cannot be replayed. The cookie itself never crosses
@@ -10,6 +11,8 @@ the wire.
 The cookie comes from ``HPCPROC_COOKIE`` or else ``~/.hpcproc/cookie`` (created with
 mode 0600 on first use; refused, as ssh refuses keys, when group- or world-readable).
 On a cluster the home directory is shared, so every node finds the same cookie.
+
+It lives beside the layers that use it (transports, rendezvous), not inside either.
 """
 
 from __future__ import annotations
