@@ -28,10 +28,13 @@ _MARKS = {"ucx": [pytest.mark.ucx]}
 _IDS = {"mpi": "mpi-singleton"}
 
 
+def _spec_id(spec: TransportSpec) -> str:
+    name = _IDS.get(spec.name, spec.name)
+    return f"{name}-separate-hosts" if spec.options.get("separate_hosts") else name
+
+
 @pytest.fixture(
-    params=[
-        pytest.param(s, id=_IDS.get(s.name, s.name), marks=_MARKS.get(s.name, [])) for s in SPECS
-    ]
+    params=[pytest.param(s, id=_spec_id(s), marks=_MARKS.get(s.name, [])) for s in SPECS]
 )
 def harness(request: pytest.FixtureRequest) -> Harness:
     """A conformance :class:`Harness` for each transport of ``tests/transport_specs.py``.

@@ -51,4 +51,16 @@ SPECS: list[TransportSpec] = [
         env={"UCX_TLS": "tcp,sm,self"},
         two_process=True,
     ),
+    # The routing transport: endpoints of one test run on one host, so connections
+    # go over shm; with separate_hosts every endpoint counts as a host of its own and
+    # they go over tcp. Both paths must meet the contract.
+    TransportSpec(
+        "shm+tcp",
+        two_process=True,
+    ),
+    TransportSpec(
+        "shm+tcp",
+        options={"separate_hosts": True},
+        two_process=True,
+    ),
 ]

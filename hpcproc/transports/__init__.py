@@ -79,6 +79,9 @@ _BUILTIN: dict[str, str] = {
     "shm": "hpcproc.transports.shm:create_transport",
     "mpi": "hpcproc.transports.mpi:create_transport",
     "ucx": "hpcproc.transports.ucx:create_transport",
+    "shm+tcp": "hpcproc.transports.routing:create_shm_tcp",
+    "shm+ucx": "hpcproc.transports.routing:create_shm_ucx",
+    "shm+mpi": "hpcproc.transports.routing:create_shm_mpi",
 }
 
 _registered: dict[str, TransportFactory] = {}

@@ -1,0 +1,427 @@
+"""Per-peer routing: shared memory to peers on this host, the network to the others.
+
+A routing endpoint is made of two sub-endpoints of two other transports: a *local*
+one (``shm``) and a *network* one (``tcp``, ``ucx`` or ``mpi``). Its address carries
+both sub-addresses and this host's identity (:func:`hpcproc._host.host_identity`:
+host name, boot id, network namespace). :meth:`RoutingEndPoint.connect` compares the
+peer's host identity with its own: the same host goes over the local sub-endpoint,
+any other host over the network one. Every connection to a given peer therefore runs
+over one sub-transport, so the contract's bundle semantics carry over unchanged: a
+failure of the shared-memory link to one peer is ``CONNECTION_LOST`` for that peer
+only. The process layer never knows this transport exists; it is a transport like the
+others and passes the same conformance suite.
+
+It is written against :mod:`hpcproc.transports.base` alone (its sub-transports could
+be third-party ones).
+
+How the receiver learns who connected
+-------------------------------------
+A sub-endpoint reports incoming connections with the peer's *sub*-address, while the
+layer above must see the peer's routing address (its node id). So the first message
+on every connection is a hello carrying the sender's routing address. The receiving
+side holds back ``ConnectionOpened`` until that hello has arrived and then reports it
+with the routing address; the hello itself is never delivered. It costs one message
+per connection, none per message. A connection closed before its hello is dropped
+silently (the peer's ``connect`` did not complete).
+
+Connection ids are the sub-endpoint's ids with the sub-endpoint's index in the low
+bit, so they stay unique for the endpoint's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from .._host import host_identity
+from .base import (
+    Buffer,
+    ConnectError,
+    ConnectErrorCode,
+    Connection,
+    ConnectionClosed,
+    ConnectionId,
+    ConnectionOpened,
+    EndPoint,
+    EndPointAddress,
+    EndPointClosed,
+    EndPointClosedError,
+    ErrorEvent,
+    Event,
+    EventError,
+    EventErrorCode,
+    NewEndPointError,
+    NewEndPointErrorCode,
+    Received,
+    Reliability,
+    SendError,
+    Transport,
+    TransportError,
+)
+
+__all__ = ["RoutingEndPoint", "RoutingTransport", "create_transport", "parse_address"]
+
+log = logging.getLogger(__name__)
+
+_PREFIX = b"route:"
+_HELLO = b"hpcproc-route-hello/1"
+#: Index of each sub-endpoint (also the low bit of routed connection ids).
+LOCAL, NETWORK = 0, 1
+
+
+def _field(data: bytes, pos: int) -> tuple[bytes, int]:
+    colon = data.index(b":", pos)
+    size = int(data[pos:colon])
+    end = colon + 1 + size
+    if size < 0 or end > len(data):
+        raise ValueError("field overruns the address")
+    return data[colon + 1 : end], end
+
+
+def format_address(host: str, local: bytes, network: bytes) -> EndPointAddress:
+    """``route:<len>:<host><len>:<local address><len>:<network address>``."""
+    parts = [host.encode(), local, network]
+    return EndPointAddress(_PREFIX + b"".join(b"%d:%s" % (len(p), p) for p in parts))
+
+
+def parse_address(address: bytes) -> tuple[str, EndPointAddress, EndPointAddress]:
+    """``(host identity, local sub-address, network sub-address)`` of a routing address.
+
+    Raises:
+        ConnectError(FAILED): ``address`` is not a routing address.
+    """
+    try:
+        if not address.startswith(_PREFIX):
+            raise ValueError("no route: prefix")
+        host, pos = _field(address, len(_PREFIX))
+        local, pos = _field(address, pos)
+        network, pos = _field(address, pos)
+        if pos != len(address) or not host or not local or not network:
+            raise ValueError("wrong number of fields")
+        return host.decode(), EndPointAddress(local), EndPointAddress(network)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConnectError(
+            ConnectErrorCode.FAILED, f"not a routing address ({exc}): {address!r}"
+        ) from None
+
+
+class RoutingConnection(Connection):
+    """A connection over the sub-transport chosen for its peer."""
+
+    __slots__ = ("_conn", "_remote")
+
+    def __init__(self, conn: Connection, remote: EndPointAddress) -> None:
+        self._conn = conn
+        self._remote = remote
+
+    @property
+    def remote_address(self) -> EndPointAddress:
+        return self._remote
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        await self._conn.send(frames)
+
+    def send_nowait(self, frames: Sequence[Buffer]) -> bool:
+        return self._conn.send_nowait(frames)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+class RoutingEndPoint(EndPoint):
+    """Two sub-endpoints behind one address and one event queue; see the module."""
+
+    def __init__(
+        self, subs: tuple[EndPoint, EndPoint], host: str, *, separate_hosts: bool = False
+    ) -> None:
+        self._subs = subs
+        self._host = host
+        #: Testing: treat every other endpoint as another host (all over the network).
+        self._separate_hosts = separate_hosts
+        self._address = format_address(host, subs[LOCAL].address, subs[NETWORK].address)
+        #: Events translated but not yet handed out.
+        self._queue: deque[Event] = deque()
+        #: One pending ``receive`` per sub-endpoint while someone waits in ours.
+        self._pending: list[asyncio.Task[Event] | None] = [None, None]
+        #: Sub-endpoints that reported EndPointClosed.
+        self._sub_closed = [False, False]
+        self._closed_reported = False
+        self._closing = False
+        #: (sub, sub conn id) -> (reliability, peer sub-address): waiting for its hello.
+        self._held: dict[tuple[int, ConnectionId], tuple[Reliability, bytes]] = {}
+        #: (sub, sub conn id) -> peer sub-address, for connections announced above.
+        self._open: dict[tuple[int, ConnectionId], bytes] = {}
+        #: (sub, peer sub-address) -> peer routing address.
+        self._peers: dict[tuple[int, bytes], EndPointAddress] = {}
+
+    @property
+    def address(self) -> EndPointAddress:
+        return self._address
+
+    def route(self, address: EndPointAddress) -> tuple[int, EndPointAddress]:
+        """``(sub-endpoint index, sub-address)`` that a connection to ``address`` uses.
+
+        Raises:
+            ConnectError(FAILED): ``address`` is not a routing address.
+        """
+        host, local, network = parse_address(address)
+        same = host == self._host and (not self._separate_hosts or address == self._address)
+        return (LOCAL, local) if same else (NETWORK, network)
+
+    # ------------------------------------------------------------------ connect
+
+    async def connect(
+        self,
+        address: EndPointAddress,
+        *,
+        reliability: Reliability = Reliability.RELIABLE_ORDERED,
+        timeout: float | None = None,
+    ) -> Connection:
+        if self._closing:
+            raise ConnectError(ConnectErrorCode.FAILED, "endpoint is closed")
+        sub, sub_address = self.route(address)
+        conn = await self._subs[sub].connect(sub_address, reliability=reliability, timeout=timeout)
+        self._peers[(sub, bytes(sub_address))] = EndPointAddress(address)
+        try:
+            await conn.send([_HELLO, self._address])
+        except BaseException as exc:
+            await asyncio.shield(conn.close())
+            if isinstance(exc, SendError):
+                raise ConnectError(
+                    ConnectErrorCode.FAILED, f"connection to {address!r} failed: {exc}"
+                ) from exc
+            raise
+        return RoutingConnection(conn, EndPointAddress(address))
+
+    # ------------------------------------------------------------------ events
+
+    def _translate(self, sub: int, event: Event) -> Event | None:
+        """The event to report for ``event`` of sub-endpoint ``sub``; None for none."""
+        if type(event) is Received:
+            key = (sub, event.conn_id)
+            if key in self._open:
+                return Received((event.conn_id << 1) | sub, event.frames)
+            held = self._held.pop(key, None)
+            if held is None:
+                return None  # a connection of a lost bundle, or one we refused
+            frames = event.frames
+            if len(frames) != 2 or bytes(frames[0]) != _HELLO:
+                log.warning("connection from %r did not start with a routing hello", held[1])
+                return None
+            peer = EndPointAddress(bytes(frames[1]))
+            self._open[key] = held[1]
+            self._peers[(sub, held[1])] = peer
+            return ConnectionOpened((event.conn_id << 1) | sub, held[0], peer)
+        if type(event) is ConnectionOpened:
+            self._held[(sub, event.conn_id)] = (event.reliability, bytes(event.remote_address))
+            return None
+        if type(event) is ConnectionClosed:
+            key = (sub, event.conn_id)
+            if self._open.pop(key, None) is not None:
+                return ConnectionClosed((event.conn_id << 1) | sub)
+            self._held.pop(key, None)
+            return None
+        if type(event) is ErrorEvent:
+            error = event.error
+            if error.code is not EventErrorCode.CONNECTION_LOST or error.remote_address is None:
+                return event
+            lost = bytes(error.remote_address)
+            # The bundle's incoming connections are implicitly closed (the contract).
+            for table in (self._open, self._held):
+                for key in [k for k, v in table.items() if k[0] == sub and _peer_of(v) == lost]:
+                    del table[key]
+            lost_peer = self._peers.get((sub, lost))
+            if lost_peer is None:
+                return None  # nothing of that bundle was ever visible above
+            return ErrorEvent(EventError(error.code, error.message, lost_peer))
+        if type(event) is EndPointClosed:
+            self._sub_closed[sub] = True
+            return None
+        return event
+
+    def receive_nowait(self) -> Event | None:
+        queue = self._queue
+        while True:
+            if queue:
+                return queue.popleft()
+            # A finished sub-receive holds an event older than anything the
+            # sub-endpoint hands out now: it goes first.
+            for sub, task in enumerate(self._pending):
+                if task is not None and task.done():
+                    self._take(sub, task)
+            if queue:
+                continue
+            # Beside a sub-receive still waiting, taking events is allowed: the
+            # contract hands each out once, in order, whoever takes it.
+            for sub, endpoint in enumerate(self._subs):
+                if self._sub_closed[sub]:
+                    continue
+                while (event := endpoint.receive_nowait()) is not None:
+                    out = self._translate(sub, event)
+                    if out is not None:
+                        return out
+            return None
+
+    def _take(self, sub: int, task: asyncio.Task[Event]) -> None:
+        """Queue the translated result of sub-endpoint ``sub``'s finished receive."""
+        self._pending[sub] = None
+        try:
+            event = task.result()
+        except EndPointClosedError:
+            self._sub_closed[sub] = True
+            return
+        except asyncio.CancelledError:
+            return
+        out = self._translate(sub, event)
+        if out is not None:
+            self._queue.append(out)
+
+    async def receive(self) -> Event:
+        while True:
+            event = self.receive_nowait()
+            if event is not None:
+                return event
+            if all(self._sub_closed):
+                if self._closed_reported:
+                    raise EndPointClosedError()
+                self._closed_reported = True
+                return EndPointClosed()
+            waiting = []
+            for sub, endpoint in enumerate(self._subs):
+                if self._sub_closed[sub]:
+                    continue
+                task = self._pending[sub]
+                if task is None:
+                    task = self._pending[sub] = asyncio.ensure_future(endpoint.receive())
+                waiting.append(task)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        errors: list[BaseException] = []
+        for endpoint in self._subs:
+            try:
+                await endpoint.close()
+            except Exception as exc:  # both are closed whatever one of them does
+                errors.append(exc)
+        if errors:
+            log.debug("closing a sub-endpoint failed: %r", errors)
+
+    def cancel_pending(self) -> None:
+        """Drop the pending sub-receives (the endpoint is being discarded)."""
+        for task in self._pending:
+            if task is not None:
+                task.cancel()
+        self._pending = [None, None]
+
+
+def _peer_of(value: bytes | tuple[Reliability, bytes]) -> bytes:
+    return value[1] if isinstance(value, tuple) else value
+
+
+class RoutingTransport(Transport):
+    """Shared memory between endpoints of one host, a network transport otherwise.
+
+    Args:
+        local: the transport for peers on this host (``shm``), or its registry name.
+        network: the transport for peers on other hosts, or its registry name.
+        separate_hosts: testing only: route every connection but self-connections
+            over ``network``, as if each endpoint ran on a host of its own.
+        local_options, network_options: options for the sub-transports created by
+            name.
+    """
+
+    def __init__(
+        self,
+        local: Transport | str = "shm",
+        network: Transport | str = "tcp",
+        *,
+        separate_hosts: bool = False,
+        local_options: dict[str, Any] | None = None,
+        network_options: dict[str, Any] | None = None,
+    ) -> None:
+        from . import create
+
+        self._local = create(local, **(local_options or {})) if isinstance(local, str) else local
+        self._network = (
+            create(network, **(network_options or {})) if isinstance(network, str) else network
+        )
+        self._separate_hosts = separate_hosts
+        self._endpoints: list[RoutingEndPoint] = []
+        self._closed = False
+
+    @property
+    def sub_transports(self) -> tuple[Transport, Transport]:
+        """``(local, network)``."""
+        return self._local, self._network
+
+    async def new_endpoint(self) -> EndPoint:
+        if self._closed:
+            raise NewEndPointError(NewEndPointErrorCode.FAILED, "transport is closed")
+        local = await self._local.new_endpoint()
+        try:
+            network = await self._network.new_endpoint()
+        except BaseException:
+            await local.close()
+            raise
+        endpoint = RoutingEndPoint(
+            (local, network), host_identity(), separate_hosts=self._separate_hosts
+        )
+        self._endpoints.append(endpoint)
+        return endpoint
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for endpoint in self._endpoints:
+            await endpoint.close()
+        try:
+            await self._local.close()
+        finally:
+            await self._network.close()
+        # After the sub-transports closed, the endpoints' last events are queued;
+        # pending sub-receives of endpoints nobody reads any more are dropped.
+        for endpoint in self._endpoints:
+            if endpoint._closed_reported:
+                endpoint.cancel_pending()
+
+    async def break_connection(self, local: EndPointAddress, remote: EndPointAddress) -> None:
+        """Break the bundle on the sub-transport that carries it (fault injection)."""
+        endpoint = next((e for e in self._endpoints if e.address == local), None)
+        if endpoint is None:
+            raise TransportError(None, f"{local!r} is not an endpoint of this transport")
+        sub, sub_remote = endpoint.route(remote)
+        await self.sub_transports[sub].break_connection(endpoint._subs[sub].address, sub_remote)
+
+
+def create_transport(
+    local: Transport | str = "shm", network: Transport | str = "tcp", **options: Any
+) -> RoutingTransport:
+    """Registry factory for ``shm+tcp`` and its kin; ``options`` go to
+    :class:`RoutingTransport`, except unknown ones, which go to the network transport."""
+    own = {k: options.pop(k) for k in ("separate_hosts", "local_options") if k in options}
+    network_options = {**options.pop("network_options", {}), **options}
+    return RoutingTransport(local, network, network_options=network_options, **own)
+
+
+def create_shm_tcp(**options: Any) -> RoutingTransport:
+    """``shm+tcp``: shared memory on this host, tcp to the others."""
+    return create_transport("shm", "tcp", **options)
+
+
+def create_shm_ucx(**options: Any) -> RoutingTransport:
+    """``shm+ucx``: shared memory on this host, UCX to the others."""
+    return create_transport("shm", "ucx", **options)
+
+
+def create_shm_mpi(**options: Any) -> RoutingTransport:
+    """``shm+mpi``: shared memory on this host, MPI to the others."""
+    return create_transport("shm", "mpi", **options)
