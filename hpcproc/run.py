@@ -326,8 +326,8 @@ def _without(argv: list[str], *options: str) -> list[str]:
 
 def _run_ssh(args: argparse.Namespace, info: ClusterInfo, argv: list[str]) -> int:
     """``--hosts`` / ``--hostfile``: start the ranks over ssh from here."""
-    from .launchers.ssh import parse_hostfile, parse_hosts, run_over_ssh
     from .auth import CookieError, load_cookie
+    from .launchers.ssh import parse_hostfile, parse_hosts, run_over_ssh
 
     if info.is_multi_rank:
         _write_line(

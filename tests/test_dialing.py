@@ -306,7 +306,10 @@ def test_simultaneous_dials_are_accepted_at_exactly_one_side() -> None:
         small._dialing[large.address] = 1
         large._dialing[small.address] = 1
         # The larger address's dial loses; the smaller one's is accepted.
-        assert small._accept(StubLink(large.address, small), large.address, 0) is Status.CROSSED_PENDING
+        assert (
+            small._accept(StubLink(large.address, small), large.address, 0)
+            is Status.CROSSED_PENDING
+        )
         assert large._accept(StubLink(small.address, large), small.address, 0) is Status.ACCEPT
         assert small.address not in small._links
         assert large._links[small.address].remote == small.address
@@ -320,14 +323,18 @@ def test_dial_into_a_live_link_is_crossed_live_unless_replace_or_smaller() -> No
         transport, small, large = await _endpoint_pair()
         old = StubLink(large.address, small)
         small._register_link(old)
-        assert small._accept(StubLink(large.address, small), large.address, 0) is Status.CROSSED_LIVE
+        assert (
+            small._accept(StubLink(large.address, small), large.address, 0) is Status.CROSSED_LIVE
+        )
         assert small._links[large.address] is old
         new = StubLink(large.address, small)
         assert small._accept(new, large.address, FLAG_REPLACE) is Status.ACCEPT
         assert small._links[large.address] is new and old.aborted
         # From the smaller address, a dial always starts a new bundle.
         large._register_link(old := StubLink(small.address, large))
-        assert large._accept(new := StubLink(small.address, large), small.address, 0) is Status.ACCEPT
+        assert (
+            large._accept(new := StubLink(small.address, large), small.address, 0) is Status.ACCEPT
+        )
         assert large._links[small.address] is new and old.aborted
         await transport.close()
 

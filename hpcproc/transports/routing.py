@@ -59,8 +59,8 @@ from .base import (
     Reliability,
     SendError,
     Transport,
-    TransportError,
 )
+from .faults import FaultInjection, require_fault_injection
 
 __all__ = ["RoutingEndPoint", "RoutingTransport", "create_transport", "parse_address"]
 
@@ -160,6 +160,11 @@ class RoutingEndPoint(EndPoint):
     @property
     def address(self) -> EndPointAddress:
         return self._address
+
+    @property
+    def sub_endpoints(self) -> tuple[EndPoint, EndPoint]:
+        """``(local, network)``."""
+        return self._subs
 
     def route(self, address: EndPointAddress) -> tuple[int, EndPointAddress]:
         """``(sub-endpoint index, sub-address)`` that a connection to ``address`` uses.
@@ -326,8 +331,11 @@ def _peer_of(value: bytes | tuple[Reliability, bytes]) -> bytes:
     return value[1] if isinstance(value, tuple) else value
 
 
-class RoutingTransport(Transport):
+class RoutingTransport(Transport, FaultInjection):
     """Shared memory between endpoints of one host, a network transport otherwise.
+
+    It implements :class:`~hpcproc.transports.faults.FaultInjection` by breaking the
+    bundle on the sub-transport that carries it (which must implement it too).
 
     Args:
         local: the transport for peers on this host (``shm``), or its registry name.
@@ -394,12 +402,12 @@ class RoutingTransport(Transport):
                 endpoint.cancel_pending()
 
     async def break_connection(self, local: EndPointAddress, remote: EndPointAddress) -> None:
-        """Break the bundle on the sub-transport that carries it (fault injection)."""
         endpoint = next((e for e in self._endpoints if e.address == local), None)
         if endpoint is None:
-            raise TransportError(None, f"{local!r} is not an endpoint of this transport")
+            raise ValueError(f"{local!r} is not an endpoint of this transport")
         sub, sub_remote = endpoint.route(remote)
-        await self.sub_transports[sub].break_connection(endpoint._subs[sub].address, sub_remote)
+        faults = require_fault_injection(self.sub_transports[sub])
+        await faults.break_connection(endpoint.sub_endpoints[sub].address, sub_remote)
 
 
 def create_transport(
