@@ -1,4 +1,5 @@
-"""End to end on a real Slurm cluster (tests/slurm/up.sh: slurmctld + slurmd n1..n3).
+"""End to end on a real Slurm cluster (tests/slurm/up.sh: slurmctld, one slurmd per host,
+host1..host3 each in its own network namespace, and hidden4).
 
 Skipped with the reason when no cluster answers, except under HPCPROC_REQUIRE_SLURM=1
 (set by .ci/run), where a missing cluster is a failure.
@@ -89,10 +90,10 @@ def _cluster_problem(env: dict[str, str]) -> str | None:
     states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
     # "plnd": idle, but planned by the backfill scheduler for a pending job.
     up_states = ("idle", "mix", "alloc", "plnd")
-    usable = [n for n in ("n1", "n2", "n3") if states.get(n, "").rstrip("*") in up_states]
+    usable = [n for n in ("host1", "host2", "host3") if states.get(n, "").rstrip("*") in up_states]
     if out.returncode != 0 or len(usable) != 3:
         return (
-            f"the cluster's nodes n1..n3 are not all up: {out.stdout.strip()} {out.stderr.strip()}"
+            f"the cluster's nodes host1..host3 are not all up: {out.stdout.strip()} {out.stderr.strip()}"
         )
     return None
 
@@ -177,7 +178,7 @@ def test_srun_dry_run_prints_each_ranks_placement(
     for rank in range(6):
         node = rank // 2
         assert any(
-            line.startswith(f"rank={rank} size=6 node_index={node} num_nodes=3 host=n{node + 1} ")
+            line.startswith(f"rank={rank} size=6 node_index={node} num_nodes=3 host=host{node + 1} ")
             for line in lines
         ), out
 
@@ -193,8 +194,8 @@ def test_srun_pingpong_runs_with_all_six_ranks(
     ).finish()  # fmt: skip
     assert rc == 0, out
     for rank in range(6):
-        assert re.search(rf"rank {rank}/6 on n{rank // 2 + 1} \(slurm\) joined", out), out
-        assert f"rank {rank} on n{rank // 2 + 1} exits with status 0" in out, out
+        assert re.search(rf"rank {rank}/6 on host{rank // 2 + 1} \(slurm\) joined", out), out
+        assert f"rank {rank} on host{rank // 2 + 1} exits with status 0" in out, out
 
 
 def test_srun_scatter_gather_uses_every_worker(
@@ -208,7 +209,7 @@ def test_srun_scatter_gather_uses_every_worker(
     ).finish()  # fmt: skip
     assert rc == 0, out
     for rank in range(1, 6):
-        assert f"scatter_gather: rank {rank} on n{rank // 2 + 1} " in out, out
+        assert f"scatter_gather: rank {rank} on host{rank // 2 + 1} " in out, out
     assert "5 workers" in out and ": OK" in out, out
 
 
@@ -222,7 +223,7 @@ def test_heterogeneous_step_runs_across_components(
         PYTHON, "-m", "hpcproc.run", "examples/scatter_gather.py:main",
     ).finish()  # fmt: skip
     assert rc == 0, out
-    assert "scatter_gather: rank 1 on n2 " in out and "scatter_gather: rank 2 on n3 " in out, out
+    assert "scatter_gather: rank 1 on host2 " in out and "scatter_gather: rank 2 on host3 " in out, out
     assert "2 workers" in out and ": OK" in out, out
 
 
@@ -269,7 +270,7 @@ def test_srun_pmi2_with_mpi_transport(steps: list[Step], slurm_env: dict[str, st
     assert "3 workers" in out and ": OK" in out, out
     for rank in range(4):
         assert re.search(
-            rf"rank {rank}/4 on n{rank // 2 + 1} \(slurm\+pmi\) joined as NodeId\(b'mpi:", out
+            rf"rank {rank}/4 on host{rank // 2 + 1} \(slurm\+pmi\) joined as NodeId\(b'mpi:", out
         ), out
 
 
@@ -315,5 +316,5 @@ def test_killed_rank_makes_master_exit_nonzero_naming_it(
     os.kill(pids[4], signal.SIGKILL)
     rc, out = step.finish()
     assert rc != 0, out
-    assert re.search(r"main failed on rank 0 \(n1\): .*node rank 4 on n3", out), out
+    assert re.search(r"main failed on rank 0 \(host1\): .*node rank 4 on host3", out), out
     assert all(not _alive(p) for p in pids.values()), out
