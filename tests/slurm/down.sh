@@ -13,27 +13,32 @@ ROUTE_LOCALNET_ALL=0
 [ -f "$STATE/cluster.env" ] && . "$STATE/cluster.env"
 HIDDEN=$((K + 1))
 
-stop() {  # stop <pidfile>: SIGTERM, bounded wait, then SIGKILL
-    local pidfile=$1 pid
-    [ -f "$pidfile" ] || return 0
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
+stop() {  # stop <pidfile>...: SIGTERM to all, bounded wait, then SIGKILL
+    local pidfile pid pids=()
+    for pidfile in "$@"; do
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile")
+        kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+        rm -f "$pidfile"
+    done
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    local alive
+    for _ in $(seq 100); do
+        alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ "$alive" -eq 1 ] || break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
 # Jobs first, so that no step is left running on a host being removed.
 if [ -f "$STATE/slurm.conf" ] && [ -f "$STATE/slurmctld.pid" ]; then
     SLURM_CONF="$STATE/slurm.conf" timeout 10 scancel --full --quiet --user=root 2>/dev/null || true
 fi
-for i in $(seq 1 "$HIDDEN"); do
-    stop "$STATE/slurmd.host$i.pid"
-    stop "$STATE/slurmd.hidden$i.pid"
-done
-stop "$STATE/slurmctld.pid"
+slurmds=()
+for i in $(seq 1 "$HIDDEN"); do slurmds+=("$STATE/slurmd.host$i.pid" "$STATE/slurmd.hidden$i.pid"); done
+stop "${slurmds[@]}" "$STATE/slurmctld.pid"
 if [ -f "$STATE/munged.started" ]; then stop /run/munge/munged.pid; fi
 
 for i in $(seq 1 "$HIDDEN"); do
