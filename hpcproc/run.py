@@ -71,7 +71,7 @@ from .rendezvous import DEFAULT_TIMEOUT, Method, RendezvousError, rendezvous
 if TYPE_CHECKING:
     from ._ids import NodeId
     from ._node import Node
-    from .transports.base import Transport
+    from .transports.base import EndPointAddress, Transport
 
 __all__ = ["Cluster", "load_entry", "main"]
 
@@ -411,7 +411,16 @@ def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
         local_only = info.hosts is not None and all(h == "127.0.0.1" for h in info.hosts)
         if info.size == 1 or local_only:
             return name, transports.create("tcp", host="127.0.0.1")
-        return name, transports.create("tcp", host="0.0.0.0", advertised_host=info.hostname)
+        advertised = info.hostname
+        if info.launcher.startswith("slurm"):
+            # Peers dial this address; a Slurm node name need not resolve.
+            from .launchers.slurm import node_address
+
+            try:
+                advertised = node_address(info.hostname)
+            except LauncherError as exc:
+                raise RendezvousError(f"this rank's host: {exc}") from None
+        return name, transports.create("tcp", host="0.0.0.0", advertised_host=advertised)
     return name, transports.create(name)
 
 
@@ -563,6 +572,7 @@ async def _serve_rank(
     roster = await _unless_stopped(
         rendezvous(info, node.node_id.address, timeout=timeout, method=method), stop
     )
+    _refuse_shm_across_hosts(roster.addresses)
     nodes = tuple(hp.NodeId(a) for a in roster.addresses)
     if nodes[info.rank] != node.node_id:
         raise RendezvousError(f"rendezvous returned another address for rank {info.rank}")
@@ -607,6 +617,56 @@ async def _serve_rank(
         elif stopped.why.rank == info.rank:
             node.nsend_remote(nodes[0], CONTROLLER, stopped.why)
         raise
+
+
+def _refuse_shm_across_hosts(addresses: Sequence[EndPointAddress]) -> None:
+    """With the shm transport, check that every rank runs on this rank's host.
+
+    Host identity is what each rank's shm address carries (hostname and boot id), not
+    whether a path is reachable: hosts may share a file system. Every rank sees the
+    same addresses, so every rank refuses alike, before any connection is tried.
+
+    Raises:
+        RendezvousError: ranks run on several hosts (named, with their ranks), naming
+            the transports that connect ranks across hosts.
+    """
+    if not addresses or not all(bytes(a).startswith(b"shm:") for a in addresses):
+        return
+    from .transports.shm import address_host
+
+    ranks_on: dict[tuple[str, str], list[int]] = {}
+    for rank, address in enumerate(addresses):
+        ranks_on.setdefault(address_host(address), []).append(rank)
+    if len(ranks_on) == 1:
+        return
+    # Boot ids only where host names alone do not tell the hosts apart.
+    names_differ = len({host for host, _ in ranks_on}) == len(ranks_on)
+    where = ", ".join(
+        f"{host}{'' if names_differ else f' (boot id {boot})'} (ranks {_rank_ranges(ranks)})"
+        for (host, boot), ranks in ranks_on.items()
+    )
+    usable = ["tcp"] + [
+        name
+        for name, module in (("mpi", "mpi4py"), ("ucx", "ucxx"))
+        if importlib.util.find_spec(module) is not None
+    ]
+    choices = ", ".join(usable[:-1]) + f" or {usable[-1]}" if len(usable) > 1 else usable[0]
+    raise RendezvousError(
+        f"--transport shm connects ranks on one host only, but this job's ranks run on"
+        f" {len(ranks_on)} hosts: {where}. Use --transport {choices} (or auto) for ranks"
+        " on several hosts"
+    )
+
+
+def _rank_ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (``ranks`` ascending)."""
+    parts: list[str] = []
+    for rank in ranks:
+        if parts and rank == int(parts[-1].rpartition("-")[2]) + 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{rank}"
+        else:
+            parts.append(str(rank))
+    return ",".join(parts)
 
 
 async def _run_main(

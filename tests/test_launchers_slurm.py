@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from pathlib import Path
 
 import pytest
 
-from hpcproc.launchers import LauncherError, detect
+from hpcproc.launchers import ClusterInfo, LauncherError, detect
+from hpcproc.launchers.errors import RendezvousError
+from hpcproc.launchers.rendezvous import exchange
+from hpcproc.launchers.slurm import UnresolvableNodeError, node_address
 
 # Recorded from `srun -N 3 -n 6` on the test cluster (task 3, on n2).
 SRUN_TASK = {
@@ -220,3 +226,115 @@ def test_rank_outside_step_raises() -> None:
 def test_non_numeric_procid_raises_naming_it() -> None:
     with pytest.raises(LauncherError, match="SLURM_PROCID"):
         detect({**SRUN_TASK, "SLURM_PROCID": "three"}, hostname="vm")
+
+
+# ------------------------------------------------------------ node names that do not resolve
+
+# Reserved (RFC 6761): never resolves.
+UNRESOLVABLE = "hidden-node.invalid"
+
+
+def fake_scontrol(tmp_path: Path, body: str) -> str:
+    """An executable ``scontrol`` running the shell ``body``; returns its path."""
+    path = tmp_path / "scontrol"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_node_name_that_resolves_is_used_as_is_without_asking_slurm(tmp_path: Path) -> None:
+    marker = tmp_path / "asked"
+    scontrol = fake_scontrol(tmp_path, f"touch {marker}; exit 1")
+    assert node_address("localhost", {}, scontrol=scontrol) == "localhost"
+    assert not marker.exists()
+
+
+def test_unresolvable_node_name_is_reached_at_the_node_addr_slurm_reports(
+    tmp_path: Path,
+) -> None:
+    scontrol = fake_scontrol(
+        tmp_path,
+        f'[ "$*" = "show node -o {UNRESOLVABLE}" ] || exit 2\n'
+        f"echo 'NodeName={UNRESOLVABLE} Arch=x86_64 NodeAddr=127.0.0.1"
+        f" NodeHostName={UNRESOLVABLE} State=IDLE'",
+    )
+    assert node_address(UNRESOLVABLE, {}, scontrol=scontrol) == "127.0.0.1"
+
+
+def test_node_hostname_is_used_when_node_addr_does_not_resolve(tmp_path: Path) -> None:
+    scontrol = fake_scontrol(
+        tmp_path,
+        f"echo 'NodeName={UNRESOLVABLE} NodeAddr={UNRESOLVABLE} NodeHostName=localhost'",
+    )
+    assert node_address(UNRESOLVABLE, {}, scontrol=scontrol) == "localhost"
+
+
+def test_slurm_node_aliases_give_the_address_without_scontrol(tmp_path: Path) -> None:
+    scontrol = fake_scontrol(tmp_path, "exit 1")
+    env = {"SLURM_NODE_ALIASES": f"cloud1:10.9.9.9:cloud1,{UNRESOLVABLE}:127.0.0.1:somehost"}
+    assert node_address(UNRESOLVABLE, env, scontrol=scontrol) == "127.0.0.1"
+
+
+def test_unresolvable_node_slurm_cannot_place_fails_naming_it_slurms_answer_and_fix(
+    tmp_path: Path,
+) -> None:
+    scontrol = fake_scontrol(tmp_path, f"echo 'Node {UNRESOLVABLE} not found' >&2; exit 1")
+    with pytest.raises(UnresolvableNodeError) as info:
+        node_address(UNRESOLVABLE, {}, scontrol=scontrol, hint="; or set HPCPROC_X")
+    text = str(info.value)
+    assert f"node name {UNRESOLVABLE!r} does not resolve" in text, text
+    assert f"Node {UNRESOLVABLE} not found" in text, text
+    assert "NodeAddr" in text and text.endswith("; or set HPCPROC_X"), text
+    assert isinstance(info.value, LauncherError)
+
+
+def test_node_addr_that_does_not_resolve_either_is_named(tmp_path: Path) -> None:
+    scontrol = fake_scontrol(
+        tmp_path, f"echo 'NodeName={UNRESOLVABLE} NodeAddr=addr.invalid NodeHostName=x.invalid'"
+    )
+    with pytest.raises(UnresolvableNodeError, match=r"addr\.invalid, x\.invalid"):
+        node_address(UNRESOLVABLE, {}, scontrol=scontrol)
+
+
+def test_missing_scontrol_is_named(tmp_path: Path) -> None:
+    with pytest.raises(UnresolvableNodeError, match="is not installed"):
+        node_address(UNRESOLVABLE, {}, scontrol=str(tmp_path / "no-scontrol"))
+
+
+def test_hung_scontrol_is_abandoned_after_its_timeout(tmp_path: Path) -> None:
+    scontrol = fake_scontrol(tmp_path, "exec sleep 60")
+    with pytest.raises(UnresolvableNodeError, match=r"did not answer within 0\.5 s"):
+        node_address(UNRESOLVABLE, {}, scontrol=scontrol, timeout=0.5)
+
+
+def test_rendezvous_with_rank_zero_on_an_unplaceable_node_fails_at_once_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layer above: a rank dialling rank 0's store does not retry an unresolvable
+    name for the whole timeout (600 s here, beyond the test's own bound)."""
+    fake_scontrol(tmp_path, "echo 'slurm_load_node error: Invalid node name' >&2; exit 1")
+    monkeypatch.setenv("HPCPROC_COOKIE", "slurm-resolve-test")
+    info = ClusterInfo(
+        launcher="slurm",
+        rank=1,
+        size=2,
+        local_rank=0,
+        local_size=1,
+        node_index=1,
+        num_nodes=2,
+        hostname="localhost",
+        job_id="7",
+        step_id="0",
+        server_host=UNRESOLVABLE,
+    )
+    env = {"PATH": f"{tmp_path}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+    async def attempt() -> None:
+        await exchange(info, b"payload", timeout=600.0, env=env)
+
+    with pytest.raises(RendezvousError) as raised:
+        asyncio.run(asyncio.wait_for(attempt(), 60.0))
+    text = str(raised.value)
+    assert f"rank 0's host: slurm: node name {UNRESOLVABLE!r} does not resolve" in text, text
+    assert "Invalid node name" in text and "HPCPROC_RENDEZVOUS_HOST" in text, text
+    assert "job 7, step 0" in text, text

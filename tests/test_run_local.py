@@ -190,6 +190,28 @@ def test_auto_transport_is_tcp_when_ranks_span_hosts() -> None:
     assert _auto_transport(ClusterInfo("hydra", 0, 4, None, None, None, None, "h")) == "tcp"
 
 
+def test_shm_ranks_on_several_hosts_are_refused_naming_hosts_and_transports() -> None:
+    from hpcproc.launchers.errors import RendezvousError
+    from hpcproc.run import _refuse_shm_across_hosts
+    from hpcproc.transports.base import EndPointAddress
+
+    def shm(host: str, boot: str, rank: int) -> EndPointAddress:
+        return EndPointAddress(f"shm:{host}:{boot}:hpcproc-shm-{rank}".encode())
+
+    boot = "c4fb96fd-0a56-41c5-90be-8de86f091a46"
+    with pytest.raises(RendezvousError) as info:
+        _refuse_shm_across_hosts([shm(h, boot, r) for r, h in enumerate(["a", "a", "b", "a"])])
+    text = str(info.value)
+    assert "run on 2 hosts: a (ranks 0-1,3), b (ranks 2)" in text, text
+    assert "Use --transport tcp" in text and boot not in text, text
+    # Same name, another boot: another host (the boot ids tell them apart).
+    with pytest.raises(RendezvousError, match=r"a \(boot id 00000000\) \(ranks 1\)"):
+        _refuse_shm_across_hosts([shm("a", boot, 0), shm("a", "00000000", 1)])
+    _refuse_shm_across_hosts([shm("a", boot, r) for r in range(3)])  # one host: accepted
+    # Another transport's addresses are not for this check.
+    _refuse_shm_across_hosts([EndPointAddress(b"tcp://a:1/x/1"), EndPointAddress(b"tcp://b:1/y/1")])
+
+
 def test_every_rank_exits_with_the_masters_status(ranks: list[Rank], env: dict[str, str]) -> None:
     procs = [
         start(ranks, [f"{THIS}:app_status_3"], explicit(env, r, 3, "status3")) for r in range(3)

@@ -1,4 +1,5 @@
-"""End to end on a real Slurm cluster (tests/slurm/up.sh: slurmctld + slurmd n1..n3).
+"""End to end on a real Slurm cluster (tests/slurm/up.sh: slurmctld, one slurmd per host,
+host1..host3 each in its own network namespace, and hidden4).
 
 Skipped with the reason when no cluster answers, except under HPCPROC_REQUIRE_SLURM=1
 (set by .ci/run), where a missing cluster is a failure.
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +65,38 @@ async def app_workers_report_pids(cluster: Any) -> None:
     await hp.expect(str)
 
 
+#: The bridge's address in the root namespace (tests/slurm/up.sh): a socket
+#: connected towards it takes the address of the host it runs on.
+BRIDGE_ADDRESS = "127.1.0.254"
+
+
+def where_am_i() -> tuple[str, str, int]:
+    """(hostname, this host's address, network namespace inode), seen from here."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((BRIDGE_ADDRESS, 9))  # sends nothing: only picks the route
+        address = str(probe.getsockname()[0])
+    finally:
+        probe.close()
+    return socket.gethostname(), address, os.stat("/proc/self/ns/net").st_ino
+
+
+async def report_where(master: hp.Pid, rank: int) -> None:
+    await hp.send(master, (rank, *where_am_i()))
+
+
+async def app_report_where(cluster: Any) -> None:
+    """Rank 0 asks every worker where it runs (over the transport) and prints it."""
+    me = hp.self_pid()
+    for peer in cluster.peers:
+        await hp.spawn(peer, report_where, me, cluster.nodes.index(peer))
+    reports = [(0, *where_am_i())]
+    for _ in cluster.peers:
+        reports.append(await hp.expect(tuple, timeout=60))
+    for rank, host, address, netns in sorted(reports):
+        say_line(f"where rank={rank} host={host} address={address} netns={netns}")
+
+
 # ------------------------------------------------------------ the cluster
 
 
@@ -89,11 +123,9 @@ def _cluster_problem(env: dict[str, str]) -> str | None:
     states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
     # "plnd": idle, but planned by the backfill scheduler for a pending job.
     up_states = ("idle", "mix", "alloc", "plnd")
-    usable = [n for n in ("n1", "n2", "n3") if states.get(n, "").rstrip("*") in up_states]
+    usable = [n for n in ("host1", "host2", "host3") if states.get(n, "").rstrip("*") in up_states]
     if out.returncode != 0 or len(usable) != 3:
-        return (
-            f"the cluster's nodes n1..n3 are not all up: {out.stdout.strip()} {out.stderr.strip()}"
-        )
+        return f"the cluster's nodes host1..host3 are not all up: {out.stdout.strip()} {out.stderr.strip()}"
     return None
 
 
@@ -177,7 +209,9 @@ def test_srun_dry_run_prints_each_ranks_placement(
     for rank in range(6):
         node = rank // 2
         assert any(
-            line.startswith(f"rank={rank} size=6 node_index={node} num_nodes=3 host=n{node + 1} ")
+            line.startswith(
+                f"rank={rank} size=6 node_index={node} num_nodes=3 host=host{node + 1} "
+            )
             for line in lines
         ), out
 
@@ -193,8 +227,8 @@ def test_srun_pingpong_runs_with_all_six_ranks(
     ).finish()  # fmt: skip
     assert rc == 0, out
     for rank in range(6):
-        assert re.search(rf"rank {rank}/6 on n{rank // 2 + 1} \(slurm\) joined", out), out
-        assert f"rank {rank} on n{rank // 2 + 1} exits with status 0" in out, out
+        assert re.search(rf"rank {rank}/6 on host{rank // 2 + 1} \(slurm\) joined", out), out
+        assert f"rank {rank} on host{rank // 2 + 1} exits with status 0" in out, out
 
 
 def test_srun_scatter_gather_uses_every_worker(
@@ -208,7 +242,7 @@ def test_srun_scatter_gather_uses_every_worker(
     ).finish()  # fmt: skip
     assert rc == 0, out
     for rank in range(1, 6):
-        assert f"scatter_gather: rank {rank} on n{rank // 2 + 1} " in out, out
+        assert f"scatter_gather: rank {rank} on host{rank // 2 + 1} " in out, out
     assert "5 workers" in out and ": OK" in out, out
 
 
@@ -222,7 +256,9 @@ def test_heterogeneous_step_runs_across_components(
         PYTHON, "-m", "hpcproc.run", "examples/scatter_gather.py:main",
     ).finish()  # fmt: skip
     assert rc == 0, out
-    assert "scatter_gather: rank 1 on n2 " in out and "scatter_gather: rank 2 on n3 " in out, out
+    assert (
+        "scatter_gather: rank 1 on host2 " in out and "scatter_gather: rank 2 on host3 " in out
+    ), out
     assert "2 workers" in out and ": OK" in out, out
 
 
@@ -269,7 +305,7 @@ def test_srun_pmi2_with_mpi_transport(steps: list[Step], slurm_env: dict[str, st
     assert "3 workers" in out and ": OK" in out, out
     for rank in range(4):
         assert re.search(
-            rf"rank {rank}/4 on n{rank // 2 + 1} \(slurm\+pmi\) joined as NodeId\(b'mpi:", out
+            rf"rank {rank}/4 on host{rank // 2 + 1} \(slurm\+pmi\) joined as NodeId\(b'mpi:", out
         ), out
 
 
@@ -315,5 +351,149 @@ def test_killed_rank_makes_master_exit_nonzero_naming_it(
     os.kill(pids[4], signal.SIGKILL)
     rc, out = step.finish()
     assert rc != 0, out
-    assert re.search(r"main failed on rank 0 \(n1\): .*node rank 4 on n3", out), out
+    assert re.search(r"main failed on rank 0 \(host1\): .*node rank 4 on host3", out), out
     assert all(not _alive(p) for p in pids.values()), out
+
+
+# ------------------------------------------------------------ several hosts
+
+
+# Not the id "mpi": pytest-mpi skips tests with that keyword outside mpiexec.
+@pytest.mark.parametrize(
+    "transport",
+    ["tcp", pytest.param("mpi", id="mpi-pmi2"), pytest.param("ucx", marks=pytest.mark.ucx)],
+)
+def test_ranks_of_a_three_node_step_run_on_three_distinct_hosts(
+    steps: list[Step], slurm_env: dict[str, str], transport: str
+) -> None:
+    """Each node of the cluster is another host, as the ranks see it: its own
+    hostname, address and network stack; and every transport that crosses hosts
+    connects them."""
+    options = []
+    if transport == "mpi":
+        pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install hpcproc[mpi])")
+        options = ["--mpi=pmi2"]
+    if transport == "ucx":
+        pytest.importorskip("ucxx", reason="ucxx is not installed (pip install hpcproc[ucx])")
+    rc, out = srun(
+        steps,
+        slurm_env,
+        *options, "-N", "3", "-n", "6",
+        PYTHON, "-m", "hpcproc.run", "--transport", transport, f"{THIS}:app_report_where",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    seen = {
+        int(m[1]): (m[2], m[3], m[4])
+        for m in re.finditer(r"^where rank=(\d+) host=(\S+) address=(\S+) netns=(\d+)$", out, re.M)
+    }
+    assert sorted(seen) == list(range(6)), out
+    for rank, (host, address, _) in seen.items():
+        node = rank // 2 + 1
+        assert (host, address) == (f"host{node}", f"127.1.0.{node}"), out
+    assert len({netns for _, _, netns in seen.values()}) == 3, out
+
+
+def test_srun_pingpong_across_three_hosts_exits_zero(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    rc, out = srun(
+        steps,
+        slurm_env,
+        "-N", "3", "-n", "6",
+        PYTHON, "-m", "hpcproc.run", "examples/pingpong.py:main",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    # The workers' tcp addresses name their own hosts: they were dialled there.
+    for rank in range(6):
+        assert re.search(
+            rf"rank {rank}/6 on host{rank // 2 + 1} \(slurm\) joined as"
+            rf" NodeId\(b'tcp://host{rank // 2 + 1}:",
+            out,
+        ), out
+    assert out.count("round trips") == 5, out
+
+
+def test_shm_across_hosts_is_refused_at_start_up_naming_hosts_and_transports(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    rc, out = srun(
+        steps,
+        slurm_env,
+        "-N", "2", "-n", "4",
+        PYTHON, "-m", "hpcproc.run", "--transport", "shm", "examples/pingpong.py:main",
+    ).finish()  # fmt: skip
+    assert rc != 0, out
+    refusals = re.findall(
+        r"--transport shm connects ranks on one host only, but this job's ranks run on 2"
+        r" hosts: host1 \(ranks 0-1\), host2 \(ranks 2-3\)\. Use --transport tcp\b",
+        out,
+    )
+    assert len(refusals) == 4, out  # every rank refuses, before connecting to any
+    assert "round trips" not in out and "lost connection" not in out, out
+
+
+def _require_hidden_node(env: dict[str, str]) -> None:
+    """The cluster's node whose name resolves nowhere (tests/slurm/up.sh)."""
+    out = subprocess.run(
+        ["sinfo", "-h", "-N", "-p", "hidden", "-o", "%N %t"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    problem = None
+    if states.get("hidden4", "").rstrip("*") not in ("idle", "mix", "alloc", "plnd"):
+        problem = f"node hidden4 of partition hidden is not up: {out.stdout} {out.stderr}"
+    else:
+        try:
+            socket.getaddrinfo("hidden4", None)
+            problem = "the node name hidden4 resolves here; the test needs one that does not"
+        except OSError:
+            pass
+    if problem is not None:
+        if os.environ.get("HPCPROC_REQUIRE_SLURM") == "1":
+            pytest.fail(f"HPCPROC_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+
+
+def test_rank_zero_on_a_node_whose_name_does_not_resolve_is_reached_at_its_node_addr(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    """NodeName hidden4 resolves nowhere; Slurm's NodeAddr for it does."""
+    _require_hidden_node(slurm_env)
+    rc, out = srun(
+        steps,
+        slurm_env,
+        "-p", "hidden", "-N", "2", "-n", "2",
+        PYTHON, "-m", "hpcproc.run", "examples/pingpong.py:main",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    assert re.search(r"rank 0/2 on hidden4 \(slurm\) joined as NodeId\(b'tcp://127\.1\.0\.4:", out)
+    assert "pingpong with rank 1 on host3" in out, out
+
+
+def test_unresolvable_node_without_an_address_fails_at_once_naming_it_and_the_fix(
+    steps: list[Step], slurm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """When Slurm cannot give an address either (here: scontrol fails), every rank
+    fails at once instead of retrying for the whole rendezvous timeout."""
+    _require_hidden_node(slurm_env)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\necho 'scontrol: error: no controller' >&2\nexit 1\n")
+    (fake / "scontrol").chmod(0o755)
+    env = {**slurm_env, "PATH": f"{fake}:{slurm_env.get('PATH', '/usr/bin:/bin')}"}
+    rc, out = srun(
+        steps,
+        env,
+        "-p", "hidden", "-N", "2", "-n", "2",
+        PYTHON, "-m", "hpcproc.run", "--timeout", "600", "examples/pingpong.py:main",
+    ).finish()  # fmt: skip
+    assert rc != 0, out
+    assert "node name 'hidden4' does not resolve" in out, out
+    assert "scontrol: error: no controller" in out, out
+    # Rank 1 dials rank 0's store there: the fix names HPCPROC_RENDEZVOUS_HOST.
+    assert re.search(r"rank 1 on host3: rendezvous: rank 0's host: .*HPCPROC_RENDEZVOUS_HOST", out)
+    assert "timed out" not in out and "not reachable within" not in out, out

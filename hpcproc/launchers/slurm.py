@@ -13,23 +13,48 @@ entry: its node name must be the map's host for its rank, and ``SLURM_GTIDS`` (t
 global task ids on this node) must be exactly the block of ranks the map gives this
 node. Otherwise ``hosts`` is None. Rank 0 always runs on the step's first node, which
 is where the rendezvous store is served.
+
+Node names need not be host names: Slurm's ``NodeName`` may differ from the name DNS
+knows (``NodeHostname``) and from the address the daemons use (``NodeAddr``). Where a
+node name is to be dialled, :func:`node_address` turns it into something that resolves
+(the name itself, else the node's address as Slurm knows it), or fails at once with an
+error naming the node and the fix.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import socket
+import subprocess
 from collections.abc import Mapping
 
 from .hostlist import expand_hostlist, parse_task_counts
 from .info import ClusterInfo, LauncherError, env_int, env_opt_int
 
-__all__ = ["BATCH_STEP_ID", "INTERACTIVE_STEP_ID", "detect", "in_step"]
+__all__ = [
+    "BATCH_STEP_ID",
+    "INTERACTIVE_STEP_ID",
+    "SCONTROL_TIMEOUT",
+    "UnresolvableNodeError",
+    "detect",
+    "in_step",
+    "node_address",
+]
 
 log = logging.getLogger("hpcproc.launchers")
 
 #: Slurm's reserved step ids (SLURM_BATCH_SCRIPT, SLURM_INTERACTIVE_STEP).
 BATCH_STEP_ID = 4294967291
 INTERACTIVE_STEP_ID = 4294967290
+
+#: Bound on the one ``scontrol show node`` call :func:`node_address` may make (s).
+SCONTROL_TIMEOUT = 5.0
+
+
+class UnresolvableNodeError(LauncherError):
+    """A Slurm node name that neither resolves nor has an address Slurm could give."""
 
 
 def in_step(env: Mapping[str, str]) -> bool:
@@ -183,3 +208,99 @@ def _block_hosts(
         log.warning("slurm: rank-to-host map not certain: %s", "; ".join(problems))
         return None
     return hosts
+
+
+# ------------------------------------------------------------------ node addresses
+
+#: One ``SLURM_NODE_ALIASES`` entry: ``name:addr:hostname`` (addr may be ``[ipv6]``).
+_ALIAS_RE = re.compile(r"([^:,\[\]]+):(\[[^\]]*\]|[^:,]*):([^,]*)")
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+def _alias_addresses(env: Mapping[str, str], name: str) -> list[str]:
+    """The address and host of ``name`` in ``SLURM_NODE_ALIASES`` (cloud / dynamic
+    nodes: Slurm sets it for them, ``(null)`` otherwise)."""
+    found: list[str] = []
+    for match in _ALIAS_RE.finditer(env.get("SLURM_NODE_ALIASES", "")):
+        if match[1] == name:
+            found += [match[2].strip("[]"), match[3]]
+    return found
+
+
+def _scontrol_addresses(
+    name: str, env: Mapping[str, str], scontrol: str, timeout: float
+) -> tuple[list[str], str]:
+    """``NodeAddr`` and ``NodeHostName`` of node ``name`` as ``scontrol`` reports them,
+    and, when it gave none, why (for the error message)."""
+    try:
+        done = subprocess.run(
+            [scontrol, "show", "node", "-o", name],
+            env=dict(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError:
+        return [], f"{scontrol} is not installed here"
+    except subprocess.TimeoutExpired:
+        return [], f"{scontrol} show node {name} did not answer within {timeout:g} s"
+    except OSError as exc:
+        return [], f"{scontrol} show node {name} could not run: {exc}"
+    fields = dict(re.findall(r"(\w+)=(\S*)", done.stdout))
+    if done.returncode != 0 or fields.get("NodeName") != name:
+        # The last line says what went wrong ("fatal: ...", "Node x not found").
+        lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        said = lines[-1][:200] if lines else f"exit status {done.returncode}"
+        return [], f"{scontrol} show node {name}: {said}"
+    return [fields[k] for k in ("NodeAddr", "NodeHostName") if fields.get(k)], ""
+
+
+def node_address(
+    name: str,
+    env: Mapping[str, str] | None = None,
+    *,
+    hint: str = "",
+    scontrol: str = "scontrol",
+    timeout: float = SCONTROL_TIMEOUT,
+) -> str:
+    """A host name or address by which other hosts reach Slurm node ``name``.
+
+    ``name`` itself when it resolves; else the node's address from
+    ``SLURM_NODE_ALIASES``, else its ``NodeAddr`` (then ``NodeHostName``) as
+    ``scontrol show node`` reports it: the first of those that resolves. May block for
+    one name lookup per candidate and one ``scontrol`` call (bounded by ``timeout``).
+
+    Raises:
+        UnresolvableNodeError: none of them resolves; the message names the node, what
+            was tried, and the fix (``hint`` is appended to it).
+    """
+    env = os.environ if env is None else env
+    if _resolves(name):
+        return name
+    candidates = _alias_addresses(env, name)
+    why = ""
+    if not any(_resolves(c) for c in candidates):
+        more, why = _scontrol_addresses(name, env, scontrol, timeout)
+        candidates += more
+    for candidate in candidates:
+        if candidate != name and _resolves(candidate):
+            log.info("slurm: node %s resolves nowhere; using its address %s", name, candidate)
+            return candidate
+    tried = [c for c in candidates if c != name]
+    if tried:
+        found = f"nor do Slurm's addresses for it: {', '.join(tried)}"
+    else:
+        found = why or "Slurm knows no other address for it: its NodeAddr is its name"
+    raise UnresolvableNodeError(
+        f"slurm: node name {name!r} does not resolve to an address ({found}). Make the"
+        f" node name resolvable (DNS or /etc/hosts) or give the node a NodeAddr in"
+        f" slurm.conf{hint}"
+    )

@@ -16,6 +16,7 @@ from typing import Literal
 from ..auth import load_cookie
 from ..launchers.info import ClusterInfo, LauncherError, env_opt_int
 from ..transports.base import EndPointAddress
+from ..launchers import slurm
 from .errors import RendezvousError
 from .filestore import gather_via_directory
 from .tcpstore import gather_as_client, serve
@@ -140,6 +141,13 @@ async def exchange(
             await store.close()
     host = env.get("HPCPROC_RENDEZVOUS_HOST") or info.server_host
     assert host is not None  # choose_method checked it
+    if not env.get("HPCPROC_RENDEZVOUS_HOST") and info.launcher.startswith("slurm"):
+        # A node name need not resolve (NodeName is not always a host name).
+        fix = "; or set HPCPROC_RENDEZVOUS_HOST to rank 0's host name or address"
+        try:
+            host = await asyncio.to_thread(slurm.node_address, host, env, hint=fix)
+        except LauncherError as exc:
+            raise RendezvousError(f"rendezvous: rank 0's host: {exc} ({describe})") from None
     return await gather_as_client(
         host,
         ports,

@@ -99,7 +99,7 @@ from .base import (
     SendErrorCode,
 )
 
-__all__ = ["ShmTransport", "create_transport"]
+__all__ = ["ShmTransport", "address_host", "create_transport"]
 
 log = logging.getLogger("hpcproc.transports.shm")
 
@@ -167,6 +167,19 @@ def _parse_address(address: bytes) -> tuple[bytes, bytes, bytes]:
     ):
         raise ConnectError(ConnectErrorCode.FAILED, f"not a shared-memory address: {address!r}")
     return parts[1], parts[2], parts[3]
+
+
+def address_host(address: bytes) -> tuple[str, str]:
+    """(hostname, boot id) of the host whose endpoint ``address`` is.
+
+    Two endpoints can be linked only when these are equal: ranks on different hosts
+    may still share a file system (and so ``/dev/shm``), which proves nothing.
+
+    Raises:
+        ConnectError: ``FAILED``, ``address`` is not a shared-memory address.
+    """
+    host, boot, _ = _parse_address(bytes(address))
+    return host.decode(errors="replace"), boot.decode(errors="replace")
 
 
 def _new_memfd(name: str, size: int, *, populate: bool) -> tuple[mmap.mmap, int]:
