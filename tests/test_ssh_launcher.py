@@ -1,9 +1,10 @@
 """``python -m hpcproc.run --hosts`` / ``--hostfile``: ranks started over real ssh.
 
 Each test host gets a real OpenSSH server with keys made by the test. On the
-multi-host test cluster (``tests/cluster/``) there is one sshd per host, inside the
-host's network namespace, so the ranks really run on separate network stacks with
-their own host names; without it the tests use one sshd on 127.0.0.1 and host aliases.
+multi-host test cluster (``tests/slurm/up.sh``) there is one sshd per host, inside the
+host's network namespace under its host name, so the ranks really run on separate
+network stacks with their own host names; without it (a developer's machine) the
+tests use one sshd on 127.0.0.1 and names that resolve to it.
 """
 
 from __future__ import annotations
@@ -84,11 +85,28 @@ def _start_sshd(workdir: Path, address: str, port: int, netns: str | None) -> Li
     )
     argv = [SSHD, "-D", "-e", "-f", str(config)]
     if netns is not None:
-        argv = ["nsenter", f"--net=/run/netns/{netns}", *argv]
+        # Inside the host's network namespace, under its own host name (as its slurmd).
+        name = netns.removeprefix("hpcproc-h")
+        script = f"hostname host{name} && exec {' '.join(argv)}"
+        argv = ["nsenter", f"--net=/run/netns/{netns}", "unshare", "-u", "sh", "-c", script]
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     sshd = LineProcess(argv, os.environ, workdir)
     sshd.wait_for_lines("Server listening on", 1, WAIT)
     return sshd
+
+
+def _cluster_hosts() -> list[tuple[str, str, str]]:
+    """``(host name, address, network namespace)`` of the multi-host test cluster's
+    first three hosts when it is up (``tests/slurm/up.sh``), else ``[]``.
+
+    Raises (through pytest.fail): ``HPCPROC_REQUIRE_SLURM`` is set but it is not up.
+    """
+    state = Path(os.environ.get("HPCPROC_SLURM_STATE", "/tmp/hpcproc-slurm"))
+    if not (state / "cluster.env").exists():
+        if os.environ.get("HPCPROC_REQUIRE_SLURM"):
+            pytest.fail(f"the multi-host test cluster is not up ({state}/cluster.env missing)")
+        return []
+    return [(f"host{n}", f"127.1.0.{n}", f"hpcproc-h{n}") for n in (1, 2, 3)]
 
 
 def _free_port() -> int:
@@ -113,8 +131,13 @@ def ssh_hosts(tmp_path: Path) -> Iterator[SshHosts]:
     host_key = (tmp_path / "hostkey.pub").read_text().split()[:2]
     (tmp_path / "known_hosts").write_text(f"hpcproc-test-host {' '.join(host_key)}\n")
     port = _free_port()
+    cluster = _cluster_hosts()
     # Without the multi-host cluster: three names that resolve to this machine.
-    hosts = [("localhost", "127.0.0.1"), ("127.0.0.2", "127.0.0.1"), ("127.0.0.3", "127.0.0.1")]
+    hosts = [(name, address) for name, address, _ in cluster] or [
+        ("localhost", "127.0.0.1"),
+        ("127.0.0.2", "127.0.0.1"),
+        ("127.0.0.3", "127.0.0.1"),
+    ]
     lines = [
         f"Host {name}\n  HostName {address}\n  Port {port}\n"
         f"  IdentityFile {tmp_path / 'userkey'}\n  IdentitiesOnly yes\n"
@@ -133,7 +156,11 @@ def ssh_hosts(tmp_path: Path) -> Iterator[SshHosts]:
     )
     sshds: list[LineProcess] = []
     try:
-        sshds.append(_start_sshd(tmp_path, "127.0.0.1", port, None))
+        if cluster:
+            for _, address, netns in cluster:
+                sshds.append(_start_sshd(tmp_path, address, port, netns))
+        else:
+            sshds.append(_start_sshd(tmp_path, "127.0.0.1", port, None))
         yield SshHosts([n for n, _ in hosts], config, env)
     finally:
         for sshd in sshds:
