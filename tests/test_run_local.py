@@ -191,7 +191,7 @@ def test_auto_transport_is_tcp_when_ranks_span_hosts() -> None:
 
 
 def test_shm_ranks_on_several_hosts_are_refused_naming_hosts_and_transports() -> None:
-    from hpcproc.launchers.errors import RendezvousError
+    from hpcproc.rendezvous import RendezvousError
     from hpcproc.run import _refuse_shm_across_hosts
     from hpcproc.transports.base import EndPointAddress
 
