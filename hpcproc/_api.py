@@ -380,7 +380,7 @@ async def whereis_remote(node: NodeId, name: str, timeout: float | None = None) 
         NodeUnreachableError: ``node`` could not be reached.
     """
     proc = current()
-    return await proc.guarded(proc.node.whereis_remote(node, name, timeout))
+    return await proc.guarded(proc.node.registry.whereis_remote(node, name, timeout))
 
 
 async def nsend_remote(node: NodeId, name: str, msg: Any) -> None:
@@ -400,7 +400,7 @@ async def register_remote(node: NodeId, name: str, pid: Pid, *, replace: bool = 
         NodeUnreachableError: ``node`` could not be reached.
     """
     proc = current()
-    await proc.guarded(proc.node.register_remote(node, name, pid, replace))
+    await proc.guarded(proc.node.registry.register_remote(node, name, pid, replace))
 
 
 # ---------------------------------------------------------------------- misc
@@ -428,7 +428,7 @@ async def reconnect(pid: Pid) -> None:
     until this is called; the next send opens a new connection.
     """
     proc = current()
-    proc.node.reconnect(proc, pid)
+    proc.node.remote.reconnect(proc, pid)
 
 
 async def get_process_info(pid: Pid) -> ProcessInfo | None:

@@ -41,7 +41,7 @@ from . import _control as ctl
 from ._channels import ChanMessage, SendPort
 from ._controller import Controller
 from ._copying import copy_message
-from ._errors import NodeUnreachableError, ProcessRegistrationException
+from ._errors import NodeUnreachableError
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
@@ -50,7 +50,7 @@ from ._registry import Registry
 from ._remote import BROKEN, RemoteSender
 from ._signals import DiedDisconnect, DiedReason, ProcessExitException
 from ._spawning import Spawner, fn_name
-from ._watches import Link, Watches
+from ._watches import Watches
 from .serialization import deserialize
 from .transports.base import (
     ConnectionClosed,
@@ -458,33 +458,6 @@ class Node:
         else:
             self.remote.post(target.node, ctl.Exit(target, sender, reason))
 
-    # ------------------------------------------------------------------ links, monitors
-
-    def link(self, proc: Process, target: Pid) -> None:
-        """``proc`` links to ``target``; see :func:`hpcproc.link`."""
-        self.watches.link(proc, target)
-
-    def unlink(self, proc: Process, target: Pid) -> None:
-        """Undo :meth:`link`; no exception for ``target`` is raised afterwards."""
-        self.watches.unlink(proc, target)
-
-    def monitor(self, proc: Process, target: Pid | SendPort[Any]) -> MonitorRef:
-        """``proc`` monitors ``target`` (a pid, or the owner of a send port)."""
-        return self.watches.monitor(proc, target)
-
-    def unmonitor(self, proc: Process, ref: MonitorRef) -> None:
-        """Undo :meth:`monitor`; a notification for ``ref`` already queued is removed."""
-        self.watches.unmonitor(proc, ref)
-
-    async def monitor_node(self, proc: Process, nid: NodeId) -> MonitorRef:
-        """``proc`` gets a NodeMonitorNotification when ``nid`` goes away (see
-        :meth:`Watches.monitor_node <hpcproc._watches.Watches.monitor_node>`)."""
-        return await self.watches.monitor_node(proc, nid)
-
-    async def link_node(self, proc: Process, nid: NodeId) -> None:
-        """``proc`` gets NodeLinkException raised when ``nid`` goes away."""
-        await self.watches.link_node(proc, nid)
-
     # ------------------------------------------------------------------ registry
 
     def register(self, name: str, pid: Pid, *, replace: bool = False) -> None:
@@ -510,15 +483,7 @@ class Node:
         Raises:
             NodeUnreachableError: the node could not be reached.
         """
-        if node == self._node_id:
-            return self.whereis(name)
-        try:
-            pid: Pid | None = await self.controller.request(
-                node, lambda req: ctl.WhereIs(req, name), NodeUnreachableError, timeout
-            )
-        except asyncio.TimeoutError:
-            return None
-        return pid
+        return await self.registry.whereis_remote(node, name, timeout)
 
     async def register_remote(
         self, node: NodeId, name: str, pid: Pid | None, replace: bool
@@ -529,12 +494,7 @@ class Node:
             ProcessRegistrationException: as for :meth:`register` on that node.
             NodeUnreachableError: the node could not be reached.
         """
-        if node == self._node_id:
-            self.registry.register(name, pid, replace)
-            return
-        await self.controller.request(
-            node, lambda req: ctl.Register(req, name, pid, replace), ProcessRegistrationException
-        )
+        await self.registry.register_remote(node, name, pid, replace)
 
     def nsend_remote(self, node: NodeId, name: str, msg: Any) -> None:
         """Send ``msg`` to whatever is registered as ``name`` on ``node`` (dropped if none).
@@ -556,17 +516,7 @@ class Node:
     def process_info(self, pid: Pid) -> ProcessInfo | None:
         """A snapshot of local process ``pid``, or None if it is not alive."""
         tp = self.process(pid)
-        if tp is None:
-            return None
-        watchers = tp.watchers or {}
-        return ProcessInfo(
-            pid=pid,
-            node=pid.node,
-            registered_names=tuple(tp.names or ()),
-            message_queue_length=tp.queue_length(),
-            linked_by=tuple(k.watcher for k in watchers if type(k) is Link),
-            monitored_by=tuple(k for k in watchers if type(k) is MonitorRef),
-        )
+        return tp.info() if tp is not None else None
 
     def stats(self) -> NodeStats:
         """A snapshot of this node's counters."""
@@ -601,19 +551,6 @@ class Node:
         return stats
 
     # ------------------------------------------------------------------ sending
-
-    async def send_remote(self, proc: Process, pid: Pid, msg: Any) -> None:
-        """Send ``msg`` from ``proc`` to ``pid`` on another node; see
-        :meth:`RemoteSender.send <hpcproc._remote.RemoteSender.send>`."""
-        await self.remote.send(proc, pid, msg)
-
-    def send_remote_nowait(self, proc: Process, pid: Pid, msg: Any) -> bool:
-        """:meth:`send_remote` if it needs no waiting; False (nothing sent) otherwise."""
-        return self.remote.send_nowait(proc, pid, msg)
-
-    def reconnect(self, proc: Process, pid: Pid) -> None:
-        """Forget ``proc``'s (possibly broken) connection to ``pid``: the next send reopens it."""
-        self.remote.reconnect(proc, pid)
 
     async def send_chan(self, proc: Process, port: SendPort[Any], msg: Any, copy: bool) -> None:
         """Send ``msg`` on ``port`` from ``proc`` (same pair connection as ``send``)."""

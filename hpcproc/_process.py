@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._channels import ChanMessage, ReceivePort, SendPort
 from ._errors import NotInProcessError
 from ._ids import MonitorRef, Pid
+from ._info import ProcessInfo
 from ._matching import Matcher
 from ._signals import (
     DiedException,
@@ -224,11 +225,19 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         log.debug("process %r died: %r", self.pid, exc)
         return DiedException(f"{type(exc).__name__}: {exc}")
 
-    # ------------------------------------------------------------------ mailbox
+    # ------------------------------------------------------------------ mailbox, info
 
-    def queue_length(self) -> int:
-        """How many messages wait in the mailbox (channels not counted)."""
-        return len(self._mailbox or ())
+    def info(self) -> ProcessInfo:
+        """A snapshot of this process (see :func:`hpcproc.get_process_info`)."""
+        watchers = self.watchers or {}
+        return ProcessInfo(
+            pid=self.pid,
+            node=self.pid.node,
+            registered_names=tuple(self.names or ()),
+            message_queue_length=len(self._mailbox or ()),
+            linked_by=tuple(k.watcher for k in watchers if type(k) is not MonitorRef),
+            monitored_by=tuple(k for k in watchers if type(k) is MonitorRef),
+        )
 
     def drop_notification(self, ref: MonitorRef) -> None:
         """Remove the monitor notification for ``ref`` from the mailbox, if there."""

@@ -13,11 +13,12 @@ Remote nodes reach this registry through the control messages ``WhereIs``,
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from . import _control as ctl
-from ._errors import ProcessRegistrationException
-from ._ids import MonitorRef, Pid
+from ._errors import NodeUnreachableError, ProcessRegistrationException
+from ._ids import MonitorRef, NodeId, Pid
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -124,12 +125,46 @@ class Registry:
         if pid is not None:
             self._node.deliver_to(pid, msg)
 
+    # ------------------------------------------------------------------ other nodes
+
+    async def whereis_remote(self, node: NodeId, name: str, timeout: float | None) -> Pid | None:
+        """``whereis`` on ``node``; None if unknown or no answer within ``timeout``.
+
+        Raises:
+            NodeUnreachableError: the node could not be reached.
+        """
+        if node == self._node.node_id:
+            return self.whereis(name)
+        try:
+            pid: Pid | None = await self._node.controller.request(
+                node, lambda req: ctl.WhereIs(req, name), NodeUnreachableError, timeout
+            )
+        except asyncio.TimeoutError:
+            return None
+        return pid
+
+    async def register_remote(
+        self, node: NodeId, name: str, pid: Pid | None, replace: bool
+    ) -> None:
+        """``register`` (or, with ``pid=None``, ``unregister``) on ``node``.
+
+        Raises:
+            ProcessRegistrationException: as for :meth:`register` on that node.
+            NodeUnreachableError: the node could not be reached.
+        """
+        if node == self._node.node_id:
+            self.register(name, pid, replace)
+            return
+        await self._node.controller.request(
+            node, lambda req: ctl.Register(req, name, pid, replace), ProcessRegistrationException
+        )
+
     # ------------------------------------------------------------------ control messages
 
-    def on_whereis(self, nid: Any, msg: ctl.WhereIs) -> None:
+    def on_whereis(self, nid: NodeId, msg: ctl.WhereIs) -> None:
         self._node.controller.reply(nid, msg.req, True, self._names.get(msg.name))
 
-    def on_register(self, nid: Any, msg: ctl.Register) -> None:
+    def on_register(self, nid: NodeId, msg: ctl.Register) -> None:
         try:
             self.register(msg.name, msg.pid, msg.replace)
         except ProcessRegistrationException as exc:
@@ -137,5 +172,5 @@ class Registry:
         else:
             self._node.controller.reply(nid, msg.req, True, None)
 
-    def on_nsend(self, nid: Any, msg: ctl.NSend) -> None:
+    def on_nsend(self, nid: NodeId, msg: ctl.NSend) -> None:
         self.deliver(msg.name, msg.msg)
