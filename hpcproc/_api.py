@@ -98,18 +98,22 @@ async def send(pid: Pid, msg: Any) -> None:
     proc = current()
     node = proc.node
     if pid[0] is proc.pid[0]:  # pid.node; NodeIds are interned
-        node.send_local(pid, copy_message(msg))
+        tp = node.local_process(pid[1])  # pid.lid
+        if tp is not None:
+            tp.deliver(copy_message(msg))
         return
     if proc.pending_signal is None and node.remote.send_nowait(proc, pid, msg):
         return
     # Process.guarded written out: one coroutine less per remote message.
-    proc.enter_call()
+    proc.in_call = True
     try:
         await node.remote.send(proc, pid, msg)
     except asyncio.CancelledError as exc:
         raise proc.convert_cancel(exc) from None
     finally:
-        proc.leave_call()
+        proc.in_call = False
+        if proc.pending_signal is not None:
+            proc.redeliver_soon()
 
 
 async def unsafe_send(pid: Pid, msg: Any) -> None:

@@ -126,6 +126,9 @@ class Node:
         self._log_sink = log_sink or stderr_sink
         #: The live processes of this node by local id.
         self._procs: dict[int, Process] = {}
+        #: ``local_process(lid)``: the live process with local id ``lid``, or None
+        #: (the process table's ``get``, bound: no Python frame on the local send path).
+        self.local_process: Callable[[int], Process | None] = self._procs.get
         self._incoming: dict[int, _Incoming] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None

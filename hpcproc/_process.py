@@ -78,12 +78,12 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
     """A process; created by :class:`~hpcproc.Node`, never directly."""
 
     __slots__ = (
-        "_guarded",
         "_mailbox",
         "_next_port",
         "_ports",
         "_waiter",
         "conns",
+        "in_call",
         "names",
         "node",
         "pending_signal",
@@ -97,8 +97,9 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
     _waiter: asyncio.Future[Any] | None
     #: The signal not yet raised or acted on (see :meth:`signal`).
     pending_signal: BaseException | Kill | None
-    #: True while the process awaits an hpcproc call other than receive.
-    _guarded: bool
+    #: True while the process awaits an hpcproc call other than receive
+    #: (:meth:`guarded`).
+    in_call: bool
     #: Everyone watching this process (kept by :mod:`._watches`): a MonitorRef
     #: (monitor) or a Link (link) -> None.
     watchers: dict[Any, None] | None
@@ -155,7 +156,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             if not w.done():
                 w.set_result(None)
             return
-        if self._guarded or asyncio.current_task() is self:
+        if self.in_call or asyncio.current_task() is self:
             return
         self.cancel()
 
@@ -186,27 +187,24 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         """Await the hpcproc call ``aw`` inside this process.
 
         A catchable signal arriving meanwhile does not interrupt it: it is redelivered
-        once the call returned (see :meth:`signal`).
+        once the call returned (see :meth:`signal`). A caller that saves this
+        coroutine (``send``) writes it out: set :attr:`in_call`, await the call
+        converting ``CancelledError`` with :meth:`convert_cancel`, and finally clear
+        :attr:`in_call` and call :meth:`redeliver_soon` if a signal is pending.
         """
-        self._guarded = True
+        self.in_call = True
         try:
             return await aw
         except asyncio.CancelledError as exc:
             raise self.convert_cancel(exc) from None
         finally:
-            self.leave_call()
+            self.in_call = False
+            if self.pending_signal is not None:
+                self.redeliver_soon()
 
-    def enter_call(self) -> None:
-        """:meth:`guarded` written out by a caller that saves its coroutine (``send``):
-        ``enter_call()``, then await the call converting ``CancelledError`` with
-        :meth:`convert_cancel`, then ``leave_call()`` in a ``finally``."""
-        self._guarded = True
-
-    def leave_call(self) -> None:
-        """End a guarded call: redeliver a signal that arrived during it."""
-        self._guarded = False
-        if self.pending_signal is not None:
-            self._loop.call_soon(self.redeliver)  # type: ignore[attr-defined]
+    def redeliver_soon(self) -> None:
+        """:meth:`redeliver` at the loop's next round (after a guarded call)."""
+        self._loop.call_soon(self.redeliver)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ death
 
@@ -374,7 +372,7 @@ def new_process(
     proc._mailbox = None
     proc._waiter = None
     proc.pending_signal = None
-    proc._guarded = False
+    proc.in_call = False
     proc.watchers = None
     proc.conns = None
     proc._ports = None
