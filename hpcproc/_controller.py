@@ -70,6 +70,11 @@ class Controller:
             ctl.GetStats: self._on_get_stats,
         }
 
+    @property
+    def message_types(self) -> frozenset[type]:
+        """The control message types this controller has a handler for."""
+        return frozenset(self._handlers)
+
     def handle(self, nid: NodeId, msg: Any) -> None:
         """Act on one control message from node ``nid`` (also used for self-posts)."""
         handler = self._handlers.get(type(msg))
