@@ -216,7 +216,11 @@ async def spawn_link(node: NodeId, fn: ProcessFn, *args: Any) -> Pid:
 async def spawn_monitor(node: NodeId, fn: ProcessFn, *args: Any) -> tuple[Pid, MonitorRef]:
     """:func:`spawn` and :func:`monitor` atomically; returns ``(pid, ref)``."""
     proc = current()
-    return await proc.guarded(proc.node.spawner.spawn_monitor(proc, node, fn, args))
+    node_obj = proc.node
+    # The ref names the process, which has no pid yet: fill it in from the reply.
+    ref = node_obj.watches.new_ref(None, proc.pid)
+    pid = await proc.guarded(node_obj.spawner.spawn(node, fn, args, ref))
+    return pid, MonitorRef(pid, proc.pid, ref.n)
 
 
 _call_tags = itertools.count(1)

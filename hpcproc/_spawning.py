@@ -165,15 +165,6 @@ class Spawner:
             raise
         return pid
 
-    async def spawn_monitor(
-        self, proc: Process, node: NodeId, fn: ProcessFn, args: tuple[Any, ...]
-    ) -> tuple[Pid, MonitorRef]:
-        """:meth:`spawn` with ``proc`` monitoring the new process: ``(pid, ref)``."""
-        # The ref names the process, which has no pid yet: fill it in from the reply.
-        ref = self._node.watches.new_ref(None, proc.pid)
-        pid = await self.spawn(node, fn, args, ref)
-        return pid, MonitorRef(pid, proc.pid, ref.n)
-
     def on_spawn_req(self, nid: NodeId, msg: ctl.SpawnReq) -> None:
         """Spawn for node ``nid`` and reply with the pid or the error text."""
         reply = self._node.controller.reply
