@@ -190,7 +190,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         self._dispatcher = self._loop.create_task(self._dispatch(), name="hpcproc-dispatcher")
-        self._receive_nowait = getattr(self._endpoint, "receive_nowait", None)
+        self._receive_nowait = self._endpoint.receive_nowait
         self.spawner.open(self._node_id, self._loop)
         logger = self.spawner.spawn_local(logger_main, (self._log_sink,))
         self.registry.register(LOGGER_NAME, logger.pid)
@@ -368,6 +368,9 @@ class Node:
             if type(event) is EndPointClosed:
                 return
             handle(event)
+            # Not held while waiting for the next one: a large message's buffers are
+            # freed as soon as its receiver lets go of them.
+            del event
 
     def handle_event(self, event: Event) -> None:
         """Act on one endpoint event (never ``EndPointClosed``); never raises.
