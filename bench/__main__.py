@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._records import format_table, write_json
+from ._records import format_table, worst_ratios, write_json
 from ._suites import SUITES, SuiteOptions, load_suite
 
 
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # the suite cannot measure what was asked
         parser.error(str(exc))
     print(format_table(records))
+    if args.suite == "transport":
+        print("\n".join(worst_ratios(records)))
     if args.json is not None:
         write_json(records, args.json)
     return 0

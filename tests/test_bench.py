@@ -83,3 +83,18 @@ def test_bench_suite_runs_and_writes_records_against_its_baselines(
             "spawn_rate",
             "bytes_per_process",
         }
+
+
+def test_transport_summary_names_the_worst_ratio_of_each_baseline_over_all_sizes() -> None:
+    from bench._records import record, worst_ratios
+
+    records = [
+        record("transport", "tcp", "rtt", 8, 20.0, "socket", 10.0),
+        record("transport", "tcp", "rtt", 32768, 30.0, "socket", 10.0),
+        record("transport", "tcp", "bandwidth", 1 << 20, 1.0, "socket", 2.5),
+        record("transport", "tcp", "rtt", 8, 12.0, "mp.Pipe", 10.0),
+    ]
+    assert worst_ratios(records) == [
+        "worst ratio tcp vs mp.Pipe over all sizes: 1.20 (rtt at 8 B)",
+        "worst ratio tcp vs socket over all sizes: 3.00 (rtt at 32 KiB)",
+    ]
