@@ -279,16 +279,26 @@ async def _try_port(
     # A live store answers the nonce at once; a port held by something else may accept
     # and stay silent, which must not use up the whole timeout.
     connect_budget = max(0.1, min(HANDSHAKE_TIMEOUT, deadline - time.monotonic()))
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(
-            host,
-            port,
-            ssl=context,
-            server_hostname=None if context is None else "",
-            ssl_handshake_timeout=None if context is None else connect_budget,
-        ),
-        connect_budget,
-    )
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                host,
+                port,
+                ssl=context,
+                server_hostname=None if context is None else "",
+                ssl_handshake_timeout=None if context is None else connect_budget,
+            ),
+            connect_budget,
+        )
+    except ConnectionResetError as exc:
+        if context is None:
+            raise
+        # What asyncio reports when the server dropped our ClientHello: not TLS. (A
+        # port of another job's plain store fails the same way: set HPCPROC_PORT.)
+        raise RendezvousError(
+            f"rendezvous: rank 0's store at {host}:{port} closed the connection during the"
+            " TLS handshake: it does not use TLS (start every rank with --tls, or none)"
+        ) from exc
     try:
         shake = Handshake(cookie, initiator=True, context=key)
         await _write(writer, shake.nonce)
@@ -299,6 +309,19 @@ async def _try_port(
                 raise RendezvousError(
                     f"rendezvous: rank 0's store at {host}:{port} answered with a TLS alert:"
                     " it uses TLS and this rank does not (start every rank with --tls, or none)"
+                ) from None
+            if context is None and not exc.partial and await _speaks_tls(host, port, connect_budget):
+                raise RendezvousError(
+                    f"rendezvous: rank 0's store at {host}:{port} uses TLS and this rank does"
+                    " not (start every rank with --tls, or none)"
+                ) from None
+            if context is not None and not exc.partial:
+                # TLS 1.3: the client's handshake ends before the server checked the
+                # client's certificate; asyncio reports the server's refusal as EOF.
+                raise RendezvousError(
+                    f"rendezvous: rank 0's store at {host}:{port} refused this node's"
+                    " certificate right after the TLS handshake: it was not signed by the CA"
+                    " the store trusts (the two sides use different jobs' CAs)"
                 ) from None
             raise _WrongServer(f"{host}:{port} is not a rendezvous store") from exc
         except asyncio.TimeoutError as exc:
@@ -336,6 +359,28 @@ async def _try_port(
         return [bytes.fromhex(p) for p in reply["payloads"]]
     finally:
         writer.close()
+
+
+async def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a TLS ClientHello (probe without certificates).
+
+    Asked only when a port closed on our plain hello without a word, which a plain
+    store never does: a TLS store does (asyncio's TLS server drops what is not TLS).
+    """
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=probe, server_hostname=""), timeout
+        )
+    except ssl.SSLError as exc:
+        # A TLS server that wants a client certificate may refuse already.
+        return "CERTIFICATE" in (exc.reason or "")
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _ranges(ranks: list[int]) -> str:
