@@ -46,6 +46,10 @@ loop has nothing else to run (:mod:`~hpcproc.transports._busy_poll`: adaptive, f
 off when the CPUs are oversubscribed, and never for links to endpoints of this same
 process, which can only answer once the loop runs).
 
+With ``tls`` (:mod:`hpcproc.tls`), every socket runs mutual TLS 1.3 before the
+handshake above, which then runs inside it; the TLS link sits beside the plain one (see
+the TLS section below), so plain tcp keeps its fast paths unchanged.
+
 Bad input from a peer (a wrong cookie, garbage, a truncated frame, an oversize
 length, an unknown kind, data on an unopened connection) drops that peer's socket
 with a ``logging.warning`` naming the peer and the reason; every length is checked
