@@ -1,4 +1,4 @@
-"""``python -m bench SUITE [--transport NAME] [--quick | --smoke] [--json PATH]``, and
+"""``python -m bench SUITE [--transport NAME] [--tls] [--quick | --smoke] [--json PATH]``, and
 ``python -m bench report [--quick | --smoke] [--out DIR]`` (:mod:`bench._report`)."""
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="a few iterations of every row, to check that the suite runs (figures mean nothing)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="transport suite, tcp: also measure tcp over mutual TLS, against plain tcp",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the records as JSON")
     args = parser.parse_args(argv)
     try:
@@ -37,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         parser.error(str(exc.args[0]))
     try:
-        records = run(SuiteOptions(transport=args.transport, quick=args.quick, smoke=args.smoke))
+        records = run(
+            SuiteOptions(
+                transport=args.transport, quick=args.quick, smoke=args.smoke, tls=args.tls
+            )
+        )
     except ValueError as exc:  # the suite cannot measure what was asked
         parser.error(str(exc))
     print(format_table(records))

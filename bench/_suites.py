@@ -29,6 +29,8 @@ class SuiteOptions:
     #: Run every row with a few iterations, to check that the suite works (the test
     #: suite does); the figures mean nothing.
     smoke: bool = False
+    #: Also measure the transport over TLS, beside it in the same run (tcp only).
+    tls: bool = False
 
 
 def load_suite(name: str) -> Callable[[SuiteOptions], list[Record]]:

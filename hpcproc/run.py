@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m hpcproc.run [--transport auto|NAME] [--spmd] [--np N]
+    python -m hpcproc.run [--transport auto|NAME] [--tls] [--spmd] [--np N]
                           [--timeout S] [--dry-run] module:function | path.py:function
 
 ``NAME`` is any transport of the registry (:func:`hpcproc.transports.available`): the
@@ -41,6 +41,12 @@ at once); if the ``--np`` process itself dies without passing anything on (SIGKI
 its ranks notice (end of file on a pipe only it held) and stop the same way, with
 128 + SIGHUP.
 
+``--tls`` runs every tcp link and the rendezvous store over mutual TLS
+(:mod:`hpcproc.tls`): each rank finds its certificate, key and the job's CA from the
+``HPCPROC_TLS_*`` variables (``python -m hpcproc.tls init DIR`` makes them; then set
+``HPCPROC_TLS_DIR=DIR``). It implies ``--transport tcp`` (``auto``), and refuses the
+transports it does not secure.
+
 ``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
 host, ...) and exits without importing the entry point or creating a transport.
 """
@@ -71,6 +77,7 @@ from .rendezvous import DEFAULT_TIMEOUT, Method, RendezvousError, rendezvous
 if TYPE_CHECKING:
     from ._ids import NodeId
     from ._node import Node
+    from .tls import TlsConfig
     from .transports.base import EndPointAddress, Transport
 
 __all__ = ["Cluster", "load_entry", "main"]
@@ -221,6 +228,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help="auto: shm when every rank is on this host, else tcp; or any transport of"
         " the registry (hpcproc.transports.available(), entry points included)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on tcp links and the rendezvous store; files from HPCPROC_TLS_DIR"
+        " (python -m hpcproc.tls init DIR) or HPCPROC_TLS_CERT/KEY/CA",
+    )
     parser.add_argument("--spmd", action="store_true", help="run main on every rank")
     parser.add_argument(
         "--np", type=int, default=None, help="outside a scheduler: start N local nodes"
@@ -255,6 +268,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--np starts local ranks; --hosts / --hostfile start them over ssh: pick one")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.tls and args.transport not in ("auto", "tcp"):
+        parser.error(
+            f"--tls secures the tcp transport only; --transport {args.transport} would not"
+            " use it (use --transport tcp, or drop --tls)"
+        )
+    if args.tls and args.rendezvous == "mpi":
+        parser.error("--tls secures rank 0's rendezvous store; --rendezvous mpi would not use it")
     return args
 
 
@@ -397,11 +417,13 @@ def _auto_transport(info: ClusterInfo) -> str:
     return "shm" if one_host and sys.platform.startswith("linux") else "tcp"
 
 
-def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
+def _create_transport(
+    info: ClusterInfo, name: str, tls: TlsConfig | None = None
+) -> tuple[str, Transport]:
     from . import transports
 
     if name == "auto":
-        name = _auto_transport(info)
+        name = "tcp" if tls is not None else _auto_transport(info)
     if name == "inmemory" and info.size > 1:
         raise RendezvousError(
             f"--transport inmemory connects endpoints of one process only; this job has"
@@ -410,7 +432,7 @@ def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
     if name == "tcp":
         local_only = info.hosts is not None and all(h == "127.0.0.1" for h in info.hosts)
         if info.size == 1 or local_only:
-            return name, transports.create("tcp", host="127.0.0.1")
+            return name, transports.create("tcp", host="127.0.0.1", tls=tls or False)
         advertised = info.hostname
         if info.launcher.startswith("slurm"):
             # Peers dial this address; a Slurm node name need not resolve.
@@ -420,7 +442,9 @@ def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
                 advertised = node_address(info.hostname)
             except LauncherError as exc:
                 raise RendezvousError(f"this rank's host: {exc}") from None
-        return name, transports.create("tcp", host="0.0.0.0", advertised_host=advertised)
+        return name, transports.create(
+            "tcp", host="0.0.0.0", advertised_host=advertised, tls=tls or False
+        )
     return name, transports.create(name)
 
 
@@ -504,7 +528,15 @@ async def _run_rank(
         loop.add_signal_handler(s, signals.received, s)
     lifeline = watch_lifeline(loop, passed_on, parent_gone)
     try:
-        transport_name, transport = _create_transport(info, args.transport)
+        tls = None
+        if args.tls:
+            from .tls import TlsError, tls_config
+
+            try:
+                tls = tls_config()
+            except TlsError as exc:
+                raise RendezvousError(f"--tls: {exc}") from None
+        transport_name, transport = _create_transport(info, args.transport, tls)
         method: Method = args.rendezvous
         if method == "auto" and transport_name == "mpi":
             method = "mpi"
@@ -519,6 +551,7 @@ async def _run_rank(
                 timeout=args.timeout,
                 method=method,
                 signals=signals,
+                tls=tls,
             )
             log.info("rank %d on %s exits with status %d", info.rank, info.hostname, status)
             return status
@@ -556,6 +589,7 @@ async def _serve_rank(
     timeout: float,
     method: Method,
     signals: _Signals,
+    tls: TlsConfig | None = None,
 ) -> int:
     """Rendezvous, then run ``main`` or serve; the status to exit with.
 
@@ -570,7 +604,7 @@ async def _serve_rank(
     control = _Controller(node, signals)
     stop = signals.stop
     roster = await _unless_stopped(
-        rendezvous(info, node.node_id.address, timeout=timeout, method=method), stop
+        rendezvous(info, node.node_id.address, timeout=timeout, method=method, tls=tls), stop
     )
     _refuse_shm_across_hosts(roster.addresses)
     nodes = tuple(hp.NodeId(a) for a in roster.addresses)
