@@ -143,6 +143,8 @@ class _State:
     members: dict[NodeId, MonitorRef | None] = field(default_factory=dict)
     subscribers: dict[Pid, None] = field(default_factory=dict)
     pending: dict[NodeId, list[asyncio.Future[tuple[NodeId, ...]]]] = field(default_factory=dict)
+    #: Monitors taken on a contact before it answered (reused once it is a member).
+    contact_refs: dict[NodeId, MonitorRef] = field(default_factory=dict)
 
 
 _states: weakref.WeakKeyDictionary[Node, _State] = weakref.WeakKeyDictionary()
@@ -194,7 +196,7 @@ def start_membership(
 async def _watch(state: _State, nid: NodeId) -> None:
     import hpcproc as hp
 
-    ref = await hp.monitor_node(nid)
+    ref = state.contact_refs.pop(nid, None) or await hp.monitor_node(nid)
     if nid in state.members:
         state.members[nid] = ref
 
@@ -246,6 +248,7 @@ async def _handle(node: Node, state: _State, msg: Any) -> None:
             if not fut.done():
                 fut.set_result(tuple(state.members))
     elif isinstance(msg, NodeMonitorNotification):
+        state.contact_refs.pop(msg.node, None)
         waiting = state.pending.pop(msg.node, ())
         for fut in waiting:
             if not fut.done():
@@ -267,11 +270,11 @@ async def _handle(node: Node, state: _State, msg: Any) -> None:
             return
         state.pending.setdefault(msg.contact, []).append(msg.done)
         node.nsend_remote(msg.contact, MEMBERSHIP, _Hello(me))
-        if msg.contact not in state.members:
+        if msg.contact not in state.members and msg.contact not in state.contact_refs:
             # Unreachable: a NodeMonitorNotification fails the join.
             import hpcproc as hp
 
-            await hp.monitor_node(msg.contact)
+            state.contact_refs[msg.contact] = await hp.monitor_node(msg.contact)
     else:
         log.warning("node %s: membership process ignores %r", me, type(msg))
 

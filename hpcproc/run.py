@@ -4,6 +4,8 @@ Usage::
 
     python -m hpcproc.run [--transport auto|NAME] [--spmd] [--np N]
                           [--timeout S] [--dry-run] module:function | path.py:function
+    python -m hpcproc.run --discover [--group ADDR:PORT] [--min-nodes N]
+                          [--interface ADDR] [--timeout S] module:function
 
 ``NAME`` is any transport of the registry (:func:`hpcproc.transports.available`): the
 built-in ``tcp``, ``shm``, ``mpi``, ``ucx``, ``inmemory``, and third-party transports
@@ -40,6 +42,12 @@ at once. ``--np N`` passes the signals it gets on to its ranks (a second one kil
 at once); if the ``--np`` process itself dies without passing anything on (SIGKILL),
 its ranks notice (end of file on a pipe only it held) and stop the same way, with
 128 + SIGHUP.
+
+Nodes may join a running job (``python -m hpcproc.join``, ``hp.join``): every rank
+runs a membership process (:mod:`hpcproc._membership`), ``hp.monitor_nodes()`` reports
+``NodeUp`` / ``NodeDown``, and rank 0 ends the joined nodes with its status too.
+``--discover``: no launcher, nodes find each other by UDP multicast
+(:mod:`hpcproc._discover`).
 
 ``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
 host, ...) and exits without importing the entry point or creating a transport.
