@@ -180,15 +180,13 @@ def start_membership(
 
         state = _states[node]
         for m in initial:
-            state.members[m] = None
-        for m in initial:
             if m in watched:
                 await _watch(state, m)
         while True:
             await _handle(node, state, await hp.expect())
 
     pid = node.spawn_local(membership)
-    _states[node] = _State(pid, leader)
+    _states[node] = _State(pid, leader, dict.fromkeys(initial))
     node.register(MEMBERSHIP, pid)
     return pid
 

@@ -197,6 +197,7 @@ def _hosts_problem() -> str | None:
     return None
 
 
+@pytest.mark.slurm
 def test_one_node_per_host_discover_each_other_across_the_bridge(
     procs: list[LineProcess], env: dict[str, str], group: str
 ) -> None:
