@@ -4,6 +4,8 @@ Usage::
 
     python -m hpcproc.run [--transport auto|NAME] [--tls] [--spmd] [--np N]
                           [--timeout S] [--dry-run] module:function | path.py:function
+    python -m hpcproc.run --discover [--group ADDR:PORT] [--min-nodes N]
+                          [--interface ADDR] [--timeout S] module:function
 
 ``NAME`` is any transport of the registry (:func:`hpcproc.transports.available`): the
 built-in ``tcp``, ``shm``, ``mpi``, ``ucx``, ``inmemory``, and third-party transports
@@ -47,6 +49,12 @@ its ranks notice (end of file on a pipe only it held) and stop the same way, wit
 ``HPCPROC_TLS_DIR=DIR``). It implies ``--transport tcp`` (``auto``), and refuses the
 transports it does not secure.
 
+Nodes may join a running job (``python -m hpcproc.join``, ``hp.join``): every rank
+runs a membership process (:mod:`hpcproc._membership`), ``hp.monitor_nodes()`` reports
+``NodeUp`` / ``NodeDown``, and rank 0 ends the joined nodes with its status too.
+``--discover``: no launcher, nodes find each other by UDP multicast
+(:mod:`hpcproc._discover`).
+
 ``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
 host, ...) and exits without importing the entry point or creating a transport.
 """
@@ -69,6 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
+from ._membership import members_of, start_membership
 from .launchers import ClusterInfo, LauncherError, detect
 from .launchers.children import Children, read_lifeline_line, watch_lifeline
 from .launchers.ssh import COOKIE_ENV
@@ -259,6 +268,25 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     hosts.add_argument(
         "--hostfile", help="like --hosts, from an MPI hostfile (host, host:N, host slots=N)"
     )
+    parser.add_argument(
+        "--discover",
+        action="store_true",
+        help="without a scheduler: find the other nodes by UDP multicast (SimpleLocalnet)",
+    )
+    parser.add_argument(
+        "--group", default=None, help="--discover: multicast ADDR:PORT (224.0.0.99:9999)"
+    )
+    parser.add_argument(
+        "--min-nodes",
+        type=int,
+        default=1,
+        help="--discover: nodes (master included) to wait for before main, up to --timeout",
+    )
+    parser.add_argument(
+        "--interface",
+        default=None,
+        help="--discover: local address to multicast from and listen on (default: route)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what was detected, exit")
     parser.add_argument("entry", help="module:function or path/to/file.py:function")
     args = parser.parse_args(argv)
@@ -275,6 +303,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         )
     if args.tls and args.rendezvous == "mpi":
         parser.error("--tls secures rank 0's rendezvous store; --rendezvous mpi would not use it")
+    if args.min_nodes < 1:
+        parser.error("--min-nodes must be at least 1")
+    if args.discover and (args.np is not None or args.hosts or args.hostfile):
+        parser.error("--discover finds nodes started one by one: not with --np / --hosts")
+    if not args.discover and (args.group or args.interface or args.min_nodes != 1):
+        parser.error("--group / --interface / --min-nodes go with --discover")
     return args
 
 
@@ -324,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, ValueError) as exc:
         _write_line(sys.stderr, f"hpcproc.run: cannot load {args.entry}: {exc}")
         return 2
+    if args.discover:
+        from ._discover import run_discover
+
+        return asyncio.run(run_discover(info, entry, args))
     return asyncio.run(_run_rank(info, entry, args))
 
 
@@ -618,6 +656,9 @@ async def _serve_rank(
         info.launcher,
         node.node_id,
     )
+    # Nodes may join this job later (hpcproc.join): rank 0 leads and watches every
+    # rank; the others watch rank 0 only (see hpcproc._membership).
+    start_membership(node, nodes, leader=nodes[0], watch=None if info.rank == 0 else nodes[:1])
     others = tuple(n for r, n in enumerate(nodes) if r != info.rank)
     cluster = Cluster(
         rank=info.rank,
@@ -635,7 +676,7 @@ async def _serve_rank(
         if info.rank == 0:
             if spmd:
                 status = max(status, await _unless_stopped(_collect_done(cluster, control), stop))
-            for nid in nodes[1:]:
+            for nid in _workers(node, nodes):
                 node.nsend_remote(nid, CONTROLLER, Shutdown(status))
             return status
         if spmd:
@@ -646,11 +687,16 @@ async def _serve_rank(
         # see the node go (one connection, in order): rank 0's main never reports
         # the loss of a worker that was interrupted as a failure.
         if info.rank == 0:
-            for nid in nodes[1:]:
+            for nid in _workers(node, nodes):
                 node.nsend_remote(nid, CONTROLLER, Shutdown(stopped.why.status, stopped.why))
         elif stopped.why.rank == info.rank:
             node.nsend_remote(nodes[0], CONTROLLER, stopped.why)
         raise
+
+
+def _workers(node: Node, nodes: tuple[NodeId, ...]) -> tuple[NodeId, ...]:
+    """Every node rank 0 ends the job of: the other ranks and the nodes that joined."""
+    return (*nodes[1:], *(n for n in members_of(node) if n not in nodes))
 
 
 def _refuse_shm_across_hosts(addresses: Sequence[EndPointAddress]) -> None:
