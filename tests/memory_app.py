@@ -96,3 +96,46 @@ async def main(cluster: Any) -> int:
     _line(f"rss 0 {before} {after} {peak}")
     assert await hp.expect(str, timeout=SETTLE_S + 60) == "reported"
     return 0
+
+
+#: Message sizes of the soak, cycled (bytes): small, medium, pooled, large.
+SOAK_SIZES = (100, 64 << 10, 3 << 20, 1 << 10, 20 << 20, 700 << 10, 64 << 20, 8 << 20)
+
+
+async def soak_echo(master: hp.Pid) -> None:
+    """Send back every message until ``"stop"``."""
+    while True:
+        msg = await hp.expect()
+        if isinstance(msg, str):
+            return
+        await hp.send(master, msg)
+        del msg
+
+
+async def soak(cluster: Any) -> int:
+    """Echo mixed sizes for ``HPCPROC_SOAK_S`` seconds; print the RSS series.
+
+    Prints ``series <MiB> <MiB> ...``: rank 0's RSS (anon + shmem) once a second.
+    """
+    seconds = float(os.environ.get("HPCPROC_SOAK_S", "15"))
+    me = hp.self_pid()
+    peer = await hp.spawn(cluster.peers[0], soak_echo, me)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    next_sample = start
+    series: list[int] = []
+    i = 0
+    while loop.time() - start < seconds:
+        n = SOAK_SIZES[i % len(SOAK_SIZES)]
+        i += 1
+        await hp.send(peer, np.full(n, i % 251, dtype=np.uint8))
+        back = await hp.expect(np.ndarray, timeout=120)
+        assert back.nbytes == n and back[-1] == i % 251
+        del back
+        if loop.time() >= next_sample:
+            series.append(rss_mib())
+            next_sample += 1.0
+    await hp.send(peer, "stop")
+    _line(f"messages {i}")
+    _line("series " + " ".join(map(str, series)))
+    return 0

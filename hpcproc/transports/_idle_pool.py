@@ -79,17 +79,24 @@ class IdleTrimmer:
     it costs one comparison when the timer is already armed.
     """
 
-    __slots__ = ("_handle", "_trim", "idle_s")
+    __slots__ = ("_handle", "_loop", "_trim", "idle_s")
 
     def __init__(self, idle_s: float, trim: Callable[[float], bool]) -> None:
         self.idle_s = idle_s
         self._trim = trim
         self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def touch(self) -> None:
-        """Make sure a trim comes within ``idle_s``; call on the event loop's thread."""
-        if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_later(self.idle_s, self._fire)
+        """Make sure a trim comes within ``idle_s``; call on an event loop's thread.
+
+        A pool shared by several event loops (one after another, as in tests) is
+        trimmed from the loop that used it last once the earlier one has closed.
+        """
+        if self._handle is None or self._loop is None or self._loop.is_closed():
+            loop = asyncio.get_running_loop()
+            self._loop = loop
+            self._handle = loop.call_later(self.idle_s, self._fire)
 
     def _fire(self) -> None:
         self._handle = None
