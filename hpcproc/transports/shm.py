@@ -281,11 +281,19 @@ def _peer_pid(sock: socket.socket) -> int:
     return int(pid)
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    _pid, uid, _gid = _PEERCRED.unpack(
+def _other_user(sock: socket.socket) -> str | None:
+    """Why the socket's peer may not link with us (another user), or None."""
+    pid, uid, _gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     )
-    return int(uid)
+    mine = os.getuid()
+    if uid == mine:
+        return None
+    return (
+        f"it runs as another user (pid {pid}, uid {uid}; this process: uid {mine}); the"
+        " shm transport links processes of one Unix user only (checked with SO_PEERCRED):"
+        " run every rank as the same user, or use tcp"
+    )
 
 
 def _as_bytes(frame: Buffer) -> memoryview:
@@ -1039,10 +1047,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 raise ConnectError(
                     ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}"
                 ) from exc
-            if _peer_uid(sock) != os.getuid():
-                raise ConnectError(
-                    ConnectErrorCode.FAILED, f"endpoint {remote!r} belongs to another user"
-                )
+            other = _other_user(sock)
+            if other is not None:
+                raise ConnectError(ConnectErrorCode.FAILED, f"endpoint {remote!r} refused: {other}")
             tx, tx_fd = self._new_ring()
             try:
                 _send_fd(sock, _HELLO.pack(hello, _VERSION) + bytes(self.address), tx_fd)
@@ -1115,8 +1122,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
         remote = EndPointAddress(b"?")
         link: _ShmLink | None = None
         try:
-            if _peer_uid(conn) != os.getuid():
-                log.warning("shm endpoint %r: refused a peer of another user", self.address)
+            other = _other_user(conn)
+            if other is not None:
+                log.warning("shm endpoint %r: refused a peer: %s", self.address, other)
                 conn.close()
                 return
             data, fds = await asyncio.wait_for(_recv_async(conn), HANDSHAKE_TIMEOUT)
