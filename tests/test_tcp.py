@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import hpcproc as hp
 from hpcproc.auth import CookieError, Handshake
 from hpcproc.transports import (
     ConnectError,
@@ -233,6 +234,31 @@ def test_cookie_mismatch_fails_fast_on_both_sides_naming_the_peer_and_the_fix(
         assert any("authentication failed" in m and "HPCPROC_COOKIE" in m for m in refusals), (
             warnings_in(caplog)
         )
+
+    run(main, timeout=90)
+
+
+async def _answer() -> int:
+    return 1
+
+
+def test_call_to_a_node_with_another_cookie_fails_saying_authentication_failed() -> None:
+    """The process layer passes the reason on: not NodeUnreachableError('lost
+    connection'), but the transport's authentication failure with the fix."""
+
+    async def main() -> None:
+        ours = hp.Node(TcpTransport(cookie=b"ours", connect_timeout=600))
+        theirs = hp.Node(TcpTransport(cookie=b"theirs", connect_timeout=600))
+        async with ours, theirs:
+
+            async def caller() -> str:
+                with pytest.raises(hp.NodeUnreachableError) as info:
+                    await hp.call(theirs.node_id, _answer)
+                return str(info.value)
+
+            text = await asyncio.wait_for(ours.run(caller), 60)
+        assert "authentication failed" in text and "HPCPROC_COOKIE" in text, text
+        assert str(theirs.node_id.address) in text or repr(theirs.node_id.address) in text, text
 
     run(main, timeout=90)
 
