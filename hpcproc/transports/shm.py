@@ -547,7 +547,8 @@ class _ShmLink(Link):
             for victim in sorted((s for s in self._pool if s.is_free()), key=lambda s: s.size):
                 if len(self._pool) < self._max_pool and endpoint._pool_bytes + size <= cap:
                     break
-                self._drop_segment(victim)
+                if not self._drop_segment(victim):
+                    break
         mm, fd = _new_memfd("hpcproc-shm-segment", SEG_HEADER + size, populate=True)
         seg = _TxSegment(self._next_seg, mm, size)
         self._next_seg += 1
@@ -564,13 +565,22 @@ class _ShmLink(Link):
             endpoint._pool_bytes += size
         return seg
 
-    def _drop_segment(self, seg: _TxSegment) -> None:
-        """Give a free pooled segment back: the peer unmaps it, then so do we."""
+    def _drop_segment(self, seg: _TxSegment) -> bool:
+        """Give a free pooled segment back: the peer unmaps it, then so do we.
+
+        False (the segment stays pooled) when the socket has no room for the notice
+        now: the peer would keep its mapping, and the memory, for the link's life.
+        """
+        try:
+            self._sock.send(_DROPSEG.pack(b"D", seg.seg_id))
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # a broken socket: the peer unmaps everything on teardown
         self._pool.remove(seg)
         self._endpoint._pool_bytes -= seg.size
-        with contextlib.suppress(OSError):  # a broken socket: the peer unmaps it on teardown
-            self._sock.send(_DROPSEG.pack(b"D", seg.seg_id))
         seg.close()
+        return True
 
     def trim_pool(self, cutoff: float) -> bool:
         """Drop free segments unused since ``cutoff``; whether any segment is left."""
