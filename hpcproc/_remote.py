@@ -46,7 +46,7 @@ class ControlOut:
     """Outgoing controller traffic to one node: a FIFO of serialized control messages,
     drained by one task."""
 
-    __slots__ = ("bound", "conn", "dead", "queue", "task", "waiter")
+    __slots__ = ("bound", "conn", "dead", "queue", "task", "unreachable", "waiter")
 
     def __init__(self) -> None:
         self.queue: deque[Any] = deque()
@@ -55,6 +55,8 @@ class ControlOut:
         self.dead = False
         self.waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
+        #: Why the last connect failed (authentication, not found...), for the callers.
+        self.unreachable: str | None = None
 
     def wake(self) -> None:
         w = self.waiter
@@ -190,6 +192,9 @@ class RemoteSender:
                     frames = out.queue[0]
                     if not await self._send_control(nid, out, frames):
                         if self._control.get(nid) is out:
+                            if out.unreachable is not None:
+                                # Say why (a cookie mismatch, say), not "lost connection".
+                                self._node.controller.fail_requests(nid, out.unreachable)
                             self._node.node_lost(nid, DiedDisconnect())
                         return
                     if out.queue:
@@ -216,6 +221,7 @@ class RemoteSender:
                     )
                 except TransportError as exc:
                     log.debug("cannot reach node %s: %r", nid, exc)
+                    out.unreachable = f"cannot reach node {nid}: {exc}"
                     return False
                 out.bound = False
             try:

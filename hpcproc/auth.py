@@ -25,10 +25,12 @@ import stat
 from pathlib import Path
 
 __all__ = [
+    "COOKIE_FIX",
     "NONCE_LEN",
     "PROOF_LEN",
     "CookieError",
     "Handshake",
+    "cookie_mismatch",
     "cookie_path",
     "load_cookie",
 ]
@@ -36,6 +38,20 @@ __all__ = [
 NONCE_LEN = 32
 PROOF_LEN = 32
 _ENV = "HPCPROC_COOKIE"
+
+
+#: What to do when two nodes' cookies differ (the end of every such message).
+COOKIE_FIX = (
+    "every node of a job needs the same cookie: set HPCPROC_COOKIE to one value for all"
+    " ranks, or leave it unset and let every node read the same ~/.hpcproc/cookie"
+    " (a home directory shared by the nodes)"
+)
+
+
+def cookie_mismatch(peer: str) -> str:
+    """The message for a failed challenge-response with ``peer`` (named by the caller:
+    host, port, rank or address, whatever is known)."""
+    return f"authentication failed with {peer}: its cookie differs from ours; {COOKIE_FIX}"
 
 
 class CookieError(Exception):

@@ -155,19 +155,23 @@ def test_handshake_authenticates_both_sides_and_exchanges_link_parameters() -> N
     run(main)
 
 
-def test_wrong_cookie_fails_on_both_sides_after_the_peer_answered() -> None:
+def test_wrong_cookie_fails_on_both_sides_by_name_after_the_peer_answered() -> None:
     async def main() -> None:
         dialer, acceptor = PipeChannel.pair()
         accepted = asyncio.ensure_future(accept_handshake(acceptor, FORMAT, b"right"))
         dialing = asyncio.ensure_future(dial_handshake(dialer, FORMAT, b"wrong", A, B, 0))
-        with pytest.raises(HandshakeError, match="authentication failed"):
+        with pytest.raises(HandshakeError, match="authentication failed") as refused:
             await accepted
+        assert repr(A) in str(refused.value) and "HPCPROC_COOKIE" in str(refused.value)
         acceptor.drop()  # what the acceptor's transport does with a failed handshake
         with pytest.raises(ConnectError) as info:
             await dialing
         assert info.value.code is ConnectErrorCode.FAILED
-        [(exc, answered)] = dialer.dial_errors
-        assert isinstance(exc, HandshakeError) and answered
+        # Told so by the acceptor, not left to guess from a closed pipe.
+        assert "authentication failed" in str(info.value), info.value
+        assert repr(B) in str(info.value) and "HPCPROC_COOKIE" in str(info.value)
+        assert "~/.hpcproc/cookie" in str(info.value)
+        assert dialer.dial_errors == []
 
     run(main)
 

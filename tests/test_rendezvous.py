@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import socket
 import uuid
 from collections.abc import Coroutine
@@ -109,11 +110,14 @@ def test_unreachable_rank_zero_fails_naming_the_store_and_launcher() -> None:
         run(exchange(rank1, b"x", timeout=0.5, env={}))
 
 
-def test_wrong_cookie_is_refused_and_counts_as_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_cookie_fails_both_sides_at_once_naming_authentication_peer_and_fix() -> None:
+    """A rank with another cookie does not wait out the rendezvous timeout (600 s here;
+    the test's own bound is 60 s): the store and the rank both fail with an error
+    that says authentication failed, names the other side and the fix."""
     rank0, rank1 = infos(2)
 
     async def main() -> tuple[BaseException | list[bytes], BaseException | list[bytes]]:
-        server = asyncio.ensure_future(exchange(rank0, b"0", timeout=1.5, env={}))
+        server = asyncio.ensure_future(exchange(rank0, b"0", timeout=600, env={}))
         await asyncio.sleep(0)
         ports = store_ports(rank1, {})
         intruder = gather_as_client(
@@ -123,16 +127,22 @@ def test_wrong_cookie_is_refused_and_counts_as_missing(monkeypatch: pytest.Monke
             payload=b"evil",
             cookie=b"not-the-cookie",
             key=b"hpcproc-rendezvous|explicit|" + str(rank1.job_id).encode() + b"|-|2",
-            timeout=1.0,
+            timeout=600,
             describe="intruder",
         )
         got = await asyncio.gather(server, intruder, return_exceptions=True)
         return got[0], got[1]
 
-    server_result, intruder_result = run(main())
-    assert isinstance(server_result, RendezvousError)
-    assert "ranks 1 of 2 did not arrive" in str(server_result)
-    assert isinstance(intruder_result, RendezvousError)
+    server_result, intruder_result = run(main(), timeout=60)
+    for result in (server_result, intruder_result):
+        assert isinstance(result, RendezvousError), result
+        text = str(result)
+        assert "authentication failed" in text, text
+        assert "HPCPROC_COOKIE" in text and "~/.hpcproc/cookie" in text, text
+    # Each names the other side: the store names rank 1 and its address, the rank
+    # names rank 0's store and its port.
+    assert re.search(r"rank 1 at 127\.0\.0\.1:\d+", str(server_result)), server_result
+    assert re.search(r"rank 0's store at 127\.0\.0\.1:\d+", str(intruder_result)), intruder_result
 
 
 def test_store_takes_next_port_when_derived_one_is_in_use() -> None:

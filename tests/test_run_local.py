@@ -353,6 +353,30 @@ def test_missing_rank_fails_every_rank_naming_it(ranks: list[Rank], env: dict[st
         assert "launcher explicit" in out
 
 
+def test_ranks_with_different_cookies_both_exit_fast_saying_authentication_failed(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    """Not the rendezvous timeout (600 s here; the test's own bound is 60 s) and not
+    "not reachable": each rank exits naming authentication, the other side and the fix."""
+    job = f"cookies-{os.getpid()}"
+    procs = [
+        start(
+            ranks,
+            ["--timeout", "600", "--transport", "tcp", f"{THIS}:app_peers"],
+            {**explicit(env, r, 2, job), "HPCPROC_COOKIE": f"cookie-of-rank-{r}"},
+        )
+        for r in range(2)
+    ]
+    for r, proc in enumerate(procs):
+        rc, out = proc.finish(WAIT)
+        assert rc != 0, out
+        assert f"rank {r} on" in out and "authentication failed" in out, out
+        assert "HPCPROC_COOKIE" in out and "~/.hpcproc/cookie" in out, out
+        other = r"rank 1 at 127\.0\.0\.1:\d+" if r == 0 else r"rank 0's store at 127\.0\.0\.1:\d+"
+        assert re.search(other, out), out
+        assert "Traceback" not in out, out
+
+
 def test_dry_run_prints_every_local_rank_without_importing(
     ranks: list[Rank], env: dict[str, str]
 ) -> None:

@@ -489,6 +489,83 @@ def test_bad_handshakes_are_refused_and_logged(peer: str, caplog: pytest.LogCapt
     _run(scenario)
 
 
+_OTHER_USER_LISTENER = textwrap.dedent(
+    """
+    import os, socket, sys
+    os.setgid(65534)
+    os.setuid(65534)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(b"\\0" + sys.argv[1].encode())
+    sock.listen(1)
+    print("listening", flush=True)
+    sock.settimeout(30)
+    conn, _ = sock.accept()
+    conn.settimeout(30)
+    print("got " + repr(conn.recv(64)), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another user")
+def test_endpoint_of_another_user_is_refused_by_the_dialer_naming_both_uids(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """shm trusts the Unix user, not a cookie: a dialer refuses an acceptor of another
+    uid (read with SO_PEERCRED) before sending it anything, and the error says so."""
+
+    async def scenario(transport: ShmTransport) -> None:
+        endpoint = await transport.new_endpoint()
+        prefix = bytes(endpoint.address).rsplit(b":", 1)[0]
+        name = f"hpcproc-test-other-user-{os.getpid()}"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _OTHER_USER_LISTENER, name, stdout=subprocess.PIPE
+        )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), TIMEOUT)
+            assert line == b"listening\n", line
+            target = EndPointAddress(prefix + b":" + name.encode())
+            with pytest.raises(ConnectError) as info:
+                await endpoint.connect(target, timeout=TIMEOUT)
+            assert info.value.code is ConnectErrorCode.FAILED
+            text = str(info.value)
+            assert "another user" in text and "uid 65534" in text, text
+            assert f"uid {os.getuid()}" in text and "SO_PEERCRED" in text, text
+            # The refused dialer sent nothing (no ring, no hello) before closing.
+            out = await asyncio.wait_for(proc.stdout.read(), TIMEOUT)
+            assert out == b"got b''\n", out
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+    _run(scenario)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another user")
+def test_dialer_of_another_user_is_refused_and_logged_naming_its_uid(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        endpoint = await transport.new_endpoint()
+        name = bytes(endpoint.address).rsplit(b":", 1)[1].decode()
+        with caplog.at_level(logging.WARNING, logger="hpcproc.transports.shm"):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _RAW_PEER, name, "other-user", stdout=subprocess.PIPE
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), TIMEOUT)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        assert out.decode().strip() == "closed"
+        refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert any("another user" in m and "uid 65534" in m for m in refusals), refusals
+
+    _run(scenario)
+
+
 def test_corrupted_consumer_tail_fails_the_bundle_on_the_sending_side(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

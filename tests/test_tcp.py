@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import hpcproc as hp
 from hpcproc.auth import CookieError, Handshake
 from hpcproc.transports import (
     ConnectError,
@@ -202,6 +203,64 @@ def test_acceptor_with_wrong_cookie_is_refused_by_connecting_side() -> None:
             await other.close()
 
     run(main)
+
+
+def test_cookie_mismatch_fails_fast_on_both_sides_naming_the_peer_and_the_fix(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not a lost connection, not the timeout: both sides say authentication failed,
+    name the other side and how to fix it. The timeouts are 600 s and the test's own
+    bound 60 s, so a connect that waited for a timeout fails the test."""
+    caplog.set_level(logging.WARNING, logger="hpcproc.transports")
+
+    async def main() -> None:
+        theirs = TcpTransport(cookie=b"theirs", connect_timeout=600, handshake_timeout=600)
+        mine = TcpTransport(cookie=b"mine", connect_timeout=600, handshake_timeout=600)
+        try:
+            target = await theirs.new_endpoint()
+            me = await mine.new_endpoint()
+            with pytest.raises(ConnectError) as info:
+                await asyncio.wait_for(me.connect(target.address), 60)
+            assert info.value.code is ConnectErrorCode.FAILED
+            text = str(info.value)
+            assert "authentication failed" in text, text
+            assert repr(target.address) in text, text
+            assert f"127.0.0.1:{theirs.port}" in text, text
+            assert "HPCPROC_COOKIE" in text and "~/.hpcproc/cookie" in text, text
+        finally:
+            await mine.close()
+            await theirs.close()
+        refusals = [m for m in warnings_in(caplog) if repr(me.address) in m]
+        assert any("authentication failed" in m and "HPCPROC_COOKIE" in m for m in refusals), (
+            warnings_in(caplog)
+        )
+
+    run(main, timeout=90)
+
+
+async def _answer() -> int:
+    return 1
+
+
+def test_call_to_a_node_with_another_cookie_fails_saying_authentication_failed() -> None:
+    """The process layer passes the reason on: not NodeUnreachableError('lost
+    connection'), but the transport's authentication failure with the fix."""
+
+    async def main() -> None:
+        ours = hp.Node(TcpTransport(cookie=b"ours", connect_timeout=600))
+        theirs = hp.Node(TcpTransport(cookie=b"theirs", connect_timeout=600))
+        async with ours, theirs:
+
+            async def caller() -> str:
+                with pytest.raises(hp.NodeUnreachableError) as info:
+                    await hp.call(theirs.node_id, _answer)
+                return str(info.value)
+
+            text = await asyncio.wait_for(ours.run(caller), 60)
+        assert "authentication failed" in text and "HPCPROC_COOKIE" in text, text
+        assert str(theirs.node_id.address) in text or repr(theirs.node_id.address) in text, text
+
+    run(main, timeout=90)
 
 
 def test_cookie_file_readable_by_others_is_refused_with_clear_error(

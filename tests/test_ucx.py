@@ -129,6 +129,32 @@ def test_wrong_cookie_from_another_process_is_refused() -> None:
     run(main)
 
 
+def test_cookie_mismatch_fails_fast_naming_authentication_and_the_peer() -> None:
+    """The dialer is told (not left to time out or see a closed pipe): the error says
+    authentication failed, names the peer's address and the fix. Timeouts are 600 s
+    and the test's own bound 60 s."""
+
+    async def main() -> None:
+        env = {**ENV, "HPCPROC_COOKIE": "the peer's cookie"}
+        peer = await PeerProcess.start("ucx", env=env, timeout=30.0)
+        transport = ucx.UcxTransport(cookie="ours", connect_timeout=600, handshake_timeout=600)
+        try:
+            endpoint = await transport.new_endpoint()
+            with pytest.raises(ConnectError) as info:
+                await asyncio.wait_for(endpoint.connect(peer.address), 60)
+            assert info.value.code is ConnectErrorCode.FAILED
+            text = str(info.value)
+            assert "authentication failed" in text, text
+            assert repr(peer.address) in text, text
+            assert "HPCPROC_COOKIE" in text and "~/.hpcproc/cookie" in text, text
+            assert await peer.command("ping", WAIT) == ""
+        finally:
+            await peer.stop(WAIT)
+            await asyncio.wait_for(transport.close(), WAIT)
+
+    run(main, timeout=120)
+
+
 # ------------------------------------------------------------------ failures
 
 

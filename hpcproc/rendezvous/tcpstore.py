@@ -3,9 +3,15 @@
 Protocol, per client connection (every message is a 4-byte big-endian length and
 that many bytes; lengths above :data:`MAX_MESSAGE` are refused before reading):
 
-1. client -> server: a fresh nonce; server -> client: its nonce and its proof;
-   client -> server: its proof (:class:`hpcproc.auth.Handshake`, bound to
-   the job's key so that a store of another job on the same port fails the check).
+1. client -> server: a fresh nonce, the job's tag (a hash of the job's key) and the
+   client's rank. A store of another job answers ``J`` (the client tries the next
+   port); ours answers its nonce and its proof; client -> server: its proof
+   (:class:`hpcproc.auth.Handshake`, bound to the job's key). The client sends its
+   proof before checking the store's, so that a cookie mismatch is seen on both
+   sides at once: the client raises, and the store ends the whole rendezvous, both
+   with an error that says authentication failed, names the other side (host, port,
+   rank) and the fix (:data:`hpcproc.auth.COOKIE_FIX`), instead of a client that
+   retries until the timeout.
 2. client -> server: ``{"rank": r, "payload": hex}`` (JSON).
 3. server -> every client, once all ``size`` ranks arrived: ``{"payloads": [hex...]}``;
    or, when the deadline passes first, ``{"error": "..."}`` naming the missing ranks.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import ssl
@@ -35,7 +42,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..auth import NONCE_LEN, PROOF_LEN, Handshake
+from ..auth import NONCE_LEN, PROOF_LEN, Handshake, cookie_mismatch
 from ..tls import TlsConfig, describe_tls_error
 from .errors import RendezvousError
 
@@ -52,6 +59,15 @@ MAX_MESSAGE = 64 << 20
 _LEN = struct.Struct("!I")
 #: A TLS alert record's first bytes: a TLS store's answer to a client without TLS.
 _TLS_ALERT = b"\x15\x03"
+#: The client's opening: nonce, job tag, rank.
+_OPENING = struct.Struct(f"!{NONCE_LEN}s8sI")
+#: The store's answer to a client of another job.
+_OTHER_JOB = b"J"
+
+
+def _job_tag(key: bytes) -> bytes:
+    """Tells jobs apart before authentication (it reveals nothing about the cookie)."""
+    return hashlib.sha256(b"hpcproc-store-job|" + key).digest()[:8]
 
 
 async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -85,6 +101,8 @@ class StoreServer:
         self._complete = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Why the rendezvous cannot succeed (a client of this job failed authentication).
+        self._failure: str | None = None
         self.port = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -94,12 +112,21 @@ class StoreServer:
         rank: int | None = None
         try:
             shake = Handshake(self._cookie, initiator=False, context=self._key)
-            client_nonce = await _read(reader, NONCE_LEN)
+            opening = await _read(reader, _OPENING.size)
+            if len(opening) != _OPENING.size:
+                return  # not an hpcproc rendezvous client
+            client_nonce, tag, claimed = _OPENING.unpack(opening)
+            if tag != _job_tag(self._key):
+                await _write(writer, _OTHER_JOB)
+                return
             await _write(writer, shake.nonce + shake.proof(client_nonce))
             client_proof = await _read(reader, PROOF_LEN)
             if not shake.verify(client_nonce, client_proof):
-                peer = writer.get_extra_info("peername")
-                log.warning("rendezvous store: refused %s (wrong cookie or another job)", peer)
+                host, port = writer.get_extra_info("peername")[:2]
+                self._fail(
+                    "rendezvous: "
+                    + cookie_mismatch(f"rank {claimed} at {host}:{port} (this is rank 0's store)")
+                )
                 return
             hello: dict[str, Any] = json.loads(await _read(reader))
             rank = int(hello["rank"])
@@ -123,12 +150,20 @@ class StoreServer:
             if task is not None:
                 self._handlers.discard(task)
 
+    def _fail(self, message: str) -> None:
+        """End the rendezvous now: no rank can succeed (the first reason is kept)."""
+        log.debug("%s", message)  # gather() raises it
+        if self._failure is None:
+            self._failure = message
+        self._complete.set()
+
     async def gather(self, own_payload: bytes, timeout: float) -> list[bytes]:
         """Wait for every rank (this one is rank 0), then send everyone the table.
 
         Raises:
             RendezvousError: ranks missing when ``timeout`` expired (named, and sent to
-                every rank that did arrive).
+                every rank that did arrive); or, at once, a rank of this job failed
+                authentication (named, with the fix).
         """
         self._payloads[0] = own_payload
         if self._size == 1:
@@ -145,6 +180,9 @@ class StoreServer:
                 message += "; with TLS, see their errors: the store refuses a rank silently"
             await self._broadcast(json.dumps({"error": message}).encode())
             raise RendezvousError(message) from None
+        if self._failure is not None:
+            await self._broadcast(json.dumps({"error": self._failure}).encode())
+            raise RendezvousError(self._failure)
         table = [self._payloads[r] for r in range(self._size)]
         await self._broadcast(json.dumps({"payloads": [p.hex() for p in table]}).encode())
         return table
@@ -301,7 +339,7 @@ async def _try_port(
         ) from exc
     try:
         shake = Handshake(cookie, initiator=True, context=key)
-        await _write(writer, shake.nonce)
+        await _write(writer, _OPENING.pack(shake.nonce, _job_tag(key), rank))
         try:
             head = await asyncio.wait_for(reader.readexactly(_LEN.size), connect_budget)
         except asyncio.IncompleteReadError as exc:
@@ -332,16 +370,24 @@ async def _try_port(
                 " it uses TLS and this rank does not (start every rank with --tls, or none)"
             )
         (length,) = _LEN.unpack(head)
-        if length != NONCE_LEN + PROOF_LEN:
+        if length not in (NONCE_LEN + PROOF_LEN, len(_OTHER_JOB)):
             raise _WrongServer(f"{host}:{port} is not a rendezvous store")
         try:
             answer = await asyncio.wait_for(reader.readexactly(length), connect_budget)
         except (asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             raise _WrongServer(f"{host}:{port} is not a rendezvous store") from exc
+        if answer == _OTHER_JOB:
+            raise _WrongServer(f"{host}:{port} is the rendezvous store of another job")
+        if len(answer) != NONCE_LEN + PROOF_LEN:
+            raise _WrongServer(f"{host}:{port} is not a rendezvous store")
         server_nonce, server_proof = answer[:NONCE_LEN], answer[NONCE_LEN:]
-        if not shake.verify(server_nonce, server_proof):
-            raise _WrongServer(f"{host}:{port} failed authentication (another job, or cookie)")
+        # Our proof goes first, so that the store sees a mismatch as soon as we do.
         await _write(writer, shake.proof(server_nonce))
+        if not shake.verify(server_nonce, server_proof):
+            raise RendezvousError(
+                "rendezvous: "
+                + cookie_mismatch(f"rank 0's store at {host}:{port} (this is rank {rank})")
+            )
         await _write(writer, json.dumps({"rank": rank, "payload": payload.hex()}).encode())
         grace = min(10.0, timeout) + 1.0
         try:

@@ -11,9 +11,16 @@ initiator, ``A`` = acceptor)::
     I -> A  HELLO: magic, nonce_I, flags, len(src), len(dst), src, dst
     A -> I  nonce_A
     I -> A  proof_I = HMAC(cookie, ..., nonce_A, nonce_I, context), extra_I
-    A       verifies proof_I (else: log and drop), decides, registers the link
+    A       verifies proof_I (else: log, reply AUTH_FAILED and drop), decides,
+            registers the link
     A -> I  proof_A, status (ACCEPT | NOT_FOUND | CROSSED_PENDING | CROSSED_LIVE), extra_A
     I       verifies proof_A (else: ConnectError(FAILED)); link messages follow
+
+A cookie mismatch fails fast and by name on both sides: the acceptor answers a wrong
+proof_I with a zero proof and ``AUTH_FAILED`` (which tells the initiator only that the
+cookies differ) and logs the initiator's address; the initiator raises
+``ConnectError(FAILED)`` saying that authentication failed, with the acceptor's
+address and the fix (:data:`hpcproc.auth.COOKIE_FIX`), instead of seeing a closed pipe.
 
 The proofs are :class:`~hpcproc.auth.Handshake`'s, bound to both
 addresses. ``extra_X`` are :attr:`HandshakeFormat.extra_len` bytes of link
@@ -53,7 +60,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
-from ..auth import NONCE_LEN, PROOF_LEN, Handshake, load_cookie
+from ..auth import COOKIE_FIX, NONCE_LEN, PROOF_LEN, Handshake, cookie_mismatch, load_cookie
 from ._multiplex import Link, MultiplexedEndPoint, MultiplexedTransport
 from .base import ConnectError, ConnectErrorCode, EndPointAddress
 
@@ -100,6 +107,8 @@ class Status(enum.IntEnum):
     NOT_FOUND = 1
     CROSSED_PENDING = 2
     CROSSED_LIVE = 3
+    #: The initiator's proof was wrong: the two cookies differ.
+    AUTH_FAILED = 4
 
 
 class HandshakeError(Exception):
@@ -299,11 +308,18 @@ async def dial_handshake(
     except Exception as exc:
         _raise_dial_error(channel, exc, answered=True)
     remote = EndPointAddress(dst)
+    who = f"{form.name} endpoint {remote!r} ({channel.peer})"
+    if reply[PROOF_LEN] == Status.AUTH_FAILED:
+        message = cookie_mismatch(who)
+        form.log.warning("%s: %s", form.name, message)
+        raise ConnectError(ConnectErrorCode.FAILED, message)
     if not shake.verify(their_nonce, reply[:PROOF_LEN]):
-        form.log.warning("%s: %s failed authentication (wrong cookie?)", form.name, channel.peer)
-        raise ConnectError(
-            ConnectErrorCode.FAILED, f"{remote!r} failed authentication (wrong cookie?)"
+        message = (
+            f"authentication failed: {who} failed authentication (its proof does not"
+            f" match our cookie); {COOKIE_FIX}"
         )
+        form.log.warning("%s: %s", form.name, message)
+        raise ConnectError(ConnectErrorCode.FAILED, message)
     try:
         status = Status(reply[PROOF_LEN])
     except ValueError:
@@ -347,7 +363,13 @@ async def accept_handshake(
     await channel.send(shake.nonce)
     answer = await channel.recv(PROOF_LEN + form.extra_len)
     if not shake.verify(their_nonce, answer[:PROOF_LEN]):
-        raise HandshakeError("authentication failed (wrong cookie?)")
+        # Say so (nothing else) before dropping the pipe, so that the initiator fails
+        # at once and by name rather than with a lost connection.
+        with contextlib.suppress(*channel.io_errors):
+            await channel.refuse(
+                bytes(PROOF_LEN) + bytes([Status.AUTH_FAILED]) + bytes(form.extra_len)
+            )
+        raise HandshakeError(cookie_mismatch(f"endpoint {EndPointAddress(src)!r} ({channel.peer})"))
     return Hello(EndPointAddress(src), dst, flags, answer[PROOF_LEN:], shake.proof(their_nonce))
 
 

@@ -76,7 +76,9 @@ gave 4 us. So all MPI calls happen on the event-loop thread, in three places:
 Large frames are received into pooled numpy arrays (at most ``recv_pool_bytes``): an
 array is reused only once the receiver dropped every view of it, which CPython's
 reference count tells exactly; fresh memory would cost a page fault and kernel zeroing
-per page, about as much as the transfer itself.
+per page, about as much as the transfer itself. An array unused for
+``HPCPROC_POOL_IDLE_S`` seconds (default 5) is freed
+(:mod:`~hpcproc.transports._idle_pool`).
 
 What bounds the figures (measured here, two ranks, noisy shared 2-core machine): raw
 ``Send``/``Recv`` makes an 8-byte round trip in 2.2-2.4 us. The benchmark's
@@ -139,6 +141,7 @@ import numpy as np
 
 from ..mpi_init import import_mpi
 from ._busy_poll import IdlePoller, check_budget
+from ._idle_pool import IdleTrimmer, idle_seconds
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
 from .base import (
     Buffer,
@@ -275,30 +278,54 @@ class _BufferPool:
     fresh arrays that the pool does not keep.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, lock: threading.RLock) -> None:
         self.limit = limit
         self.arrays: list[np.ndarray[Any, Any]] = []
+        #: When each array was last handed out (``time.monotonic``).
+        self.used: list[float] = []
         self.total = 0
+        self._lock = lock
+        self._trimmer = IdleTrimmer(idle_seconds(), self._trim)
 
     def take(self, size: int) -> np.ndarray[Any, Any]:
-        """An array of ``size`` bytes that nobody else refers to."""
+        """An array of ``size`` bytes that nobody else refers to (caller holds the lock)."""
+        if _running_loop() is not None:
+            self._trimmer.touch()
         arrays = self.arrays
         for i in range(len(arrays)):
             # 2: the list's reference and getrefcount's argument; nobody else's.
             if arrays[i].nbytes == size and sys.getrefcount(arrays[i]) == 2:
+                self.used[i] = time.monotonic()
                 return arrays[i]
         if self.total + size > self.limit:
             for i in reversed(range(len(arrays))):
                 if sys.getrefcount(arrays[i]) == 2:
                     self.total -= arrays[i].nbytes
                     del arrays[i]
+                    del self.used[i]
                     if self.total + size <= self.limit:
                         break
         array = np.empty(size, dtype=np.uint8)
         if self.total + size <= self.limit:
             arrays.append(array)
+            self.used.append(time.monotonic())
             self.total += size
         return array
+
+    def _trim(self, cutoff: float) -> bool:
+        """Free arrays nobody holds that were last used before ``cutoff``.
+
+        Without this, the pool kept up to ``limit`` bytes resident for the life of
+        the process after the application dropped every message (issue 15).
+        """
+        with self._lock:
+            arrays = self.arrays
+            for i in reversed(range(len(arrays))):
+                if self.used[i] < cutoff and sys.getrefcount(arrays[i]) == 2:
+                    self.total -= arrays[i].nbytes
+                    del arrays[i]
+                    del self.used[i]
+            return bool(arrays)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -342,7 +369,7 @@ class _Engine:
         #: When progress last moved anything (``time.monotonic``); pumps stay hot after.
         self.last_activity = time.monotonic()
         self._envelopes: dict[int, struct.Struct] = {}
-        self._pool = _BufferPool(options.recv_pool_bytes)
+        self._pool = _BufferPool(options.recv_pool_bytes, self.lock)
         self.closed = False
 
     # ------------------------------------------------------------------ sending

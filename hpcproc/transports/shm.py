@@ -16,9 +16,13 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
   memoryviews over the segment itself, so a numpy array is copied exactly once end to
   end. The segment returns to the sender's pool when the receiver has dropped every
   view of that message (a finalizer on the numpy array the views are cut from clears
-  the segment's busy word); until then the sender uses another one. The pool keeps at
-  most ``max_pool_segments`` per link; beyond that a one-shot segment is used, which
-  the kernel frees once the receiver's views are gone.
+  the segment's busy word); until then the sender uses another one. The pools of an
+  endpoint's links hold at most ``max_pool_bytes`` together (``HPCPROC_SHM_POOL_BYTES``,
+  default 256 MiB) and ``max_pool_segments`` per link; beyond that a one-shot segment
+  is used, which the kernel frees once the receiver's views are gone. A pooled
+  segment unused for ``pool_idle_s`` (``HPCPROC_POOL_IDLE_S``, default 5 s) is
+  dropped on both sides (:mod:`~hpcproc.transports._idle_pool`: one timer per
+  endpoint, not per message), so memory returns to the system once messages stop.
 * The socket carries only wake-ups, segment descriptors and the handshake. A consumer
   polls its rings from the event loop for up to twice ``busy_poll_us`` after the
   last message (a callback that re-schedules itself: the loop keeps running), then
@@ -34,8 +38,11 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
   ``SIGKILL``. The survivor drains what the peer published, reports
   ``CONNECTION_LOST`` and drops its mappings; the kernel frees the memory when the
   last mapping goes.
-* Peers must run under the same user id (``SO_PEERCRED``); others are refused and
-  logged.
+* Peers must run under the same user id: the acceptor reads the dialer's credentials
+  from the socket (``SO_PEERCRED``) and refuses and logs any other uid, and the
+  dialer checks the acceptor's likewise (:class:`ConnectError` naming both uids).
+  No cookie is needed: a process of the same user could read the cookie file
+  anyway, and the memfds are only passed over the authenticated socket.
 
 Addresses are ``b"shm:<hostname>:<boot id>:<socket name>"``; connecting to an address
 of another host (or another boot) fails with ``ConnectError(NOT_FOUND)``.
@@ -73,6 +80,7 @@ if not sys.platform.startswith("linux"):
 
 from ._busy_poll import LATE, PROBE_MIN, Budget, IdlePoller, check_budget
 from ._dialing import CROSS_WAIT, CrossedConnects
+from ._idle_pool import IdleTrimmer, env_bytes, idle_seconds
 from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
 from ._shm_ring import HEAD_WORD as _HEAD_WORD
 from ._shm_ring import (
@@ -273,11 +281,19 @@ def _peer_pid(sock: socket.socket) -> int:
     return int(pid)
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    _pid, uid, _gid = _PEERCRED.unpack(
+def _other_user(sock: socket.socket) -> str | None:
+    """Why the socket's peer may not link with us (another user), or None."""
+    pid, uid, _gid = _PEERCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     )
-    return int(uid)
+    mine = os.getuid()
+    if uid == mine:
+        return None
+    return (
+        f"it runs as another user (pid {pid}, uid {uid}; this process: uid {mine}); the"
+        " shm transport links processes of one Unix user only (checked with SO_PEERCRED):"
+        " run every rank as the same user, or use tcp"
+    )
 
 
 def _as_bytes(frame: Buffer) -> memoryview:
@@ -295,13 +311,15 @@ def _as_bytes(frame: Buffer) -> memoryview:
 class _TxSegment:
     """A segment of the sender's pool; its busy word is cleared by the receiver."""
 
-    __slots__ = ("mm", "seg_id", "size", "view")
+    __slots__ = ("mm", "seg_id", "size", "used", "view")
 
     def __init__(self, seg_id: int, mm: mmap.mmap, size: int) -> None:
         self.seg_id = seg_id
         self.size = size
         self.mm = mm
         self.view = memoryview(mm)
+        #: When a message last went through it (``time.monotonic``).
+        self.used = time.monotonic()
 
     def is_free(self) -> bool:
         return bool(_U32.unpack_from(self.mm, 0)[0] == 0)
@@ -513,24 +531,28 @@ class _ShmLink(Link):
         return tuple(lengths), parts
 
     def _segment_for(self, nbytes: int) -> _TxSegment:
+        endpoint = self._endpoint
+        endpoint._trimmer.touch()
         best: _TxSegment | None = None
         for seg in self._pool:
             if seg.size >= nbytes and (best is None or seg.size < best.size) and seg.is_free():
                 best = seg
         if best is not None and best.size <= 4 * nbytes + _SEG_GRANULE:
+            best.used = time.monotonic()
             return best
         size = max(_SEG_GRANULE, (nbytes + _SEG_GRANULE - 1) & ~(_SEG_GRANULE - 1))
-        if len(self._pool) >= self._max_pool:
-            free = [s for s in self._pool if s.is_free()]
-            if free:
-                victim = min(free, key=lambda s: s.size)
-                self._pool.remove(victim)
-                self._sock.send(_DROPSEG.pack(b"D", victim.seg_id))
-                victim.close()
+        cap = endpoint._max_pool_bytes
+        if len(self._pool) >= self._max_pool or endpoint._pool_bytes + size > cap:
+            # Make room: free segments go, smallest first, until the new one fits.
+            for victim in sorted((s for s in self._pool if s.is_free()), key=lambda s: s.size):
+                if len(self._pool) < self._max_pool and endpoint._pool_bytes + size <= cap:
+                    break
+                if not self._drop_segment(victim):
+                    break
         mm, fd = _new_memfd("hpcproc-shm-segment", SEG_HEADER + size, populate=True)
         seg = _TxSegment(self._next_seg, mm, size)
         self._next_seg += 1
-        oneshot = len(self._pool) >= self._max_pool
+        oneshot = len(self._pool) >= self._max_pool or endpoint._pool_bytes + size > cap
         try:
             _send_fd(self._sock, _NEWSEG.pack(b"N", seg.seg_id, size, oneshot), fd)
         except BaseException:
@@ -540,7 +562,33 @@ class _ShmLink(Link):
             os.close(fd)
         if not oneshot:
             self._pool.append(seg)
+            endpoint._pool_bytes += size
         return seg
+
+    def _drop_segment(self, seg: _TxSegment) -> bool:
+        """Give a free pooled segment back: the peer unmaps it, then so do we.
+
+        False (the segment stays pooled) when the socket has no room for the notice
+        now: the peer would keep its mapping, and the memory, for the link's life.
+        """
+        try:
+            self._sock.send(_DROPSEG.pack(b"D", seg.seg_id))
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # a broken socket: the peer unmaps everything on teardown
+        self._pool.remove(seg)
+        self._endpoint._pool_bytes -= seg.size
+        seg.close()
+        return True
+
+    def trim_pool(self, cutoff: float) -> bool:
+        """Drop free segments unused since ``cutoff``; whether any segment is left."""
+        if self._down:
+            return False
+        for seg in [s for s in self._pool if s.used < cutoff and s.is_free()]:
+            self._drop_segment(seg)
+        return bool(self._pool)
 
     def _enqueue(self, item: _Queued) -> None:
         self._queue.append(item)
@@ -812,6 +860,7 @@ class _ShmLink(Link):
         if self._flushed is not None and not self._flushed.done():
             self._flushed.set_result(None)
         for seg in self._pool:
+            self._endpoint._pool_bytes -= seg.size
             seg.close()
         self._pool.clear()
         # Views handed to the application keep their segments mapped until dropped.
@@ -850,7 +899,17 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._crossing = CrossedConnects()
         #: Polls in ``receive``; its starvation record also stops the links' spin.
         self._poller = IdlePoller(self._loop, opts["busy_poll_us"])
+        #: Bytes in the segment pools of all links together, at most ``max_pool_bytes``.
+        self._pool_bytes = 0
+        self._max_pool_bytes: int = opts["max_pool_bytes"]
+        self._trimmer = IdleTrimmer(opts["pool_idle_s"], self._trim_pools)
         self._loop.add_reader(listener.fileno(), self._on_acceptable)
+
+    def _trim_pools(self, cutoff: float) -> bool:
+        kept = False
+        for link in list(self._links.values()):
+            kept = cast(_ShmLink, link).trim_pool(cutoff) or kept
+        return kept
 
     async def receive(self) -> Event:
         """See :meth:`EndPoint.receive`; may first poll the rings for a moment.
@@ -998,10 +1057,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 raise ConnectError(
                     ConnectErrorCode.NOT_FOUND, f"no endpoint at {remote!r}"
                 ) from exc
-            if _peer_uid(sock) != os.getuid():
-                raise ConnectError(
-                    ConnectErrorCode.FAILED, f"endpoint {remote!r} belongs to another user"
-                )
+            other = _other_user(sock)
+            if other is not None:
+                raise ConnectError(ConnectErrorCode.FAILED, f"endpoint {remote!r} refused: {other}")
             tx, tx_fd = self._new_ring()
             try:
                 _send_fd(sock, _HELLO.pack(hello, _VERSION) + bytes(self.address), tx_fd)
@@ -1074,8 +1132,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
         remote = EndPointAddress(b"?")
         link: _ShmLink | None = None
         try:
-            if _peer_uid(conn) != os.getuid():
-                log.warning("shm endpoint %r: refused a peer of another user", self.address)
+            other = _other_user(conn)
+            if other is not None:
+                log.warning("shm endpoint %r: refused a peer: %s", self.address, other)
                 conn.close()
                 return
             data, fds = await asyncio.wait_for(_recv_async(conn), HANDSHAKE_TIMEOUT)
@@ -1139,6 +1198,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         self._crossing.arrived(remote)
 
     async def _release(self) -> None:
+        self._trimmer.cancel()
         self._loop.remove_reader(self._listener.fileno())
         self._listener.close()
         for task in list(self._handshakes):
@@ -1161,6 +1221,11 @@ class ShmTransport(MultiplexedTransport):
             keeps polling its rings (through the event loop) for up to twice this
             after its last message before it sleeps.
         max_pool_segments: pooled segments per link direction.
+        max_pool_bytes: bytes of pooled segments per endpoint, all links together
+            (default ``$HPCPROC_SHM_POOL_BYTES``, else 256 MiB); a message that does
+            not fit goes through a one-shot segment, freed once its receiver drops it.
+        pool_idle_s: a pooled segment unused this long is returned to the system
+            (default ``$HPCPROC_POOL_IDLE_S``, else 5 s).
     """
 
     def __init__(
@@ -1170,6 +1235,8 @@ class ShmTransport(MultiplexedTransport):
         inline_threshold: int = 8192,
         busy_poll_us: float = 100.0,
         max_pool_segments: int = 8,
+        max_pool_bytes: int | None = None,
+        pool_idle_s: float | None = None,
     ) -> None:
         if not hasattr(os, "memfd_create"):
             raise NotImplementedError("the shm transport needs Linux (memfd_create)")
@@ -1188,6 +1255,8 @@ class ShmTransport(MultiplexedTransport):
             "inline_threshold": inline_threshold,
             "busy_poll_us": busy_poll_us,
             "max_pool_segments": max_pool_segments,
+            "max_pool_bytes": env_bytes("HPCPROC_SHM_POOL_BYTES", max_pool_bytes, 256 << 20),
+            "pool_idle_s": idle_seconds(pool_idle_s),
         }
 
     async def new_endpoint(self) -> EndPoint:

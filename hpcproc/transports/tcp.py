@@ -67,6 +67,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -89,6 +90,7 @@ from ._dialing import (
     parse_host_address,
     resolve,
 )
+from ._idle_pool import IdleTrimmer, env_bytes, idle_seconds
 from ._multiplex import Kind, Link
 from ._wire import PREFIX, WireError, as_bytes_view, encode_header, parse_lengths, parse_prefix
 from .base import (
@@ -248,14 +250,21 @@ class _FramePool:
     So frames of at least :data:`POOL_MIN` bytes are views of pooled buffers (size
     classes of powers of two): when the last reference to a frame goes (the frame,
     or an array rebuilt over it), a finalizer returns its buffer here. The receiver
-    still owns the frame exclusively while it holds it; at most ``limit`` bytes are
-    kept idle. Finalizers may run on any thread; list operations are atomic.
+    still owns the frame exclusively while it holds it; at most ``limit`` bytes
+    (``$HPCPROC_TCP_POOL_BYTES``, default 256 MiB) are kept idle, and a buffer unused
+    for ``idle_s`` (``$HPCPROC_POOL_IDLE_S``) goes back to the system
+    (:mod:`~hpcproc.transports._idle_pool`), so memory returns to where it was once
+    the application dropped its messages. Finalizers may run on any thread; list
+    operations are atomic.
     """
 
-    def __init__(self, limit: int = 256 << 20) -> None:
-        self._limit = limit
+    def __init__(self, limit: int | None = None, idle_s: float | None = None) -> None:
+        self._limit = env_bytes("HPCPROC_TCP_POOL_BYTES", limit, 256 << 20)
         self._idle = 0
-        self._free: dict[int, list[np.ndarray]] = {}
+        #: Lent-out buffers not yet returned (keeps the trimmer armed).
+        self._out = 0
+        self._free: dict[int, list[tuple[np.ndarray, float]]] = {}
+        self._trimmer = IdleTrimmer(idle_seconds(idle_s), self._trim)
 
     def get(self, n: int) -> memoryview:
         if n < POOL_MIN:
@@ -263,21 +272,37 @@ class _FramePool:
         size = 1 << (n - 1).bit_length()
         free = self._free.get(size)
         try:
-            base = free.pop() if free else None
+            base = free.pop()[0] if free else None
         except IndexError:  # emptied by another thread meanwhile
             base = None
         if base is None:
             base = np.empty(size, dtype=np.uint8)
         else:
             self._idle -= size
+        self._out += 1
+        self._trimmer.touch()
         view = base[:n]
         weakref.finalize(view, self._put, base)
         return memoryview(view)  # type: ignore[arg-type]
 
     def _put(self, base: np.ndarray) -> None:
+        self._out -= 1
         if self._idle + base.size <= self._limit:
             self._idle += base.size
-            self._free.setdefault(base.size, []).append(base)
+            self._free.setdefault(base.size, []).append((base, time.monotonic()))
+
+    def _trim(self, cutoff: float) -> bool:
+        """Drop buffers idle since before ``cutoff``; whether the timer is still needed."""
+        for size, free in list(self._free.items()):
+            keep = [item for item in free if item[1] >= cutoff]
+            self._idle -= size * (len(free) - len(keep))
+            free[:] = keep
+        return self._idle > 0 or self._out > 0
+
+    def close(self) -> None:
+        self._trimmer.cancel()
+        self._free.clear()
+        self._idle = 0
 
 
 #: Frames up to this size may be sent by ``send_now`` (a partial write copies the rest).
@@ -1222,6 +1247,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
             return
         await super().close()
         _LOCAL_INSTANCES.discard(self._instance)
+        self._pool.close()
         accepting = () if self._accept_task is None else (self._accept_task,)
         await self._cancel_handshakes(*accepting)
         if self._listener is not None:
