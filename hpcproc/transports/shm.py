@@ -360,6 +360,8 @@ class _Queued:
 class _ShmLink(Link):
     """A socket plus one ring per direction; see the module docstring."""
 
+    heartbeat = True
+
     def __init__(
         self,
         endpoint: _ShmEndPoint,
@@ -423,6 +425,21 @@ class _ShmLink(Link):
             self._enqueue(_Queued(kind, conn_id, REC.size, (), [], None))
         except RingError as exc:
             self._violation(str(exc))
+
+    def send_tick(self) -> None:
+        # Into the ring if it has room and nothing is queued; else skipped (a queue
+        # means the peer has not drained the ring: the tick would prove nothing new).
+        if self._down or self._queue:
+            return
+        try:
+            off = self._writer.reserve(REC.size)
+            if off >= 0:
+                self._writer.write(off, REC.size, Kind.TICK, 0, (), [])
+                self._publish()
+        except RingError as exc:
+            self._violation(str(exc))
+        except ValueError:  # the mapping was closed under us (torn down)
+            pass
 
     def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
         # One small byte frame and room in the ring: written and published in one call.
@@ -699,6 +716,8 @@ class _ShmLink(Link):
             error = str(exc)
         finally:
             self._draining = False
+        if n:
+            self.heard = True  # the heartbeat's sign of life
         if error is not None:
             self._violation(error)
         if self._down:
@@ -728,8 +747,9 @@ class _ShmLink(Link):
             endpoint._on_data(self, conn_id, frames)
         elif kind is Kind.OPEN:
             endpoint._on_open(self, conn_id)
-        else:
+        elif kind is Kind.CLOSE:
             endpoint._on_close(self, conn_id)
+        # A TICK only proves life (``heard``, set by ``_drain``).
         return self.alive and not self._down
 
     def _resolve(self, frames: list[Any]) -> list[memoryview]:
@@ -1161,6 +1181,14 @@ class ShmTransport(MultiplexedTransport):
             keeps polling its rings (through the event loop) for up to twice this
             after its last message before it sleeps.
         max_pool_segments: pooled segments per link direction.
+        tick: heartbeat period in seconds (default ``HPCPROC_TICK``, else 15; 0: off).
+            The socket already reports a peer process that exits (even by
+            ``SIGKILL``); ticks add a peer that hangs (stopped, or its event loop
+            blocked) for 4 ticks, which is then lost (``CONNECTION_LOST``). An idle
+            link carries a ``TICK`` record in its ring every tick.
+
+    Raises:
+        ValueError: an option is out of range (the message names it).
     """
 
     def __init__(
@@ -1170,6 +1198,7 @@ class ShmTransport(MultiplexedTransport):
         inline_threshold: int = 8192,
         busy_poll_us: float = 100.0,
         max_pool_segments: int = 8,
+        tick: float | None = None,
     ) -> None:
         if not hasattr(os, "memfd_create"):
             raise NotImplementedError("the shm transport needs Linux (memfd_create)")
@@ -1182,7 +1211,7 @@ class ShmTransport(MultiplexedTransport):
         check_budget(busy_poll_us)
         if max_pool_segments < 0:
             raise ValueError(f"max_pool_segments must not be negative, not {max_pool_segments}")
-        super().__init__()
+        super().__init__(tick=tick)
         self._opts: dict[str, Any] = {
             "ring_size": ring_size,
             "inline_threshold": inline_threshold,

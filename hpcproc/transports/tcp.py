@@ -81,7 +81,7 @@ from ._dialing import (
     parse_host_address,
     resolve,
 )
-from ._multiplex import Kind, Link
+from ._multiplex import Kind, Link, tick_period
 from ._wire import PREFIX, WireError, as_bytes_view, encode_header, parse_lengths, parse_prefix
 from .base import (
     Buffer,
@@ -263,6 +263,7 @@ _SEND_NOW_MAX = 64 * 1024
 _ONE_FRAME_HEADER = struct.Struct(PREFIX.format + "Q")
 _ONE_FRAME_SIZE = _ONE_FRAME_HEADER.size
 _DATA = int(Kind.DATA)
+_TICK = PREFIX.pack(Kind.TICK, 0, 0)
 
 
 class _Write:
@@ -283,6 +284,8 @@ class _Write:
 
 class _TcpLink(Link):
     """One authenticated socket to one remote endpoint."""
+
+    heartbeat = True
 
     def __init__(
         self,
@@ -332,6 +335,24 @@ class _TcpLink(Link):
         if self._dead:
             return
         self._push(memoryview(PREFIX.pack(kind, 0, conn_id)), None)
+
+    def send_tick(self) -> None:
+        # Only on an empty write queue (a link with a backlog is not idle, and its peer
+        # sees bytes arrive); if the kernel takes part of the 16 bytes, the rest is
+        # queued so that the stream stays whole.
+        if self._dead or self._wq:
+            return
+        tick = _TICK
+        try:
+            sent = self._sock.send(tick)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.fail(f"send failed: {exc}")
+            return
+        if sent != len(tick):
+            self._wq.append(_Write([memoryview(tick)[sent:]], None))
+            self._want_write()
 
     def _push(self, view: memoryview, fut: asyncio.Future[None] | None) -> None:
         if not self._wq:
@@ -522,6 +543,7 @@ class _TcpLink(Link):
 
     def _parse(self) -> None:
         """Dispatch every whole message in the buffer; keep the partial one's state."""
+        self.heard = True  # bytes arrived: the heartbeat's sign of life
         buf = self._buf
         ep = self._ep
         while not self._dead:
@@ -552,8 +574,9 @@ class _TcpLink(Link):
                         ep._on_data(self, cid, [])
                     elif kind is Kind.OPEN:
                         ep._on_open(self, cid)
-                    else:
+                    elif kind is Kind.CLOSE:
                         ep._on_close(self, cid)
+                    # A TICK only proves life, which reading it did (``heard``).
                     continue
                 self._nframes, self._cid = nframes, cid
                 self._state = 1
@@ -740,9 +763,15 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         busy_poll_us: how long ``receive`` may poll the sockets in place while the
             event loop is idle (0 disables; see the module docstring).
+        tick: heartbeat period in seconds (default ``HPCPROC_TICK``, else 15; 0: off).
+            An idle link carries a 16-byte ``TICK`` every tick; a peer from which
+            nothing arrived for 4 ticks is lost (``CONNECTION_LOST``): this is what
+            detects a partition or a hung host, which close no socket. See
+            :mod:`~hpcproc.transports._multiplex`.
 
     Raises:
         CookieError: no cookie was given and the cookie file is unsafe or unusable.
+        ValueError: ``tick`` (or ``HPCPROC_TICK``) is not a number of seconds >= 0.
     """
 
     def __init__(
@@ -756,6 +785,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         handshake_timeout: float = 10.0,
         cookie: bytes | str | None = None,
         busy_poll_us: float = 100.0,
+        tick: float | None = None,
     ) -> None:
         check_budget(busy_poll_us)
         super().__init__(
@@ -764,6 +794,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
             connect_timeout=connect_timeout,
             handshake_timeout=handshake_timeout,
         )
+        self._tick = tick_period(tick)
         self._host = host
         self._port = port
         if advertised_host is None:
