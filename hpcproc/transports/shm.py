@@ -33,7 +33,10 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
 * The socket is the death detector: it closes when the peer process exits, even by
   ``SIGKILL``. The survivor drains what the peer published, reports
   ``CONNECTION_LOST`` and drops its mappings; the kernel frees the memory when the
-  last mapping goes.
+  last mapping goes. A peer that hangs (stopped, or its event loop blocked) closes
+  nothing: heartbeats (:mod:`._multiplex`) report it. A link idle for a tick carries
+  a ``TICK`` record in its ring (skipped when records wait for ring space), and a
+  link from which no record arrived for 4 ticks is lost.
 * Peers must run under the same user id (``SO_PEERCRED``); others are refused and
   logged.
 

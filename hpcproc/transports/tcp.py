@@ -46,6 +46,13 @@ loop has nothing else to run (:mod:`~hpcproc.transports._busy_poll`: adaptive, f
 off when the CPUs are oversubscribed, and never for links to endpoints of this same
 process, which can only answer once the loop runs).
 
+Heartbeats (:mod:`._multiplex`): a link idle for a tick gets a 16-byte ``TICK``
+message, written only when its write queue is empty (a link with a backlog is not
+idle, and its peer sees the bytes arrive); every ``recv`` that returns bytes, part of
+a large frame included, counts as a sign of life (one attribute store per batch). A
+peer from which nothing arrived for 4 ticks is lost: what detects a partition or a
+hung host, which close no socket (TCP's own keepalive would take hours by default).
+
 Bad input from a peer (a wrong cookie, garbage, a truncated frame, an oversize
 length, an unknown kind, data on an unopened connection) drops that peer's socket
 with a ``logging.warning`` naming the peer and the reason; every length is checked

@@ -67,6 +67,11 @@ link) arrives through the endpoint's close callback and fails the bundle
 after everything sent before it; the peer answers it likewise and the UCX endpoint is
 closed once both ends are known, bounded by the core's ``LINK_CLOSE_TIMEOUT``.
 ``abort`` closes the UCX endpoint at once, which the peer sees as an endpoint error.
+A peer cut off without any error (a partition, a hung host) is found by the
+heartbeats of :mod:`._multiplex`: an idle link carries a 16-byte ``TICK`` on the
+header tag every tick (posted, never awaited; it may overtake a large frame on the
+bulk tag), every completed header or frame receive counts as a sign of life, and a
+link silent for 4 ticks is lost.
 
 GPU memory: a frame exposing ``__cuda_array_interface__`` is sent as is (never
 inline) and flagged in the header; the receiver allocates its buffer with CuPy (or
