@@ -345,21 +345,10 @@ class _TcpLink(Link):
 
     def send_tick(self) -> None:
         # Only on an empty write queue (a link with a backlog is not idle, and its peer
-        # sees bytes arrive); if the kernel takes part of the 16 bytes, the rest is
-        # queued so that the stream stays whole.
-        if self._dead or self._wq:
-            return
-        tick = _TICK
-        try:
-            sent = self._sock.send(tick)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.fail(f"send failed: {exc}")
-            return
-        if sent != len(tick):
-            self._wq.append(_Write([memoryview(tick)[sent:]], None))
-            self._want_write()
+        # sees the bytes arrive). ``_push`` tries the socket at once and queues only
+        # what the kernel did not take, so that the stream stays whole.
+        if not self._dead and not self._wq:
+            self._push(memoryview(_TICK), None)
 
     def _push(self, view: memoryview, fut: asyncio.Future[None] | None) -> None:
         if not self._wq:
