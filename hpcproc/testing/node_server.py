@@ -33,7 +33,7 @@ import os
 import select
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from hpcproc._ids import NodeId
@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 class NodeServerProcess:
     """Parent-side handle on a node server child process.
 
-    Starting blocks until the child printed its node id (bounded by
-    ``START_TIMEOUT``). Use as a context manager, or call :meth:`stop`: the child is
+    ``prefix`` goes before the command line (for example ``nsenter --net=...`` to
+    start the node in another network namespace). Starting blocks until the child
+    printed its node id (bounded by ``START_TIMEOUT``). Use as a context manager, or call :meth:`stop`: the child is
     always ended (gracefully, then killed).
 
     Raises (from the constructor):
@@ -119,10 +120,12 @@ class NodeServerProcess:
         *,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         child_env = dict(os.environ if env is None else env)
         self._proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "hpcproc.testing.node_server",
@@ -186,6 +189,11 @@ class NodeServerProcess:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+    @property
+    def pid(self) -> int:
+        """The child's OS process id (to signal it, e.g. ``SIGSTOP`` for a hung peer)."""
+        return self._proc.pid
 
     @property
     def alive(self) -> bool:

@@ -18,6 +18,29 @@ loop thread (a progress thread must hop with ``call_soon_threadsafe``).
 
 Links stay up until the endpoint closes or the bundle fails, even when no connection
 is open: re-opening a connection to a recent peer then costs one control message.
+
+Heartbeats (Erlang's ``net_ticktime``). A link that breaks without the operating
+system noticing (a switch port, a cable, a firewall that drops packets, a host or a
+process that hangs) closes no socket, so nothing would ever report it. Each endpoint
+therefore runs one timer every ``tick`` seconds (:func:`tick_period`: the transport's
+``tick`` option, else ``HPCPROC_TICK``, else :data:`DEFAULT_TICK`) over the links
+whose class sets :attr:`Link.heartbeat`:
+
+* a link on which nothing was sent since the previous round gets a ``TICK`` control
+  message (:meth:`Link.send_tick`: sent only if that needs no waiting, never queued
+  behind data, so ticks never block or delay a send and a busy link sends none);
+* a link on which nothing at all arrived (the transport sets :attr:`Link.heard` on
+  every batch of bytes it reads: a message, part of a large frame, a tick) during
+  :data:`TICKS_TO_LOSS` consecutive rounds is failed with :meth:`Link.fail`: the
+  bundle fails as for any broken link (``CONNECTION_LOST`` here; the peer, if it is
+  alive, sees its link end or declares this side lost the same way).
+
+A peer is thus declared lost between 4 and 5 ticks after the last thing it sent
+(60-75 s at the default 15 s). Rounds are counted, not clock time, so a late timer
+(a stalled local loop) cannot make a live peer look silent: the readiness callbacks
+that read what arrived meanwhile run before the timer. A peer whose event loop is
+blocked (by user code that never awaits) for more than about 4 ticks sends nothing
+and is lost, as a hung Erlang node is. ``tick=0`` turns heartbeats off.
 """
 
 from __future__ import annotations
@@ -26,6 +49,8 @@ import asyncio
 import enum
 import itertools
 import logging
+import math
+import os
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -76,6 +101,46 @@ def new_received(conn_id: ConnectionId, frames: Sequence[memoryview]) -> Receive
 #: Bound on the graceful part of closing a link; after it the link is aborted.
 LINK_CLOSE_TIMEOUT = 5.0
 
+#: Heartbeat period (seconds) when neither the ``tick`` option nor ``HPCPROC_TICK`` is set.
+DEFAULT_TICK = 15.0
+#: A link silent for this many consecutive heartbeat rounds is lost.
+TICKS_TO_LOSS = 4
+#: The environment variable read by :func:`tick_period`.
+TICK_ENV = "HPCPROC_TICK"
+
+
+def tick_period(tick: float | None = None) -> float:
+    """The heartbeat period in seconds: ``tick``, else ``$HPCPROC_TICK``, else 15.
+
+    0 turns heartbeats off (a silent partition is then never detected).
+
+    Raises:
+        ValueError: the value is negative, not finite, or not a number (naming where
+            it came from and what to set instead).
+    """
+    source = "the tick option"
+    value: object = tick
+    if tick is None:
+        raw = os.environ.get(TICK_ENV, "").strip()
+        if not raw:
+            return DEFAULT_TICK
+        source = f"{TICK_ENV}={raw!r}"
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(
+                f"{source} is not a number of seconds; set it to e.g. 15 (0 turns heartbeats off)"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{source} must be a number of seconds, not {value!r}")
+    period = float(value)
+    if not math.isfinite(period) or period < 0:
+        raise ValueError(
+            f"{source} must be a finite number of seconds >= 0 (0 turns heartbeats off), "
+            f"not {value!r}"
+        )
+    return period
+
 
 class Kind(enum.IntEnum):
     """Message kinds on a link (the multiplexing protocol shared by all transports)."""
@@ -83,6 +148,8 @@ class Kind(enum.IntEnum):
     OPEN = 1
     DATA = 2
     CLOSE = 3
+    #: A heartbeat: carries nothing, delivers nothing; its arrival is a sign of life.
+    TICK = 4
 
 
 class Link(ABC):
@@ -90,7 +157,14 @@ class Link(ABC):
 
     The transport implements the four abstract methods; the attributes below belong to
     :class:`MultiplexedEndPoint` (bookkeeping of the bundle this link carries).
+
+    A transport whose links can fail silently opts into heartbeats (module docstring)
+    by setting :attr:`heartbeat`, implementing :meth:`send_tick`, setting
+    :attr:`heard` whenever bytes arrive, and ignoring received ``TICK`` messages.
     """
+
+    #: Whether the endpoint's heartbeat watches this link (class attribute).
+    heartbeat = False
 
     def __init__(self, remote: EndPointAddress, owner: MultiplexedEndPoint) -> None:
         self.remote = remote
@@ -102,6 +176,12 @@ class Link(ABC):
         self.incoming: dict[int, ConnectionId] = {}
         #: open outgoing connections carried by this link.
         self.outgoing: dict[int, OutgoingConnection] = {}
+        #: Something arrived since the last heartbeat round (set by the transport).
+        self.heard = True
+        #: Something was sent since the last heartbeat round (set by the core).
+        self.sent = False
+        #: Consecutive heartbeat rounds in which nothing arrived.
+        self.silent_rounds = 0
 
     @abstractmethod
     def send_control(self, kind: Kind, conn_id: int) -> None:
@@ -128,6 +208,17 @@ class Link(ABC):
         default never sends.
         """
         return False
+
+    def send_tick(self) -> None:
+        """Send a ``TICK`` control message if that needs no waiting; else do nothing.
+
+        Called by the heartbeat (only for links whose :attr:`heartbeat` is set) when
+        nothing else was sent for a whole tick. Never blocks, never queues the tick
+        behind data (a link with a send backlog is not idle, and its peer sees the
+        bytes arrive), never raises: a link that cannot send reports itself down
+        through :meth:`fail`. The default sends nothing.
+        """
+        return None
 
     @abstractmethod
     async def close(self) -> None:
@@ -176,6 +267,7 @@ class OutgoingConnection(Connection):
                 raise SendError(SendErrorCode.CLOSED, "connection was closed locally")
             raise SendError(SendErrorCode.FAILED, f"connection to {self._link.remote!r} was lost")
         link = self._link
+        link.sent = True
         try:
             if not link.send_now(self._id, frames):
                 await link.send_data(self._id, frames)
@@ -189,8 +281,10 @@ class OutgoingConnection(Connection):
         nothing was sent and the caller must ``await send``. Raises as ``send`` does."""
         if self._state is not _State.OPEN:
             return False  # send raises the right error
+        link = self._link
+        link.sent = True
         try:
-            return self._link.send_now(self._id, frames)
+            return link.send_now(self._id, frames)
         except TransportError:
             raise
         except Exception as exc:
@@ -349,6 +443,9 @@ class MultiplexedEndPoint(EndPoint):
         self._forget: Callable[[], object] | None = None
         #: Cache of :meth:`_polled_links`; None: recompute (the links changed).
         self._polled: list[Link] | None = None
+        #: Heartbeat period (s), 0 for none; set from the transport's by ``_add_endpoint``.
+        self._tick = DEFAULT_TICK
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ transport hooks
 
@@ -394,6 +491,50 @@ class MultiplexedEndPoint(EndPoint):
             old.fail("peer opened a new bundle")
         self._links[link.remote] = link
         self._polled = None
+        if link.heartbeat and self._heartbeat_timer is None and self._tick > 0:
+            self._heartbeat_timer = asyncio.get_running_loop().call_later(
+                self._tick, self._heartbeat
+            )
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def _heartbeat(self) -> None:
+        """One heartbeat round over the watched links (module docstring); re-arms
+        itself while any is left."""
+        self._heartbeat_timer = None
+        if self._closed:
+            return
+        watched = False
+        for link in list(self._links.values()):
+            if not link.heartbeat or not link.alive:
+                continue
+            if link.heard:
+                link.heard = False
+                link.silent_rounds = 0
+            else:
+                link.silent_rounds += 1
+                if link.silent_rounds >= TICKS_TO_LOSS:
+                    log.warning(
+                        "lost %r: nothing arrived for %d ticks of %g s (network partition, "
+                        "or the peer hangs)",
+                        link.remote,
+                        link.silent_rounds,
+                        self._tick,
+                    )
+                    link.fail(
+                        f"peer silent for {link.silent_rounds} ticks of {self._tick:g} s "
+                        "(network partition, or the peer hangs)"
+                    )
+                    continue
+            watched = True
+            if link.sent:
+                link.sent = False
+            else:
+                link.send_tick()
+        if watched and not self._closed:
+            self._heartbeat_timer = asyncio.get_running_loop().call_later(
+                self._tick, self._heartbeat
+            )
 
     # ------------------------------------------------------------------ receive path
 
@@ -576,6 +717,9 @@ class MultiplexedEndPoint(EndPoint):
         if self._closed:
             return
         self._closed = True
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
         links = list(self._links.values())
         self._links.clear()
         self._polled = None
@@ -619,11 +763,15 @@ class MultiplexedEndPoint(EndPoint):
 class MultiplexedTransport(Transport, FaultInjection):
     """Keeps the transport's endpoints; closes them all; routes ``break_connection``."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tick: float | None = None) -> None:
         self._endpoints: dict[EndPointAddress, MultiplexedEndPoint] = {}
         self._closed = False
+        #: Heartbeat period of the endpoints (:func:`tick_period`); a subclass with a
+        #: ``tick`` option sets it from that.
+        self._tick = tick_period(tick)
 
     def _add_endpoint(self, endpoint: MultiplexedEndPoint) -> None:
+        endpoint._tick = self._tick
         address = endpoint.address
         self._endpoints[address] = endpoint
         endpoint._forget = lambda: self._endpoints.pop(address, None)

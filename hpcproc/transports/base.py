@@ -54,6 +54,20 @@ Guarantees every transport gives
 * A send that fails part-way (a frame that is not a buffer, an I/O error) fails the
   bundle: the sender gets ``SendError(FAILED)`` and both sides see
   ``CONNECTION_LOST``; a new ``connect`` starts a new bundle.
+* A silent failure is detected. A peer cut off without the operating system noticing
+  (a partition, a switch port, a hung host or process: no FIN, no RST, no error)
+  would otherwise never be reported, so transports whose links can fail silently
+  exchange heartbeats, like Erlang's ``net_ticktime``: a link on which nothing was
+  sent for a tick (``HPCPROC_TICK`` seconds, default 15, or the transport's ``tick``
+  option; 0 turns them off) carries a tick, and a peer from which nothing at all
+  arrived for 4 ticks is lost as a bundle failure: ``CONNECTION_LOST`` on each side
+  that is still running (each detects it by the same silence), so the process layer's
+  monitors and links fire with ``DiedDisconnect``. Detection takes 4 to 5 ticks after
+  the last thing the peer sent (60-75 s by default). Ticks are never queued behind
+  data and never delay a send; any traffic counts as a sign of life, so a busy link
+  sends none. A process whose event loop is blocked for more than about 4 ticks sends
+  nothing and is lost too. The built-in network and shared-memory transports (tcp,
+  ucx, shm, mpi) do this; ``inmemory``, whose endpoints share one process, needs none.
 * Cancelling a ``connect`` (or its timeout) leaves no connection behind and does not
   affect other ``connect`` calls to the same peer.
 """

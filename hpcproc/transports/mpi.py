@@ -118,6 +118,15 @@ outstanding requests for at most ``drain_timeout`` seconds. Send requests still
 outstanding after that are never cancelled (cancelling a send would desynchronise the
 receiver's envelope/frame stream); they are kept, with their buffers, and abandoned.
 Frame receives stay posted so the stream stays in step if the peer resumes.
+
+Heartbeats (:mod:`._multiplex`): a link idle for a tick (``HPCPROC_TICK``, default
+15 s; this transport has no ``tick`` option) carries a frameless ``TICK`` envelope,
+posted like any control message (an eager ``Isend``, never awaited); any message of
+the link's generation counts as a sign of life. A rank that stops progressing MPI (a
+hung or stopped process, or one that died while the launcher let the job run) is so
+lost after 4 silent ticks, which MPI itself would never report. MPI's non-overtaking
+order puts a tick behind a large frame still in flight, and the receiver counts a
+message only once it is whole: a single frame must take less than 4 ticks to arrive.
 """
 
 from __future__ import annotations
@@ -205,6 +214,7 @@ class _Msg(enum.IntEnum):
     REFUSE = 6  # no such endpoint
     CROSSED = 7  # both sides connected at once; use the link the other side opened
     DOWN = 8  # link g is dead (closed, broken, or a protocol violation)
+    TICK = 9  # link g is alive (a heartbeat on an idle link; see _multiplex)
 
 
 class MpiUnavailableError(TransportError):
@@ -906,6 +916,8 @@ def _shutdown_all() -> None:
 class _MpiLink(Link):
     """The link to one remote endpoint, identified by its generation."""
 
+    heartbeat = True
+
     def __init__(
         self,
         endpoint: _MpiEndPoint,
@@ -930,6 +942,18 @@ class _MpiLink(Link):
         try:
             ep.engine.post_control(
                 self.rank, _Msg(kind), ep.endpoint_id, self.remote_ep, self.gen, conn_id
+            )
+        except Exception as exc:
+            self.fail(f"send failed: {exc!r}")
+
+    def send_tick(self) -> None:
+        # A frameless eager Isend, never awaited (completion is tracked by progress).
+        if self.finished:
+            return
+        ep = self.endpoint
+        try:
+            ep.engine.post_control(
+                self.rank, _Msg.TICK, ep.endpoint_id, self.remote_ep, self.gen, 0
             )
         except Exception as exc:
             self.fail(f"send failed: {exc!r}")
@@ -1142,6 +1166,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
         local = link.incoming.get(conn_id)
         if local is None:
             return False
+        link.heard = True  # the heartbeat's sign of life
         self._events.put(new_received(local, [frame]))
         return True
 
@@ -1192,12 +1217,17 @@ class _MpiEndPoint(MultiplexedEndPoint):
             link = self._links.get(remote)
             if type(link) is not _MpiLink or link.gen != gen:
                 return  # a message of an old bundle, or for a closed endpoint
+            link.heard = True  # the heartbeat's sign of life
             if kind == _DATA:
                 self._on_data(link, conn_id, frames)
             elif kind == _OPEN:
                 self._on_open(link, conn_id)
             else:
                 self._on_close(link, conn_id)
+        elif kind == _Msg.TICK:
+            link = self._links.get(remote)
+            if type(link) is _MpiLink and link.gen == gen:
+                link.heard = True
         elif kind == _Msg.HELLO:
             self._on_hello(remote, src, src_ep, gen)
         elif kind == _Msg.DOWN:

@@ -37,7 +37,10 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
 * The socket is the death detector: it closes when the peer process exits, even by
   ``SIGKILL``. The survivor drains what the peer published, reports
   ``CONNECTION_LOST`` and drops its mappings; the kernel frees the memory when the
-  last mapping goes.
+  last mapping goes. A peer that hangs (stopped, or its event loop blocked) closes
+  nothing: heartbeats (:mod:`._multiplex`) report it. A link idle for a tick carries
+  a ``TICK`` record in its ring (skipped when records wait for ring space), and a
+  link from which no record arrived for 4 ticks is lost.
 * Peers must run under the same user id: the acceptor reads the dialer's credentials
   from the socket (``SO_PEERCRED``) and refuses and logs any other uid, and the
   dialer checks the acceptor's likewise (:class:`ConnectError` naming both uids).
@@ -378,6 +381,8 @@ class _Queued:
 class _ShmLink(Link):
     """A socket plus one ring per direction; see the module docstring."""
 
+    heartbeat = True
+
     def __init__(
         self,
         endpoint: _ShmEndPoint,
@@ -441,6 +446,21 @@ class _ShmLink(Link):
             self._enqueue(_Queued(kind, conn_id, REC.size, (), [], None))
         except RingError as exc:
             self._violation(str(exc))
+
+    def send_tick(self) -> None:
+        # Into the ring if it has room and nothing is queued; else skipped (a queue
+        # means the peer has not drained the ring: the tick would prove nothing new).
+        if self._down or self._queue:
+            return
+        try:
+            off = self._writer.reserve(REC.size)
+            if off >= 0:
+                self._writer.write(off, REC.size, Kind.TICK, 0, (), [])
+                self._publish()
+        except RingError as exc:
+            self._violation(str(exc))
+        except ValueError:  # the mapping was closed under us (torn down)
+            pass
 
     def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
         # One small byte frame and room in the ring: written and published in one call.
@@ -747,6 +767,8 @@ class _ShmLink(Link):
             error = str(exc)
         finally:
             self._draining = False
+        if n:
+            self.heard = True  # the heartbeat's sign of life
         if error is not None:
             self._violation(error)
         if self._down:
@@ -776,8 +798,9 @@ class _ShmLink(Link):
             endpoint._on_data(self, conn_id, frames)
         elif kind is Kind.OPEN:
             endpoint._on_open(self, conn_id)
-        else:
+        elif kind is Kind.CLOSE:
             endpoint._on_close(self, conn_id)
+        # A TICK only proves life (``heard``, set by ``_drain``).
         return self.alive and not self._down
 
     def _resolve(self, frames: list[Any]) -> list[memoryview]:
@@ -1226,6 +1249,14 @@ class ShmTransport(MultiplexedTransport):
             not fit goes through a one-shot segment, freed once its receiver drops it.
         pool_idle_s: a pooled segment unused this long is returned to the system
             (default ``$HPCPROC_POOL_IDLE_S``, else 5 s).
+        tick: heartbeat period in seconds (default ``HPCPROC_TICK``, else 15; 0: off).
+            The socket already reports a peer process that exits (even by
+            ``SIGKILL``); ticks add a peer that hangs (stopped, or its event loop
+            blocked) for 4 ticks, which is then lost (``CONNECTION_LOST``). An idle
+            link carries a ``TICK`` record in its ring every tick.
+
+    Raises:
+        ValueError: an option is out of range (the message names it).
     """
 
     def __init__(
@@ -1237,6 +1268,7 @@ class ShmTransport(MultiplexedTransport):
         max_pool_segments: int = 8,
         max_pool_bytes: int | None = None,
         pool_idle_s: float | None = None,
+        tick: float | None = None,
     ) -> None:
         if not hasattr(os, "memfd_create"):
             raise NotImplementedError("the shm transport needs Linux (memfd_create)")
@@ -1249,7 +1281,7 @@ class ShmTransport(MultiplexedTransport):
         check_budget(busy_poll_us)
         if max_pool_segments < 0:
             raise ValueError(f"max_pool_segments must not be negative, not {max_pool_segments}")
-        super().__init__()
+        super().__init__(tick=tick)
         self._opts: dict[str, Any] = {
             "ring_size": ring_size,
             "inline_threshold": inline_threshold,

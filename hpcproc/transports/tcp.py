@@ -50,6 +50,13 @@ With ``tls`` (:mod:`hpcproc.tls`), every socket runs mutual TLS 1.3 before the
 handshake above, which then runs inside it; the TLS link sits beside the plain one (see
 the TLS section below), so plain tcp keeps its fast paths unchanged.
 
+Heartbeats (:mod:`._multiplex`): a link idle for a tick gets a 16-byte ``TICK``
+message, written only when its write queue is empty (a link with a backlog is not
+idle, and its peer sees the bytes arrive); every ``recv`` that returns bytes, part of
+a large frame included, counts as a sign of life (one attribute store per batch). A
+peer from which nothing arrived for 4 ticks is lost: what detects a partition or a
+hung host, which close no socket (TCP's own keepalive would take hours by default).
+
 Bad input from a peer (a wrong cookie, garbage, a truncated frame, an oversize
 length, an unknown kind, data on an unopened connection) drops that peer's socket
 with a ``logging.warning`` naming the peer and the reason; every length is checked
@@ -91,7 +98,7 @@ from ._dialing import (
     resolve,
 )
 from ._idle_pool import IdleTrimmer, env_bytes, idle_seconds
-from ._multiplex import Kind, Link
+from ._multiplex import Kind, Link, tick_period
 from ._wire import PREFIX, WireError, as_bytes_view, encode_header, parse_lengths, parse_prefix
 from .base import (
     Buffer,
@@ -310,6 +317,7 @@ _SEND_NOW_MAX = 64 * 1024
 _ONE_FRAME_HEADER = struct.Struct(PREFIX.format + "Q")
 _ONE_FRAME_SIZE = _ONE_FRAME_HEADER.size
 _DATA = int(Kind.DATA)
+_TICK = PREFIX.pack(Kind.TICK, 0, 0)
 
 
 class _Write:
@@ -330,6 +338,8 @@ class _Write:
 
 class _TcpLink(Link):
     """One authenticated socket to one remote endpoint."""
+
+    heartbeat = True
 
     def __init__(
         self,
@@ -379,6 +389,13 @@ class _TcpLink(Link):
         if self._dead:
             return
         self._push(memoryview(PREFIX.pack(kind, 0, conn_id)), None)
+
+    def send_tick(self) -> None:
+        # Only on an empty write queue (a link with a backlog is not idle, and its peer
+        # sees the bytes arrive). ``_push`` tries the socket at once and queues only
+        # what the kernel did not take, so that the stream stays whole.
+        if not self._dead and not self._wq:
+            self._push(memoryview(_TICK), None)
 
     def _push(self, view: memoryview, fut: asyncio.Future[None] | None) -> None:
         if not self._wq:
@@ -569,6 +586,7 @@ class _TcpLink(Link):
 
     def _parse(self) -> None:
         """Dispatch every whole message in the buffer; keep the partial one's state."""
+        self.heard = True  # bytes arrived: the heartbeat's sign of life
         buf = self._buf
         ep = self._ep
         while not self._dead:
@@ -599,8 +617,9 @@ class _TcpLink(Link):
                         ep._on_data(self, cid, [])
                     elif kind is Kind.OPEN:
                         ep._on_open(self, cid)
-                    else:
+                    elif kind is Kind.CLOSE:
                         ep._on_close(self, cid)
+                    # A TICK only proves life, which reading it did (``heard``).
                     continue
                 self._nframes, self._cid = nframes, cid
                 self._state = 1
@@ -1125,10 +1144,16 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
             Giving any ``tls_*`` option turns TLS on too. A TLS endpoint and a plain
             one refuse each other (both sides say so).
         tls_cert, tls_key, tls_ca, tls_dir: paths, see :func:`hpcproc.tls.tls_config`.
+        tick: heartbeat period in seconds (default ``HPCPROC_TICK``, else 15; 0: off).
+            An idle link carries a 16-byte ``TICK`` every tick; a peer from which
+            nothing arrived for 4 ticks is lost (``CONNECTION_LOST``): this is what
+            detects a partition or a hung host, which close no socket. See
+            :mod:`~hpcproc.transports._multiplex`.
 
     Raises:
         CookieError: no cookie was given and the cookie file is unsafe or unusable.
         TlsError: TLS is asked for and its files are missing or do not load.
+        ValueError: ``tick`` (or ``HPCPROC_TICK``) is not a number of seconds >= 0.
     """
 
     def __init__(
@@ -1147,6 +1172,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         tls_key: str | None = None,
         tls_ca: str | None = None,
         tls_dir: str | None = None,
+        tick: float | None = None,
     ) -> None:
         check_budget(busy_poll_us)
         if not isinstance(tls, TlsConfig) and (tls or tls_cert or tls_key or tls_ca or tls_dir):
@@ -1161,6 +1187,7 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
             connect_timeout=connect_timeout,
             handshake_timeout=handshake_timeout,
         )
+        self._tick = tick_period(tick)
         self._host = host
         self._port = port
         if advertised_host is None:

@@ -67,6 +67,11 @@ link) arrives through the endpoint's close callback and fails the bundle
 after everything sent before it; the peer answers it likewise and the UCX endpoint is
 closed once both ends are known, bounded by the core's ``LINK_CLOSE_TIMEOUT``.
 ``abort`` closes the UCX endpoint at once, which the peer sees as an endpoint error.
+A peer cut off without any error (a partition, a hung host) is found by the
+heartbeats of :mod:`._multiplex`: an idle link carries a 16-byte ``TICK`` on the
+header tag every tick (posted, never awaited; it may overtake a large frame on the
+bulk tag), every completed header or frame receive counts as a sign of life, and a
+link silent for 4 ticks is lost.
 
 GPU memory: a frame exposing ``__cuda_array_interface__`` is sent as is (never
 inline) and flagged in the header; the receiver allocates its buffer with CuPy (or
@@ -103,7 +108,7 @@ from ._dialing import (
     parse_host_address,
     resolve,
 )
-from ._multiplex import Kind, Link
+from ._multiplex import Kind, Link, tick_period
 from ._wire import PREFIX, WireError, as_bytes_view, encode_header, parse_lengths, parse_prefix
 from .base import (
     Buffer,
@@ -418,6 +423,8 @@ class _Incoming:
 class _UcxLink(Link):
     """One authenticated UCX endpoint to one remote endpoint."""
 
+    heartbeat = True
+
     def __init__(
         self,
         endpoint: _UcxEndPoint,
@@ -487,6 +494,11 @@ class _UcxLink(Link):
         if self._dead or self._fin_sent:
             return
         self._post_send(PREFIX.pack(kind, 0, conn_id), self._send_header_tag, False)
+
+    def send_tick(self) -> None:
+        # A 16-byte eager tag send on the header tag: posted, never awaited. It may
+        # overtake a large frame still in flight on the bulk tag, which is harmless.
+        self.send_control(Kind.TICK, 0)
 
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self._dead or self._fin_sent:
@@ -598,6 +610,7 @@ class _UcxLink(Link):
         except Exception as exc:
             self.fail(f"receive failed: {exc!r}")
             return
+        self.heard = True  # the heartbeat's sign of life
         try:
             incoming = self._parse(self._header)
         except (WireError, struct.error) as exc:
@@ -655,6 +668,7 @@ class _UcxLink(Link):
             except Exception as exc:
                 self.fail(f"receive failed: {exc!r}")
                 return
+            self.heard = True
             incoming.missing -= 1
             if isinstance(incoming.frames[index], np.ndarray):
                 incoming.frames[index] = memoryview(incoming.frames[index])
@@ -672,6 +686,8 @@ class _UcxLink(Link):
                 ep._on_data(self, msg.conn_id, msg.frames)
             elif msg.control is Kind.OPEN:
                 ep._on_open(self, msg.conn_id)
+            elif msg.control is Kind.TICK:
+                pass  # only proves life (``heard``, set by ``_on_header``)
             elif msg.conn_id == _FIN:
                 self._on_fin()
             else:
@@ -848,10 +864,16 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
             networks that raise few events during a rendezvous; measured slower with
             UCX over TCP on a small shared machine (the poller competes with the
             peer for the cores), hence off by default.
+        tick: heartbeat period in seconds (default ``HPCPROC_TICK``, else 15; 0: off).
+            An idle link carries a 16-byte ``TICK`` tag message every tick; a peer
+            from which nothing arrived for 4 ticks is lost (``CONNECTION_LOST``),
+            whether or not UCX reports an endpoint error (UCX's own keepalive
+            depends on the transport and version).
 
     Raises:
         ImportError: ucxx is not installed (``pip install hpcproc[ucx]``).
         CookieError: no cookie was given and the cookie file is unsafe or unusable.
+        ValueError: ``tick`` (or ``HPCPROC_TICK``) is not a number of seconds >= 0.
     """
 
     def __init__(
@@ -864,6 +886,7 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
         handshake_timeout: float = 10.0,
         cookie: bytes | str | None = None,
         busy_poll: bool = False,
+        tick: float | None = None,
     ) -> None:
         _load_ucxx()
         super().__init__(
@@ -872,6 +895,7 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
             connect_timeout=connect_timeout,
             handshake_timeout=handshake_timeout,
         )
+        self._tick = tick_period(tick)
         self._busy_poll = busy_poll
         self._host = host if host is not None else socket.gethostname()
         self._port = port

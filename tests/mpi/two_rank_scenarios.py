@@ -560,3 +560,44 @@ def test_send_to_a_rank_that_stops_progressing_fails_the_bundle_after_send_timeo
             await bounded(transport.close(), "transport close()")
 
     run(scenario)
+
+
+def test_stopped_rank_is_lost_by_heartbeats_which_mpi_never_reports() -> None:
+    """Rank 1 stops itself (SIGSTOP: MPI notices nothing); rank 0's heartbeat (a
+    small tick) reports ``CONNECTION_LOST`` within a generous bound, then resumes it."""
+    import os
+    import signal
+
+    tick = 0.2
+    saved = os.environ.get("HPCPROC_TICK")
+    os.environ["HPCPROC_TICK"] = str(tick)
+
+    async def scenario() -> None:
+        try:
+            transport = await new_transport()
+        finally:
+            if saved is None:
+                del os.environ["HPCPROC_TICK"]
+            else:
+                os.environ["HPCPROC_TICK"] = saved
+        try:
+            endpoint = await transport.new_endpoint()
+            pids = await exchange(os.getpid())
+            await connected_both_ways(endpoint)
+            await barrier("connected")
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGSTOP)  # resumed by rank 0
+            try:
+                lost = await asyncio.wait_for(endpoint.receive(), 30 * tick + WAIT)
+            finally:
+                if rank == 0:
+                    os.kill(pids[1], signal.SIGCONT)
+            assert isinstance(lost, ErrorEvent), f"rank {rank}: got {lost!r}"
+            assert lost.error.code is EventErrorCode.CONNECTION_LOST
+            if rank == 0:
+                assert "silent" in lost.error.message, lost.error.message
+            await barrier("after the loss")
+        finally:
+            await bounded(transport.close(), "transport close()")
+
+    run(scenario)
