@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -190,3 +192,19 @@ def test_map_redispatches_the_work_of_a_killed_node_every_result_once(servers: S
     indices, correct, n = run(body)
     assert indices == list(range(n))  # every index yielded exactly once
     assert correct
+
+
+def test_mandelbrot_example_survives_kill_9_of_a_worker_node() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
+    env.update(HPCPROC_COOKIE=COOKIE, PYTHONPATH=str(ROOT), MANDELBROT_KILL_RANK="2")
+    done = subprocess.run(
+        [sys.executable, "-m", "hpcproc.run", "--np", "4", "examples/mandelbrot_ft.py:main"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "lost rank 2" in out and "on 3 workers" in out and "exact=True" in out, out
