@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import hpcproc as hp
 
@@ -25,14 +24,10 @@ _channels: weakref.WeakKeyDictionary[
 _tags = itertools.count(1)
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An answer on a reply channel: ``tag`` names the request; ``ok`` False carries
-    ``(reason, remote traceback)`` as ``value``."""
-
-    tag: int
-    ok: bool
-    value: Any
+#: An answer on a reply channel: ``(tag, ok, value)``; ``tag`` names the request,
+#: ``ok`` False carries ``(reason, remote traceback)`` as ``value``. A plain tuple, so
+#: that a local send shares it instead of copying it (see ``hpcproc._copying``).
+Reply: TypeAlias = tuple[int, bool, Any]
 
 
 def new_tag() -> int:

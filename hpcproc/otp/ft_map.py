@@ -26,12 +26,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import hpcproc as hp
 
-from ._replies import Reply, drop_stale, new_tag, reply_channel
+from ._replies import drop_stale, new_tag, reply_channel
 
 __all__ = ["MapError", "TaskError", "imap", "map"]
 
@@ -63,18 +62,22 @@ class MapError(Exception):
     """The map cannot go on: every worker was lost (or none could be started)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    tasks: tuple[tuple[int, Any], ...]
+#: A batch for a worker: ``(_BATCH, ((index, input), ...))``, a plain tuple (shared,
+#: not copied, by a local send when the inputs are immutable).
+_BATCH = "$hpcproc.otp.map.batch"
+
+
+def _is_batch(msg: Any) -> bool:
+    return type(msg) is tuple and len(msg) == 2 and msg[0] == _BATCH
 
 
 async def _worker(reply_to: hp.SendPort[Any], tag: int, fn: Callable[[Any], Any]) -> None:
     """A map worker: answer each batch with ``(index, ok, value)`` per input, in order."""
     me = hp.self_pid()
     while True:
-        batch = await hp.expect(_Batch)
+        batch = await hp.receive(hp.match_if(_is_batch))
         results = []
-        for index, item in batch.tasks:
+        for index, item in batch[1]:
             try:
                 value = fn(item)
                 if inspect.isawaitable(value):
@@ -85,7 +88,7 @@ async def _worker(reply_to: hp.SendPort[Any], tag: int, fn: Callable[[Any], Any]
                 )
             else:
                 results.append((index, True, value))
-        await hp.send_chan(reply_to, Reply(tag, True, (me, results)))
+        await hp.send_chan(reply_to, (tag, True, (me, tuple(results))))
 
 
 async def imap(
@@ -150,7 +153,7 @@ async def imap(
             while len(queue) < _DEPTH and pending:
                 indices = [pending.popleft() for _ in builtins.range(min(chunk, len(pending)))]
                 queue.append(indices)
-                await hp.send(pid, _Batch(tuple((i, inputs[i]) for i in indices)))
+                await hp.send(pid, (_BATCH, tuple((i, inputs[i]) for i in indices)))
 
         for pid in list(inflight):
             await dispatch(pid)
@@ -172,9 +175,9 @@ async def imap(
                 for other in list(inflight):
                     await dispatch(other)
                 continue
-            if msg.tag != tag:
+            if msg[0] != tag:
                 continue  # a late answer of an earlier map
-            pid, results = msg.value
+            pid, results = msg[2]
             queue = inflight.get(pid)
             if queue:
                 queue.popleft()

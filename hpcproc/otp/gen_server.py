@@ -113,20 +113,11 @@ class Caller:
     tag: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    request: Any
-    caller: Caller
-
-
-@dataclass(frozen=True, slots=True)
-class _Cast:
-    msg: Any
-
-
-@dataclass(frozen=True, slots=True)
-class _Stop:
-    reason: Any
+# The protocol's messages are plain tuples tagged like Erlang's ('$gen_call', ...):
+# a local send shares a tuple of immutable values instead of copying it through pickle.
+_CALL = "$hpcproc.otp.call"  # (_CALL, (caller pid, reply port, tag), request)
+_CAST = "$hpcproc.otp.cast"  # (_CAST, msg)
+_STOP = "$hpcproc.otp.stop"  # (_STOP, reason)
 
 
 class GenServer:
@@ -190,9 +181,9 @@ async def _server_main(
         server = cls()
         await _maybe_await(server.init(*args))
     except Exception as exc:
-        await hp.send_chan(starter, Reply(tag, False, (_describe(exc), traceback.format_exc())))
+        await hp.send_chan(starter, (tag, False, (_describe(exc), traceback.format_exc())))
         raise
-    await hp.send_chan(starter, Reply(tag, True, None))
+    await hp.send_chan(starter, (tag, True, None))
     await _serve(server)
 
 
@@ -200,24 +191,24 @@ async def _serve(server: GenServer) -> None:
     try:
         while True:
             msg = await hp.expect()
-            kind = type(msg)
-            if kind is _Call:
-                caller = msg.caller
+            kind = msg[0] if type(msg) is tuple and len(msg) in (2, 3) else None
+            if kind == _CALL and len(msg) == 3:
+                caller = Caller(*msg[1])
                 try:
-                    value = await _maybe_await(server.handle_call(msg.request, caller))
+                    value = await _maybe_await(server.handle_call(msg[2], caller))
                 except Exception as exc:
                     detail = (_describe(exc), traceback.format_exc())
-                    await hp.send_chan(caller.port, Reply(caller.tag, False, detail))
+                    await hp.send_chan(caller.port, (caller.tag, False, detail))
                     await _maybe_await(server.terminate(detail[0]))
                     raise
                 if value is not NOREPLY:
-                    await hp.send_chan(caller.port, Reply(caller.tag, True, value))
-            elif kind is _Cast:
-                await _crash_terminates(server, server.handle_cast(msg.msg))
-            elif kind is _Stop:
-                await _maybe_await(server.terminate(msg.reason))
-                if msg.reason != "normal":
-                    raise ServerStopped(msg.reason)
+                    await hp.send_chan(caller.port, (caller.tag, True, value))
+            elif kind == _CAST and len(msg) == 2:
+                await _crash_terminates(server, server.handle_cast(msg[1]))
+            elif kind == _STOP and len(msg) == 2:
+                await _maybe_await(server.terminate(msg[1]))
+                if msg[1] != "normal":
+                    raise ServerStopped(msg[1])
                 return
             else:
                 await _crash_terminates(server, server.handle_info(msg))
@@ -260,10 +251,10 @@ async def _await_reply(
         if type(got) is hp.ProcessMonitorNotification:
             # The server may have answered (a crash report) just before dying.
             while (late := await hp.receive_chan(port, timeout=0)) is not None:
-                if late.tag == tag:
+                if late[0] == tag:
                     return late  # type: ignore[no-any-return]
             raise ServerDown(got.reason)
-        if got.tag == tag:
+        if got[0] == tag:
             await hp.unmonitor(mref)
             return got  # type: ignore[no-any-return]
 
@@ -348,8 +339,8 @@ async def start_server(
     except CallTimeout:
         await hp.kill(pid, "start timed out")
         raise StartError(f"init did not return within {timeout} s") from None
-    if not got.ok:
-        reason, tb = got.value
+    if not got[1]:
+        reason, tb = got[2]
         raise StartError(reason, tb)
     if link:
         await hp.link(pid)
@@ -373,11 +364,11 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     await drop_stale(port)  # late replies of abandoned calls
     tag = new_tag()
     mref = await hp.monitor(pid)
-    await hp.send(pid, _Call(request, Caller(hp.self_pid(), send_port, tag)))
+    await hp.send(pid, (_CALL, (hp.self_pid(), send_port, tag), request))
     got = await _await_reply(pid, mref, port, tag, timeout)
-    if got.ok:
-        return got.value
-    reason, tb = got.value
+    if got[1]:
+        return got[2]
+    reason, tb = got[2]
     raise ServerDown(reason, tb)
 
 
@@ -388,12 +379,12 @@ async def cast(server: Any, msg: Any) -> None:
         pid = await _resolve(server, 5.0)
     except ServerDown:
         return
-    await hp.send(pid, _Cast(msg))
+    await hp.send(pid, (_CAST, msg))
 
 
 async def reply(caller: Caller, value: Any) -> None:
     """Answer a call later (after ``handle_call`` returned :data:`NOREPLY`); once per call."""
-    await hp.send_chan(caller.port, Reply(caller.tag, True, value))
+    await hp.send_chan(caller.port, (caller.tag, True, value))
 
 
 async def stop(server: Any, reason: Any = "normal", timeout: float | None = 5.0) -> None:
@@ -406,7 +397,7 @@ async def stop(server: Any, reason: Any = "normal", timeout: float | None = 5.0)
     """
     pid = await _resolve(server, timeout)
     mref = await hp.monitor(pid)
-    await hp.send(pid, _Stop(reason))
+    await hp.send(pid, (_STOP, reason))
     got = await hp.receive(hp.match_if(_is_down(mref)), timeout=timeout)
     if got is None:
         await hp.unmonitor(mref)
