@@ -208,3 +208,21 @@ def test_mandelbrot_example_survives_kill_9_of_a_worker_node() -> None:
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     assert "lost rank 2" in out and "on 3 workers" in out and "exact=True" in out, out
+
+
+def test_remote_crash_in_handle_call_reaches_the_caller_with_its_traceback(
+    servers: Servers,
+) -> None:
+    b = servers.start()
+
+    async def body() -> Any:
+        pid = await otp.start(Counter, node=b.node_id)
+        try:
+            await otp.call(pid, "crash")
+        except otp.ServerDown as exc:
+            return exc.reason, exc.remote_traceback, await nothing_left()
+        return None
+
+    reason, tb, empty = run(body)
+    assert "ZeroDivisionError: crash requested" in reason
+    assert "handle_call" in tb and "ZeroDivisionError" in tb and empty

@@ -90,6 +90,24 @@ class ServerStopped(Exception):
     ends abnormally (its monitors and links see ``DiedException`` naming the reason)."""
 
 
+class _CallCrashed(Exception):
+    """The server's end when ``handle_call`` raised: its text is the reason and the
+    traceback, so that every monitor's ``DiedException`` carries both (the caller's
+    reply may travel slower than the DOWN: they take different connections)."""
+
+    def __init__(self, reason: str, remote_traceback: str) -> None:
+        super().__init__(reason, remote_traceback)
+        self.reason = reason
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.reason}\n{_TB_MARK}{self.remote_traceback}"
+
+
+#: Where the traceback starts in a ``_CallCrashed`` reason.
+_TB_MARK = "--- remote traceback ---\n"
+
+
 class _NoReply:
     __slots__ = ()
 
@@ -200,7 +218,7 @@ async def _serve(server: GenServer) -> None:
                     detail = (_describe(exc), traceback.format_exc())
                     await hp.send_chan(caller.port, (caller.tag, False, detail))
                     await _maybe_await(server.terminate(detail[0]))
-                    raise
+                    raise _CallCrashed(*detail) from exc
                 if value is not NOREPLY:
                     await hp.send_chan(caller.port, (caller.tag, True, value))
             elif kind == _CAST and len(msg) == 2:
@@ -253,6 +271,10 @@ async def _await_reply(
             while (late := await hp.receive_chan(port, timeout=0)) is not None:
                 if late[0] == tag:
                     return late  # type: ignore[no-any-return]
+            text = getattr(got.reason, "reason", "")
+            if isinstance(text, str) and _TB_MARK in text:  # a handle_call crash
+                head, tb = text.split(_TB_MARK, 1)
+                return (tag, False, (head.removeprefix("_CallCrashed: ").rstrip("\n"), tb))
             raise ServerDown(got.reason)
         if got[0] == tag:
             await hp.unmonitor(mref)
@@ -358,13 +380,17 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
             Raised as soon as the monitor reports it, not after ``timeout``.
         CallTimeout: no reply within ``timeout``; nothing of this call stays in the
             caller's mailbox, and a late reply is dropped.
+        ValueError: the server is the calling process itself.
     """
     pid = await _resolve(server, timeout)
+    me = hp.self_pid()
+    if pid == me:
+        raise ValueError("a server cannot call itself (it would wait for its own reply)")
     send_port, port = reply_channel()
     await drop_stale(port)  # late replies of abandoned calls
     tag = new_tag()
     mref = await hp.monitor(pid)
-    await hp.send(pid, (_CALL, (hp.self_pid(), send_port, tag), request))
+    await hp.send(pid, (_CALL, (me, send_port, tag), request))
     got = await _await_reply(pid, mref, port, tag, timeout)
     if got[1]:
         return got[2]
