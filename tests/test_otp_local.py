@@ -554,3 +554,37 @@ def test_map_error_fail_fast_or_collect_with_input_and_traceback() -> None:
     fast, collected, empty = run(body)
     assert fast == (3, 3, "ValueError: three", True)
     assert collected == ["int", "int", "int", "TaskError", "int", "int"] and empty
+
+
+class Blocking(otp.GenServer):
+    """Its handle_call waits for a message that never comes (an exit interrupts it)."""
+
+    async def init(self, *args: Any) -> None:
+        (self.report,) = args
+
+    async def handle_call(self, request: Any, caller: otp.Caller) -> Any:
+        await hp.send(self.report, "in handle_call")
+        await hp.expect(type(None))
+
+    async def terminate(self, reason: Any) -> None:
+        await hp.send(self.report, ("terminated", reason))
+
+
+def test_exit_signal_during_handle_call_runs_terminate_and_reaches_the_caller_as_down() -> None:
+    async def caller(server: hp.Pid, report: hp.Pid) -> None:
+        try:
+            await otp.call(server, "x", timeout=None)
+        except otp.ServerDown as exc:
+            await hp.send(report, ("down", exc.remote_traceback))
+
+    async def body(_: Any) -> Any:
+        me = hp.self_pid()
+        server = await otp.start(Blocking, me)
+        hp.spawn_local(caller, server, me)
+        await expect_msg(lambda m: m == "in handle_call")
+        await hp.exit(server, "shutdown")
+        terminated = await expect_msg(lambda m: m[0] == "terminated")
+        down = await expect_msg(lambda m: m[0] == "down")
+        return terminated, down
+
+    assert run(body) == (("terminated", "shutdown"), ("down", None))

@@ -214,6 +214,8 @@ async def _serve(server: GenServer) -> None:
                 caller = Caller(*msg[1])
                 try:
                     value = await _maybe_await(server.handle_call(msg[2], caller))
+                except _SIGNALS:
+                    raise
                 except Exception as exc:
                     detail = (_describe(exc), traceback.format_exc())
                     await hp.send_chan(caller.port, (caller.tag, False, detail))
@@ -236,10 +238,15 @@ async def _serve(server: GenServer) -> None:
             raise
 
 
+#: Signals raised in a server, which end it as signals (an exit runs ``terminate``,
+#: links firing do not), never as a crash of the handler that was running.
+_SIGNALS = (hp.ProcessExitException, hp.ProcessLinkException, hp.NodeLinkException)
+
+
 async def _crash_terminates(server: GenServer, result: Any) -> None:
     try:
         await _maybe_await(result)
-    except hp.ProcessExitException:
+    except _SIGNALS:
         raise
     except Exception as exc:
         await _maybe_await(server.terminate(_describe(exc)))
