@@ -588,3 +588,32 @@ def test_exit_signal_during_handle_call_runs_terminate_and_reaches_the_caller_as
         return terminated, down
 
     assert run(body) == (("terminated", "shutdown"), ("down", None))
+
+
+def test_every_waiting_caller_gets_server_down_and_a_late_notice_is_dropped() -> None:
+    async def waiter(server: hp.Pid, report: hp.Pid) -> None:
+        try:
+            await otp.call(server, "hold", timeout=None)
+        except otp.ServerDown as exc:
+            await hp.send(report, ("down", type(exc.reason).__name__))
+
+    async def body(_: Any) -> Any:
+        me = hp.self_pid()
+        server = await otp.start(Counter)
+        with pytest.raises(otp.CallTimeout):
+            await otp.call(server, "hold", timeout=0.01)  # this call's notice comes late
+        for _ in range(3):
+            hp.spawn_local(waiter, server, me)
+        await otp.call(server, "get")  # the three holds are queued before this
+        ref = await hp.monitor(server)
+        await hp.kill(server, "x")
+        downs = [
+            await expect_msg(lambda m: type(m) is tuple and m[0] == "down") for _ in range(3)
+        ]
+        await expect_msg(lambda m: getattr(m, "ref", None) == ref)
+        other = await otp.start(Counter, 5)
+        value = await otp.call(other, "get")  # drops the late notice from its channel
+        return downs, value, await nothing_left()
+
+    downs, value, empty = run(body)
+    assert downs == [("down", "DiedException")] * 3 and value == 5 and empty

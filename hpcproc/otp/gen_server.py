@@ -4,13 +4,15 @@ Subclass :class:`GenServer`, start it with :func:`start`, talk to it with :func:
 (request/reply), :func:`cast` (one way) and :func:`stop`. The server handles one
 message at a time, in arrival order, so its state needs no lock.
 
-The call protocol: every call has its own tag; the caller monitors the server, sends
-the request with its private reply port (see ``_replies``) and waits, by selective
-receive, for the reply with its tag or the server's DOWN notification. So a server that
-dies, or whose node is lost, raises :class:`ServerDown` in every caller at once (no
-timeout involved); a call that times out raises :class:`CallTimeout` after removing
-its monitor (and any DOWN already queued), and its reply, should it come later, is
-dropped from the private reply channel: nothing is left in the caller's mailbox.
+The call protocol: every call has its own tag; the caller sends the request with its
+private reply port (see ``_replies``) and waits, by selective receive on that port, for
+the reply with its tag or a down notice. The notice comes from its node's call watch
+(``_call_watch``), which monitors every server called from the node, once per server,
+and tells each caller waiting for one that died. So a server that dies, or whose node
+is lost, raises :class:`ServerDown` in every caller at once (no timeout involved); a
+call that times out raises :class:`CallTimeout`, and its reply or notice, should one
+come later, lands on the private channel and is dropped by the next request: nothing
+is ever left in the caller's mailbox.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, TypeAlias
 
 import hpcproc as hp
 
+from ._call_watch import waiting_for
 from ._replies import Reply, drop_stale, new_tag, reply_channel
 
 __all__ = [
@@ -257,10 +260,11 @@ def _is_down(ref: hp.MonitorRef) -> Any:
     return lambda m: type(m) is hp.ProcessMonitorNotification and m.ref == ref
 
 
-async def _await_reply(
+async def _await_start(
     pid: hp.Pid, mref: hp.MonitorRef, port: hp.ReceivePort[Any], tag: int, timeout: float | None
 ) -> Reply:
-    """The reply with ``tag``; raises ServerDown (monitor fired) or CallTimeout.
+    """The start acknowledgement with ``tag``; raises ServerDown (the new server's
+    monitor fired) or CallTimeout.
 
     Removes the monitor in every case; stale replies met on the way are dropped.
     """
@@ -278,10 +282,6 @@ async def _await_reply(
             while (late := await hp.receive_chan(port, timeout=0)) is not None:
                 if late[0] == tag:
                     return late  # type: ignore[no-any-return]
-            text = getattr(got.reason, "reason", "")
-            if isinstance(text, str) and _TB_MARK in text:  # a handle_call crash
-                head, tb = text.split(_TB_MARK, 1)
-                return (tag, False, (head.removeprefix("_CallCrashed: ").rstrip("\n"), tb))
             raise ServerDown(got.reason)
         if got[0] == tag:
             await hp.unmonitor(mref)
@@ -362,7 +362,7 @@ async def start_server(
             node, _server_main, cls, args, name, send_port, tag, back
         )
     try:
-        got = await _await_reply(pid, mref, port, tag, timeout)
+        got = await _await_start(pid, mref, port, tag, timeout)
     except ServerDown as exc:
         raise StartError(exc.reason) from None
     except CallTimeout:
@@ -384,7 +384,7 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     Raises:
         ServerDown: the server is not there, died (``reason``), its node was lost, or
             ``handle_call`` raised (``remote_traceback`` is the server's traceback).
-            Raised as soon as the monitor reports it, not after ``timeout``.
+            Raised as soon as the server's monitor reports it, not after ``timeout``.
         CallTimeout: no reply within ``timeout``; nothing of this call stays in the
             caller's mailbox, and a late reply is dropped.
         ValueError: the server is the calling process itself.
@@ -394,15 +394,38 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     if pid == me:
         raise ValueError("a server cannot call itself (it would wait for its own reply)")
     send_port, port = reply_channel()
-    await drop_stale(port)  # late replies of abandoned calls
+    await drop_stale(port)  # late replies and down notices of abandoned calls
     tag = new_tag()
-    mref = await hp.monitor(pid)
-    await hp.send(pid, (_CALL, (me, send_port, tag), request))
-    got = await _await_reply(pid, mref, port, tag, timeout)
-    if got[1]:
+    waiting = await waiting_for(pid)
+    waiting[tag] = send_port
+    try:
+        await hp.send(pid, (_CALL, (me, send_port, tag), request))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chan = hp.match_chan(port)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = await hp.receive(chan, timeout=left)
+            if got is None:
+                raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
+            if got[0] == tag:
+                break
+    finally:
+        waiting.pop(tag, None)
+    ok = got[1]
+    if ok:
         return got[2]
-    reason, tb = got[2]
-    raise ServerDown(reason, tb)
+    if ok is None:  # the call watch: the server is down
+        reason = got[2]
+        # It may have answered (a crash report) just before dying.
+        while (late := await hp.receive_chan(port, timeout=0)) is not None:
+            if late[0] == tag and late[1] is False:
+                raise ServerDown(*late[2])
+        text = getattr(reason, "reason", "")
+        if isinstance(text, str) and _TB_MARK in text:  # a handle_call crash
+            head, tb = text.split(_TB_MARK, 1)
+            raise ServerDown(head.removeprefix("_CallCrashed: ").rstrip("\n"), tb)
+        raise ServerDown(reason)
+    raise ServerDown(*got[2])
 
 
 async def cast(server: Any, msg: Any) -> None:
