@@ -35,6 +35,7 @@ __all__ = [
     "GenServer",
     "ServerDown",
     "ServerRef",
+    "ServerStopped",
     "StartError",
     "call",
     "cast",
