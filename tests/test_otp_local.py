@@ -617,3 +617,17 @@ def test_every_waiting_caller_gets_server_down_and_a_late_notice_is_dropped() ->
 
     downs, value, empty = run(body)
     assert downs == [("down", "DiedException")] * 3 and value == 5 and empty
+
+
+async def never_returns(x: int) -> int:
+    await hp.expect(type(None))
+    return x
+
+
+def test_map_timeout_raises_and_leaves_nothing_in_the_mailbox() -> None:
+    async def body(_: Any) -> Any:
+        with pytest.raises(TimeoutError, match="unfinished"):
+            await otp.map(never_returns, range(4), per_node=2, timeout=0.05)
+        return await nothing_left()
+
+    assert run(body)
