@@ -35,6 +35,8 @@ METRICS: dict[str, tuple[str, bool]] = {
     "spawn_rate": ("spawns/s", True),
     "task_rate": ("tasks/s", True),
     "bytes_per_process": ("bytes", False),
+    "call_rate": ("calls/s", True),
+    "restart_latency": ("us", False),
 }
 
 

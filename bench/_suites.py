@@ -15,6 +15,7 @@ SUITES: dict[str, str] = {
     "transport": "bench.transport",
     "process": "bench.process",
     "peers": "bench.peers",
+    "otp": "bench.otp",
 }
 
 

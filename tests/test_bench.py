@@ -31,6 +31,13 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
         "target",
         "1 / process rtt",
     },
+    ("otp", "tcp"): {
+        "process rtt",
+        "1 caller: 1 / process rtt",
+        "16 callers: target",
+        "target",
+        "ProcessPoolExecutor",
+    },
 }
 
 NEEDS = {"mpi": "mpi4py", "ucx": "ucxx", "shm": "mpi4py"}
@@ -76,6 +83,15 @@ def test_bench_suite_runs_and_writes_records_against_its_baselines(
         assert {r["baseline"] for r in records if r["metric"] == "bandwidth"} >= (
             EXPECTED[(suite, transport)] - {"asyncio-floor"}
         )
+    elif suite == "otp":
+        assert {(r["transport"], r["metric"]) for r in records} >= {
+            ("local", "rtt"),
+            ("tcp", "rtt"),
+            ("shm", "rtt"),
+            ("tcp", "call_rate"),
+            ("local", "restart_latency"),
+            ("tcp", "task_rate"),
+        }
     else:
         assert {r["metric"] for r in records} == {
             "rtt",

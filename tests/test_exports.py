@@ -8,6 +8,7 @@ import types
 import pytest
 
 import hpcproc
+import hpcproc.otp
 
 
 def test_all_has_no_duplicates() -> None:
@@ -80,3 +81,16 @@ def test_module_level_api_of_design_section_4_is_exported() -> None:
     ]
     missing = [n for n in required if n not in hpcproc.__all__]
     assert not missing
+
+
+@pytest.mark.parametrize("name", hpcproc.otp.__all__)
+def test_otp_public_name_exists_and_has_docstring(name: str) -> None:
+    obj = getattr(hpcproc.otp, name)
+    if inspect.isclass(obj) or inspect.isfunction(obj):
+        assert obj.__doc__ and obj.__doc__.strip(), f"hpcproc.otp.{name} has no docstring"
+    else:
+        assert obj is not None, f"hpcproc.otp.{name} is missing"
+
+
+def test_otp_all_has_no_duplicates() -> None:
+    assert len(hpcproc.otp.__all__) == len(set(hpcproc.otp.__all__))

@@ -1,0 +1,463 @@
+"""GenServer: a process that serves calls, casts and other messages one at a time.
+
+Subclass :class:`GenServer`, start it with :func:`start`, talk to it with :func:`call`
+(request/reply), :func:`cast` (one way) and :func:`stop`. The server handles one
+message at a time, in arrival order, so its state needs no lock.
+
+The call protocol: every call has its own tag; the caller sends the request with its
+private reply port (see ``_replies``) and waits, by selective receive on that port, for
+the reply with its tag or a down notice. The notice comes from its node's call watch
+(``_call_watch``), which monitors every server called from the node, once per server,
+and tells each caller waiting for one that died. So a server that dies, or whose node
+is lost, raises :class:`ServerDown` in every caller at once (no timeout involved); a
+call that times out raises :class:`CallTimeout`, and its reply or notice, should one
+come later, lands on the private channel and is dropped by the next request: nothing
+is ever left in the caller's mailbox.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import hpcproc as hp
+
+from ._call_watch import waiting_for
+from ._replies import Reply, drop_stale, new_tag, reply_channel
+
+__all__ = [
+    "NOREPLY",
+    "CallTimeout",
+    "Caller",
+    "GenServer",
+    "ServerDown",
+    "ServerRef",
+    "ServerStopped",
+    "StartError",
+    "call",
+    "cast",
+    "reply",
+    "start",
+    "stop",
+]
+
+#: A server: its pid, a name registered on the caller's node, or ``(name, node)``.
+ServerRef: TypeAlias = hp.Pid | str | tuple[str, hp.NodeId]
+
+
+class ServerDown(Exception):
+    """The server ended (or its node was lost) before answering.
+
+    ``reason`` is the server's :class:`~hpcproc.DiedReason` (or a text when the server
+    could not be found); ``remote_traceback`` is the server's traceback when the call
+    itself crashed it (an exception in ``handle_call``).
+    """
+
+    def __init__(self, reason: Any, remote_traceback: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = f"server down: {self.reason}"
+        if self.remote_traceback:
+            text += f"\n--- remote traceback ---\n{self.remote_traceback}"
+        return text
+
+
+class CallTimeout(Exception):
+    """No reply within the call's timeout (the server may still handle the request;
+    its reply, if any, is dropped)."""
+
+
+class StartError(Exception):
+    """The server could not be started: ``init`` raised (``remote_traceback`` says
+    where), the name was taken, or the process died during ``init``."""
+
+    def __init__(self, reason: Any, remote_traceback: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = f"server did not start: {self.reason}"
+        if self.remote_traceback:
+            text += f"\n--- remote traceback ---\n{self.remote_traceback}"
+        return text
+
+
+class ServerStopped(Exception):
+    """Raised in a server stopped with a reason other than ``"normal"``, so that it
+    ends abnormally (its monitors and links see ``DiedException`` naming the reason)."""
+
+
+class _CallCrashed(Exception):
+    """The server's end when ``handle_call`` raised: its text is the reason and the
+    traceback, so that every monitor's ``DiedException`` carries both (the caller's
+    reply may travel slower than the DOWN: they take different connections)."""
+
+    def __init__(self, reason: str, remote_traceback: str) -> None:
+        super().__init__(reason, remote_traceback)
+        self.reason = reason
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return f"{self.reason}\n{_TB_MARK}{self.remote_traceback}"
+
+
+#: Where the traceback starts in a ``_CallCrashed`` reason.
+_TB_MARK = "--- remote traceback ---\n"
+
+
+class _NoReply:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOREPLY"
+
+    def __reduce__(self) -> str:
+        return "NOREPLY"
+
+
+#: Return it from ``handle_call`` to answer later with :func:`reply`.
+NOREPLY: Any = _NoReply()
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who made a call: pass it to :func:`reply` to answer (once) from anywhere."""
+
+    pid: hp.Pid
+    port: hp.SendPort[Any]
+    tag: int
+
+
+# The protocol's messages are plain tuples tagged like Erlang's ('$gen_call', ...):
+# a local send shares a tuple of immutable values instead of copying it through pickle.
+_CALL = "$hpcproc.otp.call"  # (_CALL, (caller pid, reply port, tag), request)
+_CAST = "$hpcproc.otp.cast"  # (_CAST, msg)
+_STOP = "$hpcproc.otp.stop"  # (_STOP, reason)
+
+
+class GenServer:
+    """Base class of a server; override the handlers you need (all may be async).
+
+    The server object is created on the server's node (``cls()``, so it needs no
+    constructor arguments; the arguments of :func:`start` go to :meth:`init`).
+    An exception in any handler ends the server abnormally, after :meth:`terminate`
+    ran (the caller of a crashing ``handle_call`` gets :class:`ServerDown` with the
+    traceback); so do links firing (``ProcessLinkException``, without ``terminate``).
+    An ``hp.exit`` aimed at the server runs :meth:`terminate` with the exit reason and
+    ends it (normally for ``"normal"``), which is how a supervisor's timed shutdown
+    works.
+    """
+
+    async def init(self, *args: Any) -> None:
+        """Set up the state from :func:`start`'s arguments; raising fails the start."""
+
+    async def handle_call(self, request: Any, caller: Caller) -> Any:
+        """Answer ``request``: the return value is the reply, or :data:`NOREPLY` to
+        answer later with :func:`reply` (``caller`` may be passed on to anyone)."""
+        raise NotImplementedError(f"{type(self).__name__} has no handle_call for {request!r}")
+
+    async def handle_cast(self, msg: Any) -> None:
+        """Handle a :func:`cast` message; ignored by default."""
+
+    async def handle_info(self, msg: Any) -> None:
+        """Handle any other message: monitor notifications (``ProcessMonitorNotification``,
+        ``NodeMonitorNotification``) and plain ``hp.send`` messages; ignored by
+        default. (Trapped exit signals will arrive here too once the process layer can
+        trap exits.)"""
+
+    async def terminate(self, reason: Any) -> None:
+        """Clean up before the server ends (stop, exit signal, or a handler's crash)."""
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _server_main(
+    cls: type[GenServer],
+    args: tuple[Any, ...],
+    name: str | None,
+    starter: hp.SendPort[Any],
+    tag: int,
+    link_to: hp.Pid | None,
+) -> None:
+    """The server process: link, register, init, acknowledge, then serve."""
+    try:
+        if link_to is not None:
+            await hp.link(link_to)
+        if name is not None:
+            hp.register(name, hp.self_pid())
+        server = cls()
+        await _maybe_await(server.init(*args))
+    except Exception as exc:
+        await hp.send_chan(starter, (tag, False, (_describe(exc), traceback.format_exc())))
+        raise
+    await hp.send_chan(starter, (tag, True, None))
+    await _serve(server)
+
+
+async def _serve(server: GenServer) -> None:
+    try:
+        while True:
+            msg = await hp.expect()
+            kind = msg[0] if type(msg) is tuple and len(msg) in (2, 3) else None
+            if kind == _CALL and len(msg) == 3:
+                caller = Caller(*msg[1])
+                try:
+                    value = await _maybe_await(server.handle_call(msg[2], caller))
+                except _SIGNALS:
+                    raise
+                except Exception as exc:
+                    detail = (_describe(exc), traceback.format_exc())
+                    await hp.send_chan(caller.port, (caller.tag, False, detail))
+                    await _maybe_await(server.terminate(detail[0]))
+                    raise _CallCrashed(*detail) from exc
+                if value is not NOREPLY:
+                    await hp.send_chan(caller.port, (caller.tag, True, value))
+            elif kind == _CAST and len(msg) == 2:
+                await _crash_terminates(server, server.handle_cast(msg[1]))
+            elif kind == _STOP and len(msg) == 2:
+                await _maybe_await(server.terminate(msg[1]))
+                if msg[1] != "normal":
+                    raise ServerStopped(msg[1])
+                return
+            else:
+                await _crash_terminates(server, server.handle_info(msg))
+    except hp.ProcessExitException as exc:
+        await _maybe_await(server.terminate(exc.reason))
+        if exc.reason != "normal":
+            raise
+
+
+#: Signals raised in a server, which end it as signals (an exit runs ``terminate``,
+#: links firing do not), never as a crash of the handler that was running.
+_SIGNALS = (hp.ProcessExitException, hp.ProcessLinkException, hp.NodeLinkException)
+
+
+async def _crash_terminates(server: GenServer, result: Any) -> None:
+    try:
+        await _maybe_await(result)
+    except _SIGNALS:
+        raise
+    except Exception as exc:
+        await _maybe_await(server.terminate(_describe(exc)))
+        raise
+
+
+def _is_down(ref: hp.MonitorRef) -> Any:
+    return lambda m: type(m) is hp.ProcessMonitorNotification and m.ref == ref
+
+
+async def _await_start(
+    pid: hp.Pid, mref: hp.MonitorRef, port: hp.ReceivePort[Any], tag: int, timeout: float | None
+) -> Reply:
+    """The start acknowledgement with ``tag``; raises ServerDown (the new server's
+    monitor fired) or CallTimeout.
+
+    Removes the monitor in every case; stale replies met on the way are dropped.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    down = hp.match_if(_is_down(mref))
+    chan = hp.match_chan(port)
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        got = await hp.receive(down, chan, timeout=left)
+        if got is None:
+            await hp.unmonitor(mref)
+            raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
+        if type(got) is hp.ProcessMonitorNotification:
+            # The server may have answered (a crash report) just before dying.
+            while (late := await hp.receive_chan(port, timeout=0)) is not None:
+                if late[0] == tag:
+                    return late  # type: ignore[no-any-return]
+            raise ServerDown(got.reason)
+        if got[0] == tag:
+            await hp.unmonitor(mref)
+            return got  # type: ignore[no-any-return]
+
+
+async def _resolve(server: Any, timeout: float | None) -> hp.Pid:
+    if isinstance(server, hp.Pid):
+        return server
+    if isinstance(server, str):
+        pid = hp.whereis(server)
+        if pid is None:
+            raise ServerDown(f"no process registered as {server!r} on this node")
+        return pid
+    if isinstance(server, tuple) and len(server) == 2 and isinstance(server[1], hp.NodeId):
+        name, node = server
+        try:
+            found = await hp.whereis_remote(node, name, timeout=timeout)
+        except hp.NodeUnreachableError as exc:
+            raise ServerDown(f"node {node} unreachable: {exc}") from None
+        if found is None:
+            raise ServerDown(f"no process registered as {name!r} on {node}")
+        return found
+    raise TypeError(f"a server is a Pid, a registered name or (name, NodeId), not {server!r}")
+
+
+async def start(
+    cls: type[GenServer],
+    *args: Any,
+    node: hp.NodeId | None = None,
+    name: str | None = None,
+    link: bool = False,
+    timeout: float | None = 30.0,
+) -> hp.Pid:
+    """Start ``cls`` as a server on ``node`` (default: this node) and wait for its ``init``.
+
+    ``name`` registers the server on its node (``call(name)`` there, ``(name, node)``
+    anywhere). ``link``: the caller and the server are linked both ways once ``init``
+    succeeded (the server dies when the caller dies abnormally and vice versa).
+
+    Raises:
+        StartError: ``init`` raised (with the remote traceback), the name is taken,
+            the server died or ``timeout`` passed before ``init`` returned.
+        SpawnError / NodeUnreachableError: as :func:`hpcproc.spawn`.
+    """
+    return await start_server(
+        cls, args, node=node, name=name, link_to=None, link=link, timeout=timeout
+    )
+
+
+async def start_server(
+    cls: type[GenServer],
+    args: tuple[Any, ...],
+    *,
+    node: hp.NodeId | None,
+    name: str | None,
+    link_to: hp.Pid | None,
+    link: bool,
+    timeout: float | None,
+) -> hp.Pid:
+    """:func:`start` with ``link_to``: the server links to that process (one way) first.
+
+    (Used by supervisors: a child dies with its supervisor, the supervisor only
+    monitors the child.)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, GenServer)):
+        raise TypeError(f"start needs a GenServer subclass, not {cls!r}")
+    me = hp.self_pid()
+    send_port, port = reply_channel()
+    await drop_stale(port)
+    tag = new_tag()
+    back = me if link else link_to
+    if node is None or node == me.node:
+        pid = hp.spawn_local(_server_main, cls, args, name, send_port, tag, back)
+        mref = await hp.monitor(pid)  # before the new process first runs
+    else:
+        pid, mref = await hp.spawn_monitor(
+            node, _server_main, cls, args, name, send_port, tag, back
+        )
+    try:
+        got = await _await_start(pid, mref, port, tag, timeout)
+    except ServerDown as exc:
+        raise StartError(exc.reason) from None
+    except CallTimeout:
+        await hp.kill(pid, "start timed out")
+        raise StartError(f"init did not return within {timeout} s") from None
+    if not got[1]:
+        reason, tb = got[2]
+        raise StartError(reason, tb)
+    if link:
+        await hp.link(pid)
+    return pid
+
+
+async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
+    """Send ``request`` to ``server`` and return its reply (``handle_call``'s value).
+
+    May block up to ``timeout`` seconds (None: until the reply or the server's end).
+
+    Raises:
+        ServerDown: the server is not there, died (``reason``), its node was lost, or
+            ``handle_call`` raised (``remote_traceback`` is the server's traceback).
+            Raised as soon as the server's monitor reports it, not after ``timeout``.
+        CallTimeout: no reply within ``timeout``; nothing of this call stays in the
+            caller's mailbox, and a late reply is dropped.
+        ValueError: the server is the calling process itself.
+    """
+    pid = await _resolve(server, timeout)
+    me = hp.self_pid()
+    if pid == me:
+        raise ValueError("a server cannot call itself (it would wait for its own reply)")
+    send_port, port = reply_channel()
+    await drop_stale(port)  # late replies and down notices of abandoned calls
+    tag = new_tag()
+    waiting = await waiting_for(pid)
+    waiting[tag] = send_port
+    try:
+        await hp.send(pid, (_CALL, (me, send_port, tag), request))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chan = hp.match_chan(port)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = await hp.receive(chan, timeout=left)
+            if got is None:
+                raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
+            if got[0] == tag:
+                break
+    finally:
+        waiting.pop(tag, None)
+    ok = got[1]
+    if ok:
+        return got[2]
+    if ok is None:  # the call watch: the server is down
+        reason = got[2]
+        # It may have answered (a crash report) just before dying.
+        while (late := await hp.receive_chan(port, timeout=0)) is not None:
+            if late[0] == tag and late[1] is False:
+                raise ServerDown(*late[2])
+        text = getattr(reason, "reason", "")
+        if isinstance(text, str) and _TB_MARK in text:  # a handle_call crash
+            head, tb = text.split(_TB_MARK, 1)
+            raise ServerDown(head.removeprefix("_CallCrashed: ").rstrip("\n"), tb)
+        raise ServerDown(reason)
+    raise ServerDown(*got[2])
+
+
+async def cast(server: Any, msg: Any) -> None:
+    """Send ``msg`` to ``server``'s ``handle_cast``; returns at once, dropped silently
+    if the server is gone (as Erlang's ``gen_server:cast``)."""
+    try:
+        pid = await _resolve(server, 5.0)
+    except ServerDown:
+        return
+    await hp.send(pid, (_CAST, msg))
+
+
+async def reply(caller: Caller, value: Any) -> None:
+    """Answer a call later (after ``handle_call`` returned :data:`NOREPLY`); once per call."""
+    await hp.send_chan(caller.port, (caller.tag, True, value))
+
+
+async def stop(server: Any, reason: Any = "normal", timeout: float | None = 5.0) -> None:
+    """Stop ``server``: its ``terminate(reason)`` runs, then it ends; returns once it
+    has ended (abnormally, naming ``reason``, unless ``reason`` is ``"normal"``).
+
+    Raises:
+        ServerDown: the server was not running.
+        CallTimeout: it did not end within ``timeout`` (it is left running).
+    """
+    pid = await _resolve(server, timeout)
+    mref = await hp.monitor(pid)
+    await hp.send(pid, (_STOP, reason))
+    got = await hp.receive(hp.match_if(_is_down(mref)), timeout=timeout)
+    if got is None:
+        await hp.unmonitor(mref)
+        raise CallTimeout(f"{pid!r} did not stop within {timeout} s")
+    if isinstance(got.reason, hp.DiedUnknownId):
+        raise ServerDown(got.reason)
