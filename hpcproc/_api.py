@@ -21,8 +21,8 @@ from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME
 from ._matching import Matcher, match_if
-from ._process import current
-from ._signals import ProcessMonitorNotification, ProcessTerminationException
+from ._process import Kill, current
+from ._signals import ProcessMonitorNotification, ProcessTerminationException, exit_signal
 
 __all__ = [
     "CallError",
@@ -55,7 +55,9 @@ __all__ = [
     "spawn_local",
     "spawn_monitor",
     "terminate",
+    "trap_exits",
     "unlink",
+    "unlink_node",
     "unmonitor",
     "unregister",
     "unsafe_send",
@@ -316,6 +318,34 @@ async def link_node(node: NodeId) -> None:
     """Get ``NodeLinkException`` raised when ``node`` closes or becomes unreachable."""
     proc = current()
     await proc.guarded(proc.node.watches.link_node(proc, node))
+
+
+async def unlink_node(node: NodeId) -> None:
+    """Remove the link to ``node``; no ``NodeLinkException`` for it is raised afterwards."""
+    proc = current()
+    proc.node.watches.unlink_node(proc, node)
+
+
+def trap_exits(flag: bool) -> bool:
+    """Whether the current process receives exit signals as messages; returns the old setting.
+
+    With ``True``, every link signal (a linked process dying abnormally, a linked node
+    going away, ``exit(pid, reason)`` from another process) arrives as an ordinary
+    message, :class:`~hpcproc.ExitSignal` ``(from_, reason)``, taken with
+    ``receive``/``expect`` like any other. With ``False`` (the default) such a signal is
+    raised in the process as the link exception (``ProcessLinkException``,
+    ``NodeLinkException``, ``ProcessExitException``) at whatever await the process is
+    suspended in. A kill is never trapped. A signal already pending when the flag is
+    set is turned into a message too.
+    """
+    proc = current()
+    old = proc.trap_exits
+    proc.trap_exits = bool(flag)
+    sig = proc.pending_signal
+    if flag and sig is not None and not isinstance(sig, Kill):
+        proc.pending_signal = None
+        proc.deliver(exit_signal(sig))
+    return old
 
 
 # ---------------------------------------------------------------------- termination

@@ -338,6 +338,9 @@ class Node:
         if proc.conns:
             self.remote.process_ended(proc)
         self.watches.process_ended(proc)
+        if proc.children:
+            for task in list(proc.children):
+                task.cancel()
         if not proc.watchers and not proc.cancelled() and proc.exception() is not None:
             log.debug("process %r died: %r", proc.pid, proc.exception())
 

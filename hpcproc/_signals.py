@@ -22,6 +22,7 @@ __all__ = [
     "DiedNormal",
     "DiedReason",
     "DiedUnknownId",
+    "ExitSignal",
     "NodeLinkException",
     "NodeMonitorNotification",
     "PortMonitorNotification",
@@ -29,6 +30,7 @@ __all__ = [
     "ProcessLinkException",
     "ProcessMonitorNotification",
     "ProcessTerminationException",
+    "exit_signal",
 ]
 
 
@@ -142,6 +144,31 @@ class ProcessExitException(Exception):
 
     def __str__(self) -> str:
         return f"exit from {self.sender!r}: {self.reason!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitSignal:
+    """An exit signal received as a message by a process that traps exits.
+
+    ``from_`` is the linked process that died (``ProcessLinkException``), the linked
+    node that went away (``NodeLinkException``) or the process that called ``exit``
+    (``ProcessExitException``; None if sent by the node itself); ``reason`` is the
+    :class:`DiedReason` of the death, or the reason given to ``exit``.
+    """
+
+    from_: Pid | NodeId | None
+    reason: Any
+
+
+def exit_signal(sig: BaseException) -> ExitSignal:
+    """The message a trapping process gets instead of the catchable signal ``sig``."""
+    if isinstance(sig, ProcessLinkException):
+        return ExitSignal(sig.pid, sig.reason)
+    if isinstance(sig, NodeLinkException):
+        return ExitSignal(sig.node, sig.reason)
+    if isinstance(sig, ProcessExitException):
+        return ExitSignal(sig.sender, sig.reason)
+    return ExitSignal(None, sig)
 
 
 class ProcessTerminationException(Exception):
