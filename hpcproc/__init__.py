@@ -27,6 +27,7 @@ from __future__ import annotations
 from . import transports
 from ._api import (
     CallError,
+    RemoteError,
     call,
     exit,
     expect,
@@ -124,6 +125,7 @@ __all__ = [
     "ProcessRegistrationException",
     "ProcessTerminationException",
     "ReceivePort",
+    "RemoteError",
     "SendPort",
     "SerializationError",
     "SpawnError",

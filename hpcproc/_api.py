@@ -10,9 +10,10 @@ called outside one. Awaiting functions are where signals land: a link firing or 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
+import inspect
+import traceback
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from ._channels import ReceivePort, SendPort
@@ -20,12 +21,15 @@ from ._copying import copy_message
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME
-from ._matching import Matcher, match_if
+from ._matching import Matcher, match_chan, match_if
 from ._process import Kill, current
 from ._signals import ProcessMonitorNotification, ProcessTerminationException, exit_signal
+from ._spawning import fn_name
+from .serialization import SerializationError
 
 __all__ = [
     "CallError",
+    "RemoteError",
     "call",
     "exit",
     "expect",
@@ -174,7 +178,9 @@ async def send_chan(port: SendPort[T], msg: T) -> None:
     await proc.guarded(proc.node.send_chan(proc, port, msg, True))
 
 
-def receive_chan(port: ReceivePort[T], timeout: float | None = None) -> Coroutine[Any, Any, T | None]:
+def receive_chan(
+    port: ReceivePort[T], timeout: float | None = None
+) -> Coroutine[Any, Any, T | None]:
     """The oldest message of ``port`` (owned by the current process); None on timeout.
 
     Await the result. (A plain function returning the coroutine, as :func:`expect`.)
@@ -225,50 +231,142 @@ async def spawn_monitor(node: NodeId, fn: ProcessFn, *args: Any) -> tuple[Pid, M
     return pid, MonitorRef(pid, proc.pid, ref.n)
 
 
-_call_tags = itertools.count(1)
-
-
-@dataclass(frozen=True, slots=True)
-class _CallResult:
-    tag: int
-    ok: bool
-    value: Any
-
-
 class CallError(Exception):
     """The process started by :func:`call` ended without returning a result."""
 
 
-async def _call_main(caller: Pid, tag: int, fn: ProcessFn, args: tuple[Any, ...]) -> None:
+class RemoteError(Exception):
+    """The remote side of an exception re-raised by :func:`call`.
+
+    Chained as the ``__cause__`` of the re-raised exception (or raised itself when the
+    exception could not be pickled); its text names the node and the function and
+    carries the remote traceback, as formatted there.
+    """
+
+    def __init__(self, text: str, traceback: str) -> None:
+        super().__init__(text)
+        #: The remote traceback, formatted on the node where ``fn`` ran.
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}\n{self.traceback.rstrip()}"
+
+
+def _is_async(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call_method = getattr(type(fn), "__call__", None)  # noqa: B004 (the class's method)
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call_method)
+
+
+async def _call_main(
+    port: SendPort[tuple[bool, Any, str]], fn: ProcessFn, args: tuple[Any, ...]
+) -> None:
     try:
         value = await fn(*args)
     except Exception as exc:
-        await send(caller, _CallResult(tag, False, exc))
+        tb = "".join(traceback.format_exception(exc))
+        try:
+            await send_chan(port, (False, exc, tb))
+        except SerializationError:
+            await send_chan(port, (False, None, tb))
         return
-    await send(caller, _CallResult(tag, True, value))
+    await send_chan(port, (True, value, ""))
 
 
-async def call(node: NodeId, fn: ProcessFn, *args: Any) -> Any:
+async def call(
+    node: NodeId,
+    fn: Callable[..., Coroutine[Any, Any, T]],
+    *args: Any,
+    timeout: float | None = None,
+) -> T:
     """Run ``fn(*args)`` in a new process on ``node`` and return its result.
 
+    ``fn`` must be an ``async def`` function (or a ``functools.partial`` of one, or an
+    object with an ``async def __call__``): anything else is refused with ``TypeError``
+    before anything is sent. On a timeout, a cancellation (``asyncio.wait_for``,
+    ``asyncio.timeout``, a cancelled task) or a signal raised meanwhile, the call
+    stops monitoring the process it started, kills it, and drops its late reply:
+    nothing of the call ever reaches the mailbox.
+
     Raises:
+        TypeError: ``fn`` is not async.
+        TimeoutError: no result within ``timeout`` seconds.
         SpawnError / NodeUnreachableError: as for :func:`spawn`.
-        Exception: what ``fn`` raised (re-raised here when it can be pickled).
+        Exception: what ``fn`` raised, re-raised here with a :class:`RemoteError`
+            (the node, and the remote traceback) as its ``__cause__``; the
+            :class:`RemoteError` itself when the exception could not be pickled.
         CallError: the process died without an answer (killed, disconnected...).
     """
+    if not _is_async(fn):
+        raise TypeError(
+            f"call needs an async function, and {fn_name(fn)} is not one: define it "
+            "with async def (it runs as a process on the node)"
+        )
     proc = current()
-    tag = next(_call_tags)
-    _, ref = await spawn_monitor(node, _call_main, proc.pid, tag, fn, args)
-    got = await receive(
-        match_if(lambda m: type(m) is _CallResult and m.tag == tag),
-        match_if(lambda m: type(m) is ProcessMonitorNotification and m.ref == ref),
-    )
-    if type(got) is ProcessMonitorNotification:
-        raise CallError(f"{fn!r} on node {node} ended without a result: {got.reason!r}")
-    await unmonitor(ref)
-    if got.ok:
-        return got.value
-    raise got.value
+    send_port, port = proc.new_chan()
+    try:
+        # Shielded: a call abandoned while its spawn is in flight still learns the
+        # pid, to kill the process once it exists.
+        spawning = asyncio.ensure_future(spawn_monitor(node, _call_main, send_port, fn, args))
+        try:
+            pid, ref = await asyncio.shield(spawning)
+        except BaseException:
+            spawning.add_done_callback(functools.partial(_abandon_spawned, proc))
+            raise
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            got = await proc.receive(
+                (
+                    match_chan(port, _identity),
+                    match_if(lambda m: type(m) is ProcessMonitorNotification and m.ref == ref),
+                ),
+                timeout,
+            )
+            if type(got) is ProcessMonitorNotification and got.reason.normal:
+                # It returned, so its reply was sent before it ended; the notification
+                # (from the node's controller, another connection) may have overtaken it.
+                left = None if deadline is None else max(deadline - loop.time(), 0.0)
+                got = await proc.receive_chan(port, left)
+        except BaseException:
+            _abandon(proc, pid, ref)
+            raise
+        if got is None:
+            _abandon(proc, pid, ref)
+            raise TimeoutError(
+                f"call of {fn_name(fn)} on {node} returned no result within {timeout} s "
+                "(its process was killed)"
+            )
+        if type(got) is ProcessMonitorNotification:
+            raise CallError(f"{fn_name(fn)} on {node} ended without a result: {got.reason!r}")
+        proc.node.watches.unmonitor(proc, ref)
+    finally:
+        proc.drop_chan(port)
+    ok, value, tb = got
+    if ok:
+        return value  # type: ignore[no-any-return]
+    remote = RemoteError(f"{fn_name(fn)} raised on {node}", tb)
+    if value is None:
+        raise remote
+    raise value from remote
+
+
+def _abandon(proc: Any, pid: Pid, ref: MonitorRef) -> None:
+    """Forget a call that will not be waited for: no notification, no live process."""
+    proc.node.watches.unmonitor(proc, ref)
+    proc.node.kill(proc.pid, pid, "call abandoned (timeout or cancellation)")
+
+
+def _abandon_spawned(proc: Any, spawning: asyncio.Future[tuple[Pid, MonitorRef]]) -> None:
+    if not spawning.cancelled() and spawning.exception() is None:
+        _abandon(proc, *spawning.result())
+
+
+def _identity(msg: Any) -> Any:
+    return msg
 
 
 # ---------------------------------------------------------------------- failure

@@ -554,9 +554,7 @@ class Node:
         """:meth:`stats` of ``node``. Raises NodeUnreachableError."""
         if node == self._node_id:
             return self.stats()
-        stats: NodeStats = await self.controller.request(
-            node, ctl.GetStats, NodeUnreachableError
-        )
+        stats: NodeStats = await self.controller.request(node, ctl.GetStats, NodeUnreachableError)
         return stats
 
     # ------------------------------------------------------------------ sending

@@ -301,6 +301,11 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         self._ports[self._next_port] = port
         return send_port, port
 
+    def drop_chan(self, port: ReceivePort[Any]) -> None:
+        """Close ``port``: what is queued and whatever arrives for it later is dropped."""
+        if self._ports is not None:
+            self._ports.pop(port.send_port.port_id, None)
+
     async def receive_chan(self, port: ReceivePort[T], timeout: float | None) -> T | None:
         """The oldest message of ``port``; None on timeout; see :func:`hpcproc.receive_chan`.
 
@@ -567,9 +572,7 @@ def _acting_for(task: asyncio.Task[Any] | None) -> Process:
         proc = _CURRENT.get(None)
         if proc is not None:
             if proc.done():
-                raise NotInProcessError(
-                    f"this task acts for process {proc.pid}, which has ended"
-                )
+                raise NotInProcessError(f"this task acts for process {proc.pid}, which has ended")
             children = proc.children
             if children is None:
                 children = proc.children = set()
