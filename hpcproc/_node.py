@@ -48,7 +48,13 @@ from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
 from ._process import Kill, Process
 from ._registry import Registry
 from ._remote import BROKEN, RemoteSender
-from ._signals import DiedDisconnect, DiedReason, ProcessExitException
+from ._signals import (
+    DiedDisconnect,
+    DiedException,
+    DiedReason,
+    ProcessExitException,
+    ProcessTerminationException,
+)
 from ._spawning import Spawner, fn_name
 from ._watches import Watches
 from .serialization import deserialize
@@ -72,6 +78,10 @@ log = logging.getLogger("hpcproc")
 
 #: Bound on each graceful step of ``Node.close``.
 CLOSE_STEP_TIMEOUT = 5.0
+
+
+#: The values of ``Node(crash_reports=...)``.
+_CRASH_REPORTS = ("unwatched", "always", "never")
 
 
 class ProcessKilledError(Exception):
@@ -100,6 +110,11 @@ class Node:
     ``log_sink`` receives each formatted ``say`` line of this node's logger
     (default: standard error).
 
+    ``crash_reports`` says when a process that dies of an exception (other than
+    ``terminate()``) logs a crash report (its pid, function, reason and traceback)
+    through this node's logger: ``"unwatched"`` (default) when no link or monitor is
+    told of the death, ``"always"``, or ``"never"``.
+
     The attributes ``spawner``, ``watches``, ``registry``, ``remote`` and
     ``controller`` are the node's parts (see the module docstring), for the process
     layer's own use.
@@ -110,6 +125,7 @@ class Node:
         transport_or_endpoint: Transport | EndPoint,
         *,
         log_sink: Callable[[str], object] | None = None,
+        crash_reports: str = "unwatched",
     ) -> None:
         self._transport: Transport | None = None
         self._endpoint: EndPoint | None = None
@@ -124,6 +140,11 @@ class Node:
                 f"Node needs a Transport or an EndPoint, not {type(transport_or_endpoint).__name__}"
             )
         self._log_sink = log_sink or stderr_sink
+        if crash_reports not in _CRASH_REPORTS:
+            raise ValueError(
+                f"crash_reports={crash_reports!r}: use one of {', '.join(_CRASH_REPORTS)}"
+            )
+        self._crash_reports = crash_reports
         #: The live processes of this node by local id.
         self._procs: dict[int, Process] = {}
         #: ``local_process(lid)``: the live process with local id ``lid``, or None
@@ -341,8 +362,25 @@ class Node:
         if proc.children:
             for task in list(proc.children):
                 task.cancel()
-        if not proc.watchers and not proc.cancelled() and proc.exception() is not None:
-            log.debug("process %r died: %r", proc.pid, proc.exception())
+        if (
+            self._crash_reports != "never"
+            and not proc.cancelled()
+            and proc.exception() is not None
+            and (not proc.watchers or self._crash_reports == "always")
+            and type(proc.exception()) is not ProcessTerminationException
+        ):
+            self._crash_report(proc)
+
+    def _crash_report(self, proc: Process) -> None:
+        """Log, through this node's logger, that ``proc`` died of an exception."""
+        reason = proc.died_reason()
+        assert isinstance(reason, DiedException)
+        told = "" if not proc.watchers else " (its watchers were told)"
+        text = (
+            f"crash report: process {proc.pid} running {proc.body_name()} died of "
+            f"{reason.reason}{told}\n{reason.traceback.rstrip()}"
+        )
+        self.registry.deliver(LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text))
 
     def send_local(self, pid: Pid, msg: Any) -> None:
         """Deliver ``msg`` (already copied as needed) to local ``pid``; dropped if dead."""

@@ -34,6 +34,7 @@ import contextvars
 import inspect
 import logging
 import sys
+import traceback
 from collections import deque
 from collections.abc import Coroutine, Generator, Sequence
 from itertools import islice
@@ -262,8 +263,18 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         exc = self.exception()
         if exc is None:
             return DiedNormal()
-        log.debug("process %r died: %r", self.pid, exc)
-        return DiedException(f"{type(exc).__name__}: {exc}")
+        return DiedException(
+            f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc))
+        )
+
+    def body_name(self) -> str:
+        """The qualified name of the function this process runs (for reports)."""
+        coro = self.get_coro()
+        inner = getattr(coro, "_coro", coro)
+        code = getattr(inner, "cr_code", None)
+        if code is None:
+            return repr(inner)
+        return str(getattr(code, "co_qualname", code.co_name))
 
     # ------------------------------------------------------------------ mailbox, info
 

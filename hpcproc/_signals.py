@@ -10,7 +10,7 @@ its target, which may catch it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._ids import MonitorRef, NodeId, Pid
@@ -56,9 +56,15 @@ class DiedNormal(DiedReason):
 
 @dataclass(frozen=True, slots=True)
 class DiedException(DiedReason):
-    """The process raised, was killed, or did not catch an exit; ``reason`` says which."""
+    """The process raised, was killed, or did not catch an exit; ``reason`` says which.
+
+    ``traceback`` is the traceback of the exception that ended it, formatted on its
+    node ("" for a kill); it is not part of equality, so a reason compares equal to
+    ``DiedException("ValueError: ...")``.
+    """
 
     reason: str
+    traceback: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
