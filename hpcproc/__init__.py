@@ -24,6 +24,8 @@ See DESIGN.md section 4 for the semantics (per-pair ordering, links, monitors, .
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import transports
 from ._api import (
     CallError,
@@ -98,6 +100,7 @@ from .serialization import SerializationError
 
 __all__ = [
     "CallError",
+    "Cluster",
     "DiedDisconnect",
     "DiedException",
     "DiedNodeDown",
@@ -172,3 +175,16 @@ __all__ = [
     "whereis",
     "whereis_remote",
 ]
+
+
+if TYPE_CHECKING:
+    from .run import Cluster
+
+
+def __getattr__(name: str) -> Any:
+    # hp.Cluster lives in hpcproc.run (with the launchers it needs), imported on use.
+    if name == "Cluster":
+        from .run import Cluster
+
+        return Cluster
+    raise AttributeError(f"module 'hpcproc' has no attribute {name!r}")

@@ -14,7 +14,7 @@ import functools
 import inspect
 import traceback
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, get_origin, overload
 
 from ._channels import ReceivePort, SendPort
 from ._copying import copy_message
@@ -136,15 +136,27 @@ async def unsafe_send(pid: Pid, msg: Any) -> None:
     await proc.guarded(node.remote.send(proc, pid, msg))
 
 
+@overload
+def expect(*, timeout: None = None) -> Coroutine[Any, Any, Any]: ...
+@overload
+def expect(*, timeout: float) -> Coroutine[Any, Any, Any | None]: ...
+@overload
+def expect(type_: type[T], timeout: None = None) -> Coroutine[Any, Any, T]: ...
+@overload
+def expect(type_: type[T], timeout: float) -> Coroutine[Any, Any, T | None]: ...
+@overload
+def expect(type_: tuple[type, ...], timeout: float | None = None) -> Coroutine[Any, Any, Any]: ...
+
+
 def expect(
     type_: type | tuple[type, ...] = object, timeout: float | None = None
 ) -> Coroutine[Any, Any, Any]:
     """Take the oldest message that is an instance of ``type_``; others stay queued.
 
-    Await the result. Waits up to ``timeout`` seconds (forever if None; ``0`` only
-    looks at what is queued) and gives ``None`` when nothing matched in time.
-    (A plain function returning the coroutine, so that a waiting process holds no
-    extra frame.)
+    Await the result, typed as ``type_`` (``T | None`` with a ``timeout``). Waits up
+    to ``timeout`` seconds (forever if None; ``0`` only looks at what is queued) and
+    gives ``None`` when nothing matched in time. (A plain function returning the
+    coroutine, so that a waiting process holds no extra frame.)
     """
     return current().receive((), timeout, type_)
 
@@ -167,15 +179,48 @@ def receive(*matchers: Matcher, timeout: float | None = None) -> Coroutine[Any, 
 # ---------------------------------------------------------------------- channels
 
 
-def new_chan() -> tuple[SendPort[Any], ReceivePort[Any]]:
-    """A new typed channel owned by the current process: ``(send_port, receive_port)``."""
-    return current().new_chan()
+@overload
+def new_chan() -> tuple[SendPort[Any], ReceivePort[Any]]: ...
+@overload
+def new_chan(type_: type[T]) -> tuple[SendPort[T], ReceivePort[T]]: ...
+
+
+def new_chan(type_: type[Any] | None = None) -> tuple[SendPort[Any], ReceivePort[Any]]:
+    """A new channel owned by the current process: ``(send_port, receive_port)``.
+
+    With ``type_`` (a class, such as ``int`` or a dataclass), the ports are typed
+    ``SendPort[type_]`` / ``ReceivePort[type_]`` for the type checker, and
+    :func:`send_chan` refuses, with ``TypeError`` at the sender, a message that is not
+    an instance of it (one ``isinstance`` per message). A parameterised type
+    (``list[int]``) is checked by its origin (``list``).
+    """
+    check = type_
+    if type_ is not None:
+        origin = get_origin(type_)
+        if origin is not None:
+            check = origin
+        elif not isinstance(type_, type):
+            raise TypeError(f"new_chan needs a class, such as int, not {type_!r}")
+    return current().new_chan(check)
 
 
 async def send_chan(port: SendPort[T], msg: T) -> None:
-    """Send ``msg`` on channel ``port``; same delivery guarantees as :func:`send`."""
+    """Send ``msg`` on channel ``port``; same delivery guarantees as :func:`send`.
+
+    Raises:
+        TypeError: the channel was made for another type (``new_chan(type_)``).
+        SerializationError: ``msg`` cannot be pickled.
+    """
+    if port.type_ is not None:
+        port.check(msg)
     proc = current()
     await proc.guarded(proc.node.send_chan(proc, port, msg, True))
+
+
+@overload
+def receive_chan(port: ReceivePort[T], timeout: None = None) -> Coroutine[Any, Any, T]: ...
+@overload
+def receive_chan(port: ReceivePort[T], timeout: float) -> Coroutine[Any, Any, T | None]: ...
 
 
 def receive_chan(

@@ -302,10 +302,12 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
 
     # ------------------------------------------------------------------ channels
 
-    def new_chan(self) -> tuple[SendPort[Any], ReceivePort[Any]]:
-        """Create a channel owned by this process."""
+    def new_chan(
+        self, type_: type | tuple[type, ...] | None = None
+    ) -> tuple[SendPort[Any], ReceivePort[Any]]:
+        """Create a channel owned by this process (for messages of ``type_``, if given)."""
         self._next_port += 1
-        send_port: SendPort[Any] = SendPort(self.pid, self._next_port)
+        send_port: SendPort[Any] = SendPort(self.pid, self._next_port, type_)
         port: ReceivePort[Any] = ReceivePort(self, send_port)
         if self._ports is None:
             self._ports = {}

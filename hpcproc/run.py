@@ -88,11 +88,15 @@ EXIT_STATUS_LOST = 1
 
 @dataclass(frozen=True)
 class Cluster:
-    """What ``main(cluster)`` gets: this node and every other one, by rank.
+    """What ``main(cluster)`` gets (``hp.Cluster``): this node and every other one, by rank.
 
-    ``nodes[r]`` is rank ``r``'s node id; ``peers`` are the nodes ``main`` may spawn
-    on: the workers (every rank but 0) in master/worker mode, every other rank with
-    ``--spmd``. ``hosts[r]`` is the host rank ``r`` reported.
+    Fields: ``rank`` (this rank, 0 for the master), ``size`` (the number of ranks),
+    ``node`` (this rank's :class:`~hpcproc.Node`), ``nodes`` (``nodes[r]`` is rank
+    ``r``'s :class:`~hpcproc.NodeId`), ``hosts`` (``hosts[r]`` is the host name rank
+    ``r`` reported), ``info`` (what the launcher detected: job id, ranks, hosts),
+    ``spmd`` (True under ``--spmd``: every rank runs ``main``), and ``peers`` (the
+    nodes ``main`` may spawn on: the workers, every rank but 0, in master/worker
+    mode; every other rank with ``--spmd``).
     """
 
     rank: int

@@ -160,9 +160,7 @@ def test_selective_receives_of_several_tasks_each_get_their_own_type(
     assert run_cluster(kind, servers, body) == ["one", 1]
 
 
-def test_tasks_acting_for_a_process_are_cancelled_when_it_ends(
-    kind: str, servers: Servers
-) -> None:
+def test_tasks_acting_for_a_process_are_cancelled_when_it_ends(kind: str, servers: Servers) -> None:
     async def body(c: Cluster) -> Any:
         seen: list[str] = []
         ended = asyncio.Event()
@@ -236,9 +234,7 @@ def test_uncaught_link_signal_ends_the_process_with_it_not_as_killed(
         run_cluster(kind, servers, body)
 
 
-def test_trap_exits_turns_a_process_link_signal_into_a_message(
-    kind: str, servers: Servers
-) -> None:
+def test_trap_exits_turns_a_process_link_signal_into_a_message(kind: str, servers: Servers) -> None:
     async def body(c: Cluster) -> Any:
         assert hp.trap_exits(True) is False
         pid = await hp.spawn_link(c.b, crash_when_told)
