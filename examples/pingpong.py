@@ -59,7 +59,7 @@ async def game(node_b: hp.NodeId, rounds: int) -> float:
     """Spawn pong on node B and ping here; return the seconds the rounds took."""
     pong_pid = await hp.spawn(node_b, pong)
     ping_pid = await hp.spawn_link(hp.self_node(), ping, pong_pid, rounds, hp.self_pid())
-    hp.say(f"ping {ping_pid} <-> pong {pong_pid}")
+    hp.say(f"ping {ping_pid} <-> pong {pong_pid} on {node_b.full()}")
     elapsed = await hp.expect(float, timeout=120)
     await hp.kill(pong_pid, "game over")
     if elapsed is None:

@@ -99,7 +99,8 @@ async def send(pid: Pid, msg: Any) -> None:
     ``msg`` (see :func:`unsafe_send`).
 
     Raises:
-        SerializationError: ``msg`` cannot be pickled (remote ``pid``).
+        SerializationError: ``msg`` cannot be pickled (whether ``pid`` is local or
+            remote, alive or not).
     """
     proc = current()
     node = proc.node
@@ -107,6 +108,8 @@ async def send(pid: Pid, msg: Any) -> None:
         tp = node.local_process(pid[1])  # pid.lid
         if tp is not None:
             tp.deliver(copy_message(msg))
+        else:
+            copy_message(msg)  # dropped, but refused if unpicklable, as a remote send is
         return
     if proc.pending_signal is None and node.remote.send_nowait(proc, pid, msg):
         return

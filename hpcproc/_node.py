@@ -42,6 +42,7 @@ from ._channels import ChanMessage, SendPort
 from ._controller import Controller
 from ._copying import copy_message
 from ._errors import NodeUnreachableError
+from ._host import host_name
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
@@ -79,6 +80,9 @@ log = logging.getLogger("hpcproc")
 #: Bound on each graceful step of ``Node.close``.
 CLOSE_STEP_TIMEOUT = 5.0
 
+
+#: This host's name, as log records carry it.
+_HOSTNAME = host_name().split(".")[0]
 
 #: The values of ``Node(crash_reports=...)``.
 _CRASH_REPORTS = ("unwatched", "always", "never")
@@ -322,6 +326,7 @@ class Node:
             Exception: whatever ``fn`` raised.
         """
         proc = self.spawner.spawn_local(fn, args)
+        proc.caller_told = True  # the outcome is ours to return or raise
         await asyncio.wait({proc})
         if proc.cancelled():
             raise ProcessKilledError(f"{fn_name(fn)} was killed: {proc.died_reason()!r}")
@@ -366,7 +371,7 @@ class Node:
             self._crash_reports != "never"
             and not proc.cancelled()
             and proc.exception() is not None
-            and (not proc.watchers or self._crash_reports == "always")
+            and (not (proc.watchers or proc.caller_told) or self._crash_reports == "always")
             and type(proc.exception()) is not ProcessTerminationException
         ):
             self._crash_report(proc)
@@ -380,7 +385,9 @@ class Node:
             f"crash report: process {proc.pid} running {proc.body_name()} died of "
             f"{reason.reason}{told}\n{reason.traceback.rstrip()}"
         )
-        self.registry.deliver(LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text))
+        self.registry.deliver(
+            LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text, _HOSTNAME)
+        )
 
     def send_local(self, pid: Pid, msg: Any) -> None:
         """Deliver ``msg`` (already copied as needed) to local ``pid``; dropped if dead."""
@@ -556,7 +563,9 @@ class Node:
 
     def say(self, proc: Process, text: str) -> None:
         """Log ``text`` through the process registered as ``logger`` here (never blocks)."""
-        self.registry.deliver(LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text))
+        self.registry.deliver(
+            LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text, _HOSTNAME)
+        )
 
     # ------------------------------------------------------------------ introspection
 

@@ -98,6 +98,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         "_next_port",
         "_ports",
         "_waiter",
+        "caller_told",
         "children",
         "conns",
         "in_call",
@@ -119,6 +120,9 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
     _epoch: int
     #: True: catchable signals arrive as ExitSignal messages (see trap_exits()).
     trap_exits: bool
+    #: True when how it ends is reported to a caller (``Node.run``), so that no
+    #: crash report is logged for it.
+    caller_told: bool
     #: Tasks other than the process's own that used the API on its behalf; they
     #: are cancelled when it ends.
     children: set[asyncio.Task[Any]] | None
@@ -263,9 +267,11 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         exc = self.exception()
         if exc is None:
             return DiedNormal()
-        return DiedException(
-            f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc))
-        )
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code in _BODY_CODES:
+            tb = tb.tb_next  # the signal's way in (_Body.throw) is no news to the user
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        return DiedException(f"{type(exc).__name__}: {exc}", text)
 
     def body_name(self) -> str:
         """The qualified name of the function this process runs (for reports)."""
@@ -458,6 +464,7 @@ def new_process(
     proc._epoch = 0
     proc.trap_exits = False
     proc.children = None
+    proc.caller_told = False
     proc.pending_signal = None
     proc.in_call = False
     proc.watchers = None
@@ -538,6 +545,9 @@ class _FirstStep(_Body):
     def throw(self, exc: Any, *rest: Any) -> Any:  # type: ignore[override]
         self._enter()
         return _Body.throw(self, exc, *rest)
+
+
+_BODY_CODES = (_Body.throw.__code__, _FirstStep.throw.__code__)
 
 
 def _identity(msg: Any) -> Any:
