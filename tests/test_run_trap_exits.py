@@ -115,3 +115,11 @@ def test_say_lines_and_pids_are_short_and_name_the_rank(
     prefix = line.split("hello from a worker")[0]
     assert "<rank1." in prefix and "nid://" not in prefix, line
     assert len(prefix) < 60, line
+
+
+def test_readme_fault_tolerant_example_runs(ranks: list[Rank], env: dict[str, str]) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "fault_tolerant.py"
+    r = start(ranks, ["--np", "4", f"{example}:main"], env)
+    rc, out = r.finish()
+    assert rc == 0, out
+    assert f"sum of squares: {sum(x * x for x in range(100))} (3 workers left)" in out, out
