@@ -1,10 +1,11 @@
 """The module-level process API (``hp.send``, ``hp.receive``, ``hp.spawn``...).
 
-Every function here acts on the *current process* (found with
-:func:`asyncio.current_task`) and raises :class:`~hpcproc.NotInProcessError` when
-called outside one. Awaiting functions are where signals land: a link firing or an
-``exit`` aimed at the caller is raised from them as ``ProcessLinkException`` /
-``ProcessExitException``.
+Every function here acts on the *current process* (the running task, or the process
+a task it created acts for: see :mod:`hpcproc._process`) and raises
+:class:`~hpcproc.NotInProcessError` when called outside one. A link firing or an
+``exit`` aimed at the process is raised in its own task as ``ProcessLinkException`` /
+``NodeLinkException`` / ``ProcessExitException`` at the await it is in (or arrives as
+an ``ExitSignal`` message with :func:`trap_exits`).
 """
 
 from __future__ import annotations
@@ -172,6 +173,10 @@ def receive(*matchers: Matcher, timeout: float | None = None) -> Coroutine[Any, 
     handler (awaited if it is async). Unmatched messages stay in the mailbox, in
     order. Channel matchers (``match_chan``) are tried when no mailbox message matches.
     Gives ``None`` when nothing matched within ``timeout`` seconds (``0`` polls).
+
+    Any task acting for the process may receive (see :mod:`hpcproc._process`); when
+    several do at once, each message goes to exactly one of them, none is lost or
+    duplicated, and each gets the messages it accepts in arrival order.
 
     Raises:
         ValueError: a ``match_chan`` port belongs to another process.

@@ -25,6 +25,13 @@ after; a process suspended anywhere else (``asyncio.sleep``, a foreign future, a
 enters the process's coroutine (:class:`_Body`), so the signal is raised at that
 await and a ``try``/``except`` around it catches it. A kill always cancels the task
 and is never turned into an exception.
+
+What library code between that await and the process sees is the signal, not a
+cancellation: clean-up in ``finally`` runs, clean-up only in ``except
+CancelledError`` does not. Python 3.11's ``asyncio.wait_for`` is such code: the task
+it wraps its awaitable in keeps running if the process catches the signal (3.12's
+``wait_for`` has no such task). Inside ``async with asyncio.TaskGroup()``, the group
+cancels its tasks and raises the signal in an exception group (``except*``).
 """
 
 from __future__ import annotations
