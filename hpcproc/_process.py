@@ -461,7 +461,7 @@ def new_process(
     A factory rather than ``__init__``: the C ``Task.__init__`` runs directly, and
     the slots are filled here, which makes spawning measurably cheaper.
     """
-    body = _FirstStep(coro)
+    body = _Body(coro)  # type: ignore[abstract]
     proc = Process(body, loop=loop)
     body.proc = proc
     proc.node = node
@@ -496,25 +496,29 @@ class _Body(Coroutine[Any, Any, Any]):
     ``asyncio.sleep``, a foreign future) catches the link exception. (The C task
     throws a cancellation into the *outermost* coroutine, which delegates the throw
     to the innermost: this is the only place where it can be swapped.)
+
+    ``send`` is a slot, not a method: after the first step (which enters the
+    process's context, see :func:`current`) it holds the wrapped coroutine's own C
+    ``send``, so that the task's every step costs no Python frame here.
     """
 
-    __slots__ = ("_coro", "_send", "proc")
+    __slots__ = ("_coro", "proc", "send")
 
     def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
         self._coro = coro
-        self._send = coro.send
+        self.send = self._first_send  # type: ignore[method-assign]
         self.proc: Process | None = None
 
-    def __next__(self) -> Any:
-        return self._send(None)
-
-    def send(self, value: Any) -> Any:
-        return self._send(value)
+    def _first_send(self, value: Any) -> Any:
+        _CURRENT.set(self.proc)  # type: ignore[arg-type]
+        self.send = send = self._coro.send  # type: ignore[method-assign]
+        return send(value)
 
     def throw(self, exc: Any, *rest: Any) -> Any:  # type: ignore[override]
+        proc = self.proc
+        assert proc is not None
+        _CURRENT.set(proc)  # in case this is the first step
         if type(exc) is asyncio.CancelledError:
-            proc = self.proc
-            assert proc is not None
             sig = proc.pending_signal
             if sig is not None and not isinstance(sig, Kill):
                 proc.pending_signal = None
@@ -526,35 +530,13 @@ class _Body(Coroutine[Any, Any, Any]):
         self._coro.close()
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return self  # type: ignore[return-value]
+        return self._coro.__await__()
 
     def __repr__(self) -> str:
         return repr(self._coro)
 
 
-class _FirstStep(_Body):
-    """A :class:`_Body` before its first step, which enters the process's context."""
-
-    __slots__ = ()
-
-    def _enter(self) -> None:
-        _CURRENT.set(self.proc)  # type: ignore[arg-type]
-        self.__class__ = _Body  # type: ignore[assignment]
-
-    def __next__(self) -> Any:
-        self._enter()
-        return self._send(None)
-
-    def send(self, value: Any) -> Any:
-        self._enter()
-        return self._send(value)
-
-    def throw(self, exc: Any, *rest: Any) -> Any:  # type: ignore[override]
-        self._enter()
-        return _Body.throw(self, exc, *rest)
-
-
-_BODY_CODES = (_Body.throw.__code__, _FirstStep.throw.__code__)
+_BODY_CODES = (_Body.throw.__code__,)
 
 
 def _identity(msg: Any) -> Any:
