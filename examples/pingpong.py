@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hpcproc as hp
 from hpcproc.testing.node_server import NodeServerProcess
@@ -60,7 +59,7 @@ async def game(node_b: hp.NodeId, rounds: int) -> float:
     """Spawn pong on node B and ping here; return the seconds the rounds took."""
     pong_pid = await hp.spawn(node_b, pong)
     ping_pid = await hp.spawn_link(hp.self_node(), ping, pong_pid, rounds, hp.self_pid())
-    hp.say(f"ping {ping_pid} <-> pong {pong_pid}")
+    hp.say(f"ping {ping_pid} <-> pong {pong_pid} on {node_b.full()}")
     elapsed = await hp.expect(float, timeout=120)
     await hp.kill(pong_pid, "game over")
     if elapsed is None:
@@ -68,7 +67,7 @@ async def game(node_b: hp.NodeId, rounds: int) -> float:
     return float(elapsed)
 
 
-async def main(cluster: Any) -> int:
+async def main(cluster: hp.Cluster) -> int:
     """``python -m hpcproc.run examples/pingpong.py:main``: rank 0 plays a game with
     every worker node in turn (pong there, ping here); ``PINGPONG_ROUNDS`` (1000)."""
     rounds = int(os.environ.get("PINGPONG_ROUNDS", "1000"))

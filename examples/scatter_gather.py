@@ -25,7 +25,7 @@ async def partial_sums(master: hp.Pid, index: int, chunk: np.ndarray[Any, Any]) 
     await hp.send(master, (index, socket.gethostname(), float(np.square(chunk).sum()), chunk.size))
 
 
-async def main(cluster: Any) -> int:
+async def main(cluster: hp.Cluster) -> int:
     """Master: scatter, gather, verify; returns the exit status (0 when correct).
 
     Every worker process is monitored: one that dies (or whose node dies) makes

@@ -24,9 +24,12 @@ See DESIGN.md section 4 for the semantics (per-pair ordering, links, monitors, .
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import transports
 from ._api import (
     CallError,
+    RemoteError,
     call,
     exit,
     expect,
@@ -56,7 +59,9 @@ from ._api import (
     spawn_local,
     spawn_monitor,
     terminate,
+    trap_exits,
     unlink,
+    unlink_node,
     unmonitor,
     unregister,
     unsafe_send,
@@ -83,6 +88,7 @@ from ._signals import (
     DiedNormal,
     DiedReason,
     DiedUnknownId,
+    ExitSignal,
     NodeLinkException,
     NodeMonitorNotification,
     PortMonitorNotification,
@@ -95,12 +101,14 @@ from .serialization import SerializationError
 
 __all__ = [
     "CallError",
+    "Cluster",
     "DiedDisconnect",
     "DiedException",
     "DiedNodeDown",
     "DiedNormal",
     "DiedReason",
     "DiedUnknownId",
+    "ExitSignal",
     "JoinError",
     "LogRecord",
     "Matcher",
@@ -124,6 +132,7 @@ __all__ = [
     "ProcessRegistrationException",
     "ProcessTerminationException",
     "ReceivePort",
+    "RemoteError",
     "SendPort",
     "SerializationError",
     "SpawnError",
@@ -164,10 +173,25 @@ __all__ = [
     "spawn_monitor",
     "terminate",
     "transports",
+    "trap_exits",
     "unlink",
+    "unlink_node",
     "unmonitor",
     "unregister",
     "unsafe_send",
     "whereis",
     "whereis_remote",
 ]
+
+
+if TYPE_CHECKING:
+    from .run import Cluster
+
+
+def __getattr__(name: str) -> Any:
+    # hp.Cluster lives in hpcproc.run (with the launchers it needs), imported on use.
+    if name == "Cluster":
+        from .run import Cluster
+
+        return Cluster
+    raise AttributeError(f"module 'hpcproc' has no attribute {name!r}")

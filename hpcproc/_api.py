@@ -1,31 +1,36 @@
 """The module-level process API (``hp.send``, ``hp.receive``, ``hp.spawn``...).
 
-Every function here acts on the *current process* (found with
-:func:`asyncio.current_task`) and raises :class:`~hpcproc.NotInProcessError` when
-called outside one. Awaiting functions are where signals land: a link firing or an
-``exit`` aimed at the caller is raised from them as ``ProcessLinkException`` /
-``ProcessExitException``.
+Every function here acts on the *current process* (the running task, or the process
+a task it created acts for: see :mod:`hpcproc._process`) and raises
+:class:`~hpcproc.NotInProcessError` when called outside one. A link firing or an
+``exit`` aimed at the process is raised in its own task as ``ProcessLinkException`` /
+``NodeLinkException`` / ``ProcessExitException`` at the await it is in (or arrives as
+an ``ExitSignal`` message with :func:`trap_exits`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import functools
+import inspect
+import traceback
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, get_origin, overload
 
 from ._channels import ReceivePort, SendPort
 from ._copying import copy_message
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME
-from ._matching import Matcher, match_if
-from ._process import current
-from ._signals import ProcessMonitorNotification, ProcessTerminationException
+from ._matching import Matcher, match_chan, match_if
+from ._process import Kill, current
+from ._signals import ProcessMonitorNotification, ProcessTerminationException, exit_signal
+from ._spawning import fn_name
+from .serialization import SerializationError
 
 __all__ = [
     "CallError",
+    "RemoteError",
     "call",
     "exit",
     "expect",
@@ -55,7 +60,9 @@ __all__ = [
     "spawn_local",
     "spawn_monitor",
     "terminate",
+    "trap_exits",
     "unlink",
+    "unlink_node",
     "unmonitor",
     "unregister",
     "unsafe_send",
@@ -93,7 +100,8 @@ async def send(pid: Pid, msg: Any) -> None:
     ``msg`` (see :func:`unsafe_send`).
 
     Raises:
-        SerializationError: ``msg`` cannot be pickled (remote ``pid``).
+        SerializationError: ``msg`` cannot be pickled (whether ``pid`` is local or
+            remote, alive or not).
     """
     proc = current()
     node = proc.node
@@ -101,6 +109,8 @@ async def send(pid: Pid, msg: Any) -> None:
         tp = node.local_process(pid[1])  # pid.lid
         if tp is not None:
             tp.deliver(copy_message(msg))
+        else:
+            copy_message(msg)  # dropped, but refused if unpicklable, as a remote send is
         return
     if proc.pending_signal is None and node.remote.send_nowait(proc, pid, msg):
         return
@@ -130,15 +140,27 @@ async def unsafe_send(pid: Pid, msg: Any) -> None:
     await proc.guarded(node.remote.send(proc, pid, msg))
 
 
+@overload
+def expect(*, timeout: None = None) -> Coroutine[Any, Any, Any]: ...
+@overload
+def expect(*, timeout: float) -> Coroutine[Any, Any, Any | None]: ...
+@overload
+def expect(type_: type[T], timeout: None = None) -> Coroutine[Any, Any, T]: ...
+@overload
+def expect(type_: type[T], timeout: float) -> Coroutine[Any, Any, T | None]: ...
+@overload
+def expect(type_: tuple[type, ...], timeout: float | None = None) -> Coroutine[Any, Any, Any]: ...
+
+
 def expect(
     type_: type | tuple[type, ...] = object, timeout: float | None = None
 ) -> Coroutine[Any, Any, Any]:
     """Take the oldest message that is an instance of ``type_``; others stay queued.
 
-    Await the result. Waits up to ``timeout`` seconds (forever if None; ``0`` only
-    looks at what is queued) and gives ``None`` when nothing matched in time.
-    (A plain function returning the coroutine, so that a waiting process holds no
-    extra frame.)
+    Await the result, typed as ``type_`` (``T | None`` with a ``timeout``). Waits up
+    to ``timeout`` seconds (forever if None; ``0`` only looks at what is queued) and
+    gives ``None`` when nothing matched in time. (A plain function returning the
+    coroutine, so that a waiting process holds no extra frame.)
     """
     return current().receive((), timeout, type_)
 
@@ -152,6 +174,10 @@ def receive(*matchers: Matcher, timeout: float | None = None) -> Coroutine[Any, 
     order. Channel matchers (``match_chan``) are tried when no mailbox message matches.
     Gives ``None`` when nothing matched within ``timeout`` seconds (``0`` polls).
 
+    Any task acting for the process may receive (see :mod:`hpcproc._process`); when
+    several do at once, each message goes to exactly one of them, none is lost or
+    duplicated, and each gets the messages it accepts in arrival order.
+
     Raises:
         ValueError: a ``match_chan`` port belongs to another process.
     """
@@ -161,18 +187,53 @@ def receive(*matchers: Matcher, timeout: float | None = None) -> Coroutine[Any, 
 # ---------------------------------------------------------------------- channels
 
 
-def new_chan() -> tuple[SendPort[Any], ReceivePort[Any]]:
-    """A new typed channel owned by the current process: ``(send_port, receive_port)``."""
-    return current().new_chan()
+@overload
+def new_chan() -> tuple[SendPort[Any], ReceivePort[Any]]: ...
+@overload
+def new_chan(type_: type[T]) -> tuple[SendPort[T], ReceivePort[T]]: ...
+
+
+def new_chan(type_: type[Any] | None = None) -> tuple[SendPort[Any], ReceivePort[Any]]:
+    """A new channel owned by the current process: ``(send_port, receive_port)``.
+
+    With ``type_`` (a class, such as ``int`` or a dataclass), the ports are typed
+    ``SendPort[type_]`` / ``ReceivePort[type_]`` for the type checker, and
+    :func:`send_chan` refuses, with ``TypeError`` at the sender, a message that is not
+    an instance of it (one ``isinstance`` per message). A parameterised type
+    (``list[int]``) is checked by its origin (``list``).
+    """
+    check = type_
+    if type_ is not None:
+        origin = get_origin(type_)
+        if origin is not None:
+            check = origin
+        elif not isinstance(type_, type):
+            raise TypeError(f"new_chan needs a class, such as int, not {type_!r}")
+    return current().new_chan(check)
 
 
 async def send_chan(port: SendPort[T], msg: T) -> None:
-    """Send ``msg`` on channel ``port``; same delivery guarantees as :func:`send`."""
+    """Send ``msg`` on channel ``port``; same delivery guarantees as :func:`send`.
+
+    Raises:
+        TypeError: the channel was made for another type (``new_chan(type_)``).
+        SerializationError: ``msg`` cannot be pickled.
+    """
+    if port.type_ is not None:
+        port.check(msg)
     proc = current()
     await proc.guarded(proc.node.send_chan(proc, port, msg, True))
 
 
-def receive_chan(port: ReceivePort[T], timeout: float | None = None) -> Coroutine[Any, Any, T | None]:
+@overload
+def receive_chan(port: ReceivePort[T], timeout: None = None) -> Coroutine[Any, Any, T]: ...
+@overload
+def receive_chan(port: ReceivePort[T], timeout: float) -> Coroutine[Any, Any, T | None]: ...
+
+
+def receive_chan(
+    port: ReceivePort[T], timeout: float | None = None
+) -> Coroutine[Any, Any, T | None]:
     """The oldest message of ``port`` (owned by the current process); None on timeout.
 
     Await the result. (A plain function returning the coroutine, as :func:`expect`.)
@@ -223,50 +284,142 @@ async def spawn_monitor(node: NodeId, fn: ProcessFn, *args: Any) -> tuple[Pid, M
     return pid, MonitorRef(pid, proc.pid, ref.n)
 
 
-_call_tags = itertools.count(1)
-
-
-@dataclass(frozen=True, slots=True)
-class _CallResult:
-    tag: int
-    ok: bool
-    value: Any
-
-
 class CallError(Exception):
     """The process started by :func:`call` ended without returning a result."""
 
 
-async def _call_main(caller: Pid, tag: int, fn: ProcessFn, args: tuple[Any, ...]) -> None:
+class RemoteError(Exception):
+    """The remote side of an exception re-raised by :func:`call`.
+
+    Chained as the ``__cause__`` of the re-raised exception (or raised itself when the
+    exception could not be pickled); its text names the node and the function and
+    carries the remote traceback, as formatted there.
+    """
+
+    def __init__(self, text: str, traceback: str) -> None:
+        super().__init__(text)
+        #: The remote traceback, formatted on the node where ``fn`` ran.
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}\n{self.traceback.rstrip()}"
+
+
+def _is_async(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call_method = getattr(type(fn), "__call__", None)  # noqa: B004 (the class's method)
+    return not inspect.isfunction(fn) and inspect.iscoroutinefunction(call_method)
+
+
+async def _call_main(
+    port: SendPort[tuple[bool, Any, str]], fn: ProcessFn, args: tuple[Any, ...]
+) -> None:
     try:
         value = await fn(*args)
     except Exception as exc:
-        await send(caller, _CallResult(tag, False, exc))
+        tb = "".join(traceback.format_exception(exc))
+        try:
+            await send_chan(port, (False, exc, tb))
+        except SerializationError:
+            await send_chan(port, (False, None, tb))
         return
-    await send(caller, _CallResult(tag, True, value))
+    await send_chan(port, (True, value, ""))
 
 
-async def call(node: NodeId, fn: ProcessFn, *args: Any) -> Any:
+async def call(
+    node: NodeId,
+    fn: Callable[..., Coroutine[Any, Any, T]],
+    *args: Any,
+    timeout: float | None = None,
+) -> T:
     """Run ``fn(*args)`` in a new process on ``node`` and return its result.
 
+    ``fn`` must be an ``async def`` function (or a ``functools.partial`` of one, or an
+    object with an ``async def __call__``): anything else is refused with ``TypeError``
+    before anything is sent. On a timeout, a cancellation (``asyncio.wait_for``,
+    ``asyncio.timeout``, a cancelled task) or a signal raised meanwhile, the call
+    stops monitoring the process it started, kills it, and drops its late reply:
+    nothing of the call ever reaches the mailbox.
+
     Raises:
+        TypeError: ``fn`` is not async.
+        TimeoutError: no result within ``timeout`` seconds.
         SpawnError / NodeUnreachableError: as for :func:`spawn`.
-        Exception: what ``fn`` raised (re-raised here when it can be pickled).
+        Exception: what ``fn`` raised, re-raised here with a :class:`RemoteError`
+            (the node, and the remote traceback) as its ``__cause__``; the
+            :class:`RemoteError` itself when the exception could not be pickled.
         CallError: the process died without an answer (killed, disconnected...).
     """
+    if not _is_async(fn):
+        raise TypeError(
+            f"call needs an async function, and {fn_name(fn)} is not one: define it "
+            "with async def (it runs as a process on the node)"
+        )
     proc = current()
-    tag = next(_call_tags)
-    _, ref = await spawn_monitor(node, _call_main, proc.pid, tag, fn, args)
-    got = await receive(
-        match_if(lambda m: type(m) is _CallResult and m.tag == tag),
-        match_if(lambda m: type(m) is ProcessMonitorNotification and m.ref == ref),
-    )
-    if type(got) is ProcessMonitorNotification:
-        raise CallError(f"{fn!r} on node {node} ended without a result: {got.reason!r}")
-    await unmonitor(ref)
-    if got.ok:
-        return got.value
-    raise got.value
+    send_port, port = proc.new_chan()
+    try:
+        # Shielded: a call abandoned while its spawn is in flight still learns the
+        # pid, to kill the process once it exists.
+        spawning = asyncio.ensure_future(spawn_monitor(node, _call_main, send_port, fn, args))
+        try:
+            pid, ref = await asyncio.shield(spawning)
+        except BaseException:
+            spawning.add_done_callback(functools.partial(_abandon_spawned, proc))
+            raise
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            got = await proc.receive(
+                (
+                    match_chan(port, _identity),
+                    match_if(lambda m: type(m) is ProcessMonitorNotification and m.ref == ref),
+                ),
+                timeout,
+            )
+            if type(got) is ProcessMonitorNotification and got.reason.normal:
+                # It returned, so its reply was sent before it ended; the notification
+                # (from the node's controller, another connection) may have overtaken it.
+                left = None if deadline is None else max(deadline - loop.time(), 0.0)
+                got = await proc.receive_chan(port, left)
+        except BaseException:
+            _abandon(proc, pid, ref)
+            raise
+        if got is None:
+            _abandon(proc, pid, ref)
+            raise TimeoutError(
+                f"call of {fn_name(fn)} on {node} returned no result within {timeout} s "
+                "(its process was killed)"
+            )
+        if type(got) is ProcessMonitorNotification:
+            raise CallError(f"{fn_name(fn)} on {node} ended without a result: {got.reason!r}")
+        proc.node.watches.unmonitor(proc, ref)
+    finally:
+        proc.drop_chan(port)
+    ok, value, tb = got
+    if ok:
+        return value  # type: ignore[no-any-return]
+    remote = RemoteError(f"{fn_name(fn)} raised on {node}", tb)
+    if value is None:
+        raise remote
+    raise value from remote
+
+
+def _abandon(proc: Any, pid: Pid, ref: MonitorRef) -> None:
+    """Forget a call that will not be waited for: no notification, no live process."""
+    proc.node.watches.unmonitor(proc, ref)
+    proc.node.kill(proc.pid, pid, "call abandoned (timeout or cancellation)")
+
+
+def _abandon_spawned(proc: Any, spawning: asyncio.Future[tuple[Pid, MonitorRef]]) -> None:
+    if not spawning.cancelled() and spawning.exception() is None:
+        _abandon(proc, *spawning.result())
+
+
+def _identity(msg: Any) -> Any:
+    return msg
 
 
 # ---------------------------------------------------------------------- failure
@@ -316,6 +469,34 @@ async def link_node(node: NodeId) -> None:
     """Get ``NodeLinkException`` raised when ``node`` closes or becomes unreachable."""
     proc = current()
     await proc.guarded(proc.node.watches.link_node(proc, node))
+
+
+async def unlink_node(node: NodeId) -> None:
+    """Remove the link to ``node``; no ``NodeLinkException`` for it is raised afterwards."""
+    proc = current()
+    proc.node.watches.unlink_node(proc, node)
+
+
+def trap_exits(flag: bool) -> bool:
+    """Whether the current process receives exit signals as messages; returns the old setting.
+
+    With ``True``, every link signal (a linked process dying abnormally, a linked node
+    going away, ``exit(pid, reason)`` from another process) arrives as an ordinary
+    message, :class:`~hpcproc.ExitSignal` ``(from_, reason)``, taken with
+    ``receive``/``expect`` like any other. With ``False`` (the default) such a signal is
+    raised in the process as the link exception (``ProcessLinkException``,
+    ``NodeLinkException``, ``ProcessExitException``) at whatever await the process is
+    suspended in. A kill is never trapped. A signal already pending when the flag is
+    set is turned into a message too.
+    """
+    proc = current()
+    old = proc.trap_exits
+    proc.trap_exits = bool(flag)
+    sig = proc.pending_signal
+    if flag and sig is not None and not isinstance(sig, Kill):
+        proc.pending_signal = None
+        proc.deliver(exit_signal(sig))
+    return old
 
 
 # ---------------------------------------------------------------------- termination

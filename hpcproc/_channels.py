@@ -23,17 +23,26 @@ T = TypeVar("T")
 
 
 class SendPort(Generic[T]):
-    """The sending end of a channel: the owner's pid and the channel's number."""
+    """The sending end of a channel: the owner's pid and the channel's number.
 
-    __slots__ = ("_hash", "owner", "port_id")
+    ``type_`` is the class (or tuple of classes) the channel was made for with
+    ``new_chan(type_)``; ``send_chan`` checks each message against it with
+    ``isinstance`` (None: no check).
+    """
+
+    __slots__ = ("_hash", "owner", "port_id", "type_")
 
     owner: Pid
     port_id: int
+    type_: type | tuple[type, ...] | None
     _hash: int
 
-    def __init__(self, owner: Pid, port_id: int) -> None:
+    def __init__(
+        self, owner: Pid, port_id: int, type_: type | tuple[type, ...] | None = None
+    ) -> None:
         object.__setattr__(self, "owner", owner)
         object.__setattr__(self, "port_id", port_id)
+        object.__setattr__(self, "type_", type_)
         object.__setattr__(self, "_hash", hash((owner, port_id)))
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -48,7 +57,16 @@ class SendPort(Generic[T]):
         return self._hash
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (SendPort, (self.owner, self.port_id))
+        if self.type_ is None:
+            return (SendPort, (self.owner, self.port_id))
+        return (SendPort, (self.owner, self.port_id, self.type_))
+
+    def check(self, msg: Any) -> None:
+        """Raise ``TypeError`` if ``msg`` is not of this channel's type."""
+        t = self.type_
+        if t is not None and not isinstance(msg, t):
+            names = " or ".join(c.__name__ for c in (t if isinstance(t, tuple) else (t,)))
+            raise TypeError(f"a channel of {names} cannot carry {type(msg).__name__} {msg!r:.80}")
 
     def __repr__(self) -> str:
         return f"SendPort({self.owner!r}, {self.port_id})"

@@ -25,6 +25,7 @@ from ._signals import (
     PortMonitorNotification,
     ProcessMonitorNotification,
 )
+from .serialization import SerializationError
 
 __all__ = ["copy_message", "is_immutable"]
 
@@ -68,13 +69,16 @@ def copy_message(msg: Any) -> Any:
     """Return ``msg`` itself if immutable, else a deep copy made through pickle.
 
     Raises:
-        pickle.PicklingError (or the error cloudpickle raises): ``msg`` cannot be
-            pickled, so it could not be sent to another node either.
+        SerializationError: ``msg`` cannot be pickled, so it could not be sent to
+            another node either (the same error a remote send raises).
     """
     if is_immutable(msg):
         return msg
     try:
         data = pickle.dumps(msg, protocol=5)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        data = cloudpickle.dumps(msg, protocol=5)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        try:
+            data = cloudpickle.dumps(msg, protocol=5)
+        except Exception as exc2:
+            raise SerializationError(f"cannot serialize {type(msg).__name__}: {exc2}") from exc
     return pickle.loads(data)

@@ -6,12 +6,13 @@ never copied by a local ``send``.
 
 from __future__ import annotations
 
+import hashlib
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from .transports.base import EndPointAddress
 
-__all__ = ["MonitorRef", "NodeId", "Pid"]
+__all__ = ["MonitorRef", "NodeId", "Pid", "label_node"]
 
 
 class NodeId:
@@ -24,11 +25,18 @@ class NodeId:
     hashing are by identity, done in C (a pid's hash and every "is this pid local?"
     test use them). The table grows with the number of distinct nodes ever seen,
     which is the size of the cluster.
+
+    It prints short: ``str(nid)`` is its label, ``rank3`` under ``hpcproc.run``
+    (:func:`label_node`, the same on every rank) or else ``n`` and four hex digits of
+    a hash of its address (the same in every Python process, so that a message
+    formatted on another node names nodes as this one does); :meth:`full` gives the
+    address, as ``repr`` does.
     """
 
-    __slots__ = ("_key", "address")
+    __slots__ = ("_key", "_label", "address")
 
     address: EndPointAddress
+    _label: str | None
     #: The address as plain bytes (what pickles carry; an EndPointAddress would not
     #: pickle without a class reference).
     _key: bytes
@@ -40,6 +48,7 @@ class NodeId:
             nid = object.__new__(cls)
             object.__setattr__(nid, "address", EndPointAddress(key))
             object.__setattr__(nid, "_key", key)
+            object.__setattr__(nid, "_label", None)
             _interned[key] = nid
         return nid
 
@@ -53,14 +62,35 @@ class NodeId:
         return f"NodeId({bytes(self.address)!r})"
 
     def __str__(self) -> str:
+        return self.label
+
+    @property
+    def label(self) -> str:
+        """The short name this node prints as (see the class docstring)."""
+        label = self._label
+        if label is None:
+            label = "n" + hashlib.blake2b(self._key, digest_size=2).hexdigest()
+            object.__setattr__(self, "_label", label)
+        return label
+
+    def full(self) -> str:
+        """The node's full address: ``nid://tcp://10.0.0.3:4242/...``."""
         return f"nid://{bytes(self.address).decode('utf-8', 'backslashreplace')}"
 
 
 _interned: dict[bytes, NodeId] = {}
 
 
+def label_node(nid: NodeId, label: str) -> None:
+    """Make ``nid`` print as ``label`` in this Python process (``hpcproc.run``: rank)."""
+    object.__setattr__(nid, "_label", label)
+
+
 class Pid(tuple):  # type: ignore[type-arg]
     """Identifies a process: the node it runs on and a number unique on that node.
+
+    Prints short, as ``<node label.number>`` (``<rank1.42>``); :meth:`full` names
+    the node's address.
 
     Numbers are never reused while a node lives, so a Pid never names a later process.
     (A tuple underneath, so that hashing and comparing are done in C.)
@@ -92,7 +122,11 @@ class Pid(tuple):  # type: ignore[type-arg]
         return (_pid, (self[0]._key, self[1]))
 
     def __repr__(self) -> str:
-        return f"<pid {self[0]}:{self[1]}>"
+        return f"<{self[0].label}.{self[1]}>"
+
+    def full(self) -> str:
+        """The pid with its node's full address: ``<pid nid://...:42>``."""
+        return f"<pid {self[0].full()}:{self[1]}>"
 
 
 def _pid(address: bytes, lid: int) -> Pid:

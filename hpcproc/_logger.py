@@ -30,13 +30,16 @@ class LogRecord:
     node: NodeId
     pid: Pid
     text: str
+    #: The host the record was made on.
+    host: str = ""
 
 
 def format_record(rec: LogRecord) -> str:
-    """``2026-01-31 12:00:00.123 nid://... <pid ...>: text``"""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.time))
+    """``12:00:00.123 host1 <rank1.42>: text`` (local time, host, the short pid)."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(rec.time))
     millis = int((rec.time % 1) * 1000)
-    return f"{stamp}.{millis:03d} {rec.node} {rec.pid!r}: {rec.text}"
+    host = f" {rec.host}" if rec.host else ""
+    return f"{stamp}.{millis:03d}{host} {rec.pid!r}: {rec.text}"
 
 
 def stderr_sink(line: str) -> None:

@@ -286,7 +286,7 @@ async def join(
     """Make this node a member of the cluster of the node at ``address``.
 
     ``address`` is that member's node id, its endpoint address (bytes) or the text of
-    either (``"tcp://host:port/..."`` or ``str(node_id)``). Both nodes must share the
+    either (``"tcp://host:port/..."`` or ``node_id.full()``). Both nodes must share the
     cookie (the transport's handshake refuses a node without it). Returns the other
     members once the contacted one has answered; members it did not know yet are met
     in the background and announced as :class:`NodeUp`. Joining a cluster this node
@@ -329,7 +329,7 @@ def _node_id(address: NodeId | bytes | str) -> NodeId:
         if text.partition(":")[0] not in available():
             raise ValueError(
                 f"{address!r} is not a node address: give the member's full endpoint"
-                " address as it prints it (str(node_id), e.g. nid://tcp://host:port/...;"
+                " address as node_id.full() prints it (e.g. nid://tcp://host:port/...;"
                 f" it starts with a transport name: {', '.join(available())})"
             )
         return NodeId(text.encode())

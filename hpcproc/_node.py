@@ -42,13 +42,20 @@ from ._channels import ChanMessage, SendPort
 from ._controller import Controller
 from ._copying import copy_message
 from ._errors import NodeUnreachableError
+from ._host import host_name
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
 from ._process import Kill, Process
 from ._registry import Registry
 from ._remote import BROKEN, RemoteSender
-from ._signals import DiedDisconnect, DiedReason, ProcessExitException
+from ._signals import (
+    DiedDisconnect,
+    DiedException,
+    DiedReason,
+    ProcessExitException,
+    ProcessTerminationException,
+)
 from ._spawning import Spawner, fn_name
 from ._watches import Watches
 from .serialization import deserialize
@@ -72,6 +79,13 @@ log = logging.getLogger("hpcproc")
 
 #: Bound on each graceful step of ``Node.close``.
 CLOSE_STEP_TIMEOUT = 5.0
+
+
+#: This host's name, as log records carry it.
+_HOSTNAME = host_name().split(".")[0]
+
+#: The values of ``Node(crash_reports=...)``.
+_CRASH_REPORTS = ("unwatched", "always", "never")
 
 
 class ProcessKilledError(Exception):
@@ -100,6 +114,11 @@ class Node:
     ``log_sink`` receives each formatted ``say`` line of this node's logger
     (default: standard error).
 
+    ``crash_reports`` says when a process that dies of an exception (other than
+    ``terminate()``) logs a crash report (its pid, function, reason and traceback)
+    through this node's logger: ``"unwatched"`` (default) when no link or monitor is
+    told of the death, ``"always"``, or ``"never"``.
+
     The attributes ``spawner``, ``watches``, ``registry``, ``remote`` and
     ``controller`` are the node's parts (see the module docstring), for the process
     layer's own use.
@@ -110,6 +129,7 @@ class Node:
         transport_or_endpoint: Transport | EndPoint,
         *,
         log_sink: Callable[[str], object] | None = None,
+        crash_reports: str = "unwatched",
     ) -> None:
         self._transport: Transport | None = None
         self._endpoint: EndPoint | None = None
@@ -124,6 +144,11 @@ class Node:
                 f"Node needs a Transport or an EndPoint, not {type(transport_or_endpoint).__name__}"
             )
         self._log_sink = log_sink or stderr_sink
+        if crash_reports not in _CRASH_REPORTS:
+            raise ValueError(
+                f"crash_reports={crash_reports!r}: use one of {', '.join(_CRASH_REPORTS)}"
+            )
+        self._crash_reports = crash_reports
         #: The live processes of this node by local id.
         self._procs: dict[int, Process] = {}
         #: ``local_process(lid)``: the live process with local id ``lid``, or None
@@ -301,6 +326,7 @@ class Node:
             Exception: whatever ``fn`` raised.
         """
         proc = self.spawner.spawn_local(fn, args)
+        proc.caller_told = True  # the outcome is ours to return or raise
         await asyncio.wait({proc})
         if proc.cancelled():
             raise ProcessKilledError(f"{fn_name(fn)} was killed: {proc.died_reason()!r}")
@@ -338,8 +364,30 @@ class Node:
         if proc.conns:
             self.remote.process_ended(proc)
         self.watches.process_ended(proc)
-        if not proc.watchers and not proc.cancelled() and proc.exception() is not None:
-            log.debug("process %r died: %r", proc.pid, proc.exception())
+        if proc.children:
+            for task in list(proc.children):
+                task.cancel()
+        if (
+            self._crash_reports != "never"
+            and not proc.cancelled()
+            and proc.exception() is not None
+            and (not (proc.watchers or proc.caller_told) or self._crash_reports == "always")
+            and type(proc.exception()) is not ProcessTerminationException
+        ):
+            self._crash_report(proc)
+
+    def _crash_report(self, proc: Process) -> None:
+        """Log, through this node's logger, that ``proc`` died of an exception."""
+        reason = proc.died_reason()
+        assert isinstance(reason, DiedException)
+        told = "" if not proc.watchers else " (its watchers were told)"
+        text = (
+            f"crash report: process {proc.pid} running {proc.body_name()} died of "
+            f"{reason.reason}{told}\n{reason.traceback.rstrip()}"
+        )
+        self.registry.deliver(
+            LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text, _HOSTNAME)
+        )
 
     def send_local(self, pid: Pid, msg: Any) -> None:
         """Deliver ``msg`` (already copied as needed) to local ``pid``; dropped if dead."""
@@ -515,7 +563,9 @@ class Node:
 
     def say(self, proc: Process, text: str) -> None:
         """Log ``text`` through the process registered as ``logger`` here (never blocks)."""
-        self.registry.deliver(LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text))
+        self.registry.deliver(
+            LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text, _HOSTNAME)
+        )
 
     # ------------------------------------------------------------------ introspection
 
@@ -551,9 +601,7 @@ class Node:
         """:meth:`stats` of ``node``. Raises NodeUnreachableError."""
         if node == self._node_id:
             return self.stats()
-        stats: NodeStats = await self.controller.request(
-            node, ctl.GetStats, NodeUnreachableError
-        )
+        stats: NodeStats = await self.controller.request(node, ctl.GetStats, NodeUnreachableError)
         return stats
 
     # ------------------------------------------------------------------ sending

@@ -3,26 +3,47 @@
 :class:`Process` *is* the task (a subclass of :class:`asyncio.Task` with ``__slots__``)
 so that an idle process costs one task, one coroutine and a few slots; everything
 else (mailbox, channels, outgoing connections, watchers, names) is created on first
-use. The module-level API finds the current process with
-:func:`asyncio.current_task`.
+use.
 
-Signals (a link firing, ``exit``) are stored on the process and raised as exceptions
-(``ProcessLinkException``, ``ProcessExitException``, which the process may catch)
-from its hpcproc calls: a process waiting in ``receive`` / ``expect`` is woken and
-the call raises; a process in another hpcproc call (``spawn``, ``whereis_remote``...)
-gets the call's result and the signal right after; a process suspended anywhere else
-(a plain ``asyncio.sleep``) is cancelled there and ends with the signal as its
-reason. A kill always cancels the task and is never turned into an exception.
+A process is also a *context*: its first step sets a context variable to it, so that
+tasks it creates (``asyncio.create_task``, ``gather``, ``wait_for``, ``TaskGroup``,
+a coroutine a thread hands back with ``run_coroutine_threadsafe``) inherit it and act
+on its behalf. :func:`current` is one type check when the running task is the process
+itself and reads the context variable only otherwise. Several tasks of one process
+may receive at once: each message goes to exactly one of them (the first one woken
+whose matchers accept it), and each keeps the order guarantees of selective receive.
+Tasks that used the process API on its behalf are cancelled when it ends.
+
+Signals (a link firing, ``exit``) are stored on the process. With :attr:`trap_exits`
+they become :class:`~hpcproc.ExitSignal` messages. Otherwise they are raised in the
+process's own task as exceptions (``ProcessLinkException``, ``NodeLinkException``,
+``ProcessExitException``, which the process may catch): a process waiting in
+``receive`` / ``expect`` is woken and the call raises; a process in another hpcproc
+call (``spawn``, ``whereis_remote``...) gets the call's result and the signal right
+after; a process suspended anywhere else (``asyncio.sleep``, a foreign future, a
+``gather``) is cancelled there, and the cancellation is replaced by the signal as it
+enters the process's coroutine (:class:`_Body`), so the signal is raised at that
+await and a ``try``/``except`` around it catches it. A kill always cancels the task
+and is never turned into an exception.
+
+What library code between that await and the process sees is the signal, not a
+cancellation: clean-up in ``finally`` runs, clean-up only in ``except
+CancelledError`` does not. Python 3.11's ``asyncio.wait_for`` is such code: the task
+it wraps its awaitable in keeps running if the process catches the signal (3.12's
+``wait_for`` has no such task). Inside ``async with asyncio.TaskGroup()``, the group
+cancels its tasks and raises the signal in an exception group (``except*``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import sys
+import traceback
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,6 +60,7 @@ from ._signals import (
     NodeMonitorNotification,
     PortMonitorNotification,
     ProcessMonitorNotification,
+    exit_signal,
 )
 
 if TYPE_CHECKING:
@@ -78,23 +100,39 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
     """A process; created by :class:`~hpcproc.Node`, never directly."""
 
     __slots__ = (
+        "_epoch",
         "_mailbox",
         "_next_port",
         "_ports",
         "_waiter",
+        "caller_told",
+        "children",
         "conns",
         "in_call",
         "names",
         "node",
         "pending_signal",
         "pid",
+        "trap_exits",
         "watchers",
     )
 
     node: Node
     pid: Pid
     _mailbox: deque[Any] | None
-    _waiter: asyncio.Future[Any] | None
+    #: The futures of the tasks waiting in receive: None, one, or a list (in order).
+    _waiter: asyncio.Future[Any] | list[asyncio.Future[Any]] | None
+    #: Counts messages taken out of the mailbox, so that a waiting receiver notices
+    #: that another task of the process took one (its scan position is then stale).
+    _epoch: int
+    #: True: catchable signals arrive as ExitSignal messages (see trap_exits()).
+    trap_exits: bool
+    #: True when how it ends is reported to a caller (``Node.run``), so that no
+    #: crash report is logged for it.
+    caller_told: bool
+    #: Tasks other than the process's own that used the API on its behalf; they
+    #: are cancelled when it ends.
+    children: set[asyncio.Task[Any]] | None
     #: The signal not yet raised or acted on (see :meth:`signal`).
     pending_signal: BaseException | Kill | None
     #: True while the process awaits an hpcproc call other than receive
@@ -129,19 +167,27 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         w = self._waiter
         if w is not None:
             self._waiter = None
-            if not w.done():
-                w.set_result(None)
+            if type(w) is list:
+                for f in w:
+                    if not f.done():
+                        f.set_result(None)
+            elif not w.done():  # type: ignore[union-attr]
+                w.set_result(None)  # type: ignore[union-attr]
 
     def signal(self, sig: BaseException | Kill) -> None:
         """Deliver ``sig`` (a Kill overrides anything; a second catchable one is dropped).
 
-        A kill cancels the task. A catchable signal wakes the process if it waits in
-        ``receive`` (which raises it), waits until the hpcproc call in progress
-        returns (then it is redelivered), is left for the running process to pick up
-        at its next hpcproc call, and otherwise cancels the task where it is
-        suspended (ending it with the signal as its reason).
+        A kill cancels the task. A catchable signal becomes an ``ExitSignal`` message
+        if the process traps exits; otherwise it wakes the process if its own task
+        waits in ``receive`` (which raises it), waits until the hpcproc call in
+        progress returns (then it is redelivered), is left for the running process to
+        pick up at its next hpcproc call, and otherwise cancels the task where it is
+        suspended; :class:`_Body` raises the signal there instead of the cancellation.
         """
         if self.done():
+            return
+        if self.trap_exits and not isinstance(sig, Kill):
+            self.deliver(exit_signal(sig))
             return
         old = self.pending_signal
         if old is not None and (isinstance(old, Kill) or not isinstance(sig, Kill)):
@@ -152,25 +198,31 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             return
         w = self._waiter
         if w is not None:
-            self._waiter = None
-            if not w.done():
-                w.set_result(None)
-            return
+            fw = self._fut_waiter  # type: ignore[attr-defined]
+            if fw is w or (type(w) is list and fw in w):
+                # The process's own task waits in receive: wake it (it raises).
+                if type(w) is list:
+                    w.remove(fw)
+                else:
+                    self._waiter = None
+                if not fw.done():
+                    fw.set_result(None)
+                return
         if self.in_call or asyncio.current_task() is self:
             return
         self.cancel()
 
     def check_signal(self) -> None:
-        """Raise a pending catchable signal now (called by the awaiting API calls)."""
+        """Raise a pending catchable signal now, in the process's own task only."""
         sig = self.pending_signal
-        if sig is not None and not isinstance(sig, Kill):
+        if sig is not None and not isinstance(sig, Kill) and asyncio.current_task() is self:
             self.pending_signal = None
             raise sig
 
     def convert_cancel(self, exc: asyncio.CancelledError) -> BaseException:
         """The exception to raise for a cancellation seen inside an API call."""
         sig = self.pending_signal
-        if sig is None or isinstance(sig, Kill):
+        if sig is None or isinstance(sig, Kill) or asyncio.current_task() is not self:
             return exc
         self.pending_signal = None
         _uncancel(self)
@@ -192,6 +244,8 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         converting ``CancelledError`` with :meth:`convert_cancel`, and finally clear
         :attr:`in_call` and call :meth:`redeliver_soon` if a signal is pending.
         """
+        if asyncio.current_task() is not self:
+            return await aw  # another task acting for the process: no signal here
         self.in_call = True
         try:
             return await aw
@@ -220,8 +274,20 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         exc = self.exception()
         if exc is None:
             return DiedNormal()
-        log.debug("process %r died: %r", self.pid, exc)
-        return DiedException(f"{type(exc).__name__}: {exc}")
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code in _BODY_CODES:
+            tb = tb.tb_next  # the signal's way in (_Body.throw) is no news to the user
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        return DiedException(f"{type(exc).__name__}: {exc}", text)
+
+    def body_name(self) -> str:
+        """The qualified name of the function this process runs (for reports)."""
+        coro = self.get_coro()
+        inner = getattr(coro, "_coro", coro)
+        code = getattr(inner, "cr_code", None)
+        if code is None:
+            return repr(inner)
+        return str(getattr(code, "co_qualname", code.co_name))
 
     # ------------------------------------------------------------------ mailbox, info
 
@@ -244,19 +310,27 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             for i, msg in enumerate(mb):
                 if getattr(msg, "ref", None) == ref and type(msg) in _NOTIFICATIONS:
                     del mb[i]
+                    self._epoch += 1
                     break
 
     # ------------------------------------------------------------------ channels
 
-    def new_chan(self) -> tuple[SendPort[Any], ReceivePort[Any]]:
-        """Create a channel owned by this process."""
+    def new_chan(
+        self, type_: type | tuple[type, ...] | None = None
+    ) -> tuple[SendPort[Any], ReceivePort[Any]]:
+        """Create a channel owned by this process (for messages of ``type_``, if given)."""
         self._next_port += 1
-        send_port: SendPort[Any] = SendPort(self.pid, self._next_port)
+        send_port: SendPort[Any] = SendPort(self.pid, self._next_port, type_)
         port: ReceivePort[Any] = ReceivePort(self, send_port)
         if self._ports is None:
             self._ports = {}
         self._ports[self._next_port] = port
         return send_port, port
+
+    def drop_chan(self, port: ReceivePort[Any]) -> None:
+        """Close ``port``: what is queued and whatever arrives for it later is dropped."""
+        if self._ports is not None:
+            self._ports.pop(port.send_port.port_id, None)
 
     async def receive_chan(self, port: ReceivePort[T], timeout: float | None) -> T | None:
         """The oldest message of ``port``; None on timeout; see :func:`hpcproc.receive_chan`.
@@ -290,27 +364,34 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         elif mb and type_ is not None:
             # Fast path: no future, no suspension.
             if type_ is object:
+                self._epoch += 1
                 return mb.popleft()
             for i, msg in enumerate(mb):
                 if isinstance(msg, type_):
                     del mb[i]
+                    self._epoch += 1
                     return msg
         for m in matchers:
             if m.port is not None and m.port._owner is not self:
                 raise ValueError(f"{m.port!r} belongs to another process")
         loop = self._loop  # type: ignore[attr-defined]
         start = 0
+        epoch = self._epoch
         timer: asyncio.TimerHandle | None = None
         fut: asyncio.Future[Any] | None = None
         try:
             while True:
                 mb = self._mailbox
+                if epoch != self._epoch:
+                    # Another task of this process took a message: rescan from the start.
+                    start = 0
                 if mb is not None and len(mb) > start:
                     i = start
                     if type_ is not None:
                         for msg in islice(mb, start, None):
                             if isinstance(msg, type_):
                                 del mb[i]
+                                self._epoch += 1
                                 return msg
                             i += 1
                     else:
@@ -318,9 +399,11 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                             for m in matchers:
                                 if m.port is None and m.accepts(msg):
                                     del mb[i]
+                                    self._epoch += 1
                                     return await _handle(m, msg)
                             i += 1
                     start = i
+                epoch = self._epoch
                 for m in matchers:
                     if m.port is not None and m.port._queue:
                         return await _handle(m, m.port._queue.popleft())
@@ -337,7 +420,13 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                         self.check_signal()  # an exit signal the event brought us
                     continue
                 fut = loop.create_future()
-                self._waiter = fut
+                w = self._waiter
+                if w is None:
+                    self._waiter = fut
+                elif type(w) is list:
+                    w.append(fut)
+                else:
+                    self._waiter = [w, fut]  # type: ignore[list-item]
                 if timeout is not None and timer is None:
                     timer = loop.call_later(timeout, _fire_timeout, fut)
                 elif timer is not None:
@@ -354,8 +443,14 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         finally:
             if timer is not None:
                 timer.cancel()
-            if fut is not None and self._waiter is fut:
-                self._waiter = None
+            if fut is not None:
+                w = self._waiter
+                if w is fut:
+                    self._waiter = None
+                elif type(w) is list and fut in w:
+                    w.remove(fut)
+                    if not w:
+                        self._waiter = None
 
 
 def new_process(
@@ -366,11 +461,17 @@ def new_process(
     A factory rather than ``__init__``: the C ``Task.__init__`` runs directly, and
     the slots are filled here, which makes spawning measurably cheaper.
     """
-    proc = Process(coro, loop=loop)
+    body = _Body(coro)  # type: ignore[abstract]
+    proc = Process(body, loop=loop)
+    body.proc = proc
     proc.node = node
     proc.pid = pid
     proc._mailbox = None
     proc._waiter = None
+    proc._epoch = 0
+    proc.trap_exits = False
+    proc.children = None
+    proc.caller_told = False
     proc.pending_signal = None
     proc.in_call = False
     proc.watchers = None
@@ -379,6 +480,63 @@ def new_process(
     proc._next_port = 0
     proc.names = None
     return proc
+
+
+#: The process the running task acts for, where that task is not the process itself.
+_CURRENT: contextvars.ContextVar[Process] = contextvars.ContextVar("hpcproc_process")
+
+
+class _Body(Coroutine[Any, Any, Any]):
+    """The coroutine of a process task: the process function's coroutine, wrapped.
+
+    It passes every step through, except that a cancellation thrown in while the
+    process has a catchable signal pending (see :meth:`Process.signal`) is replaced
+    by that signal: the throw travels down to the await where the process is
+    suspended and is raised there, so a ``try``/``except`` around any await (an
+    ``asyncio.sleep``, a foreign future) catches the link exception. (The C task
+    throws a cancellation into the *outermost* coroutine, which delegates the throw
+    to the innermost: this is the only place where it can be swapped.)
+
+    ``send`` is a slot, not a method: after the first step (which enters the
+    process's context, see :func:`current`) it holds the wrapped coroutine's own C
+    ``send``, so that the task's every step costs no Python frame here.
+    """
+
+    __slots__ = ("_coro", "proc", "send")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._coro = coro
+        self.send = self._first_send  # type: ignore[method-assign]
+        self.proc: Process | None = None
+
+    def _first_send(self, value: Any) -> Any:
+        _CURRENT.set(self.proc)  # type: ignore[arg-type]
+        self.send = send = self._coro.send  # type: ignore[method-assign]
+        return send(value)
+
+    def throw(self, exc: Any, *rest: Any) -> Any:  # type: ignore[override]
+        proc = self.proc
+        assert proc is not None
+        _CURRENT.set(proc)  # in case this is the first step
+        if type(exc) is asyncio.CancelledError:
+            sig = proc.pending_signal
+            if sig is not None and not isinstance(sig, Kill):
+                proc.pending_signal = None
+                _uncancel(proc)
+                return self._coro.throw(sig)
+        return self._coro.throw(exc, *rest)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._coro.__await__()
+
+    def __repr__(self) -> str:
+        return repr(self._coro)
+
+
+_BODY_CODES = (_Body.throw.__code__,)
 
 
 def _identity(msg: Any) -> Any:
@@ -402,7 +560,7 @@ _get_running_loop = asyncio._get_running_loop
 
 
 def current() -> Process:
-    """The running process.
+    """The running process: the running task, or the process it acts for.
 
     Raises:
         NotInProcessError: called outside a process.
@@ -415,10 +573,27 @@ def current() -> Process:
             task = asyncio.current_task()
         except RuntimeError:
             task = None
-    if type(task) is not Process:
-        raise NotInProcessError(
-            "this hpcproc function must be called inside a process (a function started "
-            "with spawn, spawn_local or Node.run), not from plain code or a plain "
-            "asyncio task"
-        )
-    return task
+    if type(task) is Process:
+        return task
+    return _acting_for(task)
+
+
+def _acting_for(task: asyncio.Task[Any] | None) -> Process:
+    """The process a task that is not itself a process acts for (see :func:`current`)."""
+    if task is not None:
+        proc = _CURRENT.get(None)
+        if proc is not None:
+            if proc.done():
+                raise NotInProcessError(f"this task acts for process {proc.pid}, which has ended")
+            children = proc.children
+            if children is None:
+                children = proc.children = set()
+            if task not in children:
+                children.add(task)
+                task.add_done_callback(children.discard)
+            return proc
+    raise NotInProcessError(
+        "this hpcproc function must be called inside a process (a function started "
+        "with spawn, spawn_local or Node.run, or a task it created), not from plain "
+        "code, another thread or an unrelated asyncio task"
+    )

@@ -10,7 +10,7 @@ its target, which may catch it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._ids import MonitorRef, NodeId, Pid
@@ -22,6 +22,7 @@ __all__ = [
     "DiedNormal",
     "DiedReason",
     "DiedUnknownId",
+    "ExitSignal",
     "NodeLinkException",
     "NodeMonitorNotification",
     "PortMonitorNotification",
@@ -29,6 +30,7 @@ __all__ = [
     "ProcessLinkException",
     "ProcessMonitorNotification",
     "ProcessTerminationException",
+    "exit_signal",
 ]
 
 
@@ -54,9 +56,15 @@ class DiedNormal(DiedReason):
 
 @dataclass(frozen=True, slots=True)
 class DiedException(DiedReason):
-    """The process raised, was killed, or did not catch an exit; ``reason`` says which."""
+    """The process raised, was killed, or did not catch an exit; ``reason`` says which.
+
+    ``traceback`` is the traceback of the exception that ended it, formatted on its
+    node ("" for a kill); it is not part of equality, so a reason compares equal to
+    ``DiedException("ValueError: ...")``.
+    """
 
     reason: str
+    traceback: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +150,31 @@ class ProcessExitException(Exception):
 
     def __str__(self) -> str:
         return f"exit from {self.sender!r}: {self.reason!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class ExitSignal:
+    """An exit signal received as a message by a process that traps exits.
+
+    ``from_`` is the linked process that died (``ProcessLinkException``), the linked
+    node that went away (``NodeLinkException``) or the process that called ``exit``
+    (``ProcessExitException``; None if sent by the node itself); ``reason`` is the
+    :class:`DiedReason` of the death, or the reason given to ``exit``.
+    """
+
+    from_: Pid | NodeId | None
+    reason: Any
+
+
+def exit_signal(sig: BaseException) -> ExitSignal:
+    """The message a trapping process gets instead of the catchable signal ``sig``."""
+    if isinstance(sig, ProcessLinkException):
+        return ExitSignal(sig.pid, sig.reason)
+    if isinstance(sig, NodeLinkException):
+        return ExitSignal(sig.node, sig.reason)
+    if isinstance(sig, ProcessExitException):
+        return ExitSignal(sig.sender, sig.reason)
+    return ExitSignal(None, sig)
 
 
 class ProcessTerminationException(Exception):

@@ -42,7 +42,13 @@ ProcessFn = Callable[..., Coroutine[Any, Any, Any]]
 def fn_name(fn: Any) -> str:
     """``module.qualname`` of a function, for error messages."""
     module = getattr(fn, "__module__", None) or "?"
+    if module.startswith(_RUN_FILE_PREFIX):
+        module = module[len(_RUN_FILE_PREFIX) :]  # a file hpcproc.run loaded: its stem
     return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+#: The module name prefix hpcproc.run gives a ``file.py:function`` entry's module.
+_RUN_FILE_PREFIX = "_hpcproc_main_"
 
 
 class Spawner:

@@ -182,6 +182,13 @@ class Watches:
             self.watch_remote(nid, NodeLink(proc.pid, nid))
             await self._watch_node(nid)
 
+    def unlink_node(self, proc: Process, nid: NodeId) -> None:
+        """Undo :meth:`link_node`; no NodeLinkException for ``nid`` is raised afterwards."""
+        self.unwatch_remote(nid, NodeLink(proc.pid, nid))
+        sig = proc.pending_signal
+        if type(sig) is NodeLinkException and sig.node == nid:
+            proc.pending_signal = None
+
     async def _watch_node(self, nid: NodeId) -> None:
         # Unreachable: the watch has already fired with DiedDisconnect.
         with contextlib.suppress(NodeUnreachableError):

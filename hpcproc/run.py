@@ -68,6 +68,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -77,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
+from ._ids import label_node
 from ._membership import members_of, start_membership
 from .launchers import ClusterInfo, LauncherError, detect
 from .launchers.children import Children, read_lifeline_line, watch_lifeline
@@ -104,11 +106,15 @@ EXIT_STATUS_LOST = 1
 
 @dataclass(frozen=True)
 class Cluster:
-    """What ``main(cluster)`` gets: this node and every other one, by rank.
+    """What ``main(cluster)`` gets (``hp.Cluster``): this node and every other one, by rank.
 
-    ``nodes[r]`` is rank ``r``'s node id; ``peers`` are the nodes ``main`` may spawn
-    on: the workers (every rank but 0) in master/worker mode, every other rank with
-    ``--spmd``. ``hosts[r]`` is the host rank ``r`` reported.
+    Fields: ``rank`` (this rank, 0 for the master), ``size`` (the number of ranks),
+    ``node`` (this rank's :class:`~hpcproc.Node`), ``nodes`` (``nodes[r]`` is rank
+    ``r``'s :class:`~hpcproc.NodeId`), ``hosts`` (``hosts[r]`` is the host name rank
+    ``r`` reported), ``info`` (what the launcher detected: job id, ranks, hosts),
+    ``spmd`` (True under ``--spmd``: every rank runs ``main``), and ``peers`` (the
+    nodes ``main`` may spawn on: the workers, every rank but 0, in master/worker
+    mode; every other rank with ``--spmd``).
     """
 
     rank: int
@@ -648,6 +654,8 @@ async def _serve_rank(
     nodes = tuple(hp.NodeId(a) for a in roster.addresses)
     if nodes[info.rank] != node.node_id:
         raise RendezvousError(f"rendezvous returned another address for rank {info.rank}")
+    for r, nid in enumerate(nodes):
+        label_node(nid, f"rank{r}")  # pids print as <rank2.17>, the same on every rank
     log.info(
         "rank %d/%d on %s (%s) joined as %r",
         info.rank,
@@ -789,17 +797,27 @@ async def _run_main(
         )
         log.debug("main failed", exc_info=failure)
         return 1
-    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    if not isinstance(result, int) or isinstance(result, bool):
+        return 0
+    if not 0 <= result <= 255:
+        _write_line(
+            sys.stderr,
+            f"hpcproc.run: main returned {result} on rank {cluster.rank}, which is not an"
+            " exit status (0-255): the job exits with 1; return 0 for success or 1-255",
+        )
+        return 1
+    return result
 
 
 def _name_nodes(exc: BaseException, cluster: Cluster) -> str:
-    """The exception's text with every node id of the cluster named by rank and host."""
+    """The exception's text with every node of the cluster named by rank and host
+    (``rank 2 on host3``), whether it printed as its label or its full address."""
     text = f"{type(exc).__name__}: {exc}"
     for nid in cluster.nodes:
-        for form in (repr(nid), str(nid)):
-            if form in text:
-                text = text.replace(form, f"node {cluster.describe_node(nid)} [{form}]")
-                break
+        name = cluster.describe_node(nid)
+        for form in (nid.full(), repr(nid)):
+            text = text.replace(form, name)
+        text = re.sub(rf"\b{re.escape(nid.label)}\b(?!\.\d)", name, text)
     return text
 
 

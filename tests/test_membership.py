@@ -60,7 +60,7 @@ async def app_elastic(cluster: Any) -> int:
     await hp.spawn(worker, watch_members, hp.self_pid())
     assert await hp.expect(str, timeout=WAIT) == "subscribed"
     say_line(f"members at start={len(hp.nodes())}")
-    say_line(f"address={cluster.node.node_id}")
+    say_line(f"address={cluster.node.node_id.full()}")
     up = await hp.expect(hp.NodeUp, timeout=WAIT)
     assert up is not None, "no NodeUp"
     assert up.node in hp.nodes()
