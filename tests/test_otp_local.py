@@ -204,6 +204,42 @@ def test_handle_info_gets_plain_messages_and_monitor_notifications() -> None:
     assert run(body) == ["plain"]
 
 
+class Trapper(otp.GenServer):
+    """Traps exits, links to a process that dies when told, reports what it got."""
+
+    async def init(self, *args: Any) -> None:
+        self.report_to: hp.Pid = args[0]
+        hp.trap_exits(True)
+
+    async def handle_cast(self, msg: Any) -> None:
+        doomed = hp.spawn_local(crash_when_told)
+        await hp.link(doomed)
+        await hp.send(doomed, "now")
+
+    async def handle_info(self, msg: Any) -> None:
+        await hp.send(self.report_to, ("info", msg))
+
+
+async def crash_when_told() -> None:
+    await hp.expect(str)
+    raise ValueError("told to crash")
+
+
+def test_a_server_that_traps_exits_gets_exit_signals_in_handle_info() -> None:
+    async def body(_: Any) -> Any:
+        pid = await otp.start(Trapper, hp.self_pid())
+        await otp.cast(pid, "link-and-crash")
+        _, signal = await expect_msg(lambda m: isinstance(m, tuple) and m[0] == "info")
+        alive = await hp.get_process_info(pid)
+        return signal, alive is not None
+
+    signal, alive = run(body)
+    assert isinstance(signal, hp.ExitSignal)
+    assert isinstance(signal.reason, hp.DiedException)
+    assert "told to crash" in str(signal.reason)
+    assert alive  # trapping: the link did not take the server down
+
+
 def test_stop_runs_terminate_and_waits_for_the_end() -> None:
     async def body(_: Any) -> Any:
         pid = await otp.start(Worker, "w", hp.self_pid())

@@ -168,9 +168,9 @@ class GenServer:
 
     async def handle_info(self, msg: Any) -> None:
         """Handle any other message: monitor notifications (``ProcessMonitorNotification``,
-        ``NodeMonitorNotification``) and plain ``hp.send`` messages; ignored by
-        default. (Trapped exit signals will arrive here too once the process layer can
-        trap exits.)"""
+        ``NodeMonitorNotification``), plain ``hp.send`` messages, and, when ``init``
+        called ``hp.trap_exits(True)``, exit signals as :class:`hpcproc.ExitSignal`;
+        ignored by default."""
 
     async def terminate(self, reason: Any) -> None:
         """Clean up before the server ends (stop, exit signal, or a handler's crash)."""
