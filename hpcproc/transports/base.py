@@ -97,6 +97,7 @@ __all__ = [
     "SendErrorCode",
     "Transport",
     "TransportError",
+    "address_scheme",
 ]
 
 #: Anything a transport accepts as a frame is a ``Buffer``: an object exposing the
@@ -332,6 +333,17 @@ class Connection(ABC):
         """
 
 
+def address_scheme(address: bytes) -> str:
+    """The scheme an address starts with (``b"tcp://h:1/x/0"`` -> ``"tcp"``,
+    ``b"mpi:3:0"`` -> ``"mpi"``); ``"?"`` when it has none."""
+    head, sep, _ = bytes(address).partition(b":")
+    try:
+        name = head.decode("ascii")
+    except UnicodeDecodeError:
+        return "?"
+    return name if sep and name and name.isprintable() else "?"
+
+
 class EndPoint(ABC):
     """A heavyweight endpoint: one address, one event queue, many connections."""
 
@@ -368,6 +380,17 @@ class EndPoint(ABC):
         only :meth:`receive` works unchanged: every event goes through ``receive``.
         """
         return None
+
+    def transport_for(self, address: EndPointAddress) -> str:
+        """The name of the transport that carries connections to ``address``.
+
+        For introspection (``hp.get_node_stats()``, ``--dry-run``): a composite
+        endpoint (:mod:`hpcproc.transports.routing`) names the sub-transport it picks
+        for that peer. Never connects, never blocks, never raises for a malformed
+        address. The default is the address's scheme (``b"tcp://..."`` -> ``"tcp"``,
+        ``b"shm:..."`` -> ``"shm"``), or ``"?"`` when it has none.
+        """
+        return address_scheme(address)
 
     @abstractmethod
     async def connect(

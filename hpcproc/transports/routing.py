@@ -59,6 +59,7 @@ from .base import (
     Reliability,
     SendError,
     Transport,
+    address_scheme,
 )
 from .faults import FaultInjection, require_fault_injection
 
@@ -175,6 +176,16 @@ class RoutingEndPoint(EndPoint):
         host, local, network = parse_address(address)
         same = host == self._host and (not self._separate_hosts or address == self._address)
         return (LOCAL, local) if same else (NETWORK, network)
+
+    def transport_for(self, address: EndPointAddress) -> str:
+        """The sub-transport that carries connections to ``address`` (``"shm"`` for a
+        peer on this host, the network transport's name otherwise), as its
+        sub-endpoint names it; ``"route"`` for an address that is not a routing one."""
+        try:
+            sub, sub_address = self.route(address)
+        except ConnectError:
+            return address_scheme(address)
+        return self._subs[sub].transport_for(sub_address)
 
     # ------------------------------------------------------------------ connect
 
