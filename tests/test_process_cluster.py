@@ -2,7 +2,8 @@
 
 Every scenario runs on two in-memory nodes in this process, and over each transport of
 :data:`REMOTE` between this process and a node in a separate OS process
-(:mod:`hpcproc.testing.node_server`): TCP, and ``teststreams``, the test transport
+(:mod:`hpcproc.testing.node_server`): TCP, the routing transport ``shm+tcp`` (shared
+memory between these two processes of one host), and ``teststreams``, the test transport
 written to the abstract methods of ``base.py`` only (``tests/plugin_transport``, found
 through its entry point). Process functions spawned on the other node are module-level
 here, so the node server imports them by reference (``tests`` is a package and its
@@ -40,7 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Transports of the cross-process runs -> their factory options (the node server
 #: takes the cookie from HPCPROC_COOKIE).
-REMOTE: dict[str, dict[str, Any]] = {"tcp": {"cookie": COOKIE}, "teststreams": {}}
+#: ``shm+tcp``: the routing transport; the node server runs on this host, so its
+#: connections go over shm (the tcp path is the conformance suite's separate_hosts run).
+REMOTE: dict[str, dict[str, Any]] = {
+    "tcp": {"cookie": COOKIE},
+    "teststreams": {},
+    "shm+tcp": {"cookie": COOKIE},
+}
 
 
 def _unavailable(kind: str) -> str | None:
