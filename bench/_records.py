@@ -34,6 +34,9 @@ METRICS: dict[str, tuple[str, bool]] = {
     "spawn_rate": ("spawns/s", True),
     "task_rate": ("tasks/s", True),
     "bytes_per_process": ("bytes", False),
+    "op_time": ("us", False),
+    "node_rss": ("bytes", False),
+    "startup": ("s", False),
 }
 
 
