@@ -391,7 +391,13 @@ def _slurm_hosts() -> list[str]:
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "UCX_"))}
+    # A clean environment for a new job (no step variables of an enclosing one, no
+    # UCX_* set by an earlier import of ucxx), but the cluster's config.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k == "SLURM_CONF" or not k.startswith(("SLURM_", "PMI_", "UCX_"))
+    }
     env.setdefault("HPCPROC_COOKIE", secrets.token_hex(16))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
