@@ -319,9 +319,9 @@ async def local_role(peer: Peer) -> dict[str, Any]:
                 out["task"].append(k / (time.perf_counter() - t0))
 
                 t0 = time.perf_counter()
-                procs = node._procs
-                spawned = [procs[hp.spawn_local(noop).lid] for _ in range(k)]
-                await asyncio.wait(spawned)
+                local = node.local_process
+                spawned = [local(hp.spawn_local(noop).lid) for _ in range(k)]
+                await asyncio.wait([p for p in spawned if p is not None])
                 out["spawn"].append(k / (time.perf_counter() - t0))
             await send(sink, ("stop",))
 
@@ -383,7 +383,9 @@ async def memory_role(peer: Peer) -> dict[str, Any]:
             per = (_rss() - before) / n
             for item in keep:
                 if isinstance(item, hp.Pid):
-                    node._procs[item.lid].cancel()
+                    proc = node.local_process(item.lid)
+                    if proc is not None:
+                        proc.cancel()
                 else:
                     item.cancel()
             return per

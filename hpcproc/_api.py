@@ -21,7 +21,7 @@ from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME
 from ._matching import Matcher, match_if
-from ._process import Process, current
+from ._process import current
 from ._signals import ProcessMonitorNotification, ProcessTerminationException
 
 __all__ = [
@@ -67,23 +67,6 @@ T = TypeVar("T")
 ProcessFn = Callable[..., Coroutine[Any, Any, Any]]
 
 
-async def _guard(proc: Process, aw: Coroutine[Any, Any, T]) -> T:
-    """Await the hpcproc call ``aw`` inside ``proc``.
-
-    A catchable signal arriving meanwhile does not interrupt it: it is redelivered
-    once the call returned (see :meth:`Process.signal`).
-    """
-    proc._guarded = True
-    try:
-        return await aw
-    except asyncio.CancelledError as exc:
-        raise proc.convert_cancel(exc) from None
-    finally:
-        proc._guarded = False
-        if proc._signal is not None:
-            proc._loop.call_soon(proc.redeliver)  # type: ignore[attr-defined]
-
-
 # ---------------------------------------------------------------------- identity
 
 
@@ -114,23 +97,23 @@ async def send(pid: Pid, msg: Any) -> None:
     """
     proc = current()
     node = proc.node
-    if pid[0] is node._node_id:  # pid.node; NodeIds are interned
-        tp = node._procs.get(pid.lid)
+    if pid[0] is proc.pid[0]:  # pid.node; NodeIds are interned
+        tp = node.local_process(pid[1])  # pid.lid
         if tp is not None:
             tp.deliver(copy_message(msg))
         return
-    if proc._signal is None and node.send_remote_nowait(proc, pid, msg):
+    if proc.pending_signal is None and node.remote.send_nowait(proc, pid, msg):
         return
-    # _guard inlined: one coroutine less per remote message.
-    proc._guarded = True
+    # Process.guarded written out: one coroutine less per remote message.
+    proc.in_call = True
     try:
-        await node.send_remote(proc, pid, msg)
+        await node.remote.send(proc, pid, msg)
     except asyncio.CancelledError as exc:
         raise proc.convert_cancel(exc) from None
     finally:
-        proc._guarded = False
-        if proc._signal is not None:
-            proc._loop.call_soon(proc.redeliver)  # type: ignore[attr-defined]
+        proc.in_call = False
+        if proc.pending_signal is not None:
+            proc.redeliver_soon()
 
 
 async def unsafe_send(pid: Pid, msg: Any) -> None:
@@ -141,10 +124,10 @@ async def unsafe_send(pid: Pid, msg: Any) -> None:
     """
     proc = current()
     node = proc.node
-    if pid.node == node._node_id:
+    if pid[0] is proc.pid[0]:  # pid.node; NodeIds are interned
         node.send_local(pid, msg)
         return
-    await _guard(proc, node.send_remote(proc, pid, msg))
+    await proc.guarded(node.remote.send(proc, pid, msg))
 
 
 def expect(
@@ -186,22 +169,18 @@ def new_chan() -> tuple[SendPort[Any], ReceivePort[Any]]:
 async def send_chan(port: SendPort[T], msg: T) -> None:
     """Send ``msg`` on channel ``port``; same delivery guarantees as :func:`send`."""
     proc = current()
-    await _guard(proc, proc.node.send_chan(proc, port, msg, True))
+    await proc.guarded(proc.node.send_chan(proc, port, msg, True))
 
 
-async def receive_chan(port: ReceivePort[T], timeout: float | None = None) -> T | None:
-    """The oldest message of ``port`` (owned by the current process); None on timeout."""
-    proc = current()
-    if port._owner is not proc:
-        raise ValueError(f"{port!r} belongs to another process")
-    q = port._queue
-    if q and proc._signal is None:
-        return q.popleft()
-    return await proc.receive((Matcher(None, None, _identity, port),), timeout)  # type: ignore[no-any-return]
+def receive_chan(port: ReceivePort[T], timeout: float | None = None) -> Coroutine[Any, Any, T | None]:
+    """The oldest message of ``port`` (owned by the current process); None on timeout.
 
+    Await the result. (A plain function returning the coroutine, as :func:`expect`.)
 
-def _identity(msg: Any) -> Any:
-    return msg
+    Raises:
+        ValueError: ``port`` belongs to another process.
+    """
+    return current().receive_chan(port, timeout)
 
 
 # ---------------------------------------------------------------------- spawning
@@ -216,7 +195,7 @@ async def spawn(node: NodeId, fn: ProcessFn, *args: Any) -> Pid:
         NodeUnreachableError: ``node`` could not be reached.
     """
     proc = current()
-    return await _guard(proc, proc.node.spawn(node, fn, *args))
+    return await proc.guarded(proc.node.spawner.spawn(node, fn, args, None))
 
 
 def spawn_local(fn: ProcessFn, *args: Any) -> Pid:
@@ -225,13 +204,13 @@ def spawn_local(fn: ProcessFn, *args: Any) -> Pid:
     Raises:
         SpawnError: ``fn`` is not async or raised when called.
     """
-    return current().node._spawn(fn, args).pid
+    return current().node.spawner.spawn_local(fn, args).pid
 
 
 async def spawn_link(node: NodeId, fn: ProcessFn, *args: Any) -> Pid:
     """:func:`spawn` and :func:`link` atomically (the link exists before ``fn`` runs)."""
     proc = current()
-    return await _guard(proc, proc.node.spawn(node, fn, *args, _watch=proc.pid))
+    return await proc.guarded(proc.node.spawner.spawn(node, fn, args, proc.pid))
 
 
 async def spawn_monitor(node: NodeId, fn: ProcessFn, *args: Any) -> tuple[Pid, MonitorRef]:
@@ -239,8 +218,8 @@ async def spawn_monitor(node: NodeId, fn: ProcessFn, *args: Any) -> tuple[Pid, M
     proc = current()
     node_obj = proc.node
     # The ref names the process, which has no pid yet: fill it in from the reply.
-    ref = MonitorRef(None, proc.pid, next(node_obj._refs))
-    pid = await _guard(proc, node_obj.spawn(node, fn, *args, _watch=ref))
+    ref = node_obj.watches.new_ref(None, proc.pid)
+    pid = await proc.guarded(node_obj.spawner.spawn(node, fn, args, ref))
     return pid, MonitorRef(pid, proc.pid, ref.n)
 
 
@@ -301,14 +280,14 @@ async def link(pid: Pid) -> None:
     or unknown ``pid`` raises it with ``DiedUnknownId`` (at once if local).
     """
     proc = current()
-    proc.node.link(proc, pid)
+    proc.node.watches.link(proc, pid)
     proc.check_signal()
 
 
 async def unlink(pid: Pid) -> None:
     """Remove the link to ``pid``; no link exception for it is raised afterwards."""
     proc = current()
-    proc.node.unlink(proc, pid)
+    proc.node.watches.unlink(proc, pid)
 
 
 async def monitor(pid: Pid | SendPort[Any]) -> MonitorRef:
@@ -318,25 +297,25 @@ async def monitor(pid: Pid | SendPort[Any]) -> MonitorRef:
     port) with the reason; a dead or unknown pid gives ``DiedUnknownId`` at once.
     """
     proc = current()
-    return proc.node.monitor(proc, pid)
+    return proc.node.watches.monitor(proc, pid)
 
 
 async def unmonitor(ref: MonitorRef) -> None:
     """Stop monitoring; a notification for ``ref`` already in the mailbox is removed."""
     proc = current()
-    proc.node.unmonitor(proc, ref)
+    proc.node.watches.unmonitor(proc, ref)
 
 
 async def monitor_node(node: NodeId) -> MonitorRef:
     """Get a ``NodeMonitorNotification`` when ``node`` closes or becomes unreachable."""
     proc = current()
-    return await _guard(proc, proc.node.monitor_node(proc, node))
+    return await proc.guarded(proc.node.watches.monitor_node(proc, node))
 
 
 async def link_node(node: NodeId) -> None:
     """Get ``NodeLinkException`` raised when ``node`` closes or becomes unreachable."""
     proc = current()
-    await _guard(proc, proc.node.link_node(proc, node))
+    await proc.guarded(proc.node.watches.link_node(proc, node))
 
 
 # ---------------------------------------------------------------------- termination
@@ -347,7 +326,7 @@ async def kill(pid: Pid, reason: str) -> None:
     proc = current()
     proc.node.kill(proc.pid, pid, reason)
     if pid == proc.pid:
-        await _guard(proc, asyncio.sleep(0))
+        await proc.guarded(asyncio.sleep(0))
 
 
 async def exit(pid: Pid, reason: Any) -> None:
@@ -409,7 +388,7 @@ async def whereis_remote(node: NodeId, name: str, timeout: float | None = None) 
         NodeUnreachableError: ``node`` could not be reached.
     """
     proc = current()
-    return await _guard(proc, proc.node.whereis_remote(node, name, timeout))
+    return await proc.guarded(proc.node.registry.whereis_remote(node, name, timeout))
 
 
 async def nsend_remote(node: NodeId, name: str, msg: Any) -> None:
@@ -429,7 +408,7 @@ async def register_remote(node: NodeId, name: str, pid: Pid, *, replace: bool = 
         NodeUnreachableError: ``node`` could not be reached.
     """
     proc = current()
-    await _guard(proc, proc.node.register_remote(node, name, pid, replace))
+    await proc.guarded(proc.node.registry.register_remote(node, name, pid, replace))
 
 
 # ---------------------------------------------------------------------- misc
@@ -457,16 +436,16 @@ async def reconnect(pid: Pid) -> None:
     until this is called; the next send opens a new connection.
     """
     proc = current()
-    proc.node.reconnect(proc, pid)
+    proc.node.remote.reconnect(proc, pid)
 
 
 async def get_process_info(pid: Pid) -> ProcessInfo | None:
     """A snapshot of ``pid`` (on any node), or None if it is not alive."""
     proc = current()
-    return await _guard(proc, proc.node.get_process_info(pid))
+    return await proc.guarded(proc.node.get_process_info(pid))
 
 
 async def get_node_stats(node: NodeId) -> NodeStats:
     """A snapshot of ``node``'s counters (processes, names, links, monitors)."""
     proc = current()
-    return await _guard(proc, proc.node.get_node_stats(node))
+    return await proc.guarded(proc.node.get_node_stats(node))

@@ -29,7 +29,7 @@ __all__ = [
     "Exit",
     "GetInfo",
     "GetStats",
-    "Kill",
+    "KillReq",
     "LinkReq",
     "MonitorReq",
     "NSend",
@@ -178,7 +178,9 @@ class Died:
 
 @_message
 @dataclass(frozen=True, slots=True)
-class Kill:
+class KillReq:
+    """Kill ``target`` (uncatchable); ``text`` becomes its ``DiedException`` reason."""
+
     target: Pid
     text: str
 
@@ -186,6 +188,8 @@ class Kill:
 @_message
 @dataclass(frozen=True, slots=True)
 class Exit:
+    """Raise ``ProcessExitException(sender, reason)`` in ``target``."""
+
     target: Pid
     sender: Pid | None
     reason: Any

@@ -19,16 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import sys
 from collections import deque
 from collections.abc import Coroutine, Sequence
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._channels import ChanMessage, ReceivePort, SendPort
 from ._errors import NotInProcessError
-from ._ids import Pid
+from ._ids import MonitorRef, Pid
+from ._info import ProcessInfo
 from ._matching import Matcher
+from ._signals import (
+    DiedException,
+    DiedNodeDown,
+    DiedNormal,
+    DiedReason,
+    NodeMonitorNotification,
+    PortMonitorNotification,
+    ProcessMonitorNotification,
+)
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -36,6 +47,9 @@ if TYPE_CHECKING:
 __all__ = ["Kill", "Process", "current", "new_process"]
 
 _TIMEOUT = object()
+T = TypeVar("T")
+log = logging.getLogger("hpcproc")
+_NOTIFICATIONS = (ProcessMonitorNotification, NodeMonitorNotification, PortMonitorNotification)
 
 
 class Kill:
@@ -64,33 +78,38 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
     """A process; created by :class:`~hpcproc.Node`, never directly."""
 
     __slots__ = (
-        "_conns",
-        "_guarded",
         "_mailbox",
-        "_names",
         "_next_port",
         "_ports",
-        "_signal",
         "_waiter",
-        "_watchers",
+        "conns",
+        "in_call",
+        "names",
         "node",
+        "pending_signal",
         "pid",
+        "watchers",
     )
 
     node: Node
     pid: Pid
     _mailbox: deque[Any] | None
     _waiter: asyncio.Future[Any] | None
-    _signal: BaseException | Kill | None
-    #: True while the process awaits an hpcproc call other than receive.
-    _guarded: bool
-    #: MonitorRef (monitor) or Pid (link) -> None, for everyone watching us.
-    _watchers: dict[Any, None] | None
+    #: The signal not yet raised or acted on (see :meth:`signal`).
+    pending_signal: BaseException | Kill | None
+    #: True while the process awaits an hpcproc call other than receive
+    #: (:meth:`guarded`).
+    in_call: bool
+    #: Everyone watching this process (kept by :mod:`._watches`): a MonitorRef
+    #: (monitor) or a Link (link) -> None.
+    watchers: dict[Any, None] | None
+    #: This process's connections to remote processes (kept by :mod:`._remote`):
     #: destination Pid -> Connection, or BROKEN after a connection loss.
-    _conns: dict[Pid, Any] | None
+    conns: dict[Pid, Any] | None
     _ports: dict[int, ReceivePort[Any]] | None
     _next_port: int
-    _names: list[str] | None
+    #: The names registered for this process here (kept by :mod:`._registry`).
+    names: list[str] | None
 
     # ------------------------------------------------------------------ delivery
 
@@ -124,10 +143,10 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         """
         if self.done():
             return
-        old = self._signal
+        old = self.pending_signal
         if old is not None and (isinstance(old, Kill) or not isinstance(sig, Kill)):
             return
-        self._signal = sig
+        self.pending_signal = sig
         if isinstance(sig, Kill):
             self.cancel()
             return
@@ -137,32 +156,95 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             if not w.done():
                 w.set_result(None)
             return
-        if self._guarded or asyncio.current_task() is self:
+        if self.in_call or asyncio.current_task() is self:
             return
         self.cancel()
 
     def check_signal(self) -> None:
         """Raise a pending catchable signal now (called by the awaiting API calls)."""
-        sig = self._signal
+        sig = self.pending_signal
         if sig is not None and not isinstance(sig, Kill):
-            self._signal = None
+            self.pending_signal = None
             raise sig
 
     def convert_cancel(self, exc: asyncio.CancelledError) -> BaseException:
         """The exception to raise for a cancellation seen inside an API call."""
-        sig = self._signal
+        sig = self.pending_signal
         if sig is None or isinstance(sig, Kill):
             return exc
-        self._signal = None
+        self.pending_signal = None
         _uncancel(self)
         return sig
 
     def redeliver(self) -> None:
         """Re-run :meth:`signal` for a signal that arrived during a guarded call."""
-        sig = self._signal
+        sig = self.pending_signal
         if sig is not None and not self.done():
-            self._signal = None
+            self.pending_signal = None
             self.signal(sig)
+
+    async def guarded(self, aw: Coroutine[Any, Any, T]) -> T:
+        """Await the hpcproc call ``aw`` inside this process.
+
+        A catchable signal arriving meanwhile does not interrupt it: it is redelivered
+        once the call returned (see :meth:`signal`). A caller that saves this
+        coroutine (``send``) writes it out: set :attr:`in_call`, await the call
+        converting ``CancelledError`` with :meth:`convert_cancel`, and finally clear
+        :attr:`in_call` and call :meth:`redeliver_soon` if a signal is pending.
+        """
+        self.in_call = True
+        try:
+            return await aw
+        except asyncio.CancelledError as exc:
+            raise self.convert_cancel(exc) from None
+        finally:
+            self.in_call = False
+            if self.pending_signal is not None:
+                self.redeliver_soon()
+
+    def redeliver_soon(self) -> None:
+        """:meth:`redeliver` at the loop's next round (after a guarded call)."""
+        self._loop.call_soon(self.redeliver)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ death
+
+    def died_reason(self) -> DiedReason:
+        """Why this (ended) process ended, as its watchers are told."""
+        if self.cancelled():
+            sig = self.pending_signal
+            if isinstance(sig, Kill):
+                return DiedNodeDown() if sig.node_down else DiedException(sig.text)
+            if sig is not None:
+                return DiedException(f"{type(sig).__name__}: {sig}")
+            return DiedException("cancelled")
+        exc = self.exception()
+        if exc is None:
+            return DiedNormal()
+        log.debug("process %r died: %r", self.pid, exc)
+        return DiedException(f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ mailbox, info
+
+    def info(self) -> ProcessInfo:
+        """A snapshot of this process (see :func:`hpcproc.get_process_info`)."""
+        watchers = self.watchers or {}
+        return ProcessInfo(
+            pid=self.pid,
+            node=self.pid.node,
+            registered_names=tuple(self.names or ()),
+            message_queue_length=len(self._mailbox or ()),
+            linked_by=tuple(k.watcher for k in watchers if type(k) is not MonitorRef),
+            monitored_by=tuple(k for k in watchers if type(k) is MonitorRef),
+        )
+
+    def drop_notification(self, ref: MonitorRef) -> None:
+        """Remove the monitor notification for ``ref`` from the mailbox, if there."""
+        mb = self._mailbox
+        if mb:
+            for i, msg in enumerate(mb):
+                if getattr(msg, "ref", None) == ref and type(msg) in _NOTIFICATIONS:
+                    del mb[i]
+                    break
 
     # ------------------------------------------------------------------ channels
 
@@ -175,6 +257,19 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             self._ports = {}
         self._ports[self._next_port] = port
         return send_port, port
+
+    async def receive_chan(self, port: ReceivePort[T], timeout: float | None) -> T | None:
+        """The oldest message of ``port``; None on timeout; see :func:`hpcproc.receive_chan`.
+
+        Raises:
+            ValueError: ``port`` belongs to another process.
+        """
+        if port._owner is not self:
+            raise ValueError(f"{port!r} belongs to another process")
+        q = port._queue
+        if q and self.pending_signal is None:
+            return q.popleft()
+        return await self.receive((Matcher(None, None, _identity, port),), timeout)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ receive
 
@@ -190,7 +285,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         an instance of ``type_``, returned as is. ``None`` on timeout.
         """
         mb = self._mailbox
-        if self._signal is not None:
+        if self.pending_signal is not None:
             self.check_signal()
         elif mb and type_ is not None:
             # Fast path: no future, no suspension.
@@ -238,7 +333,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 # costs no trip round the event loop. Handling an event for another
                 # process wakes it, and the next poll then declines (loop not idle).
                 if self.node.poll_inline():
-                    if self._signal is not None:
+                    if self.pending_signal is not None:
                         self.check_signal()  # an exit signal the event brought us
                     continue
                 fut = loop.create_future()
@@ -254,7 +349,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                     await fut
                 except asyncio.CancelledError as exc:
                     raise self.convert_cancel(exc) from None
-                if self._signal is not None:
+                if self.pending_signal is not None:
                     self.check_signal()
         finally:
             if timer is not None:
@@ -276,13 +371,13 @@ def new_process(
     proc.pid = pid
     proc._mailbox = None
     proc._waiter = None
-    proc._signal = None
-    proc._guarded = False
-    proc._watchers = None
-    proc._conns = None
+    proc.pending_signal = None
+    proc.in_call = False
+    proc.watchers = None
+    proc.conns = None
     proc._ports = None
     proc._next_port = 0
-    proc._names = None
+    proc.names = None
     return proc
 
 

@@ -753,18 +753,23 @@ async def _run_main(
     try:
         result = await node.run(master)
     except Exception as exc:
-        # A worker stopped by a signal goes away, and main may fail of that (its link
-        # fires) before this rank acts on the reason, which came first on the same
-        # connection: once the controller has handled what came before, it is known.
-        why = await control.interruption()
-        if why is not None:
-            raise _Stopped(why) from None
+        failure: Exception | None = exc
+    else:
+        failure = None
+    # A worker stopped by a signal goes away, and main may fail of that (its link
+    # fires), or handle it and return, before this rank acts on the reason, which came
+    # first on the same connection: once the controller has handled what came before,
+    # it is known, and the job ends as interrupted.
+    why = await control.interruption()
+    if why is not None:
+        raise _Stopped(why)
+    if failure is not None:
         _write_line(
             sys.stderr,
             f"hpcproc.run: main failed on rank {cluster.rank} ({cluster.info.hostname}):"
-            f" {_name_nodes(exc, cluster)}",
+            f" {_name_nodes(failure, cluster)}",
         )
-        log.debug("main failed", exc_info=exc)
+        log.debug("main failed", exc_info=failure)
         return 1
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from hpcproc.launchers import ClusterInfo, LauncherError, detect
-from hpcproc.launchers.errors import RendezvousError
-from hpcproc.launchers.rendezvous import exchange
 from hpcproc.launchers.slurm import UnresolvableNodeError, node_address
+from hpcproc.rendezvous import RendezvousError, exchange
 
 # Recorded from `srun -N 3 -n 6` on the test cluster (task 3, on n2).
 SRUN_TASK = {

@@ -843,3 +843,15 @@ def test_receive_timeout_holds_while_unmatched_messages_arrive() -> None:
         return got, [await hp.expect(timeout=0) for _ in range(3)]
 
     assert run(body) == (None, ["noise 0", "noise 1", "noise 2"])
+
+
+def test_every_control_message_type_has_a_handler() -> None:
+    from hpcproc import _control as ctl
+
+    messages = {
+        obj
+        for name in ctl.__all__
+        if isinstance(obj := getattr(ctl, name), type) and hasattr(obj, "__dataclass_fields__")
+    }
+    node = hp.Node(create("inmemory"))
+    assert messages == node.controller.message_types

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 from ..auth import load_cookie
+from ..launchers import slurm
 from ..launchers.info import ClusterInfo, LauncherError, env_opt_int
 from ..transports.base import EndPointAddress
-from ..launchers import slurm
 from .errors import RendezvousError
 from .filestore import gather_via_directory
 from .tcpstore import gather_as_client, serve

@@ -1,0 +1,265 @@
+"""Remote sending: process-pair connections and the control queues to other nodes.
+
+User messages. Every message between two processes on different nodes travels on one
+lightweight connection per (sender, receiver) pair, opened on the sender's first
+``send`` and reused (kept in the sending process, ``Process.conns``); its first
+message starts with a bind frame naming both ends (:mod:`._control`). A pair
+connection that fails is marked :data:`BROKEN` and further sends on that pair are
+dropped until the sender calls ``reconnect``, so a receiver always sees a prefix of
+what one sender sent per connection.
+
+Control messages (spawn, link, monitor, registry, kill/exit, death notifications) use
+one more connection per pair of nodes, fed by a FIFO queue (:class:`ControlOut`) so
+that posting never blocks. Messages are serialized when posted; a drain task per node
+opens the connection and sends them in order. A send that fails is retried once on a
+new bundle; when that fails too, the node is lost (``Node.node_lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from . import _control as ctl
+from ._ids import NodeId, Pid
+from ._signals import DiedDisconnect
+from .serialization import serialize
+from .transports.base import TransportError
+
+if TYPE_CHECKING:
+    from ._node import Node
+    from ._process import Process
+
+__all__ = ["BROKEN", "CONTROL_CONNECT_TIMEOUT", "ControlOut", "RemoteSender"]
+
+log = logging.getLogger("hpcproc")
+
+#: Marks a process-pair connection lost until ``reconnect``.
+BROKEN: Any = object()
+#: Bound on establishing a controller connection to another node.
+CONTROL_CONNECT_TIMEOUT = 30.0
+
+
+class ControlOut:
+    """Outgoing controller traffic to one node: a FIFO of serialized control messages,
+    drained by one task."""
+
+    __slots__ = ("bound", "conn", "dead", "queue", "task", "waiter")
+
+    def __init__(self) -> None:
+        self.queue: deque[Any] = deque()
+        self.conn: Any = None
+        self.bound = False
+        self.dead = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class RemoteSender:
+    """A node's outgoing traffic to other nodes (see the module docstring)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._control: dict[NodeId, ControlOut] = {}
+
+    def nodes(self) -> list[NodeId]:
+        """The nodes this one has a control queue to."""
+        return list(self._control)
+
+    # ------------------------------------------------------------------ process pairs
+
+    async def send(self, proc: Process, pid: Pid, msg: Any) -> None:
+        """Send ``msg`` from ``proc`` to ``pid`` on another node, on their pair connection.
+
+        Opens the connection on first use. If opening or sending fails, the pair is
+        marked broken and this and later messages are dropped until ``reconnect``.
+
+        Raises:
+            SerializationError: ``msg`` cannot be pickled.
+        """
+        conns = proc.conns
+        if conns is None:
+            conns = proc.conns = {}
+        conn = conns.get(pid)
+        if conn is BROKEN:
+            return
+        frames = serialize(msg)
+        if conn is None:
+            try:
+                conn = await self._node.endpoint.connect(pid.node.address)
+            except TransportError as exc:
+                log.debug("cannot connect %r -> %r: %r", proc.pid, pid, exc)
+                conns[pid] = BROKEN
+                return
+            conns[pid] = conn
+            frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
+        try:
+            await conn.send(frames)
+        except TransportError as exc:
+            self._send_failed(proc, pid, conn, exc)
+
+    def send_nowait(self, proc: Process, pid: Pid, msg: Any) -> bool:
+        """:meth:`send` when the connection is open and the message can go out
+        without waiting; False (nothing sent) when it must be awaited instead.
+
+        Raises:
+            SerializationError: ``msg`` cannot be pickled.
+        """
+        conns = proc.conns
+        conn = conns.get(pid) if conns is not None else None
+        if conn is None or conn is BROKEN:
+            return False
+        frames = serialize(msg)
+        try:
+            return bool(conn.send_nowait(frames))
+        except TransportError as exc:
+            self._send_failed(proc, pid, conn, exc)
+            return True  # dropped, as send drops it
+
+    def _send_failed(self, proc: Process, pid: Pid, conn: Any, exc: TransportError) -> None:
+        """The pair connection broke: drop messages to ``pid`` until ``reconnect``."""
+        log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
+        assert proc.conns is not None
+        proc.conns[pid] = BROKEN
+        self._node.in_background(conn.close())
+
+    def reconnect(self, proc: Process, pid: Pid) -> None:
+        """Forget ``proc``'s (possibly broken) connection to ``pid``: the next send reopens it."""
+        if proc.conns is None:
+            return
+        conn = proc.conns.pop(pid, None)
+        if conn is not None and conn is not BROKEN:
+            self._node.in_background(conn.close())
+
+    def process_ended(self, proc: Process) -> None:
+        """Close the pair connections of ``proc``, which ended."""
+        if proc.conns:
+            conns = [c for c in proc.conns.values() if c is not BROKEN]
+            if conns and not self._node.closed:
+                self._node.in_background(_close_all(conns))
+
+    # ------------------------------------------------------------------ control out
+
+    def post(self, nid: NodeId, msg: Any) -> None:
+        """Queue a control message for ``nid``'s controller; never blocks, FIFO per node.
+
+        The message is serialized now, so the receiver gets it as it is at this call
+        (copy semantics, as for ``send``). A message to this node itself is handled at
+        the loop's next round.
+
+        Raises:
+            SerializationError: ``msg`` cannot be pickled (nothing is queued).
+        """
+        node = self._node
+        if nid == node.node_id:
+            node.loop.call_soon(node.controller.handle, nid, msg)
+            return
+        out = self._control.get(nid)
+        if out is None and node.closed and not isinstance(msg, ctl.NodeDown | ctl.Died):
+            return
+        frames = serialize(msg)
+        if out is None:
+            out = self._control[nid] = ControlOut()
+            out.task = node.loop.create_task(self._drain(nid, out))
+        elif not out.queue and out.bound and out.conn is not None and not out.dead:
+            # Nothing queued before it and the connection is open: send it now if that
+            # needs no waiting, saving the drain task a wake-up (a round of the loop).
+            try:
+                if out.conn.send_nowait(frames):
+                    return
+            except TransportError as exc:
+                log.debug("control send to %s failed: %r", nid, exc)
+                # Not delivered: the drain task opens a new bundle and sends it there.
+                conn, out.conn = out.conn, None
+                node.in_background(conn.close())
+        out.queue.append(frames)
+        out.wake()
+
+    async def _drain(self, nid: NodeId, out: ControlOut) -> None:
+        loop = self._node.loop
+        try:
+            while True:
+                while out.queue:
+                    frames = out.queue[0]
+                    if not await self._send_control(nid, out, frames):
+                        if self._control.get(nid) is out:
+                            self._node.node_lost(nid, DiedDisconnect())
+                        return
+                    if out.queue:
+                        out.queue.popleft()
+                if out.dead:
+                    return
+                out.waiter = loop.create_future()
+                await out.waiter
+                out.waiter = None
+        finally:
+            if out.conn is not None:
+                conn, out.conn = out.conn, None
+                try:
+                    await conn.close()
+                except Exception as exc:
+                    log.debug("closing control connection failed: %r", exc)
+
+    async def _send_control(self, nid: NodeId, out: ControlOut, frames: list[Any]) -> bool:
+        for _ in range(2):
+            if out.conn is None:
+                try:
+                    out.conn = await self._node.endpoint.connect(
+                        nid.address, timeout=CONTROL_CONNECT_TIMEOUT
+                    )
+                except TransportError as exc:
+                    log.debug("cannot reach node %s: %r", nid, exc)
+                    return False
+                out.bound = False
+            try:
+                if out.bound:
+                    await out.conn.send(frames)
+                else:
+                    await out.conn.send([ctl.bind_frame(), *frames])
+                    out.bound = True
+                return True
+            except TransportError as exc:
+                # Not delivered (SendError): retry once on a new bundle.
+                log.debug("control send to %s failed: %r", nid, exc)
+                out.conn = None
+        return False
+
+    def drop_node(self, nid: NodeId) -> None:
+        """``nid`` is lost: discard its control queue and close its connection."""
+        out = self._control.pop(nid, None)
+        if out is not None:
+            out.dead = True
+            out.queue.clear()
+            out.wake()
+            if out.conn is not None:
+                self._node.in_background(out.conn.close())
+
+    async def flush(self, timeout: float) -> None:
+        """Send what is queued (each drain bounded by ``timeout``), then stop the drains.
+
+        Called by ``Node.close``: messages posted after it are not sent.
+        """
+        outs = list(self._control.values())
+        for out in outs:
+            out.dead = True
+            out.wake()
+        drains = [out.task for out in outs if out.task is not None]
+        if drains:
+            await asyncio.wait(drains, timeout=timeout)
+        for task in drains:
+            task.cancel()
+
+
+async def _close_all(conns: list[Any]) -> None:
+    for conn in conns:
+        try:
+            await conn.close()
+        except Exception as exc:
+            log.debug("closing a connection failed: %r", exc)
