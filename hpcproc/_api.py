@@ -172,7 +172,9 @@ async def send_chan(port: SendPort[T], msg: T) -> None:
     await proc.guarded(proc.node.send_chan(proc, port, msg, True))
 
 
-def receive_chan(port: ReceivePort[T], timeout: float | None = None) -> Coroutine[Any, Any, T | None]:
+def receive_chan(
+    port: ReceivePort[T], timeout: float | None = None
+) -> Coroutine[Any, Any, T | None]:
     """The oldest message of ``port`` (owned by the current process); None on timeout.
 
     Await the result. (A plain function returning the coroutine, as :func:`expect`.)

@@ -420,6 +420,28 @@ def test_call_runs_function_remotely_and_returns_result(kind: str, servers: Serv
     assert run_cluster(kind, servers, body) == 42
 
 
+#: The transport that carries node b for each kind (the node server runs on this host).
+CARRIER = {"inmemory": "inmemory", "tcp": "tcp", "shm+tcp": "shm"}
+
+
+def test_node_stats_name_the_transport_carrying_each_connected_peer(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        before = await hp.get_node_stats(c.a.node_id)
+        assert await hp.call(c.b, add, 1, 2) == 3  # connects both ways
+        mine = await hp.get_node_stats(c.a.node_id)
+        theirs = await hp.get_node_stats(c.b)
+        return before.peer_transports, mine.peer_transports, theirs.peer_transports
+
+    before, mine, theirs = run_cluster(kind, servers, body)
+    assert before == ()  # connections are opened on first use
+    carrier = CARRIER.get(kind, kind)
+    assert len(mine) == 1 and mine[0][1] == carrier, mine
+    # b (shared by the tests) may still know nodes a of earlier tests: all of one kind.
+    assert theirs and {t for _, t in theirs} == {carrier}, theirs
+
+
 # ---------------------------------------------------------------------- spawning
 
 

@@ -103,14 +103,15 @@ async def host_name_here() -> str:
 
 async def app_peer_routes(cluster: Any) -> int:
     """SPMD: every rank calls a function on every other rank (connections both ways),
-    then prints, per peer, the peer's host and the transport this rank's endpoint
-    carries it over."""
-    endpoint = cluster.node.endpoint
-    for peer in cluster.peers:
-        host = await hp.call(peer, host_name_here)
+    then prints, per peer, the peer's host and the transport that carries it, as
+    ``hp.get_node_stats`` reports it."""
+    hosts = {peer: await hp.call(peer, host_name_here) for peer in cluster.peers}
+    # Every peer is connected now; the node's stats name the transport of each.
+    stats = dict((await hp.get_node_stats(hp.self_node())).peer_transports)
+    for peer, host in hosts.items():
         say_line(
             f"route rank={cluster.rank} peer={cluster.nodes.index(peer)}"
-            f" peer_host={host} via={endpoint.transport_for(peer.address)}"
+            f" peer_host={host} via={stats.get(peer)}"
         )
     return 0
 

@@ -61,6 +61,7 @@ Guarantees every transport gives
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -333,15 +334,15 @@ class Connection(ABC):
         """
 
 
+_SCHEME = re.compile(rb"([A-Za-z][A-Za-z0-9+._-]*)[:/]")
+
+
 def address_scheme(address: bytes) -> str:
-    """The scheme an address starts with (``b"tcp://h:1/x/0"`` -> ``"tcp"``,
-    ``b"mpi:3:0"`` -> ``"mpi"``); ``"?"`` when it has none."""
-    head, sep, _ = bytes(address).partition(b":")
-    try:
-        name = head.decode("ascii")
-    except UnicodeDecodeError:
-        return "?"
-    return name if sep and name and name.isprintable() else "?"
+    """The scheme an address starts with: its leading name before the first ``:`` or
+    ``/`` (``b"tcp://h:1/x/0"`` -> ``"tcp"``, ``b"mpi:3:0"`` -> ``"mpi"``); ``"?"``
+    when it has none."""
+    match = _SCHEME.match(bytes(address))
+    return match[1].decode("ascii") if match else "?"
 
 
 class EndPoint(ABC):
