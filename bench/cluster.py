@@ -27,7 +27,8 @@ Rows:
   of nodes). Target: within 15%. Only when a peer shares rank 0's host.
 * ``node_rss``: the largest RSS of a rank once connected to all ``N - 1`` peers
   (after the all-to-all), against the same rank connected to rank 0 only (connections
-  are opened lazily, on first use).
+  are opened lazily, on first use); and in the start-up runs, once every rank asked
+  every other for its node stats, against the same rank at the entry of ``main``.
 * ``startup`` for ``N`` = 4, 16, 64 ranks (``--quick`` too; ``--smoke``: 4): the time
   from starting ``srun`` (or ``--np``) to the last rank entering ``main`` (``--spmd``,
   every rank runs it); against the same launcher starting ``N`` bare
@@ -66,7 +67,8 @@ TARGET_STARTUP_64 = 20.0
 PARAMS_ENV = "HPCPROC_BENCH_CLUSTER"
 RESULT = "BENCH-CLUSTER "
 STARTUP = "BENCH-STARTUP "
-LAUNCHED_ENV = "HPCPROC_BENCH_LAUNCHED_AT"
+MEMORY = "BENCH-MEMORY "
+CONNECT_ENV = "HPCPROC_BENCH_CONNECT"
 JOB_TIMEOUT = 600.0
 
 
@@ -355,9 +357,21 @@ async def _take_any(kind: str) -> tuple[Any, ...]:
 
 
 async def startup_main(cluster: Any) -> int:
-    """``--spmd`` entry of the start-up runs: print when this rank entered ``main``."""
+    """``--spmd`` entry of the start-up runs: print when this rank entered ``main``;
+    then, when asked, connect to every other rank (one ``get_node_stats`` request each:
+    connections open on first use) and print the RSS before and after."""
+    import hpcproc as hp
+
     sys.stdout.write(f"{STARTUP}{cluster.rank} {time.time()!r}\n")
     sys.stdout.flush()
+    if os.environ.get(CONNECT_ENV) == "1":
+        before = _rss()
+        for node in cluster.nodes:
+            if node != cluster.node.node_id:
+                await hp.get_node_stats(node)
+        stats = await hp.get_node_stats(cluster.node.node_id)
+        sys.stdout.write(f"{MEMORY}{cluster.rank} {before} {_rss()} {len(stats.peer_transports)}\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -456,9 +470,12 @@ def _collectives(
     raise RuntimeError(f"the collectives job printed no result:\n{out[-4000:]}")
 
 
-def _startup(options: SuiteOptions, n: int, hosts: int | None, *, bare: bool) -> float:
+def _startup(
+    options: SuiteOptions, n: int, hosts: int | None, *, bare: bool
+) -> tuple[float, tuple[int, int] | None]:
     """Seconds from starting the launcher to the last rank's ``main`` (or, ``bare``,
-    to the last bare interpreter's first line)."""
+    to the last bare interpreter's first line); and, not ``bare``, the largest RSS of
+    a rank before and after connecting to all the others."""
     if bare:
         code = f"import sys, time; sys.stdout.write('{STARTUP}0 %r\\n' % time.time())"
         command = [sys.executable, "-c", code]
@@ -469,7 +486,7 @@ def _startup(options: SuiteOptions, n: int, hosts: int | None, *, bare: bool) ->
         ]  # fmt: skip
     if hosts is None and not bare:
         command = [*command[:3], "--np", str(n), *command[3:]]
-    env = _env({})
+    env = _env({CONNECT_ENV: "1"})
     launched = time.time()
     if hosts is None and bare:
         procs = [
@@ -481,7 +498,16 @@ def _startup(options: SuiteOptions, n: int, hosts: int | None, *, bare: bool) ->
     stamps = [float(m[1]) for m in re.finditer(rf"^{STARTUP}\d+ (\S+)$", out, re.M)]
     if len(stamps) != n:
         raise RuntimeError(f"{len(stamps)} of {n} ranks reported their start:\n{out[-4000:]}")
-    return max(stamps) - launched
+    if bare:
+        return max(stamps) - launched, None
+    memory = [
+        (int(m[1]), int(m[2]), int(m[3]))
+        for m in re.finditer(rf"^{MEMORY}\d+ (\d+) (\d+) (\d+)$", out, re.M)
+    ]
+    if len(memory) != n or any(peers != n - 1 for _, _, peers in memory):
+        raise RuntimeError(f"not every rank connected to every other:\n{out[-4000:]}")
+    rss = (max(b for b, _, _ in memory), max(a for _, a, _ in memory))
+    return max(stamps) - launched, rss
 
 
 def run(options: SuiteOptions) -> list[Record]:
@@ -566,10 +592,14 @@ def run(options: SuiteOptions) -> list[Record]:
         )
     for size in (4,) if smoke else (4, 16, 64):
         hosts = None if where == "local" else min(usable, max(2, size // 2))
-        ours = _startup(options, size, hosts, bare=False)
-        bare = _startup(options, size, hosts, bare=True)
+        ours, rss = _startup(options, size, hosts, bare=False)
+        bare, _ = _startup(options, size, hosts, bare=True)
+        assert rss is not None
         where_n = f"{transport} ({where}, {size} ranks" + (f", {hosts} hosts)" if hosts else ")")
         records.append(record(SUITE, where_n, "startup", 0, ours, "bare python", bare))
         if size == 64:
             records.append(record(SUITE, where_n, "startup", 0, ours, "target", TARGET_STARTUP_64))
+        records.append(
+            record(SUITE, where_n, "node_rss", 0, float(rss[1]), "0 peers connected", float(rss[0]))
+        )
     return records

@@ -97,6 +97,7 @@ def test_cluster_suite_runs_locally_against_mpi4py_collectives(tmp_path: Path) -
         ("op_time", "mpi4py Scatter+Gather"),
         ("op_time", "mpi4py Allreduce"),
         ("node_rss", "1 peer connected"),
+        ("node_rss", "0 peers connected"),
         ("rtt", "process suite, shm"),
         ("startup", "bare python"),
     }
