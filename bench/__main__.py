@@ -1,4 +1,4 @@
-"""``python -m bench SUITE [--transport NAME] [--quick | --smoke] [--np N] [--json PATH]``, and
+"""``python -m bench SUITE [--transport NAME] [--tls] [--quick | --smoke] [--np N] [--json PATH]``, and
 ``python -m bench report [--quick | --smoke] [--out DIR]`` (:mod:`bench._report`)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._records import format_table, write_json
+from ._records import format_table, worst_ratios, write_json
 from ._suites import DEFAULT_TRANSPORT, SUITES, SuiteOptions, load_suite
 
 
@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a few iterations of every row, to check that the suite runs (figures mean nothing)",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="transport suite, tcp: also measure tcp over mutual TLS, against plain tcp",
+    )
+    parser.add_argument(
         "--np",
         type=int,
         metavar="N",
@@ -49,11 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.np is not None and args.np < 2:
             parser.error("--np must be at least 2")
         records = run(
-            SuiteOptions(transport=transport, quick=args.quick, smoke=args.smoke, np=args.np)
+            SuiteOptions(
+                transport=transport,
+                quick=args.quick,
+                smoke=args.smoke,
+                tls=args.tls,
+                np=args.np,
+            )
         )
     except ValueError as exc:  # the suite cannot measure what was asked
         parser.error(str(exc))
     print(format_table(records))
+    if args.suite == "transport":
+        print("\n".join(worst_ratios(records)))
     if args.json is not None:
         write_json(records, args.json)
     return 0

@@ -23,6 +23,7 @@ __all__ = [
     "format_table",
     "median",
     "record",
+    "worst_ratios",
     "write_json",
 ]
 
@@ -145,6 +146,23 @@ def format_table(records: Iterable[Record]) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def worst_ratios(records: Iterable[Record]) -> list[str]:
+    """One line per transport and baseline: the worst ratio over every message size,
+    and where it is, so that a regression anywhere in the range shows at once."""
+    worst: dict[tuple[str, str], Record] = {}
+    for r in records:
+        if r.size == 0 or math.isnan(r.ratio):
+            continue
+        key = (r.transport, r.baseline)
+        if key not in worst or r.ratio > worst[key].ratio:
+            worst[key] = r
+    return [
+        f"worst ratio {transport} vs {baseline} over all sizes: {r.ratio:.2f}"
+        f" ({r.metric} at {_size(r.size)})"
+        for (transport, baseline), r in sorted(worst.items())
+    ]
 
 
 def as_dicts(records: Iterable[Record]) -> list[dict[str, Any]]:

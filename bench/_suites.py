@@ -35,6 +35,8 @@ class SuiteOptions:
     smoke: bool = False
     #: ``cluster`` suite: run this many ranks locally instead of under ``srun``.
     np: int | None = None
+    #: Also measure the transport over TLS, beside it in the same run (tcp only).
+    tls: bool = False
 
 
 def load_suite(name: str) -> Callable[[SuiteOptions], list[Record]]:

@@ -137,19 +137,8 @@ async def _measure_pair(other: Any, params: dict[str, Any]) -> dict[str, Any]:
     echo = await hp.whereis_remote(other, "echo", timeout=60)
     sink = await hp.whereis_remote(other, "sink", timeout=60)
     assert echo is not None and sink is not None
-    payload = b"x" * RTT_SIZE
+    rtts = await _rtts(echo, (me, b"x" * RTT_SIZE), step)
     send, expect = hp.send, hp.expect
-    msg = (me, payload)
-    for _ in range(step.warmup):
-        await send(echo, msg)
-        await expect()
-    rtts = []
-    for _ in range(step.runs):
-        t0 = time.perf_counter()
-        for _ in range(step.iters):
-            await send(echo, msg)
-            await expect()
-        rtts.append((time.perf_counter() - t0) / step.iters)
     rates = []
     n = params["rate_count"]
     for _ in range(params["rate_runs"]):
@@ -335,8 +324,16 @@ async def _local_rtt(step: Step) -> list[float]:
     import hpcproc as hp
 
     echo = hp.spawn_local(_echo)
+    rtts = await _rtts(echo, (hp.self_pid(), b"x" * RTT_SIZE), step)
+    await hp.send(echo, "stop")
+    return rtts
+
+
+async def _rtts(echo: Any, msg: Any, step: Step) -> list[float]:
+    """Seconds per round trip of ``msg`` to ``echo`` and back, one figure per run."""
+    import hpcproc as hp
+
     send, expect = hp.send, hp.expect
-    msg = (hp.self_pid(), b"x" * RTT_SIZE)
     for _ in range(step.warmup):
         await send(echo, msg)
         await expect()
@@ -347,7 +344,6 @@ async def _local_rtt(step: Step) -> list[float]:
             await send(echo, msg)
             await expect()
         rtts.append((time.perf_counter() - t0) / step.iters)
-    await send(echo, "stop")
     return rtts
 
 

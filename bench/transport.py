@@ -14,6 +14,11 @@ All implementations run at once and take turns run by run (:func:`bench.run_pair
 so that slow phases of a shared machine hit hpcproc and its baselines alike; except
 where one runs under ``mpiexec`` (its waiting rank would busy-poll during the others'
 turns): then they run one after the other.
+
+``--tls`` (tcp only) adds hpcproc's tcp transport over mutual TLS (:mod:`hpcproc.tls`)
+to the same run, reported as transport ``tcp+tls`` against plain hpcproc tcp as its
+baseline (``hpcproc-tcp``): the cost of TLS. Its certificates come from the
+``HPCPROC_TLS_*`` variables, else a throw-away CA made for the run.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
@@ -60,6 +66,13 @@ BASELINES: dict[str, list[tuple[str, str, Launch]]] = {
 _UNDER_MPIEXEC = {"mpi"}
 #: Extra environment per transport (for its hpcproc run and its baselines alike).
 _ENV: dict[str, dict[str, str]] = {"ucx": {"UCX_TLS": "tcp,sm,self"}}
+
+
+async def hpcproc_tls_role(peer: Peer) -> dict[str, list[float]] | None:
+    """:func:`hpcproc_role` with ``tls=True`` (files from ``HPCPROC_TLS_*``)."""
+    options = dict(peer.params.get("options", {}), tls=True)
+    peer.params = {**peer.params, "options": options}
+    return await hpcproc_role(peer)
 
 
 async def hpcproc_role(peer: Peer) -> dict[str, list[float]] | None:
@@ -159,20 +172,38 @@ def run(options: SuiteOptions) -> list[Record]:
     name = options.transport
     if name not in BASELINES:
         raise ValueError(f"no transport benchmark for {name!r}; have: {', '.join(BASELINES)}")
+    if options.tls and name != "tcp":
+        raise ValueError(f"--tls measures the tcp transport, not {name!r}")
+    if options.tls and not any(k.startswith("HPCPROC_TLS_") for k in os.environ):
+        with tempfile.TemporaryDirectory(prefix="hpcproc-bench-tls-") as tmp:
+            from hpcproc.tls import init_directory
+
+            init_directory(os.path.join(tmp, "job"))
+            return _run(options, {"HPCPROC_TLS_DIR": os.path.join(tmp, "job")})
+    return _run(options, {})
+
+
+def _run(options: SuiteOptions, extra_env: dict[str, str]) -> list[Record]:
+    name = options.transport
     steps = plan(options.quick, smoke=options.smoke)
-    env = dict(_ENV.get(name, {}))
+    env = {**_ENV.get(name, {}), **extra_env}
     # A private cookie, so that the benchmark never reads or creates ~/.hpcproc/cookie.
     env.setdefault("HPCPROC_COOKIE", os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16))
     params: dict[str, Any] = {"steps": [asdict(s) for s in steps], "transport": name}
     jobs = [Job(target, launch) for _, target, launch in BASELINES[name]]
     jobs.append(Job("bench.transport:hpcproc_role", _launch_for(name)))
+    if options.tls:
+        jobs.append(Job("bench.transport:hpcproc_tls_role", "local"))
     # MPI ranks busy-poll while they wait, which would load the others' turns.
     interleave = all(job.launch != "mpiexec" for job in jobs)
     runs = run_pairs(jobs, params, env=env, interleave=interleave)
     results = [per_role[0] for per_role in runs]
+    tls = results.pop() if options.tls else None
     ours = results[-1]
     theirs = {baseline: results[i] for i, (baseline, _, _) in enumerate(BASELINES[name])}
     records = []
     for baseline, _, _ in BASELINES[name]:
         records.extend(_records(name, baseline, ours, theirs[baseline]))
+    if tls is not None:
+        records.extend(_records(f"{name}+tls", f"hpcproc-{name}", tls, ours))
     return records

@@ -74,6 +74,7 @@ from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LogRecord
 from ._matching import Matcher, match, match_any, match_chan, match_if
+from ._membership import JoinError, NodeDown, NodeUp, join, monitor_nodes, nodes
 from ._node import Node, ProcessKilledError
 from ._signals import (
     DiedDisconnect,
@@ -100,15 +101,18 @@ __all__ = [
     "DiedNormal",
     "DiedReason",
     "DiedUnknownId",
+    "JoinError",
     "LogRecord",
     "Matcher",
     "MonitorRef",
     "Node",
+    "NodeDown",
     "NodeId",
     "NodeLinkException",
     "NodeMonitorNotification",
     "NodeStats",
     "NodeUnreachableError",
+    "NodeUp",
     "NotInProcessError",
     "Pid",
     "PortMonitorNotification",
@@ -128,6 +132,7 @@ __all__ = [
     "expect",
     "get_node_stats",
     "get_process_info",
+    "join",
     "kill",
     "link",
     "link_node",
@@ -137,7 +142,9 @@ __all__ = [
     "match_if",
     "monitor",
     "monitor_node",
+    "monitor_nodes",
     "new_chan",
+    "nodes",
     "nsend",
     "nsend_remote",
     "receive",

@@ -2,8 +2,10 @@
 
 Usage::
 
-    python -m hpcproc.run [--transport auto|NAME] [--spmd] [--np N]
+    python -m hpcproc.run [--transport auto|NAME] [--tls] [--spmd] [--np N]
                           [--timeout S] [--dry-run] module:function | path.py:function
+    python -m hpcproc.run --discover [--group ADDR:PORT] [--min-nodes N]
+                          [--interface ADDR] [--timeout S] module:function
 
 ``NAME`` is any transport of the registry (:func:`hpcproc.transports.available`): the
 built-in ``tcp``, ``shm``, ``mpi``, ``ucx``, ``inmemory``, the routing transports
@@ -44,6 +46,18 @@ at once); if the ``--np`` process itself dies without passing anything on (SIGKI
 its ranks notice (end of file on a pipe only it held) and stop the same way, with
 128 + SIGHUP.
 
+``--tls`` runs every tcp link and the rendezvous store over mutual TLS
+(:mod:`hpcproc.tls`): each rank finds its certificate, key and the job's CA from the
+``HPCPROC_TLS_*`` variables (``python -m hpcproc.tls init DIR`` makes them; then set
+``HPCPROC_TLS_DIR=DIR``). It implies ``--transport tcp`` (``auto``), and refuses the
+transports it does not secure.
+
+Nodes may join a running job (``python -m hpcproc.join``, ``hp.join``): every rank
+runs a membership process (:mod:`hpcproc._membership`), ``hp.monitor_nodes()`` reports
+``NodeUp`` / ``NodeDown``, and rank 0 ends the joined nodes with its status too.
+``--discover``: no launcher, nodes find each other by UDP multicast
+(:mod:`hpcproc._discover`).
+
 ``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
 host, ...) and, on a second line (``plan rank=R transport=T: shm to ranks 1, tcp to
 ranks 2-5``), which transport would carry each peer, from the launcher's host list; it
@@ -68,6 +82,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
+from ._membership import members_of, start_membership
 from .launchers import ClusterInfo, LauncherError, detect
 from .launchers.children import Children, read_lifeline_line, watch_lifeline
 from .launchers.ssh import COOKIE_ENV
@@ -76,6 +91,7 @@ from .rendezvous import DEFAULT_TIMEOUT, Method, RendezvousError, rendezvous
 if TYPE_CHECKING:
     from ._ids import NodeId
     from ._node import Node
+    from .tls import TlsConfig
     from .transports.base import EndPointAddress, Transport
 
 __all__ = ["Cluster", "load_entry", "main"]
@@ -227,6 +243,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         " of the same host, tcp to the others); or any transport of"
         " the registry (hpcproc.transports.available(), entry points included)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on tcp links and the rendezvous store; files from HPCPROC_TLS_DIR"
+        " (python -m hpcproc.tls init DIR) or HPCPROC_TLS_CERT/KEY/CA",
+    )
     parser.add_argument("--spmd", action="store_true", help="run main on every rank")
     parser.add_argument(
         "--np", type=int, default=None, help="outside a scheduler: start N local nodes"
@@ -252,6 +274,25 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     hosts.add_argument(
         "--hostfile", help="like --hosts, from an MPI hostfile (host, host:N, host slots=N)"
     )
+    parser.add_argument(
+        "--discover",
+        action="store_true",
+        help="without a scheduler: find the other nodes by UDP multicast (SimpleLocalnet)",
+    )
+    parser.add_argument(
+        "--group", default=None, help="--discover: multicast ADDR:PORT (224.0.0.99:9999)"
+    )
+    parser.add_argument(
+        "--min-nodes",
+        type=int,
+        default=1,
+        help="--discover: nodes (master included) to wait for before main, up to --timeout",
+    )
+    parser.add_argument(
+        "--interface",
+        default=None,
+        help="--discover: local address to multicast from and listen on (default: route)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what was detected, exit")
     parser.add_argument("entry", help="module:function or path/to/file.py:function")
     args = parser.parse_args(argv)
@@ -261,6 +302,19 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--np starts local ranks; --hosts / --hostfile start them over ssh: pick one")
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.tls and args.transport not in ("auto", "tcp"):
+        parser.error(
+            f"--tls secures the tcp transport only; --transport {args.transport} would not"
+            " use it (use --transport tcp, or drop --tls)"
+        )
+    if args.tls and args.rendezvous == "mpi":
+        parser.error("--tls secures rank 0's rendezvous store; --rendezvous mpi would not use it")
+    if args.min_nodes < 1:
+        parser.error("--min-nodes must be at least 1")
+    if args.discover and (args.np is not None or args.hosts or args.hostfile):
+        parser.error("--discover finds nodes started one by one: not with --np / --hosts")
+    if not args.discover and (args.group or args.interface or args.min_nodes != 1):
+        parser.error("--group / --interface / --min-nodes go with --discover")
     return args
 
 
@@ -293,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_local(args.np, _without(argv, "--np"), dry_run=args.dry_run)
     if args.dry_run:
         # One write: the two lines of a rank stay together.
-        _write_line(sys.stdout, f"{info.describe()}\n{_peer_plan(info, args.transport)}")
+        name = "tcp" if args.tls and args.transport == "auto" else args.transport
+        _write_line(sys.stdout, f"{info.describe()}\n{_peer_plan(info, name)}")
         return 0
     if _uses_mpi(args.transport) or args.rendezvous == "mpi":
         # Initialise MPI before the application's modules are imported: one that
@@ -311,6 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, ValueError) as exc:
         _write_line(sys.stderr, f"hpcproc.run: cannot load {args.entry}: {exc}")
         return 2
+    if args.discover:
+        from ._discover import run_discover
+
+        return asyncio.run(run_discover(info, entry, args))
     return asyncio.run(_run_rank(info, entry, args))
 
 
@@ -440,11 +499,13 @@ def _tcp_options(info: ClusterInfo) -> dict[str, Any]:
     return {"host": "0.0.0.0", "advertised_host": advertised}
 
 
-def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
+def _create_transport(
+    info: ClusterInfo, name: str, tls: TlsConfig | None = None
+) -> tuple[str, Transport]:
     from . import transports
 
     if name == "auto":
-        name = _auto_transport(info)
+        name = "tcp" if tls is not None else _auto_transport(info)
     if name == "inmemory" and info.size > 1:
         raise RendezvousError(
             f"--transport inmemory connects endpoints of one process only; this job has"
@@ -452,7 +513,7 @@ def _create_transport(info: ClusterInfo, name: str) -> tuple[str, Transport]:
         )
     if name == "tcp" or _network_part(name) == "tcp":
         # For shm+tcp the options go to the network sub-transport.
-        return name, transports.create(name, **_tcp_options(info))
+        return name, transports.create(name, **_tcp_options(info), tls=tls or False)
     return name, transports.create(name)
 
 
@@ -566,7 +627,15 @@ async def _run_rank(
         loop.add_signal_handler(s, signals.received, s)
     lifeline = watch_lifeline(loop, passed_on, parent_gone)
     try:
-        transport_name, transport = _create_transport(info, args.transport)
+        tls = None
+        if args.tls:
+            from .tls import TlsError, tls_config
+
+            try:
+                tls = tls_config()
+            except TlsError as exc:
+                raise RendezvousError(f"--tls: {exc}") from None
+        transport_name, transport = _create_transport(info, args.transport, tls)
         method: Method = args.rendezvous
         if method == "auto" and _uses_mpi(transport_name):
             method = "mpi"
@@ -581,6 +650,7 @@ async def _run_rank(
                 timeout=args.timeout,
                 method=method,
                 signals=signals,
+                tls=tls,
             )
             log.info("rank %d on %s exits with status %d", info.rank, info.hostname, status)
             return status
@@ -618,6 +688,7 @@ async def _serve_rank(
     timeout: float,
     method: Method,
     signals: _Signals,
+    tls: TlsConfig | None = None,
 ) -> int:
     """Rendezvous, then run ``main`` or serve; the status to exit with.
 
@@ -632,7 +703,7 @@ async def _serve_rank(
     control = _Controller(node, signals)
     stop = signals.stop
     roster = await _unless_stopped(
-        rendezvous(info, node.node_id.address, timeout=timeout, method=method), stop
+        rendezvous(info, node.node_id.address, timeout=timeout, method=method, tls=tls), stop
     )
     _refuse_shm_across_hosts(roster.addresses)
     nodes = tuple(hp.NodeId(a) for a in roster.addresses)
@@ -646,6 +717,9 @@ async def _serve_rank(
         info.launcher,
         node.node_id,
     )
+    # Nodes may join this job later (hpcproc.join): rank 0 leads and watches every
+    # rank; the others watch rank 0 only (see hpcproc._membership).
+    start_membership(node, nodes, leader=nodes[0], watch=None if info.rank == 0 else nodes[:1])
     others = tuple(n for r, n in enumerate(nodes) if r != info.rank)
     cluster = Cluster(
         rank=info.rank,
@@ -663,7 +737,7 @@ async def _serve_rank(
         if info.rank == 0:
             if spmd:
                 status = max(status, await _unless_stopped(_collect_done(cluster, control), stop))
-            for nid in nodes[1:]:
+            for nid in _workers(node, nodes):
                 node.nsend_remote(nid, CONTROLLER, Shutdown(status))
             return status
         if spmd:
@@ -674,11 +748,16 @@ async def _serve_rank(
         # see the node go (one connection, in order): rank 0's main never reports
         # the loss of a worker that was interrupted as a failure.
         if info.rank == 0:
-            for nid in nodes[1:]:
+            for nid in _workers(node, nodes):
                 node.nsend_remote(nid, CONTROLLER, Shutdown(stopped.why.status, stopped.why))
         elif stopped.why.rank == info.rank:
             node.nsend_remote(nodes[0], CONTROLLER, stopped.why)
         raise
+
+
+def _workers(node: Node, nodes: tuple[NodeId, ...]) -> tuple[NodeId, ...]:
+    """Every node rank 0 ends the job of: the other ranks and the nodes that joined."""
+    return (*nodes[1:], *(n for n in members_of(node) if n not in nodes))
 
 
 def _refuse_shm_across_hosts(addresses: Sequence[EndPointAddress]) -> None:

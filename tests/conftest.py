@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hpcproc.testing.conformance import Harness, TransportSpec
 
-from .transport_specs import SPECS
+from .transport_specs import SPECS, TLS_DIR
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,7 +33,24 @@ _IDS = {"mpi": "mpi-singleton"}
 
 def _spec_id(spec: TransportSpec) -> str:
     name = _IDS.get(spec.name, spec.name)
+    if spec.options.get("tls"):
+        name += "-tls"
     return f"{name}-separate-hosts" if spec.options.get("separate_hosts") else name
+
+
+@pytest.fixture(scope="session")
+def job_certificates() -> Iterator[Path]:
+    """A throw-away CA and node certificates (``python -m hpcproc.tls init``) at
+    ``transport_specs.TLS_DIR``, removed after the session."""
+    pytest.importorskip("cryptography", reason="pip install hpcproc[tls] to make certificates")
+    from hpcproc.tls import init_directory
+
+    shutil.rmtree(TLS_DIR, ignore_errors=True)
+    init_directory(TLS_DIR)
+    try:
+        yield TLS_DIR
+    finally:
+        shutil.rmtree(TLS_DIR, ignore_errors=True)
 
 
 @pytest.fixture(
@@ -45,4 +65,6 @@ def harness(request: pytest.FixtureRequest) -> Harness:
     reason = spec.unavailable()
     if reason is not None:
         pytest.skip(reason)
+    if spec.options.get("tls"):
+        request.getfixturevalue("job_certificates")
     return Harness(spec)

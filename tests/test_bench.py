@@ -107,3 +107,37 @@ def test_cluster_suite_runs_locally_against_mpi4py_collectives(tmp_path: Path) -
         assert r["value"] > 0 and math.isfinite(r["value"]), r
         assert r["baseline_value"] > 0 and math.isfinite(r["baseline_value"]), r
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+
+
+def test_transport_summary_names_the_worst_ratio_of_each_baseline_over_all_sizes() -> None:
+    from bench._records import record, worst_ratios
+
+    records = [
+        record("transport", "tcp", "rtt", 8, 20.0, "socket", 10.0),
+        record("transport", "tcp", "rtt", 32768, 30.0, "socket", 10.0),
+        record("transport", "tcp", "bandwidth", 1 << 20, 1.0, "socket", 2.5),
+        record("transport", "tcp", "rtt", 8, 12.0, "mp.Pipe", 10.0),
+    ]
+    assert worst_ratios(records) == [
+        "worst ratio tcp vs mp.Pipe over all sizes: 1.20 (rtt at 8 B)",
+        "worst ratio tcp vs socket over all sizes: 3.00 (rtt at 32 KiB)",
+    ]
+
+
+def test_bench_transport_tls_reports_tls_beside_plain_tcp(tmp_path: Path) -> None:
+    """``--tls``: the same run measures tcp over mutual TLS (certificates made for the
+    run), reported as ``tcp+tls`` against plain hpcproc tcp, at every size tcp has."""
+    pytest.importorskip("cryptography", reason="pip install hpcproc[tls] to make certificates")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UCX_", "HPCPROC_TLS_"))}
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "transport", "--transport", "tcp", "--tls", "--smoke",
+         "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records: list[dict[str, Any]] = json.loads(out.read_text())
+    tls = [r for r in records if r["transport"] == "tcp+tls"]
+    assert {r["baseline"] for r in tls} == {"hpcproc-tcp"}
+    plain = {(r["metric"], r["size"]) for r in records if r["transport"] == "tcp"}
+    assert {(r["metric"], r["size"]) for r in tls} == plain

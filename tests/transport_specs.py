@@ -11,9 +11,17 @@ suite runs against it unchanged:
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from hpcproc.testing.conformance import TransportSpec
 
-__all__ = ["SPECS"]
+__all__ = ["SPECS", "TLS_DIR"]
+
+#: Where the session fixture ``job_certificates`` (conftest.py) writes a throw-away CA
+#: and node certificates for the TLS spec (``python -m hpcproc.tls init``'s layout).
+TLS_DIR = Path(tempfile.gettempdir()) / f"hpcproc-test-tls-{os.getpid()}"
 
 SPECS: list[TransportSpec] = [
     TransportSpec(
@@ -22,6 +30,13 @@ SPECS: list[TransportSpec] = [
     ),
     TransportSpec(
         "tcp",
+        two_process=True,
+    ),
+    # tcp over mutual TLS: every link runs TLS 1.3, the cookie handshake inside it.
+    TransportSpec(
+        "tcp",
+        options={"tls": True},
+        env={"HPCPROC_TLS_DIR": str(TLS_DIR)},
         two_process=True,
     ),
     TransportSpec(

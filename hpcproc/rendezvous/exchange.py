@@ -16,6 +16,7 @@ from typing import Literal
 from ..auth import load_cookie
 from ..launchers import slurm
 from ..launchers.info import ClusterInfo, LauncherError, env_opt_int
+from ..tls import TlsConfig
 from ..transports.base import EndPointAddress
 from .errors import RendezvousError
 from .filestore import gather_via_directory
@@ -99,10 +100,12 @@ async def exchange(
     timeout: float = DEFAULT_TIMEOUT,
     method: Method = "auto",
     env: Mapping[str, str] | None = None,
+    tls: TlsConfig | None = None,
 ) -> list[bytes]:
     """All-gather: every rank's ``payload``, indexed by rank.
 
-    Blocks until every rank arrived or ``timeout`` seconds passed.
+    Blocks until every rank arrived or ``timeout`` seconds passed. ``tls``: the store
+    method runs mutual TLS with these files (:mod:`.tcpstore`).
 
     Raises:
         RendezvousError: a rank did not arrive in time (named), rank 0 was unreachable,
@@ -134,7 +137,9 @@ async def exchange(
     ports = store_ports(info, env)
     key_bytes = b"hpcproc-rendezvous|" + key.encode()
     if info.rank == 0:
-        store = await serve(ports, size=info.size, cookie=cookie, key=key_bytes, describe=describe)
+        store = await serve(
+            ports, size=info.size, cookie=cookie, key=key_bytes, describe=describe, tls=tls
+        )
         try:
             return await store.gather(payload, timeout)
         finally:
@@ -157,6 +162,7 @@ async def exchange(
         key=key_bytes,
         timeout=timeout,
         describe=describe,
+        tls=tls,
     )
 
 
@@ -191,6 +197,7 @@ async def rendezvous(
     timeout: float = DEFAULT_TIMEOUT,
     method: Method = "auto",
     env: Mapping[str, str] | None = None,
+    tls: TlsConfig | None = None,
 ) -> Roster:
     """Exchange endpoint addresses: every rank gets the same :class:`Roster`.
 
@@ -199,7 +206,8 @@ async def rendezvous(
     """
     mine = json.dumps({"host": info.hostname, "address": bytes(address).hex()}).encode()
     entries = [
-        json.loads(p) for p in await exchange(info, mine, timeout=timeout, method=method, env=env)
+        json.loads(p)
+        for p in await exchange(info, mine, timeout=timeout, method=method, env=env, tls=tls)
     ]
     return Roster(
         addresses=tuple(EndPointAddress(bytes.fromhex(e["address"])) for e in entries),

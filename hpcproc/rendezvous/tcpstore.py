@@ -12,6 +12,14 @@ that many bytes; lengths above :data:`MAX_MESSAGE` are refused before reading):
 
 Nothing a client sends reaches the gathered table before it proved knowledge of the
 cookie. The server only ever holds ``size`` connections' worth of state.
+
+With TLS (``tls=`` a :class:`~hpcproc.tls.TlsConfig`, what ``--tls`` passes), every
+connection runs mutual TLS first and the protocol above inside it. A client whose TLS
+handshake fails stops at once with the reason (certificate of another CA, a store
+without TLS, or a client without TLS: the store answers it with a TLS alert); it is
+not retried, as no later attempt can succeed. The store itself cannot report a refused
+client (asyncio's TLS server drops it silently), so its timeout message says to look
+at the missing ranks' errors.
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ import contextlib
 import errno
 import json
 import logging
+import ssl
 import struct
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from ..auth import NONCE_LEN, PROOF_LEN, Handshake
+from ..tls import TlsConfig, describe_tls_error
 from .errors import RendezvousError
 
 __all__ = ["HANDSHAKE_TIMEOUT", "MAX_MESSAGE", "StoreServer", "gather_as_client", "serve"]
@@ -40,6 +50,8 @@ HANDSHAKE_TIMEOUT = 2.0
 MAX_MESSAGE = 64 << 20
 
 _LEN = struct.Struct("!I")
+#: A TLS alert record's first bytes: a TLS store's answer to a client without TLS.
+_TLS_ALERT = b"\x15\x03"
 
 
 async def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -60,8 +72,11 @@ class StoreServer:
     Use :func:`serve` to bind it; then ``await server.gather(own_payload)``.
     """
 
-    def __init__(self, *, size: int, cookie: bytes, key: bytes, describe: str) -> None:
+    def __init__(
+        self, *, size: int, cookie: bytes, key: bytes, describe: str, tls: bool = False
+    ) -> None:
         self._size = size
+        self._tls = tls
         self._cookie = cookie
         self._key = key
         self._describe = describe
@@ -126,6 +141,8 @@ class StoreServer:
                 f"rendezvous timed out after {timeout:g} s: ranks {_ranges(missing)} of"
                 f" {self._size} did not arrive ({self._describe})"
             )
+            if self._tls:
+                message += "; with TLS, see their errors: the store refuses a rank silently"
             await self._broadcast(json.dumps({"error": message}).encode())
             raise RendezvousError(message) from None
         table = [self._payloads[r] for r in range(self._size)]
@@ -154,17 +171,31 @@ class StoreServer:
 
 
 async def serve(
-    ports: Sequence[int], *, size: int, cookie: bytes, key: bytes, describe: str
+    ports: Sequence[int],
+    *,
+    size: int,
+    cookie: bytes,
+    key: bytes,
+    describe: str,
+    tls: TlsConfig | None = None,
 ) -> StoreServer:
     """Bind a :class:`StoreServer` to the first free port of ``ports`` (all interfaces).
 
     Raises:
         RendezvousError: every port is in use (the message lists them).
+        TlsError: ``tls`` files do not load.
     """
-    store = StoreServer(size=size, cookie=cookie, key=key, describe=describe)
+    store = StoreServer(size=size, cookie=cookie, key=key, describe=describe, tls=tls is not None)
+    context = None if tls is None else tls.server_context()
     for port in ports:
         try:
-            store._server = await asyncio.start_server(store._handle, port=port, reuse_address=True)
+            store._server = await asyncio.start_server(
+                store._handle,
+                port=port,
+                reuse_address=True,
+                ssl=context,
+                ssl_handshake_timeout=None if context is None else HANDSHAKE_TIMEOUT,
+            )
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 log.debug("rendezvous store: port %d in use, trying the next", port)
@@ -188,6 +219,7 @@ async def gather_as_client(
     key: bytes,
     timeout: float,
     describe: str,
+    tls: TlsConfig | None = None,
 ) -> list[bytes]:
     """Send ``payload`` to the store at ``host`` and return every rank's payload.
 
@@ -198,15 +230,24 @@ async def gather_as_client(
 
     Raises:
         RendezvousError: the store was not reachable, refused us, or reported missing
-            ranks (its message is passed on).
+            ranks (its message is passed on); at once when TLS failed (module docstring).
+        TlsError: ``tls`` files do not load.
     """
+    context = None if tls is None else tls.client_context()
     deadline = time.monotonic() + timeout
     delay = 0.02
     last_problem = "no answer"
     while True:
         for port in ports:
             try:
-                return await _try_port(host, port, rank, payload, cookie, key, timeout, deadline)
+                return await _try_port(
+                    host, port, rank, payload, cookie, key, timeout, deadline, context
+                )
+            except ssl.SSLError as exc:
+                store = f"rank 0's store at {host}:{port}"
+                raise RendezvousError(
+                    f"rendezvous: {describe_tls_error(exc, store)} ({describe})"
+                ) from exc
             except _WrongServer as exc:
                 last_problem = str(exc)
             except (OSError, asyncio.TimeoutError) as exc:
@@ -233,17 +274,69 @@ async def _try_port(
     key: bytes,
     timeout: float,
     deadline: float,
+    context: ssl.SSLContext | None,
 ) -> list[bytes]:
     # A live store answers the nonce at once; a port held by something else may accept
     # and stay silent, which must not use up the whole timeout.
     connect_budget = max(0.1, min(HANDSHAKE_TIMEOUT, deadline - time.monotonic()))
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), connect_budget)
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                host,
+                port,
+                ssl=context,
+                server_hostname=None if context is None else "",
+                ssl_handshake_timeout=None if context is None else connect_budget,
+            ),
+            connect_budget,
+        )
+    except ConnectionResetError as exc:
+        if context is None:
+            raise
+        # What asyncio reports when the server dropped our ClientHello: not TLS. (A
+        # port of another job's plain store fails the same way: set HPCPROC_PORT.)
+        raise RendezvousError(
+            f"rendezvous: rank 0's store at {host}:{port} closed the connection during the"
+            " TLS handshake: it does not use TLS (start every rank with --tls, or none)"
+        ) from exc
     try:
         shake = Handshake(cookie, initiator=True, context=key)
         await _write(writer, shake.nonce)
         try:
-            answer = await asyncio.wait_for(_read(reader, NONCE_LEN + PROOF_LEN), connect_budget)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, RendezvousError) as exc:
+            head = await asyncio.wait_for(reader.readexactly(_LEN.size), connect_budget)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.startswith(_TLS_ALERT):
+                raise RendezvousError(
+                    f"rendezvous: rank 0's store at {host}:{port} answered with a TLS alert:"
+                    " it uses TLS and this rank does not (start every rank with --tls, or none)"
+                ) from None
+            if context is None and not exc.partial and await _speaks_tls(host, port, connect_budget):
+                raise RendezvousError(
+                    f"rendezvous: rank 0's store at {host}:{port} uses TLS and this rank does"
+                    " not (start every rank with --tls, or none)"
+                ) from None
+            if context is not None and not exc.partial:
+                # TLS 1.3: the client's handshake ends before the server checked the
+                # client's certificate; asyncio reports the server's refusal as EOF.
+                raise RendezvousError(
+                    f"rendezvous: rank 0's store at {host}:{port} refused this node's"
+                    " certificate right after the TLS handshake: it was not signed by the CA"
+                    " the store trusts (the two sides use different jobs' CAs)"
+                ) from None
+            raise _WrongServer(f"{host}:{port} is not a rendezvous store") from exc
+        except asyncio.TimeoutError as exc:
+            raise _WrongServer(f"{host}:{port} is not a rendezvous store") from exc
+        if head.startswith(_TLS_ALERT):
+            raise RendezvousError(
+                f"rendezvous: rank 0's store at {host}:{port} answered with a TLS alert:"
+                " it uses TLS and this rank does not (start every rank with --tls, or none)"
+            )
+        (length,) = _LEN.unpack(head)
+        if length != NONCE_LEN + PROOF_LEN:
+            raise _WrongServer(f"{host}:{port} is not a rendezvous store")
+        try:
+            answer = await asyncio.wait_for(reader.readexactly(length), connect_budget)
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
             raise _WrongServer(f"{host}:{port} is not a rendezvous store") from exc
         server_nonce, server_proof = answer[:NONCE_LEN], answer[NONCE_LEN:]
         if not shake.verify(server_nonce, server_proof):
@@ -266,6 +359,28 @@ async def _try_port(
         return [bytes.fromhex(p) for p in reply["payloads"]]
     finally:
         writer.close()
+
+
+async def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a TLS ClientHello (probe without certificates).
+
+    Asked only when a port closed on our plain hello without a word, which a plain
+    store never does: a TLS store does (asyncio's TLS server drops what is not TLS).
+    """
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=probe, server_hostname=""), timeout
+        )
+    except ssl.SSLError as exc:
+        # A TLS server that wants a client certificate may refuse already.
+        return "CERTIFICATE" in (exc.reason or "")
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 def _ranges(ranks: list[int]) -> str:

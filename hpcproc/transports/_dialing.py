@@ -332,6 +332,11 @@ async def accept_handshake(
             peer closed the pipe.
     """
     magic, their_nonce, flags, src_len, dst_len = HELLO.unpack(await channel.recv(HELLO.size))
+    if magic[:2] == b"\x16\x03":  # a TLS record: a ClientHello
+        raise HandshakeError(
+            "the peer speaks TLS and this endpoint does not (start every rank with --tls,"
+            " or none)"
+        )
     if magic != form.magic:
         raise HandshakeError(f"bad handshake magic {magic!r} (not an hpcproc {form.name} peer)")
     if not 0 < src_len <= MAX_ADDRESS or not 0 < dst_len <= MAX_ADDRESS:

@@ -46,6 +46,10 @@ loop has nothing else to run (:mod:`~hpcproc.transports._busy_poll`: adaptive, f
 off when the CPUs are oversubscribed, and never for links to endpoints of this same
 process, which can only answer once the loop runs).
 
+With ``tls`` (:mod:`hpcproc.tls`), every socket runs mutual TLS 1.3 before the
+handshake above, which then runs inside it; the TLS link sits beside the plain one (see
+the TLS section below), so plain tcp keeps its fast paths unchanged.
+
 Bad input from a peer (a wrong cookie, garbage, a truncated frame, an oversize
 length, an unknown kind, data on an unopened connection) drops that peer's socket
 with a ``logging.warning`` naming the peer and the reason; every length is checked
@@ -58,15 +62,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
+import ssl
 import struct
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
+from ..tls import TlsConfig, describe_tls_error, tls_config
 from ._busy_poll import IdlePoller, check_budget
 from ._dialing import (
     HELLO,
@@ -125,6 +133,8 @@ _HELLO = HELLO
 _Status = Status
 _context = handshake_context
 
+_R = TypeVar("_R")
+
 #: A parsed tcp endpoint address.
 TcpAddress = HostAddress
 
@@ -174,6 +184,8 @@ class _SocketChannel(SetupChannel["_TcpEndPoint"]):
         while pos < n:
             got = await self._loop.sock_recv_into(self._sock, view[pos:])
             if got == 0:
+                if buf.startswith(_TLS_ALERT):
+                    raise HandshakeError(_PLAIN_TO_TLS)
                 raise HandshakeError(f"connection closed after {pos} of {n} handshake bytes")
             pos += got
         return bytes(buf)
@@ -210,6 +222,16 @@ class _SocketChannel(SetupChannel["_TcpEndPoint"]):
                 ConnectErrorCode.FAILED, f"handshake with {self._remote!r} failed: {exc}"
             )
         return None
+
+
+#: A TLS alert record's first bytes: what a TLS endpoint answers a plain HELLO with.
+_TLS_ALERT = b"\x15\x03"
+#: A fatal TLS alert "protocol_version", as a TLS endpoint answers a plain peer.
+_TLS_PROTOCOL_ALERT = b"\x15\x03\x03\x00\x02\x02\x46"
+_PLAIN_TO_TLS = (
+    "the peer answered with a TLS alert: it requires TLS and this side does not use it"
+    " (start every rank with --tls, or none)"
+)
 
 
 def _alloc(n: int) -> memoryview:
@@ -654,6 +676,310 @@ class _TcpLink(Link):
         self._frames = []
 
 
+# ---------------------------------------------------------------------------- TLS
+#
+# With TLS on, a link's socket is an ssl.SSLSocket (non-blocking, TLS 1.3, see
+# hpcproc.tls), driven from the event loop like the plain one. The plain fast paths
+# above stay as they are; the TLS link overrides what differs: an SSLSocket has no
+# sendmsg (small pieces are joined into one TLS record, a large frame is encrypted
+# straight from the caller's buffer), "would block" is SSLWantRead/WriteError, one
+# recv_into returns at most one TLS record (16 KiB; a large frame is still decrypted
+# straight into its own buffer), and decrypted bytes may wait inside the TLS object
+# where no readiness event reports them, so reading goes on until the TLS layer says
+# it needs more from the socket.
+
+#: Small pieces (headers, small frames) joined into one TLS record up to this size.
+_TLS_JOIN = 64 * 1024
+#: Bound on TLS records read per readiness callback (16 KiB each: 16 MiB).
+_TLS_READS_PER_WAKEUP = 1024
+_WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
+
+
+def _show(address: EndPointAddress) -> str:
+    return bytes(address).decode("ascii", "replace")
+
+
+class _TlsRefused(HandshakeError):
+    """The TLS handshake failed (message from :func:`~hpcproc.tls.describe_tls_error`)."""
+
+
+async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, writable: bool) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def _tls_io(sock: ssl.SSLSocket, op: Callable[[], _R]) -> _R:
+    """Run ``op`` on the non-blocking TLS socket, waiting whenever TLS needs to."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return op()
+        except ssl.SSLWantReadError:
+            await _wait_fd(loop, sock.fileno(), writable=False)
+        except ssl.SSLWantWriteError:
+            await _wait_fd(loop, sock.fileno(), writable=True)
+
+
+async def _tls_handshake(sock: ssl.SSLSocket, peer: str) -> None:
+    """The TLS handshake; a failure raises :class:`_TlsRefused` naming why."""
+    try:
+        await _tls_io(sock, sock.do_handshake)
+    except OSError as exc:  # ssl.SSLError included
+        raise _TlsRefused(describe_tls_error(exc, peer)) from exc
+
+
+class _TlsChannel(_SocketChannel):
+    """A TLS socket during the cookie handshake, which runs inside TLS.
+
+    The dialer passes a socket whose TLS handshake it completed (in ``_open_channel``,
+    under the connect timeout); the acceptor passes the accepted plain socket and its
+    context, and the TLS handshake runs before the first read, so under the handshake
+    timeout. A plain hpcproc peer is recognised by its first bytes and answered with a
+    TLS alert, which it reports (see ``_SocketChannel.recv``).
+    """
+
+    _sock: ssl.SSLSocket
+
+    def __init__(
+        self,
+        transport: TcpTransport,
+        sock: socket.socket,
+        remote: EndPointAddress | None = None,
+        *,
+        server: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(transport, sock, remote)
+        self._server = server
+
+    async def _secure(self) -> None:
+        if self._server is None:
+            return
+        raw: socket.socket = self._sock
+        await _wait_fd(self._loop, raw.fileno(), writable=False)
+        if raw.recv(len(_MAGIC), socket.MSG_PEEK) == _MAGIC:
+            # Read what it sent first, so that closing does not reset the alert away.
+            with contextlib.suppress(OSError):
+                raw.recv(1 << 16)
+                raw.send(_TLS_PROTOCOL_ALERT)
+                raw.shutdown(socket.SHUT_WR)
+            raise HandshakeError(
+                "the peer speaks plain tcp and this endpoint requires TLS (start every rank"
+                " with --tls, or none)"
+            )
+        self._sock = self._server.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        self._server = None
+        await _tls_handshake(self._sock, "the peer")
+
+    async def send(self, data: bytes) -> None:
+        await self._secure()
+        sock = self._sock
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[await _tls_io(sock, functools.partial(sock.send, view)) :]
+        except ssl.SSLError as exc:
+            raise _TlsRefused(describe_tls_error(exc, self._who())) from exc
+
+    async def recv(self, n: int) -> bytes:
+        await self._secure()
+        sock = self._sock
+        buf = bytearray(n)
+        view = memoryview(buf)
+        pos = 0
+        try:
+            while pos < n:
+                got = await _tls_io(sock, functools.partial(sock.recv_into, view[pos:], n - pos))
+                if got == 0:
+                    raise HandshakeError(f"connection closed after {pos} of {n} handshake bytes")
+                pos += got
+        except ssl.SSLError as exc:
+            raise _TlsRefused(describe_tls_error(exc, self._who())) from exc
+        return bytes(buf)
+
+    def _who(self) -> str:
+        return "the peer" if self._remote is None else _show(self._remote)
+
+    def link(self, endpoint: _TcpEndPoint, remote: EndPointAddress, peer_extra: bytes) -> Link:
+        return _TlsLink(endpoint, remote, self._sock, self._transport._max_message)
+
+    def dial_error(self, exc: Exception, *, answered: bool) -> ConnectError | None:
+        if isinstance(exc, _TlsRefused):
+            log.warning("tcp: %s", exc)
+            return ConnectError(ConnectErrorCode.FAILED, str(exc))
+        return super().dial_error(exc, answered=answered)
+
+
+class _TlsLink(_TcpLink):
+    """A :class:`_TcpLink` over TLS (see the section comment above)."""
+
+    _sock: ssl.SSLSocket
+
+    def start(self, first: bytes = b"") -> None:
+        super().start(first)
+        # The cookie handshake's reads may have left link bytes inside the TLS object.
+        self._loop.call_soon(self._on_readable)
+
+    def _tls_send(self, data: Buffer) -> int:
+        try:
+            return self._sock.send(data)
+        except _WOULD_BLOCK:
+            return 0
+
+    def _push(self, view: memoryview, fut: asyncio.Future[None] | None) -> None:
+        self._wq.append(_Write([view], fut))
+        self._on_writable()
+        if self._wq:
+            self._want_write()
+
+    def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
+        if self._dead or self._wq or len(frames) != 1:
+            return False
+        view = as_bytes_view(frames[0])
+        if len(view) > _SEND_NOW_MAX:
+            return False
+        # One record; what TLS does not take at once is queued as a copy.
+        self._push(memoryview(_ONE_FRAME_HEADER.pack(Kind.DATA, 1, conn_id, len(view)) + view), None)
+        return True
+
+    async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
+        if self._dead:
+            raise ConnectionError(f"link to {self.remote!r} is down")
+        views = [as_bytes_view(frame) for frame in frames]
+        lengths = [len(v) for v in views]
+        total = sum(lengths)
+        if len(views) > MAX_FRAMES or total > self._max_message:
+            raise SendError(
+                SendErrorCode.FAILED,
+                f"message of {len(views)} frames / {total} bytes exceeds the limits "
+                f"({MAX_FRAMES} frames, {self._max_message} bytes); nothing was sent",
+            )
+        entry = _Write([encode_header(Kind.DATA, conn_id, lengths), *views], None)
+        self._wq.append(entry)
+        self._on_writable()
+        if entry.index == len(entry.bufs):
+            return
+        entry.fut = self._loop.create_future()
+        self._want_write()
+        try:
+            await entry.fut
+        except asyncio.CancelledError:
+            if not entry.fut.done() and not self._dead:
+                entry.detach()  # the message must still go out whole
+            raise
+
+    def _on_writable(self) -> None:
+        wq = self._wq
+        while wq and not self._dead:
+            # The next piece: a large buffer as it is, else small ones joined (the
+            # same bytes from the same place if TLS asks for a retry, as it requires).
+            first = wq[0].bufs[wq[0].index]
+            data: Buffer = first
+            if len(first) < _TLS_JOIN:  # type: ignore[arg-type]
+                pieces: list[Buffer] = []
+                size = 0
+                for entry in wq:
+                    for buf in entry.bufs[entry.index :]:
+                        n = len(buf)  # type: ignore[arg-type]
+                        if pieces and (size + n > _TLS_JOIN or n >= _TLS_JOIN):
+                            break
+                        pieces.append(buf)
+                        size += n
+                    else:
+                        continue
+                    break
+                if len(pieces) > 1:
+                    data = b"".join(pieces)  # type: ignore[arg-type]
+            try:
+                sent = self._sock.send(data)
+            except _WOULD_BLOCK:
+                break
+            except OSError as exc:
+                self.fail(f"send failed: {exc}")
+                return
+            while wq:
+                entry = wq[0]
+                sent = self._consume_entry(entry, sent)
+                if entry.index < len(entry.bufs):
+                    break
+                wq.popleft()
+                if entry.fut is not None and not entry.fut.done():
+                    entry.fut.set_result(None)
+        if not wq and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        try:
+            for _ in range(_TLS_READS_PER_WAKEUP):
+                if self._dead:
+                    return
+                if self._state == 2 and self._start == self._end:
+                    frame = self._frames[self._fi]
+                    if len(frame) - self._fpos >= DIRECT_MIN:
+                        n = sock.recv_into(frame[self._fpos :])
+                        if n == 0:
+                            self._on_eof()
+                            return
+                        self._fpos += n
+                        self._parse()
+                        continue
+                if self._start == self._end:
+                    self._start = self._end = 0
+                elif len(self._buf) - self._end < DIRECT_MIN:
+                    pending = self._end - self._start
+                    self._mv[:pending] = self._mv[self._start : self._end]
+                    self._start, self._end = 0, pending
+                n = sock.recv_into(self._mv[self._end :])
+                if n == 0:
+                    self._on_eof()
+                    return
+                self._end += n
+                self._parse()
+            if not self._dead and sock.pending():
+                self._loop.call_soon(self._on_readable)
+        except _WOULD_BLOCK:
+            return
+        except WireError as exc:
+            self._bad_peer(str(exc))
+        except ssl.SSLError as exc:
+            self.fail(f"TLS error: {exc}")
+        except OSError as exc:
+            self.fail(f"receive failed: {exc}")
+
+    async def close(self) -> None:
+        if self._dead:
+            return
+        if self._wq:
+            self._drained = self._loop.create_future()
+            await self._drained
+        if self._dead:
+            return
+        # The socket's own shutdown (SSLSocket.shutdown would drop the TLS state that
+        # the reads until end-of-stream below still need); see _TcpLink.close.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._sock, socket.SHUT_WR)
+        await self._eof
+        self.abort()
+
+
 #: Instance ids of the live transports of this process (see ``_TcpLink._in_process``).
 _LOCAL_INSTANCES: set[bytes] = set()
 
@@ -685,7 +1011,7 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
         return poller
 
     def _pollable(self, link: Link) -> bool:
-        return type(link) is _TcpLink and not link._in_process
+        return (type(link) is _TcpLink or type(link) is _TlsLink) and not link._in_process
 
     def _poll_links(self) -> bool:
         polled = False
@@ -712,7 +1038,35 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
         except BaseException:
             sock.close()
             raise
-        return _SocketChannel(self._transport, sock, remote)
+        tls = self._transport._tls_client
+        if tls is None:
+            return _SocketChannel(self._transport, sock, remote)
+        return await _secure_dial(self._transport, tls, sock, remote)
+
+
+async def _secure_dial(
+    transport: TcpTransport, context: ssl.SSLContext, sock: socket.socket, remote: EndPointAddress
+) -> _TlsChannel:
+    """Wrap a connected socket in TLS and run the TLS handshake as the client.
+
+    Raises:
+        ConnectError: ``FAILED``, naming why TLS failed (also logged).
+    """
+    try:
+        tls = context.wrap_socket(sock, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await _tls_handshake(tls, _show(remote))
+    except _TlsRefused as exc:
+        tls.close()
+        log.warning("tcp: %s", exc)
+        raise ConnectError(ConnectErrorCode.FAILED, str(exc)) from exc.__cause__
+    except BaseException:
+        tls.close()
+        raise
+    return _TlsChannel(transport, tls, remote)
 
 
 def _connect_error(exc: OSError, remote: EndPointAddress) -> ConnectError:
@@ -740,9 +1094,16 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         cookie: the shared secret; default :func:`~hpcproc.auth.load_cookie`.
         busy_poll_us: how long ``receive`` may poll the sockets in place while the
             event loop is idle (0 disables; see the module docstring).
+        tls: mutual TLS on every link (:mod:`hpcproc.tls`): ``True`` finds this node's
+            files from ``tls_cert`` / ``tls_key`` / ``tls_ca`` / ``tls_dir`` or the
+            ``HPCPROC_TLS_*`` variables, or pass a :class:`~hpcproc.tls.TlsConfig`.
+            Giving any ``tls_*`` option turns TLS on too. A TLS endpoint and a plain
+            one refuse each other (both sides say so).
+        tls_cert, tls_key, tls_ca, tls_dir: paths, see :func:`hpcproc.tls.tls_config`.
 
     Raises:
         CookieError: no cookie was given and the cookie file is unsafe or unusable.
+        TlsError: TLS is asked for and its files are missing or do not load.
     """
 
     def __init__(
@@ -756,8 +1117,19 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         handshake_timeout: float = 10.0,
         cookie: bytes | str | None = None,
         busy_poll_us: float = 100.0,
+        tls: bool | TlsConfig = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        tls_dir: str | None = None,
     ) -> None:
         check_budget(busy_poll_us)
+        if not isinstance(tls, TlsConfig) and (tls or tls_cert or tls_key or tls_ca or tls_dir):
+            tls = tls_config(cert=tls_cert, key=tls_key, ca=tls_ca, directory=tls_dir)
+        #: This node's TLS files, or ``None`` without TLS.
+        self.tls = tls if isinstance(tls, TlsConfig) else None
+        self._tls_client = None if self.tls is None else self.tls.client_context()
+        self._tls_server = None if self.tls is None else self.tls.server_context()
         super().__init__(
             _FORMAT,
             cookie=cookie,
@@ -840,7 +1212,10 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
                 log.warning("tcp: dropping peer %s: %s", _peer_name(sock), exc)
                 sock.close()
                 continue
-            self._admit(_SocketChannel(self, sock))
+            if self._tls_server is None:
+                self._admit(_SocketChannel(self, sock))
+            else:
+                self._admit(_TlsChannel(self, sock, server=self._tls_server))
 
     async def close(self) -> None:
         if self._closed:
