@@ -1,4 +1,4 @@
-"""``python -m bench SUITE [--transport NAME] [--tls] [--quick | --smoke] [--json PATH]``, and
+"""``python -m bench SUITE [--transport NAME] [--tls] [--quick | --smoke] [--np N] [--json PATH]``, and
 ``python -m bench report [--quick | --smoke] [--out DIR]`` (:mod:`bench._report`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ._records import format_table, worst_ratios, write_json
-from ._suites import SUITES, SuiteOptions, load_suite
+from ._suites import DEFAULT_TRANSPORT, SUITES, SuiteOptions, load_suite
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "suite", help=f"suite to run ({', '.join(SUITES)}), or 'report' (see report --help)"
     )
-    parser.add_argument("--transport", default="tcp", help="transport name (default: tcp)")
+    parser.add_argument(
+        "--transport", help="transport name (default: tcp; auto for the cluster suite)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer iterations: under a minute")
     parser.add_argument(
         "--smoke",
@@ -35,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="transport suite, tcp: also measure tcp over mutual TLS, against plain tcp",
     )
+    parser.add_argument(
+        "--np",
+        type=int,
+        metavar="N",
+        help="cluster suite: N ranks on this host (under mpiexec) instead of srun",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the records as JSON")
     args = parser.parse_args(argv)
     try:
@@ -42,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         parser.error(str(exc.args[0]))
     try:
+        transport = args.transport or DEFAULT_TRANSPORT.get(args.suite, "tcp")
+        if args.np is not None and args.np < 2:
+            parser.error("--np must be at least 2")
         records = run(
             SuiteOptions(
-                transport=args.transport, quick=args.quick, smoke=args.smoke, tls=args.tls
+                transport=transport,
+                quick=args.quick,
+                smoke=args.smoke,
+                tls=args.tls,
+                np=args.np,
             )
         )
     except ValueError as exc:  # the suite cannot measure what was asked

@@ -37,6 +37,9 @@ METRICS: dict[str, tuple[str, bool]] = {
     "bytes_per_process": ("bytes", False),
     "call_rate": ("calls/s", True),
     "restart_latency": ("us", False),
+    "op_time": ("us", False),
+    "node_rss": ("bytes", False),
+    "startup": ("s", False),
 }
 
 

@@ -8,15 +8,19 @@ from dataclasses import dataclass
 
 from ._records import Record
 
-__all__ = ["SUITES", "SuiteOptions", "load_suite"]
+__all__ = ["DEFAULT_TRANSPORT", "SUITES", "SuiteOptions", "load_suite"]
 
 #: Registered suites: name -> module. A suite module defines ``run(options) -> list[Record]``.
 SUITES: dict[str, str] = {
     "transport": "bench.transport",
     "process": "bench.process",
     "peers": "bench.peers",
+    "cluster": "bench.cluster",
     "otp": "bench.otp",
 }
+
+#: Transport of a suite when ``--transport`` is not given (else ``tcp``).
+DEFAULT_TRANSPORT: dict[str, str] = {"cluster": "auto"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,8 @@ class SuiteOptions:
     #: Run every row with a few iterations, to check that the suite works (the test
     #: suite does); the figures mean nothing.
     smoke: bool = False
+    #: ``cluster`` suite: run this many ranks locally instead of under ``srun``.
+    np: int | None = None
     #: Also measure the transport over TLS, beside it in the same run (tcp only).
     tls: bool = False
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ._ids import MonitorRef, NodeId, Pid
+from .transports.base import EndPoint
 
 __all__ = ["NodeStats", "ProcessInfo"]
 
@@ -35,3 +37,14 @@ class NodeStats:
     #: open incoming connections: one per (remote sender, local receiver) pair that
     #: has communicated, plus one per remote node's controller
     incoming_connections: int
+    #: ``(peer, transport)`` for every node this one has a connection with, in either
+    #: direction (connections are opened on first use): the name of the transport that
+    #: carries it (``EndPoint.transport_for``; with the routing transport ``shm`` for a
+    #: peer on this host, the network transport for the others), by peer address
+    peer_transports: tuple[tuple[NodeId, str], ...] = ()
+
+
+def peer_transports(endpoint: EndPoint, peers: Iterable[NodeId]) -> tuple[tuple[NodeId, str], ...]:
+    """:attr:`NodeStats.peer_transports` for ``peers`` (duplicates ignored)."""
+    unique = {p.address: p for p in peers}
+    return tuple((unique[a], endpoint.transport_for(a)) for a in sorted(unique, key=bytes))

@@ -71,12 +71,12 @@ def route_address(host: str) -> str:
 
 
 def create_transport(name: str, host: str) -> Transport:
-    """The transport a joining node uses: tcp listening on ``host`` (its advertised
-    address), or any other transport of the registry by name."""
+    """The transport a joining node uses: tcp (or shm+tcp's tcp) listening on ``host``
+    (its advertised address), or any other transport of the registry by name."""
     from . import transports
 
-    if name == "tcp":
-        return transports.create("tcp", host=host)
+    if name in ("tcp", "shm+tcp"):
+        return transports.create(name, host=host)
     return transports.create(name)
 
 
@@ -187,14 +187,28 @@ async def _main(args: argparse.Namespace, contact: NodeId) -> int:
 
     from ._membership import JoinError
 
+    network = bytes(contact.address)
+    routed = network.startswith(b"route:")
+    if routed:
+        # A job of the routing transport (auto across hosts: shm+tcp): this node
+        # runs on another host, so it reaches the members over the network part.
+        from .transports.base import TransportError
+        from .transports.routing import parse_address as parse_routing
+
+        try:
+            network = bytes(parse_routing(network)[2])
+        except TransportError as exc:
+            _line(f"hpcproc.join: {exc}")
+            return 2
     if args.transport is None:
-        args.transport = bytes(contact.address).partition(b":")[0].decode("ascii", "replace")
+        scheme = network.partition(b":")[0].decode("ascii", "replace")
+        args.transport = f"shm+{scheme}" if routed else scheme
     host = args.host
-    if host is None and args.transport == "tcp":
+    if host is None and args.transport in ("tcp", "shm+tcp"):
         from .transports.tcp import parse_address
 
         try:
-            host = route_address(parse_address(bytes(contact.address)).host)
+            host = route_address(parse_address(network).host)
         except (ValueError, OSError) as exc:
             _line(f"hpcproc.join: cannot tell which address to advertise ({exc}); pass --host")
             return 2

@@ -326,7 +326,8 @@ def _node_id(address: NodeId | bytes | str) -> NodeId:
             text = text[len("nid://") :]
         from .transports import available
 
-        if text.partition(":")[0] not in available():
+        # "route": the routing transports' addresses (shm+tcp, ...) share one scheme.
+        if text.partition(":")[0] not in (*available(), "route"):
             raise ValueError(
                 f"{address!r} is not a node address: give the member's full endpoint"
                 " address as node_id.full() prints it (e.g. nid://tcp://host:port/...;"

@@ -44,7 +44,7 @@ from ._copying import copy_message
 from ._errors import NodeUnreachableError
 from ._host import host_name
 from ._ids import MonitorRef, NodeId, Pid
-from ._info import NodeStats, ProcessInfo
+from ._info import NodeStats, ProcessInfo, peer_transports
 from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
 from ._process import Kill, Process
 from ._registry import Registry
@@ -584,8 +584,15 @@ class Node:
                         monitors += 1
                     else:
                         links += 1
+        peers = [st.node for st in self._incoming.values()] + self.remote.nodes()
         return NodeStats(
-            self.node_id, len(self._procs), len(self.registry), monitors, links, len(self._incoming)
+            self.node_id,
+            len(self._procs),
+            len(self.registry),
+            monitors,
+            links,
+            len(self._incoming),
+            peer_transports(self.endpoint, (p for p in peers if p != self.node_id)),
         )
 
     async def get_process_info(self, pid: Pid) -> ProcessInfo | None:

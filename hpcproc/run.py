@@ -8,14 +8,17 @@ Usage::
                           [--interface ADDR] [--timeout S] module:function
 
 ``NAME`` is any transport of the registry (:func:`hpcproc.transports.available`): the
-built-in ``tcp``, ``shm``, ``mpi``, ``ucx``, ``inmemory``, and third-party transports
-registered through the ``hpcproc.transports`` entry-point group.
+built-in ``tcp``, ``shm``, ``mpi``, ``ucx``, ``inmemory``, the routing transports
+``shm+tcp``, ``shm+ucx``, ``shm+mpi`` (shared memory to the ranks of the same host, the
+network transport to the others), and third-party transports registered through the
+``hpcproc.transports`` entry-point group. ``auto`` (the default) is ``shm`` when every
+rank runs on this host and ``shm+tcp`` otherwise.
 
 Each rank (``srun``, ``mpiexec``, ``pbsdsh``, ... started it, or ``--np N`` here):
 
 1. detects its launcher and place in the job (:func:`hpcproc.launchers.detect`);
-   with ``--transport mpi`` (or ``--rendezvous mpi``) it initialises MPI here,
-   before importing the entry point, so an application that imports mpi4py itself
+   with ``--transport mpi`` or ``shm+mpi`` (or ``--rendezvous mpi``) it initialises
+   MPI here, before importing the entry point, so an application that imports mpi4py itself
    finds it initialised as hpcproc does it (``hpcproc.mpi_init.import_mpi``);
 2. creates the transport and its node;
 3. registers its run controller, then takes part in the rendezvous
@@ -56,7 +59,9 @@ runs a membership process (:mod:`hpcproc._membership`), ``hp.monitor_nodes()`` r
 (:mod:`hpcproc._discover`).
 
 ``--dry-run`` prints what was detected (one line per rank: rank, size, node index,
-host, ...) and exits without importing the entry point or creating a transport.
+host, ...) and, on a second line (``plan rank=R transport=T: shm to ranks 1, tcp to
+ranks 2-5``), which transport would carry each peer, from the launcher's host list; it
+exits without importing the entry point or creating a transport.
 """
 
 from __future__ import annotations
@@ -240,7 +245,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--transport",
         choices=transports,
         default="auto",
-        help="auto: shm when every rank is on this host, else tcp; or any transport of"
+        help="auto: shm when every rank is on this host, else shm+tcp (shm to the ranks"
+        " of the same host, tcp to the others); or any transport of"
         " the registry (hpcproc.transports.available(), entry points included)",
     )
     parser.add_argument(
@@ -263,7 +269,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "--rendezvous",
         choices=("auto", "store", "file", "mpi"),
         default="auto",
-        help="how ranks exchange addresses (default: mpi with --transport mpi, else"
+        help="how ranks exchange addresses (default: mpi with --transport mpi or shm+mpi, else"
         " a shared directory if HPCPROC_RENDEZVOUS_DIR is set, else rank 0's store)",
     )
     hosts = parser.add_mutually_exclusive_group()
@@ -346,9 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return _run_local(args.np, _without(argv, "--np"), dry_run=args.dry_run)
     if args.dry_run:
-        _write_line(sys.stdout, info.describe())
+        # One write: the two lines of a rank stay together.
+        name = "tcp" if args.tls and args.transport == "auto" else args.transport
+        _write_line(sys.stdout, f"{info.describe()}\n{_peer_plan(info, name)}")
         return 0
-    if args.transport == "mpi" or args.rendezvous == "mpi":
+    if _uses_mpi(args.transport) or args.rendezvous == "mpi":
         # Initialise MPI before the application's modules are imported: one that
         # imports mpi4py itself would otherwise initialise it without the care
         # hpcproc.mpi_init.import_mpi takes (see there).
@@ -450,15 +458,51 @@ def _run_local(n: int, argv: list[str], *, dry_run: bool) -> int:
 
 
 def _auto_transport(info: ClusterInfo) -> str:
-    """What ``--transport auto`` picks for the whole job.
+    """What ``--transport auto`` picks.
 
     Shared memory when every rank is known to run on this one host (a single rank,
-    ``--np N``, or a launcher whose host list names one host only), TCP otherwise.
-    The choice is per job, not per peer: a job spanning hosts uses TCP between ranks
-    of one host too (pick ``shm``/``ucx``/``mpi`` explicitly to override).
+    ``--np N``, or a launcher whose host list names one host only); otherwise the
+    routing transport ``shm+tcp``, which picks per peer: shared memory to the ranks
+    of the same host, TCP to the others (:mod:`hpcproc.transports.routing`). Off
+    Linux (no ``shm``), TCP.
     """
+    if not sys.platform.startswith("linux"):
+        return "tcp"
     one_host = info.size == 1 or (info.hosts is not None and len(set(info.hosts)) == 1)
-    return "shm" if one_host and sys.platform.startswith("linux") else "tcp"
+    return "shm" if one_host else "shm+tcp"
+
+
+def _network_part(name: str) -> str | None:
+    """The network sub-transport of a routing transport name (``"shm+mpi"`` ->
+    ``"mpi"``); None for any other name."""
+    local, plus, network = name.partition("+")
+    return network if plus and local == "shm" else None
+
+
+def _uses_mpi(name: str) -> bool:
+    """True when transport ``name`` runs over MPI (so the rendezvous can too)."""
+    return name == "mpi" or _network_part(name) == "mpi"
+
+
+def _tcp_options(info: ClusterInfo) -> dict[str, Any]:
+    """Where this rank's TCP endpoint listens and what address it advertises.
+
+    Raises:
+        RendezvousError: under Slurm, this rank's node name has no address.
+    """
+    local_only = info.hosts is not None and all(h == "127.0.0.1" for h in info.hosts)
+    if info.size == 1 or local_only:
+        return {"host": "127.0.0.1"}
+    advertised = info.hostname
+    if info.launcher.startswith("slurm"):
+        # Peers dial this address; a Slurm node name need not resolve.
+        from .launchers.slurm import node_address
+
+        try:
+            advertised = node_address(info.hostname)
+        except LauncherError as exc:
+            raise RendezvousError(f"this rank's host: {exc}") from None
+    return {"host": "0.0.0.0", "advertised_host": advertised}
 
 
 def _create_transport(
@@ -473,23 +517,40 @@ def _create_transport(
             f"--transport inmemory connects endpoints of one process only; this job has"
             f" {info.size} ranks (use tcp, shm, mpi or ucx)"
         )
-    if name == "tcp":
-        local_only = info.hosts is not None and all(h == "127.0.0.1" for h in info.hosts)
-        if info.size == 1 or local_only:
-            return name, transports.create("tcp", host="127.0.0.1", tls=tls or False)
-        advertised = info.hostname
-        if info.launcher.startswith("slurm"):
-            # Peers dial this address; a Slurm node name need not resolve.
-            from .launchers.slurm import node_address
-
-            try:
-                advertised = node_address(info.hostname)
-            except LauncherError as exc:
-                raise RendezvousError(f"this rank's host: {exc}") from None
-        return name, transports.create(
-            "tcp", host="0.0.0.0", advertised_host=advertised, tls=tls or False
-        )
+    if name == "tcp" or _network_part(name) == "tcp":
+        # For shm+tcp the options go to the network sub-transport.
+        return name, transports.create(name, **_tcp_options(info), tls=tls or False)
     return name, transports.create(name)
+
+
+def _peer_plan(info: ClusterInfo, name: str) -> str:
+    """``--dry-run``: which transport would carry each peer of this rank.
+
+    From the launcher's host list: with a routing transport (``shm+NET``) peers on
+    this rank's host go over ``shm`` and the others over ``NET``; any other transport
+    carries every peer. Without a host list a routing transport decides per peer
+    when it connects (it compares host identities), which is said.
+    """
+    chosen = _auto_transport(info) if name == "auto" else name
+    peers = [r for r in range(info.size) if r != info.rank]
+    head = f"plan rank={info.rank} transport={chosen}"
+    if not peers:
+        return f"{head}: no peers"
+    network = _network_part(chosen)
+    if network is None:
+        return f"{head}: {chosen} to ranks {_rank_ranges(peers)}"
+    if info.hosts is None:
+        return (
+            f"{head}: shm to ranks on this host, {network} to the others"
+            " (host list unknown: decided per peer when connecting)"
+        )
+    mine = info.hosts[info.rank]
+    same = [r for r in peers if info.hosts[r] == mine]
+    other = [r for r in peers if info.hosts[r] != mine]
+    parts = [f"shm to ranks {_rank_ranges(same)}"] if same else []
+    if other:
+        parts.append(f"{network} to ranks {_rank_ranges(other)}")
+    return f"{head}: {', '.join(parts)}"
 
 
 class _Stopped(Exception):
@@ -582,7 +643,7 @@ async def _run_rank(
                 raise RendezvousError(f"--tls: {exc}") from None
         transport_name, transport = _create_transport(info, args.transport, tls)
         method: Method = args.rendezvous
-        if method == "auto" and transport_name == "mpi":
+        if method == "auto" and _uses_mpi(transport_name):
             method = "mpi"
         node = hp.Node(transport)
         await node.start()

@@ -43,11 +43,11 @@ EXPECTED: dict[tuple[str, str], set[str]] = {
 NEEDS = {"mpi": "mpi4py", "ucx": "ucxx", "shm": "mpi4py"}
 
 
-def run_bench(suite: str, transport: str, out: Path) -> list[dict[str, Any]]:
+def run_bench(suite: str, transport: str, out: Path, *extra: str) -> list[dict[str, Any]]:
     # A clean environment: no UCX_* variables of this process (importing ucxx sets
     # some) and no scheduler variables, as a user's shell would have.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UCX_", "SLURM_", "PMI_"))}
-    argv = ["-m", "bench", suite, "--transport", transport, "--smoke", "--json", str(out)]
+    argv = ["-m", "bench", suite, "--transport", transport, "--smoke", "--json", str(out), *extra]
     proc = subprocess.run(
         [sys.executable, *argv],
         cwd=ROOT,
@@ -99,6 +99,30 @@ def test_bench_suite_runs_and_writes_records_against_its_baselines(
             "spawn_rate",
             "bytes_per_process",
         }
+
+
+def test_cluster_suite_runs_locally_against_mpi4py_collectives(tmp_path: Path) -> None:
+    """``--np 4``: four ranks here under mpiexec (not srun, even where a Slurm cluster
+    answers), the collectives beside mpi4py's, the same-host round trip beside the
+    process suite's shm one, node RSS, and start-up beside bare interpreters."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("the cluster benchmark needs mpi4py")
+    records = run_bench("cluster", "auto", tmp_path / "out.json", "--np", "4")
+    assert {(r["metric"], r["baseline"]) for r in records} == {
+        ("op_time", "mpi4py Alltoall"),
+        ("op_time", "mpi4py Scatter+Gather"),
+        ("op_time", "mpi4py Allreduce"),
+        ("node_rss", "1 peer connected"),
+        ("node_rss", "0 peers connected"),
+        ("rtt", "process suite, shm"),
+        ("startup", "bare python"),
+    }
+    for r in records:
+        assert r["suite"] == "cluster"
+        assert r["transport"].startswith("auto (local, 4 ranks"), r
+        assert r["value"] > 0 and math.isfinite(r["value"]), r
+        assert r["baseline_value"] > 0 and math.isfinite(r["baseline_value"]), r
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
 
 
 def test_transport_summary_names_the_worst_ratio_of_each_baseline_over_all_sizes() -> None:

@@ -2,7 +2,8 @@
 
 Every scenario runs on two in-memory nodes in this process, and over each transport of
 :data:`REMOTE` between this process and a node in a separate OS process
-(:mod:`hpcproc.testing.node_server`): TCP, and ``teststreams``, the test transport
+(:mod:`hpcproc.testing.node_server`): TCP, the routing transport ``shm+tcp`` (shared
+memory between these two processes of one host), and ``teststreams``, the test transport
 written to the abstract methods of ``base.py`` only (``tests/plugin_transport``, found
 through its entry point). Process functions spawned on the other node are module-level
 here, so the node server imports them by reference (``tests`` is a package and its
@@ -40,7 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Transports of the cross-process runs -> their factory options (the node server
 #: takes the cookie from HPCPROC_COOKIE).
-REMOTE: dict[str, dict[str, Any]] = {"tcp": {"cookie": COOKIE}, "teststreams": {}}
+#: ``shm+tcp``: the routing transport; the node server runs on this host, so its
+#: connections go over shm (the tcp path is the conformance suite's separate_hosts run).
+REMOTE: dict[str, dict[str, Any]] = {
+    "tcp": {"cookie": COOKIE},
+    "teststreams": {},
+    "shm+tcp": {"cookie": COOKIE},
+}
 
 
 def _unavailable(kind: str) -> str | None:
@@ -411,6 +418,28 @@ def test_call_runs_function_remotely_and_returns_result(kind: str, servers: Serv
         return await hp.call(c.b, add, 20, 22)
 
     assert run_cluster(kind, servers, body) == 42
+
+
+#: The transport that carries node b for each kind (the node server runs on this host).
+CARRIER = {"inmemory": "inmemory", "tcp": "tcp", "shm+tcp": "shm"}
+
+
+def test_node_stats_name_the_transport_carrying_each_connected_peer(
+    kind: str, servers: Servers
+) -> None:
+    async def body(c: Cluster) -> Any:
+        before = await hp.get_node_stats(c.a.node_id)
+        assert await hp.call(c.b, add, 1, 2) == 3  # connects both ways
+        mine = await hp.get_node_stats(c.a.node_id)
+        theirs = await hp.get_node_stats(c.b)
+        return before.peer_transports, mine.peer_transports, theirs.peer_transports
+
+    before, mine, theirs = run_cluster(kind, servers, body)
+    assert before == ()  # connections are opened on first use
+    carrier = CARRIER.get(kind, kind)
+    assert len(mine) == 1 and mine[0][1] == carrier, mine
+    # b (shared by the tests) may still know nodes a of earlier tests: all of one kind.
+    assert theirs and {t for _, t in theirs} == {carrier}, theirs
 
 
 # ---------------------------------------------------------------------- spawning

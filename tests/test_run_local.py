@@ -178,16 +178,60 @@ def test_auto_transport_is_shared_memory_for_local_nodes(
     assert "transports=['shm']" in out
 
 
-def test_auto_transport_is_tcp_when_ranks_span_hosts() -> None:
+def test_auto_transport_routes_per_peer_when_ranks_span_hosts() -> None:
     from hpcproc.launchers.info import ClusterInfo
     from hpcproc.run import _auto_transport
 
     def info(hosts: tuple[str, ...]) -> ClusterInfo:
         return ClusterInfo("slurm", 0, len(hosts), 0, None, 0, None, hosts[0], hosts=hosts)
 
-    assert _auto_transport(info(("n1", "n1", "n2"))) == "tcp"
+    assert _auto_transport(info(("n1", "n1", "n2"))) == "shm+tcp"
     assert _auto_transport(info(("n1", "n1"))) == "shm"
-    assert _auto_transport(ClusterInfo("hydra", 0, 4, None, None, None, None, "h")) == "tcp"
+    assert _auto_transport(ClusterInfo("hydra", 0, 4, None, None, None, None, "h")) == "shm+tcp"
+
+
+def test_dry_run_plan_names_the_transport_of_each_peer() -> None:
+    from hpcproc.launchers.info import ClusterInfo
+    from hpcproc.run import _peer_plan
+
+    hosts = ("n1", "n1", "n2", "n2", "n3")
+    info = ClusterInfo("slurm", 2, 5, 1, None, 0, None, "n2", hosts=hosts)
+    assert (
+        _peer_plan(info, "auto")
+        == "plan rank=2 transport=shm+tcp: shm to ranks 3, tcp to ranks 0-1,4"
+    )
+    assert (
+        _peer_plan(info, "shm+mpi")
+        == "plan rank=2 transport=shm+mpi: shm to ranks 3, mpi to ranks 0-1,4"
+    )
+    assert _peer_plan(info, "tcp") == "plan rank=2 transport=tcp: tcp to ranks 0-1,3-4"
+    unknown = ClusterInfo("hydra", 0, 2, None, None, None, None, "h")
+    assert "decided per peer when connecting" in _peer_plan(unknown, "auto")
+
+
+async def pid_here() -> int:
+    return os.getpid()
+
+
+async def app_peer_transports(cluster: Any) -> int:
+    """SPMD: reach every peer, then name the transport carrying each."""
+    for peer in cluster.peers:
+        await hp.call(peer, pid_here)
+    vias = sorted({cluster.node.endpoint.transport_for(p.address) for p in cluster.peers})
+    say_line(f"rank {cluster.rank} peers via {vias}")
+    return 0
+
+
+def test_routing_transport_on_one_host_carries_every_peer_over_shm(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    r = start(
+        ranks, ["--np", "3", "--spmd", "--transport", "shm+tcp", f"{THIS}:app_peer_transports"], env
+    )
+    rc, out = r.finish()
+    assert rc == 0, out
+    for rank in range(3):
+        assert f"rank {rank} peers via ['shm']" in out, out
 
 
 def test_shm_ranks_on_several_hosts_are_refused_naming_hosts_and_transports() -> None:

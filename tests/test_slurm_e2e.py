@@ -97,6 +97,25 @@ async def app_report_where(cluster: Any) -> None:
         say_line(f"where rank={rank} host={host} address={address} netns={netns}")
 
 
+async def host_name_here() -> str:
+    return socket.gethostname()
+
+
+async def app_peer_routes(cluster: Any) -> int:
+    """SPMD: every rank calls a function on every other rank (connections both ways),
+    then prints, per peer, the peer's host and the transport that carries it, as
+    ``hp.get_node_stats`` reports it."""
+    hosts = {peer: await hp.call(peer, host_name_here) for peer in cluster.peers}
+    # Every peer is connected now; the node's stats name the transport of each.
+    stats = dict((await hp.get_node_stats(hp.self_node())).peer_transports)
+    for peer, host in hosts.items():
+        say_line(
+            f"route rank={cluster.rank} peer={cluster.nodes.index(peer)}"
+            f" peer_host={host} via={stats.get(peer)}"
+        )
+    return 0
+
+
 # ------------------------------------------------------------ the cluster
 
 
@@ -228,9 +247,11 @@ def test_srun_pingpong_runs_with_all_six_ranks_across_three_hosts(
     assert rc == 0, out
     for rank in range(6):
         host = f"host{rank // 2 + 1}"
-        # The workers' tcp addresses name their own hosts: they were dialled there.
+        # auto is shm+tcp across hosts: the workers' tcp sub-addresses name their own
+        # hosts (they were dialled there).
         assert re.search(
-            rf"rank {rank}/6 on {host} \(slurm\) joined as NodeId\(b'tcp://{host}:", out
+            rf"rank {rank}/6 on {host} \(slurm\) joined as NodeId\(b'route:[^']*:tcp://{host}:",
+            out,
         ), out
         assert f"rank {rank} on {host} exits with status 0" in out, out
     assert out.count("round trips") == 5, out
@@ -417,6 +438,73 @@ def test_shm_across_hosts_is_refused_at_start_up_naming_hosts_and_transports(
     assert "round trips" not in out and "lost connection" not in out, out
 
 
+def _two_hosts_two_ranks(transport: str) -> list[str]:
+    """srun options and the hpcproc.run transport options for 2 hosts x 2 ranks."""
+    if transport == "shm+mpi":
+        pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install hpcproc[mpi])")
+        return ["--mpi=pmi2", "-N", "2", "-n", "4"]
+    return ["-N", "2", "-n", "4"]
+
+
+_ROUTED = ["auto", "shm+tcp", pytest.param("shm+mpi", id="shm+mpi-pmi2")]
+
+
+@pytest.mark.parametrize("transport", _ROUTED)
+def test_same_host_peers_use_shm_and_other_hosts_the_network(
+    steps: list[Step], slurm_env: dict[str, str], transport: str
+) -> None:
+    """2 hosts x 2 ranks: each rank reaches the other rank of its host over shm and
+    the two ranks of the other host over the network transport, at once."""
+    network = "tcp" if transport == "auto" else transport.partition("+")[2]
+    rc, out = srun(
+        steps,
+        slurm_env,
+        *_two_hosts_two_ranks(transport),
+        PYTHON, "-m", "hpcproc.run", "--spmd", "--transport", transport,
+        f"{THIS}:app_peer_routes",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    routes = {
+        (int(m[1]), int(m[2])): (m[3], m[4])
+        for m in re.finditer(r"^route rank=(\d+) peer=(\d+) peer_host=(\S+) via=(\S+)$", out, re.M)
+    }
+    assert sorted(routes) == [(r, p) for r in range(4) for p in range(4) if r != p], out
+    for (rank, peer), (host, via) in routes.items():
+        assert host == f"host{peer // 2 + 1}", out
+        assert via == ("shm" if rank // 2 == peer // 2 else network), (rank, peer, out)
+
+
+@pytest.mark.parametrize("transport", ["shm+tcp", pytest.param("shm+mpi", id="shm+mpi-pmi2")])
+def test_routed_pingpong_across_two_hosts_exits_zero(
+    steps: list[Step], slurm_env: dict[str, str], transport: str
+) -> None:
+    rc, out = srun(
+        steps,
+        slurm_env,
+        *_two_hosts_two_ranks(transport),
+        PYTHON, "-m", "hpcproc.run", "--transport", transport, "examples/pingpong.py:main",
+    ).finish()  # fmt: skip
+    assert rc == 0, out
+    for rank in range(1, 4):
+        assert f"pingpong with rank {rank} on host{rank // 2 + 1}" in out, out
+
+
+def test_srun_dry_run_prints_each_ranks_per_peer_plan(
+    steps: list[Step], slurm_env: dict[str, str]
+) -> None:
+    rc, out = srun(
+        steps, slurm_env, "-N", "2", "-n", "4", PYTHON, "-m", "hpcproc.run", "--dry-run", "x:y"
+    ).finish()
+    assert rc == 0, out
+    plans = sorted(line for line in out.splitlines() if line.startswith("plan "))
+    assert plans == [
+        "plan rank=0 transport=shm+tcp: shm to ranks 1, tcp to ranks 2-3",
+        "plan rank=1 transport=shm+tcp: shm to ranks 0, tcp to ranks 2-3",
+        "plan rank=2 transport=shm+tcp: shm to ranks 3, tcp to ranks 0-1",
+        "plan rank=3 transport=shm+tcp: shm to ranks 2, tcp to ranks 0-1",
+    ], out
+
+
 def _require_hidden_node(env: dict[str, str]) -> None:
     """The cluster's node whose name resolves nowhere (tests/slurm/up.sh)."""
     out = subprocess.run(
@@ -455,7 +543,9 @@ def test_rank_zero_on_a_node_whose_name_does_not_resolve_is_reached_at_its_node_
         PYTHON, "-m", "hpcproc.run", "examples/pingpong.py:main",
     ).finish()  # fmt: skip
     assert rc == 0, out
-    assert re.search(r"rank 0/2 on hidden4 \(slurm\) joined as NodeId\(b'tcp://127\.1\.0\.4:", out)
+    assert re.search(
+        r"rank 0/2 on hidden4 \(slurm\) joined as NodeId\(b'route:[^']*:tcp://127\.1\.0\.4:", out
+    ), out
     assert "pingpong with rank 1 on host3" in out, out
 
 

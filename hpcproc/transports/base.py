@@ -75,6 +75,7 @@ Guarantees every transport gives
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ __all__ = [
     "SendErrorCode",
     "Transport",
     "TransportError",
+    "address_scheme",
 ]
 
 #: Anything a transport accepts as a frame is a ``Buffer``: an object exposing the
@@ -346,6 +348,17 @@ class Connection(ABC):
         """
 
 
+_SCHEME = re.compile(rb"([A-Za-z][A-Za-z0-9+._-]*)[:/]")
+
+
+def address_scheme(address: bytes) -> str:
+    """The scheme an address starts with: its leading name before the first ``:`` or
+    ``/`` (``b"tcp://h:1/x/0"`` -> ``"tcp"``, ``b"mpi:3:0"`` -> ``"mpi"``); ``"?"``
+    when it has none."""
+    match = _SCHEME.match(bytes(address))
+    return match[1].decode("ascii") if match else "?"
+
+
 class EndPoint(ABC):
     """A heavyweight endpoint: one address, one event queue, many connections."""
 
@@ -382,6 +395,17 @@ class EndPoint(ABC):
         only :meth:`receive` works unchanged: every event goes through ``receive``.
         """
         return None
+
+    def transport_for(self, address: EndPointAddress) -> str:
+        """The name of the transport that carries connections to ``address``.
+
+        For introspection (``hp.get_node_stats()``, ``--dry-run``): a composite
+        endpoint (:mod:`hpcproc.transports.routing`) names the sub-transport it picks
+        for that peer. Never connects, never blocks, never raises for a malformed
+        address. The default is the address's scheme (``b"tcp://..."`` -> ``"tcp"``,
+        ``b"shm:..."`` -> ``"shm"``), or ``"?"`` when it has none.
+        """
+        return address_scheme(address)
 
     @abstractmethod
     async def connect(
