@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn, TypeVar, get_origin, overload
 
-from ._channels import ReceivePort, SendPort
+from ._channels import ChanMessage, ReceivePort, SendPort
 from ._copying import copy_message
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
@@ -222,6 +222,14 @@ async def send_chan(port: SendPort[T], msg: T) -> None:
     if port.type_ is not None:
         port.check(msg)
     proc = current()
+    owner = port.owner
+    # A remote channel message that can go out at once does, as send's does.
+    if (
+        owner[0] is not proc.pid[0]
+        and proc.pending_signal is None
+        and proc.node.remote.send_nowait(proc, owner, ChanMessage(port.port_id, msg))
+    ):
+        return
     await proc.guarded(proc.node.send_chan(proc, port, msg, True))
 
 

@@ -58,6 +58,14 @@ async def _watch(state: _State) -> None:
         _states.pop(state.pid, None)
 
 
+def waiting_now(server: hp.Pid) -> Waiting | None:
+    """:func:`waiting_for` when the watch already monitors ``server`` (no await), else
+    None."""
+    watch = hp.whereis(NAME)
+    state = _states.get(watch) if watch is not None else None
+    return None if state is None else state.servers.get(server)
+
+
 async def waiting_for(server: hp.Pid) -> Waiting:
     """The registry of calls waiting for ``server`` (add ``tag: port`` while waiting,
     remove it after); the node's watch monitors ``server`` from the first call on."""

@@ -21,11 +21,12 @@ import inspect
 import time
 import traceback
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any, TypeAlias
 
 import hpcproc as hp
 
-from ._call_watch import waiting_for
+from ._call_watch import waiting_for, waiting_now
 from ._replies import Reply, drop_stale, new_tag, reply_channel
 
 __all__ = [
@@ -217,7 +218,9 @@ async def _serve(server: GenServer) -> None:
             if kind == _CALL and len(msg) == 3:
                 caller = Caller(*msg[1])
                 try:
-                    value = await _maybe_await(server.handle_call(msg[2], caller))
+                    value = server.handle_call(msg[2], caller)
+                    if type(value) is CoroutineType or inspect.isawaitable(value):
+                        value = await value
                 except _SIGNALS:
                     raise
                 except Exception as exc:
@@ -390,26 +393,30 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
             caller's mailbox, and a late reply is dropped.
         ValueError: the server is the calling process itself.
     """
-    pid = await _resolve(server, timeout)
+    pid = server if type(server) is hp.Pid else await _resolve(server, timeout)
     me = hp.self_pid()
     if pid == me:
         raise ValueError("a server cannot call itself (it would wait for its own reply)")
     send_port, port = reply_channel()
-    await drop_stale(port)  # late replies and down notices of abandoned calls
     tag = new_tag()
-    waiting = await waiting_for(pid)
+    waiting = waiting_now(pid)
+    if waiting is None:
+        waiting = await waiting_for(pid)
     waiting[tag] = send_port
     try:
         await hp.send(pid, (_CALL, (me, send_port, tag), request))
         deadline = None if timeout is None else time.monotonic() + timeout
-        chan = hp.match_chan(port)
+        left = timeout
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            got = await hp.receive(chan, timeout=left)
+            got = await hp.receive_chan(port, timeout=left)
             if got is None:
                 raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
             if got[0] == tag:
                 break
+            # A late reply or down notice of an abandoned call: dropped here, so the
+            # channel never holds more than what came since the last call.
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
     finally:
         waiting.pop(tag, None)
     ok = got[1]
