@@ -24,8 +24,9 @@ with the routing address; the hello itself is never delivered. It costs one mess
 per connection, none per message. A connection closed before its hello is dropped
 silently (the peer's ``connect`` did not complete).
 
-Connection ids are the sub-endpoint's ids with the sub-endpoint's index in the low
-bit, so they stay unique for the endpoint's lifetime.
+Connection ids are the local sub-endpoint's own ids, so its events pass through
+unchanged, and the network sub-endpoint's ids plus 2**62: unique for the endpoint's
+lifetime, and increasing as each sub-endpoint's are.
 """
 
 from __future__ import annotations
@@ -156,10 +157,11 @@ class RoutingEndPoint(EndPoint):
         self._sub_closed = [False, False]
         self._closed_reported = False
         self._closing = False
-        #: (sub, sub conn id) -> (reliability, peer sub-address): waiting for its hello.
-        self._held: dict[tuple[int, ConnectionId], tuple[Reliability, bytes]] = {}
-        #: (sub, sub conn id) -> peer sub-address, for connections announced above.
-        self._open: dict[tuple[int, ConnectionId], bytes] = {}
+        #: Per sub-endpoint: conn id -> (reliability, peer sub-address), waiting for
+        #: its hello.
+        self._held: list[dict[ConnectionId, tuple[Reliability, bytes]]] = [{}, {}]
+        #: Per sub-endpoint: conn id -> peer sub-address, for connections announced.
+        self._open: list[dict[ConnectionId, bytes]] = [{}, {}]
         #: (sub, peer sub-address) -> peer routing address.
         self._peers: dict[tuple[int, bytes], EndPointAddress] = {}
 
@@ -222,10 +224,11 @@ class RoutingEndPoint(EndPoint):
     def _translate(self, sub: int, event: Event) -> Event | None:
         """The event to report for ``event`` of sub-endpoint ``sub``; None for none."""
         if type(event) is Received:
-            key = (sub, event.conn_id)
-            if key in self._open:
-                return Received((event.conn_id << 1) | sub, event.frames)
-            held = self._held.pop(key, None)
+            conn_id = event.conn_id
+            if conn_id in self._open[sub]:
+                # The local sub-endpoint's ids are ours: its events pass unchanged.
+                return event if sub == LOCAL else Received(conn_id + _NETWORK_IDS, event.frames)
+            held = self._held[sub].pop(conn_id, None)
             if held is None:
                 return None  # a connection of a lost bundle, or one we refused
             frames = event.frames
@@ -233,17 +236,16 @@ class RoutingEndPoint(EndPoint):
                 log.warning("connection from %r did not start with a routing hello", held[1])
                 return None
             peer = EndPointAddress(bytes(frames[1]))
-            self._open[key] = held[1]
+            self._open[sub][conn_id] = held[1]
             self._peers[(sub, held[1])] = peer
-            return ConnectionOpened((event.conn_id << 1) | sub, held[0], peer)
+            return ConnectionOpened(_routed(sub, conn_id), held[0], peer)
         if type(event) is ConnectionOpened:
-            self._held[(sub, event.conn_id)] = (event.reliability, bytes(event.remote_address))
+            self._held[sub][event.conn_id] = (event.reliability, bytes(event.remote_address))
             return None
         if type(event) is ConnectionClosed:
-            key = (sub, event.conn_id)
-            if self._open.pop(key, None) is not None:
-                return ConnectionClosed((event.conn_id << 1) | sub)
-            self._held.pop(key, None)
+            if self._open[sub].pop(event.conn_id, None) is not None:
+                return ConnectionClosed(_routed(sub, event.conn_id))
+            self._held[sub].pop(event.conn_id, None)
             return None
         if type(event) is ErrorEvent:
             error = event.error
@@ -251,9 +253,9 @@ class RoutingEndPoint(EndPoint):
                 return event
             lost = bytes(error.remote_address)
             # The bundle's incoming connections are implicitly closed (the contract).
-            for table in (self._open, self._held):
-                for key in [k for k, v in table.items() if k[0] == sub and _peer_of(v) == lost]:
-                    del table[key]
+            for table in (self._open[sub], self._held[sub]):
+                for conn_id in [c for c, v in table.items() if _peer_of(v) == lost]:
+                    del table[conn_id]
             lost_peer = self._peers.get((sub, lost))
             if lost_peer is None:
                 return None  # nothing of that bundle was ever visible above
@@ -302,6 +304,9 @@ class RoutingEndPoint(EndPoint):
                 if out is not None:
                     self._queue.append(out)
                     self._wake()
+                # Neither is held while waiting: a large message's buffers are freed as
+                # soon as its receiver lets go of them.
+                del event, out
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -357,6 +362,16 @@ class RoutingEndPoint(EndPoint):
             if task is not None:
                 task.cancel()
         self._pumps = [None, None]
+
+
+#: Added to the network sub-endpoint's connection ids (the local one's pass unchanged).
+_NETWORK_IDS = 1 << 62
+
+
+def _routed(sub: int, conn_id: ConnectionId) -> ConnectionId:
+    """The id reported above for ``conn_id`` of sub-endpoint ``sub``: the local
+    sub-endpoint's own, the network one's plus :data:`_NETWORK_IDS`."""
+    return conn_id if sub == LOCAL else conn_id + _NETWORK_IDS
 
 
 def _peer_of(value: bytes | tuple[Reliability, bytes]) -> bytes:
