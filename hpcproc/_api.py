@@ -631,10 +631,10 @@ async def reconnect(pid: Pid) -> None:
 async def get_process_info(pid: Pid) -> ProcessInfo | None:
     """A snapshot of ``pid`` (on any node), or None if it is not alive."""
     proc = current()
-    return await proc.guarded(proc.node.get_process_info(pid))
+    return await proc.guarded(proc.node.introspection.get_process_info(pid))
 
 
 async def get_node_stats(node: NodeId) -> NodeStats:
     """A snapshot of ``node``'s counters (processes, names, links, monitors)."""
     proc = current()
-    return await proc.guarded(proc.node.get_node_stats(node))
+    return await proc.guarded(proc.node.introspection.get_node_stats(node))

@@ -170,7 +170,7 @@ class Controller:
         self._node.deliver_to(msg.target, msg.msg)
 
     def _on_get_info(self, nid: NodeId, msg: ctl.GetInfo) -> None:
-        self.reply(nid, msg.req, True, self._node.process_info(msg.pid))
+        self.reply(nid, msg.req, True, self._node.introspection.process_info(msg.pid))
 
     def _on_get_stats(self, nid: NodeId, msg: ctl.GetStats) -> None:
-        self.reply(nid, msg.req, True, self._node.stats())
+        self.reply(nid, msg.req, True, self._node.introspection.stats())

@@ -41,10 +41,9 @@ from . import _control as ctl
 from ._channels import ChanMessage, SendPort
 from ._controller import Controller
 from ._copying import copy_message
-from ._errors import NodeUnreachableError
 from ._host import host_name
 from ._ids import MonitorRef, NodeId, Pid
-from ._info import NodeStats, ProcessInfo, peer_transports
+from ._introspection import Introspection
 from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
 from ._process import Kill, Process
 from ._registry import Registry
@@ -168,6 +167,7 @@ class Node:
         self.registry = Registry(self, self._procs)
         self.remote = RemoteSender(self)
         self.controller = Controller(self)
+        self.introspection = Introspection(self, self._procs, self._incoming)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -566,50 +566,6 @@ class Node:
         self.registry.deliver(
             LOGGER_NAME, LogRecord(time.time(), self.node_id, proc.pid, text, _HOSTNAME)
         )
-
-    # ------------------------------------------------------------------ introspection
-
-    def process_info(self, pid: Pid) -> ProcessInfo | None:
-        """A snapshot of local process ``pid``, or None if it is not alive."""
-        tp = self.process(pid)
-        return tp.info() if tp is not None else None
-
-    def stats(self) -> NodeStats:
-        """A snapshot of this node's counters."""
-        monitors = links = 0
-        for proc in self._procs.values():
-            if proc.watchers:
-                for k in proc.watchers:
-                    if type(k) is MonitorRef:
-                        monitors += 1
-                    else:
-                        links += 1
-        peers = [st.node for st in self._incoming.values()] + self.remote.nodes()
-        return NodeStats(
-            self.node_id,
-            len(self._procs),
-            len(self.registry),
-            monitors,
-            links,
-            len(self._incoming),
-            peer_transports(self.endpoint, (p for p in peers if p != self.node_id)),
-        )
-
-    async def get_process_info(self, pid: Pid) -> ProcessInfo | None:
-        """:meth:`process_info` on the pid's node. Raises NodeUnreachableError."""
-        if pid.node == self._node_id:
-            return self.process_info(pid)
-        info: ProcessInfo | None = await self.controller.request(
-            pid.node, lambda req: ctl.GetInfo(req, pid), NodeUnreachableError
-        )
-        return info
-
-    async def get_node_stats(self, node: NodeId) -> NodeStats:
-        """:meth:`stats` of ``node``. Raises NodeUnreachableError."""
-        if node == self._node_id:
-            return self.stats()
-        stats: NodeStats = await self.controller.request(node, ctl.GetStats, NodeUnreachableError)
-        return stats
 
     # ------------------------------------------------------------------ sending
 
