@@ -1083,6 +1083,8 @@ class _MpiEndPoint(MultiplexedEndPoint):
         #: (guarded by the engine's lock; see ``_Engine._sort_out``).
         self._inbox: deque[_Inbound] = deque()
         self._poller = IdlePoller(loop, opts.busy_poll_us)
+        #: The poller gave the loop its turn (see :meth:`receive`).
+        self._fair_turn = False
         self._take_one = functools.partial(engine.take_one, self)
 
     # ------------------------------------------------------------------ waiting
@@ -1112,6 +1114,12 @@ class _MpiEndPoint(MultiplexedEndPoint):
         loop)."""
         events = self._events
         gave_up = 0.0 if events._items else self._idle_poll()
+        if self._fair_turn:
+            # The poller's turn for the rest of the loop (timers, I/O): one pass round
+            # the loop, then poll again, rather than sleeping until the pump wakes us.
+            self._fair_turn = False
+            await asyncio.sleep(0)
+            gave_up = 0.0 if events._items else self._idle_poll()
         event = events.pop_ready()
         if event is not None:
             return event
@@ -1135,6 +1143,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
         if poller.others_ready(pump.hot_handle() if pump is not None else None):
             return 0.0
         if not poller.take_turn():
+            self._fair_turn = True
             return 0.0
         return poller.poll(self._events._items, self._take_one)
 
