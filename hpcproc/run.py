@@ -676,9 +676,18 @@ async def _run_rank(
     finally:
         for s in handled:
             loop.remove_signal_handler(s)
+            if signals.stop.done():
+                # The job ends for a signal, which a terminal or scancel sends to every
+                # rank: one that arrives after this rank stopped (for another rank's
+                # copy) exits at once with its status, not as a death by signal.
+                signal.signal(s, _exit_now)
         if lifeline is not None:
             loop.remove_reader(lifeline)
             os.close(lifeline)
+
+
+def _exit_now(signum: int, _frame: object) -> None:
+    os._exit(128 + signum)
 
 
 def _in_main_thread() -> bool:
