@@ -666,6 +666,8 @@ async def _run_rank(
                 f"hpcproc.run: rank {info.rank} on {info.hostname}:"
                 f" {stopped.why.describe(info.rank)}",
             )
+            global _interrupted
+            _interrupted = True
             return stopped.why.status
         finally:
             await node.close()
@@ -1009,10 +1011,26 @@ async def _await_shutdown(cluster: Cluster, control: _Controller) -> int:
             return EXIT_STATUS_LOST
 
 
+#: Set when this rank stopped because the job was interrupted by a signal.
+_interrupted = False
+
+
+def _exit(status: int) -> None:
+    """Exit the process with ``status``. After an interruption, at once: the signal
+    reaches every rank, and a copy arriving during interpreter shutdown (which resets
+    the handlers) would turn the status into a death by signal."""
+    if _interrupted:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     # Run the importable module, not this ``__main__`` copy: the control messages
     # (Shutdown, Done) must be the classes ``hpcproc.run`` defines on every rank,
     # since the serializer ships ``__main__`` classes by value.
+    from hpcproc.run import _exit as _exit_with
     from hpcproc.run import main as _main
 
-    sys.exit(_main())
+    _exit_with(_main())
