@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -66,7 +65,7 @@ async def run_discover(
     """One discovering node's whole life; returns its exit status."""
     import hpcproc as hp
 
-    from ._joining import route_address
+    from ._joining import route_address, stop_on_signals
     from .auth import CookieError, load_cookie
     from .rendezvous.multicast import DEFAULT_GROUP, Announcer, parse_group
 
@@ -77,20 +76,7 @@ async def run_discover(
     except (ValueError, OSError, CookieError) as exc:
         _line(f"hpcproc.run --discover: {exc}")
         return 2
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[int] = loop.create_future()
-
-    def stopped(signum: int) -> None:
-        if not stop.done():
-            stop.set_result(signum)
-
-    handled = (
-        (signal.SIGTERM, signal.SIGINT)
-        if threading.current_thread() is threading.main_thread()
-        else ()
-    )
-    for s in handled:
-        loop.add_signal_handler(s, stopped, s)
+    stop, unhandle = stop_on_signals(asyncio.get_running_loop())
     transport = hp.transports.create("tcp", host=host)
     node = hp.Node(transport)
     await node.start()
@@ -118,8 +104,7 @@ async def run_discover(
         announcer.close()
         await node.close()
         await transport.close()
-        for s in handled:
-            loop.remove_signal_handler(s)
+        unhandle()
 
 
 class _Interrupted(Exception):

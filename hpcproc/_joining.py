@@ -41,7 +41,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -217,20 +217,7 @@ async def _main(args: argparse.Namespace, contact: NodeId) -> int:
     except Exception as exc:  # unknown name, missing optional dependency
         _line(f"hpcproc.join: cannot create the {args.transport} transport: {exc}")
         return 2
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[int] = loop.create_future()
-
-    def stopped(signum: int) -> None:
-        if not stop.done():
-            stop.set_result(signum)
-
-    handled = (
-        (signal.SIGTERM, signal.SIGINT)
-        if threading.current_thread() is threading.main_thread()
-        else ()
-    )
-    for s in handled:
-        loop.add_signal_handler(s, stopped, s)
+    stop, unhandle = stop_on_signals(asyncio.get_running_loop())
     node = hp.Node(transport)
     await node.start()
     try:
@@ -245,5 +232,31 @@ async def _main(args: argparse.Namespace, contact: NodeId) -> int:
     finally:
         await node.close()
         await transport.close()
+        unhandle()
+
+
+def stop_on_signals(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[asyncio.Future[int], Callable[[], None]]:
+    """A future completed with the number of the first SIGTERM / SIGINT, and the function
+    that removes the handlers again. Handlers are installed from the main thread only
+    (elsewhere the embedding program owns signals, and the future never completes)."""
+    stop: asyncio.Future[int] = loop.create_future()
+
+    def stopped(signum: int) -> None:
+        if not stop.done():
+            stop.set_result(signum)
+
+    handled = (
+        (signal.SIGTERM, signal.SIGINT)
+        if threading.current_thread() is threading.main_thread()
+        else ()
+    )
+    for s in handled:
+        loop.add_signal_handler(s, stopped, s)
+
+    def unhandle() -> None:
         for s in handled:
             loop.remove_signal_handler(s)
+
+    return stop, unhandle
