@@ -56,7 +56,8 @@ class SendPort(Generic[T]):
     def __hash__(self) -> int:
         return self._hash
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # (Called by pickle directly: one Python call less than ``__reduce__``.)
         if self.type_ is None:
             return (SendPort, (self.owner, self.port_id))
         return (SendPort, (self.owner, self.port_id, self.type_))
@@ -95,5 +96,5 @@ class ChanMessage:
         self.port_id = port_id
         self.payload = payload
 
-    def __reduce__(self) -> tuple[Any, ...]:
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
         return (ChanMessage, (self.port_id, self.payload))

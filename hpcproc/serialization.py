@@ -31,9 +31,12 @@ from typing import Any
 
 import cloudpickle
 
+from ._pickle_codes import register as _register_codes
 from .transports.base import Buffer
 
 __all__ = ["OUT_OF_BAND_MIN", "SerializationError", "deserialize", "dumps", "serialize"]
+
+_register_codes()  # before any message is pickled or unpickled here
 
 #: Buffers smaller than this are pickled in-band: a separate frame costs more than the copy.
 OUT_OF_BAND_MIN = 1024

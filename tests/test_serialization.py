@@ -243,6 +243,37 @@ def test_ids_round_trip_to_the_interned_node_id() -> None:
     assert other.node is NodeId(b"tcp://127.0.0.1:3/1") and other.lid == 1
 
 
+def test_ids_and_channel_envelopes_pickle_by_extension_code_not_by_name() -> None:
+    # The short codes are what makes unpickling a pid cheap (no import per name).
+    from hpcproc import NodeId, Pid
+    from hpcproc._channels import ChanMessage, SendPort
+
+    pid = Pid(NodeId(b"tcp://127.0.0.1:1/1"), 7)
+    for obj in (pid, pid.node, SendPort(pid, 2), ChanMessage(2, "x")):
+        data = pickle.dumps(obj, protocol=5)
+        assert b"hpcproc" not in data, data
+        back = deserialize([data])
+        assert type(back) is type(obj)
+    assert deserialize(serialize(SendPort(pid, 2, int))).type_ is int
+
+
+def test_a_conflicting_extension_code_is_refused_at_import_naming_both() -> None:
+    import copyreg
+
+    from hpcproc._pickle_codes import CODES, register
+
+    (module, name), code = next(iter(CODES.items()))
+    copyreg.remove_extension(module, name, code)
+    copyreg.add_extension("someone.else", "thing", code)
+    try:
+        with pytest.raises(ImportError, match=r"someone\.else|in use|already"):
+            register()
+    finally:
+        copyreg.remove_extension("someone.else", "thing", code)
+        register()
+    assert copyreg._extension_registry[module, name] == code  # type: ignore[attr-defined]
+
+
 def test_serialize_does_not_keep_the_message_alive() -> None:
     import gc
     import weakref
