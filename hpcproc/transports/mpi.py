@@ -565,8 +565,25 @@ class _Engine:
         if endpoint._inbox:
             endpoint._drain_inbox()
             return True
-        self.progress(False, endpoint)
-        return not self.closed
+        if self._send_reqs or self._recv_reqs:  # read unlocked: only a hint
+            self.progress(False, endpoint)
+            return not self.closed
+        # progress(False, endpoint)'s idle case written out: this runs once per turn
+        # of the spin, and a frame less per turn is a reply seen sooner.
+        with self.lock:
+            if self.closed:
+                return False
+            message = self.comm.Improbe(self._any_source, _TAG, self._status)
+            if message is None:
+                return True
+            ready: list[_Inbound] = []
+            self._take(message, ready, endpoint)
+            if ready:
+                ready = self._sort_out(ready, endpoint.loop)
+        self.last_activity = time.monotonic()
+        for msg in ready:
+            self._route(msg)
+        return True
 
     def _sort_out(
         self, ready: list[_Inbound], loop: asyncio.AbstractEventLoop | None
