@@ -478,6 +478,26 @@ class _TcpLink(Link):
                 entry.detach()  # the message must still go out whole
             raise
 
+    def _sent(self, n: int) -> None:
+        """``n`` bytes of the write queue went out: finish the writes they complete."""
+        wq = self._wq
+        while wq:
+            entry = wq[0]
+            n = self._consume_entry(entry, n)
+            if entry.index < len(entry.bufs):
+                return
+            wq.popleft()
+            if entry.fut is not None and not entry.fut.done():
+                entry.fut.set_result(None)
+
+    def _writes_done(self) -> None:
+        """Stop watching for writability once the queue is empty; wake ``close``."""
+        if not self._wq and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+            if self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
+
     @staticmethod
     def _consume_entry(entry: _Write, n: int) -> int:
         """Advance ``entry`` by up to ``n`` sent bytes; return the bytes left over."""
@@ -517,19 +537,8 @@ class _TcpLink(Link):
             except OSError as exc:
                 self.fail(f"send failed: {exc}")
                 return
-            while wq:
-                entry = wq[0]
-                sent = self._consume_entry(entry, sent)
-                if entry.index < len(entry.bufs):
-                    break
-                wq.popleft()
-                if entry.fut is not None and not entry.fut.done():
-                    entry.fut.set_result(None)
-        if not wq and self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-            if self._drained is not None and not self._drained.done():
-                self._drained.set_result(None)
+            self._sent(sent)
+        self._writes_done()
 
     # ------------------------------------------------------------------ receive side
 
@@ -556,13 +565,7 @@ class _TcpLink(Link):
                         continue
                 if self._lowat != 1:
                     self._set_lowat(1)
-                if self._start == self._end:
-                    self._start = self._end = 0
-                elif len(self._buf) - self._end < DIRECT_MIN:
-                    # Move the unparsed tail to the front (at most one partial header).
-                    pending = self._end - self._start
-                    self._mv[:pending] = self._mv[self._start : self._end]
-                    self._start, self._end = 0, pending
+                self._make_room()
                 space = len(self._buf) - self._end
                 n = sock.recv_into(self._mv[self._end :])
                 if n == 0:
@@ -578,6 +581,16 @@ class _TcpLink(Link):
             self._bad_peer(str(exc))
         except OSError as exc:
             self.fail(f"receive failed: {exc}")
+
+    def _make_room(self) -> None:
+        """Empty the receive buffer, or move its unparsed tail (at most one partial
+        header) to the front when too little room is left after it."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif len(self._buf) - self._end < DIRECT_MIN:
+            pending = self._end - self._start
+            self._mv[:pending] = self._mv[self._start : self._end]
+            self._start, self._end = 0, pending
 
     def _set_lowat(self, n: int) -> None:
         if n != self._lowat:
@@ -955,19 +968,8 @@ class _TlsLink(_TcpLink):
             except OSError as exc:
                 self.fail(f"send failed: {exc}")
                 return
-            while wq:
-                entry = wq[0]
-                sent = self._consume_entry(entry, sent)
-                if entry.index < len(entry.bufs):
-                    break
-                wq.popleft()
-                if entry.fut is not None and not entry.fut.done():
-                    entry.fut.set_result(None)
-        if not wq and self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-            if self._drained is not None and not self._drained.done():
-                self._drained.set_result(None)
+            self._sent(sent)
+        self._writes_done()
 
     def _on_readable(self) -> None:
         sock = self._sock
@@ -985,12 +987,7 @@ class _TlsLink(_TcpLink):
                         self._fpos += n
                         self._parse()
                         continue
-                if self._start == self._end:
-                    self._start = self._end = 0
-                elif len(self._buf) - self._end < DIRECT_MIN:
-                    pending = self._end - self._start
-                    self._mv[:pending] = self._mv[self._start : self._end]
-                    self._start, self._end = 0, pending
+                self._make_room()
                 n = sock.recv_into(self._mv[self._end :])
                 if n == 0:
                     self._on_eof()
