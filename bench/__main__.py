@@ -1,11 +1,14 @@
-"""``python -m bench SUITE [--transport NAME] [--tls] [--quick | --smoke] [--np N] [--json PATH]``, and
+"""``python -m bench SUITE [--transport NAME] [--option NAME=VALUE ...] [--tls] [--quick | --smoke]
+[--np N] [--json PATH]``, and
 ``python -m bench report [--quick | --smoke] [--out DIR]`` (:mod:`bench._report`)."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
+from typing import Any
 
 from ._records import format_table, worst_ratios, write_json
 from ._suites import DEFAULT_TRANSPORT, SUITES, SuiteOptions, load_suite
@@ -43,8 +46,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="cluster suite: N ranks on this host (under mpiexec) instead of srun",
     )
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="transport suite: an option of the measured transport (repeatable), such as "
+        "inline_threshold=65536; the value is read as a Python literal, else as a string",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the records as JSON")
     args = parser.parse_args(argv)
+    try:
+        transport_options = tuple(_option(text) for text in args.option)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if transport_options and args.suite != "transport":
+        parser.error(f"--option is for the transport suite, not {args.suite!r}")
     try:
         run = load_suite(args.suite)
     except KeyError as exc:
@@ -60,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 smoke=args.smoke,
                 tls=args.tls,
                 np=args.np,
+                transport_options=transport_options,
             )
         )
     except ValueError as exc:  # the suite cannot measure what was asked
@@ -70,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         write_json(records, args.json)
     return 0
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` as ``(name, value)``; the value as a Python literal if it is one."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise ValueError(f"--option takes NAME=VALUE, such as inline_threshold=65536, not {text!r}")
+    try:
+        value: Any = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return name, value
 
 
 if __name__ == "__main__":

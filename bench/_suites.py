@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ._records import Record
 
@@ -38,6 +39,9 @@ class SuiteOptions:
     np: int | None = None
     #: Also measure the transport over TLS, beside it in the same run (tcp only).
     tls: bool = False
+    #: Options of the measured transport (``create(transport, **options)``); the
+    #: transport suite takes them, the others refuse them.
+    transport_options: tuple[tuple[str, Any], ...] = ()
 
 
 def load_suite(name: str) -> Callable[[SuiteOptions], list[Record]]:

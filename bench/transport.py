@@ -189,7 +189,11 @@ def _run(options: SuiteOptions, extra_env: dict[str, str]) -> list[Record]:
     env = {**_ENV.get(name, {}), **extra_env}
     # A private cookie, so that the benchmark never reads or creates ~/.hpcproc/cookie.
     env.setdefault("HPCPROC_COOKIE", os.environ.get("HPCPROC_COOKIE") or secrets.token_hex(16))
-    params: dict[str, Any] = {"steps": [asdict(s) for s in steps], "transport": name}
+    params: dict[str, Any] = {
+        "steps": [asdict(s) for s in steps],
+        "transport": name,
+        "options": dict(options.transport_options),
+    }
     jobs = [Job(target, launch) for _, target, launch in BASELINES[name]]
     jobs.append(Job("bench.transport:hpcproc_role", _launch_for(name)))
     if options.tls:
