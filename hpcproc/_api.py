@@ -23,7 +23,7 @@ from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME
 from ._matching import Matcher, match_chan, match_if
-from ._process import Kill, current
+from ._process import RUNNING_TASKS, Kill, Process, current, running_loop
 from ._signals import ProcessMonitorNotification, ProcessTerminationException, exit_signal
 from ._spawning import fn_name
 from .serialization import SerializationError
@@ -103,7 +103,10 @@ async def send(pid: Pid, msg: Any) -> None:
         SerializationError: ``msg`` cannot be pickled (whether ``pid`` is local or
             remote, alive or not).
     """
-    proc = current()
+    tasks = RUNNING_TASKS  # current() written out: a frame less per message
+    proc = tasks.get(running_loop()) if tasks is not None else None  # type: ignore[arg-type]
+    if type(proc) is not Process:
+        proc = current()
     node = proc.node
     if pid[0] is proc.pid[0]:  # pid.node; NodeIds are interned
         tp = node.local_process(pid[1])  # pid.lid
@@ -162,7 +165,11 @@ def expect(
     gives ``None`` when nothing matched in time. (A plain function returning the
     coroutine, so that a waiting process holds no extra frame.)
     """
-    return current().receive((), timeout, type_)
+    tasks = RUNNING_TASKS  # current() written out: a frame less per message
+    proc = tasks.get(running_loop()) if tasks is not None else None  # type: ignore[arg-type]
+    if type(proc) is not Process:
+        proc = current()
+    return proc.receive((), timeout, type_)
 
 
 def receive(*matchers: Matcher, timeout: float | None = None) -> Coroutine[Any, Any, Any]:

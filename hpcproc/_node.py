@@ -157,8 +157,9 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        #: The endpoint's ``receive_nowait`` if it has one (see :meth:`poll_inline`).
-        self._receive_nowait: Callable[[], Event | None] | None = None
+        #: The endpoint's ``receive_nowait`` once started (see :meth:`poll_inline`; a
+        #: process waiting in ``receive`` calls it directly, then :meth:`handle_event`).
+        self.receive_nowait: Callable[[], Event | None] | None = None
         self._started = False
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -215,7 +216,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         self._dispatcher = self._loop.create_task(self._dispatch(), name="hpcproc-dispatcher")
-        self._receive_nowait = self._endpoint.receive_nowait
+        self.receive_nowait = self._endpoint.receive_nowait
         self.spawner.open(self._node_id, self._loop)
         logger = self.spawner.spawn_local(logger_main, (self._log_sink,))
         self.registry.register(LOGGER_NAME, logger.pid)
@@ -461,7 +462,7 @@ class Node:
         for is delivered without a trip round the event loop. True if an event was
         handled.
         """
-        poll = self._receive_nowait
+        poll = self.receive_nowait
         if poll is None:
             return False
         event = poll()

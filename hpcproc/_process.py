@@ -415,7 +415,13 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 # polling budget while the loop is idle) ourselves: a reply then
                 # costs no trip round the event loop. Handling an event for another
                 # process wakes it, and the next poll then declines (loop not idle).
-                if self.node.poll_inline():
+                # (Node.poll_inline written out: a frame less per wait.)
+                node = self.node
+                poll = node.receive_nowait
+                event = poll() if poll is not None else None
+                if event is not None:
+                    node.handle_event(event)
+                    del event
                     if self.pending_signal is not None:
                         self.check_signal()  # an exit signal the event brought us
                     continue
@@ -557,6 +563,13 @@ _CURRENT_TASKS: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = (
     getattr(asyncio.tasks, "_current_tasks", None) if sys.version_info < (3, 12) else None
 )
 _get_running_loop = asyncio._get_running_loop
+
+
+#: :func:`current`'s fast path for the hottest callers (``send``, ``expect``) to write
+#: out, a frame less each: ``RUNNING_TASKS.get(running_loop())`` is the running task
+#: (a :class:`Process` in the common case). None where not applicable (3.12+).
+RUNNING_TASKS = _CURRENT_TASKS
+running_loop = _get_running_loop
 
 
 def current() -> Process:
