@@ -161,6 +161,39 @@ def test_segment_is_reused_only_after_the_receiver_drops_its_views() -> None:
     _run(scenario)
 
 
+def test_header_and_payload_messages_through_pooled_segments_arrive_intact() -> None:
+    # The process layer's shape (a small header frame, a large payload frame) sent
+    # again and again: through a new segment while earlier ones are held, through a
+    # pooled one (send's fast path) once they are dropped; never overwritten early.
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        held = []
+        for i in range(3):
+            await conn.send([b"head%d" % i, np.full(100_000, i, np.uint8)])
+            held.append(await _next(b, Received))
+        assert len(link._pool) == 3
+        for i, event in enumerate(held):
+            head, body = event.frames
+            assert bytes(head) == b"head%d" % i
+            assert isinstance(_base_object(body), mmap.mmap)
+            assert np.all(np.frombuffer(body, np.uint8) == i)
+        held.clear()
+        gc.collect()
+        for i in range(3, 9):
+            assert conn.send_nowait([b"head%d" % i, np.full(100_000, i, np.uint8)])
+            event = await _next(b, Received)
+            head, body = event.frames
+            assert bytes(head) == b"head%d" % i and np.all(np.frombuffer(body, np.uint8) == i)
+            del event, head, body
+            gc.collect()
+        assert len(link._pool) == 3  # no new segment: the pooled ones came back
+
+    _run(scenario)
+
+
 def test_message_too_big_for_the_ring_goes_through_a_segment() -> None:
     async def scenario(transport: ShmTransport) -> None:
         a, b = await transport.new_endpoint(), await transport.new_endpoint()

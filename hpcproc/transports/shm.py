@@ -464,13 +464,17 @@ class _ShmLink(Link):
 
     def send_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
         # One small byte frame and room in the ring: written and published in one call.
-        if self._down or len(frames) != 1 or self._queue:
+        if self._down or self._queue:
             return False
+        if len(frames) != 1:
+            return len(frames) == 2 and self._send_segment_now(conn_id, frames)
         frame = frames[0]
         view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
         n = view.nbytes
-        if n >= self._threshold or view.format != "B" or view.ndim != 1 or not view.contiguous:
+        if view.format != "B" or view.ndim != 1 or not view.contiguous:
             return False
+        if n >= self._threshold:
+            return self._send_segment_now(conn_id, frames)
         try:
             sent = self._writer.send_one(conn_id, view, n)
         except RingError as exc:
@@ -481,6 +485,57 @@ class _ShmLink(Link):
         if sent == 2:
             self._signal(_MSG_WAKE)
         return sent > 0
+
+    def _send_segment_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
+        """``send_now`` of one large frame, or of a small frame and a large one (the
+        process layer's header and payload): the large frame is copied into a free
+        pooled segment, its reference (and the small frame) written to the ring.
+
+        :meth:`_send_data` does the same for any message, with the bookkeeping of the
+        general case (many frames, segments to create or to pick by best fit), which
+        costs more than the copy up to a few hundred KiB. False (nothing sent) when the
+        shape differs or no pooled segment is free and large enough.
+        """
+        large = _as_bytes(frames[-1])
+        n = large.nbytes
+        if n < self._threshold:
+            return False
+        if len(frames) == 2:
+            small = _as_bytes(frames[0])
+            if small.nbytes >= self._threshold:
+                return False
+            lengths: tuple[int, ...] = (small.nbytes, n | OUT_OF_LINE)
+            rec_len = REC.size + 16 + small.nbytes + SEGREF.size
+        else:
+            small = None
+            lengths = (n | OUT_OF_LINE,)
+            rec_len = REC.size + 8 + SEGREF.size
+        limit = 4 * n + _SEG_GRANULE  # as _segment_for: no far larger segment
+        for seg in self._pool:
+            if n <= seg.size <= limit and seg.is_free():
+                break
+        else:
+            return False
+        writer = self._writer
+        try:
+            off = writer.reserve((rec_len + 7) & ~7)
+            if off < 0:
+                return False
+            seg.mark_busy()
+            seg.view[SEG_HEADER : SEG_HEADER + n] = large
+            ref = (seg.seg_id, 0)
+            writer.write(
+                off, rec_len, Kind.DATA, conn_id, lengths, [ref] if small is None else [small, ref]
+            )
+        except RingError as exc:
+            self._violation(str(exc))
+            raise ConnectionError(f"shared-memory link is down: {exc}") from exc
+        except ValueError:  # the mapping was closed under us (torn down)
+            raise ConnectionError("shared-memory link is down") from None
+        seg.used = time.monotonic()
+        self._endpoint._trimmer.touch()
+        self._publish()
+        return True
 
     async def send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         if self._down:
