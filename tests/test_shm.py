@@ -194,6 +194,21 @@ def test_header_and_payload_messages_through_pooled_segments_arrive_intact() -> 
     _run(scenario)
 
 
+def test_header_and_payload_below_the_threshold_go_through_the_ring_at_once() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        payload = np.arange(4000, dtype=np.float64)  # 32000 bytes: inline
+        assert conn.send_nowait([b"head", payload])
+        head, body = (await _next(b, Received)).frames
+        assert bytes(head) == b"head"
+        assert not isinstance(_base_object(body), mmap.mmap)  # a copy out of the ring
+        np.testing.assert_array_equal(np.frombuffer(body, np.float64), payload)
+
+    _run(scenario, inline_threshold=65536)
+
+
 def test_message_too_big_for_the_ring_goes_through_a_segment() -> None:
     async def scenario(transport: ShmTransport) -> None:
         a, b = await transport.new_endpoint(), await transport.new_endpoint()

@@ -338,13 +338,27 @@ class _TxSegment:
 class _RxSegment:
     """A peer's segment as mapped here; views of one message at a time."""
 
-    __slots__ = ("busy", "mm", "oneshot", "size")
+    __slots__ = ("busy", "mm", "oneshot", "size", "watch")
 
     def __init__(self, mm: mmap.mmap, size: int, oneshot: bool) -> None:
         self.mm = mm
         self.size = size
         self.oneshot = oneshot
         self.busy = False
+        #: A weak reference to the array the current message's views are cut from;
+        #: its callback hands the segment back. (One per segment, as one message at a
+        #: time uses it: cheaper than a ``weakref.finalize`` per message.)
+        self.watch: weakref.ref[Any] | None = None
+
+    def lend(self, base: np.ndarray[Any, Any]) -> None:
+        """The current message's views are cut from ``base``: busy until it is gone."""
+        self.busy = True
+        self.watch = weakref.ref(base, self._dropped)
+
+    def _dropped(self, ref: weakref.ref[Any]) -> None:
+        if ref is self.watch:
+            self.watch = None
+            self.release()
 
     def release(self) -> None:
         """Every view of the current message is gone: hand the segment back."""
@@ -467,14 +481,14 @@ class _ShmLink(Link):
         if self._down or self._queue:
             return False
         if len(frames) != 1:
-            return len(frames) == 2 and self._send_segment_now(conn_id, frames)
+            return len(frames) == 2 and self._send_pair_now(conn_id, frames)
         frame = frames[0]
         view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
         n = view.nbytes
         if view.format != "B" or view.ndim != 1 or not view.contiguous:
             return False
         if n >= self._threshold:
-            return self._send_segment_now(conn_id, frames)
+            return self._send_pair_now(conn_id, frames)
         try:
             sent = self._writer.send_one(conn_id, view, n)
         except RingError as exc:
@@ -486,54 +500,60 @@ class _ShmLink(Link):
             self._signal(_MSG_WAKE)
         return sent > 0
 
-    def _send_segment_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
-        """``send_now`` of one large frame, or of a small frame and a large one (the
-        process layer's header and payload): the large frame is copied into a free
-        pooled segment, its reference (and the small frame) written to the ring.
+    def _send_pair_now(self, conn_id: int, frames: Sequence[Buffer]) -> bool:
+        """``send_now`` of one large frame, or of a small frame and another one (the
+        process layer's header and payload): in one call, a large frame copied into a
+        free pooled segment and referred to from the ring, small ones into the ring.
 
         :meth:`_send_data` does the same for any message, with the bookkeeping of the
         general case (many frames, segments to create or to pick by best fit), which
         costs more than the copy up to a few hundred KiB. False (nothing sent) when the
-        shape differs or no pooled segment is free and large enough.
+        shape differs, or no pooled segment is free and large enough.
         """
-        large = _as_bytes(frames[-1])
-        n = large.nbytes
-        if n < self._threshold:
-            return False
-        if len(frames) == 2:
-            small = _as_bytes(frames[0])
-            if small.nbytes >= self._threshold:
+        threshold = self._threshold
+        last = _as_bytes(frames[-1])
+        n = last.nbytes
+        seg: _TxSegment | None = None
+        if n >= threshold:
+            limit = 4 * n + _SEG_GRANULE  # as _segment_for: no far larger segment
+            for seg in self._pool:
+                if n <= seg.size <= limit and seg.is_free():
+                    break
+            else:
                 return False
-            lengths: tuple[int, ...] = (small.nbytes, n | OUT_OF_LINE)
-            rec_len = REC.size + 16 + small.nbytes + SEGREF.size
+            tail: memoryview | tuple[int, int] = (seg.seg_id, 0)
+            tail_len, tail_bytes = n | OUT_OF_LINE, SEGREF.size
+        elif len(frames) == 1:
+            return False  # send_now's own case
         else:
-            small = None
-            lengths = (n | OUT_OF_LINE,)
-            rec_len = REC.size + 8 + SEGREF.size
-        limit = 4 * n + _SEG_GRANULE  # as _segment_for: no far larger segment
-        for seg in self._pool:
-            if n <= seg.size <= limit and seg.is_free():
-                break
+            tail, tail_len, tail_bytes = last, n, n
+        if len(frames) == 2:
+            head = _as_bytes(frames[0])
+            if head.nbytes >= threshold:
+                return False
+            lengths: tuple[int, ...] = (head.nbytes, tail_len)
+            parts: list[memoryview | tuple[int, int]] = [head, tail]
+            rec_len = REC.size + 16 + head.nbytes + tail_bytes
         else:
-            return False
+            lengths, parts = (tail_len,), [tail]
+            rec_len = REC.size + 8 + tail_bytes
         writer = self._writer
         try:
             off = writer.reserve((rec_len + 7) & ~7)
             if off < 0:
                 return False
-            seg.mark_busy()
-            seg.view[SEG_HEADER : SEG_HEADER + n] = large
-            ref = (seg.seg_id, 0)
-            writer.write(
-                off, rec_len, Kind.DATA, conn_id, lengths, [ref] if small is None else [small, ref]
-            )
+            if seg is not None:
+                seg.mark_busy()
+                seg.view[SEG_HEADER : SEG_HEADER + n] = last
+            writer.write(off, rec_len, Kind.DATA, conn_id, lengths, parts)
         except RingError as exc:
             self._violation(str(exc))
             raise ConnectionError(f"shared-memory link is down: {exc}") from exc
         except ValueError:  # the mapping was closed under us (torn down)
             raise ConnectionError("shared-memory link is down") from None
-        seg.used = time.monotonic()
-        self._endpoint._trimmer.touch()
+        if seg is not None:
+            seg.used = time.monotonic()
+            self._endpoint._trimmer.touch()
         self._publish()
         return True
 
@@ -883,8 +903,7 @@ class _ShmLink(Link):
                 if seg.busy:
                     raise RingError(f"segment {seg_id} reused before the receiver released it")
                 base = np.frombuffer(seg.mm, np.uint8, count=seg.size, offset=SEG_HEADER)
-                seg.busy = True
-                weakref.finalize(base, seg.release)
+                seg.lend(base)
                 bases[seg_id] = base
                 if seg.oneshot:
                     del self._rx_segments[seg_id]
