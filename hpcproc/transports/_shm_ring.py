@@ -101,6 +101,8 @@ _KINDS: Final = {int(k): k for k in Kind}
 _DATA: Final = int(Kind.DATA)
 _ONE = struct.Struct(REC.format + "Q")
 _ONE_SIZE: Final = _ONE.size
+#: A DATA record of one out-of-line frame: the header, one length, one segment reference.
+_ONE_SEG_SIZE: Final = _ONE_SIZE + 16
 _LENS: dict[int, struct.Struct] = {}
 
 # A full memory barrier: acquiring and releasing an uncontended lock executes locked
@@ -336,6 +338,7 @@ class RingReader:
         self,
         deliver: Callable[[Kind, int, list[object]], bool],
         deliver_inline: Callable[[int, list[memoryview]], bool] | None = None,
+        deliver_segment: Callable[[int, int, int, int], bool] | None = None,
         *,
         max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> int:
@@ -345,9 +348,10 @@ class RingReader:
         (copies out of the ring) and out-of-line frames as ``(seg_id, offset,
         length)`` tuples for the caller to check and resolve; it returns False to stop
         (the link went down). ``deliver_inline(conn_id, frames)``, if given, gets
-        instead the DATA records of one inline frame (most small messages). The
-        consumed space is handed back to the producer. Returns the number of records
-        delivered.
+        instead the DATA records of one inline frame (most small messages), and
+        ``deliver_segment(conn_id, seg_id, offset, length)``, if given, those of one
+        out-of-line frame. The consumed space is handed back to the producer. Returns
+        the number of records delivered.
 
         Raises:
             RingError: a corrupted header or record; nothing after it is delivered.
@@ -390,6 +394,23 @@ class RingReader:
                         if not deliver_inline(
                             conn_id, [memoryview(bytearray(view[p : p + length]))]
                         ):
+                            break
+                        continue
+                    if (
+                        deliver_segment is not None
+                        and magic == _REC_MAGIC
+                        and kind_no == _DATA
+                        and nframes == 1
+                        and length & OUT_OF_LINE
+                        and rec_len == _ONE_SEG_SIZE
+                        and rec_len <= cap - pos
+                        and rec_len <= head - tail
+                    ):
+                        # Fast path: a DATA record of one frame held in a segment.
+                        seg_id, seg_off = SEGREF.unpack_from(mm, off + _ONE_SIZE)
+                        tail += _ONE_SEG_SIZE  # a multiple of 8
+                        count += 1
+                        if not deliver_segment(conn_id, seg_id, seg_off, length & ~OUT_OF_LINE):
                             break
                         continue
                 rec_len, magic = _MARK.unpack_from(mm, off)

@@ -836,7 +836,7 @@ class _ShmLink(Link):
         self._draining = True
         error = None
         try:
-            n = self._reader.drain(self._deliver, self._deliver_inline)
+            n = self._reader.drain(self._deliver, self._deliver_inline, self._deliver_segment)
         except RingError as exc:
             n = 0
             error = str(exc)
@@ -861,6 +861,14 @@ class _ShmLink(Link):
             self._endpoint._on_data(self, conn_id, frames)  # the core's error handling
             return self.alive and not self._down
         self._put_event(new_received(local, frames))
+        return not self._down
+
+    def _deliver_segment(self, conn_id: int, seg_id: int, off: int, n: int) -> bool:
+        """A DATA record of one frame held in a segment (the ring's fast path)."""
+        local = self.incoming.get(conn_id)
+        if local is None or not self.alive:
+            return self._deliver(Kind.DATA, conn_id, [(seg_id, off, n)])
+        self._put_event(new_received(local, self._resolve([(seg_id, off, n)])))
         return not self._down
 
     def _deliver(self, kind: Kind, conn_id: int, frames: list[Any]) -> bool:
