@@ -185,6 +185,10 @@ _NFRAMES = struct.Struct("<I")
 _NFRAMES_AT = 4  # offset of nframes in the envelope
 _FLAG_INLINE = 1
 _NUMPY_MIN = 1 << 20  # frames this large are allocated by numpy (huge pages)
+#: Envelopes (with inline frames) up to this size are received into a bytearray, which
+#: zero-fills; larger ones into uninitialised numpy memory (an allocation costs more
+#: than zeroing a few KiB, less than zeroing more).
+_ZERO_FILL_MAX = 16 << 10
 
 DEFAULT_INLINE_MAX = 32 * 1024
 DEFAULT_BUSY_POLL_US = 200.0
@@ -621,7 +625,8 @@ class _Engine:
         status, byte = self._status, self._byte
         src = status.Get_source()
         size = status.Get_count(byte)
-        buf = bytearray(size)
+        # bytearray zero-fills: beyond a few KiB, uninitialised numpy memory is cheaper.
+        buf: Any = bytearray(size) if size < _ZERO_FILL_MAX else np.empty(size, np.uint8)
         message.Recv([buf, byte])
         if src in self._poisoned:
             return
@@ -658,7 +663,7 @@ class _Engine:
         else:
             queue.append(msg)
 
-    def _parse(self, src: int, buf: bytearray) -> _Inbound | _Partial:
+    def _parse(self, src: int, buf: Any) -> _Inbound | _Partial:
         size = len(buf)
         if size < _ENVELOPE.size:
             raise _ProtocolError(f"short envelope of {size} bytes")
