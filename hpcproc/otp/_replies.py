@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import hpcproc as hp
 
-__all__ = ["Reply", "drop_stale", "new_tag", "reply_channel"]
+__all__ = ["SLOT", "CallSlot", "Reply", "call_slot", "drop_stale", "new_tag", "reply_channel", "tags"]
 
 _channels: weakref.WeakKeyDictionary[
     asyncio.Task[Any], tuple[hp.SendPort[Any], hp.ReceivePort[Any]]
 ] = weakref.WeakKeyDictionary()
 _tags = itertools.count(1)
+#: The tag counter itself, for hot paths that call ``next(tags)`` without a frame.
+tags = _tags
 
 
 #: An answer on a reply channel: ``(tag, ok, value)``; ``tag`` names the request,
@@ -54,3 +57,40 @@ async def drop_stale(port: hp.ReceivePort[Any]) -> None:
     """Drop every reply queued on ``port`` (late answers to abandoned requests)."""
     while await hp.receive_chan(port, timeout=0) is not None:
         pass
+
+
+class CallSlot:
+    """A reply channel that one call at a time uses (see :func:`call_slot`).
+
+    ``busy`` is True while a call waits on it; ``pid`` is the pid object of the
+    process that owns the channel.
+    """
+
+    __slots__ = ("busy", "pid", "port", "send_port")
+
+    def __init__(self, pid: hp.Pid) -> None:
+        self.pid = pid
+        self.send_port, self.port = hp.new_chan()
+        self.busy = False
+
+
+#: The calling task's slot. A task created later starts with a copy of its creator's
+#: context, so it may see its creator's slot (or, in a new process, another process's):
+#: :func:`call_slot` takes a slot only if it belongs to the current process and no
+#: call is using it, so two calls never share a channel at once.
+SLOT: ContextVar[CallSlot] = ContextVar("hpcproc_otp_call_slot")
+
+
+def call_slot(me: hp.Pid) -> CallSlot:
+    """A free reply slot of the current task (``me``: the current process's pid,
+    the very object ``hp.self_pid()`` returns); made and remembered when the task's
+    own one is missing, another process's, or in use by another call.
+
+    A call marks it busy while it waits, and frees it after; stale answers on it
+    (of abandoned calls) are dropped by the next call, by their tags.
+    """
+    slot = SLOT.get(None)
+    if slot is None or slot.pid is not me or slot.busy:
+        slot = CallSlot(me)
+        SLOT.set(slot)
+    return slot

@@ -20,14 +20,14 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
-from dataclasses import dataclass
+from operator import itemgetter
 from types import CoroutineType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import hpcproc as hp
 
-from ._call_watch import waiting_for, waiting_now
-from ._replies import Reply, drop_stale, new_tag, reply_channel
+from ._call_watch import BY_NODE, waiting_for
+from ._replies import SLOT, Reply, call_slot, drop_stale, new_tag, reply_channel, tags
 
 __all__ = [
     "NOREPLY",
@@ -127,18 +127,48 @@ class _NoReply:
 NOREPLY: Any = _NoReply()
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who made a call: pass it to :func:`reply` to answer (once) from anywhere."""
+class Caller(tuple):  # type: ignore[type-arg]
+    """Who made a call: pass it to :func:`reply` to answer (once) from anywhere.
 
-    pid: hp.Pid
-    port: hp.SendPort[Any]
-    tag: int
+    Immutable and picklable; ``pid`` is the calling process, ``port`` and ``tag``
+    name the call's reply. (A tuple underneath, so that the server makes one per
+    call with a single C call.)
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, pid: hp.Pid, port: hp.SendPort[Any], tag: int) -> Caller:
+        return tuple.__new__(cls, (pid, port, tag))
+
+    if TYPE_CHECKING:
+
+        @property
+        def pid(self) -> hp.Pid:
+            """The calling process."""
+
+        @property
+        def port(self) -> hp.SendPort[Any]:
+            """Where the reply goes."""
+
+        @property
+        def tag(self) -> int:
+            """The call's tag on ``port``."""
+
+    else:
+        pid = property(itemgetter(0), doc="The calling process.")
+        port = property(itemgetter(1), doc="Where the reply goes.")
+        tag = property(itemgetter(2), doc="The call's tag on ``port``.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Caller, (self[0], self[1], self[2]))
+
+    def __repr__(self) -> str:
+        return f"Caller(pid={self[0]!r}, port={self[1]!r}, tag={self[2]!r})"
 
 
 # The protocol's messages are plain tuples tagged like Erlang's ('$gen_call', ...):
 # a local send shares a tuple of immutable values instead of copying it through pickle.
-_CALL = "$hpcproc.otp.call"  # (_CALL, (caller pid, reply port, tag), request)
+_CALL = "$hpcproc.otp.call"  # (_CALL, reply port, tag, request); the port names the caller
 _CAST = "$hpcproc.otp.cast"  # (_CAST, msg)
 _STOP = "$hpcproc.otp.stop"  # (_STOP, reason)
 
@@ -211,28 +241,31 @@ async def _server_main(
 
 
 async def _serve(server: GenServer) -> None:
+    expect, send_chan, new_caller = hp.expect, hp.send_chan, tuple.__new__
     try:
         while True:
-            msg = await hp.expect()
-            kind = msg[0] if type(msg) is tuple and len(msg) in (2, 3) else None
-            if kind == _CALL and len(msg) == 3:
-                caller = Caller(*msg[1])
+            msg = await expect()
+            if type(msg) is tuple and len(msg) == 4 and msg[0] == _CALL:
+                port, tag = msg[1], msg[2]
+                caller = new_caller(Caller, (port.owner, port, tag))
                 try:
-                    value = server.handle_call(msg[2], caller)
+                    value = server.handle_call(msg[3], caller)
                     if type(value) is CoroutineType or inspect.isawaitable(value):
                         value = await value
                 except _SIGNALS:
                     raise
                 except Exception as exc:
                     detail = (_describe(exc), traceback.format_exc())
-                    await hp.send_chan(caller.port, (caller.tag, False, detail))
+                    await send_chan(port, (tag, False, detail))
                     await _maybe_await(server.terminate(detail[0]))
                     raise _CallCrashed(*detail) from exc
                 if value is not NOREPLY:
-                    await hp.send_chan(caller.port, (caller.tag, True, value))
-            elif kind == _CAST and len(msg) == 2:
+                    await send_chan(port, (tag, True, value))
+                continue
+            kind = msg[0] if type(msg) is tuple and len(msg) == 2 else None
+            if kind == _CAST:
                 await _crash_terminates(server, server.handle_cast(msg[1]))
-            elif kind == _STOP and len(msg) == 2:
+            elif kind == _STOP:
                 await _maybe_await(server.terminate(msg[1]))
                 if msg[1] != "normal":
                     raise ServerStopped(msg[1])
@@ -397,32 +430,56 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     me = hp.self_pid()
     if pid == me:
         raise ValueError("a server cannot call itself (it would wait for its own reply)")
-    send_port, port = reply_channel()
-    tag = new_tag()
-    waiting = waiting_now(pid)
+    slot = SLOT.get(None)
+    if slot is None or slot.pid is not me or slot.busy:
+        slot = call_slot(me)
+    port = slot.port
+    tag = next(tags)
+    servers = BY_NODE.get(me[0])
+    waiting = servers.get(pid) if servers is not None else None
     if waiting is None:
         waiting = await waiting_for(pid)
+    send_port = slot.send_port
     waiting[tag] = send_port
+    slot.busy = True
     try:
-        await hp.send(pid, (_CALL, (me, send_port, tag), request))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        left = timeout
-        while True:
-            got = await hp.receive_chan(port, timeout=left)
-            if got is None:
-                raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
-            if got[0] == tag:
-                break
-            # A late reply or down notice of an abandoned call: dropped here, so the
-            # channel never holds more than what came since the last call.
-            if deadline is not None:
-                left = max(0.0, deadline - time.monotonic())
+        await hp.send(pid, (_CALL, send_port, tag, request))
+        got = await hp.receive_chan(port, timeout)
+        if got is None or got[0] != tag:
+            got = await _other_reply(pid, port, tag, got, timeout)
     finally:
-        waiting.pop(tag, None)
+        del waiting[tag]
+        slot.busy = False
     ok = got[1]
     if ok:
         return got[2]
-    if ok is None:  # the call watch: the server is down
+    return await _failed(port, tag, got)
+
+
+async def _other_reply(
+    pid: hp.Pid, port: hp.ReceivePort[Any], tag: int, got: Reply | None, timeout: float | None
+) -> Reply:
+    """The reply with ``tag`` after ``got``, the first thing taken from ``port``, was
+    not it: stale answers of abandoned calls (which it drops) or nothing in time.
+
+    Raises:
+        CallTimeout: no answer with ``tag`` within ``timeout`` of the call's start.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if got is None:
+            raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
+        if got[0] == tag:
+            return got
+        # A late reply or down notice of an abandoned call: dropped here, so the
+        # channel never holds more than what came since the last call.
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        got = await hp.receive_chan(port, timeout=left)
+
+
+async def _failed(port: hp.ReceivePort[Any], tag: int, got: Reply) -> Any:
+    """Raise the :class:`ServerDown` that the failed answer ``got`` stands for."""
+    if got[1] is None:  # the call watch: the server is down
         reason = got[2]
         # It may have answered (a crash report) just before dying.
         while (late := await hp.receive_chan(port, timeout=0)) is not None:
