@@ -1,56 +1,107 @@
-"""One monitor per called server and node, shared by every call made from that node.
+"""One monitor per called server and node, shared by every call made from that node;
+and the timeouts of those calls.
 
-A call must end at once when its server dies, and must leave nothing in the caller's
-mailbox. A monitor of the caller's own does both, but costs two control messages to
-the server's node per call (monitor, then unmonitor). Instead, each node runs one
-*call watch* process (registered as :data:`NAME`): the first call to a server asks it
-to monitor that server; every call registers its reply port and tag here while it
-waits (a plain dictionary shared by the node's processes, which run on one event
-loop); when the server's DOWN reaches the watch, it sends every waiting caller
-``(tag, None, reason)`` on the caller's private reply channel. So a call costs its two
-messages only, a death still ends every waiting call at once, and a notice that
-comes after its call ended lands on the reply channel, where the caller's next
-request drops it. The watch keeps one monitor per live server ever called from its
-node; a server's DOWN removes it.
+A call must end at once when its server dies, must end when its timeout passes, and
+must leave nothing in the caller's mailbox. A monitor of the caller's own does the
+first, but costs two control messages to the server's node per call (monitor, then
+unmonitor); a timer of its own (``receive_chan(port, timeout)``) does the second, but
+costs an event-loop timer per call (made, pushed on the loop's heap, cancelled). So
+each node runs one *call watch* process (registered as :data:`NAME`) that does both
+for all calls of the node:
+
+* The first call to a server asks the watch to monitor that server. Every call
+  registers its reply port under its tag while it waits (a plain dictionary shared by
+  the node's processes, which run on one event loop); when the server's DOWN reaches
+  the watch, it sends every waiting caller ``(tag, None, reason)`` on the caller's
+  private reply channel.
+* A call with a timeout appends ``(deadline, tag, waiting)`` to the watch's deadline
+  list (no timer). The watch sleeps until the earliest deadline of a call still
+  waiting (or :data:`SWEEP` seconds, to drop the entries of finished calls), and sends
+  each caller whose deadline passed ``(tag, TIMED_OUT, None)``. A call whose deadline
+  is earlier than the watch's wake-up time wakes the watch with a message.
+
+So a call costs its two messages only, a death still ends every waiting call at once,
+and a notice that comes after its call ended lands on the reply channel, where the
+caller's next request drops it. The watch keeps one monitor per live server ever
+called from its node; a server's DOWN removes it. If the watch itself ends, it tells
+each waiting caller ``(tag, WATCH_ENDED, None)``, and the caller registers again with
+a new watch.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import hpcproc as hp
 
-__all__ = ["NAME", "BY_NODE", "Waiting", "waiting_for", "waiting_now"]
+__all__ = [
+    "BY_NODE",
+    "NAME",
+    "SWEEP",
+    "TIMED_OUT",
+    "WATCH_ENDED",
+    "Deadline",
+    "State",
+    "Waiting",
+    "waiting_for",
+    "waiting_now",
+    "wake",
+]
 
 #: The registered name of a node's call watch.
 NAME = "hpcproc.otp.call_watch"
 
+#: The second field of the notice a caller gets when its timeout passed.
+TIMED_OUT = "$hpcproc.otp.timed_out"
+#: The second field of the notice a caller gets when the watch ended under it.
+WATCH_ENDED = "$hpcproc.otp.watch_ended"
+
+#: At most this many seconds between two sweeps of the deadline list while it is not
+#: empty (so that the entries of finished calls do not pile up).
+SWEEP = 0.05
+
 #: Tag -> reply port of the calls waiting for one server.
 Waiting = dict[int, hp.SendPort[Any]]
+#: A call's deadline entry: ``(time.monotonic() deadline, tag, its server's Waiting)``;
+#: the call still waits while ``tag in waiting``.
+Deadline = tuple[float, int, Waiting]
 
 
-@dataclass
-class _State:
+@dataclass(eq=False)
+class State:
+    """A node's call watch: what calls read and write without awaiting it."""
+
     pid: hp.Pid
     node: hp.NodeId
     servers: dict[hp.Pid, Waiting] = field(default_factory=dict)
+    #: Deadline entries, unordered, including finished calls' (swept by the watch).
+    deadlines: list[Deadline] = field(default_factory=list)
+    #: When the watch wakes next (monotonic time; inf: only for a message).
+    wake_at: float = math.inf
 
 
 #: Call-watch pid -> its state (one watch per node; a node's watch, if it was
 #: killed, is replaced by a new one with a new state).
-_states: dict[hp.Pid, _State] = {}
+_states: dict[hp.Pid, State] = {}
 
-#: Node -> the servers its live watch monitors (its state's ``servers``): what a call
-#: looks up, one dictionary read instead of a registry look-up.
-BY_NODE: dict[hp.NodeId, dict[hp.Pid, Waiting]] = {}
+#: Node -> the state of its live watch: what a call looks up (one dictionary read).
+BY_NODE: dict[hp.NodeId, State] = {}
+
+#: The message that wakes the watch for an early deadline.
+_WAKE = "$hpcproc.otp.wake"
 
 
-async def _watch(state: _State) -> None:
+async def _watch(state: State) -> None:
     refs: dict[hp.MonitorRef, hp.Pid] = {}
     try:
         while True:
-            msg = await hp.expect()
+            left = None
+            if state.deadlines:
+                left = await _sweep(state)
+            msg = await hp.expect(timeout=left)
             if type(msg) is hp.Pid:
                 refs[await hp.monitor(msg)] = msg
             elif type(msg) is hp.ProcessMonitorNotification:
@@ -61,32 +112,69 @@ async def _watch(state: _State) -> None:
                     await hp.send_chan(port, (tag, None, msg.reason))
     finally:
         _states.pop(state.pid, None)
-        if BY_NODE.get(state.node) is state.servers:
+        if BY_NODE.get(state.node) is state:
             del BY_NODE[state.node]
+        if hp.whereis(NAME) == state.pid:
+            hp.unregister(NAME)  # now, so that the callers told below find a new watch
+        state.wake_at = -math.inf  # a call that still finds this state wakes us: no one
+        for waiting in state.servers.values():
+            for tag, port in list(waiting.items()):
+                await hp.send_chan(port, (tag, WATCH_ENDED, None))
+
+
+async def _sweep(state: State) -> float | None:
+    """Time out the calls whose deadline passed, drop the entries of finished calls;
+    the seconds until the next sweep (None: no entries left)."""
+    entries, state.deadlines = state.deadlines, []
+    keep = state.deadlines
+    now = time.monotonic()
+    first = math.inf
+    for entry in entries:
+        deadline, tag, waiting = entry
+        port = waiting.get(tag)
+        if port is None:
+            continue  # the call ended
+        if deadline <= now:
+            await hp.send_chan(port, (tag, TIMED_OUT, None))
+        else:
+            keep.append(entry)
+            if deadline < first:
+                first = deadline
+    if not keep:
+        state.wake_at = math.inf
+        return None
+    state.wake_at = min(first, now + SWEEP)
+    return max(0.0, state.wake_at - time.monotonic())
+
+
+async def wake(state: State) -> None:
+    """Wake ``state``'s watch (a deadline earlier than its wake-up time was added)."""
+    state.wake_at = -math.inf  # woken already: later calls need not send again
+    await hp.send(state.pid, _WAKE)
 
 
 def waiting_now(server: hp.Pid) -> Waiting | None:
     """:func:`waiting_for` when the watch already monitors ``server`` (no await), else
-    None. (Hot paths read ``BY_NODE[node].get(server)`` themselves.)"""
-    servers = BY_NODE.get(hp.self_node())
-    return None if servers is None else servers.get(server)
+    None. (Hot paths read ``BY_NODE[node].servers.get(server)`` themselves.)"""
+    state = BY_NODE.get(hp.self_node())
+    return None if state is None else state.servers.get(server)
 
 
-async def waiting_for(server: hp.Pid) -> Waiting:
-    """The registry of calls waiting for ``server`` (add ``tag: port`` while waiting,
-    remove it after); the node's watch monitors ``server`` from the first call on."""
-    watch = hp.whereis(NAME)
-    state = _states.get(watch) if watch is not None else None
-    if state is None:
+async def waiting_for(server: hp.Pid) -> tuple[State, Waiting]:
+    """The node's watch and its registry of calls waiting for ``server`` (add
+    ``tag: port`` while waiting, remove it after); the node's watch monitors
+    ``server`` from the first call on."""
+    me = hp.self_pid()
+    state = BY_NODE.get(me.node)
+    if state is None or hp.whereis(NAME) != state.pid:  # (a watch killed before it ran)
         watch = hp.spawn_local(_watch_started)
-        state = _states[watch] = _State(watch, watch.node)
+        state = _states[watch] = BY_NODE[me.node] = State(watch, me.node)
         hp.register(NAME, watch)
-        BY_NODE[watch.node] = state.servers
     waiting = state.servers.get(server)
     if waiting is None:
         waiting = state.servers[server] = {}
         await hp.send(state.pid, server)  # the watch monitors it
-    return waiting
+    return state, waiting
 
 
 async def _watch_started() -> None:

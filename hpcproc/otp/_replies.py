@@ -17,7 +17,16 @@ from typing import Any, TypeAlias
 
 import hpcproc as hp
 
-__all__ = ["SLOT", "CallSlot", "Reply", "call_slot", "drop_stale", "new_tag", "reply_channel", "tags"]
+__all__ = [
+    "SLOT",
+    "CallSlot",
+    "Reply",
+    "call_slot",
+    "drop_stale",
+    "new_tag",
+    "reply_channel",
+    "tags",
+]
 
 _channels: weakref.WeakKeyDictionary[
     asyncio.Task[Any], tuple[hp.SendPort[Any], hp.ReceivePort[Any]]
@@ -28,9 +37,10 @@ tags = _tags
 
 
 #: An answer on a reply channel: ``(tag, ok, value)``; ``tag`` names the request,
-#: ``ok`` False carries ``(reason, remote traceback)`` as ``value``. A plain tuple, so
+#: ``ok`` True carries the reply, False ``(reason, remote traceback)`` as ``value``
+#: (other values of ``ok`` are notices, such as the call watch's). A plain tuple, so
 #: that a local send shares it instead of copying it (see ``hpcproc._copying``).
-Reply: TypeAlias = tuple[int, bool, Any]
+Reply: TypeAlias = tuple[int, Any, Any]
 
 
 def new_tag() -> int:

@@ -21,13 +21,14 @@ import inspect
 import time
 import traceback
 from operator import itemgetter
+from time import monotonic
 from types import CoroutineType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import hpcproc as hp
 
-from ._call_watch import BY_NODE, waiting_for
-from ._replies import SLOT, Reply, call_slot, drop_stale, new_tag, reply_channel, tags
+from ._call_watch import BY_NODE, TIMED_OUT, WATCH_ENDED, waiting_for, wake
+from ._replies import SLOT, CallSlot, Reply, call_slot, drop_stale, new_tag, reply_channel, tags
 
 __all__ = [
     "NOREPLY",
@@ -433,52 +434,66 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     slot = SLOT.get(None)
     if slot is None or slot.pid is not me or slot.busy:
         slot = call_slot(me)
-    port = slot.port
+    port, send_port = slot.port, slot.send_port
     tag = next(tags)
-    servers = BY_NODE.get(me[0])
-    waiting = servers.get(pid) if servers is not None else None
-    if waiting is None:
-        waiting = await waiting_for(pid)
-    send_port = slot.send_port
-    waiting[tag] = send_port
     slot.busy = True
     try:
-        await hp.send(pid, (_CALL, send_port, tag, request))
-        got = await hp.receive_chan(port, timeout)
-        if got is None or got[0] != tag:
-            got = await _other_reply(pid, port, tag, got, timeout)
+        state = BY_NODE.get(me[0])
+        waiting = state.servers.get(pid) if state is not None else None
+        if state is None or waiting is None:
+            state, waiting = await waiting_for(pid)
+        waiting[tag] = send_port
+        try:
+            deadline = None
+            if timeout is not None:
+                # The node's call watch times the call out (no timer of its own).
+                deadline = monotonic() + timeout
+                state.deadlines.append((deadline, tag, waiting))
+                if deadline < state.wake_at:
+                    await wake(state)
+            await hp.send(pid, (_CALL, send_port, tag, request))
+            got = await hp.receive_chan(port)
+            if got[0] != tag or got[1] is WATCH_ENDED:
+                got = await _other_reply(pid, slot, tag, got, deadline)
+        finally:
+            waiting.pop(tag, None)
     finally:
-        del waiting[tag]
         slot.busy = False
     ok = got[1]
-    if ok:
+    if ok is True:
         return got[2]
-    return await _failed(port, tag, got)
+    return await _failed(pid, port, tag, got, timeout)
 
 
 async def _other_reply(
-    pid: hp.Pid, port: hp.ReceivePort[Any], tag: int, got: Reply | None, timeout: float | None
+    pid: hp.Pid, slot: CallSlot, tag: int, got: Reply, deadline: float | None
 ) -> Reply:
-    """The reply with ``tag`` after ``got``, the first thing taken from ``port``, was
-    not it: stale answers of abandoned calls (which it drops) or nothing in time.
-
-    Raises:
-        CallTimeout: no answer with ``tag`` within ``timeout`` of the call's start.
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
+    """The answer with ``tag`` after ``got``, the first thing taken from the slot's
+    port, was not it: a stale answer of an abandoned call (dropped) or the notice
+    that the call watch ended (the call registers with a new watch, whose monitor
+    reports the server's end if it has ended meanwhile, with the same deadline)."""
     while True:
-        if got is None:
-            raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
         if got[0] == tag:
-            return got
-        # A late reply or down notice of an abandoned call: dropped here, so the
-        # channel never holds more than what came since the last call.
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        got = await hp.receive_chan(port, timeout=left)
+            if got[1] is not WATCH_ENDED:
+                return got
+            state, waiting = await waiting_for(pid)
+            waiting[tag] = slot.send_port
+            if deadline is not None:
+                state.deadlines.append((deadline, tag, waiting))
+                if deadline < state.wake_at:
+                    await wake(state)
+        # Anything else is a late reply or notice of an abandoned call: dropped here,
+        # so the channel never holds more than what came since the last call.
+        got = await hp.receive_chan(slot.port)
 
 
-async def _failed(port: hp.ReceivePort[Any], tag: int, got: Reply) -> Any:
-    """Raise the :class:`ServerDown` that the failed answer ``got`` stands for."""
+async def _failed(
+    pid: hp.Pid, port: hp.ReceivePort[Any], tag: int, got: Reply, timeout: float | None
+) -> Any:
+    """Raise what the answer ``got`` (not a reply) stands for: :class:`CallTimeout`
+    or :class:`ServerDown`."""
+    if got[1] is TIMED_OUT:
+        raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
     if got[1] is None:  # the call watch: the server is down
         reason = got[2]
         # It may have answered (a crash report) just before dying.
