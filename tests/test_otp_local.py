@@ -718,6 +718,22 @@ def test_a_waiting_call_outlives_the_end_of_the_call_watch() -> None:
     assert empty
 
 
+def test_a_short_call_timeout_is_kept_while_a_longer_call_waits() -> None:
+    async def body(_: Any) -> Any:
+        held = await otp.start(Counter)
+        timed = await otp.start(Counter)
+        # The call watch now sleeps until this call's deadline, WAIT from now...
+        longer = asyncio.ensure_future(otp.call(held, "hold", timeout=WAIT))
+        assert await otp.call(held, "get") == 0
+        # ...and must wake up earlier for this one.
+        with pytest.raises(otp.CallTimeout):
+            await asyncio.wait_for(otp.call(timed, "hold", timeout=0.05), WAIT / 2)
+        await otp.cast(held, "release")
+        return await asyncio.wait_for(longer, WAIT), await nothing_left()
+
+    assert run(body) == ("late", True)
+
+
 async def never_returns(x: int) -> int:
     await hp.expect(type(None))
     return x

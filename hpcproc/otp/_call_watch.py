@@ -14,11 +14,12 @@ for all calls of the node:
   the node's processes, which run on one event loop); when the server's DOWN reaches
   the watch, it sends every waiting caller ``(tag, None, reason)`` on the caller's
   private reply channel.
-* A call with a timeout appends ``(deadline, tag, waiting)`` to the watch's deadline
-  list (no timer). The watch sleeps until the earliest deadline of a call still
-  waiting (or :data:`SWEEP` seconds, to drop the entries of finished calls), and sends
-  each caller whose deadline passed ``(tag, TIMED_OUT, None)``. A call whose deadline
-  is earlier than the watch's wake-up time wakes the watch with a message.
+* A call registers its deadline with its port (no timer of its own). The watch sleeps
+  until the earliest deadline it knows of, then sends each caller whose deadline
+  passed ``(tag, TIMED_OUT, None)`` and sleeps until the earliest deadline of the
+  calls still waiting. A call whose deadline is earlier than the watch's wake-up time
+  wakes the watch with a message; with calls of one timeout in a row that happens once
+  per timeout period at most, and the watch looks only at calls still waiting.
 
 So a call costs its two messages only, a death still ends every waiting call at once,
 and a notice that comes after its call ended lands on the reply channel, where the
@@ -40,10 +41,8 @@ import hpcproc as hp
 __all__ = [
     "BY_NODE",
     "NAME",
-    "SWEEP",
     "TIMED_OUT",
     "WATCH_ENDED",
-    "Deadline",
     "State",
     "Waiting",
     "waiting_for",
@@ -59,27 +58,20 @@ TIMED_OUT = "$hpcproc.otp.timed_out"
 #: The second field of the notice a caller gets when the watch ended under it.
 WATCH_ENDED = "$hpcproc.otp.watch_ended"
 
-#: At most this many seconds between two sweeps of the deadline list while it is not
-#: empty (so that the entries of finished calls do not pile up).
-SWEEP = 0.05
-
-#: Tag -> reply port of the calls waiting for one server.
-Waiting = dict[int, hp.SendPort[Any]]
-#: A call's deadline entry: ``(time.monotonic() deadline, tag, its server's Waiting)``;
-#: the call still waits while ``tag in waiting``.
-Deadline = tuple[float, int, Waiting]
+#: Tag -> (reply port, deadline) of the calls waiting for one server; the deadline is
+#: in ``time.monotonic()`` seconds (``math.inf``: none).
+Waiting = dict[int, tuple[hp.SendPort[Any], float]]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class State:
     """A node's call watch: what calls read and write without awaiting it."""
 
     pid: hp.Pid
     node: hp.NodeId
     servers: dict[hp.Pid, Waiting] = field(default_factory=dict)
-    #: Deadline entries, unordered, including finished calls' (swept by the watch).
-    deadlines: list[Deadline] = field(default_factory=list)
-    #: When the watch wakes next (monotonic time; inf: only for a message).
+    #: When the watch wakes next (monotonic time; inf: only for a message; -inf: a
+    #: wake-up message is on its way).
     wake_at: float = math.inf
 
 
@@ -98,17 +90,14 @@ async def _watch(state: State) -> None:
     refs: dict[hp.MonitorRef, hp.Pid] = {}
     try:
         while True:
-            left = None
-            if state.deadlines:
-                left = await _sweep(state)
-            msg = await hp.expect(timeout=left)
+            msg = await hp.expect(timeout=await _time_out(state))
             if type(msg) is hp.Pid:
                 refs[await hp.monitor(msg)] = msg
             elif type(msg) is hp.ProcessMonitorNotification:
                 server = refs.pop(msg.ref, None)
                 if server is None:
                     continue
-                for tag, port in list(state.servers.pop(server, {}).items()):
+                for tag, (port, _) in list(state.servers.pop(server, {}).items()):
                     await hp.send_chan(port, (tag, None, msg.reason))
     finally:
         _states.pop(state.pid, None)
@@ -118,33 +107,24 @@ async def _watch(state: State) -> None:
             hp.unregister(NAME)  # now, so that the callers told below find a new watch
         state.wake_at = -math.inf  # a call that still finds this state wakes us: no one
         for waiting in state.servers.values():
-            for tag, port in list(waiting.items()):
+            for tag, (port, _) in list(waiting.items()):
                 await hp.send_chan(port, (tag, WATCH_ENDED, None))
 
 
-async def _sweep(state: State) -> float | None:
-    """Time out the calls whose deadline passed, drop the entries of finished calls;
-    the seconds until the next sweep (None: no entries left)."""
-    entries, state.deadlines = state.deadlines, []
-    keep = state.deadlines
+async def _time_out(state: State) -> float | None:
+    """Tell the calls whose deadline passed; the seconds until the next deadline
+    (None: no waiting call has one)."""
     now = time.monotonic()
     first = math.inf
-    for entry in entries:
-        deadline, tag, waiting = entry
-        port = waiting.get(tag)
-        if port is None:
-            continue  # the call ended
-        if deadline <= now:
-            await hp.send_chan(port, (tag, TIMED_OUT, None))
-        else:
-            keep.append(entry)
-            if deadline < first:
+    for waiting in list(state.servers.values()):
+        for tag, (port, deadline) in list(waiting.items()):
+            if deadline <= now:
+                del waiting[tag]  # told once; the call's own clean-up finds it gone
+                await hp.send_chan(port, (tag, TIMED_OUT, None))
+            elif deadline < first:
                 first = deadline
-    if not keep:
-        state.wake_at = math.inf
-        return None
-    state.wake_at = min(first, now + SWEEP)
-    return max(0.0, state.wake_at - time.monotonic())
+    state.wake_at = first
+    return None if first == math.inf else max(0.0, first - now)
 
 
 async def wake(state: State) -> None:

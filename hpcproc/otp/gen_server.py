@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
+from math import inf
 from operator import itemgetter
 from time import monotonic
 from types import CoroutineType
@@ -442,15 +443,12 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
         waiting = state.servers.get(pid) if state is not None else None
         if state is None or waiting is None:
             state, waiting = await waiting_for(pid)
-        waiting[tag] = send_port
+        # The node's call watch times the call out (no timer of its own).
+        deadline = inf if timeout is None else monotonic() + timeout
+        waiting[tag] = (send_port, deadline)
         try:
-            deadline = None
-            if timeout is not None:
-                # The node's call watch times the call out (no timer of its own).
-                deadline = monotonic() + timeout
-                state.deadlines.append((deadline, tag, waiting))
-                if deadline < state.wake_at:
-                    await wake(state)
+            if deadline < state.wake_at:
+                await wake(state)
             await hp.send(pid, (_CALL, send_port, tag, request))
             got = await hp.receive_chan(port)
             if got[0] != tag or got[1] is WATCH_ENDED:
@@ -465,9 +463,7 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     return await _failed(pid, port, tag, got, timeout)
 
 
-async def _other_reply(
-    pid: hp.Pid, slot: CallSlot, tag: int, got: Reply, deadline: float | None
-) -> Reply:
+async def _other_reply(pid: hp.Pid, slot: CallSlot, tag: int, got: Reply, deadline: float) -> Reply:
     """The answer with ``tag`` after ``got``, the first thing taken from the slot's
     port, was not it: a stale answer of an abandoned call (dropped) or the notice
     that the call watch ended (the call registers with a new watch, whose monitor
@@ -477,11 +473,9 @@ async def _other_reply(
             if got[1] is not WATCH_ENDED:
                 return got
             state, waiting = await waiting_for(pid)
-            waiting[tag] = slot.send_port
-            if deadline is not None:
-                state.deadlines.append((deadline, tag, waiting))
-                if deadline < state.wake_at:
-                    await wake(state)
+            waiting[tag] = (slot.send_port, deadline)
+            if deadline < state.wake_at:
+                await wake(state)
         # Anything else is a late reply or notice of an abandoned call: dropped here,
         # so the channel never holds more than what came since the last call.
         got = await hp.receive_chan(slot.port)
