@@ -170,7 +170,10 @@ class Caller(tuple):  # type: ignore[type-arg]
 
 # The protocol's messages are plain tuples tagged like Erlang's ('$gen_call', ...):
 # a local send shares a tuple of immutable values instead of copying it through pickle.
-_CALL = "$hpcproc.otp.call"  # (_CALL, reply port, tag, request); the port names the caller
+# (_CALL, caller pid, reply port number, tag, request): the port as its owner and number,
+# which pickle as a plain tuple does (a SendPort would cost a Python call to pickle it
+# and one to unpickle it); the server keeps the SendPorts it made (see _serve).
+_CALL = "$hpcproc.otp.call"
 _CAST = "$hpcproc.otp.cast"  # (_CAST, msg)
 _STOP = "$hpcproc.otp.stop"  # (_STOP, reason)
 
@@ -242,16 +245,27 @@ async def _server_main(
     await _serve(server)
 
 
+#: How many callers' reply ports a server keeps (it forgets them all when full).
+_PORTS_KEPT = 1024
+
+
 async def _serve(server: GenServer) -> None:
     expect, send_chan, new_caller = hp.expect, hp.send_chan, tuple.__new__
+    ports: dict[tuple[hp.Pid, int], hp.SendPort[Any]] = {}
     try:
         while True:
             msg = await expect()
-            if type(msg) is tuple and len(msg) == 4 and msg[0] == _CALL:
-                port, tag = msg[1], msg[2]
-                caller = new_caller(Caller, (port.owner, port, tag))
+            if type(msg) is tuple and len(msg) == 5 and msg[0] == _CALL:
+                key = (msg[1], msg[2])
+                port = ports.get(key)
+                if port is None:
+                    if len(ports) >= _PORTS_KEPT:
+                        ports.clear()
+                    port = ports[key] = hp.SendPort(msg[1], msg[2])
+                tag = msg[3]
+                caller = new_caller(Caller, (msg[1], port, tag))
                 try:
-                    value = server.handle_call(msg[3], caller)
+                    value = server.handle_call(msg[4], caller)
                     if type(value) is CoroutineType or inspect.isawaitable(value):
                         value = await value
                 except _SIGNALS:
@@ -449,7 +463,7 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
         try:
             if deadline < state.wake_at:
                 await wake(state)
-            await hp.send(pid, (_CALL, send_port, tag, request))
+            await hp.send(pid, (_CALL, me, send_port.port_id, tag, request))
             got = await hp.receive_chan(port)
             if got[0] != tag or got[1] is WATCH_ENDED:
                 got = await _other_reply(pid, slot, tag, got, deadline)
