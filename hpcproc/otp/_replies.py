@@ -73,14 +73,18 @@ class CallSlot:
     """A reply channel that one call at a time uses (see :func:`call_slot`).
 
     ``busy`` is True while a call waits on it; ``pid`` is the pid object of the
-    process that owns the channel.
+    process that owns the channel; ``wire`` names the channel in a request as plain
+    values, ``(node address bytes, pid number, port number)``: a tuple of those
+    pickles without a class reference (a Pid or a SendPort costs the pickler a
+    global look-up and the unpickler a Python call).
     """
 
-    __slots__ = ("busy", "pid", "port", "send_port")
+    __slots__ = ("busy", "pid", "port", "send_port", "wire")
 
     def __init__(self, pid: hp.Pid) -> None:
         self.pid = pid
         self.send_port, self.port = hp.new_chan()
+        self.wire = (bytes(pid.node.address), pid.lid, self.send_port.port_id)
         self.busy = False
 
 

@@ -170,9 +170,10 @@ class Caller(tuple):  # type: ignore[type-arg]
 
 # The protocol's messages are plain tuples tagged like Erlang's ('$gen_call', ...):
 # a local send shares a tuple of immutable values instead of copying it through pickle.
-# (_CALL, caller pid, reply port number, tag, request): the port as its owner and number,
-# which pickle as a plain tuple does (a SendPort would cost a Python call to pickle it
-# and one to unpickle it); the server keeps the SendPorts it made (see _serve).
+# (_CALL, (caller's node address, pid number, port number), tag, request): the reply
+# port as plain values, which pickle without a class reference (a Pid or SendPort costs
+# a global look-up to pickle and a Python call to unpickle, about as much as the rest
+# of the message); the server keeps the Pid and SendPort it made for each (see _serve).
 _CALL = "$hpcproc.otp.call"
 _CAST = "$hpcproc.otp.cast"  # (_CAST, msg)
 _STOP = "$hpcproc.otp.stop"  # (_STOP, reason)
@@ -249,23 +250,29 @@ async def _server_main(
 _PORTS_KEPT = 1024
 
 
+def _reply_port(wire: tuple[bytes, int, int]) -> tuple[hp.Pid, hp.SendPort[Any]]:
+    address, lid, port_id = wire
+    pid = hp.Pid(hp.NodeId(address), lid)
+    return pid, hp.SendPort(pid, port_id)
+
+
 async def _serve(server: GenServer) -> None:
     expect, send_chan, new_caller = hp.expect, hp.send_chan, tuple.__new__
-    ports: dict[tuple[hp.Pid, int], hp.SendPort[Any]] = {}
+    ports: dict[tuple[bytes, int, int], tuple[hp.Pid, hp.SendPort[Any]]] = {}
     try:
         while True:
             msg = await expect()
-            if type(msg) is tuple and len(msg) == 5 and msg[0] == _CALL:
-                key = (msg[1], msg[2])
-                port = ports.get(key)
-                if port is None:
+            if type(msg) is tuple and len(msg) == 4 and msg[0] == _CALL:
+                got = ports.get(msg[1])
+                if got is None:
                     if len(ports) >= _PORTS_KEPT:
                         ports.clear()
-                    port = ports[key] = hp.SendPort(msg[1], msg[2])
-                tag = msg[3]
-                caller = new_caller(Caller, (msg[1], port, tag))
+                    got = ports[msg[1]] = _reply_port(msg[1])
+                pid, port = got
+                tag = msg[2]
+                caller = new_caller(Caller, (pid, port, tag))
                 try:
-                    value = server.handle_call(msg[4], caller)
+                    value = server.handle_call(msg[3], caller)
                     if type(value) is CoroutineType or inspect.isawaitable(value):
                         value = await value
                 except _SIGNALS:
@@ -463,7 +470,7 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
         try:
             if deadline < state.wake_at:
                 await wake(state)
-            await hp.send(pid, (_CALL, me, send_port.port_id, tag, request))
+            await hp.send(pid, (_CALL, slot.wire, tag, request))
             got = await hp.receive_chan(port)
             if got[0] != tag or got[1] is WATCH_ENDED:
                 got = await _other_reply(pid, slot, tag, got, deadline)
