@@ -4,15 +4,20 @@ Subclass :class:`GenServer`, start it with :func:`start`, talk to it with :func:
 (request/reply), :func:`cast` (one way) and :func:`stop`. The server handles one
 message at a time, in arrival order, so its state needs no lock.
 
-The call protocol: every call has its own tag; the caller sends the request with its
-private reply port (see ``_replies``) and waits, by selective receive on that port, for
-the reply with its tag or a down notice. The notice comes from its node's call watch
-(``_call_watch``), which monitors every server called from the node, once per server,
-and tells each caller waiting for one that died. So a server that dies, or whose node
-is lost, raises :class:`ServerDown` in every caller at once (no timeout involved); a
-call that times out raises :class:`CallTimeout`, and its reply or notice, should one
-come later, lands on the private channel and is dropped by the next request: nothing
-is ever left in the caller's mailbox.
+The call protocol: every call has its own tag; the caller sends the request with a
+private reply port of its task (see ``_replies``: one per task, so that several tasks
+of one process may call at once) and waits on that port for the answer with its tag:
+the reply, a down notice or a time-out notice. Both notices come from its node's call
+watch (``_call_watch``), which monitors every server called from the node, once per
+server, tells each caller waiting for one that died, and times out the calls whose
+deadline passed (a call arms no timer of its own). So a server that dies, or whose
+node is lost, raises :class:`ServerDown` in every caller at once (no timeout
+involved); a call that times out raises :class:`CallTimeout`, and its reply or notice,
+should one come later, lands on the private channel and is dropped by the next
+request: nothing is ever left in the caller's mailbox. The request and the server's
+loop are written for speed (plain tuples, no class reference to pickle in the
+request, one type test per message in the server): a call costs about what a plain
+``send`` + ``expect`` round trip costs, plus a few microseconds.
 """
 
 from __future__ import annotations
