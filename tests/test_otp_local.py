@@ -734,6 +734,54 @@ def test_a_short_call_timeout_is_kept_while_a_longer_call_waits() -> None:
     assert run(body) == ("late", True)
 
 
+class Delegating(otp.GenServer):
+    """Passes each caller, in a message, to a helper process that answers for it."""
+
+    async def init(self, *args: Any) -> None:
+        self.helper = hp.spawn_local(_answer_for_server)
+
+    async def handle_call(self, request: Any, caller: otp.Caller) -> Any:
+        await hp.send(self.helper, (caller, request))
+        return otp.NOREPLY
+
+
+async def _answer_for_server() -> None:
+    while True:
+        caller, request = await hp.expect(tuple)
+        assert isinstance(caller, otp.Caller) and caller.pid == caller.port.owner
+        await otp.reply(caller, ("from helper", request))
+
+
+def test_a_caller_passed_in_a_message_lets_another_process_reply() -> None:
+    async def body(_: Any) -> Any:
+        server = await otp.start(Delegating)
+        return [await otp.call(server, i, timeout=WAIT) for i in range(3)], await nothing_left()
+
+    assert run(body) == ([("from helper", i) for i in range(3)], True)
+
+
+def test_a_server_answers_more_callers_than_it_keeps_reply_ports_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hpcproc.otp import gen_server
+
+    monkeypatch.setattr(gen_server, "_PORTS_KEPT", 2)
+
+    async def one_call(server: hp.Pid, report: hp.Pid, i: int) -> None:
+        await hp.send(report, (i, await otp.call(server, i, timeout=WAIT)))
+
+    async def body(_: Any) -> Any:
+        me = hp.self_pid()
+        server = await otp.start(Counter)
+        for i in range(1, 8):
+            hp.spawn_local(one_call, server, me, i)
+        got = sorted([await expect_msg(lambda m: type(m) is tuple) for _ in range(7)])
+        return got, await otp.call(server, "get"), await nothing_left()
+
+    got, total, empty = run(body)
+    assert [i for i, _ in got] == list(range(1, 8)) and total == sum(range(1, 8)) and empty
+
+
 async def never_returns(x: int) -> int:
     await hp.expect(type(None))
     return x
