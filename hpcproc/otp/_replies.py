@@ -79,12 +79,15 @@ class CallSlot:
     global look-up and the unpickler a Python call).
     """
 
-    __slots__ = ("busy", "pid", "port", "send_port", "wire")
+    __slots__ = ("busy", "matcher", "pid", "port", "send_port", "wire")
 
     def __init__(self, pid: hp.Pid) -> None:
         self.pid = pid
         self.send_port, self.port = hp.new_chan()
         self.wire = (bytes(pid.node.address), pid.lid, self.send_port.port_id)
+        #: ``hp.receive(matcher)`` is ``hp.receive_chan(port)`` without making a
+        #: matcher per call.
+        self.matcher = hp.match_chan(self.port)
         self.busy = False
 
 

@@ -476,7 +476,7 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
             if deadline < state.wake_at:
                 await wake(state)
             await hp.send(pid, (_CALL, slot.wire, tag, request))
-            got = await hp.receive_chan(port)
+            got = await hp.receive(slot.matcher)
             if got[0] != tag or got[1] is WATCH_ENDED:
                 got = await _other_reply(pid, slot, tag, got, deadline)
         finally:
