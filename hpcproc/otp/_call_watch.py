@@ -53,6 +53,9 @@ __all__ = [
 #: The registered name of a node's call watch.
 NAME = "hpcproc.otp.call_watch"
 
+# The watch and its callers share a node, and a local send of a tuple of immutable
+# values passes the tuple itself: callers test the notices' second field with ``is``.
+
 #: The second field of the notice a caller gets when its timeout passed.
 TIMED_OUT = "$hpcproc.otp.timed_out"
 #: The second field of the notice a caller gets when the watch ended under it.
