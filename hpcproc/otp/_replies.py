@@ -1,10 +1,13 @@
-"""The private reply channel of the current process, shared by otp's request/reply code.
+"""The private reply channels of otp's request/reply code.
 
 A reply to an otp request (:func:`~hpcproc.otp.call`, :func:`~hpcproc.otp.start`,
-:func:`~hpcproc.otp.map`) travels on a typed channel owned by the requesting process,
-never in its mailbox: a reply that comes after the request timed out lands in that
-channel and is dropped by the next request, so the mailbox (what ``hp.receive``
-sees) never holds a private reply. One channel per process, made on first use.
+:func:`~hpcproc.otp.map`) travels on a channel owned by the requesting process, never
+in its mailbox: a reply that comes after the request timed out lands in that channel
+and is dropped by the next request on it, so the mailbox (what ``hp.receive`` sees)
+never holds a private reply. ``start`` and ``map`` use :func:`reply_channel` (one
+channel per task, made on first use); ``call`` uses a :class:`CallSlot` (a channel
+that one call at a time uses, found through a context variable with no look-up
+frame, see :func:`call_slot`).
 """
 
 from __future__ import annotations
