@@ -76,10 +76,11 @@ async def _alternate(server: Any, echo: Any, params: dict[str, Any]) -> dict[str
 
     me = hp.self_pid()
     send, expect, call = hp.send, hp.expect, otp.call
-    msg = (me, b"x" * 8)
+    payload = b"x" * 8  # the same 8 B request and reply both ways
+    msg = (me, payload)
     iters, runs = params["iters"], params["runs"]
     for _ in range(iters // 4 + 1):
-        await call(server, b"x")
+        await call(server, payload)
         await send(echo, msg)
         await expect()
     out: dict[str, list[float]] = {"call": [], "plain": []}
@@ -91,7 +92,7 @@ async def _alternate(server: Any, echo: Any, params: dict[str, Any]) -> dict[str
         out["plain"].append((time.perf_counter() - t0) / iters)
         t0 = time.perf_counter()
         for _ in range(iters):
-            await call(server, b"x")
+            await call(server, payload)
         out["call"].append((time.perf_counter() - t0) / iters)
     return out
 
@@ -100,8 +101,9 @@ async def _caller(parent: Any, server: Any, count: int) -> None:
     import hpcproc as hp
     from hpcproc import otp
 
+    payload = b"x" * 8
     for _ in range(count):
-        await otp.call(server, b"x")
+        await otp.call(server, payload)
     await hp.send(parent, "called")
 
 

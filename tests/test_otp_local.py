@@ -655,6 +655,133 @@ def test_every_waiting_caller_gets_server_down_and_a_late_notice_is_dropped() ->
     assert downs == [("down", "DiedException")] * 3 and value == 5 and empty
 
 
+class Reverser(otp.GenServer):
+    """Holds calls until ``n`` are held, then answers them last first (ten times the request)."""
+
+    async def init(self, *args: Any) -> None:
+        self.n = args[0]
+        self.held: list[tuple[otp.Caller, int]] = []
+
+    async def handle_call(self, request: Any, caller: otp.Caller) -> Any:
+        self.held.append((caller, request))
+        if len(self.held) == self.n:
+            for held, value in reversed(self.held):
+                await otp.reply(held, value * 10)
+            self.held.clear()
+        return otp.NOREPLY
+
+
+def test_calls_from_several_tasks_of_one_process_at_once_each_get_their_own_reply() -> None:
+    async def body(_: Any) -> Any:
+        server = await otp.start(Reverser, 4)
+        first = await asyncio.gather(*(otp.call(server, i, timeout=WAIT) for i in range(4)))
+        # Now the process's own task has made no call, its tasks did; next the
+        # process calls too, and the tasks it then starts begin with its reply slot.
+        other = await otp.start(Counter, 7)
+        own = await otp.call(other, "get")
+        second = await asyncio.gather(
+            *(otp.call(server, i, timeout=WAIT) for i in range(10, 13)),
+            otp.call(server, 13, timeout=WAIT),
+        )
+        return first, own, second, await nothing_left()
+
+    first, own, second, empty = run(body)
+    assert first == [0, 10, 20, 30] and own == 7 and second == [100, 110, 120, 130]
+    assert empty
+
+
+def test_a_waiting_call_outlives_the_end_of_the_call_watch() -> None:
+    from hpcproc.otp import _call_watch
+
+    async def body(_: Any) -> Any:
+        held = await otp.start(Counter)
+        timed = await otp.start(Counter)
+        forever = asyncio.ensure_future(otp.call(held, "hold", timeout=None))
+        short = asyncio.ensure_future(otp.call(timed, "hold", timeout=0.2))
+        assert await otp.call(held, "get") == 0  # both holds are with their servers now
+        assert await otp.call(timed, "get") == 0
+        watch = hp.whereis(_call_watch.NAME)
+        assert watch is not None
+        ref = await hp.monitor(watch)
+        await hp.kill(watch, "killed in test")
+        await expect_msg(lambda m: getattr(m, "ref", None) == ref)
+        with pytest.raises(otp.CallTimeout):
+            await asyncio.wait_for(short, WAIT)  # timed out by the next watch
+        await hp.kill(held, "killed in test")
+        with pytest.raises(otp.ServerDown) as down:
+            await asyncio.wait_for(forever, WAIT)  # the next watch's monitor reports it
+        assert hp.whereis(_call_watch.NAME) not in (None, watch)
+        return down.value.reason, await nothing_left()
+
+    reason, empty = run(body)
+    assert isinstance(reason, hp.DiedException) and "killed in test" in reason.reason
+    assert empty
+
+
+def test_a_short_call_timeout_is_kept_while_a_longer_call_waits() -> None:
+    async def body(_: Any) -> Any:
+        held = await otp.start(Counter)
+        timed = await otp.start(Counter)
+        # The call watch now sleeps until this call's deadline, WAIT from now...
+        longer = asyncio.ensure_future(otp.call(held, "hold", timeout=WAIT))
+        assert await otp.call(held, "get") == 0
+        # ...and must wake up earlier for this one.
+        with pytest.raises(otp.CallTimeout):
+            await asyncio.wait_for(otp.call(timed, "hold", timeout=0.05), WAIT / 2)
+        await otp.cast(held, "release")
+        return await asyncio.wait_for(longer, WAIT), await nothing_left()
+
+    assert run(body) == ("late", True)
+
+
+class Delegating(otp.GenServer):
+    """Passes each caller, in a message, to a helper process that answers for it."""
+
+    async def init(self, *args: Any) -> None:
+        self.helper = hp.spawn_local(_answer_for_server)
+
+    async def handle_call(self, request: Any, caller: otp.Caller) -> Any:
+        await hp.send(self.helper, (caller, request))
+        return otp.NOREPLY
+
+
+async def _answer_for_server() -> None:
+    while True:
+        caller, request = await hp.expect(tuple)
+        assert isinstance(caller, otp.Caller) and caller.pid == caller.port.owner
+        await otp.reply(caller, ("from helper", request))
+
+
+def test_a_caller_passed_in_a_message_lets_another_process_reply() -> None:
+    async def body(_: Any) -> Any:
+        server = await otp.start(Delegating)
+        return [await otp.call(server, i, timeout=WAIT) for i in range(3)], await nothing_left()
+
+    assert run(body) == ([("from helper", i) for i in range(3)], True)
+
+
+def test_a_server_answers_more_callers_than_it_keeps_reply_ports_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hpcproc.otp import gen_server
+
+    monkeypatch.setattr(gen_server, "_PORTS_KEPT", 2)
+
+    async def one_call(server: hp.Pid, report: hp.Pid, i: int) -> None:
+        await hp.send(report, (i, await otp.call(server, i, timeout=WAIT)))
+
+    async def body(_: Any) -> Any:
+        me = hp.self_pid()
+        server = await otp.start(Counter)
+        for i in range(1, 8):
+            hp.spawn_local(one_call, server, me, i)
+        got = sorted([await expect_msg(lambda m: type(m) is tuple) for _ in range(7)])
+        return got, await otp.call(server, "get"), await nothing_left()
+
+    got, total, empty = run(body)
+    assert [i for i, _ in got] == list(range(1, 8)) and total == sum(range(1, 8)) and empty
+
+
 async def never_returns(x: int) -> int:
     await hp.expect(type(None))
     return x

@@ -1,10 +1,13 @@
-"""The private reply channel of the current process, shared by otp's request/reply code.
+"""The private reply channels of otp's request/reply code.
 
 A reply to an otp request (:func:`~hpcproc.otp.call`, :func:`~hpcproc.otp.start`,
-:func:`~hpcproc.otp.map`) travels on a typed channel owned by the requesting process,
-never in its mailbox: a reply that comes after the request timed out lands in that
-channel and is dropped by the next request, so the mailbox (what ``hp.receive``
-sees) never holds a private reply. One channel per process, made on first use.
+:func:`~hpcproc.otp.map`) travels on a channel owned by the requesting process, never
+in its mailbox: a reply that comes after the request timed out lands in that channel
+and is dropped by the next request on it, so the mailbox (what ``hp.receive`` sees)
+never holds a private reply. ``start`` and ``map`` use :func:`reply_channel` (one
+channel per task, made on first use); ``call`` uses a :class:`CallSlot` (a channel
+that one call at a time uses, found through a context variable with no look-up
+frame, see :func:`call_slot`).
 """
 
 from __future__ import annotations
@@ -12,22 +15,35 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import hpcproc as hp
 
-__all__ = ["Reply", "drop_stale", "new_tag", "reply_channel"]
+__all__ = [
+    "SLOT",
+    "CallSlot",
+    "Reply",
+    "call_slot",
+    "drop_stale",
+    "new_tag",
+    "reply_channel",
+    "tags",
+]
 
 _channels: weakref.WeakKeyDictionary[
     asyncio.Task[Any], tuple[hp.SendPort[Any], hp.ReceivePort[Any]]
 ] = weakref.WeakKeyDictionary()
 _tags = itertools.count(1)
+#: The tag counter itself, for hot paths that call ``next(tags)`` without a frame.
+tags = _tags
 
 
 #: An answer on a reply channel: ``(tag, ok, value)``; ``tag`` names the request,
-#: ``ok`` False carries ``(reason, remote traceback)`` as ``value``. A plain tuple, so
+#: ``ok`` True carries the reply, False ``(reason, remote traceback)`` as ``value``
+#: (other values of ``ok`` are notices, such as the call watch's). A plain tuple, so
 #: that a local send shares it instead of copying it (see ``hpcproc._copying``).
-Reply: TypeAlias = tuple[int, bool, Any]
+Reply: TypeAlias = tuple[int, Any, Any]
 
 
 def new_tag() -> int:
@@ -54,3 +70,47 @@ async def drop_stale(port: hp.ReceivePort[Any]) -> None:
     """Drop every reply queued on ``port`` (late answers to abandoned requests)."""
     while await hp.receive_chan(port, timeout=0) is not None:
         pass
+
+
+class CallSlot:
+    """A reply channel that one call at a time uses (see :func:`call_slot`).
+
+    ``busy`` is True while a call waits on it; ``pid`` is the pid object of the
+    process that owns the channel; ``wire`` names the channel in a request as plain
+    values, ``(node address bytes, pid number, port number)``: a tuple of those
+    pickles without a class reference (a Pid or a SendPort costs the pickler a
+    global look-up and the unpickler a Python call).
+    """
+
+    __slots__ = ("busy", "matcher", "pid", "port", "send_port", "wire")
+
+    def __init__(self, pid: hp.Pid) -> None:
+        self.pid = pid
+        self.send_port, self.port = hp.new_chan()
+        self.wire = (bytes(pid.node.address), pid.lid, self.send_port.port_id)
+        #: ``hp.receive(matcher)`` is ``hp.receive_chan(port)`` without making a
+        #: matcher per call.
+        self.matcher = hp.match_chan(self.port)
+        self.busy = False
+
+
+#: The calling task's slot. A task created later starts with a copy of its creator's
+#: context, so it may see its creator's slot (or, in a new process, another process's):
+#: :func:`call_slot` takes a slot only if it belongs to the current process and no
+#: call is using it, so two calls never share a channel at once.
+SLOT: ContextVar[CallSlot] = ContextVar("hpcproc_otp_call_slot")
+
+
+def call_slot(me: hp.Pid) -> CallSlot:
+    """A free reply slot of the current task (``me``: the current process's pid,
+    the very object ``hp.self_pid()`` returns); made and remembered when the task's
+    own one is missing, another process's, or in use by another call.
+
+    A call marks it busy while it waits, and frees it after; stale answers on it
+    (of abandoned calls) are dropped by the next call, by their tags.
+    """
+    slot = SLOT.get(None)
+    if slot is None or slot.pid is not me or slot.busy:
+        slot = CallSlot(me)
+        SLOT.set(slot)
+    return slot

@@ -4,15 +4,20 @@ Subclass :class:`GenServer`, start it with :func:`start`, talk to it with :func:
 (request/reply), :func:`cast` (one way) and :func:`stop`. The server handles one
 message at a time, in arrival order, so its state needs no lock.
 
-The call protocol: every call has its own tag; the caller sends the request with its
-private reply port (see ``_replies``) and waits, by selective receive on that port, for
-the reply with its tag or a down notice. The notice comes from its node's call watch
-(``_call_watch``), which monitors every server called from the node, once per server,
-and tells each caller waiting for one that died. So a server that dies, or whose node
-is lost, raises :class:`ServerDown` in every caller at once (no timeout involved); a
-call that times out raises :class:`CallTimeout`, and its reply or notice, should one
-come later, lands on the private channel and is dropped by the next request: nothing
-is ever left in the caller's mailbox.
+The call protocol: every call has its own tag; the caller sends the request with a
+private reply port of its task (see ``_replies``: one per task, so that several tasks
+of one process may call at once) and waits on that port for the answer with its tag:
+the reply, a down notice or a time-out notice. Both notices come from its node's call
+watch (``_call_watch``), which monitors every server called from the node, once per
+server, tells each caller waiting for one that died, and times out the calls whose
+deadline passed (a call arms no timer of its own). So a server that dies, or whose
+node is lost, raises :class:`ServerDown` in every caller at once (no timeout
+involved); a call that times out raises :class:`CallTimeout`, and its reply or notice,
+should one come later, lands on the private channel and is dropped by the next
+request: nothing is ever left in the caller's mailbox. The request and the server's
+loop are written for speed (plain tuples, no class reference to pickle in the
+request, one type test per message in the server): a call costs about what a plain
+``send`` + ``expect`` round trip costs, plus a few microseconds.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ from __future__ import annotations
 import inspect
 import time
 import traceback
-from dataclasses import dataclass
+from math import inf
+from operator import itemgetter
+from time import monotonic
 from types import CoroutineType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import hpcproc as hp
 
-from ._call_watch import waiting_for, waiting_now
-from ._replies import Reply, drop_stale, new_tag, reply_channel
+from ._call_watch import BY_NODE, TIMED_OUT, WATCH_ENDED, waiting_for, wake
+from ._replies import SLOT, CallSlot, Reply, call_slot, drop_stale, new_tag, reply_channel, tags
 
 __all__ = [
     "NOREPLY",
@@ -127,18 +134,52 @@ class _NoReply:
 NOREPLY: Any = _NoReply()
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who made a call: pass it to :func:`reply` to answer (once) from anywhere."""
+class Caller(tuple):  # type: ignore[type-arg]
+    """Who made a call: pass it to :func:`reply` to answer (once) from anywhere.
 
-    pid: hp.Pid
-    port: hp.SendPort[Any]
-    tag: int
+    Immutable and picklable; ``pid`` is the calling process, ``port`` and ``tag``
+    name the call's reply. (A tuple underneath, so that the server makes one per
+    call with a single C call.)
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, pid: hp.Pid, port: hp.SendPort[Any], tag: int) -> Caller:
+        return tuple.__new__(cls, (pid, port, tag))
+
+    if TYPE_CHECKING:
+
+        @property
+        def pid(self) -> hp.Pid:
+            """The calling process."""
+
+        @property
+        def port(self) -> hp.SendPort[Any]:
+            """Where the reply goes."""
+
+        @property
+        def tag(self) -> int:
+            """The call's tag on ``port``."""
+
+    else:
+        pid = property(itemgetter(0), doc="The calling process.")
+        port = property(itemgetter(1), doc="Where the reply goes.")
+        tag = property(itemgetter(2), doc="The call's tag on ``port``.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Caller, (self[0], self[1], self[2]))
+
+    def __repr__(self) -> str:
+        return f"Caller(pid={self[0]!r}, port={self[1]!r}, tag={self[2]!r})"
 
 
 # The protocol's messages are plain tuples tagged like Erlang's ('$gen_call', ...):
 # a local send shares a tuple of immutable values instead of copying it through pickle.
-_CALL = "$hpcproc.otp.call"  # (_CALL, (caller pid, reply port, tag), request)
+# (_CALL, (caller's node address, pid number, port number), tag, request): the reply
+# port as plain values, which pickle without a class reference (a Pid or SendPort costs
+# a global look-up to pickle and a Python call to unpickle, about as much as the rest
+# of the message); the server keeps the Pid and SendPort it made for each (see _serve).
+_CALL = "$hpcproc.otp.call"
 _CAST = "$hpcproc.otp.cast"  # (_CAST, msg)
 _STOP = "$hpcproc.otp.stop"  # (_STOP, reason)
 
@@ -210,29 +251,49 @@ async def _server_main(
     await _serve(server)
 
 
+#: How many callers' reply ports a server keeps (it forgets them all when full).
+_PORTS_KEPT = 1024
+
+
+def _reply_port(wire: tuple[bytes, int, int]) -> tuple[hp.Pid, hp.SendPort[Any]]:
+    address, lid, port_id = wire
+    pid = hp.Pid(hp.NodeId(address), lid)
+    return pid, hp.SendPort(pid, port_id)
+
+
 async def _serve(server: GenServer) -> None:
+    expect, send_chan, new_caller = hp.expect, hp.send_chan, tuple.__new__
+    ports: dict[tuple[bytes, int, int], tuple[hp.Pid, hp.SendPort[Any]]] = {}
     try:
         while True:
-            msg = await hp.expect()
-            kind = msg[0] if type(msg) is tuple and len(msg) in (2, 3) else None
-            if kind == _CALL and len(msg) == 3:
-                caller = Caller(*msg[1])
+            msg = await expect()
+            if type(msg) is tuple and len(msg) == 4 and msg[0] == _CALL:
+                got = ports.get(msg[1])
+                if got is None:
+                    if len(ports) >= _PORTS_KEPT:
+                        ports.clear()
+                    got = ports[msg[1]] = _reply_port(msg[1])
+                pid, port = got
+                tag = msg[2]
+                caller = new_caller(Caller, (pid, port, tag))
                 try:
-                    value = server.handle_call(msg[2], caller)
+                    value = server.handle_call(msg[3], caller)
                     if type(value) is CoroutineType or inspect.isawaitable(value):
                         value = await value
                 except _SIGNALS:
                     raise
                 except Exception as exc:
                     detail = (_describe(exc), traceback.format_exc())
-                    await hp.send_chan(caller.port, (caller.tag, False, detail))
+                    await send_chan(port, (tag, False, detail))
                     await _maybe_await(server.terminate(detail[0]))
                     raise _CallCrashed(*detail) from exc
                 if value is not NOREPLY:
-                    await hp.send_chan(caller.port, (caller.tag, True, value))
-            elif kind == _CAST and len(msg) == 2:
+                    await send_chan(port, (tag, True, value))
+                continue
+            kind = msg[0] if type(msg) is tuple and len(msg) == 2 else None
+            if kind == _CAST:
                 await _crash_terminates(server, server.handle_cast(msg[1]))
-            elif kind == _STOP and len(msg) == 2:
+            elif kind == _STOP:
                 await _maybe_await(server.terminate(msg[1]))
                 if msg[1] != "normal":
                     raise ServerStopped(msg[1])
@@ -397,32 +458,63 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     me = hp.self_pid()
     if pid == me:
         raise ValueError("a server cannot call itself (it would wait for its own reply)")
-    send_port, port = reply_channel()
-    tag = new_tag()
-    waiting = waiting_now(pid)
-    if waiting is None:
-        waiting = await waiting_for(pid)
-    waiting[tag] = send_port
+    slot = SLOT.get(None)
+    if slot is None or slot.pid is not me or slot.busy:
+        slot = call_slot(me)
+    port, send_port = slot.port, slot.send_port
+    tag = next(tags)
+    slot.busy = True
     try:
-        await hp.send(pid, (_CALL, (me, send_port, tag), request))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        left = timeout
-        while True:
-            got = await hp.receive_chan(port, timeout=left)
-            if got is None:
-                raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
-            if got[0] == tag:
-                break
-            # A late reply or down notice of an abandoned call: dropped here, so the
-            # channel never holds more than what came since the last call.
-            if deadline is not None:
-                left = max(0.0, deadline - time.monotonic())
+        state = BY_NODE.get(me[0])
+        waiting = state.servers.get(pid) if state is not None else None
+        if state is None or waiting is None:
+            state, waiting = await waiting_for(pid)
+        # The node's call watch times the call out (no timer of its own).
+        deadline = inf if timeout is None else monotonic() + timeout
+        waiting[tag] = (send_port, deadline)
+        try:
+            if deadline < state.wake_at:
+                await wake(state)
+            await hp.send(pid, (_CALL, slot.wire, tag, request))
+            got = await hp.receive(slot.matcher)
+            if got[0] != tag or got[1] is WATCH_ENDED:
+                got = await _other_reply(pid, slot, tag, got, deadline)
+        finally:
+            waiting.pop(tag, None)
     finally:
-        waiting.pop(tag, None)
+        slot.busy = False
     ok = got[1]
-    if ok:
+    if ok is True:
         return got[2]
-    if ok is None:  # the call watch: the server is down
+    return await _failed(pid, port, tag, got, timeout)
+
+
+async def _other_reply(pid: hp.Pid, slot: CallSlot, tag: int, got: Reply, deadline: float) -> Reply:
+    """The answer with ``tag`` after ``got``, the first thing taken from the slot's
+    port, was not it: a stale answer of an abandoned call (dropped) or the notice
+    that the call watch ended (the call registers with a new watch, whose monitor
+    reports the server's end if it has ended meanwhile, with the same deadline)."""
+    while True:
+        if got[0] == tag:
+            if got[1] is not WATCH_ENDED:
+                return got
+            state, waiting = await waiting_for(pid)
+            waiting[tag] = (slot.send_port, deadline)
+            if deadline < state.wake_at:
+                await wake(state)
+        # Anything else is a late reply or notice of an abandoned call: dropped here,
+        # so the channel never holds more than what came since the last call.
+        got = await hp.receive_chan(slot.port)
+
+
+async def _failed(
+    pid: hp.Pid, port: hp.ReceivePort[Any], tag: int, got: Reply, timeout: float | None
+) -> Any:
+    """Raise what the answer ``got`` (not a reply) stands for: :class:`CallTimeout`
+    or :class:`ServerDown`."""
+    if got[1] is TIMED_OUT:
+        raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
+    if got[1] is None:  # the call watch: the server is down
         reason = got[2]
         # It may have answered (a crash report) just before dying.
         while (late := await hp.receive_chan(port, timeout=0)) is not None:
