@@ -22,7 +22,7 @@ from ._copying import copy_message
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME
-from ._matching import Matcher, match_chan, match_if
+from ._matching import Matcher, identity, match_chan, match_if
 from ._process import RUNNING_TASKS, Kill, Process, current, running_loop
 from ._signals import ProcessMonitorNotification, ProcessTerminationException, exit_signal
 from ._spawning import fn_name
@@ -389,7 +389,7 @@ async def call(
         try:
             got = await proc.receive(
                 (
-                    match_chan(port, _identity),
+                    match_chan(port, identity),
                     match_if(lambda m: type(m) is ProcessMonitorNotification and m.ref == ref),
                 ),
                 timeout,
@@ -431,10 +431,6 @@ def _abandon(proc: Any, pid: Pid, ref: MonitorRef) -> None:
 def _abandon_spawned(proc: Any, spawning: asyncio.Future[tuple[Pid, MonitorRef]]) -> None:
     if not spawning.cancelled() and spawning.exception() is None:
         _abandon(proc, *spawning.result())
-
-
-def _identity(msg: Any) -> Any:
-    return msg
 
 
 # ---------------------------------------------------------------------- failure

@@ -17,7 +17,8 @@ from ._channels import ReceivePort
 __all__ = ["Matcher", "match", "match_any", "match_chan", "match_if"]
 
 
-def _identity(msg: Any) -> Any:
+def identity(msg: Any) -> Any:
+    """The default handler: the message itself (``receive`` then skips calling it)."""
     return msg
 
 
@@ -45,21 +46,21 @@ class Matcher:
         return self.pred is None or bool(self.pred(msg))
 
 
-def match(type_: type | tuple[type, ...], handler: Callable[[Any], Any] = _identity) -> Matcher:
+def match(type_: type | tuple[type, ...], handler: Callable[[Any], Any] = identity) -> Matcher:
     """Accept a message that is an instance of ``type_``; ``handler`` defaults to identity."""
     return Matcher(type_, None, handler)
 
 
-def match_if(pred: Callable[[Any], bool], handler: Callable[[Any], Any] = _identity) -> Matcher:
+def match_if(pred: Callable[[Any], bool], handler: Callable[[Any], Any] = identity) -> Matcher:
     """Accept a message for which ``pred(message)`` is true."""
     return Matcher(None, pred, handler)
 
 
-def match_any(handler: Callable[[Any], Any] = _identity) -> Matcher:
+def match_any(handler: Callable[[Any], Any] = identity) -> Matcher:
     """Accept any message (the oldest one in the mailbox)."""
     return Matcher(None, None, handler)
 
 
-def match_chan(port: ReceivePort[Any], handler: Callable[[Any], Any] = _identity) -> Matcher:
+def match_chan(port: ReceivePort[Any], handler: Callable[[Any], Any] = identity) -> Matcher:
     """Accept the oldest message of channel ``port`` (the current process must own it)."""
     return Matcher(None, None, handler, port)

@@ -51,7 +51,7 @@ from ._channels import ChanMessage, ReceivePort, SendPort
 from ._errors import NotInProcessError
 from ._ids import MonitorRef, Pid
 from ._info import ProcessInfo
-from ._matching import Matcher
+from ._matching import Matcher, identity
 from ._signals import (
     DiedException,
     DiedNodeDown,
@@ -343,7 +343,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         q = port._queue
         if q and self.pending_signal is None:
             return q.popleft()
-        return await self.receive((Matcher(None, None, _identity, port),), timeout)  # type: ignore[no-any-return]
+        return await self.receive((Matcher(None, None, identity, port),), timeout)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ receive
 
@@ -400,12 +400,16 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                                 if m.port is None and m.accepts(msg):
                                     del mb[i]
                                     self._epoch += 1
+                                    if m.handler is identity:  # no coroutine to await
+                                        return msg
                                     return await _handle(m, msg)
                             i += 1
                     start = i
                 epoch = self._epoch
                 for m in matchers:
                     if m.port is not None and m.port._queue:
+                        if m.handler is identity:  # receive_chan, match_chan(port)
+                            return m.port._queue.popleft()
                         return await _handle(m, m.port._queue.popleft())
                 if fut is not None and fut.done() and fut.result() is _TIMEOUT:
                     return None
@@ -543,10 +547,6 @@ class _Body(Coroutine[Any, Any, Any]):
 
 
 _BODY_CODES = (_Body.throw.__code__,)
-
-
-def _identity(msg: Any) -> Any:
-    return msg
 
 
 async def _handle(m: Matcher, msg: Any) -> Any:
