@@ -103,6 +103,9 @@ _ONE = struct.Struct(REC.format + "Q")
 _ONE_SIZE: Final = _ONE.size
 #: A DATA record of one out-of-line frame: the header, one length, one segment reference.
 _ONE_SEG_SIZE: Final = _ONE_SIZE + 16
+#: The second length and the segment reference of a record of an inline frame then an
+#: out-of-line one (the process layer's header and payload), read in one unpack.
+_SECOND_LEN = struct.Struct("<Q")
 _LENS: dict[int, struct.Struct] = {}
 
 # A full memory barrier: acquiring and releasing an uncontended lock executes locked
@@ -338,7 +341,7 @@ class RingReader:
         self,
         deliver: Callable[[Kind, int, list[object]], bool],
         deliver_inline: Callable[[int, list[memoryview]], bool] | None = None,
-        deliver_segment: Callable[[int, int, int, int], bool] | None = None,
+        deliver_segment: Callable[[int, memoryview | None, int, int, int], bool] | None = None,
         *,
         max_frames: int = DEFAULT_MAX_FRAMES,
     ) -> int:
@@ -349,9 +352,10 @@ class RingReader:
         length)`` tuples for the caller to check and resolve; it returns False to stop
         (the link went down). ``deliver_inline(conn_id, frames)``, if given, gets
         instead the DATA records of one inline frame (most small messages), and
-        ``deliver_segment(conn_id, seg_id, offset, length)``, if given, those of one
-        out-of-line frame. The consumed space is handed back to the producer. Returns
-        the number of records delivered.
+        ``deliver_segment(conn_id, head, seg_id, offset, length)``, if given, those of
+        one out-of-line frame, alone (``head`` None) or after one inline frame
+        (``head``, copied out). The consumed space is handed back to the producer.
+        Returns the number of records delivered.
 
         Raises:
             RingError: a corrupted header or record; nothing after it is delivered.
@@ -410,9 +414,39 @@ class RingReader:
                         seg_id, seg_off = SEGREF.unpack_from(mm, off + _ONE_SIZE)
                         tail += _ONE_SEG_SIZE  # a multiple of 8
                         count += 1
-                        if not deliver_segment(conn_id, seg_id, seg_off, length & ~OUT_OF_LINE):
+                        if not deliver_segment(
+                            conn_id, None, seg_id, seg_off, length & ~OUT_OF_LINE
+                        ):
                             break
                         continue
+                    if (
+                        deliver_segment is not None
+                        and magic == _REC_MAGIC
+                        and kind_no == _DATA
+                        and nframes == 2
+                        and not length & OUT_OF_LINE
+                        and rec_len == _ONE_SIZE + 8 + length + SEGREF.size
+                    ):
+                        # Fast path: an inline frame, then one held in a segment.
+                        size = (rec_len + 7) & ~7
+                        if size > cap - pos or size > head - tail:
+                            raise RingError(f"record length {rec_len} at {pos} out of bounds")
+                        p = off + _ONE_SIZE
+                        second = _SECOND_LEN.unpack_from(mm, p)[0]
+                        if second & OUT_OF_LINE:
+                            p += 8
+                            seg_id, seg_off = SEGREF.unpack_from(mm, p + length)
+                            tail += size
+                            count += 1
+                            if not deliver_segment(
+                                conn_id,
+                                memoryview(bytearray(view[p : p + length])),
+                                seg_id,
+                                seg_off,
+                                second & ~OUT_OF_LINE,
+                            ):
+                                break
+                            continue
                 rec_len, magic = _MARK.unpack_from(mm, off)
                 if magic == _WRAP_MAGIC:
                     if rec_len != cap - pos or rec_len > head - tail:

@@ -863,12 +863,17 @@ class _ShmLink(Link):
         self._put_event(new_received(local, frames))
         return not self._down
 
-    def _deliver_segment(self, conn_id: int, seg_id: int, off: int, n: int) -> bool:
-        """A DATA record of one frame held in a segment (the ring's fast path)."""
+    def _deliver_segment(
+        self, conn_id: int, head: memoryview | None, seg_id: int, off: int, n: int
+    ) -> bool:
+        """A DATA record of one frame held in a segment, after an inline ``head`` frame
+        or alone (the ring's fast path)."""
+        ref = (seg_id, off, n)
+        frames: list[Any] = [ref] if head is None else [head, ref]
         local = self.incoming.get(conn_id)
         if local is None or not self.alive:
-            return self._deliver(Kind.DATA, conn_id, [(seg_id, off, n)])
-        self._put_event(new_received(local, self._resolve([(seg_id, off, n)])))
+            return self._deliver(Kind.DATA, conn_id, frames)
+        self._put_event(new_received(local, self._resolve(frames)))
         return not self._down
 
     def _deliver(self, kind: Kind, conn_id: int, frames: list[Any]) -> bool:
