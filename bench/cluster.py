@@ -131,8 +131,13 @@ async def _alltoall(pids: list[Any], rank: int, tag: int) -> None:
     for r, pid in enumerate(pids):
         if r != rank:
             await hp.send(pid, ("a2a", tag, payload))
+    # One matcher for the round's N - 1 messages, as one would write it (later rounds
+    # of a faster rank wait in the mailbox).
+    matcher = hp.match_if(lambda m: type(m) is tuple and m[0] == "a2a" and m[1] == tag)
+    receive = hp.receive
     for _ in range(len(pids) - 1):
-        await _take("a2a", tag)
+        if await receive(matcher, timeout=JOB_TIMEOUT) is None:
+            raise TimeoutError(f"no a2a message {tag} within {JOB_TIMEOUT} s")
 
 
 async def _scatter_gather(pids: list[Any], rank: int, tag: int, data: Any, out: Any) -> None:
