@@ -15,7 +15,9 @@ import pytest
 from hpcproc.testing.peer import PeerProcess
 from hpcproc.transports import _busy_poll, create
 from hpcproc.transports._busy_poll import (
+    CROWD_HOLD,
     CROWD_PERIOD,
+    CROWD_SAMPLES,
     LATE,
     YIELD_ENV,
     Budget,
@@ -314,20 +316,21 @@ def test_the_environment_variable_forces_either_way_and_a_bad_value_names_it() -
         Crowding("sometimes")
 
 
-def test_more_runnable_tasks_than_cpus_is_crowded_until_this_process_runs_alone() -> None:
-    runnable = [2]
+def test_more_other_runnable_tasks_than_cpus_is_crowded_for_a_while() -> None:
+    runnable = [3]  # this process and as many others as CPUs
     crowded = Crowding("auto", ranks=2, cpus=2, machine_cpus=2, runnable=lambda: runnable[0])
     now = 0.0
     assert not crowded(now)
-    runnable[0] = 3
+    runnable[0] = 4
     assert not crowded(now + CROWD_PERIOD / 2)  # read at most once per period
+    for _ in range(CROWD_SAMPLES - 1):  # a burst is not a trend
+        now += CROWD_PERIOD
+        assert not crowded(now)
     now += CROWD_PERIOD
     assert crowded(now)
-    runnable[0] = 2  # as many as CPUs: still crowded (hysteresis)
-    now += CROWD_PERIOD
-    assert crowded(now)
-    runnable[0] = 1
-    now += CROWD_PERIOD
+    runnable[0] = 3
+    assert crowded(now + CROWD_HOLD / 2)  # held, whatever the count now
+    now += CROWD_HOLD
     assert not crowded(now)
     runnable_unknown = Crowding("auto", machine_cpus=2, runnable=lambda: None)
     assert not runnable_unknown(0.0)

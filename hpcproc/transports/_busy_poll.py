@@ -31,13 +31,15 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   Crowded means either that the launcher put more ranks on this host than this
   process has CPUs (:func:`hpcproc._host.ranks_on_host` against
   :func:`hpcproc._host.usable_cpus`: fixed for the job), or that the kernel counts
-  more runnable tasks than the machine has CPUs (``/proc/loadavg``, read at most
-  every :data:`CROWD_PERIOD`: other jobs, or "hosts" that share one machine's CPUs).
-  Once crowded, polling resumes only when this process is the one runnable task
-  left. Measured with 4 ranks on 2 CPUs (2 hosts x 2 ranks of the test cluster), an
-  all-to-all of 8 B messages took 170 us of CPU per rank and round without polling
-  and 210-260 us with it. ``HPCPROC_YIELD_WHEN_IDLE`` overrides it: ``1`` never
-  polls, ``0`` polls whatever the load, ``auto`` (the default) decides as above.
+  more runnable tasks besides this process than the machine has CPUs, in
+  :data:`CROWD_SAMPLES` readings in a row (``/proc/loadavg``, read at most every
+  :data:`CROWD_PERIOD`: other jobs, or "hosts" that share one machine's CPUs). Once
+  crowded, polling stays off for :data:`CROWD_HOLD` before the count is read again.
+  Measured with 4 ranks on 2 CPUs (2 hosts x 2 ranks of the test cluster), an
+  all-to-all of 8 B messages took 165-190 us of CPU per rank and round without
+  polling and 200-260 us with it. ``HPCPROC_YIELD_WHEN_IDLE`` overrides it: ``1``
+  never polls, ``0`` polls whatever the load, ``auto`` (the default) decides as
+  above.
 * On any other event loop (uvloop, or an asyncio whose loop has no ready queue) it
   never polls: every wait is a plain wait on the loop, correct and only slower.
 """
@@ -55,7 +57,9 @@ from ._multiplex import EventQueue
 from .base import Event
 
 __all__ = [
+    "CROWD_HOLD",
     "CROWD_PERIOD",
+    "CROWD_SAMPLES",
     "FAIR_STREAK",
     "LATE",
     "NO_POLL_PERIOD",
@@ -89,7 +93,11 @@ PROBE_MIN = 20e-6
 #: Environment variable: ``auto`` (default), ``1`` (never poll), ``0`` (ignore crowding).
 YIELD_ENV = "HPCPROC_YIELD_WHEN_IDLE"
 #: How often (seconds) the kernel's count of runnable tasks is read.
-CROWD_PERIOD = 0.01
+CROWD_PERIOD = 0.005
+#: How long (seconds) polling stays off once the CPUs were seen crowded.
+CROWD_HOLD = 0.1
+#: Consecutive readings above the CPU count that make the CPUs crowded.
+CROWD_SAMPLES = 3
 _LOADAVG = "/proc/loadavg"
 
 
@@ -119,7 +127,7 @@ class Crowding:
         ValueError: ``mode`` is none of those (the message names the variable).
     """
 
-    __slots__ = ("_crowded", "_machine_cpus", "_mode", "_next_check", "_runnable")
+    __slots__ = ("_crowded", "_machine_cpus", "_mode", "_next_check", "_over", "_runnable")
 
     def __init__(
         self,
@@ -139,6 +147,8 @@ class Crowding:
         self._machine_cpus = machine_cpus
         self._runnable = runnable
         self._next_check = float("-inf")
+        #: Consecutive readings with more runnable tasks than CPUs.
+        self._over = 0
         self._crowded = mode == "1"
 
     @property
@@ -150,13 +160,19 @@ class Crowding:
         """Whether the CPUs are crowded at ``now`` (a ``time.perf_counter()``)."""
         if self._mode != "auto" or now < self._next_check:
             return self._crowded
-        self._next_check = now + CROWD_PERIOD
         runnable = self._runnable()
-        if runnable is not None:
-            # Hysteresis: polling makes this process runnable too, so once crowded
-            # it polls again only when it is the one runnable task.
-            limit = 1 if self._crowded else self._machine_cpus
-            self._crowded = runnable > limit
+        # The count includes this process (running as it reads): crowded when the
+        # other runnable tasks alone outnumber the CPUs.
+        over = runnable is not None and runnable - 1 > self._machine_cpus
+        # A few readings in a row, not one: a burst (processes starting or exiting)
+        # is not a trend.
+        self._over = self._over + 1 if over else 0
+        self._crowded = self._over >= CROWD_SAMPLES
+        if self._crowded:
+            self._over = 0
+        # Once crowded, stay so for a while: polling makes the pollers runnable
+        # again, so the count taken while nobody polls would turn it back on at once.
+        self._next_check = now + (CROWD_HOLD if self._crowded else CROWD_PERIOD)
         return self._crowded
 
 
