@@ -35,6 +35,14 @@ Rows:
   ``python -c`` interpreters, and for 64 ranks the target of 20 s. Under Slurm the
   ranks are spread over every usable host of the default partition (at most
   ``HPCPROC_CLUSTER_HOSTS``), with ``--overcommit`` (more ranks than CPUs).
+
+On the multi-host test cluster run it with ``UCX_NET_DEVICES=eth0`` (kept in the
+jobs' environment, as ``UCX_TLS`` is): otherwise MPICH's UCX address lists every
+device of the host, and under ``srun --mpi=pmi2`` (PMI-1, whose requests Slurm 22.05
+cuts at 1024 bytes) some of its put lines are cut, and ``MPI_Init`` fails or hangs
+(``mpi/pmi2: invalid client request`` in the job's output). Seen here: 9 of 9
+collectives jobs failed without it, none of 12 with it; a bare ``import_mpi`` job passed
+either way (the lines' length depends on uninitialised bytes in the address).
 """
 
 from __future__ import annotations
@@ -123,8 +131,13 @@ async def _alltoall(pids: list[Any], rank: int, tag: int) -> None:
     for r, pid in enumerate(pids):
         if r != rank:
             await hp.send(pid, ("a2a", tag, payload))
+    # One matcher for the round's N - 1 messages, as one would write it (later rounds
+    # of a faster rank wait in the mailbox).
+    matcher = hp.match_if(lambda m: type(m) is tuple and m[0] == "a2a" and m[1] == tag)
+    receive = hp.receive
     for _ in range(len(pids) - 1):
-        await _take("a2a", tag)
+        if await receive(matcher, timeout=JOB_TIMEOUT) is None:
+            raise TimeoutError(f"no a2a message {tag} within {JOB_TIMEOUT} s")
 
 
 async def _scatter_gather(pids: list[Any], rank: int, tag: int, data: Any, out: Any) -> None:
@@ -404,13 +417,19 @@ def _slurm_hosts() -> list[str]:
     return sorted(set(hosts)) if out.returncode == 0 else []
 
 
+#: UCX variables a user sets to choose devices and transports (importing ucxx sets
+#: none of these), kept in the jobs' environment; see the module docstring.
+_UCX_KEPT = ("UCX_NET_DEVICES", "UCX_TLS")
+
+
 def _env(extra: dict[str, str]) -> dict[str, str]:
     # A clean environment for a new job (no step variables of an enclosing one, no
-    # UCX_* set by an earlier import of ucxx), but the cluster's config.
+    # UCX_* set by an earlier import of ucxx), but the cluster's config and the UCX
+    # device choice.
     env = {
         k: v
         for k, v in os.environ.items()
-        if k == "SLURM_CONF" or not k.startswith(("SLURM_", "PMI_", "UCX_"))
+        if k in ("SLURM_CONF", *_UCX_KEPT) or not k.startswith(("SLURM_", "PMI_", "UCX_"))
     }
     env.setdefault("HPCPROC_COOKIE", secrets.token_hex(16))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -447,6 +466,10 @@ def _run(argv: list[str], env: dict[str, str], what: str) -> str:
     except subprocess.TimeoutExpired as exc:
         raise RuntimeError(f"{what} did not finish within {JOB_TIMEOUT} s") from exc
     if proc.returncode != 0:
+        if "mpi/pmi2: invalid client request" in proc.stderr + proc.stdout:
+            what += (
+                " (MPI_Init failed on a cut PMI request: set UCX_NET_DEVICES, see bench.cluster)"
+            )
         raise RuntimeError(
             f"{what} failed (status {proc.returncode}): {' '.join(argv)}\n"
             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"

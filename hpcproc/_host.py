@@ -13,7 +13,7 @@ import os
 import socket
 from functools import lru_cache
 
-__all__ = ["host_identity", "host_name"]
+__all__ = ["host_identity", "host_name", "ranks_on_host", "usable_cpus"]
 
 
 def host_name() -> str:
@@ -36,3 +36,29 @@ def host_identity() -> str:
     except OSError:
         netns = "?"
     return f"{host_name()}/{boot}/{netns}"
+
+
+@lru_cache(maxsize=1)
+def ranks_on_host() -> int | None:
+    """How many ranks of this job share this host, as the launcher says (Slurm's
+    tasks per node, ``OMPI_COMM_WORLD_LOCAL_SIZE``, ``MPI_LOCALNRANKS``,
+    ``HPCPROC_LOCAL_SIZE``, ...); None outside a launcher or where it does not say.
+    Read once per process: the launcher fixes it at start."""
+    from .launchers import LauncherError, detect
+
+    try:
+        info = detect(os.environ)
+    except (LauncherError, ValueError, OSError):
+        return None
+    if info.launcher == "local":
+        return None
+    return info.local_size
+
+
+@lru_cache(maxsize=1)
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -6,14 +6,25 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import inspect
+import os
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
 from hpcproc.testing.peer import PeerProcess
-from hpcproc.transports import create
-from hpcproc.transports._busy_poll import LATE, Budget, IdlePoller, ready_queue
+from hpcproc.transports import _busy_poll, create
+from hpcproc.transports._busy_poll import (
+    CROWD_HOLD,
+    CROWD_PERIOD,
+    CROWD_SAMPLES,
+    LATE,
+    YIELD_ENV,
+    Budget,
+    Crowding,
+    IdlePoller,
+    ready_queue,
+)
 from hpcproc.transports._multiplex import EventQueue
 from hpcproc.transports.base import (
     ConnectionClosed,
@@ -25,6 +36,13 @@ from hpcproc.transports.base import (
 )
 
 TIMEOUT = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _cpus_not_crowded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poller's mechanics, whatever else runs on the machine: a busy machine would
+    otherwise turn polling off (see the crowding tests below for that)."""
+    monkeypatch.setattr(_busy_poll, "_crowding", Crowding("0"))
 
 
 def _run(body: object) -> None:
@@ -278,3 +296,85 @@ def test_mpi_transport_on_uvloop_exchanges_messages_without_polling() -> None:
             await asyncio.wait_for(transport.close(), TIMEOUT)
 
     _run_on_uvloop(main)
+
+
+# ---------------------------------------------------------------------- crowded CPUs
+
+
+def test_more_ranks_on_the_host_than_cpus_never_poll() -> None:
+    runnable = [1]
+    crowded = Crowding("auto", ranks=4, cpus=2, machine_cpus=2, runnable=lambda: runnable[0])
+    assert crowded.fixed is True
+    assert crowded(0.0) and crowded(1.0)
+    assert Crowding("auto", ranks=2, cpus=2, machine_cpus=2, runnable=lambda: 1).fixed is None
+
+
+def test_the_environment_variable_forces_either_way_and_a_bad_value_names_it() -> None:
+    assert Crowding("1", runnable=lambda: 0)(0.0) is True
+    assert Crowding("0", ranks=64, cpus=2, runnable=lambda: 99)(0.0) is False
+    with pytest.raises(ValueError, match=YIELD_ENV):
+        Crowding("sometimes")
+
+
+def test_more_other_runnable_tasks_than_cpus_is_crowded_for_a_while() -> None:
+    runnable = [3]  # this process and as many others as CPUs
+    crowded = Crowding("auto", ranks=2, cpus=2, machine_cpus=2, runnable=lambda: runnable[0])
+    now = 0.0
+    assert not crowded(now)
+    runnable[0] = 4
+    assert not crowded(now + CROWD_PERIOD / 2)  # read at most once per period
+    for _ in range(CROWD_SAMPLES - 1):  # a burst is not a trend
+        now += CROWD_PERIOD
+        assert not crowded(now)
+    now += CROWD_PERIOD
+    assert crowded(now)
+    runnable[0] = 3
+    assert crowded(now + CROWD_HOLD / 2)  # held, whatever the count now
+    now += CROWD_HOLD
+    assert not crowded(now)
+    runnable_unknown = Crowding("auto", machine_cpus=2, runnable=lambda: None)
+    assert not runnable_unknown(0.0)
+
+
+def test_a_crowded_machine_turns_polling_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        events = EventQueue()
+        calls = 0
+
+        def poll_once() -> bool:
+            nonlocal calls
+            calls += 1
+            return True
+
+        poller = IdlePoller(loop, 1e6)
+        assert poller.polling_off(0.0)
+        assert not poller.spin(lambda: True)
+        loop.call_later(0.01, events.put, ConnectionClosed(4))
+        assert await poller.receive(events, poll_once) == ConnectionClosed(4)
+        assert calls == 0
+
+    _run(body())
+
+
+def test_the_launchers_rank_count_per_host_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpcproc import _host
+
+    for name in [k for k in os.environ if k.startswith(("SLURM_", "PMI_", "OMPI_", "HPCPROC_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    _host.ranks_on_host.cache_clear()
+    try:
+        assert _host.ranks_on_host() == 4
+        monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
+        monkeypatch.delenv("OMPI_COMM_WORLD_SIZE")
+        _host.ranks_on_host.cache_clear()
+        assert _host.ranks_on_host() is None  # no launcher: a local run
+    finally:
+        _host.ranks_on_host.cache_clear()
+    assert _host.usable_cpus() >= 1

@@ -144,6 +144,8 @@ class RoutingEndPoint(EndPoint):
         #: Testing: treat every other endpoint as another host (all over the network).
         self._separate_hosts = separate_hosts
         self._address = format_address(host, subs[LOCAL].address, subs[NETWORK].address)
+        #: The sub-endpoint whose data came last: the one ``receive_nowait`` polls.
+        self._hot = LOCAL
         #: Events translated but not yet handed out.
         self._queue: deque[Event] = deque()
         #: One task per sub-endpoint that waits in its ``receive`` and queues what it
@@ -266,19 +268,55 @@ class RoutingEndPoint(EndPoint):
         return event
 
     def receive_nowait(self) -> Event | None:
+        """See :meth:`EndPoint.receive_nowait`: a queued event, else what the
+        sub-endpoint that delivered last hands out without suspending.
+
+        Only that one sub-endpoint may poll in place (``receive_nowait`` of shm and
+        tcp polls their links while the loop is idle): polling the other one after it
+        would spin a second budget while the reply, most likely on the first, waits
+        unread (a same-host process round trip measured 20 us routed against 16 us
+        over plain shm before). The other sub-endpoint's events are not lost: its
+        pump (waiting in its ``receive``) takes them on the loop's next turn, and
+        until the pumps run (before the first ``receive``) it is asked here too.
+        """
         queue = self._queue
         if queue:
             return queue.popleft()
         # What the pumps queued is older than anything a sub-endpoint hands out now.
         # Beside a pump waiting in a sub-endpoint's receive, taking events is allowed:
         # the contract hands each out once, in order, whoever takes it.
-        for sub, endpoint in enumerate(self._subs):
-            if self._sub_closed[sub]:
-                continue
+        hot = self._hot
+        closed = self._sub_closed
+        if not closed[hot]:
+            event = self._take(hot)
+            if event is not None:
+                return event
+        other = 1 - hot
+        if self._pumps[other] is None and not closed[other]:
+            event = self._take(other)
+            if event is not None:
+                self._hot = other
+                return event
+        return None
+
+    def _take(self, sub: int) -> Event | None:
+        """The next event of sub-endpoint ``sub`` to report, taken without suspending."""
+        endpoint = self._subs[sub]
+        if sub == LOCAL:
+            # The same-host fast path: the local sub-endpoint's data events pass
+            # unchanged (its connection ids are ours), with no allocation.
+            open_ = self._open[LOCAL]
             while (event := endpoint.receive_nowait()) is not None:
-                out = self._translate(sub, event)
+                if type(event) is Received and event.conn_id in open_:
+                    return event
+                out = self._translate(LOCAL, event)
                 if out is not None:
                     return out
+            return None
+        while (event := endpoint.receive_nowait()) is not None:
+            out = self._translate(sub, event)
+            if out is not None:
+                return out
         return None
 
     async def _pump(self, sub: int) -> None:
@@ -302,6 +340,8 @@ class RoutingEndPoint(EndPoint):
                     return
                 out = self._translate(sub, event)
                 if out is not None:
+                    if type(out) is Received:
+                        self._hot = sub
                     self._queue.append(out)
                     self._wake()
                 # Neither is held while waiting: a large message's buffers are freed as
