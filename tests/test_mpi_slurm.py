@@ -61,7 +61,11 @@ def test_conformance_scenarios_pass_in_both_ranks_under_srun_pmi2(tmp_path: Path
         *pytest_command(tmp_path),
     ]
     try:
-        returncode, output = run_bounded(command, TIMEOUT)
+        # As tests/test_slurm_e2e.py's slurm_env: no UCX_* of this process, and the
+        # test cluster's one device (a short UCX address for Slurm's PMI-1).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")}
+        env["UCX_NET_DEVICES"] = "eth0"
+        returncode, output = run_bounded(command, TIMEOUT, env)
     finally:
         # A step that did not finish must not hold the nodes the next tests need.
         subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)

@@ -127,7 +127,7 @@ class Crowding:
         ValueError: ``mode`` is none of those (the message names the variable).
     """
 
-    __slots__ = ("_crowded", "_machine_cpus", "_mode", "_next_check", "_over", "_runnable")
+    __slots__ = ("_machine_cpus", "_mode", "_over", "_runnable", "crowded", "next_check")
 
     def __init__(
         self,
@@ -146,10 +146,12 @@ class Crowding:
         self._mode = mode
         self._machine_cpus = machine_cpus
         self._runnable = runnable
-        self._next_check = float("-inf")
+        #: When (``perf_counter``) the count is read again; until then :attr:`crowded`
+        #: is the answer (callers on a hot path test these two themselves, then call).
+        self.next_check = float("-inf") if mode == "auto" else float("inf")
         #: Consecutive readings with more runnable tasks than CPUs.
         self._over = 0
-        self._crowded = mode == "1"
+        self.crowded = mode == "1"
 
     @property
     def fixed(self) -> bool | None:
@@ -158,8 +160,8 @@ class Crowding:
 
     def __call__(self, now: float) -> bool:
         """Whether the CPUs are crowded at ``now`` (a ``time.perf_counter()``)."""
-        if self._mode != "auto" or now < self._next_check:
-            return self._crowded
+        if now < self.next_check:
+            return self.crowded
         runnable = self._runnable()
         # The count includes this process (running as it reads): crowded when the
         # other runnable tasks alone outnumber the CPUs.
@@ -167,13 +169,13 @@ class Crowding:
         # A few readings in a row, not one: a burst (processes starting or exiting)
         # is not a trend.
         self._over = self._over + 1 if over else 0
-        self._crowded = self._over >= CROWD_SAMPLES
-        if self._crowded:
+        self.crowded = self._over >= CROWD_SAMPLES
+        if self.crowded:
             self._over = 0
         # Once crowded, stay so for a while: polling makes the pollers runnable
         # again, so the count taken while nobody polls would turn it back on at once.
-        self._next_check = now + (CROWD_HOLD if self._crowded else CROWD_PERIOD)
-        return self._crowded
+        self.next_check = now + (CROWD_HOLD if self.crowded else CROWD_PERIOD)
+        return self.crowded
 
 
 _crowding: Crowding | None = None
@@ -311,7 +313,10 @@ class IdlePoller:
 
     def polling_off(self, now: float) -> bool:
         """Whether polling is off at ``now`` (the CPUs are, or were seen, oversubscribed)."""
-        return now < self._no_poll_until or self._crowded(now)
+        c = self._crowded
+        return now < self._no_poll_until or (
+            c.crowded if now < c.next_check else c(now)
+        )
 
     def probed(self, now: float, starved: bool) -> None:
         """Record whether a poll ending at ``now`` had the CPU to itself (at least half
@@ -335,7 +340,8 @@ class IdlePoller:
         while polling is off; the caller checked that the loop is idle.
         """
         start = time.perf_counter()
-        if start < self._no_poll_until or self._crowded(start):
+        c = self._crowded  # Crowding.__call__'s cached answer read here: a call less
+        if start < self._no_poll_until or (c.crowded if start < c.next_check else c(start)):
             return 0.0
         ready: Any = self._ready
         # Callbacks ready before we started (the caller's own, at most) are known.
@@ -374,7 +380,8 @@ class IdlePoller:
             return False
         perf_counter = time.perf_counter
         now = perf_counter()
-        if now < self._no_poll_until or self._crowded(now):
+        c = self._crowded
+        if now < self._no_poll_until or (c.crowded if now < c.next_check else c(now)):
             return False
         deadline = now + self.budget.maximum
         while not step():
