@@ -260,6 +260,7 @@ class IdlePoller:
         "_streak",
         "_yielding",
         "budget",
+        "enabled",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, busy_poll_us: float) -> None:
@@ -272,13 +273,11 @@ class IdlePoller:
         self._no_poll_until = 0.0
         ready: Any = ready_queue(loop) if busy_poll_us else None
         self._ready = ready
+        #: Whether this poller ever polls (a budget, and a loop whose queue is
+        #: readable). An attribute, not a property: read on every receive.
+        self.enabled = ready is not None
         #: True while ``receive`` waits in its yield to other ready callbacks.
         self._yielding = False
-
-    @property
-    def enabled(self) -> bool:
-        """Whether this poller ever polls (a budget, and a loop whose queue is readable)."""
-        return self._ready is not None
 
     # ------------------------------------------------------------------ the parts
 
@@ -302,6 +301,30 @@ class IdlePoller:
             return False
         mine = ours()
         return any(handle not in mine for handle in ready)
+
+    def may_poll(
+        self,
+        now: float,
+        ours: object = None,
+        all_ours: Callable[[], Container[object]] | None = None,
+    ) -> bool:
+        """Whether to poll at ``now``: enabled, polling not off, and no callback ready
+        but the caller's own (``ours``; or, when several are ready, those ``all_ours``
+        returns). :meth:`others_ready`, :meth:`others_ready_than` and
+        :meth:`polling_off` in one call, for the receive paths."""
+        ready: Any = self._ready
+        if ready is None:
+            return False
+        if ready and (len(ready) != 1 or ready[0] is not ours):
+            if all_ours is None:
+                return False
+            mine = all_ours()
+            if any(handle not in mine for handle in ready):
+                return False
+        if now < self._no_poll_until:
+            return False
+        c = self._crowded
+        return not (c.crowded if now < c.next_check else c(now))
 
     def take_turn(self) -> bool:
         """Count one poll; False every :data:`FAIR_STREAK` + 1st: let the loop run now."""
@@ -330,19 +353,24 @@ class IdlePoller:
             self._starved = 0
             self._no_poll_until = now + NO_POLL_PERIOD
 
-    def poll(self, items: Sized, poll_once: Callable[[], bool]) -> float:
+    def poll(
+        self, items: Sized, poll_once: Callable[[], bool], start: float | None = None
+    ) -> float:
         """Call ``poll_once`` until ``items`` (the event queue's deque) is not empty,
         another callback became ready, or the budget ran out: the time it gave up
         (budget spent), else 0.0.
 
         ``poll_once`` takes whatever has arrived without blocking and returns False
         when there is nothing to poll (then this returns 0.0 at once). Does nothing
-        while polling is off; the caller checked that the loop is idle.
+        while polling is off; the caller checked that the loop is idle. ``start``: the
+        ``perf_counter`` time at which the caller found :meth:`may_poll` true (then
+        polling is known to be on).
         """
-        start = time.perf_counter()
-        c = self._crowded  # Crowding.__call__'s cached answer read here: a call less
-        if start < self._no_poll_until or (c.crowded if start < c.next_check else c(start)):
-            return 0.0
+        if start is None:
+            start = time.perf_counter()
+            c = self._crowded  # Crowding.__call__'s cached answer read here: a call less
+            if start < self._no_poll_until or (c.crowded if start < c.next_check else c(start)):
+                return 0.0
         ready: Any = self._ready
         # Callbacks ready before we started (the caller's own, at most) are known.
         queued = len(ready)

@@ -1162,12 +1162,13 @@ class _MpiEndPoint(MultiplexedEndPoint):
         if self._closed or not poller.enabled:
             return 0.0
         pump = self.engine.pump_for(self.loop)
-        if poller.others_ready(pump.hot_handle() if pump is not None else None):
+        start = time.perf_counter()
+        if not poller.may_poll(start, pump.hot_handle() if pump is not None else None):
             return 0.0
         if not poller.take_turn():
             self._fair_turn = True
             return 0.0
-        return poller.poll(self._events._items, self._take_one)
+        return poller.poll(self._events._items, self._take_one, start)
 
     def _drain_inbox(self) -> None:
         """Handle, in order, the messages another loop's thread took for this endpoint

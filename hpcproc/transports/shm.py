@@ -1076,9 +1076,8 @@ class _ShmEndPoint(MultiplexedEndPoint):
         if not links:
             return 0.0
         poller = self._poller
-        if poller.others_ready(links[0]._handle) and poller.others_ready_than(self._spin_handles):
-            return 0.0
-        if poller.polling_off(time.perf_counter()):
+        start = time.perf_counter()
+        if not poller.may_poll(start, links[0]._handle, self._spin_handles):
             return 0.0
         items = self._events._items
         gave_up = 0.0
@@ -1099,7 +1098,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
                         link._drain()
                     return True
 
-                gave_up = poller.poll(items, poll_once)
+                gave_up = poller.poll(items, poll_once, start)
         else:
             for link in links:
                 link._reader.wake()
@@ -1110,7 +1109,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
                         link._drain()
                 return True
 
-            gave_up = poller.poll(items, poll_once)
+            gave_up = poller.poll(items, poll_once, start)
         now = time.perf_counter()
         for link in links:
             if not link._down:
