@@ -831,6 +831,13 @@ class _ShmLink(Link):
             self._polling = True
             self._handle = self._loop.call_soon(self._progress)
 
+    def _drain_unless_down(self) -> bool:
+        """:meth:`_drain` if the link is up; False (nothing more to poll) if down."""
+        if self._down:
+            return False
+        self._drain()
+        return True
+
     def _drain(self) -> int:
         """Deliver what the ring holds; the link may go down while it runs.
 
@@ -1085,20 +1092,15 @@ class _ShmEndPoint(MultiplexedEndPoint):
             link = links[0]
             reader = link._reader
             reader.wake()
-            words, tail_of = reader.words, reader
+            words = reader.words
             # The first look needs no clock: a reply is often there already.
-            if words[_HEAD_WORD] != tail_of.tail and not link._down:
+            if words[_HEAD_WORD] != reader.tail and not link._down:
                 link._drain()
             if not items:
-
-                def poll_once() -> bool:
-                    if words[_HEAD_WORD] != tail_of.tail:
-                        if link._down:
-                            return False
-                        link._drain()
-                    return True
-
-                gave_up = poller.poll(items, poll_once, start)
+                # No closure here: a cell variable would slow every use of it above.
+                gave_up = poller.poll_counter(
+                    items, words, _HEAD_WORD, reader, link._drain_unless_down, start
+                )
         else:
             for link in links:
                 link._reader.wake()
