@@ -326,6 +326,20 @@ class IdlePoller:
         c = self._crowded
         return not (c.crowded if now < c.next_check else c(now))
 
+    def turn(
+        self,
+        now: float,
+        ours: object = None,
+        all_ours: Callable[[], Container[object]] | None = None,
+    ) -> bool:
+        """:meth:`take_turn` and :meth:`may_poll` in one call: whether to poll now,
+        this poll counted (for callers to which a fair turn is simply no poll)."""
+        self._streak += 1
+        if self._streak > FAIR_STREAK:
+            self._streak = 0
+            return False
+        return self.may_poll(now, ours, all_ours)
+
     def take_turn(self) -> bool:
         """Count one poll; False every :data:`FAIR_STREAK` + 1st: let the loop run now."""
         self._streak += 1
