@@ -400,53 +400,48 @@ class RingReader:
                         ):
                             break
                         continue
-                    if (
-                        deliver_segment is not None
-                        and magic == _REC_MAGIC
-                        and kind_no == _DATA
-                        and nframes == 1
-                        and length & OUT_OF_LINE
-                        and rec_len == _ONE_SEG_SIZE
-                        and rec_len <= cap - pos
-                        and rec_len <= head - tail
-                    ):
-                        # Fast path: a DATA record of one frame held in a segment.
-                        seg_id, seg_off = SEGREF.unpack_from(mm, off + _ONE_SIZE)
-                        tail += _ONE_SEG_SIZE  # a multiple of 8
-                        count += 1
-                        if not deliver_segment(
-                            conn_id, None, seg_id, seg_off, length & ~OUT_OF_LINE
+                    if deliver_segment is not None and magic == _REC_MAGIC and kind_no == _DATA:
+                        if (
+                            nframes == 1
+                            and length & OUT_OF_LINE
+                            and rec_len == _ONE_SEG_SIZE
+                            and rec_len <= cap - pos
+                            and rec_len <= head - tail
                         ):
-                            break
-                        continue
-                    if (
-                        deliver_segment is not None
-                        and magic == _REC_MAGIC
-                        and kind_no == _DATA
-                        and nframes == 2
-                        and not length & OUT_OF_LINE
-                        and rec_len == _ONE_SIZE + 8 + length + SEGREF.size
-                    ):
-                        # Fast path: an inline frame, then one held in a segment.
-                        size = (rec_len + 7) & ~7
-                        if size > cap - pos or size > head - tail:
-                            raise RingError(f"record length {rec_len} at {pos} out of bounds")
-                        p = off + _ONE_SIZE
-                        second = _SECOND_LEN.unpack_from(mm, p)[0]
-                        if second & OUT_OF_LINE:
-                            p += 8
-                            seg_id, seg_off = SEGREF.unpack_from(mm, p + length)
-                            tail += size
+                            # Fast path: a DATA record of one frame held in a segment.
+                            seg_id, seg_off = SEGREF.unpack_from(mm, off + _ONE_SIZE)
+                            tail += _ONE_SEG_SIZE  # a multiple of 8
                             count += 1
                             if not deliver_segment(
-                                conn_id,
-                                memoryview(bytearray(view[p : p + length])),
-                                seg_id,
-                                seg_off,
-                                second & ~OUT_OF_LINE,
+                                conn_id, None, seg_id, seg_off, length & ~OUT_OF_LINE
                             ):
                                 break
                             continue
+                        if (
+                            nframes == 2
+                            and not length & OUT_OF_LINE
+                            and rec_len == _ONE_SIZE + 8 + length + SEGREF.size
+                        ):
+                            # Fast path: an inline frame, then one held in a segment.
+                            size = (rec_len + 7) & ~7
+                            if size > cap - pos or size > head - tail:
+                                raise RingError(f"record length {rec_len} at {pos} out of bounds")
+                            p = off + _ONE_SIZE
+                            second = _SECOND_LEN.unpack_from(mm, p)[0]
+                            if second & OUT_OF_LINE:
+                                p += 8
+                                seg_id, seg_off = SEGREF.unpack_from(mm, p + length)
+                                tail += size
+                                count += 1
+                                if not deliver_segment(
+                                    conn_id,
+                                    memoryview(bytearray(view[p : p + length])),
+                                    seg_id,
+                                    seg_off,
+                                    second & ~OUT_OF_LINE,
+                                ):
+                                    break
+                                continue
                 rec_len, magic = _MARK.unpack_from(mm, off)
                 if magic == _WRAP_MAGIC:
                     if rec_len != cap - pos or rec_len > head - tail:
