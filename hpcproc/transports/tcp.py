@@ -552,12 +552,9 @@ class _TcpLink(Link):
                     frame = self._frames[self._fi]
                     want = len(frame) - self._fpos
                     if want >= DIRECT_MIN:
-                        n = sock.recv_into(frame[self._fpos :])
+                        n = self._recv_frame(sock, frame)
                         if n == 0:
-                            self._on_eof()
                             return
-                        self._fpos += n
-                        self._parse()
                         if n < want:
                             # Wake up only once a good part of the rest is here.
                             self._set_lowat(min(want - n, _LOWAT_MAX))
@@ -567,20 +564,36 @@ class _TcpLink(Link):
                     self._set_lowat(1)
                 self._make_room()
                 space = len(self._buf) - self._end
-                n = sock.recv_into(self._mv[self._end :])
-                if n == 0:
-                    self._on_eof()
-                    return
-                self._end += n
-                self._parse()
-                if n < space:
-                    return
+                if self._recv_buffered(sock) < space:
+                    return  # the socket is drained (or closed: 0)
         except (BlockingIOError, InterruptedError):
             return
         except WireError as exc:
             self._bad_peer(str(exc))
         except OSError as exc:
             self.fail(f"receive failed: {exc}")
+
+    def _recv_frame(self, sock: socket.socket, frame: memoryview) -> int:
+        """Receive straight into the large frame being filled; the bytes received
+        (0: the peer closed, handled here). May raise as ``recv_into`` does."""
+        n = sock.recv_into(frame[self._fpos :])
+        if n == 0:
+            self._on_eof()
+            return 0
+        self._fpos += n
+        self._parse()
+        return n
+
+    def _recv_buffered(self, sock: socket.socket) -> int:
+        """Receive into the buffer after its unparsed bytes and parse; the bytes
+        received (0: the peer closed, handled here). May raise as ``recv_into`` does."""
+        n = sock.recv_into(self._mv[self._end :])
+        if n == 0:
+            self._on_eof()
+            return 0
+        self._end += n
+        self._parse()
+        return n
 
     def _make_room(self) -> None:
         """Empty the receive buffer, or move its unparsed tail (at most one partial
@@ -980,20 +993,12 @@ class _TlsLink(_TcpLink):
                 if self._state == 2 and self._start == self._end:
                     frame = self._frames[self._fi]
                     if len(frame) - self._fpos >= DIRECT_MIN:
-                        n = sock.recv_into(frame[self._fpos :])
-                        if n == 0:
-                            self._on_eof()
+                        if self._recv_frame(sock, frame) == 0:
                             return
-                        self._fpos += n
-                        self._parse()
                         continue
                 self._make_room()
-                n = sock.recv_into(self._mv[self._end :])
-                if n == 0:
-                    self._on_eof()
+                if self._recv_buffered(sock) == 0:
                     return
-                self._end += n
-                self._parse()
             if not self._dead and sock.pending():
                 self._loop.call_soon(self._on_readable)
         except _WOULD_BLOCK:
