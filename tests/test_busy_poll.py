@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import inspect
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -164,13 +165,16 @@ def test_a_callers_own_ready_handle_does_not_count_as_other_work() -> None:
         assert poller.enabled
         assert not poller.others_ready()
         mine = loop.call_soon(lambda: None)
+        now = time.perf_counter()
         assert not poller.others_ready(mine)
-        assert not poller.others_ready_than(lambda: {mine})
+        assert poller.may_poll(now, mine)
+        assert poller.may_poll(now, None, lambda: {mine})
         assert poller.others_ready()
+        assert not poller.may_poll(now)
         theirs = loop.call_soon(lambda: None)
         assert poller.others_ready(mine)
-        assert poller.others_ready_than(lambda: {mine})
-        assert not poller.others_ready_than(lambda: {mine, theirs})
+        assert not poller.may_poll(now, mine, lambda: {mine})
+        assert poller.may_poll(now, mine, lambda: {mine, theirs})
         # Nothing is polled while other work is ready.
         assert not poller.spin(lambda: True, mine)
         mine.cancel()

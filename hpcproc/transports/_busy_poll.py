@@ -291,17 +291,6 @@ class IdlePoller:
             return False
         return len(ready) != 1 or ready[0] is not ours
 
-    def others_ready_than(self, ours: Callable[[], Container[object]]) -> bool:
-        """Like :meth:`others_ready`, for several handles of the caller's own (``ours``
-        returns them; called only when some callback is ready)."""
-        ready: Any = self._ready
-        if ready is None:
-            return True
-        if not ready:
-            return False
-        mine = ours()
-        return any(handle not in mine for handle in ready)
-
     def may_poll(
         self,
         now: float,
@@ -310,7 +299,7 @@ class IdlePoller:
     ) -> bool:
         """Whether to poll at ``now``: enabled, polling not off, and no callback ready
         but the caller's own (``ours``; or, when several are ready, those ``all_ours``
-        returns). :meth:`others_ready`, :meth:`others_ready_than` and
+        returns). :meth:`others_ready` (for several handles of the caller's own) and
         :meth:`polling_off` in one call, for the receive paths."""
         ready: Any = self._ready
         if ready is None:
