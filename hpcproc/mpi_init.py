@@ -6,7 +6,9 @@ before that happens, or MPI (or a transport using UCX in the same process) fails
 * where the ucxx wheel is installed too, its UCX libraries are loaded first
   (:func:`load_ucx_before_mpi`);
 * glibc's ``malloc`` returns zeroed memory while ``MPI_Init`` runs (see
-  :func:`_zeroed_allocations`).
+  :func:`_zeroed_allocations`), and under Slurm's PMI-1 service its per-thread cache is
+  off (:func:`environment_for_mpi_init`; ``python -m hpcproc.run`` restarts itself
+  with it).
 
 The mpi transport, the MPI rendezvous, ``python -m hpcproc.run`` (which initialises MPI
 before importing the application) and the test suite all call :func:`import_mpi`; a
@@ -21,11 +23,12 @@ import ctypes
 import importlib
 import importlib.util
 import logging
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["import_mpi", "load_ucx_before_mpi"]
+__all__ = ["environment_for_mpi_init", "import_mpi", "load_ucx_before_mpi"]
 
 log = logging.getLogger("hpcproc.mpi_init")
 
@@ -38,6 +41,12 @@ def import_mpi() -> Any:
         ImportError: mpi4py (or its MPI library) is not installed.
     """
     load_ucx_before_mpi()
+    if environment_for_mpi_init(os.environ) is not None:
+        log.warning(
+            "MPI starts under srun --mpi=pmi2 with glibc's malloc cache on: MPI_Init may fail"
+            " on a cut PMI request; set GLIBC_TUNABLES=%s (python -m hpcproc.run does)",
+            NO_MALLOC_CACHE,
+        )
     try:
         with _zeroed_allocations():
             from mpi4py import MPI  # initialises MPI
@@ -69,6 +78,35 @@ def load_ucx_before_mpi() -> None:
 #: glibc's mallopt parameter: allocations are filled with the complement of its value.
 _M_PERTURB = -6
 
+#: The glibc tunable that turns off malloc's per-thread cache (tcache): blocks it holds
+#: come back from ``malloc`` as they were freed, without ``M_PERTURB``'s filling.
+NO_MALLOC_CACHE = "glibc.malloc.tcache_count=0"
+
+
+def environment_for_mpi_init(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment this process should be restarted with before MPI initialises,
+    or None when the one it has will do.
+
+    Under Slurm's pmi2 plugin (``srun --mpi=pmi2``: ``SLURM_MPI_TYPE=pmi2`` and
+    ``PMI_FD`` set), MPICH's put lines must stay within 1024 bytes, and
+    :func:`_zeroed_allocations` keeps the uninitialised bytes in them compressible only
+    for blocks that do not come from glibc's per-thread cache, which ``mallopt`` cannot
+    turn off: it is read from ``GLIBC_TUNABLES`` when the process starts. The
+    environment returned adds :data:`NO_MALLOC_CACHE` to it (a setting of
+    ``tcache_count`` already there is left as it is, so a restart happens at most once).
+    Elsewhere (another PMI, mpiexec, not Linux) None.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if environ.get("SLURM_MPI_TYPE") != "pmi2" or "PMI_FD" not in environ:
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.tcache_count=" in tunables:
+        return None
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, NO_MALLOC_CACHE) if t)
+    return env
+
 
 @contextlib.contextmanager
 def _zeroed_allocations() -> Iterator[None]:
@@ -81,7 +119,9 @@ def _zeroed_allocations() -> Iterator[None]:
     last) leaves few zero runs, a put line exceeds that, Slurm truncates it, and
     ``MPI_Init`` fails in ``MPIDI_UCX_comm_addr_exchange``. Measured here: 8 of 8
     ``srun --mpi=pmi2 ... hpcproc.run --transport mpi`` runs failed, 0 of 8 with this.
-    Does nothing where glibc's ``mallopt`` is unavailable.
+    Blocks from glibc's per-thread cache escape it (MPICH's own strings, freed while
+    it initialises, were seen in a cut line): :func:`environment_for_mpi_init` turns
+    that cache off. Does nothing where glibc's ``mallopt`` is unavailable.
     """
     mallopt = None
     if sys.platform.startswith("linux"):

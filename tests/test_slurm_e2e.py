@@ -113,6 +113,7 @@ async def app_peer_routes(cluster: Any) -> int:
             f"route rank={cluster.rank} peer={cluster.nodes.index(peer)}"
             f" peer_host={host} via={stats.get(peer)}"
         )
+    say_line(f"glibc_tunables rank={cluster.rank} {os.environ.get('GLIBC_TUNABLES')}")
     return 0
 
 
@@ -482,6 +483,11 @@ def test_same_host_peers_use_shm_and_other_hosts_the_network(
     for (rank, peer), (host, via) in routes.items():
         assert host == f"host{peer // 2 + 1}", out
         assert via == ("shm" if rank // 2 == peer // 2 else network), (rank, peer, out)
+    # Under srun --mpi=pmi2, hpcproc.run restarted each rank with glibc's malloc cache
+    # off before MPI_Init (hpcproc.mpi_init.environment_for_mpi_init); elsewhere not.
+    tunables = re.findall(r"^glibc_tunables rank=\d+ (.*)$", out, re.M)
+    expected = "glibc.malloc.tcache_count=0" if network == "mpi" else "None"
+    assert tunables == [expected] * 4, out
 
 
 @pytest.mark.parametrize("transport", ["shm+tcp", pytest.param("shm+mpi", id="shm+mpi-pmi2")])
