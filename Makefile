@@ -10,7 +10,8 @@ venv: $(STAMP)
 
 # tests/plugin_transport: the test transport `teststreams`, registered through a real
 # `hpcproc.transports` entry point as a third party's transport would be.
-$(STAMP): pyproject.toml tests/plugin_transport/pyproject.toml
+# setup.py builds the optional C ring (hpcproc/transports/_ring_accel.c) in place.
+$(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
@@ -21,8 +22,12 @@ lint: venv
 	$(VENV)/bin/ruff check hpcproc bench tests examples
 	$(VENV)/bin/mypy
 
+# Then the shm transport again on the pure-Python ring (HPCPROC_RING_ACCEL=0), the
+# fallback where no C compiler was found at install.
 pytest: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+	HPCPROC_RING_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "shm or ring" \
+		tests/test_shm.py tests/test_shm_ring.py tests/test_transport_conformance.py
 
 test: lint pytest
 

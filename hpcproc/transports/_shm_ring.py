@@ -34,27 +34,39 @@ them always sees the other (Dekker's pattern). Space works the same way with
 Everything read from the mapping is checked before use: the peer may be buggy or its
 memory corrupted, and this process must not read out of bounds. Violations raise
 :class:`RingError`.
+
+Two implementations: :class:`PyRingWriter` and :class:`PyRingReader` here (the
+reference), and the same classes in C (``_ring_accel.c``), built at install where a
+compiler exists. :data:`RingWriter` and :data:`RingReader` are the C ones when they were
+built, unless ``HPCPROC_RING_ACCEL=0``; either side of a link may use either (same layout,
+same checks, same errors). Measured here (one process writing and draining, CPU per
+message): 8 B written and drained in about 1.4 us with the Python classes.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import platform
 import struct
 import threading
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ._multiplex import Kind
 from ._wire import DEFAULT_MAX_FRAMES, PREFIX
 
 __all__ = [
+    "ACCELERATED",
+    "ACCEL_ENV",
     "DATA_OFF",
     "HEADER_SIZE",
     "HEAD_WORD",
     "OUT_OF_LINE",
     "REC",
     "SEGREF",
+    "PyRingReader",
+    "PyRingWriter",
     "RingError",
     "RingReader",
     "RingWriter",
@@ -165,7 +177,7 @@ def check_ring(mm: mmap.mmap) -> int:
     return int(capacity)
 
 
-class RingWriter:
+class PyRingWriter:
     """The producer side of a ring; one per link direction, on one thread."""
 
     __slots__ = (
@@ -318,7 +330,7 @@ class RingWriter:
         self.view.release()
 
 
-class RingReader:
+class PyRingReader:
     """The consumer side of a ring; validates everything it reads."""
 
     __slots__ = ("_mask", "_signalled", "_sleep", "capacity", "mm", "tail", "view", "words")
@@ -526,3 +538,28 @@ class RingReader:
         """Drop the exported views so that the mapping can be closed."""
         self.words.release()
         self.view.release()
+
+
+#: Environment variable: ``0`` uses the Python ring even where the C one was built.
+ACCEL_ENV: Final = "HPCPROC_RING_ACCEL"
+
+
+def _accelerated() -> Any:
+    """The compiled ring module, ready, or None (not built, or turned off)."""
+    if os.environ.get(ACCEL_ENV, "1").strip() == "0":
+        return None
+    try:
+        from . import _ring_accel
+    except ImportError:  # built without a compiler: the Python ring does the work
+        return None
+    _ring_accel.init(RingError, _KINDS, Kind.DATA)
+    return _ring_accel
+
+
+_accel = _accelerated()
+#: Whether :data:`RingWriter` and :data:`RingReader` are the compiled classes.
+ACCELERATED: Final = _accel is not None
+#: The producer side in use: the C class where built (see the module), else Python's.
+RingWriter: type[PyRingWriter] = _accel.RingWriter if ACCELERATED else PyRingWriter
+#: The consumer side in use, chosen as :data:`RingWriter`.
+RingReader: type[PyRingReader] = _accel.RingReader if ACCELERATED else PyRingReader
