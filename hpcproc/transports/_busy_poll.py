@@ -291,16 +291,22 @@ class IdlePoller:
             return False
         return len(ready) != 1 or ready[0] is not ours
 
-    def may_poll(
+    def turn(
         self,
         now: float,
         ours: object = None,
         all_ours: Callable[[], Container[object]] | None = None,
     ) -> bool:
-        """Whether to poll at ``now``: enabled, polling not off, and no callback ready
-        but the caller's own (``ours``; or, when several are ready, those ``all_ours``
-        returns). :meth:`others_ready` (for several handles of the caller's own) and
-        :meth:`polling_off` in one call, for the receive paths."""
+        """Whether a receive polls at ``now``, this turn counted: not on the loop's fair
+        turn (every :data:`FAIR_STREAK` + 1st, see :meth:`take_turn`), and only when
+        polling is enabled and not off and no callback is ready but the caller's own
+        (``ours``; or, when several are ready, those ``all_ours`` returns): the checks
+        of :meth:`others_ready` and :meth:`polling_off` in one call, for the receive
+        paths."""
+        self._streak += 1
+        if self._streak > FAIR_STREAK:
+            self._streak = 0
+            return False
         ready: Any = self._ready
         if ready is None:
             return False
@@ -314,20 +320,6 @@ class IdlePoller:
             return False
         c = self._crowded
         return not (c.crowded if now < c.next_check else c(now))
-
-    def turn(
-        self,
-        now: float,
-        ours: object = None,
-        all_ours: Callable[[], Container[object]] | None = None,
-    ) -> bool:
-        """:meth:`take_turn` and :meth:`may_poll` in one call: whether to poll now,
-        this poll counted (for callers to which a fair turn is simply no poll)."""
-        self._streak += 1
-        if self._streak > FAIR_STREAK:
-            self._streak = 0
-            return False
-        return self.may_poll(now, ours, all_ours)
 
     def take_turn(self) -> bool:
         """Count one poll; False every :data:`FAIR_STREAK` + 1st: let the loop run now."""
@@ -366,7 +358,7 @@ class IdlePoller:
         ``poll_once`` takes whatever has arrived without blocking and returns False
         when there is nothing to poll (then this returns 0.0 at once). Does nothing
         while polling is off; the caller checked that the loop is idle. ``start``: the
-        ``perf_counter`` time at which the caller found :meth:`may_poll` true (then
+        ``perf_counter`` time at which the caller found :meth:`turn` true (then
         polling is known to be on).
         """
         if start is None:
@@ -433,6 +425,22 @@ class IdlePoller:
         if cpu >= 0 and now - start > PROBE_MIN:
             self.probed(now, time.thread_time() - cpu < (now - start) / 2)
         return gave_up
+
+    def turn_and_poll(
+        self, items: Sized, poll_once: Callable[[], bool], ours: object = None
+    ) -> float:
+        """A receive's whole idle poll in one call (:meth:`turn` and :meth:`poll`):
+        nothing when a callback other than ``ours`` is ready (0.0);
+        else counts the turn, and on the loop's fair turn returns -1.0 without polling
+        (the caller lets the loop run once); else :meth:`poll`."""
+        ready: Any = self._ready
+        if ready is None or (ready and (len(ready) != 1 or ready[0] is not ours)):
+            return 0.0
+        self._streak += 1
+        if self._streak > FAIR_STREAK:
+            self._streak = 0
+            return -1.0
+        return self.poll(items, poll_once)
 
     def adapt(self, gave_up: float) -> None:
         """An event came after a poll that gave up at ``gave_up`` (0.0: nothing to do)."""
