@@ -378,6 +378,104 @@ def test_address_carries_host_name_and_listener_port() -> None:
 # ------------------------------------------------------------------ shutdown
 
 
+def listening(port: int) -> bool:
+    """Whether a TCP socket of this machine listens on ``port``."""
+    return _accept_queue(port) is not None
+
+
+def _accept_queue(port: int) -> int | None:
+    """Connections waiting to be accepted on the socket listening on ``port``."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local, state, queues = fields[1], fields[3], fields[4]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return int(queues.split(":")[1], 16)
+    return None
+
+
+#: A process that closes its transport while UCX has accepted a connection whose first
+#: bytes have not arrived yet (the state a peer's dial is in for a moment), then sends
+#: them. UCX 1.21 calls through the freed listener of that connection if the listener
+#: was destroyed (freed memory is poisoned, so a use after free crashes).
+HALF_ACCEPTED = textwrap.dedent(
+    """
+    import asyncio, socket, struct, sys, time
+    sys.path.insert(0, sys.argv[1])
+    from tests.test_ucx import _accept_queue
+    from hpcproc.transports import create
+
+    async def main():
+        transport = create("ucx")
+        await transport.new_endpoint()
+        port = transport.port
+        dial = socket.create_connection(("127.0.0.1", port))
+        deadline = time.monotonic() + 10
+        while _accept_queue(port) != 0:  # until UCX's async thread has accepted it
+            assert time.monotonic() < deadline, "UCX did not accept the connection"
+            await asyncio.sleep(0.01)
+        # The worker outlives the transport, as it does while a link or a request of
+        # the transport is still referenced.
+        worker = transport._engine
+        await transport.close()
+        # A connection manager header (private data length 0, status 0).
+        dial.sendall(struct.pack("<QB7x", 0, 0))
+        # UCX refuses the bad header: wait for its answer (or for the crash).
+        dial.setblocking(False)
+        loop = asyncio.get_running_loop()
+        print("answer", await asyncio.wait_for(loop.sock_recv(dial, 64), 10))
+        dial.close()
+        del worker
+
+    asyncio.run(main())
+    print("done")
+    """
+)
+
+
+def test_closing_while_ucx_accepts_a_connection_does_not_crash_the_process() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", HALF_ACCEPTED, root],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **ENV, "MALLOC_PERTURB_": "165"},
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    assert result.stdout.strip().endswith("done")
+
+
+def test_closed_transport_answers_dials_until_the_next_transport_starts() -> None:
+    async def main() -> None:
+        closed = create("ucx")
+        dialer = create("ucx")
+        try:
+            endpoint = await dialer.new_endpoint()
+            gone = await closed.new_endpoint()
+            port = closed.port
+            assert port is not None
+            await asyncio.wait_for(closed.close(), WAIT)
+            # Still listening: the dial is accepted and closed at once.
+            assert listening(port)
+            with pytest.raises(ConnectError) as info:
+                await asyncio.wait_for(endpoint.connect(gone.address), WAIT)
+            assert info.value.code is ConnectErrorCode.NOT_FOUND
+            # The next transport of this process releases the closed one's listener.
+            after = create("ucx")
+            try:
+                await after.new_endpoint()
+                assert not listening(port)
+            finally:
+                await asyncio.wait_for(after.close(), WAIT)
+        finally:
+            await asyncio.wait_for(dialer.close(), WAIT)
+
+    run(main)
+
+
 def test_shutdown_is_bounded_and_warns_about_nothing() -> None:
     script = textwrap.dedent(
         """

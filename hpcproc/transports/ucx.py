@@ -8,8 +8,9 @@ UCX needs a socket-capable transport in the list for listener connections). ``uc
 is imported on first use; without it :func:`create_transport` raises ``ImportError``
 naming ``pip install hpcproc[ucx]``.
 
-Layout. Every transport object owns one UCX context, one worker and one listener;
-its endpoints are told apart by an id in the address,
+Layout. Every transport object owns one UCX context, one worker and one listener
+(kept after the transport closes, see :func:`_park`); its endpoints are told apart by
+an id in the address,
 ``b"ucx://HOST:PORT/INSTANCE/ID"`` (``INSTANCE`` is random per transport object).
 All lightweight connections between two endpoints share one UCX endpoint, a
 :class:`~hpcproc.transports._multiplex.Link`.
@@ -67,6 +68,10 @@ link) arrives through the endpoint's close callback and fails the bundle
 after everything sent before it; the peer answers it likewise and the UCX endpoint is
 closed once both ends are known, bounded by the core's ``LINK_CLOSE_TIMEOUT``.
 ``abort`` closes the UCX endpoint at once, which the peer sees as an endpoint error.
+A closed transport's listener is not destroyed (UCX crashes if a connection is being
+accepted then, :func:`_park`): it accepts and closes the connection requests that
+still arrive, so a dialer gets ``NOT_FOUND`` at once, until the process starts its
+next UCX transport or exits.
 A peer cut off without any error (a partition, a hung host) is found by the
 heartbeats of :mod:`._multiplex`: an idle link carries a 16-byte ``TICK`` on the
 header tag every tick (posted, never awaited; it may overtake a large frame on the
@@ -83,7 +88,9 @@ not exercised by the test suite.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import ctypes
 import errno
 import importlib
 import logging
@@ -243,6 +250,10 @@ class _Engine:
         self._closed = False
         self._in_run = False
         self._dirty = False
+        #: The UCX listener (``UCXListener``), once the owner has started it.
+        self.listener: Any = None
+        #: The transport served; ``None`` once it closed (the engine is parked).
+        self.owner: UcxTransport | None = None
         loop.add_reader(self._fd, self._run)
         self._timer: asyncio.TimerHandle | None = loop.call_later(IDLE_PROGRESS, self._tick)
 
@@ -337,6 +348,65 @@ class _Engine:
         """One synchronous progress round (used while closing UCX endpoints)."""
         if not self._closed and not self._in_run:
             self._run()
+
+    def park(self) -> None:
+        """Serve no transport any more, but keep the listener (see :func:`_park`).
+
+        Requests still pending belong to the owner's aborted links: dropped. While the
+        loop runs, connection requests are still accepted and closed at once.
+        """
+        self.owner = None
+        self._pending.clear()
+        self._polling = 0
+
+
+#: Engines of closed transports, listener included (see :func:`_park`).
+_parked: list[_Engine] = []
+_parked_at_exit_registered = False
+
+
+def _park(engine: _Engine) -> None:
+    """Keep a closed transport's engine, listener included, instead of destroying it.
+
+    Destroying a UCX listener is unsafe while a connection to it is being accepted:
+    UCX 1.21's TCP connection manager keeps a connection it accepted but whose first
+    bytes it has not read yet pointing at its listener, listener destruction does not
+    detach it, and UCX's async thread then calls through the freed listener when the
+    bytes arrive (SIGSEGV with no Python frame). Peers dial a process while it closes
+    (a rank's node gossips a lost node to every other rank at the end of a job), so
+    the process keeps its listeners: a parked engine accepts and closes connection
+    requests while its loop runs (dialers learn at once that nothing is there), is
+    destroyed when this process starts its next UCX transport (:func:`_unpark_all`),
+    and otherwise lives until the process exits (:func:`_keep_parked_at_exit`).
+    """
+    global _parked_at_exit_registered
+    engine.park()
+    _parked.append(engine)
+    if not _parked_at_exit_registered:
+        atexit.register(_keep_parked_at_exit)
+        _parked_at_exit_registered = True
+
+
+def _unpark_all() -> None:
+    """Destroy the parked engines (a dial to their old ports now meets a refusal)."""
+    while _parked:
+        engine = _parked.pop()
+        engine.close()
+        # The last references: ucxx destroys the listener, then worker and context.
+        engine.listener = None
+
+
+def _keep_parked_at_exit() -> None:
+    """Keep the parked listeners alive through interpreter shutdown.
+
+    Clearing the modules would destroy them while peers may still dial: one more
+    reference to each (never released) keeps the listener, which keeps its worker and
+    context, until the process ends.
+    """
+    for engine in _parked:
+        if engine.listener is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(engine.listener))
+    _parked.clear()
 
 
 async def _wait(engine: _Engine, request: Any, buffer: object, timeout: float) -> None:
@@ -901,7 +971,6 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
         self._port = port
         self._max_message = max_message
         self._engine: _Engine | None = None
-        self._listener: Any = None
         self._listen_port = 0
         #: UCX endpoints not (yet) owned by a link: closed when the transport closes.
         self._loose: set[Any] = set()
@@ -927,6 +996,7 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
+        _unpark_all()
         try:
             engine = _Engine(loop, busy_poll=self._busy_poll)
         except Exception as exc:
@@ -936,7 +1006,7 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
         api = engine.ucxx.api
         try:
             listener = api.UCXListener.create(
-                engine.worker, self._port, _on_conn_request, (self,), deliver_endpoint=False
+                engine.worker, self._port, _on_conn_request, (engine,), deliver_endpoint=False
             )
         except Exception as exc:
             engine.close()
@@ -946,21 +1016,14 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
                 else NewEndPointErrorCode.FAILED
             )
             raise NewEndPointError(code, f"cannot listen on port {self._port}: {exc}") from exc
+        engine.listener = listener
+        engine.owner = self
         self._engine = engine
-        self._listener = listener
         self._listen_port = int(listener.port)
 
     # ------------------------------------------------------------------ accepting
 
-    def _on_conn_request(self, conn_request: int) -> None:
-        engine = self._engine
-        if engine is None or self._closed or self._listener is None:
-            return
-        try:
-            ep = self._listener.create_endpoint_from_conn_request(conn_request, True)
-        except Exception as exc:
-            log.warning("ucx: cannot accept a connection request: %s", exc)
-            return
+    def _on_conn_request(self, engine: _Engine, ep: Any) -> None:
         self._admit(_UcxChannel(self, engine, ep, None))
 
     def _drop(self, ep: Any) -> None:
@@ -983,15 +1046,26 @@ class UcxTransport(DialingTransport[_UcxEndPoint]):
             link.abort()
         engine = self._engine
         if engine is not None:
-            # Let UCX process the endpoint closes before the worker goes away.
+            # Let UCX process the endpoint closes now.
             engine.progress_now()
-            engine.close()
-        self._listener = None
+            _park(engine)
         self._engine = None
 
 
-def _on_conn_request(conn_request: int, transport: UcxTransport) -> None:
-    transport._on_conn_request(conn_request)
+def _on_conn_request(conn_request: int, engine: _Engine) -> None:
+    """ucxx's listener callback (on the loop thread, from worker progress)."""
+    try:
+        ep = engine.listener.create_endpoint_from_conn_request(conn_request, True)
+    except Exception as exc:
+        log.warning("ucx: cannot accept a connection request: %s", exc)
+        return
+    owner = engine.owner
+    if owner is None or owner._closed:
+        # A parked engine: accept and close, so that the dialer learns at once.
+        _close_ucx_endpoint(ep)
+        engine.kick()
+        return
+    owner._on_conn_request(engine, ep)
 
 
 def create_transport(**options: Any) -> UcxTransport:
