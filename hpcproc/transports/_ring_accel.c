@@ -140,6 +140,50 @@ mapping_usable(Mapping *m)
     return 0;
 }
 
+/* What both types start with: their shared functions take a Ring. */
+typedef struct {
+    PyObject_HEAD
+    Mapping m;
+} Ring;
+
+/* __init__(mm, capacity) of either type. */
+static int
+ring_init(Ring *self, const char *what, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"mm", "capacity", NULL};
+    PyObject *mm;
+    unsigned long long capacity;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK", kwlist, &mm, &capacity))
+        return -1;
+    if (self->m.mm != NULL) {
+        PyErr_Format(PyExc_RuntimeError, "%s initialised twice", what);
+        return -1;
+    }
+    return mapping_open(&self->m, mm, capacity);
+}
+
+static void
+Ring_dealloc(Ring *self)
+{
+    mapping_release(&self->m);
+    Py_XDECREF(self->m.words);
+    Py_XDECREF(self->m.mm);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+Ring_release(Ring *self, PyObject *Py_UNUSED(ignored))
+{
+    mapping_release(&self->m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Ring_get_capacity(Ring *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLongLong(self->m.capacity);
+}
+
 /* ------------------------------------------------------------------ writer */
 
 typedef struct {
@@ -154,31 +198,13 @@ typedef struct {
 static int
 Writer_init(Writer *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mm", "capacity", NULL};
-    PyObject *mm;
-    unsigned long long capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK", kwlist, &mm, &capacity))
-        return -1;
-    if (self->m.mm != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "RingWriter initialised twice");
-        return -1;
-    }
-    if (mapping_open(&self->m, mm, capacity) < 0)
+    if (ring_init((Ring *)self, "RingWriter", args, kwds) < 0)
         return -1;
     self->head = 0;
-    self->free_to = capacity;
+    self->free_to = self->m.capacity;
     self->woken = 0;
     self->waiting = 0;
     return 0;
-}
-
-static void
-Writer_dealloc(Writer *self)
-{
-    mapping_release(&self->m);
-    Py_XDECREF(self->m.words);
-    Py_XDECREF(self->m.mm);
-    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 /* Offset in the mapping for a record of `size` bytes (a multiple of 8), -1 when the
@@ -426,22 +452,9 @@ Writer_stop_waiting(Writer *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-Writer_release(Writer *self, PyObject *Py_UNUSED(ignored))
-{
-    mapping_release(&self->m);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 Writer_get_head(Writer *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromUnsignedLongLong(self->head);
-}
-
-static PyObject *
-Writer_get_capacity(Writer *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromUnsignedLongLong(self->m.capacity);
 }
 
 static PyMethodDef Writer_methods[] = {
@@ -451,7 +464,7 @@ static PyMethodDef Writer_methods[] = {
     {"write", (PyCFunction)(void (*)(void))Writer_write, METH_FASTCALL, NULL},
     {"start_waiting", (PyCFunction)Writer_start_waiting, METH_NOARGS, NULL},
     {"stop_waiting", (PyCFunction)Writer_stop_waiting, METH_NOARGS, NULL},
-    {"release", (PyCFunction)Writer_release, METH_NOARGS, NULL},
+    {"release", (PyCFunction)Ring_release, METH_NOARGS, NULL},
     {NULL}};
 
 static PyMemberDef Writer_members[] = {
@@ -461,7 +474,7 @@ static PyMemberDef Writer_members[] = {
 
 static PyGetSetDef Writer_getset[] = {
     {"head", (getter)Writer_get_head, NULL, NULL, NULL},
-    {"capacity", (getter)Writer_get_capacity, NULL, NULL, NULL},
+    {"capacity", (getter)Ring_get_capacity, NULL, NULL, NULL},
     {NULL}};
 
 static PyTypeObject WriterType = {
@@ -471,7 +484,7 @@ static PyTypeObject WriterType = {
     .tp_doc = "The producer side of a ring (see _shm_ring.RingWriter).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Writer_init,
-    .tp_dealloc = (destructor)Writer_dealloc,
+    .tp_dealloc = (destructor)Ring_dealloc,
     .tp_methods = Writer_methods,
     .tp_members = Writer_members,
     .tp_getset = Writer_getset,
@@ -490,30 +503,12 @@ typedef struct {
 static int
 Reader_init(Reader *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"mm", "capacity", NULL};
-    PyObject *mm;
-    unsigned long long capacity;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OK", kwlist, &mm, &capacity))
-        return -1;
-    if (self->m.mm != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "RingReader initialised twice");
-        return -1;
-    }
-    if (mapping_open(&self->m, mm, capacity) < 0)
+    if (ring_init((Ring *)self, "RingReader", args, kwds) < 0)
         return -1;
     self->tail = 0;
     self->sleep = 0;
     self->signalled = 0;
     return 0;
-}
-
-static void
-Reader_dealloc(Reader *self)
-{
-    mapping_release(&self->m);
-    Py_XDECREF(self->m.words);
-    Py_XDECREF(self->m.mm);
-    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *
@@ -876,13 +871,6 @@ Reader_wake(Reader *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
-Reader_release(Reader *self, PyObject *Py_UNUSED(ignored))
-{
-    mapping_release(&self->m);
-    Py_RETURN_NONE;
-}
-
-static PyObject *
 Reader_get_asleep(Reader *self, void *Py_UNUSED(closure))
 {
     if (mapping_usable(&self->m) < 0)
@@ -891,19 +879,13 @@ Reader_get_asleep(Reader *self, void *Py_UNUSED(closure))
     return PyBool_FromLong(seq != self->sleep);
 }
 
-static PyObject *
-Reader_get_capacity(Reader *self, void *Py_UNUSED(closure))
-{
-    return PyLong_FromUnsignedLongLong(self->m.capacity);
-}
-
 static PyMethodDef Reader_methods[] = {
     {"pending", (PyCFunction)Reader_pending, METH_NOARGS, NULL},
     {"drain", (PyCFunction)(void (*)(void))Reader_drain, METH_VARARGS | METH_KEYWORDS, NULL},
     {"producer_waiting", (PyCFunction)Reader_producer_waiting, METH_NOARGS, NULL},
     {"sleep", (PyCFunction)Reader_sleep, METH_NOARGS, NULL},
     {"wake", (PyCFunction)Reader_wake, METH_NOARGS, NULL},
-    {"release", (PyCFunction)Reader_release, METH_NOARGS, NULL},
+    {"release", (PyCFunction)Ring_release, METH_NOARGS, NULL},
     {NULL}};
 
 static PyMemberDef Reader_members[] = {
@@ -914,7 +896,7 @@ static PyMemberDef Reader_members[] = {
 
 static PyGetSetDef Reader_getset[] = {
     {"asleep", (getter)Reader_get_asleep, NULL, NULL, NULL},
-    {"capacity", (getter)Reader_get_capacity, NULL, NULL, NULL},
+    {"capacity", (getter)Ring_get_capacity, NULL, NULL, NULL},
     {NULL}};
 
 static PyTypeObject ReaderType = {
@@ -924,7 +906,7 @@ static PyTypeObject ReaderType = {
     .tp_doc = "The consumer side of a ring (see _shm_ring.RingReader).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Reader_init,
-    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_dealloc = (destructor)Ring_dealloc,
     .tp_methods = Reader_methods,
     .tp_members = Reader_members,
     .tp_getset = Reader_getset,
