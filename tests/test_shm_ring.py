@@ -4,6 +4,7 @@ side of a link may use either)."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import random
@@ -210,6 +211,21 @@ def test_a_callback_that_raises_consumes_its_record_and_the_error_propagates(
         ring.reader.drain(ring.deliver, boom)
     assert ring.reader.drain(ring.deliver, ring.inline) == 1
     assert ring.got == [("inline", 2, [b"b"])]
+
+
+def test_a_callback_that_releases_the_reader_ends_the_drain_safely(ring: Ring) -> None:
+    # The shm link defers its teardown while it drains; should a callback release the
+    # reader anyway, the drain stops (C) or fails on the released view (Python): it
+    # never reads through a released buffer.
+    for i in range(3):
+        ring.writer.send_one(i, memoryview(b"x"), 1)
+
+    def release(conn_id: int, frames: list[memoryview]) -> bool:
+        ring.reader.release()
+        return True
+
+    with contextlib.suppress(ValueError):
+        assert ring.reader.drain(ring.deliver, release) == 1
 
 
 def test_sleep_and_wake_handshake(ring: Ring) -> None:

@@ -630,7 +630,7 @@ Reader_drain(Reader *self, PyObject *args, PyObject *kwds)
                     failed = 1;
                     break;
                 }
-                if (!t)
+                if (!t || !m->has_buf) /* stopped, or released by the callback */
                     break;
                 continue;
             }
@@ -656,7 +656,7 @@ Reader_drain(Reader *self, PyObject *args, PyObject *kwds)
                         failed = 1;
                         break;
                     }
-                    if (!t)
+                    if (!t || !m->has_buf) /* stopped, or released by the callback */
                         break;
                     continue;
                 }
@@ -690,7 +690,7 @@ Reader_drain(Reader *self, PyObject *args, PyObject *kwds)
                             failed = 1;
                             break;
                         }
-                        if (!t)
+                        if (!t || !m->has_buf) /* stopped, or released by the callback */
                             break;
                         continue;
                     }
@@ -817,7 +817,7 @@ Reader_drain(Reader *self, PyObject *args, PyObject *kwds)
             failed = 1;
             break;
         }
-        if (!t)
+        if (!t || !m->has_buf) /* stopped, or released by the callback */
             break;
     }
     /* What was delivered is consumed, whatever happened after it. */
