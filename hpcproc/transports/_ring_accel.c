@@ -165,7 +165,11 @@ ring_init(Ring *self, const char *what, PyObject *args, PyObject *kwds)
 static void
 Ring_dealloc(Ring *self)
 {
+    /* Releasing calls into Python: keep whatever exception is being raised. */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
     mapping_release(&self->m);
+    PyErr_Restore(type, value, traceback);
     Py_XDECREF(self->m.words);
     Py_XDECREF(self->m.mm);
     Py_TYPE(self)->tp_free((PyObject *)self);
