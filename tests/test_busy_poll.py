@@ -19,6 +19,7 @@ from hpcproc.transports._busy_poll import (
     CROWD_HOLD,
     CROWD_PERIOD,
     CROWD_SAMPLES,
+    FAIR_STREAK,
     LATE,
     YIELD_ENV,
     Budget,
@@ -156,6 +157,31 @@ def test_budget_halves_after_a_silence_doubles_after_a_near_miss_within_its_boun
     assert budget.value == budget.maximum
     assert Budget(100e-6, 10e-6).minimum == 10e-6
     assert Budget(0.0, 10e-6).minimum == 0.0
+
+
+def test_polls_that_keep_finding_work_still_let_the_loop_run_every_fair_streak() -> None:
+    """A receiver whose polls always find something never suspends on its own: every
+    FAIR_STREAK + 1st receive the poller gives the loop its turn instead (turn False,
+    turn_and_poll -1.0), so other callbacks and I/O are not starved."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        poller = IdlePoller(loop, 100.0)
+        events = EventQueue()
+
+        def poll_once() -> bool:
+            events.put(ConnectionClosed(1))
+            return True
+
+        turns = [poller.turn(time.perf_counter()) for _ in range(2 * (FAIR_STREAK + 1))]
+        assert turns.count(False) == 2 and not turns[FAIR_STREAK] and not turns[-1]
+        results = []
+        for _ in range(2 * (FAIR_STREAK + 1)):
+            results.append(poller.turn_and_poll(events._items, poll_once))
+            events._items.clear()
+        assert results.count(-1.0) == 2 and results[FAIR_STREAK] == -1.0
+
+    _run(body())
 
 
 def test_a_callers_own_ready_handle_does_not_count_as_other_work() -> None:
