@@ -77,9 +77,10 @@ __all__ = [
 #: The option, in microseconds, of every transport that polls (0 disables polling).
 OPTION = "busy_poll_us"
 #: Let the event loop run after this many consecutive polls. Each such turn costs a
-#: receive a pass round the loop (a few us); at 32 that was 0.3 us of a 9.4 us mpi
-#: round trip (0.03 loop passes per round trip), at 256 it is within noise, and other
-#: callbacks still run within ~1 ms at the highest message rates measured here.
+#: receive a pass round the loop: with 32, a routed same-host process round trip (bench
+#: cluster, 2 hosts x 2 ranks) took 13.2-19.0 us against 10.9-11.4 us with 256, and a
+#: raw shm one 4.75 against 4.59 us; other callbacks still run within ~1 ms at the
+#: highest message rates measured here.
 FAIR_STREAK = 256
 #: How long polling stays off once the CPUs were seen oversubscribed.
 NO_POLL_PERIOD = 0.02
@@ -99,10 +100,12 @@ YIELD_ENV = "HPCPROC_YIELD_WHEN_IDLE"
 CROWD_PERIOD = 0.005
 #: How long (seconds) polling stays off once the CPUs were seen crowded.
 CROWD_HOLD = 0.1
-#: Consecutive readings above the CPU count that make the CPUs crowded (40 ms): with 3,
-#: two ranks ping-ponging on this 2-CPU machine were judged crowded now and then by
-#: passing system tasks (0.2-0.4 loop passes per mpi round trip instead of 0.03).
-CROWD_SAMPLES = 8
+#: Consecutive readings above the CPU count that make the CPUs crowded (15 ms). Two
+#: ranks ping-ponging on this 2-CPU machine are judged crowded now and then by passing
+#: system tasks (0.2-0.4 loop passes per mpi round trip), at no measurable cost; 8
+#: readings (40 ms) avoided that but made the bench cluster's all-to-all of 4 ranks on
+#: 2 CPUs, whose runs are shorter, 10 % slower (591-622 against 532-583 us per round).
+CROWD_SAMPLES = 3
 _LOADAVG = "/proc/loadavg"
 
 
