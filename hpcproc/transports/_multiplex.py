@@ -428,6 +428,14 @@ class _Pending:
         self.waiters = 0
 
 
+def _cancelling() -> bool:
+    """Whether the running task was asked to stop (``Task.cancelling``, Python 3.11+;
+    always False before)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling is not None and cancelling())
+
+
 class MultiplexedEndPoint(EndPoint):
     """An endpoint built from links; see the module docstring."""
 
@@ -697,7 +705,17 @@ class MultiplexedEndPoint(EndPoint):
         if address == self._address:
             link: Link = _LoopbackLink(self)
         else:
-            link = await self._open_link(address, timeout)
+            try:
+                link = await self._open_link(address, timeout)
+            except Exception:
+                if _cancelling():
+                    # Told to stop (every caller left, or asyncio.run is shutting down),
+                    # but the transport's own error came first (asyncio.wait_for returns
+                    # a result that raced its cancellation): end cancelled as asked, so
+                    # that no error nobody waits for is reported ("unhandled exception
+                    # during asyncio.run() shutdown").
+                    raise asyncio.CancelledError from None
+                raise
         if self._closed:
             link.abort()
             raise ConnectError(ConnectErrorCode.FAILED, "endpoint closed while connecting")
