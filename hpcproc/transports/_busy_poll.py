@@ -444,9 +444,7 @@ class IdlePoller:
         ready: Any = self._ready
         if ready is None or (ready and (len(ready) != 1 or ready[0] is not ours)):
             return 0.0
-        self._streak += 1
-        if self._streak > FAIR_STREAK:
-            self._streak = 0
+        if not self.take_turn():
             return -1.0
         return self.poll(items, poll_once)
 

@@ -1161,9 +1161,8 @@ class _MpiEndPoint(MultiplexedEndPoint):
         poller = self._poller
         if self._closed or not poller.enabled:
             return 0.0
-        # pump_for and hot_handle written out: two calls less per message.
-        pump = self.engine._pumps.get(self.loop)
-        hot = None if pump is None or pump.timer else pump.handle
+        pump = self.engine.pump_for(self.loop)
+        hot = pump.hot_handle() if pump is not None else None
         gave_up = poller.turn_and_poll(self._events._items, self._take_one, hot)
         if gave_up < 0:
             self._fair_turn = True
