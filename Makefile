@@ -10,8 +10,9 @@ venv: $(STAMP)
 
 # tests/plugin_transport: the test transport `teststreams`, registered through a real
 # `hpcproc.transports` entry point as a third party's transport would be.
-# setup.py builds the optional C ring (hpcproc/transports/_ring_accel.c) in place.
-$(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c tests/plugin_transport/pyproject.toml
+# setup.py builds the optional C parts (the shm ring, the UCX address pad) in place.
+$(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c hpcproc/_ucx_address_pad.c \
+		tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'

@@ -1,8 +1,13 @@
-"""The optional compiled part of hpcproc (everything else is in pyproject.toml).
+"""The optional compiled parts of hpcproc (everything else is in pyproject.toml).
 
-``hpcproc.transports._ring_accel``: the shm transport's ring in C. ``optional=True``:
-where no C compiler (or no Python headers) is found, the build goes on without it and
-the pure-Python ring (``hpcproc/transports/_shm_ring.py``) is used instead.
+Both are ``optional=True``: where no C compiler (or no Python headers) is found, the
+build goes on without them.
+
+* ``hpcproc.transports._ring_accel``: the shm transport's ring in C; without it the
+  pure-Python ring (``hpcproc/transports/_shm_ring.py``) is used.
+* ``hpcproc._ucx_address_pad``: not a Python module but a plain shared library that
+  ``hpcproc.mpi_init.pad_ucx_address`` loads with ctypes (see there); without it MPI
+  may fail to start under ``srun --mpi=pmi2``.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +19,13 @@ setup(
             ["hpcproc/transports/_ring_accel.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
-        )
+        ),
+        Extension(
+            "hpcproc._ucx_address_pad",
+            ["hpcproc/_ucx_address_pad.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+            libraries=["dl", "pthread"],
+            optional=True,
+        ),
     ]
 )

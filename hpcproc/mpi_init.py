@@ -5,10 +5,8 @@ before that happens, or MPI (or a transport using UCX in the same process) fails
 
 * where the ucxx wheel is installed too, its UCX libraries are loaded first
   (:func:`load_ucx_before_mpi`);
-* glibc's ``malloc`` returns zeroed memory while ``MPI_Init`` runs (see
-  :func:`_zeroed_allocations`), and under Slurm's PMI-1 service its per-thread cache is
-  off (:func:`environment_for_mpi_init`; ``python -m hpcproc.run`` restarts itself
-  with it).
+* the UCX worker address MPICH publishes has 4096 zero-padded bytes behind it
+  (:func:`pad_ucx_address`): MPICH reads that many.
 
 The mpi transport, the MPI rendezvous, ``python -m hpcproc.run`` (which initialises MPI
 before importing the application) and the test suite all call :func:`import_mpi`; a
@@ -28,9 +26,14 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["environment_for_mpi_init", "import_mpi", "load_ucx_before_mpi"]
+__all__ = ["import_mpi", "load_ucx_before_mpi", "pad_ucx_address", "padded_ucx_addresses"]
 
 log = logging.getLogger("hpcproc.mpi_init")
+
+#: The compiled part that pads the address (``hpcproc/_ucx_address_pad.c``).
+_PAD_MODULE = "hpcproc._ucx_address_pad"
+
+_pad_library: ctypes.CDLL | None = None
 
 
 def import_mpi() -> Any:
@@ -41,20 +44,79 @@ def import_mpi() -> Any:
         ImportError: mpi4py (or its MPI library) is not installed.
     """
     load_ucx_before_mpi()
-    if environment_for_mpi_init(os.environ) is not None:
+    padded = pad_ucx_address()
+    if not padded and "mpi4py.MPI" not in sys.modules and _under_slurm_pmi1(os.environ):
         log.warning(
-            "MPI starts under srun --mpi=pmi2 with glibc's malloc cache on: MPI_Init may fail"
-            " on a cut PMI request; set GLIBC_TUNABLES=%s (python -m hpcproc.run does)",
-            NO_MALLOC_CACHE,
+            "%s was not built (no C compiler at install): MPI_Init under srun --mpi=pmi2"
+            " may fail on a cut PMI request (see hpcproc.mpi_init.pad_ucx_address)",
+            _PAD_MODULE,
         )
     try:
-        with _zeroed_allocations():
+        # Without the pad, zero-filled allocations make the junk MPICH reads
+        # compressible more often than not (the fallback, not a fix).
+        with contextlib.nullcontext() if padded else _zeroed_allocations():
             from mpi4py import MPI  # initialises MPI
     except ImportError as exc:
         raise ImportError(
             "the mpi transport needs mpi4py and an MPI library: pip install hpcproc[mpi]"
         ) from exc
     return MPI
+
+
+def pad_ucx_address() -> bool:
+    """Make every UCX worker address in this process have 4096 readable bytes, the
+    address then zeros; True when that is in place (or already was), False where the
+    compiled part was not built or cannot be loaded (not Linux, no C compiler at install).
+
+    Why: MPICH 5.0's UCX netmod publishes its worker address through PMI by reading 4096
+    bytes (``MPID_MAX_BC_SIZE``) from the buffer ``ucp_worker_get_address`` returned,
+    whatever the address's length (176 bytes here), so it publishes whatever lies behind
+    the buffer on the heap: live Python objects, freed text (this process's docstrings
+    were seen in Slurm's log). Besides leaking this process's memory to every rank, under
+    ``srun --mpi=pmi2`` that breaks ``MPI_Init``: MPICH's hex encoding compresses only
+    runs of zeros, Slurm 22.05 reads at most 1024 bytes of each PMI-1 request, and a put
+    line with junk in it is cut ("mpi/pmi2: value not properly terminated in client
+    request", then ``MPIDI_UCX_comm_addr_exchange`` fails). Measured here, 2 hosts x 2
+    ranks with a heap full of random bytes: MPI_Init failed 2 of 2 times without the
+    pad (malloc zero-filling and its cache off did not help), 0 of 3 with it.
+
+    How: a small library loaded ``RTLD_GLOBAL`` before MPI, whose
+    ``ucp_worker_get_address`` / ``ucp_worker_release_address`` interpose on libucp's and
+    hand out a zero-padded copy of the address (same bytes and length for every other
+    caller). Must run before MPI is loaded; :func:`import_mpi` calls it.
+    """
+    global _pad_library
+    if _pad_library is not None:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    spec = importlib.util.find_spec(_PAD_MODULE)
+    if spec is None or spec.origin is None:
+        return False
+    try:
+        library = ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        log.debug("could not load %s: %r", spec.origin, exc)
+        return False
+    library.hpcproc_padded_addresses.restype = ctypes.c_ulong
+    library.hpcproc_padded_addresses.argtypes = []
+    _pad_library = library
+    return True
+
+
+def padded_ucx_addresses() -> int | None:
+    """How many padded UCX worker addresses this process has handed out (MPICH asks
+    for one when it initialises), or None when :func:`pad_ucx_address` has not put the
+    pad in place."""
+    if _pad_library is None:
+        return None
+    return int(_pad_library.hpcproc_padded_addresses())
+
+
+def _under_slurm_pmi1(environ: Mapping[str, str]) -> bool:
+    """Whether MPI would start under Slurm's pmi2 plugin (``srun --mpi=pmi2``), where
+    MPICH speaks PMI-1 to Slurm."""
+    return environ.get("SLURM_MPI_TYPE") == "pmi2" and "PMI_FD" in environ
 
 
 def load_ucx_before_mpi() -> None:
@@ -78,50 +140,17 @@ def load_ucx_before_mpi() -> None:
 #: glibc's mallopt parameter: allocations are filled with the complement of its value.
 _M_PERTURB = -6
 
-#: The glibc tunable that turns off malloc's per-thread cache (tcache): blocks it holds
-#: come back from ``malloc`` as they were freed, without ``M_PERTURB``'s filling.
-NO_MALLOC_CACHE = "glibc.malloc.tcache_count=0"
-
-
-def environment_for_mpi_init(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """The environment this process should be restarted with before MPI initialises,
-    or None when the one it has will do.
-
-    Under Slurm's pmi2 plugin (``srun --mpi=pmi2``: ``SLURM_MPI_TYPE=pmi2`` and
-    ``PMI_FD`` set), MPICH's put lines must stay within 1024 bytes, and
-    :func:`_zeroed_allocations` keeps the uninitialised bytes in them compressible only
-    for blocks that do not come from glibc's per-thread cache, which ``mallopt`` cannot
-    turn off: it is read from ``GLIBC_TUNABLES`` when the process starts. The
-    environment returned adds :data:`NO_MALLOC_CACHE` to it (a setting of
-    ``tcache_count`` already there is left as it is, so a restart happens at most once).
-    Elsewhere (another PMI, mpiexec, not Linux) None.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    if environ.get("SLURM_MPI_TYPE") != "pmi2" or "PMI_FD" not in environ:
-        return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.tcache_count=" in tunables:
-        return None
-    env = dict(environ)
-    env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, NO_MALLOC_CACHE) if t)
-    return env
-
 
 @contextlib.contextmanager
 def _zeroed_allocations() -> Iterator[None]:
-    """While MPI initialises, make glibc's ``malloc`` return zero-filled memory.
+    """While MPI initialises, make glibc's ``malloc`` return zero-filled memory: the
+    fallback where :func:`pad_ucx_address` is not available.
 
-    Why: MPICH (the mpich wheel, 5.0) publishes its UCX address through PMI with
-    uninitialised bytes in it, hex-encoded with runs of zero bytes compressed. Under
-    ``srun --mpi=pmi2`` it speaks PMI-1 to Slurm, whose PMI-1 handler (22.05) reads at
-    most 1024 bytes per request: when the garbage (whatever this Python process freed
-    last) leaves few zero runs, a put line exceeds that, Slurm truncates it, and
-    ``MPI_Init`` fails in ``MPIDI_UCX_comm_addr_exchange``. Measured here: 8 of 8
-    ``srun --mpi=pmi2 ... hpcproc.run --transport mpi`` runs failed, 0 of 8 with this.
-    Blocks from glibc's per-thread cache escape it (MPICH's own strings, freed while
-    it initialises, were seen in a cut line): :func:`environment_for_mpi_init` turns
-    that cache off. Does nothing where glibc's ``mallopt`` is unavailable.
+    What lies behind MPICH's UCX address on the heap (see :func:`pad_ucx_address`) is
+    then zeros more often: blocks allocated while MPI initialises are, blocks allocated
+    before it and freed ones are not. An earlier measurement: 8 of 8 ``srun
+    --mpi=pmi2 ... hpcproc.run --transport mpi`` runs failed without it, 0 of 8 with it;
+    CI still saw it fail. Does nothing where glibc's ``mallopt`` is unavailable.
     """
     mallopt = None
     if sys.platform.startswith("linux"):

@@ -324,17 +324,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _restart(env: dict[str, str]) -> None:
-    """Replace this process by the same command line in ``env`` (does not return)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # argv[0] the interpreter's full path: Python finds its venv from it.
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     logging.basicConfig(
@@ -369,13 +360,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Initialise MPI before the application's modules are imported: one that
         # imports mpi4py itself would otherwise initialise it without the care
         # hpcproc.mpi_init.import_mpi takes (see there).
-        from .mpi_init import environment_for_mpi_init
-
-        restart_env = environment_for_mpi_init(os.environ) if from_command_line else None
-        if restart_env is not None:
-            # Once, before anything is started: glibc reads GLIBC_TUNABLES only when a
-            # process starts (see environment_for_mpi_init). The PMI socket is inherited.
-            _restart(restart_env)
         try:
             from .mpi_init import import_mpi
 

@@ -16,13 +16,15 @@ from .transport_specs import SPECS, TLS_DIR
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Load UCX's own libraries before anything loads MPI (pytest-mpi, the mpi tests):
-    see ``hpcproc.mpi_init.load_ucx_before_mpi``. Only when mpi4py is installed.
+    """Load UCX's own libraries and the UCX address pad before anything loads MPI
+    (pytest-mpi, the mpi tests): see ``hpcproc.mpi_init``. Only when mpi4py is
+    installed.
     """
     if importlib.util.find_spec("mpi4py"):
-        from hpcproc.mpi_init import load_ucx_before_mpi
+        from hpcproc.mpi_init import load_ucx_before_mpi, pad_ucx_address
 
         load_ucx_before_mpi()
+        pad_ucx_address()
 
 
 _MARKS = {"ucx": [pytest.mark.ucx]}

@@ -34,7 +34,7 @@ except ImportError:  # built without a compiler
     _ring_accel = None  # type: ignore[assignment]
 
 #: CI sets it: a compiled ring that failed to build is then a failure, not a skip.
-REQUIRE_ENV = "HPCPROC_REQUIRE_RING_ACCEL"
+REQUIRE_ENV = "HPCPROC_REQUIRE_COMPILED"
 
 CAPACITY = 1 << 16
 
