@@ -247,7 +247,7 @@ class PyRingWriter:
             return True
         return False
 
-    def send_one(self, conn_id: int, frame: memoryview, n: int) -> int:
+    def send_one(self, conn_id: int, frame: bytes | memoryview, n: int) -> int:
         """Reserve, write and publish a DATA record of one inline ``n``-byte frame.
 
         The fast path of :meth:`reserve`, :meth:`write` and :meth:`publish`. Returns 0
