@@ -371,6 +371,23 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                     del mb[i]
                     self._epoch += 1
                     return msg
+        elif type_ is not None and (timeout is None or timeout > 0):
+            # expect with an empty mailbox (a reply awaited): take what the endpoint
+            # has first, as the loop below would, without the loop's set-up. The
+            # general path below takes over unless the message is for us and first.
+            node = self.node
+            poll = node.receive_nowait
+            event = poll() if poll is not None else None
+            if event is not None:
+                node.handle_event(event)
+                del event
+                mb = self._mailbox
+                if mb and self.pending_signal is None:
+                    msg = mb[0]
+                    if type_ is object or isinstance(msg, type_):
+                        mb.popleft()
+                        self._epoch += 1
+                        return msg
         for m in matchers:
             if m.port is not None and m.port._owner is not self:
                 raise ValueError(f"{m.port!r} belongs to another process")
