@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import _control as ctl
@@ -160,6 +160,9 @@ class Node:
         #: The endpoint's ``receive_nowait`` once started (see :meth:`poll_inline`; a
         #: process waiting in ``receive`` calls it directly, then :meth:`handle_event`).
         self.receive_nowait: Callable[[], Event | None] | None = None
+        #: Messages the endpoint handed to a process directly (see
+        #: :meth:`_receive_directly`): a receive that polled tells by this count.
+        self.direct_deliveries = 0
         self._started = False
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -438,6 +441,8 @@ class Node:
                 if st.kind == 0:
                     st.kind, st.dest, _ = ctl.parse_bind(frames[0])
                     frames = frames[1:]
+                    if st.kind == ctl.PROCESS:
+                        self._receive_directly(event.conn_id, st.dest)  # type: ignore[union-attr]
                 if st.kind == ctl.PROCESS:
                     proc = self._procs.get(st.dest)
                     if proc is not None:
@@ -453,6 +458,27 @@ class Node:
         except Exception:
             log.exception("hpcproc dispatcher: dropping a malformed or failing event")
 
+    def _receive_directly(self, conn_id: int, dest: int) -> None:
+        """Have the endpoint hand the later messages of incoming connection ``conn_id``
+        (bound to process ``dest``) to that process at once, where it can
+        (``EndPoint.set_receiver``): no event, no queue, no dispatcher woken; the
+        order is the endpoint's to keep. Messages still queued as events are handled
+        by :meth:`handle_event` as before."""
+        assert self._endpoint is not None
+        procs = self._procs
+
+        def receive(frames: Sequence[memoryview]) -> None:
+            self.direct_deliveries += 1
+            proc = procs.get(dest)
+            if proc is None:
+                return  # the process ended: dropped, as handle_event drops it
+            try:
+                proc.deliver(deserialize(frames))
+            except Exception:
+                log.exception("hpcproc node: dropping a malformed message for %r", proc.pid)
+
+        self._endpoint.set_receiver(conn_id, receive)
+
     def poll_inline(self) -> bool:
         """Take and handle one event without suspending, if the endpoint has one soon.
 
@@ -460,14 +486,15 @@ class Node:
         nothing else to run, the transport polls its links in place for a bounded
         time (as the dispatcher's ``receive`` would), and the reply the process waits
         for is delivered without a trip round the event loop. True if an event was
-        handled.
+        handled, or the endpoint handed a message to a process directly.
         """
         poll = self.receive_nowait
         if poll is None:
             return False
+        seen = self.direct_deliveries
         event = poll()
         if event is None:
-            return False
+            return self.direct_deliveries != seen  # a message went straight to a process
         self.handle_event(event)
         return True
 

@@ -381,13 +381,14 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             if event is not None:
                 node.handle_event(event)
                 del event
-                mb = self._mailbox
-                if mb and self.pending_signal is None:
-                    msg = mb[0]
-                    if type_ is object or isinstance(msg, type_):
-                        mb.popleft()
-                        self._epoch += 1
-                        return msg
+            # The event's message, or one handed over directly while polling:
+            mb = self._mailbox
+            if mb and self.pending_signal is None:
+                msg = mb[0]
+                if type_ is object or isinstance(msg, type_):
+                    mb.popleft()
+                    self._epoch += 1
+                    return msg
         for m in matchers:
             if m.port is not None and m.port._owner is not self:
                 raise ValueError(f"{m.port!r} belongs to another process")
@@ -439,6 +440,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 # (Node.poll_inline written out: a frame less per wait.)
                 node = self.node
                 poll = node.receive_nowait
+                seen = node.direct_deliveries
                 event = poll() if poll is not None else None
                 if event is not None:
                     node.handle_event(event)
@@ -446,6 +448,8 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                     if self.pending_signal is not None:
                         self.check_signal()  # an exit signal the event brought us
                     continue
+                if node.direct_deliveries != seen:
+                    continue  # a message went straight to a process (maybe this one)
                 fut = loop.create_future()
                 w = self._waiter
                 if w is None:

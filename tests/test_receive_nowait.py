@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from hpcproc.transports import ConnectionOpened, EndPointClosed, Received, create
+from hpcproc.transports import (
+    ConnectionClosed,
+    ConnectionOpened,
+    EndPointClosed,
+    Received,
+    create,
+)
 from hpcproc.transports.base import EndPointClosedError
 
 TRANSPORTS = [
@@ -35,20 +41,20 @@ def _cookie(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPCPROC_COOKIE", os.environ.get("HPCPROC_COOKIE") or "0" * 32)
 
 
-async def _pair(name: str) -> tuple[Any, Any, Any, Any]:
+async def _pair(name: str) -> tuple[Any, Any, Any, Any, ConnectionOpened]:
     transport = create(name)
     a = await transport.new_endpoint()
     b = await transport.new_endpoint()
     conn = await a.connect(b.address)
     opened = await asyncio.wait_for(b.receive(), 10)
     assert isinstance(opened, ConnectionOpened)
-    return transport, a, b, conn
+    return transport, a, b, conn, opened
 
 
 @pytest.mark.parametrize("name", TRANSPORTS)
 def test_events_taken_by_both_consumers_come_out_once_in_order(name: str) -> None:
     async def main() -> None:
-        transport, _, b, conn = await _pair(name)
+        transport, _, b, conn, _ = await _pair(name)
         taken: list[int] = []
 
         async def waiter() -> None:
@@ -86,5 +92,54 @@ def test_events_taken_by_both_consumers_come_out_once_in_order(name: str) -> Non
         assert b.receive_nowait() is None  # the close is receive's to report
         with pytest.raises(EndPointClosedError):
             await b.receive()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_data_handed_to_a_receiver_keeps_its_place_among_queued_events(name: str) -> None:
+    """``set_receiver``: a transport may refuse it; one that accepts hands data over only
+    while no event is queued, so every message, whichever way it came, is seen in the
+    order sent; and it forgets the receiver when the connection closes."""
+
+    async def main() -> None:
+        transport, a, b, conn, opened = await _pair(name)
+        opened_id = opened.conn_id
+        seen: list[int] = []
+        handed = 0
+
+        def receiver(frames: Any) -> None:
+            nonlocal handed
+            handed += 1
+            seen.append(int(bytes(frames[0])))
+
+        accepted = b.set_receiver(opened_id, receiver)
+        count = 200
+        for i in range(count):
+            if i == count // 2:
+                # B queues this connection's ConnectionOpened, and nothing takes it
+                # until every message was sent: the rest must queue behind it.
+                second = await a.connect(b.address)
+            await conn.send([str(i).encode()])
+        queued = 0
+        while len(seen) < count:
+            event = await asyncio.wait_for(b.receive(), 10)
+            if isinstance(event, Received):
+                queued += 1
+                seen.append(int(bytes(event.frames[0])))
+        assert seen == list(range(count))
+        if accepted:
+            # Nothing was queued ahead of the first half: it went to the receiver.
+            assert (handed, queued) == (count // 2, count // 2)
+        else:
+            assert handed == 0
+        await conn.close()
+        await second.close()
+        closed = 0
+        while closed < 2:
+            event = await asyncio.wait_for(b.receive(), 10)
+            closed += isinstance(event, ConnectionClosed)
+        assert not b.set_receiver(opened_id, receiver)  # closed: nothing to hand over
+        await transport.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))

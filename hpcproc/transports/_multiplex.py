@@ -439,6 +439,10 @@ def _cancelling() -> bool:
 class MultiplexedEndPoint(EndPoint):
     """An endpoint built from links; see the module docstring."""
 
+    #: Whether the transport's receive path hands data to receivers (set_receiver):
+    #: one whose polling ends when ``_handed_over`` grows, as it ends on an event.
+    _hands_over = False
+
     def __init__(self, address: EndPointAddress) -> None:
         self._address = address
         self._events = EventQueue()
@@ -454,6 +458,10 @@ class MultiplexedEndPoint(EndPoint):
         #: Heartbeat period (s), 0 for none; set from the transport's by ``_add_endpoint``.
         self._tick = DEFAULT_TICK
         self._heartbeat_timer: asyncio.TimerHandle | None = None
+        #: Incoming connections whose data goes to a receiver (see set_receiver).
+        self._receivers: dict[ConnectionId, Callable[[Sequence[memoryview]], None]] = {}
+        #: How many messages went to receivers: a poll for an event ends when it grows.
+        self._handed_over = 0
 
     # ------------------------------------------------------------------ transport hooks
 
@@ -567,6 +575,7 @@ class MultiplexedEndPoint(EndPoint):
             if link.alive and not self._closed:
                 self._protocol_violation(link, f"close of unknown connection {conn_id}")
             return
+        self._receivers.pop(local, None)
         self._events.put(ConnectionClosed(local))
 
     def _protocol_violation(self, link: Link, reason: str) -> None:
@@ -585,6 +594,9 @@ class MultiplexedEndPoint(EndPoint):
         for conn in link.outgoing.values():
             conn._fail()
         link.outgoing.clear()
+        if self._receivers:
+            for local in link.incoming.values():
+                self._receivers.pop(local, None)
         link.incoming.clear()
         if had_connections and not self._closed:
             log.debug("connection to %r lost: %s", link.remote, reason)
@@ -600,6 +612,19 @@ class MultiplexedEndPoint(EndPoint):
 
     async def receive(self) -> Event:
         return await self._events.get()
+
+    def set_receiver(
+        self, conn_id: ConnectionId, receiver: Callable[[Sequence[memoryview]], None] | None
+    ) -> bool:
+        if not self._hands_over:
+            return False
+        if receiver is None:
+            self._receivers.pop(conn_id, None)
+            return True
+        if self._closed or not any(conn_id in link.incoming.values() for link in self._links.values()):
+            return False  # not an open incoming connection (closed or lost already)
+        self._receivers[conn_id] = receiver
+        return True
 
     def receive_nowait(self) -> Event | None:
         """The next event if one can be had without suspending, else None.
@@ -750,6 +775,7 @@ class MultiplexedEndPoint(EndPoint):
             link.outgoing.clear()
             link.incoming.clear()
             link.alive = False
+        self._receivers.clear()
         try:
             if links:
                 await asyncio.wait_for(

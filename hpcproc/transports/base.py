@@ -77,7 +77,7 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -395,6 +395,32 @@ class EndPoint(ABC):
         only :meth:`receive` works unchanged: every event goes through ``receive``.
         """
         return None
+
+    def set_receiver(
+        self, conn_id: ConnectionId, receiver: Callable[[Sequence[memoryview]], None] | None
+    ) -> bool:
+        """Ask that the data of incoming connection ``conn_id`` be handed to
+        ``receiver(frames)`` as it arrives instead of queued as :class:`Received`
+        events (``None``: queue it again); whether the endpoint will.
+
+        An optimisation for a consumer that would act on those events at once (the
+        process layer: a message into a mailbox): no event object, no queue, no task
+        woken. Guaranteed when True is returned:
+
+        * order: ``receiver`` is called only while no event is queued; data arriving
+          while one is (of any connection) is queued as ``Received`` as before, and
+          a transport may queue any of it anyway. A consumer that handles each event
+          as it takes it therefore sees the data of every connection, and all
+          events, in the order the endpoint got them;
+        * ``receiver`` is called on the event loop's thread, from within the
+          endpoint's own progress (or from :meth:`receive_nowait`); it must not block
+          or raise, and the frames stay valid as a ``Received`` event's do;
+        * ``ConnectionClosed`` and errors are still queued; the endpoint forgets the
+          receiver when the connection closes or is lost.
+
+        The default returns False and changes nothing: every event is queued.
+        """
+        return False
 
     def transport_for(self, address: EndPointAddress) -> str:
         """The name of the transport that carries connections to ``address``.

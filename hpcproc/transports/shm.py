@@ -454,6 +454,7 @@ class _ShmLink(Link):
         self._flushed: asyncio.Future[None] | None = None
         self._put_event = endpoint._events.put
         self._events = endpoint._events
+        self._receivers = endpoint._receivers
 
     def start(self) -> None:
         """Start receiving (after the link is registered with its endpoint)."""
@@ -847,11 +848,14 @@ class _ShmLink(Link):
             self._handle = self._loop.call_soon(self._progress)
 
     def _drain_unless_down(self) -> bool:
-        """:meth:`_drain` if the link is up; False (nothing more to poll) if down."""
+        """:meth:`_drain` if the link is up; False (nothing more to poll) if down, or
+        when a message went to a receiver (as an event would end the poll)."""
         if self._down:
             return False
+        endpoint = self._endpoint
+        handed_over = endpoint._handed_over
         self._drain()
-        return True
+        return endpoint._handed_over == handed_over
 
     def _drain(self) -> int:
         """Deliver what the ring holds; the link may go down while it runs.
@@ -887,11 +891,17 @@ class _ShmLink(Link):
         if local is None or not self.alive:
             self._endpoint._on_data(self, conn_id, frames)  # the core's error handling
             return self.alive and not self._down
+        events = self._events
+        if self._receivers and not events._items:
+            receiver = self._receivers.get(local)
+            if receiver is not None:
+                self._endpoint._handed_over += 1
+                receiver(frames)  # see EndPoint.set_receiver
+                return not self._down
         # new_received and the queue's put written out: two frames less per message.
         event = _new_object(Received)
         _set_received_conn_id(event, local)
         _set_received_frames(event, frames)
-        events = self._events
         events._items.append(event)
         if events._waiters and not events._held:
             events.put_wakeup()
@@ -907,7 +917,14 @@ class _ShmLink(Link):
         local = self.incoming.get(conn_id)
         if local is None or not self.alive:
             return self._deliver(Kind.DATA, conn_id, frames)
-        self._put_event(new_received(local, self._resolve(frames)))
+        frames = self._resolve(frames)
+        if self._receivers and not self._events._items:
+            receiver = self._receivers.get(local)
+            if receiver is not None:
+                self._endpoint._handed_over += 1
+                receiver(frames)  # see EndPoint.set_receiver
+                return not self._down
+        self._put_event(new_received(local, frames))
         return not self._down
 
     def _deliver(self, kind: Kind, conn_id: int, frames: list[Any]) -> bool:
@@ -1026,6 +1043,8 @@ class _ShmLink(Link):
 
 
 class _ShmEndPoint(MultiplexedEndPoint):
+    _hands_over = True  # the links hand data to receivers (see EndPoint.set_receiver)
+
     def __init__(
         self,
         transport: ShmTransport,
@@ -1131,9 +1150,10 @@ class _ShmEndPoint(MultiplexedEndPoint):
             reader.wake()
             words = reader.words
             # The first look needs no clock: a reply is often there already.
+            handed_over = self._handed_over
             if words[_HEAD_WORD] != reader.tail and not link._down:
                 link._drain()
-            if not items:
+            if not items and self._handed_over == handed_over:
                 # No closure here: a cell variable would slow every use of it above.
                 gave_up = poller.poll_counter(
                     items, words, _HEAD_WORD, reader, link._drain_unless_down, start
@@ -1143,10 +1163,11 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 link._reader.wake()
 
             def poll_once() -> bool:
+                handed_over = self._handed_over
                 for link in links:
                     if not link._down and link._reader.pending():
                         link._drain()
-                return True
+                return self._handed_over == handed_over
 
             gave_up = poller.poll(items, poll_once, start)
         now = time.perf_counter()
