@@ -1158,6 +1158,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 gave_up = poller.poll_counter(
                     items, words, _HEAD_WORD, reader, link._drain_unless_down, start
                 )
+                now = time.perf_counter()
+            else:
+                now = start  # no spin: the first look's time will do
         else:
             for link in links:
                 link._reader.wake()
@@ -1170,7 +1173,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 return self._handed_over == handed_over
 
             gave_up = poller.poll(items, poll_once, start)
-        now = time.perf_counter()
+            now = time.perf_counter()
         for link in links:
             if not link._down:
                 if not gave_up:
