@@ -439,6 +439,10 @@ def _cancelling() -> bool:
 class MultiplexedEndPoint(EndPoint):
     """An endpoint built from links; see the module docstring."""
 
+    #: The class of the connections :meth:`connect` opens (a transport may specialise
+    #: ``send_nowait``).
+    _connection_class: type[OutgoingConnection] = OutgoingConnection
+
     #: Whether the transport's receive path hands data to receivers (set_receiver):
     #: one whose polling ends when ``_handed_over`` grows, as it ends on an event.
     _hands_over = False
@@ -684,7 +688,7 @@ class MultiplexedEndPoint(EndPoint):
                     ConnectErrorCode.FAILED, f"link to {address!r} failed while connecting"
                 )
         conn_id = next(self._next_conn_id)
-        conn = OutgoingConnection(self, link, conn_id)
+        conn = self._connection_class(self, link, conn_id)
         link.outgoing[conn_id] = conn
         link.send_control(Kind.OPEN, conn_id)
         return conn

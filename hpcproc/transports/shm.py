@@ -89,9 +89,11 @@ from ._multiplex import (
     Link,
     MultiplexedEndPoint,
     MultiplexedTransport,
+    OutgoingConnection,
     _new_object,
     _set_received_conn_id,
     _set_received_frames,
+    _State,
     new_received,
 )
 from ._shm_ring import HEAD_WORD as _HEAD_WORD
@@ -1042,7 +1044,37 @@ class _ShmLink(Link):
 # --------------------------------------------------------------------------- endpoint
 
 
+_OPEN = _State.OPEN
+
+
+class _ShmConnection(OutgoingConnection):
+    """A connection whose ``send_nowait`` writes one small pickle into the ring itself."""
+
+    __slots__ = ()
+
+    def send_nowait(self, frames: Sequence[Buffer]) -> bool:
+        # OutgoingConnection.send_nowait and the link's send_now written out for one
+        # pickle below the inline threshold (the process layer's small message): a
+        # call less per message. Anything else, a full ring or an error takes the
+        # general path (which meets the same error again and reports it).
+        link: _ShmLink = self._link  # type: ignore[assignment]
+        if self._state is _OPEN and len(frames) == 1 and not link._down and not link._queue:
+            frame = frames[0]
+            if type(frame) is bytes and len(frame) < link._threshold:
+                try:
+                    sent = link._writer.send_one(self._id, frame, len(frame))
+                except (RingError, ValueError):
+                    sent = 0
+                if sent:
+                    link.sent = True
+                    if sent == 2:
+                        link._signal(_MSG_WAKE)
+                    return True
+        return OutgoingConnection.send_nowait(self, frames)
+
+
 class _ShmEndPoint(MultiplexedEndPoint):
+    _connection_class = _ShmConnection
     _hands_over = True  # the links hand data to receivers (see EndPoint.set_receiver)
 
     def __init__(
