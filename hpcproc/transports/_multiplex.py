@@ -571,6 +571,12 @@ class MultiplexedEndPoint(EndPoint):
             if link.alive and not self._closed:
                 self._protocol_violation(link, f"data on unknown connection {conn_id}")
             return
+        if self._receivers and not self._events._items:
+            receiver = self._receivers.get(local)
+            if receiver is not None:
+                self._handed_over += 1
+                receiver(frames)  # see EndPoint.set_receiver
+                return
         self._events.put(new_received(local, frames))
 
     def _on_close(self, link: Link, conn_id: int) -> None:

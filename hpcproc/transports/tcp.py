@@ -1039,6 +1039,7 @@ def _instance_of(address: bytes) -> bytes | None:
 
 class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
     _poller: IdlePoller | None = None
+    _hands_over = True  # its polls end on a message handed over (see _poll_links)
 
     async def receive(self) -> Event:
         """See :meth:`EndPoint.receive`; may first poll the links (module docstring)."""
@@ -1060,14 +1061,17 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
         return (type(link) is _TcpLink or type(link) is _TlsLink) and not link._in_process
 
     def _poll_links(self) -> bool:
+        """Read what the links hold; False when there was nothing to poll, or a
+        message went to a receiver (which ends a poll as an event does)."""
         polled = False
+        handed_over = self._handed_over
         link: _TcpLink
         links = self._polled
         for link in links if links is not None else self._polled_links():  # type: ignore[assignment]
             if not link._dead:
                 link._on_readable()
                 polled = True
-        return polled
+        return polled and self._handed_over == handed_over
 
     async def _open_channel(self, remote: EndPointAddress, target: TcpAddress) -> _SocketChannel:
         family, proto, sockaddr = await resolve(target)
