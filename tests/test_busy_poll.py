@@ -177,7 +177,7 @@ def test_polls_that_keep_finding_work_still_let_the_loop_run_every_fair_streak()
         assert turns.count(False) == 2 and not turns[FAIR_STREAK] and not turns[-1]
         results = []
         for _ in range(2 * (FAIR_STREAK + 1)):
-            results.append(poller.turn_and_poll(events._items, poll_once))
+            results.append(poller.turn_and_poll(events._items, lambda _arg: poll_once(), None))
             events._items.clear()
         assert results.count(-1.0) == 2 and results[FAIR_STREAK] == -1.0
 

@@ -135,7 +135,6 @@ import asyncio
 import atexit
 import contextlib
 import enum
-import functools
 import itertools
 import logging
 import struct
@@ -1107,7 +1106,8 @@ class _MpiEndPoint(MultiplexedEndPoint):
         self._poller = IdlePoller(loop, opts.busy_poll_us)
         #: The poller gave the loop its turn (see :meth:`receive`).
         self._fair_turn = False
-        self._take_one = functools.partial(engine.take_one, self)
+        #: The engine's one-probe step, called as ``take_one(self)`` every turn of a spin.
+        self._take_one = engine.take_one
 
     # ------------------------------------------------------------------ waiting
 
@@ -1163,7 +1163,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
             return 0.0
         pump = self.engine.pump_for(self.loop)
         hot = pump.hot_handle() if pump is not None else None
-        gave_up = poller.turn_and_poll(self._events._items, self._take_one, hot)
+        gave_up = poller.turn_and_poll(self._events._items, self._take_one, self, hot)
         if gave_up < 0:
             self._fair_turn = True
             return 0.0
