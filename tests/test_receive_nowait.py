@@ -24,6 +24,7 @@ TRANSPORTS = [
     "inmemory",
     "tcp",
     "shm",
+    "shm+tcp",  # routing: both endpoints on this host, so over its shm sub-endpoint
     # base.py's default receive_nowait (nothing at once): the same promises hold.
     pytest.param(
         "teststreams",
