@@ -359,7 +359,6 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         an instance of ``type_``, returned as is. ``None`` on timeout.
         """
         mb = self._mailbox
-        polled = False  # the endpoint was just polled, and had nothing
         if self.pending_signal is not None:
             self.check_signal()
         elif mb and type_ is not None:
@@ -382,8 +381,6 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             if event is not None:
                 node.handle_event(event)
                 del event
-            else:
-                polled = True
             # The event's message, or one handed over directly while polling:
             mb = self._mailbox
             if mb and self.pending_signal is None:
@@ -444,10 +441,6 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 node = self.node
                 poll = node.receive_nowait
                 seen = node.direct_deliveries
-                if polled:
-                    # The fast path above polled a moment ago: not a second budget.
-                    polled = False
-                    poll = None
                 event = poll() if poll is not None else None
                 if event is not None:
                     node.handle_event(event)
