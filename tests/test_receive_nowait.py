@@ -25,6 +25,14 @@ TRANSPORTS = [
     "tcp",
     "shm",
     "shm+tcp",  # routing: both endpoints on this host, so over its shm sub-endpoint
+    # A singleton MPI (not the id "mpi": pytest-mpi skips that keyword outside mpiexec).
+    pytest.param(
+        "mpi",
+        id="mpi-singleton",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed"
+        ),
+    ),
     # base.py's default receive_nowait (nothing at once): the same promises hold.
     pytest.param(
         "teststreams",

@@ -563,14 +563,16 @@ class _Engine:
     def take_one(self, endpoint: _MpiEndPoint) -> bool:
         """``progress(False)`` for a receiver spinning on ``endpoint`` (on its loop):
         first what other threads took for it, then one probe, a small DATA message for
-        it going straight to its event queue. False once the engine is shut down
-        (nothing left to poll)."""
+        it going straight to its event queue (or its receiver). False once the engine
+        is shut down, or a message went to one of the endpoint's receivers (which ends
+        a poll as an event does: see ``EndPoint.set_receiver``)."""
+        handed_over = endpoint._handed_over
         if endpoint._inbox:
             endpoint._drain_inbox()
-            return True
+            return endpoint._handed_over == handed_over
         if self._send_reqs or self._recv_reqs:  # read unlocked: only a hint
             self.progress(False, endpoint)
-            return not self.closed
+            return not self.closed and endpoint._handed_over == handed_over
         # progress(False, endpoint)'s idle case written out: this runs once per turn
         # of the spin, and a frame less per turn is a reply seen sooner.
         with self.lock:
@@ -586,7 +588,7 @@ class _Engine:
         self.last_activity = time.monotonic()
         for msg in ready:
             self._route(msg)
-        return True
+        return endpoint._handed_over == handed_over
 
     def _sort_out(
         self, ready: list[_Inbound], loop: asyncio.AbstractEventLoop | None
@@ -1085,6 +1087,7 @@ class _PendingConnect:
 
 
 class _MpiEndPoint(MultiplexedEndPoint):
+    _hands_over = True  # its polls (take_one) end on a message handed over
     def __init__(
         self,
         engine: _Engine,
@@ -1198,6 +1201,12 @@ class _MpiEndPoint(MultiplexedEndPoint):
         if local is None:
             return False
         link.heard = True  # the heartbeat's sign of life
+        if self._receivers and not self._events._items:
+            receiver = self._receivers.get(local)
+            if receiver is not None:
+                self._handed_over += 1
+                receiver([frame])  # see EndPoint.set_receiver
+                return True
         self._events.put(new_received(local, [frame]))
         return True
 
