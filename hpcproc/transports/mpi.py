@@ -1088,6 +1088,7 @@ class _PendingConnect:
 
 class _MpiEndPoint(MultiplexedEndPoint):
     _hands_over = True  # its polls (take_one) end on a message handed over
+
     def __init__(
         self,
         engine: _Engine,

@@ -94,7 +94,6 @@ from ._multiplex import (
     _set_received_conn_id,
     _set_received_frames,
     _State,
-    new_received,
 )
 from ._shm_ring import HEAD_WORD as _HEAD_WORD
 from ._shm_ring import (
@@ -454,7 +453,6 @@ class _ShmLink(Link):
         #: Why the peer went away, noticed in the middle of a drain.
         self._gone: str | None = None
         self._flushed: asyncio.Future[None] | None = None
-        self._put_event = endpoint._events.put
         self._events = endpoint._events
         self._receivers = endpoint._receivers
 
@@ -913,21 +911,11 @@ class _ShmLink(Link):
         self, conn_id: int, head: memoryview | None, seg_id: int, off: int, n: int
     ) -> bool:
         """A DATA record of one frame held in a segment, after an inline ``head`` frame
-        or alone (the ring's fast path)."""
+        or alone (the ring reports these apart from other records)."""
         ref = (seg_id, off, n)
         frames: list[Any] = [ref] if head is None else [head, ref]
-        local = self.incoming.get(conn_id)
-        if local is None or not self.alive:
-            return self._deliver(Kind.DATA, conn_id, frames)
-        frames = self._resolve(frames)
-        if self._receivers and not self._events._items:
-            receiver = self._receivers.get(local)
-            if receiver is not None:
-                self._endpoint._handed_over += 1
-                receiver(frames)  # see EndPoint.set_receiver
-                return not self._down
-        self._put_event(new_received(local, frames))
-        return not self._down
+        # The general path: a segment costs far more than its one lookup and call.
+        return self._deliver(Kind.DATA, conn_id, frames)
 
     def _deliver(self, kind: Kind, conn_id: int, frames: list[Any]) -> bool:
         endpoint = self._endpoint
