@@ -118,7 +118,7 @@ class Controller:
                 raise error(f"cannot send the request to node {nid}: {exc}") from exc
             # As a process waiting in receive does: take the reply (and whatever comes
             # before it) from the endpoint ourselves while the loop is otherwise idle.
-            poll = node.poll_inline
+            poll = node.incoming.poll_inline
             while not fut.done() and poll():
                 pass
             if timeout is None or fut.done():

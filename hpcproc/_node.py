@@ -10,15 +10,18 @@ and wires together one object per concern:
 ``node.registry``      names of processes (:mod:`._registry`)
 ``node.remote``        outgoing traffic: process-pair connections and the control
                        queue to each node (:mod:`._remote`)
+``node.incoming``      incoming traffic: connections from other nodes, their
+                       messages to processes or the controller (:mod:`._incoming`)
 ``node.controller``    incoming control messages (a dispatch table by message type)
                        and requests to other nodes (:mod:`._controller`)
 =====================  ==========================================================
 
-The dispatcher task reads the endpoint's single event queue: a message on a
-process-pair connection goes into its process's mailbox (dropped if the process has
-ended), one on a controller connection to the controller. A process waiting in
-``receive`` may take events from the endpoint itself (:meth:`Node.poll_inline`); they
-are handled in the order the endpoint hands them out, whoever takes them.
+The dispatcher task reads the endpoint's single event queue and hands each event to
+``node.incoming``: a message on a process-pair connection goes into its process's
+mailbox (dropped if the process has ended), one on a controller connection to the
+controller. A process waiting in ``receive`` may take events from the endpoint itself
+(``node.incoming.poll_inline``); they are handled in the order the endpoint hands them
+out, whoever takes them.
 
 Failure. A transport reports ``CONNECTION_LOST(peer)`` once per bundle; the node then
 fires every link and monitor its processes hold on the peer's processes (and on the
@@ -34,8 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from pickle import UnpicklingError, loads
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import _control as ctl
@@ -44,6 +46,7 @@ from ._controller import Controller
 from ._copying import copy_message
 from ._host import host_name
 from ._ids import MonitorRef, NodeId, Pid
+from ._incoming import Incoming
 from ._introspection import Introspection
 from ._logger import LOGGER_NAME, LogRecord, logger_main, stderr_sink
 from ._process import Kill, Process
@@ -58,18 +61,12 @@ from ._signals import (
 )
 from ._spawning import Spawner, fn_name
 from ._watches import Watches
-from .serialization import deserialize
 from .transports.base import (
-    ConnectionClosed,
-    ConnectionOpened,
     EndPoint,
     EndPointClosed,
     EndPointClosedError,
-    ErrorEvent,
-    Event,
     EventError,
     EventErrorCode,
-    Received,
     Transport,
 )
 
@@ -92,17 +89,6 @@ class ProcessKilledError(Exception):
     """``Node.run``'s process was killed (``kill``, node close) before returning."""
 
 
-class _Incoming:
-    """What an incoming connection carries; bound by its first message."""
-
-    __slots__ = ("dest", "kind", "node")
-
-    def __init__(self, node: NodeId) -> None:
-        self.node = node
-        self.kind = 0
-        self.dest = 0
-
-
 class Node:
     """A node: runs processes and connects them to the processes of other nodes.
 
@@ -119,8 +105,8 @@ class Node:
     through this node's logger: ``"unwatched"`` (default) when no link or monitor is
     told of the death, ``"always"``, or ``"never"``.
 
-    The attributes ``spawner``, ``watches``, ``registry``, ``remote`` and
-    ``controller`` are the node's parts (see the module docstring), for the process
+    The attributes ``spawner``, ``watches``, ``registry``, ``remote``, ``incoming``
+    and ``controller`` are the node's parts (see the module docstring), for the process
     layer's own use.
     """
 
@@ -154,16 +140,9 @@ class Node:
         #: ``local_process(lid)``: the live process with local id ``lid``, or None
         #: (the process table's ``get``, bound: no Python frame on the local send path).
         self.local_process: Callable[[int], Process | None] = self._procs.get
-        self._incoming: dict[int, _Incoming] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        #: The endpoint's ``receive_nowait`` once started (see :meth:`poll_inline`; a
-        #: process waiting in ``receive`` calls it directly, then :meth:`handle_event`).
-        self.receive_nowait: Callable[[], Event | None] | None = None
-        #: Messages the endpoint handed to a process directly (see
-        #: :meth:`_receive_directly`): a receive that polled tells by this count.
-        self.direct_deliveries = 0
         self._started = False
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -172,7 +151,8 @@ class Node:
         self.registry = Registry(self, self._procs)
         self.remote = RemoteSender(self)
         self.controller = Controller(self)
-        self.introspection = Introspection(self, self._procs, self._incoming)
+        self.incoming = Incoming(self, self._procs, self._on_error)
+        self.introspection = Introspection(self, self._procs, self.incoming.connections)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -220,7 +200,7 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
         self._dispatcher = self._loop.create_task(self._dispatch(), name="hpcproc-dispatcher")
-        self.receive_nowait = self._endpoint.receive_nowait
+        self.incoming.open(self._endpoint)
         self.spawner.open(self._node_id, self._loop)
         logger = self.spawner.spawn_local(logger_main, (self._log_sink,))
         self.registry.register(LOGGER_NAME, logger.pid)
@@ -412,7 +392,7 @@ class Node:
     async def _dispatch(self) -> None:
         assert self._endpoint is not None
         endpoint = self._endpoint
-        handle = self.handle_event
+        handle = self.incoming.handle_event
         while True:
             try:
                 event = await endpoint.receive()
@@ -425,85 +405,6 @@ class Node:
             # freed as soon as its receiver lets go of them.
             del event
 
-    def handle_event(self, event: Event) -> None:
-        """Act on one endpoint event (never ``EndPointClosed``); never raises.
-
-        Run by the dispatcher task, and by a process waiting in ``receive`` that took
-        the event itself (:meth:`poll_inline`): events are handled in the order the
-        endpoint hands them out, whoever takes them.
-        """
-        try:
-            kind = type(event)
-            if kind is Received:
-                st = self._incoming.get(event.conn_id)  # type: ignore[union-attr]
-                if st is None:
-                    return
-                frames = event.frames  # type: ignore[union-attr]
-                if st.kind == 0:
-                    st.kind, st.dest, _ = ctl.parse_bind(frames[0])
-                    frames = frames[1:]
-                    if st.kind == ctl.PROCESS:
-                        self._receive_directly(event.conn_id, st.dest)  # type: ignore[union-attr]
-                if st.kind == ctl.PROCESS:
-                    proc = self._procs.get(st.dest)
-                    if proc is not None:
-                        proc.deliver(deserialize(frames))
-                else:
-                    self.controller.handle(st.node, deserialize(frames))
-            elif kind is ConnectionOpened:
-                self._incoming[event.conn_id] = _Incoming(NodeId(event.remote_address))  # type: ignore[union-attr]
-            elif kind is ConnectionClosed:
-                self._incoming.pop(event.conn_id, None)  # type: ignore[union-attr]
-            elif kind is ErrorEvent:
-                self._on_error(event.error)  # type: ignore[union-attr]
-        except Exception:
-            log.exception("hpcproc dispatcher: dropping a malformed or failing event")
-
-    def _receive_directly(self, conn_id: int, dest: int) -> None:
-        """Have the endpoint hand the later messages of incoming connection ``conn_id``
-        (bound to process ``dest``) to that process at once, where it can
-        (``EndPoint.set_receiver``): no event, no queue, no dispatcher woken; the
-        order is the endpoint's to keep. Messages still queued as events are handled
-        by :meth:`handle_event` as before."""
-        assert self._endpoint is not None
-        procs = self._procs
-
-        def receive(frames: Sequence[memoryview]) -> None:
-            self.direct_deliveries += 1
-            proc = procs.get(dest)
-            if proc is None:
-                return  # the process ended: dropped, as handle_event drops it
-            try:
-                try:
-                    # deserialize's one-frame fast path written out: a call less per message.
-                    msg = loads(frames[0]) if len(frames) == 1 else deserialize(frames)
-                except UnpicklingError:
-                    msg = deserialize(frames)  # its general path, or its error
-                proc.deliver(msg)
-            except Exception:
-                log.exception("hpcproc node: dropping a malformed message for %r", proc.pid)
-
-        self._endpoint.set_receiver(conn_id, receive)
-
-    def poll_inline(self) -> bool:
-        """Take and handle one event without suspending, if the endpoint has one soon.
-
-        Called by a process about to wait in ``receive``: when the event loop has
-        nothing else to run, the transport polls its links in place for a bounded
-        time (as the dispatcher's ``receive`` would), and the reply the process waits
-        for is delivered without a trip round the event loop. True if an event was
-        handled, or the endpoint handed a message to a process directly.
-        """
-        poll = self.receive_nowait
-        if poll is None:
-            return False
-        seen = self.direct_deliveries
-        event = poll()
-        if event is None:
-            return self.direct_deliveries != seen  # a message went straight to a process
-        self.handle_event(event)
-        return True
-
     def _on_error(self, error: EventError) -> None:
         if error.code is EventErrorCode.CONNECTION_LOST and error.remote_address is not None:
             self.node_lost(NodeId(error.remote_address), DiedDisconnect())
@@ -515,8 +416,7 @@ class Node:
     def node_lost(self, nid: NodeId, reason: DiedReason) -> None:
         """Communication with ``nid`` failed (or it closed): drop its connections, fail
         the requests to it and fire every watch on it with ``reason``."""
-        for cid in [c for c, st in self._incoming.items() if st.node == nid]:
-            del self._incoming[cid]
+        self.incoming.drop_node(nid)
         self.remote.drop_node(nid)
         self.controller.fail_requests(nid, f"lost connection to node {nid}")
         self.watches.node_lost(nid, reason)

@@ -375,11 +375,11 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             # expect with an empty mailbox (a reply awaited): take what the endpoint
             # has first, as the loop below would, without the loop's set-up. The
             # general path below takes over unless the message is for us and first.
-            node = self.node
-            poll = node.receive_nowait
+            incoming = self.node.incoming
+            poll = incoming.receive_nowait
             event = poll() if poll is not None else None
             if event is not None:
-                node.handle_event(event)
+                incoming.handle_event(event)
                 del event
             # The event's message, or one handed over directly while polling:
             mb = self._mailbox
@@ -437,18 +437,18 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 # polling budget while the loop is idle) ourselves: a reply then
                 # costs no trip round the event loop. Handling an event for another
                 # process wakes it, and the next poll then declines (loop not idle).
-                # (Node.poll_inline written out: a frame less per wait.)
-                node = self.node
-                poll = node.receive_nowait
-                seen = node.direct_deliveries
+                # (Incoming.poll_inline written out: a frame less per wait.)
+                incoming = self.node.incoming
+                poll = incoming.receive_nowait
+                seen = incoming.direct_deliveries
                 event = poll() if poll is not None else None
                 if event is not None:
-                    node.handle_event(event)
+                    incoming.handle_event(event)
                     del event
                     if self.pending_signal is not None:
                         self.check_signal()  # an exit signal the event brought us
                     continue
-                if node.direct_deliveries != seen:
+                if incoming.direct_deliveries != seen:
                     continue  # a message went straight to a process (maybe this one)
                 fut = loop.create_future()
                 w = self._waiter

@@ -1,0 +1,165 @@
+"""Incoming traffic: the connections other nodes opened to this one, and their messages.
+
+Every incoming connection starts with a bind frame (:mod:`._control`) that says what
+it carries: the messages of one process pair (then each goes into the receiving
+process's mailbox, dropped if the process has ended) or control messages (then each
+goes to the node's controller). :meth:`Incoming.handle_event` acts on one endpoint
+event; the node's dispatcher task calls it, and so does a process waiting in
+``receive`` that took the event from the endpoint itself (:meth:`Incoming.poll_inline`):
+events are handled in the order the endpoint hands them out, whoever takes them.
+
+Once a connection is bound to a process, the endpoint is asked to hand that
+connection's later messages to the process at once (``EndPoint.set_receiver``): no
+event, no queue, no dispatcher woken. The endpoint keeps them in order with its events.
+
+Everything here runs on the event loop thread of the node; nothing is thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pickle import UnpicklingError, loads
+from typing import TYPE_CHECKING
+
+from . import _control as ctl
+from ._ids import NodeId
+from .serialization import deserialize
+from .transports.base import (
+    ConnectionClosed,
+    ConnectionOpened,
+    EndPoint,
+    ErrorEvent,
+    Event,
+    EventError,
+    Received,
+)
+
+if TYPE_CHECKING:
+    from ._node import Node
+    from ._process import Process
+
+__all__ = ["Incoming", "IncomingConnection"]
+
+log = logging.getLogger("hpcproc")
+
+
+class IncomingConnection:
+    """What an incoming connection carries; bound by its first message."""
+
+    __slots__ = ("dest", "kind", "node")
+
+    def __init__(self, node: NodeId) -> None:
+        self.node = node
+        self.kind = 0
+        self.dest = 0
+
+
+class Incoming:
+    """The node's incoming connections, by connection id, and what to do with their data.
+
+    ``on_error`` is told of every endpoint error event (the node's failure handling).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        procs: dict[int, Process],
+        on_error: Callable[[EventError], None],
+    ) -> None:
+        self._node = node
+        self._procs = procs
+        self._on_error = on_error
+        #: The open incoming connections by connection id.
+        self.connections: dict[int, IncomingConnection] = {}
+        self._endpoint: EndPoint | None = None
+        #: The endpoint's ``receive_nowait`` once opened (a process waiting in
+        #: ``receive`` calls it directly, then :meth:`handle_event`).
+        self.receive_nowait: Callable[[], Event | None] | None = None
+        #: Messages the endpoint handed to a process directly: a receive that polled
+        #: tells by this count whether its poll delivered something.
+        self.direct_deliveries = 0
+
+    def open(self, endpoint: EndPoint) -> None:
+        """Start taking the data of ``endpoint`` (the node's, once it is started)."""
+        self._endpoint = endpoint
+        self.receive_nowait = endpoint.receive_nowait
+
+    def handle_event(self, event: Event) -> None:
+        """Act on one endpoint event (never ``EndPointClosed``); never raises."""
+        try:
+            kind = type(event)
+            if kind is Received:
+                st = self.connections.get(event.conn_id)  # type: ignore[union-attr]
+                if st is None:
+                    return
+                frames = event.frames  # type: ignore[union-attr]
+                if st.kind == 0:
+                    st.kind, st.dest, _ = ctl.parse_bind(frames[0])
+                    frames = frames[1:]
+                    if st.kind == ctl.PROCESS:
+                        self._receive_directly(event.conn_id, st.dest)  # type: ignore[union-attr]
+                if st.kind == ctl.PROCESS:
+                    proc = self._procs.get(st.dest)
+                    if proc is not None:
+                        proc.deliver(deserialize(frames))
+                else:
+                    self._node.controller.handle(st.node, deserialize(frames))
+            elif kind is ConnectionOpened:
+                peer = NodeId(event.remote_address)  # type: ignore[union-attr]
+                self.connections[event.conn_id] = IncomingConnection(peer)  # type: ignore[union-attr]
+            elif kind is ConnectionClosed:
+                self.connections.pop(event.conn_id, None)  # type: ignore[union-attr]
+            elif kind is ErrorEvent:
+                self._on_error(event.error)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("hpcproc dispatcher: dropping a malformed or failing event")
+
+    def _receive_directly(self, conn_id: int, dest: int) -> None:
+        """Have the endpoint hand the later messages of incoming connection ``conn_id``
+        (bound to process ``dest``) to that process at once, where it can
+        (``EndPoint.set_receiver``); the order is the endpoint's to keep. Messages
+        still queued as events are handled by :meth:`handle_event` as before."""
+        assert self._endpoint is not None
+        procs = self._procs
+
+        def receive(frames: Sequence[memoryview]) -> None:
+            self.direct_deliveries += 1
+            proc = procs.get(dest)
+            if proc is None:
+                return  # the process ended: dropped, as handle_event drops it
+            try:
+                try:
+                    # deserialize's one-frame fast path written out: a call less per message.
+                    msg = loads(frames[0]) if len(frames) == 1 else deserialize(frames)
+                except UnpicklingError:
+                    msg = deserialize(frames)  # its general path, or its error
+                proc.deliver(msg)
+            except Exception:
+                log.exception("hpcproc node: dropping a malformed message for %r", proc.pid)
+
+        self._endpoint.set_receiver(conn_id, receive)
+
+    def poll_inline(self) -> bool:
+        """Take and handle one event without suspending, if the endpoint has one soon.
+
+        Called by a process about to wait in ``receive``: when the event loop has
+        nothing else to run, the transport polls its links in place for a bounded
+        time (as the dispatcher's ``receive`` would), and the reply the process waits
+        for is delivered without a trip round the event loop. True if an event was
+        handled, or the endpoint handed a message to a process directly.
+        """
+        poll = self.receive_nowait
+        if poll is None:
+            return False
+        seen = self.direct_deliveries
+        event = poll()
+        if event is None:
+            return self.direct_deliveries != seen  # a message went straight to a process
+        self.handle_event(event)
+        return True
+
+    def drop_node(self, nid: NodeId) -> None:
+        """Forget the incoming connections from ``nid`` (it was lost)."""
+        for cid in [c for c, st in self.connections.items() if st.node == nid]:
+            del self.connections[cid]
