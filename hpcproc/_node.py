@@ -344,6 +344,7 @@ class Node:
     def _process_exited(self, proc: Process) -> None:
         """Done callback of every process: forget it and tell whoever must know."""
         self._procs.pop(proc.pid[1], None)
+        proc.release_body()
         if proc.names:
             self.registry.process_ended(proc)
         if proc.conns:

@@ -10,8 +10,10 @@ test runs on each transport of :data:`LOCAL`: the in-memory transport, and
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import sys
+import weakref
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -401,6 +403,70 @@ def test_spawn_terminate_1000_local_spawns_all_end() -> None:
     normal, processes = run(body)
     assert normal == 1000
     assert processes == 2  # this process and the logger
+
+
+def test_an_ended_process_is_freed_without_the_cycle_collector() -> None:
+    # A reference cycle through an ended process (its body, its context) leaves it to
+    # the cyclic garbage collector, whose passes over thousands of ended processes
+    # halved the spawn rate: with the collector off, dropping the last reference must
+    # free the process (and what it holds) at once.
+    freed: list[bool] = []
+
+    async def main() -> None:
+        node = await hp.Node(new_transport()).start()
+        try:
+
+            async def body() -> None:
+                pid = hp.spawn_local(ends_normally)
+                proc = node.local_process(pid.lid)
+                assert proc is not None
+                ref = await hp.monitor(pid)
+                await expect_notification(ref)
+                gone = weakref.ref(proc)
+                del proc
+                freed.append(gone() is None)
+
+            await asyncio.wait_for(node.run(body), TIMEOUT)
+        finally:
+            await node.close()
+
+    gc.collect()
+    gc.disable()
+    try:
+        asyncio.run(main())
+    finally:
+        gc.enable()
+    assert freed == [True]
+
+
+def test_a_task_that_outlives_its_process_is_told_which_process_ended() -> None:
+    async def body() -> str:
+        started = asyncio.Event()
+        go = asyncio.Event()
+        outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def late() -> None:
+            started.set()
+            await go.wait()
+            try:
+                hp.self_pid()
+            except hp.NotInProcessError as exc:
+                outcome.set_result(str(exc))
+            else:
+                outcome.set_result("no error")
+
+        async def parent() -> None:
+            asyncio.get_running_loop().create_task(late())
+            await started.wait()
+
+        pid = hp.spawn_local(parent)
+        ref = await hp.monitor(pid)
+        await expect_notification(ref)
+        go.set()
+        text = await asyncio.wait_for(outcome, WAIT)
+        return text.replace(repr(pid), "PID")
+
+    assert run(body) == "this task acts for process PID, which has ended"
 
 
 def test_spawn_invalid_non_async_function_names_function_and_node() -> None:
