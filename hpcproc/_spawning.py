@@ -16,6 +16,7 @@ reply is handled: either way before any ``Died`` for it can arrive.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import itertools
 import pickle
@@ -46,6 +47,11 @@ def fn_name(fn: Any) -> str:
         module = module[len(_RUN_FILE_PREFIX) :]  # a file hpcproc.run loaded: its stem
     return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"
 
+
+#: The context every process's exit callback runs in: it reads no context variable,
+#: and a shared one spares each spawn the copy of the spawner's context that
+#: ``add_done_callback`` would make (an object for the cyclic collector to track).
+_EXIT_CONTEXT = contextvars.Context()
 
 #: The module name prefix hpcproc.run gives a ``file.py:function`` entry's module.
 _RUN_FILE_PREFIX = "_hpcproc_main_"
@@ -110,7 +116,7 @@ class Spawner:
                 assert type(watch) is Pid
                 proc.watchers = {Link(watch, pid): None}
         self._procs[lid] = proc
-        proc.add_done_callback(self._on_exit)
+        proc.add_done_callback(self._on_exit, context=_EXIT_CONTEXT)
         return proc
 
     async def spawn(
