@@ -499,7 +499,9 @@ def new_process(
     A factory rather than ``__init__``: the C ``Task.__init__`` runs directly, and
     the slots are filled here, which makes spawning measurably cheaper.
     """
-    body = _Body(coro)  # type: ignore[abstract]
+    body = _new_body(_Body)  # type: ignore[type-abstract]  # (no __init__ frame)
+    body._coro = coro
+    body.pid = pid
     if _TASK_CONTEXT:
         # The process's context made here, already holding its body: no Python frame
         # at the first step, and the body never refers to itself (see _Body).
@@ -511,7 +513,6 @@ def new_process(
         body.send = body._first_send  # type: ignore[method-assign]
         proc = Process(body, loop=loop)
     body.proc = proc
-    body.pid = pid
     proc.node = node
     proc.pid = pid
     proc._mailbox = None
@@ -562,10 +563,9 @@ class _Body(Coroutine[Any, Any, Any]):
 
     __slots__ = ("_coro", "pid", "proc", "send")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
-        self._coro = coro
-        self.proc: Process | None = None
-        self.pid: Pid | None = None
+    _coro: Coroutine[Any, Any, Any]
+    pid: Pid
+    proc: Process | None
 
     def _first_send(self, value: Any) -> Any:
         # (Python 3.10, whose tasks take no context: the first step enters it.)
@@ -597,6 +597,7 @@ class _Body(Coroutine[Any, Any, Any]):
 
 
 _BODY_CODES = (_Body.throw.__code__,)
+_new_body = object.__new__
 
 
 async def _handle(m: Matcher, msg: Any) -> Any:
