@@ -150,7 +150,15 @@ import numpy as np
 from ..mpi_init import import_mpi
 from ._busy_poll import IdlePoller, check_budget
 from ._idle_pool import IdleTrimmer, idle_seconds
-from ._multiplex import Kind, Link, MultiplexedEndPoint, MultiplexedTransport, new_received
+from ._multiplex import (
+    Kind,
+    Link,
+    MultiplexedEndPoint,
+    MultiplexedTransport,
+    OutgoingConnection,
+    _State,
+    new_received,
+)
 from .base import (
     Buffer,
     ConnectError,
@@ -1086,7 +1094,50 @@ class _PendingConnect:
         self.future = future
 
 
+_CONN_OPEN = _State.OPEN
+
+
+class _MpiConnection(OutgoingConnection):
+    """A connection whose ``send_nowait`` posts one small pickle itself."""
+
+    __slots__ = ()
+
+    def send_nowait(self, frames: Sequence[Buffer]) -> bool:
+        # OutgoingConnection.send_nowait and the link's send_now written out for one
+        # pickle of at most inline_max bytes (the process layer's small message): a
+        # call less per message, no memoryview. Anything else takes the general path.
+        link: _MpiLink = self._link  # type: ignore[assignment]
+        if self._state is _CONN_OPEN and len(frames) == 1 and not link.finished:
+            frame = frames[0]
+            if type(frame) is bytes:
+                ep = link.endpoint
+                n = len(frame)
+                if n <= ep.opts.inline_max:
+                    engine = ep.engine
+                    data = (
+                        _ONE.pack(
+                            _DATA, _FLAG_INLINE, 0, 1, ep.endpoint_id, link.remote_ep,
+                            link.gen, self._id, n,
+                        )
+                        + frame
+                    )  # fmt: skip
+                    with engine.lock:
+                        reqs = engine._send_reqs
+                        if not engine.closed and len(reqs) < _MAX_UNTRACKED:
+                            link.sent = True
+                            try:
+                                req = engine.comm.Isend(data, link.rank, _TAG)
+                                if not req.Test():
+                                    reqs.append(req)
+                                    engine._send_ops.append(None)
+                            except Exception as exc:
+                                raise self._bundle_failed(exc) from exc
+                            return True
+        return OutgoingConnection.send_nowait(self, frames)
+
+
 class _MpiEndPoint(MultiplexedEndPoint):
+    _connection_class = _MpiConnection
     _hands_over = True  # its polls (take_one) end on a message handed over
 
     def __init__(
