@@ -33,6 +33,15 @@ TRANSPORTS = [
             importlib.util.find_spec("mpi4py") is None, reason="mpi4py is not installed"
         ),
     ),
+    pytest.param(
+        "ucx",
+        marks=[
+            pytest.mark.ucx,
+            pytest.mark.skipif(
+                importlib.util.find_spec("ucxx") is None, reason="ucxx is not installed"
+            ),
+        ],
+    ),
     # base.py's default receive_nowait (nothing at once): the same promises hold.
     pytest.param(
         "teststreams",

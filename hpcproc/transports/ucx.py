@@ -898,6 +898,10 @@ class _UcxChannel(SetupChannel["_UcxEndPoint"]):
 
 
 class _UcxEndPoint(DialingEndPoint["UcxTransport"]):
+    # Data reaches the core's _on_data from the engine's loop callbacks (there is no
+    # in-place poll to end), so handing it to receivers needs nothing more here.
+    _hands_over = True  # see EndPoint.set_receiver
+
     async def _open_channel(self, remote: EndPointAddress, target: UcxAddress) -> _UcxChannel:
         engine = self._transport._engine
         assert engine is not None
