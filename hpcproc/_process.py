@@ -551,9 +551,9 @@ class _Body(Coroutine[Any, Any, Any]):
     throws a cancellation into the *outermost* coroutine, which delegates the throw
     to the innermost: this is the only place where it can be swapped.)
 
-    ``send`` is a slot, not a method: after the first step (which enters the
-    process's context, see :func:`current`) it holds the wrapped coroutine's own C
-    ``send``, so that the task's every step costs no Python frame here.
+    ``send`` is a slot, not a method: it holds the wrapped coroutine's own C ``send``
+    (on Python 3.10, from the second step: the first enters the process's context,
+    see :func:`current`), so that the task's every step costs no Python frame here.
 
     The process's context holds the body (:data:`_CURRENT`), and the body the process
     until it ends (:meth:`Process.release_body`): no reference cycle outlives the
