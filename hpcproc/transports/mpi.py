@@ -1046,10 +1046,19 @@ class _MpiLink(Link):
         if op is None:
             return
         future = op.future
-        self.inflight.add(future)
-        future.add_done_callback(self.inflight.discard)
+        # Spin for the completion in this task first: most sends complete within the
+        # budget, and then need no task, timer or trip round the loop that the bounded
+        # wait below costs (asyncio.wait_for wraps a coroutine in a task): a 256 KiB
+        # round trip of the raw transport measured 124-132 us before, 96-101 us after.
+        inflight = self.inflight  # (failed at once if the link goes down meanwhile)
+        inflight.add(future)
+        if ep._spin(future):
+            inflight.discard(future)
+            future.result()  # (the send's error, if it failed)
+            return
+        future.add_done_callback(inflight.discard)
         try:
-            await asyncio.wait_for(ep._wait(future), ep.opts.send_timeout)
+            await asyncio.wait_for(ep._wait(future, spun=True), ep.opts.send_timeout)
         except asyncio.TimeoutError:
             # A peer rank that stopped progressing (or died: MPI cannot tell).
             raise ConnectionError(
@@ -1166,14 +1175,14 @@ class _MpiEndPoint(MultiplexedEndPoint):
 
     # ------------------------------------------------------------------ waiting
 
-    async def _wait(self, future: asyncio.Future[Any]) -> Any:
+    def _spin(self, future: asyncio.Future[Any]) -> bool:
         """Spin on progress for up to ``busy_poll_us`` if no other task is runnable,
-        then let the pump wake us."""
+        until ``future`` is done; whether it is. Never suspends."""
         if not future.done():
             engine = self.engine
-            pump = engine.pump_for(self.loop)
             poller = self._poller
             if poller.enabled:
+                pump = engine.pump_for(self.loop)
                 progress = engine.progress
 
                 def step() -> bool:
@@ -1181,7 +1190,13 @@ class _MpiEndPoint(MultiplexedEndPoint):
                     return future.done()
 
                 poller.spin(step, pump.hot_handle() if pump is not None else None)
-            if not future.done() and pump is not None:
+        return future.done()
+
+    async def _wait(self, future: asyncio.Future[Any], spun: bool = False) -> Any:
+        """:meth:`_spin` (unless the caller ``spun`` already), then let the pump wake us."""
+        if not (future.done() if spun else self._spin(future)):
+            pump = self.engine.pump_for(self.loop)
+            if pump is not None:
                 pump.poke()
         return await future
 
