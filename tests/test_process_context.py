@@ -7,7 +7,9 @@ processes (the ``kind`` fixture of :mod:`tests.test_process_cluster`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -297,3 +299,60 @@ def test_unlink_node_means_no_exception(kind: str, servers: Servers) -> None:
         return note.ref == ref, await hp.expect(timeout=0)
 
     assert run_cluster(kind, servers, body, fresh=True) == (True, None)
+
+
+# ---------------------------------------------------------------------- Python 3.10
+
+
+def test_the_python_3_10_way_into_the_context_keeps_the_promises(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ``asyncio.Task`` takes no context (3.10), a process's body enters the
+    context at its first step (``_Body._first_send``) or first throw: run here by
+    turning the 3.11 way off, since CI runs 3.11."""
+    from hpcproc import _process
+
+    monkeypatch.setattr(_process, "_TASK_CONTEXT", False)
+
+    async def waits() -> None:
+        await asyncio.sleep(WAIT)
+
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        out: dict[str, Any] = {}
+        out["self in task"] = await asyncio.create_task(_self_pid()) == me
+        out["gather call"] = await asyncio.gather(hp.call(c.b, add, 1, 1))
+        pid = await hp.spawn_link(c.b, crash_when_told)
+        await hp.send(pid, Go())
+        try:
+            await asyncio.sleep(WAIT)
+        except hp.ProcessLinkException as exc:
+            out["caught at sleep"] = exc.pid == pid
+        # Killed before its first step: the throw is what enters its context.
+        victim = hp.spawn_local(waits)
+        ref = await hp.monitor(victim)
+        await hp.kill(victim, "before its first step")
+        note = await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+        assert note is not None
+        out["killed"] = note.ref == ref and isinstance(note.reason, hp.DiedException)
+        # An ended process is freed without the cycle collector.
+        gc.disable()
+        try:
+            ended = hp.spawn_local(add, 1, 2)
+            proc = c.a.local_process(ended.lid)
+            gone = weakref.ref(proc)
+            del proc
+            ref = await hp.monitor(ended)
+            await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+            out["freed"] = gone() is None
+        finally:
+            gc.enable()
+        return out
+
+    assert run_cluster("inmemory", servers, body) == {
+        "self in task": True,
+        "gather call": [2],
+        "caught at sleep": True,
+        "killed": True,
+        "freed": True,
+    }
