@@ -10,8 +10,10 @@ venv: $(STAMP)
 
 # tests/plugin_transport: the test transport `teststreams`, registered through a real
 # `hpcproc.transports` entry point as a third party's transport would be.
-# setup.py builds the optional C parts (the shm ring, the UCX address pad) in place.
+# setup.py builds the optional C parts (the shm ring, the pickler glue, the UCX address
+# pad) in place.
 $(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c hpcproc/_ucx_address_pad.c \
+		hpcproc/_pickle_accel.c \
 		tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
@@ -23,11 +25,12 @@ lint: venv
 	$(VENV)/bin/ruff check hpcproc bench tests examples
 	$(VENV)/bin/mypy
 
-# Then the shm transport again on the pure-Python ring (HPCPROC_RING_ACCEL=0), the
-# fallback where no C compiler was found at install.
+# Then the shm transport again on the pure-Python ring and serializer
+# (HPCPROC_RING_ACCEL=0, HPCPROC_PICKLE_ACCEL=0), the fallbacks where no C compiler
+# was found at install. (tests/test_serialization.py runs both serializer paths itself.)
 pytest: venv
 	$(PY) -m pytest -q -p no:cacheprovider
-	HPCPROC_RING_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "shm or ring" \
+	HPCPROC_RING_ACCEL=0 HPCPROC_PICKLE_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "shm or ring" \
 		tests/test_shm.py tests/test_shm_ring.py tests/test_transport_conformance.py
 
 test: lint pytest

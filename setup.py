@@ -1,10 +1,13 @@
 """The optional compiled parts of hpcproc (everything else is in pyproject.toml).
 
-Both are ``optional=True``: where no C compiler (or no Python headers) is found, the
+All are ``optional=True``: where no C compiler (or no Python headers) is found, the
 build goes on without them.
 
 * ``hpcproc.transports._ring_accel``: the shm transport's ring in C; without it the
   pure-Python ring (``hpcproc/transports/_shm_ring.py``) is used.
+* ``hpcproc._pickle_accel``: the bookkeeping of ``serialize``'s small-message path in
+  C (see ``hpcproc/serialization.py``); without it small messages go through
+  ``pickle.dumps``.
 * ``hpcproc._ucx_address_pad``: not a Python module but a plain shared library that
   ``hpcproc.mpi_init.pad_ucx_address`` loads with ctypes (see there); without it MPI
   may fail to start under ``srun --mpi=pmi2``.
@@ -17,6 +20,12 @@ setup(
         Extension(
             "hpcproc.transports._ring_accel",
             ["hpcproc/transports/_ring_accel.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+            optional=True,
+        ),
+        Extension(
+            "hpcproc._pickle_accel",
+            ["hpcproc/_pickle_accel.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
         ),

@@ -11,8 +11,10 @@ memoryviews are rebuilt over the received frames without a copy (see
 memory, so they are copied out of their frame once. Non-contiguous arrays and
 memoryviews are copied into the header (pickle has no other way to send them).
 
-Plain data goes through the standard (C) pickler; only objects it cannot handle
-(lambdas, closures, functions defined in ``__main__``) fall back to cloudpickle.
+Plain data goes through the standard (C) pickler (small messages through reusable
+"seeded" ones where the optional compiled helper was built; see below); only objects
+it cannot handle (lambdas, closures, functions defined in ``__main__``) fall back to
+cloudpickle.
 The receiver always loads with the standard (C) unpickler.
 
 Security: unpickling runs code. Only call :func:`deserialize` on frames from an
@@ -22,19 +24,23 @@ authenticated peer (the network transports authenticate with the cluster cookie)
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import threading
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 import cloudpickle
 
+from ._channels import ChanMessage
+from ._ids import _pid
+from ._pickle_codes import CODES
 from ._pickle_codes import register as _register_codes
 from .transports.base import Buffer
 
-__all__ = ["OUT_OF_BAND_MIN", "SerializationError", "deserialize", "dumps", "serialize"]
+__all__ = ["ACCELERATED", "OUT_OF_BAND_MIN", "SerializationError", "deserialize", "dumps", "serialize"]
 
 _register_codes()  # before any message is pickled or unpickled here
 
@@ -128,6 +134,100 @@ def _pickler() -> _Pickler:
     return pickler
 
 
+# ------------------------------------------------------------------ the seeded pickler
+#
+# Pickling a class or function reference (``save_global``) costs the C pickler an
+# import of its module per reference, even with a short extension code: about 0.5 us,
+# half the time to pickle a small message that carries a pid (a reply address). A
+# reference already in the pickler's memo costs a two-byte ``BINGET`` instead. So where
+# the compiled helper was built (``hpcproc/_pickle_accel.c``), small messages are
+# pickled by reusable picklers whose memo starts out holding the envelopes most
+# messages carry (:data:`_SEEDS`, at memo indices 0, 1, ...), and the helper puts in
+# front of each pickle a preamble that loads the same objects into the same memo
+# indices of the unpickler (``EXT4 code; MEMOIZE; POP`` each, a slot the message does
+# not use filled by ``NONE; MEMOIZE; POP``; a pickle without any memo get needs none).
+# The result is a standard pickle: any unpickler with hpcproc's extension codes
+# registered (every node) loads it with plain ``pickle.loads``, and the objects
+# memoized by the message itself keep the indices the pickler gave them. In pure Python the bookkeeping around a reusable pickler costs as
+# much as the seeds save, so without the helper small messages go through
+# ``pickle.dumps``; either side of a connection may use either way.
+
+#: The memo's first entries, in index order: the pid's constructor and the channel
+#: envelope (see ``Pid.__reduce_ex__`` and ``ChanMessage.__reduce_ex__``).
+_SEEDS = (_pid, ChanMessage)
+
+_MEMOIZE, _POP, _NONE, _EXT4 = b"\x94", b"0", b"N", b"\x84"
+
+
+def _preamble_piece(seed: Any) -> bytes:
+    code = CODES[seed.__module__, seed.__qualname__]
+    return _EXT4 + code.to_bytes(4, "little") + _MEMOIZE + _POP
+
+
+#: The preamble for the seeds a pickle uses: bit i of the index set when it uses seed i.
+_PREAMBLES = tuple(
+    b"".join(
+        _preamble_piece(seed) if mask >> i & 1 else _NONE + _MEMOIZE + _POP
+        for i, seed in enumerate(_SEEDS)
+    )
+    for mask in range(1 << len(_SEEDS))
+)
+
+
+class _Sink:
+    """A pickler's file whose ``write`` is a list's ``append`` (a C call, nothing to reset)."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.write = chunks.append
+
+
+def _seed_memo() -> Any:
+    seeded = pickle.Pickler(io.BytesIO(), protocol=5)
+    seeded.memo = {id(seed): (i, seed) for i, seed in enumerate(_SEEDS)}
+    return seeded.memo  # a proxy: assigning it to a pickler's memo copies the table in C
+
+
+_SEED_MEMO = _seed_memo()
+
+
+def _new_seed_pickler() -> tuple[Any, list[bytes], list[Buffer], pickle.Pickler]:
+    """A reusable seeded pickler for the compiled helper: (dump, chunks, frames, pickler).
+
+    Each pickle is written to ``chunks`` (one ``list.append`` per pickle, no file to
+    reset), and its large buffers to ``frames``.
+    """
+    chunks: list[bytes] = []
+    frames: list[Buffer] = []
+    keep = partial(_keep_large, frames)
+    pickler = pickle.Pickler(_Sink(chunks), protocol=5, buffer_callback=keep)
+    pickler.memo = _SEED_MEMO
+    return pickler.dump, chunks, frames, pickler
+
+
+#: Environment variable: ``0`` keeps serialize on its pure-Python path.
+ACCEL_ENV = "HPCPROC_PICKLE_ACCEL"
+
+
+def _compiled_dumps() -> Callable[[Any], list[Buffer] | None] | None:
+    """The compiled small-message path, ready for use; None where it was not built or
+    is turned off."""
+    if os.environ.get(ACCEL_ENV, "1").strip() == "0":
+        return None
+    try:
+        from . import _pickle_accel
+    except ImportError:  # built without a compiler: pickle.dumps does the work
+        return None
+    _pickle_accel.configure(_new_seed_pickler, _SEED_MEMO, _PREAMBLES, OUT_OF_BAND_MIN)
+    return _pickle_accel.dumps
+
+
+_small_dumps = _compiled_dumps()
+#: Whether small messages are pickled by the compiled helper (see above).
+ACCELERATED = _small_dumps is not None
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, header: Buffer, frames: Iterator[Buffer]) -> None:
         super().__init__(io.BytesIO(header), buffers=frames)
@@ -154,18 +254,25 @@ def serialize(obj: Any) -> list[Buffer]:
     Raises:
         SerializationError: neither pickle nor cloudpickle can serialize ``obj``.
     """
-    # Fast path, entirely in C but for out-of-band array buffers: a header this
-    # short cannot hold a large bytes object in-band, and one without "__main__"
-    # names no function or class of __main__, so it is exactly what the full
-    # pickler below would produce. Anything else is pickled again by the full one.
-    fast: list[Buffer] = []
-    try:
-        header = pickle.dumps(obj, protocol=5, buffer_callback=partial(_keep_large, fast))
-    except Exception:
-        pass  # the full path retries, falls back to cloudpickle, or reports the error
+    small = _small_dumps
+    if small is not None:
+        # The seeded pickler (see above), for what the Python path below takes too.
+        frames_or_none = small(obj)
+        if frames_or_none is not None:
+            return frames_or_none
     else:
-        if len(header) < OUT_OF_BAND_MIN and b"__main__" not in header:
-            return [header, *fast]
+        # Fast path, entirely in C but for out-of-band array buffers: a header this
+        # short cannot hold a large bytes object in-band, and one without "__main__"
+        # names no function or class of __main__, so it is exactly what the full
+        # pickler below would produce. Anything else is pickled again by the full one.
+        fast: list[Buffer] = []
+        try:
+            header = pickle.dumps(obj, protocol=5, buffer_callback=partial(_keep_large, fast))
+        except Exception:
+            pass  # the full path retries, falls back to cloudpickle, or reports the error
+        else:
+            if len(header) < OUT_OF_BAND_MIN and b"__main__" not in header:
+                return [header, *fast]
     frames: list[Buffer] = []
     pickler = _pickler()
     out = pickler.file

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hpcproc import serialization
 from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deserialize, serialize
+
+#: CI sets it: a compiled part that failed to build is then a failure, not a skip.
+REQUIRE_ENV = "HPCPROC_REQUIRE_COMPILED"
+
+try:
+    from hpcproc import _pickle_accel
+except ImportError:  # built without a compiler
+    _pickle_accel = None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True, params=["c", "py"])
+def small_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both small-message paths of serialize: the compiled
+    seeded pickler and the pure-Python ``pickle.dumps`` (the fallback)."""
+    if request.param == "py":
+        monkeypatch.setattr(serialization, "_small_dumps", None)
+    elif not serialization.ACCELERATED:
+        if os.environ.get(REQUIRE_ENV) == "1" and _pickle_accel is None:
+            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._pickle_accel was not built")
+        pytest.skip("the compiled small-message path is not built or is turned off")
+    return str(request.param)
 
 
 def received(frames: Sequence[Any]) -> list[memoryview]:
@@ -370,3 +394,140 @@ def test_dumps_honours_cloudpickles_register_pickle_by_value() -> None:
         cloudpickle.unregister_pickle_by_value(module)
     assert data != pickle.dumps(module_level_function, protocol=5)  # the code itself
     assert pickle.loads(data)() == 42
+
+
+def test_the_compiled_small_message_path_is_built_and_used_unless_turned_off(
+    small_path: str,
+) -> None:
+    if small_path == "py":
+        return  # the fixture turned it off for this run
+    turned_off = os.environ.get(serialization.ACCEL_ENV, "1").strip() == "0"
+    assert serialization.ACCELERATED is not turned_off
+
+
+class _Box:
+    def __init__(self, *items: Any) -> None:
+        self.items = list(items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Box) and other.items == self.items
+
+
+def _pids() -> tuple[Any, Any]:
+    from hpcproc import NodeId, Pid
+
+    return Pid(NodeId(b"tcp://127.0.0.1:1/1"), 7), Pid(NodeId(b"tcp://127.0.0.1:2/1"), 8)
+
+
+def test_envelopes_shared_references_and_cycles_round_trip_message_after_message() -> None:
+    # The seeded pickler's memo starts with the pid constructor and the channel
+    # envelope; the message's own memo entries must keep their indices on both sides,
+    # message after message (a reference to a wrong memo entry would show here).
+    from hpcproc._channels import ChanMessage
+
+    a, b = _pids()
+    shared = [1, 2]
+    cyclic: list[Any] = ["x"]
+    cyclic.append(cyclic)
+    for _ in range(3):
+        for msg in (
+            (a, b"x" * 8),
+            ChanMessage(3, (b, "reply")),
+            (shared, shared, a, b, a),
+            [ChanMessage(1, a), ChanMessage(2, shared), shared],
+            cyclic,
+            (_Box(a, shared), _Box(b, shared)),
+            ("no envelopes", shared, shared),
+            b"x" * 8,
+        ):
+            header = serialize(msg)[0]
+            for back in (deserialize(received([header])), pickle.loads(header)):
+                if isinstance(msg, ChanMessage):
+                    assert (back.port_id, back.payload) == (msg.port_id, msg.payload)
+                elif isinstance(msg, list) and msg and isinstance(msg[0], ChanMessage):
+                    assert [m.payload for m in back[:2]] == [a, shared]
+                    assert back[1].payload is back[2]
+                elif msg is cyclic:
+                    assert back[0] == "x" and back[1] is back
+                else:
+                    assert back == msg
+                if isinstance(msg, tuple) and len(msg) == 5:
+                    assert back[0] is back[1] and back[2] is back[4]
+                    assert type(back[2]) is type(a) and back[2].node is a.node
+
+
+def test_a_message_after_one_that_failed_to_pickle_midway_is_intact() -> None:
+    a, _ = _pids()
+    shared = [a]
+    with pytest.raises(SerializationError):
+        serialize((a, shared, threading.Lock()))  # fails after a and shared are memoized
+    back = round_trip((shared, shared, a))
+    assert back == ([a], [a], a) and back[0] is back[1]
+
+
+class _SerializesWhilePickled:
+    """Its reducer serializes another message: serialize is re-entered mid-pickle."""
+
+    inner: ClassVar[list[Any]] = []
+
+    def __reduce__(self) -> Any:
+        a, _ = _pids()
+        _SerializesWhilePickled.inner.append(serialize((a, [a, a], "inner")))
+        return (_Box, (a, "outer"))
+
+
+def test_serialize_re_entered_from_a_reducer() -> None:
+    a, _ = _pids()
+    _SerializesWhilePickled.inner.clear()
+    back = round_trip((a, _SerializesWhilePickled(), a))
+    assert back == (a, _Box(a, "outer"), a)
+    (inner,) = _SerializesWhilePickled.inner
+    assert deserialize(received(inner)) == (a, [a, a], "inner")
+
+
+def test_serialize_from_several_threads_at_once() -> None:
+    a, b = _pids()
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(2000):
+                shared = [k, i]
+                msg = (a if i % 2 else b, shared, _Box(shared, k), shared)
+                back = round_trip(msg)
+                assert back == msg and back[1] is back[3], (k, i, back)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors[0]
+
+
+class _Interrupts:
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt
+
+
+def test_a_keyboard_interrupt_while_pickling_propagates() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        serialize(("x", _Interrupts()))
+    assert round_trip(("x", [1])) == ("x", [1])  # and the next message is intact
+
+
+def test_serialize_does_not_keep_a_small_message_alive() -> None:
+    import gc
+    import weakref
+
+    a, _ = _pids()
+    box = _Box(a, b"x" * 8)
+    ref = weakref.ref(box)
+    frames = serialize((a, box))
+    assert len(frames) == 1  # the small-message path
+    del box
+    gc.collect()
+    assert ref() is None
