@@ -11,11 +11,12 @@
  * bytecode per message, as much as the seeded pickler saves on a message carrying a
  * pid. Here it is a few list operations and one copy.
  *
- * dumps(obj) -> [header, *out_of_band_frames], or None where the small-message path
- * does not apply (the pickler raised an Exception, the header is OUT_OF_BAND_MIN or
- * longer, or it names __main__): the caller then runs the general path, as the
+ * serialize(obj) -> [header, *out_of_band_frames]. Where the small-message path does
+ * not apply (the pickler raised an Exception, the header is OUT_OF_BAND_MIN or longer,
+ * or it names __main__), it returns general(obj), the Python general path, as the
  * Python fast path does. A BaseException that is not an Exception (KeyboardInterrupt)
- * propagates.
+ * propagates. It is hpcproc.serialization.serialize itself where built: sending a
+ * small message then runs no Python frame for it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,6 +29,7 @@ static PyObject *Factory = NULL;   /* () -> a new entry */
 static PyObject *SeedMemo = NULL;  /* assigned to pickler.memo after every dump */
 static PyObject *Preambles = NULL; /* tuple of bytes, indexed by the mask of seeds used */
 static PyObject *MemoName = NULL;  /* "memo" */
+static PyObject *General = NULL;   /* obj -> frames: the general path (Python) */
 static Py_ssize_t Limit = 0;       /* headers this long or longer: general path */
 static int NSeeds = 0;
 
@@ -115,7 +117,7 @@ frames_of(PyObject *chunks, PyObject *frames)
 }
 
 static PyObject *
-accel_dumps(PyObject *Py_UNUSED(mod), PyObject *obj)
+accel_serialize(PyObject *Py_UNUSED(mod), PyObject *obj)
 {
     if (Pool == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_pickle_accel.configure() was not called");
@@ -158,7 +160,7 @@ accel_dumps(PyObject *Py_UNUSED(mod), PyObject *obj)
     if (out == NULL) {
         if (PyErr_Occurred())
             return NULL;
-        Py_RETURN_NONE;
+        return PyObject_CallOneArg(General, obj);
     }
     return out;
 }
@@ -166,10 +168,10 @@ accel_dumps(PyObject *Py_UNUSED(mod), PyObject *obj)
 static PyObject *
 accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
 {
-    PyObject *factory, *seed_memo, *preambles;
+    PyObject *factory, *seed_memo, *preambles, *general;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "OOO!n:configure", &factory, &seed_memo, &PyTuple_Type,
-                          &preambles, &limit))
+    if (!PyArg_ParseTuple(args, "OOO!nO:configure", &factory, &seed_memo, &PyTuple_Type,
+                          &preambles, &limit, &general))
         return NULL;
     Py_ssize_t np = PyTuple_GET_SIZE(preambles);
     int nseeds = 0;
@@ -187,9 +189,9 @@ accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
             return NULL;
         }
     }
-    if (!PyCallable_Check(factory) || limit <= 0) {
+    if (!PyCallable_Check(factory) || !PyCallable_Check(general) || limit <= 0) {
         PyErr_SetString(PyExc_ValueError,
-                        "configure: expected a callable factory and a positive limit");
+                        "configure: expected callables and a positive limit");
         return NULL;
     }
     if (MemoName == NULL && (MemoName = PyUnicode_InternFromString("memo")) == NULL)
@@ -204,17 +206,122 @@ accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
     Py_XSETREF(SeedMemo, seed_memo);
     Py_INCREF(preambles);
     Py_XSETREF(Preambles, preambles);
+    Py_INCREF(general);
+    Py_XSETREF(General, general);
     Limit = limit;
     NSeeds = nseeds;
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ pids
+ *
+ * A pid pickles as _pid(address, lid) (see hpcproc/_ids.py, whose Python functions
+ * stay the reference and the fallback): the reducer and the constructor here do the
+ * same with no Python frame, about 0.1 us less each per pid. */
+
+static PyObject *PidType = NULL;  /* hpcproc._ids.Pid */
+static PyObject *Interned = NULL; /* hpcproc._ids._interned: address -> NodeId */
+static PyObject *NodeIdType = NULL;
+static PyObject *KeyName = NULL;  /* "_key" */
+static PyObject *PidFunction = NULL; /* the constructor below, as hpcproc._ids._pid */
+
+static PyObject *
+pid_construct(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "_pid() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *nid = PyDict_GetItemWithError(Interned, args[0]); /* borrowed */
+    if (nid != NULL) {
+        Py_INCREF(nid);
+    }
+    else {
+        if (PyErr_Occurred())
+            return NULL;
+        nid = PyObject_CallOneArg(NodeIdType, args[0]); /* interns it */
+        if (nid == NULL)
+            return NULL;
+    }
+    /* tuple.__new__(Pid, (nid, lid)), as the Python _pid does (and as tuple's own
+     * subtype constructor fills one). */
+    PyTypeObject *type = (PyTypeObject *)PidType;
+    PyObject *pid = type->tp_alloc(type, 2);
+    if (pid == NULL) {
+        Py_DECREF(nid);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pid, 0, nid); /* the reference taken above */
+    Py_INCREF(args[1]);
+    PyTuple_SET_ITEM(pid, 1, args[1]);
+    return pid;
+}
+
+static PyMethodDef pid_construct_def = {
+    "_pid", (PyCFunction)(void (*)(void))pid_construct, METH_FASTCALL,
+    "Unpickle a Pid (see Pid.__reduce_ex__); hpcproc._ids._pid in C."};
+
+static PyObject *
+pid_reduce(PyObject *Py_UNUSED(self), PyObject *pid)
+{
+    if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) != 2) {
+        PyErr_SetString(PyExc_TypeError, "pid_reduce: expected a Pid");
+        return NULL;
+    }
+    PyObject *key = PyObject_GetAttr(PyTuple_GET_ITEM(pid, 0), KeyName);
+    if (key == NULL)
+        return NULL;
+    PyObject *out = Py_BuildValue("(O(NO))", PidFunction, key, PyTuple_GET_ITEM(pid, 1));
+    return out;
+}
+
+static PyObject *
+accel_pid_functions(PyObject *mod, PyObject *args)
+{
+    PyObject *pid_type, *interned, *nodeid_type;
+    if (!PyArg_ParseTuple(args, "O!O!O!:pid_functions", &PyType_Type, &pid_type, &PyDict_Type,
+                          &interned, &PyType_Type, &nodeid_type))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)pid_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "pid_functions: Pid must be a tuple subclass");
+        return NULL;
+    }
+    if (KeyName == NULL && (KeyName = PyUnicode_InternFromString("_key")) == NULL)
+        return NULL;
+    if (PidFunction == NULL) {
+        /* Named as hpcproc._ids._pid, so that it pickles by that name (and its code). */
+        PyObject *module_name = PyUnicode_FromString("hpcproc._ids");
+        if (module_name == NULL)
+            return NULL;
+        PidFunction = PyCFunction_NewEx(&pid_construct_def, NULL, module_name);
+        Py_DECREF(module_name);
+        if (PidFunction == NULL)
+            return NULL;
+    }
+    Py_INCREF(pid_type);
+    Py_XSETREF(PidType, pid_type);
+    Py_INCREF(interned);
+    Py_XSETREF(Interned, interned);
+    Py_INCREF(nodeid_type);
+    Py_XSETREF(NodeIdType, nodeid_type);
+    PyObject *reduce = PyObject_GetAttrString(mod, "pid_reduce");
+    if (reduce == NULL)
+        return NULL;
+    return Py_BuildValue("(ON)", PidFunction, reduce);
+}
+
 static PyMethodDef module_methods[] = {
     {"configure", accel_configure, METH_VARARGS,
-     "configure(factory, seed_memo, preambles, limit): what dumps works with (see "
-     "hpcproc/serialization.py)."},
-    {"dumps", accel_dumps, METH_O,
-     "dumps(obj) -> [header, *frames], or None where the general path must run."},
+     "configure(factory, seed_memo, preambles, limit, general): what serialize works "
+     "with (see hpcproc/serialization.py)."},
+    {"serialize", accel_serialize, METH_O,
+     "serialize(obj) -> [header, *buffers]: hpcproc.serialization.serialize (see there), "
+     "small messages by a seeded pickler, the others by general(obj).\n\n"
+     "Raises SerializationError where neither pickle nor cloudpickle can serialize obj."},
+    {"pid_functions", accel_pid_functions, METH_VARARGS,
+     "pid_functions(Pid, interned, NodeId) -> (_pid, pid_reduce): a pid's constructor "
+     "for pickles (named hpcproc._ids._pid) and its reducer for copyreg."},
+    {"pid_reduce", pid_reduce, METH_O, "pid_reduce(pid) -> (_pid, (address, lid))."},
     {NULL}};
 
 static struct PyModuleDef module = {

@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import copyreg
 
-__all__ = ["CODES", "register"]
+__all__ = ["ACCEL_ENV", "CODES", "register"]
+
+#: Environment variable: ``0`` keeps pickling on its pure-Python paths, where the
+#: optional compiled helper (``hpcproc/_pickle_accel.c``) would take them: the
+#: serializer's small-message path and a pid's reducer and constructor.
+ACCEL_ENV = "HPCPROC_PICKLE_ACCEL"
 
 #: (module, name) -> extension code. Never renumber an entry: nodes of different
 #: versions of hpcproc would then read each other's pickles wrongly.

@@ -36,7 +36,7 @@ import cloudpickle
 
 from ._channels import ChanMessage
 from ._ids import _pid
-from ._pickle_codes import CODES
+from ._pickle_codes import ACCEL_ENV, CODES
 from ._pickle_codes import register as _register_codes
 from .transports.base import Buffer
 
@@ -206,28 +206,6 @@ def _new_seed_pickler() -> tuple[Any, list[bytes], list[Buffer], pickle.Pickler]
     return pickler.dump, chunks, frames, pickler
 
 
-#: Environment variable: ``0`` keeps serialize on its pure-Python path.
-ACCEL_ENV = "HPCPROC_PICKLE_ACCEL"
-
-
-def _compiled_dumps() -> Callable[[Any], list[Buffer] | None] | None:
-    """The compiled small-message path, ready for use; None where it was not built or
-    is turned off."""
-    if os.environ.get(ACCEL_ENV, "1").strip() == "0":
-        return None
-    try:
-        from . import _pickle_accel
-    except ImportError:  # built without a compiler: pickle.dumps does the work
-        return None
-    _pickle_accel.configure(_new_seed_pickler, _SEED_MEMO, _PREAMBLES, OUT_OF_BAND_MIN)
-    return _pickle_accel.dumps
-
-
-_small_dumps = _compiled_dumps()
-#: Whether small messages are pickled by the compiled helper (see above).
-ACCELERATED = _small_dumps is not None
-
-
 class _Unpickler(pickle.Unpickler):
     def __init__(self, header: Buffer, frames: Iterator[Buffer]) -> None:
         super().__init__(io.BytesIO(header), buffers=frames)
@@ -248,31 +226,26 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
 
 
-def serialize(obj: Any) -> list[Buffer]:
-    """Return ``[header, *buffers]`` for ``obj``; buffers are views, not copies.
-
-    Raises:
-        SerializationError: neither pickle nor cloudpickle can serialize ``obj``.
-    """
-    small = _small_dumps
-    if small is not None:
-        # The seeded pickler (see above), for what the Python path below takes too.
-        frames_or_none = small(obj)
-        if frames_or_none is not None:
-            return frames_or_none
+def _serialize_py(obj: Any) -> list[Buffer]:
+    """:data:`serialize` in Python (where the compiled helper was not built)."""
+    # Fast path, entirely in C but for out-of-band array buffers: a header this short
+    # cannot hold a large bytes object in-band, and one without "__main__" names no
+    # function or class of __main__, so it is exactly what the full pickler below
+    # would produce. Anything else is pickled again by the full one.
+    fast: list[Buffer] = []
+    try:
+        header = pickle.dumps(obj, protocol=5, buffer_callback=partial(_keep_large, fast))
+    except Exception:
+        pass  # the full path retries, falls back to cloudpickle, or reports the error
     else:
-        # Fast path, entirely in C but for out-of-band array buffers: a header this
-        # short cannot hold a large bytes object in-band, and one without "__main__"
-        # names no function or class of __main__, so it is exactly what the full
-        # pickler below would produce. Anything else is pickled again by the full one.
-        fast: list[Buffer] = []
-        try:
-            header = pickle.dumps(obj, protocol=5, buffer_callback=partial(_keep_large, fast))
-        except Exception:
-            pass  # the full path retries, falls back to cloudpickle, or reports the error
-        else:
-            if len(header) < OUT_OF_BAND_MIN and b"__main__" not in header:
-                return [header, *fast]
+        if len(header) < OUT_OF_BAND_MIN and b"__main__" not in header:
+            return [header, *fast]
+    return _serialize_full(obj)
+
+
+def _serialize_full(obj: Any) -> list[Buffer]:
+    """The general path of :data:`serialize`: large bytes out-of-band, functions and
+    classes of ``__main__`` by value (cloudpickle), and the error."""
     frames: list[Buffer] = []
     pickler = _pickler()
     out = pickler.file
@@ -297,6 +270,33 @@ def serialize(obj: Any) -> list[Buffer]:
         pickler.file.truncate()
         pickler.busy = False
     return [header, *frames]
+
+
+def _compiled_serialize() -> Callable[[Any], list[Buffer]] | None:
+    """The compiled serialize (seeded picklers for small messages, then
+    :func:`_serialize_full`), ready for use; None where it was not built or is turned
+    off."""
+    if os.environ.get(ACCEL_ENV, "1").strip() == "0":
+        return None
+    try:
+        from . import _pickle_accel
+    except ImportError:  # built without a compiler: pickle.dumps does the work
+        return None
+    _pickle_accel.configure(
+        _new_seed_pickler, _SEED_MEMO, _PREAMBLES, OUT_OF_BAND_MIN, _serialize_full
+    )
+    return _pickle_accel.serialize
+
+
+_compiled = _compiled_serialize()
+#: Whether :data:`serialize` is the compiled one (see "the seeded pickler" above).
+ACCELERATED = _compiled is not None
+
+#: ``serialize(obj)``: ``[header, *buffers]`` for ``obj``; the buffers are views of
+#: ``obj``'s large buffers, not copies. Raises :class:`SerializationError` when neither
+#: pickle nor cloudpickle can serialize ``obj``. (The compiled function where it was
+#: built, so that sending a small message costs no Python frame here; else Python's.)
+serialize: Callable[[Any], list[Buffer]] = _compiled or _serialize_py
 
 
 def dumps(obj: Any) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -27,10 +28,11 @@ except ImportError:  # built without a compiler
 
 @pytest.fixture(autouse=True, params=["c", "py"])
 def small_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both small-message paths of serialize: the compiled
-    seeded pickler and the pure-Python ``pickle.dumps`` (the fallback)."""
+    """Every test here runs on both serializers: the compiled one (seeded picklers for
+    small messages) and the pure-Python one (``pickle.dumps``, the fallback)."""
     if request.param == "py":
-        monkeypatch.setattr(serialization, "_small_dumps", None)
+        monkeypatch.setattr(serialization, "serialize", serialization._serialize_py)
+        monkeypatch.setattr(sys.modules[__name__], "serialize", serialization._serialize_py)
     elif not serialization.ACCELERATED:
         if os.environ.get(REQUIRE_ENV) == "1" and _pickle_accel is None:
             pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._pickle_accel was not built")
@@ -531,3 +533,34 @@ def test_serialize_does_not_keep_a_small_message_alive() -> None:
     del box
     gc.collect()
     assert ref() is None
+
+
+def test_the_compiled_pid_constructor_and_reducer_match_the_python_ones() -> None:
+    import copy
+    import copyreg
+
+    from hpcproc import _ids
+
+    if _ids._compiled is None:
+        if os.environ.get(REQUIRE_ENV) == "1" and _pickle_accel is None:
+            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._pickle_accel was not built")
+        assert _ids._pid is _ids._py_pid
+        pytest.skip("the compiled pid functions are not built or are turned off")
+    a, _ = _pids()
+    # Named as the Python one, so that both pickle it alike (by its extension code).
+    assert (_ids._pid.__module__, _ids._pid.__qualname__) == ("hpcproc._ids", "_pid")
+    from hpcproc._pickle_codes import CODES
+
+    code = CODES["hpcproc._ids", "_pid"].to_bytes(4, "little")
+    assert b"\x84" + code in pickle.dumps(_ids._pid, protocol=5)
+    assert pickle.loads(pickle.dumps(_ids._pid, protocol=5)) is _ids._pid
+    assert copyreg.dispatch_table[_ids.Pid](a) == (_ids._pid, a.__reduce_ex__(5)[1])
+    for make in (_ids._pid, _ids._py_pid):
+        known = make(a.node._key, 7)
+        assert type(known) is _ids.Pid and known == a and known.node is a.node
+        assert hash(known) == hash(a)
+        fresh = make(b"tcp://127.0.0.1:9/%d" % id(make), 3)  # a node not seen before
+        assert fresh.node is _ids.NodeId(fresh.node._key) and fresh.lid == 3
+    assert copy.deepcopy([a, a]) == [a, a]
+    with pytest.raises(TypeError):
+        _ids._pid(b"x")
