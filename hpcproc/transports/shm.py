@@ -455,6 +455,9 @@ class _ShmLink(Link):
         self._flushed: asyncio.Future[None] | None = None
         self._events = endpoint._events
         self._receivers = endpoint._receivers
+        # The drain's callbacks, bound once: three bound method objects less per drain
+        # (8 B raw round trip 4.83 -> 4.48 us, 5 interleaved pairs).
+        self._drain_callbacks = (self._deliver, self._deliver_inline, self._deliver_segment)
 
     def start(self) -> None:
         """Start receiving (after the link is registered with its endpoint)."""
@@ -867,7 +870,7 @@ class _ShmLink(Link):
         self._draining = True
         error = None
         try:
-            n = self._reader.drain(self._deliver, self._deliver_inline, self._deliver_segment)
+            n = self._reader.drain(*self._drain_callbacks)
         except RingError as exc:
             n = 0
             error = str(exc)
