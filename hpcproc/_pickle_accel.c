@@ -74,7 +74,12 @@ frames_of(PyObject *chunks, PyObject *frames)
         return NULL;
     PyObject *header;
     PyObject *pre;
-    if (memchr(s, 'h', (size_t)len) == NULL && memchr(s, 'j', (size_t)len) == NULL) {
+    /* Scan the opcodes after PROTO and, when framed, FRAME and its length (whose bytes
+     * could read as a get). */
+    Py_ssize_t skip = (len > 11 && (unsigned char)s[2] == 0x95) ? 11 : (len > 2 ? 2 : 0);
+    const char *ops = s + skip;
+    size_t nops = (size_t)(len - skip);
+    if (memchr(ops, 'h', nops) == NULL && memchr(ops, 'j', nops) == NULL) {
         /* No memo get (BINGET, LONG_BINGET) at all: memo indices do not matter. */
         pre = NULL;
     }
@@ -84,7 +89,7 @@ frames_of(PyObject *chunks, PyObject *frames)
         Py_ssize_t mask = 0;
         for (int i = 0; i < NSeeds; i++) {
             char get[2] = {'h', (char)i};
-            if (memmem(s, (size_t)len, get, 2) != NULL)
+            if (memmem(ops, nops, get, 2) != NULL)
                 mask |= (Py_ssize_t)1 << i;
         }
         pre = PyTuple_GET_ITEM(Preambles, mask);
@@ -141,22 +146,34 @@ accel_serialize(PyObject *Py_UNUSED(mod), PyObject *obj)
         out = frames_of(chunks, frames);
     }
     /* Forget the message (nothing of it may stay alive) and give the pickler back. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
     PyObject *exc_type, *exc_value, *exc_tb;
     PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+#endif
     if (PyList_SetSlice(chunks, 0, PY_SSIZE_T_MAX, NULL) < 0 ||
         PyList_SetSlice(frames, 0, PY_SSIZE_T_MAX, NULL) < 0 ||
         PyObject_SetAttr(PyTuple_GET_ITEM(entry, 3), MemoName, SeedMemo) < 0 ||
         PyList_Append(Pool, entry) < 0) {
         /* Not given back: a later call makes a new one. */
+#if PY_VERSION_HEX >= 0x030C0000
+        Py_XDECREF(pending);
+#else
         Py_XDECREF(exc_type);
         Py_XDECREF(exc_value);
         Py_XDECREF(exc_tb);
+#endif
         Py_XDECREF(out);
         Py_DECREF(entry);
         return NULL;
     }
     Py_DECREF(entry);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
     PyErr_Restore(exc_type, exc_value, exc_tb);
+#endif
     if (out == NULL) {
         if (PyErr_Occurred())
             return NULL;
@@ -243,17 +260,19 @@ pid_construct(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs
         if (nid == NULL)
             return NULL;
     }
-    /* tuple.__new__(Pid, (nid, lid)), as the Python _pid does (and as tuple's own
-     * subtype constructor fills one). */
-    PyTypeObject *type = (PyTypeObject *)PidType;
-    PyObject *pid = type->tp_alloc(type, 2);
-    if (pid == NULL) {
-        Py_DECREF(nid);
+    /* tuple.__new__(Pid, (nid, lid)), as the Python _pid does: through tuple's own
+     * constructor, which fills a subtype's instance as the running CPython needs it
+     * (3.14 caches a tuple's hash, and marks a new one "not computed"). */
+    PyObject *items = PyTuple_Pack(2, nid, args[1]);
+    Py_DECREF(nid);
+    if (items == NULL)
         return NULL;
-    }
-    PyTuple_SET_ITEM(pid, 0, nid); /* the reference taken above */
-    Py_INCREF(args[1]);
-    PyTuple_SET_ITEM(pid, 1, args[1]);
+    PyObject *new_args = PyTuple_Pack(1, items);
+    Py_DECREF(items);
+    if (new_args == NULL)
+        return NULL;
+    PyObject *pid = PyTuple_Type.tp_new((PyTypeObject *)PidType, new_args, NULL);
+    Py_DECREF(new_args);
     return pid;
 }
 
@@ -264,6 +283,10 @@ static PyMethodDef pid_construct_def = {
 static PyObject *
 pid_reduce(PyObject *Py_UNUSED(self), PyObject *pid)
 {
+    if (PidFunction == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_pickle_accel.pid_functions() was not called");
+        return NULL;
+    }
     if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) != 2) {
         PyErr_SetString(PyExc_TypeError, "pid_reduce: expected a Pid");
         return NULL;

@@ -564,3 +564,29 @@ def test_the_compiled_pid_constructor_and_reducer_match_the_python_ones() -> Non
     assert copy.deepcopy([a, a]) == [a, a]
     with pytest.raises(TypeError):
         _ids._pid(b"x")
+
+
+def test_a_pickle_without_memo_gets_has_no_preamble(small_path: str) -> None:
+    # b"x" * 100 pickles in a frame of 104 bytes, and 104 is "h": a frame length that
+    # reads like a memo get must not cost the receiver a preamble. (An argument byte
+    # inside the pickle may still, harmlessly: the scan does not parse opcodes.)
+    assert pickle.dumps(b"x" * 100, protocol=5)[3] == ord("h")
+    for msg in (b"x" * 100, b"x" * 8, "text", 12345):
+        header = serialize(msg)[0]
+        assert bytes(header[:2]) == b"\x80\x05", (small_path, msg, bytes(header[:16]))
+
+
+def test_the_compiled_pid_reducer_refuses_to_run_unconfigured() -> None:
+    import subprocess
+
+    if _pickle_accel is None:
+        pytest.skip("the compiled part is not built")
+    code = "from hpcproc import _pickle_accel as a; a.pid_reduce((1, 2))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "HPCPROC_PICKLE_ACCEL": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "pid_functions() was not called" in out.stderr, out
