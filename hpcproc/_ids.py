@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import copyreg
 import hashlib
-import os
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from ._pickle_codes import ACCEL_ENV
+from ._pickle_codes import compiled_helper
 from .transports.base import EndPointAddress
 
 __all__ = ["MonitorRef", "NodeId", "Pid", "label_node"]
@@ -145,19 +144,10 @@ def _pid(address: bytes, lid: int) -> Pid:
 _py_pid = _pid
 
 
-def _compiled_pid_functions() -> tuple[Any, Any] | None:
-    """The same constructor and reducer in C (``hpcproc/_pickle_accel.c``), or None
-    where it was not built or is turned off (``HPCPROC_PICKLE_ACCEL=0``)."""
-    if os.environ.get(ACCEL_ENV, "1").strip() == "0":
-        return None
-    try:
-        from . import _pickle_accel
-    except ImportError:  # built without a compiler
-        return None
-    return _pickle_accel.pid_functions(Pid, _interned, NodeId)
-
-
-_compiled = _compiled_pid_functions()
+_helper = compiled_helper()
+#: The same constructor and reducer in C (``hpcproc/_pickle_accel.c``), or None where
+#: it was not built or is turned off (``HPCPROC_PICKLE_ACCEL=0``).
+_compiled = _helper.pid_functions(Pid, _interned, NodeId) if _helper is not None else None
 if _compiled is not None:
     # A frame less per pid pickled and unpickled (about 0.1 us each). The C constructor
     # is named hpcproc._ids._pid, so pickles carry the same name and code either way;

@@ -46,7 +46,7 @@ take_entry(void)
         }
         return entry;
     }
-    /* Empty: dumps was re-entered (a reducer serializing) or runs in several threads. */
+    /* Empty: serialize was re-entered (a reducer serializing) or runs in several threads. */
     PyObject *entry = PyObject_CallNoArgs(Factory);
     if (entry != NULL && !(PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 4 &&
                            PyList_CheckExact(PyTuple_GET_ITEM(entry, 1)) &&
@@ -73,7 +73,6 @@ frames_of(PyObject *chunks, PyObject *frames)
     if (len >= Limit || memmem(s, (size_t)len, "__main__", 8) != NULL)
         return NULL;
     PyObject *header;
-    PyObject *pre;
     /* Scan the opcodes after PROTO and, when framed, FRAME and its length (whose bytes
      * could read as a get). */
     Py_ssize_t skip = (len > 11 && (unsigned char)s[2] == 0x95) ? 11 : (len > 2 ? 2 : 0);
@@ -81,7 +80,8 @@ frames_of(PyObject *chunks, PyObject *frames)
     size_t nops = (size_t)(len - skip);
     if (memchr(ops, 'h', nops) == NULL && memchr(ops, 'j', nops) == NULL) {
         /* No memo get (BINGET, LONG_BINGET) at all: memo indices do not matter. */
-        pre = NULL;
+        Py_INCREF(h);
+        header = h;
     }
     else {
         /* Which seeds the pickle refers to: BINGET i ("h" and the index byte). A data
@@ -92,13 +92,7 @@ frames_of(PyObject *chunks, PyObject *frames)
             if (memmem(ops, nops, get, 2) != NULL)
                 mask |= (Py_ssize_t)1 << i;
         }
-        pre = PyTuple_GET_ITEM(Preambles, mask);
-    }
-    if (pre == NULL) {
-        Py_INCREF(h);
-        header = h;
-    }
-    else {
+        PyObject *pre = PyTuple_GET_ITEM(Preambles, mask);
         Py_ssize_t plen = PyBytes_GET_SIZE(pre);
         header = PyBytes_FromStringAndSize(NULL, plen + len);
         if (header == NULL)

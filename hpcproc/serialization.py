@@ -24,7 +24,6 @@ authenticated peer (the network transports authenticate with the cluster cookie)
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import threading
 import types
@@ -36,11 +35,18 @@ import cloudpickle
 
 from ._channels import ChanMessage
 from ._ids import _pid
-from ._pickle_codes import ACCEL_ENV, CODES
+from ._pickle_codes import CODES, compiled_helper
 from ._pickle_codes import register as _register_codes
 from .transports.base import Buffer
 
-__all__ = ["ACCELERATED", "OUT_OF_BAND_MIN", "SerializationError", "deserialize", "dumps", "serialize"]
+__all__ = [
+    "ACCELERATED",
+    "OUT_OF_BAND_MIN",
+    "SerializationError",
+    "deserialize",
+    "dumps",
+    "serialize",
+]
 
 _register_codes()  # before any message is pickled or unpickled here
 
@@ -148,9 +154,10 @@ def _pickler() -> _Pickler:
 # not use filled by ``NONE; MEMOIZE; POP``; a pickle without any memo get needs none).
 # The result is a standard pickle: any unpickler with hpcproc's extension codes
 # registered (every node) loads it with plain ``pickle.loads``, and the objects
-# memoized by the message itself keep the indices the pickler gave them. In pure Python the bookkeeping around a reusable pickler costs as
-# much as the seeds save, so without the helper small messages go through
-# ``pickle.dumps``; either side of a connection may use either way.
+# memoized by the message itself keep the indices the pickler gave them. In pure
+# Python the bookkeeping around a reusable pickler costs as much as the seeds save, so
+# without the helper small messages go through ``pickle.dumps``; either side of a
+# connection may use either way.
 
 #: The memo's first entries, in index order: the pid's constructor and the channel
 #: envelope (see ``Pid.__reduce_ex__`` and ``ChanMessage.__reduce_ex__``).
@@ -276,16 +283,12 @@ def _compiled_serialize() -> Callable[[Any], list[Buffer]] | None:
     """The compiled serialize (seeded picklers for small messages, then
     :func:`_serialize_full`), ready for use; None where it was not built or is turned
     off."""
-    if os.environ.get(ACCEL_ENV, "1").strip() == "0":
+    helper = compiled_helper()
+    if helper is None:  # not built, or turned off: pickle.dumps does the work
         return None
-    try:
-        from . import _pickle_accel
-    except ImportError:  # built without a compiler: pickle.dumps does the work
-        return None
-    _pickle_accel.configure(
-        _new_seed_pickler, _SEED_MEMO, _PREAMBLES, OUT_OF_BAND_MIN, _serialize_full
-    )
-    return _pickle_accel.serialize
+    helper.configure(_new_seed_pickler, _SEED_MEMO, _PREAMBLES, OUT_OF_BAND_MIN, _serialize_full)
+    serialize: Callable[[Any], list[Buffer]] = helper.serialize
+    return serialize
 
 
 _compiled = _compiled_serialize()

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpcproc import serialization
+from hpcproc._pickle_codes import ACCEL_ENV
 from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deserialize, serialize
 
 #: CI sets it: a compiled part that failed to build is then a failure, not a skip.
@@ -26,6 +27,14 @@ except ImportError:  # built without a compiler
     _pickle_accel = None  # type: ignore[assignment]
 
 
+def _skip_compiled(what: str) -> None:
+    """Skip a test of the compiled part (turned off, or not built), but fail where CI
+    requires it built."""
+    if os.environ.get(REQUIRE_ENV) == "1" and _pickle_accel is None:
+        pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._pickle_accel was not built")
+    pytest.skip(f"{what} not built or turned off")
+
+
 @pytest.fixture(autouse=True, params=["c", "py"])
 def small_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs on both serializers: the compiled one (seeded picklers for
@@ -34,9 +43,7 @@ def small_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setattr(serialization, "serialize", serialization._serialize_py)
         monkeypatch.setattr(sys.modules[__name__], "serialize", serialization._serialize_py)
     elif not serialization.ACCELERATED:
-        if os.environ.get(REQUIRE_ENV) == "1" and _pickle_accel is None:
-            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._pickle_accel was not built")
-        pytest.skip("the compiled small-message path is not built or is turned off")
+        _skip_compiled("the compiled small-message path is")
     return str(request.param)
 
 
@@ -403,7 +410,7 @@ def test_the_compiled_small_message_path_is_built_and_used_unless_turned_off(
 ) -> None:
     if small_path == "py":
         return  # the fixture turned it off for this run
-    turned_off = os.environ.get(serialization.ACCEL_ENV, "1").strip() == "0"
+    turned_off = os.environ.get(ACCEL_ENV, "1").strip() == "0"
     assert serialization.ACCELERATED is not turned_off
 
 
@@ -542,10 +549,8 @@ def test_the_compiled_pid_constructor_and_reducer_match_the_python_ones() -> Non
     from hpcproc import _ids
 
     if _ids._compiled is None:
-        if os.environ.get(REQUIRE_ENV) == "1" and _pickle_accel is None:
-            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._pickle_accel was not built")
         assert _ids._pid is _ids._py_pid
-        pytest.skip("the compiled pid functions are not built or are turned off")
+        _skip_compiled("the compiled pid functions are")
     a, _ = _pids()
     # Named as the Python one, so that both pickle it alike (by its extension code).
     assert (_ids._pid.__module__, _ids._pid.__qualname__) == ("hpcproc._ids", "_pid")
