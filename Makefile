@@ -27,13 +27,15 @@ lint: venv
 
 # Then the shm transport again on the pure-Python ring and serializer
 # (HPCPROC_RING_ACCEL=0, HPCPROC_PICKLE_ACCEL=0), the fallbacks where no C compiler
-# was found at install (tests/test_serialization.py runs both serializers itself; here the
-# pid's pickling functions are Python's too).
+# was found at install (tests/test_serialization.py runs every serializer itself; here the
+# pid's pickling functions are Python's too, and tests/test_compact.py's node in this
+# process writes pickles and reads compact frames in Python).
 pytest: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 	HPCPROC_RING_ACCEL=0 HPCPROC_PICKLE_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "shm or ring" \
 		tests/test_shm.py tests/test_shm_ring.py tests/test_transport_conformance.py
-	HPCPROC_PICKLE_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider tests/test_serialization.py
+	HPCPROC_PICKLE_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider tests/test_serialization.py \
+		tests/test_compact.py
 
 test: lint pytest
 

@@ -8,6 +8,9 @@ build goes on without them.
 * ``hpcproc._pickle_accel``: the bookkeeping of ``serialize``'s small-message path in
   C (see ``hpcproc/serialization.py``); without it small messages go through
   ``pickle.dumps``.
+* ``hpcproc._compact_accel``: the compact message format's writer and reader in C
+  (see ``hpcproc/_compact.py``); without it messages are pickled (and compact ones
+  from other nodes read in Python).
 * ``hpcproc._ucx_address_pad``: not a Python module but a plain shared library that
   ``hpcproc.mpi_init.pad_ucx_address`` loads with ctypes (see there); without it MPI
   may fail to start under ``srun --mpi=pmi2``.
@@ -26,6 +29,12 @@ setup(
         Extension(
             "hpcproc._pickle_accel",
             ["hpcproc/_pickle_accel.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall"],
+            optional=True,
+        ),
+        Extension(
+            "hpcproc._compact_accel",
+            ["hpcproc/_compact_accel.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
         ),

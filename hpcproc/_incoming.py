@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pickle import UnpicklingError, loads
+from pickle import UnpicklingError
 from typing import TYPE_CHECKING
 
 from . import _control as ctl
 from ._ids import NodeId
-from .serialization import deserialize
+from .serialization import deserialize, loads
 from .transports.base import (
     ConnectionClosed,
     ConnectionOpened,
@@ -130,7 +130,8 @@ class Incoming:
                 return  # the process ended: dropped, as handle_event drops it
             try:
                 try:
-                    # deserialize's one-frame fast path written out: a call less per message.
+                    # deserialize's one-frame fast path written out: a call less per message
+                    # (loads reads compact frames and pickles alike).
                     msg = loads(frames[0]) if len(frames) == 1 else deserialize(frames)
                 except UnpicklingError:
                     msg = deserialize(frames)  # its general path, or its error

@@ -22,27 +22,30 @@ pickle disagree, so it is refused at import with an error naming both.
 from __future__ import annotations
 
 import copyreg
+import importlib
 import os
 from types import ModuleType
 
 __all__ = ["ACCEL_ENV", "CODES", "compiled_helper", "register"]
 
 #: Environment variable: ``0`` keeps pickling on its pure-Python paths, where the
-#: optional compiled helper (``hpcproc/_pickle_accel.c``) would take them: the
-#: serializer's small-message path and a pid's reducer and constructor.
+#: optional compiled helpers would take them: the serializer's small-message paths
+#: (``hpcproc/_pickle_accel.c``, ``hpcproc/_compact_accel.c``) and a pid's reducer and
+#: constructor.
 ACCEL_ENV = "HPCPROC_PICKLE_ACCEL"
 
 
-def compiled_helper() -> ModuleType | None:
-    """``hpcproc._pickle_accel``, or None where it was not built or :data:`ACCEL_ENV`
-    turns it off (the callers then keep their Python paths)."""
+def compiled_helper(name: str = "_pickle_accel") -> ModuleType | None:
+    """The serializer's optional compiled module ``hpcproc.<name>`` (``_pickle_accel``
+    or ``_compact_accel``), or None where it was not built or :data:`ACCEL_ENV` turns
+    the compiled parts off (the callers then keep their Python paths)."""
     if os.environ.get(ACCEL_ENV, "1").strip() == "0":
         return None
     try:
-        from . import _pickle_accel
+        return importlib.import_module(f"hpcproc.{name}")
     except ImportError:  # built without a compiler
         return None
-    return _pickle_accel
+
 
 #: (module, name) -> extension code. Never renumber an entry: nodes of different
 #: versions of hpcproc would then read each other's pickles wrongly.

@@ -11,11 +11,14 @@ memoryviews are rebuilt over the received frames without a copy (see
 memory, so they are copied out of their frame once. Non-contiguous arrays and
 memoryviews are copied into the header (pickle has no other way to send them).
 
-Plain data goes through the standard (C) pickler (small messages through reusable
-"seeded" ones where the optional compiled helper was built; see below); only objects
-it cannot handle (lambdas, closures, functions defined in ``__main__``) fall back to
-cloudpickle.
-The receiver always loads with the standard (C) unpickler.
+Where the optional compiled helpers were built, a small message of plain data (None,
+numbers, str, bytes, tuples, lists, dicts, pids) is written in hpcproc's compact
+format instead (:mod:`hpcproc._compact`; a header of that format is the only frame).
+Anything else goes through the standard (C) pickler (small messages through reusable
+"seeded" ones where the compiled helper was built; see below); only objects it cannot
+handle (lambdas, closures, functions defined in ``__main__``) fall back to
+cloudpickle. The receiver reads a compact header itself and loads a pickle with the
+standard (C) unpickler; every node reads both, built with the helpers or not.
 
 Security: unpickling runs code. Only call :func:`deserialize` on frames from an
 authenticated peer (the network transports authenticate with the cluster cookie).
@@ -33,18 +36,21 @@ from typing import Any
 
 import cloudpickle
 
+from . import _compact
 from ._channels import ChanMessage
-from ._ids import _pid
+from ._ids import NodeId, Pid, _interned, _pid
 from ._pickle_codes import CODES, compiled_helper
 from ._pickle_codes import register as _register_codes
 from .transports.base import Buffer
 
 __all__ = [
     "ACCELERATED",
+    "COMPACT",
     "OUT_OF_BAND_MIN",
     "SerializationError",
     "deserialize",
     "dumps",
+    "loads",
     "serialize",
 ]
 
@@ -292,14 +298,77 @@ def _compiled_serialize() -> Callable[[Any], list[Buffer]] | None:
 
 
 _compiled = _compiled_serialize()
-#: Whether :data:`serialize` is the compiled one (see "the seeded pickler" above).
+#: Whether small messages that need pickle go through the seeded picklers (see "the
+#: seeded pickler" above).
 ACCELERATED = _compiled is not None
+
+
+# ------------------------------------------------------------------ the compact format
+#
+# Small messages of plain data (None, bool, int, float, str, bytes, tuple, list, dict,
+# pids, channel envelopes) need no pickle at all: where the compiled helper was built
+# (``hpcproc/_compact_accel.c``) they are written in hpcproc's compact format
+# (:mod:`hpcproc._compact`), at a fifth of pickle's cost, and everything else is
+# pickled as above. Every node reads both formats, compiled or not (:data:`loads`).
+
+
+def _is_compact(frame: Buffer) -> bool:
+    try:
+        return memoryview(frame).cast("B")[:1] == _COMPACT_START
+    except (TypeError, ValueError):  # not a flat buffer: not a frame of ours
+        return False
+
+
+_COMPACT_START = bytes([_compact.MAGIC])
+
+
+def _loads_py(frame: Buffer) -> Any:
+    """:data:`loads` in Python (where the compiled helper was not built)."""
+    if len(frame) and frame[0] == _compact.MAGIC:  # type: ignore[arg-type,index]
+        try:
+            return _compact.decode(frame)
+        except _compact.CompactError as exc:
+            raise SerializationError(f"cannot deserialize message: {exc}") from None
+    return pickle.loads(frame)
+
+
+def _compact_helper() -> Any:
+    """The compiled compact format, configured (its ``serialize`` falls back to the
+    pickling one above); None where it was not built or is turned off."""
+    helper = compiled_helper("_compact_accel")
+    if helper is None:
+        return None
+    helper.configure(
+        Pid,
+        NodeId,
+        _interned,
+        ChanMessage,
+        SerializationError,
+        _compiled or _serialize_py,
+        pickle.loads,
+        OUT_OF_BAND_MIN,
+        _compact.MAX_FRAME,
+    )
+    return helper
+
+
+_compact_compiled = _compact_helper()
+#: Whether :data:`serialize` writes small messages of plain data in the compact format.
+COMPACT = _compact_compiled is not None
 
 #: ``serialize(obj)``: ``[header, *buffers]`` for ``obj``; the buffers are views of
 #: ``obj``'s large buffers, not copies. Raises :class:`SerializationError` when neither
 #: pickle nor cloudpickle can serialize ``obj``. (The compiled function where it was
 #: built, so that sending a small message costs no Python frame here; else Python's.)
-serialize: Callable[[Any], list[Buffer]] = _compiled or _serialize_py
+serialize: Callable[[Any], list[Buffer]] = (
+    _compact_compiled.serialize if COMPACT else _compiled or _serialize_py
+)
+
+#: ``loads(frame)``: the message of a one-frame ``[header]`` (a compact frame or a
+#: pickle; raises what ``pickle.loads`` raises for a corrupt pickle, and
+#: :class:`SerializationError` for a corrupt compact frame). :func:`deserialize`'s
+#: fast path, for receivers that handle those errors themselves.
+loads: Callable[[Buffer], Any] = _compact_compiled.loads if COMPACT else _loads_py
 
 
 def dumps(obj: Any) -> bytes:
@@ -335,13 +404,17 @@ def deserialize(frames: Sequence[Buffer]) -> Any:
     if len(frames) == 1:
         # Fast path: one frame (most small messages) needs no buffer bookkeeping.
         try:
-            return pickle.loads(frames[0])
+            return loads(frames[0])
         except pickle.UnpicklingError:
             pass  # persistent ids (small memoryviews), or corrupt: the full path
+        except SerializationError:
+            raise  # a corrupt compact frame
         except Exception as exc:
             raise SerializationError(f"cannot deserialize message: {exc!r}") from exc
     elif not frames:
         raise SerializationError("empty message: expected a header frame")
+    elif _is_compact(frames[0]):
+        raise SerializationError("message has more frames than its header refers to")
     rest = iter(frames[1:])
     try:
         try:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcproc import serialization
+from hpcproc import _compact, serialization
 from hpcproc._pickle_codes import ACCEL_ENV
 from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deserialize, serialize
 
@@ -22,28 +22,37 @@ from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deseriali
 REQUIRE_ENV = "HPCPROC_REQUIRE_COMPILED"
 
 try:
-    from hpcproc import _pickle_accel
+    from hpcproc import _compact_accel, _pickle_accel
 except ImportError:  # built without a compiler
-    _pickle_accel = None  # type: ignore[assignment]
+    _pickle_accel = _compact_accel = None  # type: ignore[assignment]
 
 
 def _skip_compiled(what: str) -> None:
     """Skip a test of the compiled part (turned off, or not built), but fail where CI
     requires it built."""
-    if os.environ.get(REQUIRE_ENV) == "1" and _pickle_accel is None:
-        pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._pickle_accel was not built")
+    if os.environ.get(REQUIRE_ENV) == "1" and (_pickle_accel is None or _compact_accel is None):
+        pytest.fail(f"{REQUIRE_ENV}=1 but the compiled parts were not all built")
     pytest.skip(f"{what} not built or turned off")
 
 
-@pytest.fixture(autouse=True, params=["c", "py"])
+@pytest.fixture(autouse=True, params=["compact", "c", "py"])
 def small_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both serializers: the compiled one (seeded picklers for
-    small messages) and the pure-Python one (``pickle.dumps``, the fallback)."""
+    """Every test here runs on the three serializers: the compiled one as built (small
+    messages of plain data in the compact format, the others by seeded picklers), the
+    compiled pickling one alone (seeded picklers for every small message), and the
+    pure-Python one (``pickle.dumps``, the fallback)."""
     if request.param == "py":
-        monkeypatch.setattr(serialization, "serialize", serialization._serialize_py)
-        monkeypatch.setattr(sys.modules[__name__], "serialize", serialization._serialize_py)
-    elif not serialization.ACCELERATED:
-        _skip_compiled("the compiled small-message path is")
+        chosen = serialization._serialize_py
+    elif request.param == "c":
+        if serialization._compiled is None:
+            _skip_compiled("the compiled small-message path is")
+        chosen = serialization._compiled
+    else:
+        if not serialization.COMPACT:
+            _skip_compiled("the compiled compact format is")
+        chosen = serialization.serialize
+    monkeypatch.setattr(serialization, "serialize", chosen)
+    monkeypatch.setattr(sys.modules[__name__], "serialize", chosen)
     return str(request.param)
 
 
@@ -412,6 +421,7 @@ def test_the_compiled_small_message_path_is_built_and_used_unless_turned_off(
         return  # the fixture turned it off for this run
     turned_off = os.environ.get(ACCEL_ENV, "1").strip() == "0"
     assert serialization.ACCELERATED is not turned_off
+    assert serialization.COMPACT is not turned_off
 
 
 class _Box:
@@ -450,7 +460,9 @@ def test_envelopes_shared_references_and_cycles_round_trip_message_after_message
             b"x" * 8,
         ):
             header = serialize(msg)[0]
-            for back in (deserialize(received([header])), pickle.loads(header)):
+            # A compact header (plain data) is no pickle: its other reader is Python's.
+            plain = _compact.decode if header[:1] == b"\xc5" else pickle.loads
+            for back in (deserialize(received([header])), plain(header)):
                 if isinstance(msg, ChanMessage):
                     assert (back.port_id, back.payload) == (msg.port_id, msg.payload)
                 elif isinstance(msg, list) and msg and isinstance(msg[0], ChanMessage):
@@ -576,8 +588,11 @@ def test_a_pickle_without_memo_gets_has_no_preamble(small_path: str) -> None:
     # reads like a memo get must not cost the receiver a preamble. (An argument byte
     # inside the pickle may still, harmlessly: the scan does not parse opcodes.)
     assert pickle.dumps(b"x" * 100, protocol=5)[3] == ord("h")
+    # (Under "compact" these are not pickled: the seeded picklers are tested alone.)
+    pickles = serialization._compiled if small_path == "compact" else serialize
     for msg in (b"x" * 100, b"x" * 8, "text", 12345):
-        header = serialize(msg)[0]
+        assert pickles is not None
+        header = pickles(msg)[0]
         assert bytes(header[:2]) == b"\x80\x05", (small_path, msg, bytes(header[:16]))
 
 

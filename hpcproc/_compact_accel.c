@@ -1,0 +1,787 @@
+/* The compact message format in C: the writer that serialize uses for small messages
+ * of plain data, and the reader every received message goes through. The format, what
+ * it takes and what it refuses are specified in hpcproc/_compact.py, whose pure-Python
+ * encode and decode are the reference (the tests compare this writer's bytes with
+ * them) and the reader of nodes built without this module.
+ *
+ * Optional: built at install where a compiler exists; HPCPROC_PICKLE_ACCEL=0, or a
+ * build without it, leaves serialize writing pickles, which every node reads alike.
+ *
+ * serialize(obj) -> [frame] in the compact format, or fallback(obj) (pickle) where the
+ * format does not take obj. loads(frame) -> the message: the compact reader for a
+ * frame starting with MAGIC, pickle_loads(frame) for any other. No Python code runs
+ * while writing (only exact built-in types are taken) nor while reading, but for
+ * NodeId(address) the first time a node's address is seen.
+ *
+ * Why not a library: msgpack and marshal cannot tell a tuple from a list both ways,
+ * or need a Python callback per pid (msgpack's ext types); marshal's reader is not
+ * meant for untrusted bytes. Pickle is what this replaces for the small messages.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAGIC 0xC5
+#define MAX_DEPTH 32
+#define MAX_CONTAINERS 64
+
+static PyObject *PidType = NULL;
+static PyObject *NodeIdType = NULL;
+static PyObject *Interned = NULL;  /* address bytes -> NodeId */
+static PyObject *ChanType = NULL;  /* ChanMessage */
+static PyObject *Error = NULL;     /* SerializationError */
+static PyObject *Fallback = NULL;  /* obj -> frames (pickle) */
+static PyObject *PickleLoads = NULL;
+static Py_ssize_t MaxBytes = 0;    /* bytes this long or longer: not compact */
+static Py_ssize_t MaxFrame = 0;    /* frames longer than this: not compact */
+static PyObject *KeyName = NULL, *PortName = NULL, *PayloadName = NULL;
+
+/* One-entry caches: most pids of a stream of messages name one node. */
+static PyObject *EncNode = NULL, *EncKey = NULL; /* NodeId -> its address bytes */
+static PyObject *DecKey = NULL, *DecNode = NULL; /* address bytes -> NodeId */
+
+/* ------------------------------------------------------------------ writing */
+
+typedef struct {
+    char *buf;
+    Py_ssize_t len, cap;
+    int heap;
+    int ncontainers;
+    PyObject *containers[MAX_CONTAINERS];
+    char stack[512];
+} Writer;
+
+enum { ENC_OK = 0, ENC_SKIP = 1, ENC_ERROR = -1 };
+
+/* Room for n more bytes: ENC_OK, ENC_SKIP past MaxFrame (the frame would be too large
+ * for this format: pickle writes a repeated value once, this format every time),
+ * ENC_ERROR out of memory. */
+static int
+w_reserve(Writer *w, Py_ssize_t n)
+{
+    if (n > MaxFrame - w->len)
+        return ENC_SKIP;
+    if (w->cap - w->len >= n)
+        return ENC_OK;
+    Py_ssize_t cap = w->cap * 2;
+    if (cap < w->len + n)
+        cap = w->len + n;
+    char *buf;
+    if (w->heap) {
+        buf = PyMem_Realloc(w->buf, (size_t)cap);
+    }
+    else {
+        buf = PyMem_Malloc((size_t)cap);
+        if (buf != NULL)
+            memcpy(buf, w->buf, (size_t)w->len);
+    }
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return ENC_ERROR;
+    }
+    w->buf = buf;
+    w->cap = cap;
+    w->heap = 1;
+    return ENC_OK;
+}
+
+static inline void
+put_u32(char *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (char)(v >> (8 * i));
+}
+
+static inline void
+put_u64(char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (char)(v >> (8 * i));
+}
+
+/* tag, u32 length, the bytes */
+static int
+w_sized(Writer *w, char tag, const char *data, Py_ssize_t n)
+{
+    int r;
+    if ((uint64_t)n > UINT32_MAX)
+        return ENC_SKIP;
+    if ((r = w_reserve(w, 5 + n)) != ENC_OK)
+        return r;
+    char *p = w->buf + w->len;
+    p[0] = tag;
+    put_u32(p + 1, (uint32_t)n);
+    memcpy(p + 5, data, (size_t)n);
+    w->len += 5 + n;
+    return ENC_OK;
+}
+
+static int
+w_tag_u64(Writer *w, char tag, uint64_t v)
+{
+    int r;
+    if ((r = w_reserve(w, 9)) != ENC_OK)
+        return r;
+    char *p = w->buf + w->len;
+    p[0] = tag;
+    put_u64(p + 1, v);
+    w->len += 9;
+    return ENC_OK;
+}
+
+static int
+w_count(Writer *w, char tag, Py_ssize_t n)
+{
+    int r;
+    if ((uint64_t)n > UINT32_MAX)
+        return ENC_SKIP;
+    if ((r = w_reserve(w, 5)) != ENC_OK)
+        return r;
+    char *p = w->buf + w->len;
+    p[0] = tag;
+    put_u32(p + 1, (uint32_t)n);
+    w->len += 5;
+    return ENC_OK;
+}
+
+/* A list or dict: refused when it appeared before (pickle keeps the sharing). */
+static int
+w_container(Writer *w, PyObject *obj)
+{
+    for (int i = 0; i < w->ncontainers; i++) {
+        if (w->containers[i] == obj)
+            return ENC_SKIP;
+    }
+    if (w->ncontainers >= MAX_CONTAINERS)
+        return ENC_SKIP;
+    w->containers[w->ncontainers++] = obj;
+    return ENC_OK;
+}
+
+/* The int64 value of an exact int: ENC_OK, or ENC_SKIP beyond 64 bits. */
+static int
+int64_of(PyObject *obj, long long *out)
+{
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (overflow)
+        return ENC_SKIP;
+    if (v == -1 && PyErr_Occurred())
+        return ENC_ERROR;
+    *out = v;
+    return ENC_OK;
+}
+
+static int w_value(Writer *w, PyObject *obj, int depth);
+
+static int
+w_pid(Writer *w, PyObject *pid)
+{
+    if (PyTuple_GET_SIZE(pid) != 2)
+        return ENC_SKIP;
+    PyObject *node = PyTuple_GET_ITEM(pid, 0), *lid = PyTuple_GET_ITEM(pid, 1);
+    if ((PyObject *)Py_TYPE(node) != NodeIdType || !PyLong_CheckExact(lid))
+        return ENC_SKIP;
+    long long n;
+    int r = int64_of(lid, &n);
+    if (r != ENC_OK)
+        return r;
+    if (node != EncNode) {
+        PyObject *key = PyObject_GetAttr(node, KeyName);
+        if (key == NULL)
+            return ENC_ERROR;
+        if (!PyBytes_CheckExact(key)) {
+            Py_DECREF(key);
+            return ENC_SKIP;
+        }
+        Py_INCREF(node);
+        Py_XSETREF(EncNode, node);
+        Py_XSETREF(EncKey, key);
+    }
+    Py_ssize_t klen = PyBytes_GET_SIZE(EncKey);
+    if ((r = w_sized(w, 'p', PyBytes_AS_STRING(EncKey), klen)) != ENC_OK)
+        return r;
+    if ((r = w_reserve(w, 8)) != ENC_OK)
+        return r;
+    put_u64(w->buf + w->len, (uint64_t)n);
+    w->len += 8;
+    return ENC_OK;
+}
+
+/* After a failed attribute read: ENC_SKIP for a missing attribute, else ENC_ERROR. */
+static int
+not_set(void)
+{
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+        return ENC_ERROR;
+    PyErr_Clear();
+    return ENC_SKIP;
+}
+
+static int
+w_chan(Writer *w, PyObject *msg, int depth)
+{
+    PyObject *port = PyObject_GetAttr(msg, PortName);
+    if (port == NULL)
+        return not_set(); /* an envelope without its fields: pickle reports it */
+    long long n;
+    int r = PyLong_CheckExact(port) ? int64_of(port, &n) : ENC_SKIP;
+    Py_DECREF(port);
+    if (r != ENC_OK)
+        return r;
+    if ((r = w_tag_u64(w, 'c', (uint64_t)n)) != ENC_OK)
+        return r;
+    PyObject *payload = PyObject_GetAttr(msg, PayloadName);
+    if (payload == NULL)
+        return not_set();
+    r = w_value(w, payload, depth + 1);
+    Py_DECREF(payload);
+    return r;
+}
+
+static int
+w_value(Writer *w, PyObject *obj, int depth)
+{
+    if (depth > MAX_DEPTH)
+        return ENC_SKIP;
+    PyTypeObject *t = Py_TYPE(obj);
+    int r;
+    if (obj == Py_None || obj == Py_True || obj == Py_False) {
+        if ((r = w_reserve(w, 1)) != ENC_OK)
+            return r;
+        w->buf[w->len++] = obj == Py_None ? 'N' : (obj == Py_True ? 'T' : 'F');
+        return ENC_OK;
+    }
+    if (t == &PyLong_Type) {
+        long long v;
+        if ((r = int64_of(obj, &v)) != ENC_OK)
+            return r;
+        if (v >= 0 && v <= 255) {
+            if ((r = w_reserve(w, 2)) != ENC_OK)
+                return r;
+            w->buf[w->len] = 'b';
+            w->buf[w->len + 1] = (char)v;
+            w->len += 2;
+            return ENC_OK;
+        }
+        return w_tag_u64(w, 'i', (uint64_t)v);
+    }
+    if (t == &PyBytes_Type) {
+        Py_ssize_t n = PyBytes_GET_SIZE(obj);
+        if (n >= MaxBytes)
+            return ENC_SKIP;
+        return w_sized(w, 'y', PyBytes_AS_STRING(obj), n);
+    }
+    if (t == &PyUnicode_Type) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(obj, &n);
+        if (s == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError))
+                return ENC_ERROR;
+            PyErr_Clear(); /* a lone surrogate: pickle writes it */
+            return ENC_SKIP;
+        }
+        return w_sized(w, 's', s, n);
+    }
+    if (t == &PyTuple_Type) {
+        Py_ssize_t n = PyTuple_GET_SIZE(obj);
+        if ((r = w_count(w, 't', n)) != ENC_OK)
+            return r;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((r = w_value(w, PyTuple_GET_ITEM(obj, i), depth + 1)) != ENC_OK)
+                return r;
+        }
+        return ENC_OK;
+    }
+    if ((PyObject *)t == PidType)
+        return w_pid(w, obj);
+    if (t == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(obj);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        return w_tag_u64(w, 'f', bits);
+    }
+    if (t == &PyList_Type) {
+        if ((r = w_container(w, obj)) != ENC_OK)
+            return r;
+        /* No Python code runs while writing, so the list cannot change under us. */
+        Py_ssize_t n = PyList_GET_SIZE(obj);
+        if ((r = w_count(w, 'l', n)) != ENC_OK)
+            return r;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((r = w_value(w, PyList_GET_ITEM(obj, i), depth + 1)) != ENC_OK)
+                return r;
+        }
+        return ENC_OK;
+    }
+    if (t == &PyDict_Type) {
+        if ((r = w_container(w, obj)) != ENC_OK)
+            return r;
+        if ((r = w_count(w, 'd', PyDict_GET_SIZE(obj))) != ENC_OK)
+            return r;
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(obj, &pos, &key, &value)) {
+            if ((r = w_value(w, key, depth + 1)) != ENC_OK ||
+                (r = w_value(w, value, depth + 1)) != ENC_OK)
+                return r;
+        }
+        return ENC_OK;
+    }
+    if ((PyObject *)t == ChanType)
+        return w_chan(w, obj, depth);
+    return ENC_SKIP;
+}
+
+/* obj's frame, or NULL: with an exception set on error, without where the format
+ * does not take obj. */
+static PyObject *
+encode_frame(PyObject *obj)
+{
+    Writer w;
+    w.buf = w.stack;
+    w.cap = sizeof(w.stack);
+    w.heap = 0;
+    w.ncontainers = 0;
+    w.buf[0] = (char)MAGIC;
+    w.len = 1;
+    int r = w_value(&w, obj, 1);
+    PyObject *out = NULL;
+    if (r == ENC_OK)
+        out = PyBytes_FromStringAndSize(w.buf, w.len);
+    if (w.heap)
+        PyMem_Free(w.buf);
+    return out;
+}
+
+static int
+configured(void)
+{
+    if (PidType == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_compact_accel.configure() was not called");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+accel_serialize(PyObject *Py_UNUSED(mod), PyObject *obj)
+{
+    if (!configured())
+        return NULL;
+    PyObject *frame = encode_frame(obj);
+    if (frame == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        return PyObject_CallOneArg(Fallback, obj);
+    }
+    PyObject *out = PyList_New(1);
+    if (out == NULL) {
+        Py_DECREF(frame);
+        return NULL;
+    }
+    PyList_SET_ITEM(out, 0, frame);
+    return out;
+}
+
+static PyObject *
+accel_encode(PyObject *Py_UNUSED(mod), PyObject *obj)
+{
+    if (!configured())
+        return NULL;
+    PyObject *frame = encode_frame(obj);
+    if (frame == NULL && !PyErr_Occurred())
+        Py_RETURN_NONE;
+    return frame;
+}
+
+/* ------------------------------------------------------------------ reading */
+
+typedef struct {
+    const unsigned char *p, *end, *start;
+    Py_ssize_t need; /* bytes the open containers' items still to come take at least */
+} Reader;
+
+static PyObject *
+malformed(Reader *r, const char *what)
+{
+    PyErr_Format(Error, "cannot deserialize message: compact message %s (at byte %zd)", what,
+                 (Py_ssize_t)(r->p - r->start));
+    return NULL;
+}
+
+static inline uint32_t
+get_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline uint64_t
+get_u64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* A u32 length followed by that many bytes: their start, or NULL (error set). */
+static const unsigned char *
+r_sized(Reader *r, Py_ssize_t *n)
+{
+    if (r->end - r->p < 4) {
+        malformed(r, "is truncated");
+        return NULL;
+    }
+    uint32_t len = get_u32(r->p);
+    r->p += 4;
+    if ((uint64_t)(r->end - r->p) < len) {
+        malformed(r, "is truncated");
+        return NULL;
+    }
+    const unsigned char *s = r->p;
+    r->p += len;
+    *n = (Py_ssize_t)len;
+    return s;
+}
+
+/* A u32 count of items that take at least min_size bytes each. */
+static int
+r_count(Reader *r, Py_ssize_t min_size, Py_ssize_t *n)
+{
+    if (r->end - r->p < 4) {
+        malformed(r, "is truncated");
+        return -1;
+    }
+    uint32_t count = get_u32(r->p);
+    r->p += 4;
+    if ((uint64_t)count * (uint64_t)min_size + (uint64_t)r->need > (uint64_t)(r->end - r->p)) {
+        malformed(r, "is truncated");
+        return -1;
+    }
+    *n = (Py_ssize_t)count;
+    return 0;
+}
+
+static PyObject *
+node_of(const unsigned char *s, Py_ssize_t n)
+{
+    if (DecKey != NULL && PyBytes_GET_SIZE(DecKey) == n &&
+        memcmp(PyBytes_AS_STRING(DecKey), s, (size_t)n) == 0) {
+        Py_INCREF(DecNode);
+        return DecNode;
+    }
+    PyObject *key = PyBytes_FromStringAndSize((const char *)s, n);
+    if (key == NULL)
+        return NULL;
+    PyObject *node = PyDict_GetItemWithError(Interned, key); /* borrowed */
+    if (node != NULL) {
+        Py_INCREF(node);
+    }
+    else if (PyErr_Occurred() || (node = PyObject_CallOneArg(NodeIdType, key)) == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    Py_INCREF(node);
+    Py_XSETREF(DecNode, node);
+    Py_XSETREF(DecKey, key);
+    return node;
+}
+
+static PyObject *
+new_pid(PyObject *node, PyObject *lid)
+{
+    /* tuple.__new__(Pid, (node, lid)), as hpcproc._ids._pid does: through tuple's own
+     * constructor, which fills a subtype's instance as the running CPython needs it
+     * (3.14 caches a tuple's hash). */
+    PyObject *items = PyTuple_Pack(2, node, lid);
+    if (items == NULL)
+        return NULL;
+    PyObject *args = PyTuple_Pack(1, items);
+    Py_DECREF(items);
+    if (args == NULL)
+        return NULL;
+    PyObject *pid = PyTuple_Type.tp_new((PyTypeObject *)PidType, args, NULL);
+    Py_DECREF(args);
+    return pid;
+}
+
+static PyObject *r_value(Reader *r, int depth);
+
+static PyObject *
+r_pid(Reader *r)
+{
+    Py_ssize_t n;
+    const unsigned char *s = r_sized(r, &n);
+    if (s == NULL)
+        return NULL;
+    if (r->end - r->p < 8)
+        return malformed(r, "is truncated");
+    PyObject *lid = PyLong_FromLongLong((long long)get_u64(r->p));
+    r->p += 8;
+    if (lid == NULL)
+        return NULL;
+    PyObject *node = node_of(s, n);
+    if (node == NULL) {
+        Py_DECREF(lid);
+        return NULL;
+    }
+    PyObject *pid = new_pid(node, lid);
+    Py_DECREF(node);
+    Py_DECREF(lid);
+    return pid;
+}
+
+static PyObject *
+r_value(Reader *r, int depth)
+{
+    if (depth > MAX_DEPTH)
+        return malformed(r, "nests too deep");
+    if (r->p >= r->end)
+        return malformed(r, "is truncated");
+    unsigned char tag = *r->p++;
+    Py_ssize_t n;
+    const unsigned char *s;
+    switch (tag) {
+    case 'N':
+        Py_RETURN_NONE;
+    case 'T':
+        Py_RETURN_TRUE;
+    case 'F':
+        Py_RETURN_FALSE;
+    case 'b':
+        if (r->p >= r->end)
+            return malformed(r, "is truncated");
+        return PyLong_FromLong(*r->p++);
+    case 'i':
+    case 'f':
+    case 'c': {
+        if (r->end - r->p < 8)
+            return malformed(r, "is truncated");
+        uint64_t v = get_u64(r->p);
+        r->p += 8;
+        if (tag == 'i')
+            return PyLong_FromLongLong((long long)v);
+        if (tag == 'f') {
+            double d;
+            memcpy(&d, &v, 8);
+            return PyFloat_FromDouble(d);
+        }
+        PyObject *payload = r_value(r, depth + 1);
+        if (payload == NULL)
+            return NULL;
+        PyObject *port = PyLong_FromLongLong((long long)v);
+        if (port == NULL) {
+            Py_DECREF(payload);
+            return NULL;
+        }
+        PyObject *msg = PyObject_CallFunctionObjArgs(ChanType, port, payload, NULL);
+        Py_DECREF(port);
+        Py_DECREF(payload);
+        return msg;
+    }
+    case 'y':
+        if ((s = r_sized(r, &n)) == NULL)
+            return NULL;
+        return PyBytes_FromStringAndSize((const char *)s, n);
+    case 's': {
+        if ((s = r_sized(r, &n)) == NULL)
+            return NULL;
+        PyObject *str = PyUnicode_DecodeUTF8((const char *)s, n, NULL);
+        if (str == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+            r->p = s;
+            return malformed(r, "has a str that is not UTF-8");
+        }
+        return str;
+    }
+    case 't':
+    case 'l': {
+        if (r_count(r, 1, &n) < 0)
+            return NULL;
+        PyObject *out = tag == 't' ? PyTuple_New(n) : PyList_New(n);
+        if (out == NULL)
+            return NULL;
+        Py_ssize_t saved = r->need;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            r->need = saved + (n - 1 - i);
+            PyObject *item = r_value(r, depth + 1);
+            if (item == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            if (tag == 't')
+                PyTuple_SET_ITEM(out, i, item);
+            else
+                PyList_SET_ITEM(out, i, item);
+        }
+        r->need = saved;
+        return out;
+    }
+    case 'd': {
+        if (r_count(r, 2, &n) < 0)
+            return NULL;
+        PyObject *out = PyDict_New();
+        if (out == NULL)
+            return NULL;
+        Py_ssize_t saved = r->need;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            r->need = saved + 1 + 2 * (n - 1 - i);
+            PyObject *key = r_value(r, depth + 1);
+            if (key == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            r->need = saved + 2 * (n - 1 - i);
+            PyObject *value = r_value(r, depth + 1);
+            if (value == NULL) {
+                Py_DECREF(key);
+                Py_DECREF(out);
+                return NULL;
+            }
+            int failed = PyDict_SetItem(out, key, value);
+            Py_DECREF(key);
+            Py_DECREF(value);
+            if (failed) {
+                Py_DECREF(out);
+                if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                    PyErr_Clear();
+                    return malformed(r, "has an unhashable dict key");
+                }
+                return NULL;
+            }
+        }
+        r->need = saved;
+        return out;
+    }
+    case 'p':
+        return r_pid(r);
+    default:
+        r->p--;
+        return malformed(r, "has an unknown tag");
+    }
+}
+
+static PyObject *
+decode_buffer(const unsigned char *data, Py_ssize_t len)
+{
+    Reader r = {data + 1, data + len, data, 0};
+    PyObject *obj = r_value(&r, 1);
+    if (obj != NULL && r.p != r.end) {
+        Py_DECREF(obj);
+        return malformed(&r, "has bytes after its value");
+    }
+    return obj;
+}
+
+static PyObject *
+accel_loads(PyObject *Py_UNUSED(mod), PyObject *frame)
+{
+    if (!configured())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int compact = view.len > 0 && ((const unsigned char *)view.buf)[0] == MAGIC;
+    PyObject *out = compact ? decode_buffer(view.buf, view.len) : NULL;
+    PyBuffer_Release(&view);
+    if (compact)
+        return out;
+    return PyObject_CallOneArg(PickleLoads, frame);
+}
+
+static PyObject *
+accel_decode(PyObject *Py_UNUSED(mod), PyObject *frame)
+{
+    if (!configured())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *out;
+    if (view.len > 0 && ((const unsigned char *)view.buf)[0] == MAGIC) {
+        out = decode_buffer(view.buf, view.len);
+    }
+    else {
+        PyErr_SetString(Error, "cannot deserialize message: not a compact message");
+        out = NULL;
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyObject *
+accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *pid_type, *nodeid_type, *interned, *chan_type, *error, *fallback, *pickle_loads;
+    Py_ssize_t max_bytes, max_frame;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOnn:configure", &PyType_Type, &pid_type,
+                          &PyType_Type, &nodeid_type, &PyDict_Type, &interned, &PyType_Type,
+                          &chan_type, &PyType_Type, &error, &fallback, &pickle_loads,
+                          &max_bytes, &max_frame))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)pid_type, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)error, (PyTypeObject *)PyExc_Exception) ||
+        !PyCallable_Check(fallback) || !PyCallable_Check(pickle_loads) || max_bytes <= 0 ||
+        max_frame <= max_bytes) {
+        PyErr_SetString(PyExc_ValueError,
+                        "configure: expected Pid (a tuple subclass), NodeId, interned, "
+                        "ChanMessage, an exception class, two callables, max_bytes > 0, "
+                        "max_frame > max_bytes");
+        return NULL;
+    }
+    if (KeyName == NULL) {
+        if ((KeyName = PyUnicode_InternFromString("_key")) == NULL ||
+            (PortName = PyUnicode_InternFromString("port_id")) == NULL ||
+            (PayloadName = PyUnicode_InternFromString("payload")) == NULL)
+            return NULL;
+    }
+    Py_INCREF(pid_type);
+    Py_XSETREF(PidType, pid_type);
+    Py_INCREF(nodeid_type);
+    Py_XSETREF(NodeIdType, nodeid_type);
+    Py_INCREF(interned);
+    Py_XSETREF(Interned, interned);
+    Py_INCREF(chan_type);
+    Py_XSETREF(ChanType, chan_type);
+    Py_INCREF(error);
+    Py_XSETREF(Error, error);
+    Py_INCREF(fallback);
+    Py_XSETREF(Fallback, fallback);
+    Py_INCREF(pickle_loads);
+    Py_XSETREF(PickleLoads, pickle_loads);
+    MaxBytes = max_bytes;
+    MaxFrame = max_frame;
+    Py_CLEAR(EncNode);
+    Py_CLEAR(EncKey);
+    Py_CLEAR(DecKey);
+    Py_CLEAR(DecNode);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", accel_configure, METH_VARARGS,
+     "configure(Pid, NodeId, interned, ChanMessage, error, fallback, pickle_loads, "
+     "max_bytes, max_frame): the types and paths it works with (see hpcproc/serialization.py)."},
+    {"serialize", accel_serialize, METH_O,
+     "serialize(obj) -> [frame]: obj in the compact format, or fallback(obj) where the "
+     "format does not take it (see hpcproc/_compact.py)."},
+    {"loads", accel_loads, METH_O,
+     "loads(frame) -> obj: a compact frame read here, any other by pickle_loads.\n\n"
+     "Raises error (configured) for a malformed compact frame."},
+    {"encode", accel_encode, METH_O,
+     "encode(obj) -> bytes | None: obj in the compact format, None where not taken."},
+    {"decode", accel_decode, METH_O,
+     "decode(frame) -> obj: a compact frame's value; raises error where malformed."},
+    {NULL}};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_compact_accel",
+    "The compact message format in C (see hpcproc/_compact.py).", -1, module_methods};
+
+PyMODINIT_FUNC
+PyInit__compact_accel(void)
+{
+    return PyModule_Create(&module);
+}
