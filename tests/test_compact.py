@@ -41,16 +41,6 @@ PIDS = (
 )
 
 
-def compiled() -> Any:
-    """The compiled module, or skip (a failure where CI requires it built)."""
-    if C is None:
-        turned_off = os.environ.get(ACCEL_ENV, "1").strip() == "0"
-        if os.environ.get(REQUIRE_ENV) == "1" and not turned_off:
-            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._compact_accel was not built")
-        pytest.skip("the compiled compact format is not built or turned off")
-    return C
-
-
 def same(a: Any, b: Any) -> bool:
     """Equal, with the same exact types all the way down (NaN equal to NaN)."""
     if type(a) is not type(b):
