@@ -29,12 +29,14 @@ setup(
         Extension(
             "hpcproc._pickle_accel",
             ["hpcproc/_pickle_accel.c"],
+            depends=["hpcproc/_accel_pid.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
         ),
         Extension(
             "hpcproc._compact_accel",
             ["hpcproc/_compact_accel.c"],
+            depends=["hpcproc/_accel_pid.h"],
             extra_compile_args=["-O2", "-std=c11", "-Wall"],
             optional=True,
         ),

@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_accel_pid.h"
+
 #define MAGIC 0xC5
 #define MAX_DEPTH 32
 #define MAX_CONTAINERS 64
@@ -284,12 +286,16 @@ w_value(Writer *w, PyObject *obj, int depth)
         }
         return w_sized(w, 's', s, n);
     }
-    if (t == &PyTuple_Type) {
-        Py_ssize_t n = PyTuple_GET_SIZE(obj);
-        if ((r = w_count(w, 't', n)) != ENC_OK)
+    if (t == &PyTuple_Type || t == &PyList_Type) {
+        /* No Python code runs while writing, so a list cannot change under us. */
+        if (t == &PyList_Type && (r = w_container(w, obj)) != ENC_OK)
             return r;
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+        if ((r = w_count(w, t == &PyTuple_Type ? 't' : 'l', n)) != ENC_OK)
+            return r;
+        PyObject **items = PySequence_Fast_ITEMS(obj);
         for (Py_ssize_t i = 0; i < n; i++) {
-            if ((r = w_value(w, PyTuple_GET_ITEM(obj, i), depth + 1)) != ENC_OK)
+            if ((r = w_value(w, items[i], depth + 1)) != ENC_OK)
                 return r;
         }
         return ENC_OK;
@@ -301,19 +307,6 @@ w_value(Writer *w, PyObject *obj, int depth)
         uint64_t bits;
         memcpy(&bits, &d, 8);
         return w_tag_u64(w, 'f', bits);
-    }
-    if (t == &PyList_Type) {
-        if ((r = w_container(w, obj)) != ENC_OK)
-            return r;
-        /* No Python code runs while writing, so the list cannot change under us. */
-        Py_ssize_t n = PyList_GET_SIZE(obj);
-        if ((r = w_count(w, 'l', n)) != ENC_OK)
-            return r;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if ((r = w_value(w, PyList_GET_ITEM(obj, i), depth + 1)) != ENC_OK)
-                return r;
-        }
-        return ENC_OK;
     }
     if (t == &PyDict_Type) {
         if ((r = w_container(w, obj)) != ENC_OK)
@@ -489,24 +482,6 @@ node_of(const unsigned char *s, Py_ssize_t n)
     return node;
 }
 
-static PyObject *
-new_pid(PyObject *node, PyObject *lid)
-{
-    /* tuple.__new__(Pid, (node, lid)), as hpcproc._ids._pid does: through tuple's own
-     * constructor, which fills a subtype's instance as the running CPython needs it
-     * (3.14 caches a tuple's hash). */
-    PyObject *items = PyTuple_Pack(2, node, lid);
-    if (items == NULL)
-        return NULL;
-    PyObject *args = PyTuple_Pack(1, items);
-    Py_DECREF(items);
-    if (args == NULL)
-        return NULL;
-    PyObject *pid = PyTuple_Type.tp_new((PyTypeObject *)PidType, args, NULL);
-    Py_DECREF(args);
-    return pid;
-}
-
 static PyObject *r_value(Reader *r, int depth);
 
 static PyObject *
@@ -527,7 +502,7 @@ r_pid(Reader *r)
         Py_DECREF(lid);
         return NULL;
     }
-    PyObject *pid = new_pid(node, lid);
+    PyObject *pid = hpcproc_new_pid(PidType, node, lid);
     Py_DECREF(node);
     Py_DECREF(lid);
     return pid;
@@ -675,8 +650,10 @@ decode_buffer(const unsigned char *data, Py_ssize_t len)
     return obj;
 }
 
+/* The message of frame: a compact frame read here; any other by pickle_loads where
+ * pickles is set, else refused. */
 static PyObject *
-accel_loads(PyObject *Py_UNUSED(mod), PyObject *frame)
+read_frame(PyObject *frame, int pickles)
 {
     if (!configured())
         return NULL;
@@ -688,27 +665,22 @@ accel_loads(PyObject *Py_UNUSED(mod), PyObject *frame)
     PyBuffer_Release(&view);
     if (compact)
         return out;
-    return PyObject_CallOneArg(PickleLoads, frame);
+    if (pickles)
+        return PyObject_CallOneArg(PickleLoads, frame);
+    PyErr_SetString(Error, "cannot deserialize message: not a compact message");
+    return NULL;
+}
+
+static PyObject *
+accel_loads(PyObject *Py_UNUSED(mod), PyObject *frame)
+{
+    return read_frame(frame, 1);
 }
 
 static PyObject *
 accel_decode(PyObject *Py_UNUSED(mod), PyObject *frame)
 {
-    if (!configured())
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    PyObject *out;
-    if (view.len > 0 && ((const unsigned char *)view.buf)[0] == MAGIC) {
-        out = decode_buffer(view.buf, view.len);
-    }
-    else {
-        PyErr_SetString(Error, "cannot deserialize message: not a compact message");
-        out = NULL;
-    }
-    PyBuffer_Release(&view);
-    return out;
+    return read_frame(frame, 0);
 }
 
 static PyObject *
@@ -737,20 +709,13 @@ accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
             (PayloadName = PyUnicode_InternFromString("payload")) == NULL)
             return NULL;
     }
-    Py_INCREF(pid_type);
-    Py_XSETREF(PidType, pid_type);
-    Py_INCREF(nodeid_type);
-    Py_XSETREF(NodeIdType, nodeid_type);
-    Py_INCREF(interned);
-    Py_XSETREF(Interned, interned);
-    Py_INCREF(chan_type);
-    Py_XSETREF(ChanType, chan_type);
-    Py_INCREF(error);
-    Py_XSETREF(Error, error);
-    Py_INCREF(fallback);
-    Py_XSETREF(Fallback, fallback);
-    Py_INCREF(pickle_loads);
-    Py_XSETREF(PickleLoads, pickle_loads);
+    Py_XSETREF(PidType, Py_NewRef(pid_type));
+    Py_XSETREF(NodeIdType, Py_NewRef(nodeid_type));
+    Py_XSETREF(Interned, Py_NewRef(interned));
+    Py_XSETREF(ChanType, Py_NewRef(chan_type));
+    Py_XSETREF(Error, Py_NewRef(error));
+    Py_XSETREF(Fallback, Py_NewRef(fallback));
+    Py_XSETREF(PickleLoads, Py_NewRef(pickle_loads));
     MaxBytes = max_bytes;
     MaxFrame = max_frame;
     Py_CLEAR(EncNode);

@@ -22,6 +22,8 @@
 #include <Python.h>
 #include <string.h>
 
+#include "_accel_pid.h"
+
 #define MAX_SEEDS 8
 
 static PyObject *Pool = NULL;      /* list of idle entries: (dump, chunks, frames, pickler) */
@@ -254,19 +256,8 @@ pid_construct(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs
         if (nid == NULL)
             return NULL;
     }
-    /* tuple.__new__(Pid, (nid, lid)), as the Python _pid does: through tuple's own
-     * constructor, which fills a subtype's instance as the running CPython needs it
-     * (3.14 caches a tuple's hash, and marks a new one "not computed"). */
-    PyObject *items = PyTuple_Pack(2, nid, args[1]);
+    PyObject *pid = hpcproc_new_pid(PidType, nid, args[1]);
     Py_DECREF(nid);
-    if (items == NULL)
-        return NULL;
-    PyObject *new_args = PyTuple_Pack(1, items);
-    Py_DECREF(items);
-    if (new_args == NULL)
-        return NULL;
-    PyObject *pid = PyTuple_Type.tp_new((PyTypeObject *)PidType, new_args, NULL);
-    Py_DECREF(new_args);
     return pid;
 }
 
