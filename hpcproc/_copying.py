@@ -2,8 +2,9 @@
 
 Messages made only of immutable values (numbers, strings, bytes, identities, and tuples
 or frozensets of those) are passed as they are, because no one can observe the
-difference; everything else is copied through pickle, the same representation a
-remote send uses, so a message behaves alike whether its receiver is local or not.
+difference; everything else is copied through the representation a remote send uses
+(the compact format for plain data where its compiled part was built, else pickle), so a
+message behaves alike whether its receiver is local or not.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import serialization
 from ._channels import SendPort
 from ._ids import MonitorRef, NodeId, Pid
 from ._signals import (
@@ -66,7 +68,8 @@ def is_immutable(msg: Any) -> bool:
 
 
 def copy_message(msg: Any) -> Any:
-    """Return ``msg`` itself if immutable, else a deep copy made through pickle.
+    """Return ``msg`` itself if immutable, else a deep copy made as a remote send would
+    serialize it (compact format or pickle).
 
     Raises:
         SerializationError: ``msg`` cannot be pickled, so it could not be sent to
@@ -74,6 +77,14 @@ def copy_message(msg: Any) -> Any:
     """
     if is_immutable(msg):
         return msg
+    compact = serialization._compact_compiled
+    if compact is not None:
+        # Plain data (a dict, a list of numbers...) through the compact format: a
+        # third to a fifth of pickle's cost. What it does not take (shared lists or
+        # dicts, whose sharing the copy must keep, objects...) goes by pickle below.
+        data = compact.encode(msg)
+        if data is not None:
+            return compact.decode(data)
     try:
         data = pickle.dumps(msg, protocol=5)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:

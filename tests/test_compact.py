@@ -458,3 +458,28 @@ def test_nodes_with_and_without_the_compiled_part_understand_each_other(
             assert got == msg and got[0] is got[1]
         else:
             assert same(got, msg), (msg, got)
+
+
+# ---------------------------------------------------------------------- local copies
+
+
+def test_a_local_copy_is_deep_and_keeps_sharing() -> None:
+    """Local sends copy a mutable message as a remote send serializes it: plain data
+    through the compact format where built, the rest (sharing, cycles, objects) by
+    pickle, which keeps what it shares."""
+    from hpcproc._copying import copy_message
+
+    plain = {"a": 1, "b": [1, 2, (3, "x")], "p": PIDS[0]}
+    got = copy_message(plain)
+    assert same(got, plain) and got is not plain and got["b"] is not plain["b"]
+    assert got["p"] is not None and got["p"][0] is PIDS[0][0]
+
+    shared = copy_message([_shared, _shared])
+    assert shared == [_shared, _shared] and shared[0] is shared[1]
+    assert shared[0] is not _shared
+
+    cyclic = copy_message(_cyclic())
+    assert cyclic[0] == 1 and cyclic[1] is cyclic
+
+    boxed = copy_message([Point(1, 2)])
+    assert boxed == [Point(1, 2)] and type(boxed[0]) is Point
