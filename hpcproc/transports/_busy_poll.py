@@ -485,12 +485,18 @@ class IdlePoller:
         if gave_up:
             self.budget.missed(gave_up, time.perf_counter())
 
-    def spin(self, step: Callable[[], bool], ours: object = None) -> bool:
+    def spin(
+        self, step: Callable[[], bool], ours: object = None, *, yield_when_crowded: bool = False
+    ) -> bool:
         """Call ``step`` until it returns True, for at most the maximal budget, if the
         loop is idle but for ``ours`` and polling is on; whether it returned True.
 
         For waits that are not a ``receive`` (a send's completion, a connect's answer,
         a progress callback): they take the budget as it is configured, not adapted.
+        With ``yield_when_crowded``, an idle loop on crowded CPUs gives the CPU away
+        instead (``os.sched_yield``): for a caller that polls on every pass round the
+        loop because it has nothing to wait on (MPI), as MPICH's progress yields when
+        oversubscribed.
         """
         if self.others_ready(ours):
             return False
@@ -498,6 +504,8 @@ class IdlePoller:
         now = perf_counter()
         c = self._crowded
         if now < self._no_poll_until or (c.crowded if now < c.next_check else c(now)):
+            if yield_when_crowded:
+                os.sched_yield()
             return False
         deadline = now + self.budget.maximum
         while not step():

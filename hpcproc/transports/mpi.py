@@ -903,7 +903,9 @@ class _Pump:
                 and self.poller.enabled
                 and time.monotonic() - engine.last_activity < options.hot_window
             ):
-                self.poller.spin(engine.progress)
+                # Crowded CPUs: this pass round the loop is all the polling done, and
+                # the CPU goes to whoever else can run (the rank we wait for, often).
+                self.poller.spin(engine.progress, yield_when_crowded=True)
         except Exception:
             log.exception("mpi transport: progress failed")
         if self.stopped:
