@@ -13,9 +13,10 @@
  * while writing (only exact built-in types are taken) nor while reading, but for
  * NodeId(address) the first time a node's address is seen.
  *
- * Why not a library: msgpack and marshal cannot tell a tuple from a list both ways,
- * or need a Python callback per pid (msgpack's ext types); marshal's reader is not
- * meant for untrusted bytes. Pickle is what this replaces for the small messages.
+ * Why not a library: msgpack cannot tell a tuple from a list both ways and needs a
+ * Python callback per pid (its ext types); marshal has no way to carry a pid, and its
+ * reader is not meant for untrusted bytes. Pickle is what this replaces for the small
+ * messages.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
