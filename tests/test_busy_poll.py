@@ -389,6 +389,42 @@ def test_a_crowded_machine_turns_polling_off(monkeypatch: pytest.MonkeyPatch) ->
     _run(body())
 
 
+@pytest.mark.parametrize("budget", [1e6, 0.0], ids=["polling budget", "no budget"])
+def test_a_crowded_idle_loop_gives_the_cpu_away_only_when_asked_and_only_if_idle(
+    budget: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``yield_if_crowded`` (and ``spin(..., yield_when_crowded=True)``) give the CPU
+    away on crowded CPUs while the loop has nothing else to run; a plain ``spin`` never
+    does, a loop with another ready callback never does, and uncrowded CPUs never do."""
+    yields = []
+    monkeypatch.setattr(_busy_poll.os, "sched_yield", lambda: yields.append(1))
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+        crowded = IdlePoller(loop, budget)
+        assert not crowded.spin(lambda: True)  # not asked to yield
+        assert yields == []
+        assert crowded.yield_if_crowded()
+        if crowded.enabled:
+            assert not crowded.spin(lambda: True, yield_when_crowded=True)
+        assert len(yields) == (2 if crowded.enabled else 1)
+        handle = loop.call_soon(lambda: None)  # another callback is ready: no yield
+        assert not crowded.yield_if_crowded()
+        assert not crowded.spin(lambda: True, yield_when_crowded=True)
+        assert crowded.yield_if_crowded(ours=handle)  # ...unless it is the caller's own
+        handle.cancel()
+        await asyncio.sleep(0)  # (the loop drops the cancelled handle)
+        monkeypatch.setattr(_busy_poll, "_crowding", Crowding("0"))
+        yields.clear()
+        uncrowded = IdlePoller(loop, budget)
+        assert not uncrowded.yield_if_crowded()
+        assert uncrowded.spin(lambda: True, yield_when_crowded=True) is uncrowded.enabled
+        assert yields == []
+
+    _run(body())
+
+
 def test_the_launchers_rank_count_per_host_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     from hpcproc import _host
 

@@ -166,48 +166,60 @@ def test_several_endpoints_in_one_rank_have_distinct_never_reused_addresses() ->
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("crowded", [True, False], ids=["crowded", "not crowded"])
+@pytest.mark.parametrize(
+    ("crowded", "budget"),
+    [(True, 200.0), (False, 200.0), (True, 0.0)],
+    ids=["crowded", "not crowded", "crowded, no polling budget"],
+)
 def test_a_hot_pump_yields_the_cpu_when_the_cpus_are_crowded_and_spins_otherwise(
-    crowded: bool, monkeypatch: pytest.MonkeyPatch
+    crowded: bool, budget: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MPI gives nothing to wait on, so while messages flow the pump polls on every pass
-    round the loop. With more runnable tasks than CPUs, a rank that spins there keeps
+    round the loop. With more runnable tasks than CPUs, a rank that polls there keeps
     the CPU from the rank it waits for (4 ranks on 2 CPUs: an all-to-all round of 8 B
     took 4.1-4.9 ms over mpi instead of about 0.2 ms). Crowded, the pump polls once
-    per pass and gives the CPU away (``sched_yield``); otherwise it spins."""
+    per pass and gives the CPU away (``sched_yield``), with or without a polling
+    budget; otherwise it spins."""
     from hpcproc.transports import _busy_poll
 
     monkeypatch.setattr(_busy_poll, "_crowding", _busy_poll.Crowding("1" if crowded else "0"))
     calls = {"yield": 0, "spin": 0}
 
-    def count_yield() -> None:
-        calls["yield"] += 1
-
-    def count_spins(step: Any) -> Any:
-        def counted() -> bool:
-            calls["spin"] += 1
-            return True  # (ends the spin at once)
-
-        return counted
-
-    monkeypatch.setattr(_busy_poll.os, "sched_yield", count_yield)
-    real_spin = _busy_poll.IdlePoller.spin
-    monkeypatch.setattr(
-        _busy_poll.IdlePoller,
-        "spin",
-        lambda self, step, ours=None, **kw: real_spin(self, count_spins(step), ours, **kw),
-    )
-
     async def scenario() -> None:
+        seen = asyncio.Event()
+
+        def count_yield() -> None:
+            calls["yield"] += 1
+            seen.set()
+
+        def counted(step: Any) -> Any:
+            def one_step() -> bool:
+                calls["spin"] += 1
+                seen.set()
+                return True  # (ends the spin at once)
+
+            return one_step
+
+        monkeypatch.setattr(_busy_poll.os, "sched_yield", count_yield)
+        real_spin = _busy_poll.IdlePoller.spin
+        monkeypatch.setattr(
+            _busy_poll.IdlePoller,
+            "spin",
+            lambda self, step, ours=None, **kw: real_spin(self, counted(step), ours, **kw),
+        )
         transport = mpi.create_transport()
         try:
+            # The engine is shared by the process: its options are set for this test.
+            engine = cast(Any, transport)._engine
+            monkeypatch.setattr(engine.options, "busy_poll_us", budget)
+            monkeypatch.setattr(engine.options, "hot_window", 3600.0)  # hot throughout
             endpoint = cast(Any, await transport.new_endpoint())
-            pump = endpoint.engine.pump_for(endpoint.loop)
-            assert pump is not None
-            pump.poke()  # messages are expected: the pump is hot (for 10 ms)
-            # Waiting (not runnable), as a rank waiting for a message: the pump's is
-            # then the only callback of the loop.
-            await asyncio.sleep(0.002)
+            pump = engine.pump_for(endpoint.loop)
+            assert pump is not None and pump.poller.enabled is (budget > 0)
+            pump.poke()  # messages are expected: the pump is hot
+            # Waiting (not runnable), as a rank waiting for a message does: the pump's
+            # is then the only callback of the loop.
+            await bounded(seen.wait())
         finally:
             await bounded(transport.close())
 

@@ -65,8 +65,9 @@ gave 4 us. So all MPI calls happen on the event-loop thread, in three places:
   CPUs are oversubscribed, and it never spins on an event loop other than asyncio's);
 * a *pump* callback polls on every loop iteration while there is traffic or pending
   work (and for ``hot_window`` seconds after the last activity; then it too spins up to
-  ``busy_poll_us`` when nothing else is runnable), and every ``idle_interval`` seconds
-  when idle, so an idle node costs almost no CPU;
+  ``busy_poll_us`` when nothing else is runnable, or, on crowded CPUs, gives the CPU
+  away with ``sched_yield`` on each pass), and every ``idle_interval`` seconds when
+  idle, so an idle node costs almost no CPU;
 * sends are posted directly by ``send`` (``Isend`` + ``Test``). A message of one frame
   up to ``inline_max`` bytes is copied into the MPI message, so ``send`` returns once it
   is posted, without suspending, whether or not MPI completed it yet (completion is
@@ -856,7 +857,8 @@ class _Pump:
     """Polls the engine from one event loop: every iteration while hot, else on a timer.
 
     While hot and nothing else is runnable, one call spins for up to ``busy_poll_us``:
-    the loop would otherwise only go round to poll again.
+    the loop would otherwise only go round to poll again. On crowded CPUs it gives the
+    CPU away instead (``sched_yield``), once per pass.
     """
 
     def __init__(self, engine: _Engine, loop: asyncio.AbstractEventLoop) -> None:
@@ -898,14 +900,13 @@ class _Pump:
         options = engine.options
         try:
             moved = engine.progress()
-            if (
-                not moved
-                and self.poller.enabled
-                and time.monotonic() - engine.last_activity < options.hot_window
-            ):
+            if not moved and time.monotonic() - engine.last_activity < options.hot_window:
                 # Crowded CPUs: this pass round the loop is all the polling done, and
                 # the CPU goes to whoever else can run (the rank we wait for, often).
-                self.poller.spin(engine.progress, yield_when_crowded=True)
+                if self.poller.enabled:
+                    self.poller.spin(engine.progress, yield_when_crowded=True)
+                else:
+                    self.poller.yield_if_crowded()
         except Exception:
             log.exception("mpi transport: progress failed")
         if self.stopped:
