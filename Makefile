@@ -10,10 +10,10 @@ venv: $(STAMP)
 
 # tests/plugin_transport: the test transport `teststreams`, registered through a real
 # `hpcproc.transports` entry point as a third party's transport would be.
-# setup.py builds the optional C parts (the shm ring, the pickler glue, the UCX address
-# pad) in place.
+# setup.py builds the optional C parts (the shm ring, the pickler glue, the compact
+# format, the UCX address pad) in place.
 $(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c hpcproc/_ucx_address_pad.c \
-		hpcproc/_pickle_accel.c \
+		hpcproc/_pickle_accel.c hpcproc/_compact_accel.c hpcproc/_accel_pid.h \
 		tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip

@@ -40,15 +40,17 @@ What is written in it, and what is not (pickle then, the message as a whole):
 * ``int`` beyond 64 bits, ``bytes`` of :data:`~hpcproc.serialization.OUT_OF_BAND_MIN`
   or more (pickle sends those out-of-band, without a copy), ``str`` that cannot be
   encoded in UTF-8 (lone surrogates), nesting deeper than :data:`MAX_DEPTH`, more than
-  :data:`MAX_CONTAINERS` lists and dicts, and a list or dict that appears twice in the
-  message (pickle keeps such sharing; this format would not), and a message whose
+  :data:`MAX_CONTAINERS` mutable containers (lists, dicts, channel envelopes), a mutable
+  container that appears twice in the message (pickle keeps such sharing; this format
+  would not), and a message whose
   frame would be longer than :data:`MAX_FRAME`. An immutable value that appears twice
   is written twice and arrives as two equal objects, which no program can tell apart
   but by ``is`` (and by the memory they take, which :data:`MAX_FRAME` bounds).
 * Decoding checks every length and tag against the frame, limits nesting to
-  :data:`MAX_DEPTH`, and raises :class:`~hpcproc.serialization.SerializationError` on
-  anything malformed; it never runs code (pickle does: a reason it is only read from
-  authenticated peers, as pickles are).
+  :data:`MAX_DEPTH`, and refuses anything malformed (:func:`decode` here raises
+  :class:`CompactError`; the serializer's readers raise
+  :class:`~hpcproc.serialization.SerializationError`); it runs no code of the message
+  (pickle does: a reason it is only read from authenticated peers, as pickles are).
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ __all__ = [
 MAGIC = 0xC5
 #: Deepest nesting written or read (the top-level value is depth 1).
 MAX_DEPTH = 32
-#: Most lists and dicts in one message written in this format (each is checked for
-#: appearing twice).
+#: Most mutable containers (lists, dicts, channel envelopes) in one message written in
+#: this format (each is checked for appearing twice).
 MAX_CONTAINERS = 64
 #: Longest frame written in this format, in bytes. A value that appears several times
 #: is written every time (pickle writes it once): this bounds what a small object
@@ -154,9 +156,7 @@ def _encode(
         for item in obj:
             _encode(item, out, depth + 1, seen, max_bytes, max_frame)
     elif kind is list or kind is dict:
-        if len(seen) >= MAX_CONTAINERS or any(s is obj for s in seen):
-            raise _NotCompact
-        seen.append(obj)
+        _first_time(obj, seen)
         if kind is list:
             out += b"l" + _U32.pack(len(obj))
             for item in obj:
@@ -175,6 +175,7 @@ def _encode(
         key = node._key
         out += b"p" + _U32.pack(len(key)) + key + _I64.pack(lid)
     elif kind is ChanMessage:
+        _first_time(obj, seen)  # an envelope is mutable too
         try:
             port, payload = obj.port_id, obj.payload
         except AttributeError:  # an envelope without its fields: pickle reports it
@@ -185,6 +186,14 @@ def _encode(
         _encode(payload, out, depth + 1, seen, max_bytes, max_frame)
     else:
         raise _NotCompact
+
+
+def _first_time(container: Any, seen: list[Any]) -> None:
+    """Record a mutable container; refuse one seen before in the message (pickle keeps
+    the sharing), or one too many."""
+    if len(seen) >= MAX_CONTAINERS or any(s is container for s in seen):
+        raise _NotCompact
+    seen.append(container)
 
 
 def decode(frame: Any) -> Any:

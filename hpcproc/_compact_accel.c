@@ -10,8 +10,9 @@
  * serialize(obj) -> [frame] in the compact format, or fallback(obj) (pickle) where the
  * format does not take obj. loads(frame) -> the message: the compact reader for a
  * frame starting with MAGIC, pickle_loads(frame) for any other. No Python code runs
- * while writing (only exact built-in types are taken) nor while reading, but for
- * NodeId(address) the first time a node's address is seen.
+ * while writing (only exact built-in types, pids and envelopes are taken, whose
+ * attributes are slots); while reading, only NodeId(address) the first time a node's
+ * address is seen and ChanMessage's constructor.
  *
  * Why not a library: msgpack cannot tell a tuple from a list both ways and needs a
  * Python callback per pid (its ext types); marshal has no way to carry a pid, and its
@@ -148,7 +149,8 @@ w_count(Writer *w, char tag, Py_ssize_t n)
     return ENC_OK;
 }
 
-/* A list or dict: refused when it appeared before (pickle keeps the sharing). */
+/* A mutable container (list, dict, channel envelope): refused when it appeared before
+ * (pickle keeps the sharing). */
 static int
 w_container(Writer *w, PyObject *obj)
 {
@@ -225,11 +227,15 @@ not_set(void)
 static int
 w_chan(Writer *w, PyObject *msg, int depth)
 {
+    /* An envelope is mutable too: one that appears twice goes by pickle. */
+    int r = w_container(w, msg);
+    if (r != ENC_OK)
+        return r;
     PyObject *port = PyObject_GetAttr(msg, PortName);
     if (port == NULL)
         return not_set(); /* an envelope without its fields: pickle reports it */
     long long n;
-    int r = PyLong_CheckExact(port) ? int64_of(port, &n) : ENC_SKIP;
+    r = PyLong_CheckExact(port) ? int64_of(port, &n) : ENC_SKIP;
     Py_DECREF(port);
     if (r != ENC_OK)
         return r;
@@ -688,12 +694,22 @@ static PyObject *
 accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
 {
     PyObject *pid_type, *nodeid_type, *interned, *chan_type, *error, *fallback, *pickle_loads;
-    Py_ssize_t max_bytes, max_frame;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOnn:configure", &PyType_Type, &pid_type,
+    Py_ssize_t max_bytes, max_frame, magic, max_depth, max_containers;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOnnnnn:configure", &PyType_Type, &pid_type,
                           &PyType_Type, &nodeid_type, &PyDict_Type, &interned, &PyType_Type,
                           &chan_type, &PyType_Type, &error, &fallback, &pickle_loads,
-                          &max_bytes, &max_frame))
+                          &max_bytes, &max_frame, &magic, &max_depth, &max_containers))
         return NULL;
+    /* The format's constants are hpcproc/_compact.py's: a mismatch (a stale build)
+     * would make the two writers disagree. */
+    if (magic != MAGIC || max_depth != MAX_DEPTH || max_containers != MAX_CONTAINERS) {
+        PyErr_Format(PyExc_ValueError,
+                     "configure: the compiled compact format (magic %d, depth %d, %d "
+                     "containers) is not hpcproc._compact's (%zd, %zd, %zd): rebuild it "
+                     "(pip install -e .)",
+                     MAGIC, MAX_DEPTH, MAX_CONTAINERS, magic, max_depth, max_containers);
+        return NULL;
+    }
     if (!PyType_IsSubtype((PyTypeObject *)pid_type, &PyTuple_Type) ||
         !PyType_IsSubtype((PyTypeObject *)error, (PyTypeObject *)PyExc_Exception) ||
         !PyCallable_Check(fallback) || !PyCallable_Check(pickle_loads) || max_bytes <= 0 ||
@@ -729,7 +745,9 @@ accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
 static PyMethodDef module_methods[] = {
     {"configure", accel_configure, METH_VARARGS,
      "configure(Pid, NodeId, interned, ChanMessage, error, fallback, pickle_loads, "
-     "max_bytes, max_frame): the types and paths it works with (see hpcproc/serialization.py)."},
+     "max_bytes, max_frame, magic, max_depth, max_containers): the types and paths it "
+     "works with (see hpcproc/serialization.py); the last three must be the compiled "
+     "ones."},
     {"serialize", accel_serialize, METH_O,
      "serialize(obj) -> [frame]: obj in the compact format, or fallback(obj) where the "
      "format does not take it (see hpcproc/_compact.py)."},

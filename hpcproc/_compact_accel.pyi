@@ -12,6 +12,9 @@ def configure(
     pickle_loads: Callable[[Any], Any],
     max_bytes: int,
     max_frame: int,
+    magic: int,
+    max_depth: int,
+    max_containers: int,
 ) -> None: ...
 def serialize(obj: Any) -> list[Any]: ...
 def loads(frame: Any) -> Any: ...

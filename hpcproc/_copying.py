@@ -77,7 +77,7 @@ def copy_message(msg: Any) -> Any:
     """
     if is_immutable(msg):
         return msg
-    compact = serialization._compact_compiled
+    compact = serialization._compact_compiled if serialization.COMPACT else None
     if compact is not None:
         # Plain data (a dict, a list of numbers...) through the compact format: a
         # third to a fifth of pickle's cost. What it does not take (shared lists or

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from . import _control as ctl
 from ._ids import NodeId
-from .serialization import deserialize, loads
+from .serialization import deserialize, load_header
 from .transports.base import (
     ConnectionClosed,
     ConnectionOpened,
@@ -131,8 +131,8 @@ class Incoming:
             try:
                 try:
                     # deserialize's one-frame fast path written out: a call less per message
-                    # (loads reads compact frames and pickles alike).
-                    msg = loads(frames[0]) if len(frames) == 1 else deserialize(frames)
+                    # (load_header, compiled where built, reads compact frames and pickles).
+                    msg = load_header(frames[0]) if len(frames) == 1 else deserialize(frames)
                 except UnpicklingError:
                     msg = deserialize(frames)  # its general path, or its error
                 proc.deliver(msg)

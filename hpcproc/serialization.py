@@ -1,7 +1,8 @@
 """Messages to frames and back, without copying large buffers.
 
-A message becomes ``[header, buf1, buf2, ...]``: ``header`` is a protocol-5 pickle,
-and every buffer at least :data:`OUT_OF_BAND_MIN` bytes long travels out-of-band as its
+A message becomes ``[header, buf1, buf2, ...]``: ``header`` is a protocol-5 pickle (or,
+for small messages of plain data, a frame of the compact format; see below), and every
+buffer at least :data:`OUT_OF_BAND_MIN` bytes long travels out-of-band as its
 own frame: the serializer never copies it, and the transport sends it from the
 original memory. That covers numpy arrays (and anything else exposing
 :class:`~pickle.PickleBuffer`), ``bytes``, ``bytearray`` and contiguous
@@ -12,8 +13,8 @@ memory, so they are copied out of their frame once. Non-contiguous arrays and
 memoryviews are copied into the header (pickle has no other way to send them).
 
 Where the optional compiled helpers were built, a small message of plain data (None,
-numbers, str, bytes, tuples, lists, dicts, pids) is written in hpcproc's compact
-format instead (:mod:`hpcproc._compact`; a header of that format is the only frame).
+bool, 64-bit int, float, str, small bytes, tuples, lists, dicts, pids, channel
+envelopes) is written in hpcproc's compact format instead (:mod:`hpcproc._compact`; a header of that format is the only frame).
 Anything else goes through the standard (C) pickler (small messages through reusable
 "seeded" ones where the compiled helper was built; see below); only objects it cannot
 handle (lambdas, closures, functions defined in ``__main__``) fall back to
@@ -27,6 +28,7 @@ authenticated peer (the network transports authenticate with the cluster cookie)
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import threading
 import types
@@ -46,11 +48,12 @@ from .transports.base import Buffer
 __all__ = [
     "ACCELERATED",
     "COMPACT",
+    "COMPACT_ENV",
     "OUT_OF_BAND_MIN",
     "SerializationError",
     "deserialize",
     "dumps",
-    "loads",
+    "load_header",
     "serialize",
 ]
 
@@ -298,33 +301,41 @@ def _compiled_serialize() -> Callable[[Any], list[Buffer]] | None:
 
 
 _compiled = _compiled_serialize()
-#: Whether small messages that need pickle go through the seeded picklers (see "the
-#: seeded pickler" above).
+#: Whether small messages that are pickled go through the seeded picklers (see "the
+#: seeded pickler" above). Small messages of plain data may not be pickled at all
+#: (:data:`COMPACT`).
 ACCELERATED = _compiled is not None
 
 
 # ------------------------------------------------------------------ the compact format
 #
-# Small messages of plain data (None, bool, int, float, str, bytes, tuple, list, dict,
-# pids, channel envelopes) need no pickle at all: where the compiled helper was built
-# (``hpcproc/_compact_accel.c``) they are written in hpcproc's compact format
+# Small messages of plain data (None, bool, 64-bit int, float, str, small bytes, tuple,
+# list, dict, pids, channel envelopes) need no pickle at all: where the compiled helper
+# was built (``hpcproc/_compact_accel.c``) they are written in hpcproc's compact format
 # (:mod:`hpcproc._compact`), at a fifth of pickle's cost, and everything else is
-# pickled as above. Every node reads both formats, compiled or not (:data:`loads`).
+# pickled as above. Every node of this version reads both formats, compiled or not
+# (:data:`load_header`). Nodes of earlier versions read only pickles: in a cluster
+# that mixes them, :data:`COMPACT_ENV` ``=0`` on the newer nodes keeps them writing
+# pickles (a corrupt or unreadable message is dropped and logged by its receiver).
+
+#: Environment variable: ``0`` keeps :data:`serialize` writing pickles where the
+#: compact format would be used (reading it stays on).
+COMPACT_ENV = "HPCPROC_COMPACT"
+
+_COMPACT_START = bytes([_compact.MAGIC])
 
 
 def _is_compact(frame: Buffer) -> bool:
+    """Whether ``frame`` holds a message in the compact format (its first byte)."""
     try:
         return memoryview(frame).cast("B")[:1] == _COMPACT_START
     except (TypeError, ValueError):  # not a flat buffer: not a frame of ours
         return False
 
 
-_COMPACT_START = bytes([_compact.MAGIC])
-
-
-def _loads_py(frame: Buffer) -> Any:
-    """:data:`loads` in Python (where the compiled helper was not built)."""
-    if len(frame) and frame[0] == _compact.MAGIC:  # type: ignore[arg-type,index]
+def _load_header_py(frame: Buffer) -> Any:
+    """:data:`load_header` in Python (where the compiled helper was not built)."""
+    if _is_compact(frame):
         try:
             return _compact.decode(frame)
         except _compact.CompactError as exc:
@@ -348,13 +359,18 @@ def _compact_helper() -> Any:
         pickle.loads,
         OUT_OF_BAND_MIN,
         _compact.MAX_FRAME,
+        _compact.MAGIC,
+        _compact.MAX_DEPTH,
+        _compact.MAX_CONTAINERS,
     )
     return helper
 
 
 _compact_compiled = _compact_helper()
-#: Whether :data:`serialize` writes small messages of plain data in the compact format.
-COMPACT = _compact_compiled is not None
+#: Whether :data:`serialize` writes small messages of plain data in the compact format
+#: (the compiled helper was built, and neither :data:`COMPACT_ENV` nor
+#: ``HPCPROC_PICKLE_ACCEL`` turns it off).
+COMPACT = _compact_compiled is not None and os.environ.get(COMPACT_ENV, "1").strip() != "0"
 
 #: ``serialize(obj)``: ``[header, *buffers]`` for ``obj``; the buffers are views of
 #: ``obj``'s large buffers, not copies. Raises :class:`SerializationError` when neither
@@ -364,11 +380,13 @@ serialize: Callable[[Any], list[Buffer]] = (
     _compact_compiled.serialize if COMPACT else _compiled or _serialize_py
 )
 
-#: ``loads(frame)``: the message of a one-frame ``[header]`` (a compact frame or a
-#: pickle; raises what ``pickle.loads`` raises for a corrupt pickle, and
-#: :class:`SerializationError` for a corrupt compact frame). :func:`deserialize`'s
-#: fast path, for receivers that handle those errors themselves.
-loads: Callable[[Buffer], Any] = _compact_compiled.loads if COMPACT else _loads_py
+#: ``load_header(frame)``: the message of a one-frame ``[header]`` (a compact frame or
+#: a pickle). Raises what ``pickle.loads`` raises for a corrupt pickle, and
+#: :class:`SerializationError` for a corrupt compact frame: :func:`deserialize`'s fast
+#: path, for receivers that handle those errors themselves.
+load_header: Callable[[Buffer], Any] = (
+    _compact_compiled.loads if _compact_compiled is not None else _load_header_py
+)
 
 
 def dumps(obj: Any) -> bytes:
@@ -404,7 +422,7 @@ def deserialize(frames: Sequence[Buffer]) -> Any:
     if len(frames) == 1:
         # Fast path: one frame (most small messages) needs no buffer bookkeeping.
         try:
-            return loads(frames[0])
+            return load_header(frames[0])
         except pickle.UnpicklingError:
             pass  # persistent ids (small memoryviews), or corrupt: the full path
         except SerializationError:

@@ -50,7 +50,7 @@ def same(a: Any, b: Any) -> bool:
     if type(a) in (tuple, list):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     if type(a) is dict:
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+        return same(list(a), list(b)) and all(same(a[k], b[k]) for k in a)
     if type(a) is ChanMessage:
         return a.port_id == b.port_id and same(a.payload, b.payload)
     if type(a) is hp.Pid:
@@ -118,7 +118,7 @@ def test_plain_data_round_trips_with_exact_types(obj: Any) -> None:
     for read in readers():
         assert same(read(data), obj), read
         assert same(read(memoryview(bytearray(data))), obj), read
-    assert same(serialization._loads_py(data), obj)
+    assert same(serialization._load_header_py(data), obj)
     if C is not None:
         assert same(C.loads(data), obj)
 
@@ -140,6 +140,28 @@ def test_the_format_is_as_documented() -> None:
     )
 
 
+def test_compact_env_zero_keeps_writing_pickles_and_still_reads_compact_frames() -> None:
+    """For a cluster that mixes this version with earlier ones (which read pickles only)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pickle\n"
+        "from hpcproc import serialization as s, _compact\n"
+        "from hpcproc._ids import NodeId, Pid\n"
+        "msg = (Pid(NodeId(b'tcp://127.0.0.1:1/1'), 3), b'x' * 8)\n"
+        "frame = s.serialize(msg)[0]\n"
+        "compact = _compact.encode(msg, s.OUT_OF_BAND_MIN)\n"
+        "print(s.COMPACT, pickle.loads(frame) == msg, s.load_header(compact) == msg)\n"
+    )
+    env = {**os.environ, serialization.COMPACT_ENV: "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True"]
+
+
 def test_serialize_writes_small_plain_messages_compact_where_built() -> None:
     frames = serialization.serialize((PIDS[0], b"x" * 8))
     assert len(frames) == 1
@@ -148,7 +170,8 @@ def test_serialize_writes_small_plain_messages_compact_where_built() -> None:
     turned_off = os.environ.get(ACCEL_ENV, "1").strip() == "0"
     if C is None and not turned_off and os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc._compact_accel was not built")
-    assert serialization.COMPACT is (C is not None)
+    writes = os.environ.get(serialization.COMPACT_ENV, "1").strip() != "0"
+    assert serialization.COMPACT is (C is not None and writes)
 
 
 # ---------------------------------------------------------------------- what it refuses
@@ -179,6 +202,7 @@ def _nested(depth: int) -> list[Any]:
 
 
 _shared = [1, 2]
+_envelope = ChanMessage(4, "mutable")
 
 REFUSED = {
     "int beyond 64 bits": (1, 2**63),
@@ -197,6 +221,7 @@ REFUSED = {
     "too many containers": [[] for _ in range(_compact.MAX_CONTAINERS)],
     "pid with a big lid": hp.Pid(PIDS[0].node, 2**64),
     "channel with a str port": ChanMessage("3", 1),  # type: ignore[arg-type]
+    "shared channel envelope": [_envelope, _envelope],
 }
 
 
@@ -215,6 +240,8 @@ def test_what_the_format_does_not_take_goes_by_pickle(name: str) -> None:
         assert back[0] == 1 and np.array_equal(back[1], obj[1])
     elif name == "channel with a str port":
         assert (back.port_id, back.payload) == ("3", 1)
+    elif name == "shared channel envelope":
+        assert back[0] is back[1] and (back[0].port_id, back[0].payload) == (4, "mutable")
     else:
         assert back == obj and type(back) is type(obj)
 
@@ -301,7 +328,7 @@ def _refused_by_every_reader(data: bytes) -> None:
     with pytest.raises(_compact.CompactError):
         _compact.decode(data)
     with pytest.raises(SerializationError):
-        serialization._loads_py(data)
+        serialization._load_header_py(data)
     with pytest.raises(SerializationError):
         serialization.deserialize([data])
     if C is not None:
@@ -390,10 +417,10 @@ def test_a_compact_header_with_extra_frames_is_refused() -> None:
 def test_the_readers_still_read_pickles() -> None:
     obj = {"a": (PIDS[0], [1, 2])}
     data = pickle.dumps(obj, protocol=5)
-    assert same(serialization._loads_py(data), obj)
-    assert same(serialization.loads(memoryview(data)), obj)
+    assert same(serialization._load_header_py(data), obj)
+    assert same(serialization.load_header(memoryview(data)), obj)
     with pytest.raises(pickle.UnpicklingError):
-        serialization.loads(b"\x80\x05garbage")
+        serialization.load_header(b"\x80\x05garbage")
 
 
 # ---------------------------------------------------------------------- between nodes
@@ -470,6 +497,7 @@ def test_a_local_copy_is_deep_and_keeps_sharing() -> None:
     from hpcproc._copying import copy_message
 
     plain = {"a": 1, "b": [1, 2, (3, "x")], "p": PIDS[0]}
+    assert encode(plain) is not None  # (so that where built, the compact path copies it)
     got = copy_message(plain)
     assert same(got, plain) and got is not plain and got["b"] is not plain["b"]
     assert got["p"] is not None and got["p"][0] is PIDS[0][0]

@@ -22,9 +22,13 @@ from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deseriali
 REQUIRE_ENV = "HPCPROC_REQUIRE_COMPILED"
 
 try:
-    from hpcproc import _compact_accel, _pickle_accel
+    from hpcproc import _pickle_accel
 except ImportError:  # built without a compiler
-    _pickle_accel = _compact_accel = None  # type: ignore[assignment]
+    _pickle_accel = None  # type: ignore[assignment]
+try:
+    from hpcproc import _compact_accel
+except ImportError:
+    _compact_accel = None  # type: ignore[assignment]
 
 
 def _skip_compiled(what: str) -> None:
@@ -35,7 +39,7 @@ def _skip_compiled(what: str) -> None:
     pytest.skip(f"{what} not built or turned off")
 
 
-@pytest.fixture(autouse=True, params=["compact", "c", "py"])
+@pytest.fixture(autouse=True, params=["compact", "seeded", "py"])
 def small_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs on the three serializers: the compiled one as built (small
     messages of plain data in the compact format, the others by seeded picklers), the
@@ -43,7 +47,7 @@ def small_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     pure-Python one (``pickle.dumps``, the fallback)."""
     if request.param == "py":
         chosen = serialization._serialize_py
-    elif request.param == "c":
+    elif request.param == "seeded":
         if serialization._compiled is None:
             _skip_compiled("the compiled small-message path is")
         chosen = serialization._compiled
@@ -420,8 +424,11 @@ def test_the_compiled_small_message_path_is_built_and_used_unless_turned_off(
     if small_path == "py":
         return  # the fixture turned it off for this run
     turned_off = os.environ.get(ACCEL_ENV, "1").strip() == "0"
-    assert serialization.ACCELERATED is not turned_off
-    assert serialization.COMPACT is not turned_off
+    if os.environ.get(REQUIRE_ENV) == "1":
+        assert _pickle_accel is not None and _compact_accel is not None
+    assert serialization.ACCELERATED is (not turned_off and _pickle_accel is not None)
+    compact_on = os.environ.get("HPCPROC_COMPACT", "1").strip() != "0"
+    assert serialization.COMPACT is (not turned_off and compact_on and _compact_accel is not None)
 
 
 class _Box:

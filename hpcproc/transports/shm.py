@@ -504,7 +504,7 @@ class _ShmLink(Link):
         if len(frames) != 1:
             return len(frames) == 2 and self._send_pair_now(conn_id, frames)
         frame = frames[0]
-        if type(frame) is bytes:  # a pickle: no view to make, nothing to check
+        if type(frame) is bytes:  # a serialized header: no view to make, nothing to check
             n = len(frame)
         else:
             frame = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
