@@ -342,12 +342,12 @@ class IdlePoller:
         that polls on every pass round the loop because it has nothing to wait on
         (the mpi pump), with or without a polling budget, as MPICH's progress yields
         when oversubscribed. Never on a loop whose ready queue cannot be read."""
+        # (others_ready, on the loop's queue rather than the polling one: that is None
+        # without a budget.)
         ready: Any = self._loop_ready
         if ready is None or (ready and (len(ready) != 1 or ready[0] is not ours)):
             return False
-        now = time.perf_counter()
-        c = self._crowded
-        if now < self._no_poll_until or (c.crowded if now < c.next_check else c(now)):
+        if self.polling_off(time.perf_counter()):
             os.sched_yield()
             return True
         return False
@@ -517,9 +517,11 @@ class IdlePoller:
         For waits that are not a ``receive`` (a send's completion, a connect's answer,
         a progress callback): they take the budget as it is configured, not adapted.
         With ``yield_when_crowded``, an idle loop on crowded CPUs gives the CPU away
-        instead, as :meth:`yield_if_crowded` does (in one pass over the same checks).
+        instead, as :meth:`yield_if_crowded` does, with a polling budget or without.
         """
         if self.others_ready(ours):
+            if yield_when_crowded and self._ready is None:  # no budget: no spin, but
+                self.yield_if_crowded(ours)  # the same yield
             return False
         perf_counter = time.perf_counter
         now = perf_counter()

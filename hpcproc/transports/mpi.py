@@ -903,10 +903,7 @@ class _Pump:
             if not moved and time.monotonic() - engine.last_activity < options.hot_window:
                 # Crowded CPUs: this pass round the loop is all the polling done, and
                 # the CPU goes to whoever else can run (the rank we wait for, often).
-                if self.poller.enabled:
-                    self.poller.spin(engine.progress, yield_when_crowded=True)
-                else:
-                    self.poller.yield_if_crowded()
+                self.poller.spin(engine.progress, yield_when_crowded=True)
         except Exception:
             log.exception("mpi transport: progress failed")
         if self.stopped:
