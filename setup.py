@@ -16,36 +16,29 @@ build goes on without them.
   may fail to start under ``srun --mpi=pmi2``.
 """
 
+from typing import Any
+
 from setuptools import Extension, setup
+
+
+def _optional(name: str, **extra: Any) -> Extension:
+    """The C part ``hpcproc.<name>`` from ``hpcproc/<name path>.c``, skipped where it
+    cannot be built."""
+    source = "hpcproc/" + name.replace(".", "/") + ".c"
+    return Extension(
+        f"hpcproc.{name}",
+        [source],
+        extra_compile_args=["-O2", "-std=c11", "-Wall"],
+        optional=True,
+        **extra,
+    )
+
 
 setup(
     ext_modules=[
-        Extension(
-            "hpcproc.transports._ring_accel",
-            ["hpcproc/transports/_ring_accel.c"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall"],
-            optional=True,
-        ),
-        Extension(
-            "hpcproc._pickle_accel",
-            ["hpcproc/_pickle_accel.c"],
-            depends=["hpcproc/_accel_pid.h"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall"],
-            optional=True,
-        ),
-        Extension(
-            "hpcproc._compact_accel",
-            ["hpcproc/_compact_accel.c"],
-            depends=["hpcproc/_accel_pid.h"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall"],
-            optional=True,
-        ),
-        Extension(
-            "hpcproc._ucx_address_pad",
-            ["hpcproc/_ucx_address_pad.c"],
-            extra_compile_args=["-O2", "-std=c11", "-Wall"],
-            libraries=["dl", "pthread"],
-            optional=True,
-        ),
+        _optional("transports._ring_accel"),
+        _optional("_pickle_accel", depends=["hpcproc/_accel_pid.h"]),
+        _optional("_compact_accel", depends=["hpcproc/_accel_pid.h"]),
+        _optional("_ucx_address_pad", libraries=["dl", "pthread"]),
     ]
 )

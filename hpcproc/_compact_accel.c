@@ -104,20 +104,30 @@ put_u64(char *p, uint64_t v)
         p[i] = (char)(v >> (8 * i));
 }
 
+static int
+w_count(Writer *w, char tag, Py_ssize_t n)
+{
+    int r;
+    if ((uint64_t)n > UINT32_MAX)
+        return ENC_SKIP;
+    if ((r = w_reserve(w, 5)) != ENC_OK)
+        return r;
+    char *p = w->buf + w->len;
+    p[0] = tag;
+    put_u32(p + 1, (uint32_t)n);
+    w->len += 5;
+    return ENC_OK;
+}
+
 /* tag, u32 length, the bytes */
 static int
 w_sized(Writer *w, char tag, const char *data, Py_ssize_t n)
 {
     int r;
-    if ((uint64_t)n > UINT32_MAX)
-        return ENC_SKIP;
-    if ((r = w_reserve(w, 5 + n)) != ENC_OK)
+    if ((r = w_count(w, tag, n)) != ENC_OK || (r = w_reserve(w, n)) != ENC_OK)
         return r;
-    char *p = w->buf + w->len;
-    p[0] = tag;
-    put_u32(p + 1, (uint32_t)n);
-    memcpy(p + 5, data, (size_t)n);
-    w->len += 5 + n;
+    memcpy(w->buf + w->len, data, (size_t)n);
+    w->len += n;
     return ENC_OK;
 }
 
@@ -131,21 +141,6 @@ w_tag_u64(Writer *w, char tag, uint64_t v)
     p[0] = tag;
     put_u64(p + 1, v);
     w->len += 9;
-    return ENC_OK;
-}
-
-static int
-w_count(Writer *w, char tag, Py_ssize_t n)
-{
-    int r;
-    if ((uint64_t)n > UINT32_MAX)
-        return ENC_SKIP;
-    if ((r = w_reserve(w, 5)) != ENC_OK)
-        return r;
-    char *p = w->buf + w->len;
-    p[0] = tag;
-    put_u32(p + 1, (uint32_t)n);
-    w->len += 5;
     return ENC_OK;
 }
 
@@ -426,26 +421,6 @@ get_u64(const unsigned char *p)
     return v;
 }
 
-/* A u32 length followed by that many bytes: their start, or NULL (error set). */
-static const unsigned char *
-r_sized(Reader *r, Py_ssize_t *n)
-{
-    if (r->end - r->p < 4) {
-        malformed(r, "is truncated");
-        return NULL;
-    }
-    uint32_t len = get_u32(r->p);
-    r->p += 4;
-    if ((uint64_t)(r->end - r->p) < len) {
-        malformed(r, "is truncated");
-        return NULL;
-    }
-    const unsigned char *s = r->p;
-    r->p += len;
-    *n = (Py_ssize_t)len;
-    return s;
-}
-
 /* A u32 count of items that take at least min_size bytes each. */
 static int
 r_count(Reader *r, Py_ssize_t min_size, Py_ssize_t *n)
@@ -462,6 +437,17 @@ r_count(Reader *r, Py_ssize_t min_size, Py_ssize_t *n)
     }
     *n = (Py_ssize_t)count;
     return 0;
+}
+
+/* A u32 length followed by that many bytes: their start, or NULL (error set). */
+static const unsigned char *
+r_sized(Reader *r, Py_ssize_t *n)
+{
+    if (r_count(r, 1, n) < 0)
+        return NULL;
+    const unsigned char *s = r->p;
+    r->p += *n;
+    return s;
 }
 
 static PyObject *

@@ -14,12 +14,13 @@ memoryviews are copied into the header (pickle has no other way to send them).
 
 Where the optional compiled helpers were built, a small message of plain data (None,
 bool, 64-bit int, float, str, small bytes, tuples, lists, dicts, pids, channel
-envelopes) is written in hpcproc's compact format instead (:mod:`hpcproc._compact`; a header of that format is the only frame).
-Anything else goes through the standard (C) pickler (small messages through reusable
-"seeded" ones where the compiled helper was built; see below); only objects it cannot
-handle (lambdas, closures, functions defined in ``__main__``) fall back to
-cloudpickle. The receiver reads a compact header itself and loads a pickle with the
-standard (C) unpickler; every node reads both, built with the helpers or not.
+envelopes) is written in hpcproc's compact format instead (:mod:`hpcproc._compact`; a
+header of that format is the only frame). Anything else goes through the standard (C)
+pickler (small messages through reusable "seeded" ones where the compiled helper was
+built; see below); only objects it cannot handle (lambdas, closures, functions defined
+in ``__main__``) fall back to cloudpickle. The receiver reads a compact header itself
+and loads a pickle with the standard (C) unpickler; every node reads both, built with
+the helpers or not.
 
 Security: unpickling runs code. Only call :func:`deserialize` on frames from an
 authenticated peer (the network transports authenticate with the cluster cookie).
