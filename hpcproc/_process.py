@@ -388,6 +388,11 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
             if event is not None:
                 incoming.handle_event(event)
                 del event
+                if self.pending_signal is not None:
+                    # An exit signal the event brought us: signal() left it pending
+                    # (we are the running task), and nothing would redeliver it once
+                    # we sleep below.
+                    self.check_signal()
             # The event's message, or one handed over directly while polling:
             mb = self._mailbox
             if mb and self.pending_signal is None:
