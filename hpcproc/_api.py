@@ -104,7 +104,7 @@ async def send(pid: Pid, msg: Any) -> None:
             remote, alive or not).
     """
     tasks = RUNNING_TASKS  # current() written out: a frame less per message
-    proc = tasks.get(running_loop()) if tasks is not None else None  # type: ignore[arg-type]
+    task = proc = tasks.get(running_loop()) if tasks is not None else None  # type: ignore[arg-type]
     if type(proc) is not Process:
         proc = current()
     node = proc.node
@@ -116,6 +116,10 @@ async def send(pid: Pid, msg: Any) -> None:
             copy_message(msg)  # dropped, but refused if unpicklable, as a remote send is
         return
     if proc.pending_signal is None and node.remote.send_nowait(proc, pid, msg):
+        return
+    if task is not proc and asyncio.current_task() is not proc:
+        # Another task acting for the process: no signal handling here (guarded's).
+        await node.remote.send(proc, pid, msg)
         return
     # Process.guarded written out: one coroutine less per remote message.
     proc.in_call = True
@@ -504,7 +508,9 @@ def trap_exits(flag: bool) -> bool:
     old = proc.trap_exits
     proc.trap_exits = bool(flag)
     sig = proc.pending_signal
-    if flag and sig is not None and not isinstance(sig, Kill):
+    # (Unless its raising has begun: another task of the process may set the flag
+    # while the process's own task is already being cancelled to raise it.)
+    if flag and sig is not None and not isinstance(sig, Kill) and not proc.signal_thrown:
         proc.pending_signal = None
         proc.deliver(exit_signal(sig))
     return old

@@ -113,6 +113,8 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         "node",
         "pending_signal",
         "pid",
+        "redeliver_queued",
+        "signal_thrown",
         "trap_exits",
         "watchers",
     )
@@ -135,6 +137,12 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
     children: set[asyncio.Task[Any]] | None
     #: The signal not yet raised or acted on (see :meth:`signal`).
     pending_signal: BaseException | Kill | None
+    #: True once :meth:`signal` cancelled the task to raise the pending catchable
+    #: signal: it is on its way (:class:`_Body` raises it) and can no longer be
+    #: taken back (``trap_exits(True)`` and ``unlink_node`` by another task leave it).
+    signal_thrown: bool
+    #: True while a :meth:`redeliver` is scheduled (one is enough).
+    redeliver_queued: bool
     #: True while the process awaits an hpcproc call other than receive
     #: (:meth:`guarded`).
     in_call: bool
@@ -180,9 +188,10 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         A kill cancels the task. A catchable signal becomes an ``ExitSignal`` message
         if the process traps exits; otherwise it wakes the process if its own task
         waits in ``receive`` (which raises it), waits until the hpcproc call in
-        progress returns (then it is redelivered), is left for the running process to
-        pick up at its next hpcproc call, and otherwise cancels the task where it is
-        suspended; :class:`_Body` raises the signal there instead of the cancellation.
+        progress returns (then it is redelivered), is raised by the running process
+        at its next ``receive`` or else redelivered at the loop's next round, and
+        otherwise cancels the task where it is suspended; :class:`_Body` raises the
+        signal there instead of the cancellation.
         """
         if self.done():
             return
@@ -208,8 +217,15 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 if not fw.done():
                     fw.set_result(None)
                 return
-        if self.in_call or asyncio.current_task() is self:
+        if self.in_call:
+            return  # redelivered when the call returns (guarded)
+        if asyncio.current_task() is self:
+            # The process itself is running: it handled an event it polled, or an API
+            # call acted on it. Receive raises the signal before it sleeps; any other
+            # way to suspend meets the redelivery at the loop's next round.
+            self.redeliver_soon()
             return
+        self.signal_thrown = True
         self.cancel()
 
     def check_signal(self) -> None:
@@ -217,6 +233,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         sig = self.pending_signal
         if sig is not None and not isinstance(sig, Kill) and asyncio.current_task() is self:
             self.pending_signal = None
+            self.signal_thrown = False
             raise sig
 
     def convert_cancel(self, exc: asyncio.CancelledError) -> BaseException:
@@ -225,13 +242,16 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
         if sig is None or isinstance(sig, Kill) or asyncio.current_task() is not self:
             return exc
         self.pending_signal = None
+        self.signal_thrown = False
         _uncancel(self)
         return sig
 
     def redeliver(self) -> None:
-        """Re-run :meth:`signal` for a signal that arrived during a guarded call."""
+        """Re-run :meth:`signal` for a signal that arrived during a guarded call, or
+        while the process itself was running (unless it is already on its way)."""
+        self.redeliver_queued = False
         sig = self.pending_signal
-        if sig is not None and not self.done():
+        if sig is not None and not self.signal_thrown and not self.done():
             self.pending_signal = None
             self.signal(sig)
 
@@ -257,8 +277,12 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                 self.redeliver_soon()
 
     def redeliver_soon(self) -> None:
-        """:meth:`redeliver` at the loop's next round (after a guarded call)."""
-        self._loop.call_soon(self.redeliver)  # type: ignore[attr-defined]
+        """:meth:`redeliver` at the loop's next round (after a guarded call); once,
+        however often it is asked for before then (each redelivery may cancel the
+        task, and only one cancellation is taken back when the signal is raised)."""
+        if not self.redeliver_queued:
+            self.redeliver_queued = True
+            self._loop.call_soon(self.redeliver)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ death
 
@@ -527,6 +551,8 @@ def new_process(
     proc.children = None
     proc.caller_told = False
     proc.pending_signal = None
+    proc.signal_thrown = False
+    proc.redeliver_queued = False
     proc.in_call = False
     proc.watchers = None
     proc.conns = None
@@ -587,6 +613,7 @@ class _Body(Coroutine[Any, Any, Any]):
             sig = proc.pending_signal
             if sig is not None and not isinstance(sig, Kill):
                 proc.pending_signal = None
+                proc.signal_thrown = False
                 _uncancel(proc)
                 return self._coro.throw(sig)
         return self._coro.throw(exc, *rest)

@@ -186,7 +186,8 @@ class Watches:
         """Undo :meth:`link_node`; no NodeLinkException for ``nid`` is raised afterwards."""
         self.unwatch_remote(nid, NodeLink(proc.pid, nid))
         sig = proc.pending_signal
-        if type(sig) is NodeLinkException and sig.node == nid:
+        # (Unless its raising has begun, see trap_exits: then it raced the unlink.)
+        if type(sig) is NodeLinkException and sig.node == nid and not proc.signal_thrown:
             proc.pending_signal = None
 
     async def _watch_node(self, nid: NodeId) -> None:
