@@ -27,6 +27,8 @@ from hpcproc.transports import create
 from .test_otp_local import Counter, Worker, expect_msg, member, nothing_left, started
 
 TIMEOUT = 90.0
+#: Bound on a stop that must succeed (generous: the machine may be loaded).
+STOP_WAIT = 30.0
 COOKIE = "hpcproc-otp-tests"
 ROOT = Path(__file__).resolve().parent.parent
 HANG = "HPCPROC_OTP_TEST_HANG"
@@ -81,14 +83,19 @@ def test_supervisor_restarts_the_child_of_a_killed_node_on_a_live_node(servers: 
 
     async def body() -> Any:
         me = hp.self_pid()
-        spec = otp.ChildSpec("w", Worker, ("w", me), node=[b.node_id, c.node_id])
+        # The child's shutdown outlasts the stop's timeout: a shutdown that does not
+        # reach the child fails the stop instead of ending in a kill (slack for a
+        # loaded machine either way).
+        spec = otp.ChildSpec(
+            "w", Worker, ("w", me), node=[b.node_id, c.node_id], shutdown=2 * STOP_WAIT
+        )
         sup = await otp.start_supervisor([spec], nodes=[b.node_id, c.node_id])
         first = await started("w")
         await kill_9(b)
         second = await started("w")
         row = (await otp.which_children(sup))[0]
         answer = await otp.call(second, "ping")
-        await otp.stop(sup)
+        await otp.stop(sup, timeout=STOP_WAIT)
         return first[0] == b.node_id, second[0] == c.node_id, row.node == c.node_id, answer
 
     assert run(body) == (True, True, True, ("w", "ping"))

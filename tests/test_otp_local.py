@@ -195,6 +195,38 @@ def test_init_failure_raises_start_error_with_remote_traceback() -> None:
     assert "KeyError: 'no config'" in tb and empty
 
 
+class SlowInit(otp.GenServer):
+    """Reports ("initialising", pid), then waits in ``init`` until told."""
+
+    async def init(self, *args: Any) -> None:
+        await hp.send(args[0], ("initialising", hp.self_pid()))
+        await hp.expect(type(None))
+
+
+def test_an_interrupted_start_kills_the_half_started_server() -> None:
+    """A start interrupted by an exit signal leaves no server behind (nobody would
+    know its pid, nor be linked to it): it is killed, naming why."""
+
+    async def body(_: Any) -> Any:
+        me = hp.self_pid()
+
+        async def starter() -> None:
+            try:
+                await otp.start(SlowInit, me)
+            except hp.ProcessExitException as exc:
+                await hp.send(me, ("interrupted", exc.reason))
+
+        s = hp.spawn_local(starter)
+        _, server = await expect_msg(lambda m: type(m) is tuple and m[0] == "initialising")
+        ref = await hp.monitor(server)
+        await hp.exit(s, "changed my mind")
+        interrupted = await expect_msg(lambda m: type(m) is tuple and m[0] == "interrupted")
+        down = await expect_msg(lambda m: getattr(m, "ref", None) == ref)
+        return interrupted, "start was interrupted" in getattr(down.reason, "reason", "")
+
+    assert run(body) == (("interrupted", "changed my mind"), True)
+
+
 def test_handle_info_gets_plain_messages_and_monitor_notifications() -> None:
     async def body(_: Any) -> Any:
         pid = await otp.start(Counter)
@@ -358,6 +390,49 @@ def test_restart_type_decides_which_ends_restart(
     (normal, _), (crashed, n_rows_crash) = run(body)
     assert normal == normal_restarted and crashed == crash_restarted
     assert (n_rows_crash == 0) == (restart == "temporary")
+
+
+async def reports_then_returns(report: hp.Pid, tag: str) -> None:
+    await hp.send(report, ("started", tag, hp.self_pid()))
+
+
+class QuitsAfterInit(Worker):
+    """A Worker that stops normally right after it started (it had nothing to do)."""
+
+    async def init(self, *args: Any) -> None:
+        await super().init(*args)
+        await otp.cast(hp.self_pid(), "quit")
+
+    async def handle_cast(self, msg: Any) -> None:
+        await hp.exit(hp.self_pid(), "normal")
+
+
+@pytest.mark.parametrize("kind", ["server", "function"])
+def test_a_remote_transient_child_that_ends_normally_at_once_is_not_restarted(kind: str) -> None:
+    """The supervisor monitors a child from its start, so a child on another node that
+    ends right after it started is reported with its reason. (Monitored only once
+    started, such a child was reported as ``DiedUnknownId``, restarted as if it had
+    crashed, and the supervisor escalated.)"""
+
+    async def body(others: list[hp.NodeId]) -> Any:
+        me, (b,) = hp.self_pid(), others
+        if kind == "server":
+            spec = otp.ChildSpec("w", QuitsAfterInit, ("w", me), restart="transient", node=b)
+        else:
+            spec = otp.ChildSpec("w", reports_then_returns, (me, "w"), restart="transient", node=b)
+        sup = await otp.start_supervisor([spec], max_restarts=3, max_seconds=3600, nodes=[b])
+        pid = await started("w")
+        ref = await hp.monitor(pid)
+        # The child's node tells the supervisor (its monitor is the older) before us,
+        # on the one control connection: its notification is queued before the
+        # request below.
+        await expect_msg(lambda m: getattr(m, "ref", None) == ref)
+        rows = await otp.which_children(sup)
+        again = await hp.receive(hp.match_if(lambda m: m[:2] == ("started", "w")), timeout=0)
+        await otp.stop(sup)
+        return [(row.id, row.pid) for row in rows], again
+
+    assert run(body, nodes=2) == ([("w", None)], None)
 
 
 def test_restart_intensity_exceeded_ends_the_supervisor_naming_the_child() -> None:

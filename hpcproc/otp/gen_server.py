@@ -326,12 +326,19 @@ def _is_down(ref: hp.MonitorRef) -> Any:
 
 
 async def _await_start(
-    pid: hp.Pid, mref: hp.MonitorRef, port: hp.ReceivePort[Any], tag: int, timeout: float | None
+    pid: hp.Pid,
+    mref: hp.MonitorRef,
+    port: hp.ReceivePort[Any],
+    tag: int,
+    timeout: float | None,
+    keep: bool,
 ) -> Reply:
     """The start acknowledgement with ``tag``; raises ServerDown (the new server's
     monitor fired) or CallTimeout.
 
-    Removes the monitor in every case; stale replies met on the way are dropped.
+    Removes the monitor, except after a successful start with ``keep`` (then the
+    server's end, should it have come already, is back in the mailbox); stale replies
+    met on the way are dropped.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     down = hp.match_if(_is_down(mref))
@@ -346,10 +353,15 @@ async def _await_start(
             # The server may have answered (a crash report) just before dying.
             while (late := await hp.receive_chan(port, timeout=0)) is not None:
                 if late[0] == tag:
+                    if keep and late[1]:
+                        # Started, then ended at once: the caller keeps the monitor
+                        # and must see the end (not copied: it is immutable).
+                        await hp.unsafe_send(hp.self_pid(), got)
                     return late  # type: ignore[no-any-return]
             raise ServerDown(got.reason)
         if got[0] == tag:
-            await hp.unmonitor(mref)
+            if not (keep and got[1]):
+                await hp.unmonitor(mref)
             return got  # type: ignore[no-any-return]
 
 
@@ -407,10 +419,32 @@ async def start_server(
     link: bool,
     timeout: float | None,
 ) -> hp.Pid:
-    """:func:`start` with ``link_to``: the server links to that process (one way) first.
+    """:func:`start` with ``link_to``: the server links to that process (one way) first."""
+    pid, mref = await start_monitored(
+        cls, args, node=node, name=name, link_to=link_to, link=link, timeout=timeout
+    )
+    await hp.unmonitor(mref)
+    return pid
 
-    (Used by supervisors: a child dies with its supervisor, the supervisor only
-    monitors the child.)
+
+async def start_monitored(
+    cls: type[GenServer],
+    args: tuple[Any, ...],
+    *,
+    node: hp.NodeId | None,
+    name: str | None,
+    link_to: hp.Pid | None,
+    link: bool,
+    timeout: float | None,
+) -> tuple[hp.Pid, hp.MonitorRef]:
+    """:func:`start_server` that keeps the monitor the server was started with, so
+    that the caller learns how it ends however soon after ``init`` that is. (A
+    monitor set afterwards reports a server that has ended already as
+    ``DiedUnknownId``, its reason lost.) Used by supervisors: a child dies with its
+    supervisor (``link_to``), the supervisor only monitors the child.
+
+    If the wait for ``init`` is interrupted (an exit signal, a cancellation), the
+    half-started server is killed: nobody would know of it, or be linked to it.
     """
     if not (isinstance(cls, type) and issubclass(cls, GenServer)):
         raise TypeError(f"start needs a GenServer subclass, not {cls!r}")
@@ -427,18 +461,23 @@ async def start_server(
             node, _server_main, cls, args, name, send_port, tag, back
         )
     try:
-        got = await _await_start(pid, mref, port, tag, timeout)
+        got = await _await_start(pid, mref, port, tag, timeout, keep=True)
     except ServerDown as exc:
         raise StartError(exc.reason) from None
     except CallTimeout:
         await hp.kill(pid, "start timed out")
         raise StartError(f"init did not return within {timeout} s") from None
+    except BaseException:
+        # (Neither call suspends, so a cancellation cannot stop them half-way.)
+        await hp.kill(pid, "its start was interrupted")
+        await hp.unmonitor(mref)
+        raise
     if not got[1]:
         reason, tb = got[2]
         raise StartError(reason, tb)
     if link:
         await hp.link(pid)
-    return pid
+    return pid, mref
 
 
 async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeAlias
 
 import hpcproc as hp
 
-from .gen_server import GenServer, StartError, call, start_server
+from .gen_server import GenServer, StartError, call, start_monitored, start_server
 
 __all__ = [
     "ChildInfo",
@@ -241,9 +241,12 @@ class Supervisor(GenServer):
         node = self._place(spec)
         if isinstance(node, hp.NodeId) and node != self._me.node:
             await self._watch(node)
+        # Monitored from the start: a child that ends at once is reported with its
+        # reason (a monitor set afterwards would say DiedUnknownId, and a transient
+        # child that ended normally would be restarted as if it had crashed).
         try:
             if isinstance(spec.start, type):
-                pid = await start_server(
+                pid, mref = await start_monitored(
                     spec.start,
                     spec.args,
                     node=node,
@@ -254,14 +257,16 @@ class Supervisor(GenServer):
                 )
             elif node == self._me.node:
                 pid = hp.spawn_local(_linked, self._me, spec.start, spec.args)
+                mref = await hp.monitor(pid)  # before the child first runs
             else:
-                pid = await hp.spawn(node, _linked, self._me, spec.start, spec.args)
+                pid, mref = await hp.spawn_monitor(
+                    node, _linked, self._me, spec.start, spec.args
+                )
         except hp.NodeUnreachableError:
             self._dead.add(node)
             raise
-        child.pid, child.node = pid, node
-        child.mref = await hp.monitor(pid)
-        self._by_ref[child.mref] = child
+        child.pid, child.node, child.mref = pid, node, mref
+        self._by_ref[mref] = child
 
     async def _start_counting(self, child: _Child) -> None:
         """Start ``child``; each failed attempt counts as a restart (may escalate)."""
