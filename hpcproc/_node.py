@@ -419,6 +419,7 @@ class Node:
         the requests to it and fire every watch on it with ``reason``."""
         self.incoming.drop_node(nid)
         self.remote.drop_node(nid)
+        self.remote.break_pairs(nid, self._procs.values())
         self.controller.fail_requests(nid, f"lost connection to node {nid}")
         self.watches.node_lost(nid, reason)
 

@@ -4,9 +4,9 @@ User messages. Every message between two processes on different nodes travels on
 lightweight connection per (sender, receiver) pair, opened on the sender's first
 ``send`` and reused (kept in the sending process, ``Process.conns``); its first
 message starts with a bind frame naming both ends (:mod:`._control`). A pair
-connection that fails is marked :data:`BROKEN` and further sends on that pair are
-dropped until the sender calls ``reconnect``, so a receiver always sees a prefix of
-what one sender sent per connection.
+connection that fails, or whose node is lost, is marked :data:`BROKEN` and further
+sends on that pair are dropped until the sender calls ``reconnect``, so a receiver
+always sees a prefix of what one sender sent per connection.
 
 Control messages (spawn, link, monitor, registry, kill/exit, death notifications) use
 one more connection per pair of nodes, fed by a FIFO queue (:class:`ControlOut`) so
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _control as ctl
@@ -246,6 +247,21 @@ class RemoteSender:
             out.wake()
             if out.conn is not None:
                 self._node.in_background(out.conn.close())
+
+    def break_pairs(self, nid: NodeId, procs: Iterable[Process]) -> None:
+        """``nid`` is lost: every pair connection of ``procs`` to a process there is
+        marked broken now, not at its next send (which would fail and be dropped the
+        same way), so that whoever looks (OTP requests, which reopen it) sees it."""
+        closing = []
+        for proc in procs:
+            conns = proc.conns
+            if conns:
+                for pid, conn in conns.items():
+                    if conn is not BROKEN and pid.node == nid:
+                        conns[pid] = BROKEN
+                        closing.append(conn)
+        if closing and not self._node.closed:
+            self._node.in_background(_close_all(closing))
 
     async def flush(self, timeout: float) -> None:
         """Send what is queued (each drain bounded by ``timeout``), then stop the drains.

@@ -639,6 +639,54 @@ def fails_on_three(x: int) -> int:
     return x
 
 
+async def joins_then_waits(group: str, report: hp.Pid) -> None:
+    await otp.join(group)
+    await hp.send(report, ("joined", hp.self_pid()))
+    await hp.expect(type(None))
+
+
+def test_calls_casts_and_groups_work_again_after_a_connection_break() -> None:
+    """A broken connection between two live nodes fails what was under way (the group
+    view drops the other node's members) but not what follows: OTP requests and
+    replies reopen the pair connections the loss broke (plain sends stay dropped
+    until ``hp.reconnect``), and ``start_pg`` connects the scopes again. Calls used
+    to time out for good, and the scopes stayed apart."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        me = hp.self_pid()
+        server = await otp.start(Counter, 0, node=b.node_id)
+        before = await otp.call(server, 1)
+        await otp.start_pg([b.node_id])
+        assert await otp.monitor_group("g") == []
+        member = await hp.spawn(b.node_id, joins_then_waits, "g", me)
+        await expect_msg(lambda m: type(m) is tuple and m[0] == "joined")
+        seen = [await expect_msg(lambda m: type(m) is otp.GroupEvent)]
+
+        await transport.break_connection(a.node_id.address, b.node_id.address)
+        seen.append(await expect_msg(lambda m: type(m) is otp.GroupEvent))  # the loss
+        after = await otp.call(server, 2, timeout=WAIT)
+        await otp.cast(server, 10)
+        after_cast = await otp.call(server, "get", timeout=WAIT)
+        await otp.start_pg([b.node_id])
+        seen.append(await expect_msg(lambda m: type(m) is otp.GroupEvent))
+        await otp.stop(server, timeout=WAIT)
+        return (before, after, after_cast), [(e.joined, e.left) for e in seen], member
+
+    async def main() -> Any:
+        transport = create("inmemory")
+        a, b = [await hp.Node(transport).start() for _ in range(2)]
+        try:
+            return await asyncio.wait_for(a.run(body, transport, a, b), TIMEOUT)
+        finally:
+            await a.close()
+            await b.close()
+            await transport.close()
+
+    values, seen, member = asyncio.run(main())
+    assert values == (1, 3, 13)
+    assert seen == [((member,), ()), ((), (member,)), ((member,), ())]
+
+
 def test_map_keeps_input_order_across_nodes_and_numpy_round_trips() -> None:
     async def body(others: list[hp.NodeId]) -> Any:
         nodes = [hp.self_node(), *others]

@@ -33,7 +33,10 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import hpcproc as hp
 
+from .._process import current
+from .._remote import BROKEN
 from ._call_watch import BY_NODE, TIMED_OUT, WATCH_ENDED, waiting_for, wake
+from ._reopen import reopen_if_broken
 from ._replies import SLOT, CallSlot, Reply, call_slot, drop_stale, new_tag, reply_channel, tags
 
 __all__ = [
@@ -263,6 +266,7 @@ def _reply_port(wire: tuple[bytes, int, int]) -> tuple[hp.Pid, hp.SendPort[Any]]
 
 async def _serve(server: GenServer) -> None:
     expect, send_chan, new_caller = hp.expect, hp.send_chan, tuple.__new__
+    proc = current()
     ports: dict[tuple[bytes, int, int], tuple[hp.Pid, hp.SendPort[Any]]] = {}
     try:
         while True:
@@ -274,6 +278,9 @@ async def _serve(server: GenServer) -> None:
                         ports.clear()
                     got = ports[msg[1]] = _reply_port(msg[1])
                 pid, port = got
+                conns = proc.conns
+                if conns is not None and conns.get(pid) is BROKEN:
+                    reopen_if_broken(pid, proc)  # a reply is a transaction of its own
                 tag = msg[2]
                 caller = new_caller(Caller, (pid, port, tag))
                 try:
@@ -514,6 +521,7 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
         try:
             if deadline < state.wake_at:
                 await wake(state)
+            reopen_if_broken(pid)
             await hp.send(pid, (_CALL, slot.wire, tag, request))
             got = await hp.receive(slot.matcher)
             if got[0] != tag or got[1] is WATCH_ENDED:
@@ -574,11 +582,13 @@ async def cast(server: Any, msg: Any) -> None:
         pid = await _resolve(server, 5.0)
     except ServerDown:
         return
+    reopen_if_broken(pid)
     await hp.send(pid, (_CAST, msg))
 
 
 async def reply(caller: Caller, value: Any) -> None:
     """Answer a call later (after ``handle_call`` returned :data:`NOREPLY`); once per call."""
+    reopen_if_broken(caller.port.owner)
     await hp.send_chan(caller.port, (caller.tag, True, value))
 
 
@@ -592,6 +602,7 @@ async def stop(server: Any, reason: Any = "normal", timeout: float | None = 5.0)
     """
     pid = await _resolve(server, timeout)
     mref = await hp.monitor(pid)
+    reopen_if_broken(pid)
     await hp.send(pid, (_STOP, reason))
     got = await hp.receive(hp.match_if(_is_down(mref)), timeout=timeout)
     if got is None:

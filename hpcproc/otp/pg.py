@@ -26,6 +26,7 @@ from typing import Any
 
 import hpcproc as hp
 
+from ._reopen import reopen_if_broken
 from .gen_server import GenServer, ServerDown, call, start
 
 __all__ = [
@@ -114,6 +115,8 @@ class _Scope(GenServer):
         self.remote[peer] = {}
         self.peer_refs[await hp.monitor(peer)] = peer
         snapshot = {g: frozenset(m) for g, m in self.local.items() if m}
+        # A new session: after a lost connection to the peer, on a new connection.
+        reopen_if_broken(peer)
         await hp.send(peer, _Sync(self.me, snapshot))
 
     async def _local_leave(self, group: Hashable, pids: Sequence[hp.Pid]) -> None:
