@@ -8,6 +8,7 @@ promises (node loss) are in ``test_otp_cluster.py``.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -839,6 +840,28 @@ def test_a_waiting_call_outlives_the_end_of_the_call_watch() -> None:
     reason, empty = run(body)
     assert isinstance(reason, hp.DiedException) and "killed in test" in reason.reason
     assert empty
+
+
+def test_the_reply_channels_of_finished_tasks_are_closed() -> None:
+    """Every task of a process that calls a server gets a reply channel of its own;
+    it is closed once the task is gone, so that a long-lived process whose short
+    tasks make calls keeps a few channels, not one per task (200 here)."""
+    from hpcproc._process import current
+
+    async def body(_: Any) -> Any:
+        server = await otp.start(Counter, 0)
+        proc = current()
+        before = len(proc._ports or ())
+        for _ in range(100):
+            await asyncio.gather(otp.call(server, 1), otp.call(server, 1))
+        gc.collect()  # a finished task may sit in a reference cycle
+        after = len(proc._ports or ())
+        total = await otp.call(server, "get")
+        await otp.stop(server)
+        return total, before, after
+
+    total, before, after = run(body)
+    assert total == 200 and after - before < 10, (before, after)
 
 
 def test_a_short_call_timeout_is_kept_while_a_longer_call_waits() -> None:

@@ -7,7 +7,8 @@ and is dropped by the next request on it, so the mailbox (what ``hp.receive`` se
 never holds a private reply. ``start`` and ``map`` use :func:`reply_channel` (one
 channel per task, made on first use); ``call`` uses a :class:`CallSlot` (a channel
 that one call at a time uses, found through a context variable with no look-up
-frame, see :func:`call_slot`).
+frame, see :func:`call_slot`). A channel is closed once its task or slot is garbage,
+so that a process whose many short tasks call servers does not keep one per task.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import hpcproc as hp
+
+from .._process import Process, current
 
 __all__ = [
     "SLOT",
@@ -46,6 +49,18 @@ tags = _tags
 Reply: TypeAlias = tuple[int, Any, Any]
 
 
+def _close(owner: weakref.ref[Process], port_id: int) -> None:
+    proc = owner()
+    if proc is not None and proc._ports is not None:
+        proc._ports.pop(port_id, None)
+
+
+def _close_when_gone(holder: object, port: hp.ReceivePort[Any]) -> None:
+    """Close ``port`` (of the current process) once ``holder`` is garbage. (Holds
+    neither: a finished process or task is freed as before.)"""
+    weakref.finalize(holder, _close, weakref.ref(current()), port.send_port.port_id)
+
+
 def new_tag() -> int:
     """A tag unique in this OS process (with the replying port it names one request)."""
     return next(_tags)
@@ -63,6 +78,8 @@ def reply_channel() -> tuple[hp.SendPort[Any], hp.ReceivePort[Any]]:
     chan = _channels.get(task)
     if chan is None:
         chan = _channels[task] = hp.new_chan()
+        if task is not current():  # the process's own channel ends with it
+            _close_when_gone(task, chan[1])
     return chan
 
 
@@ -82,11 +99,12 @@ class CallSlot:
     global look-up and the unpickler a Python call).
     """
 
-    __slots__ = ("busy", "matcher", "pid", "port", "send_port", "wire")
+    __slots__ = ("__weakref__", "busy", "matcher", "pid", "port", "send_port", "wire")
 
     def __init__(self, pid: hp.Pid) -> None:
         self.pid = pid
         self.send_port, self.port = hp.new_chan()
+        _close_when_gone(self, self.port)
         self.wire = (bytes(pid.node.address), pid.lid, self.send_port.port_id)
         #: ``hp.receive(matcher)`` is ``hp.receive_chan(port)`` without making a
         #: matcher per call.

@@ -558,15 +558,20 @@ async def _failed(
     pid: hp.Pid, port: hp.ReceivePort[Any], tag: int, got: Reply, timeout: float | None
 ) -> Any:
     """Raise what the answer ``got`` (not a reply) stands for: :class:`CallTimeout`
-    or :class:`ServerDown`."""
+    or :class:`ServerDown`; or return the reply, when the server's end overtook it
+    and it is here already."""
     if got[1] is TIMED_OUT:
         raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
     if got[1] is None:  # the call watch: the server is down
         reason = got[2]
-        # It may have answered (a crash report) just before dying.
+        # It may have answered (a reply, or a crash report) just before it ended:
+        # the notice came from its node's controller, on another connection.
         while (late := await hp.receive_chan(port, timeout=0)) is not None:
-            if late[0] == tag and late[1] is False:
-                raise ServerDown(*late[2])
+            if late[0] == tag:
+                if late[1] is True:
+                    return late[2]
+                if late[1] is False:
+                    raise ServerDown(*late[2])
         text = getattr(reason, "reason", "")
         if isinstance(text, str) and _TB_MARK in text:  # a handle_call crash
             head, tb = text.split(_TB_MARK, 1)
