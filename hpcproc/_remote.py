@@ -224,6 +224,10 @@ class RemoteSender:
                     log.debug("cannot reach node %s: %r", nid, exc)
                     out.unreachable = f"cannot reach node {nid}: {exc}"
                     return False
+                if self._control.get(nid) is not out:
+                    # The node was lost while we connected: its requests were failed
+                    # already, so this one must not run there after all.
+                    return False
                 out.bound = False
             try:
                 if out.bound:
