@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 import hpcproc as hp
-from hpcproc.transports import create
+
+from ._two_nodes import run_two_nodes
 
 TIMEOUT = 20.0
 WAIT = 10.0
@@ -45,15 +46,5 @@ def test_a_spawn_failed_by_a_node_loss_does_not_run_there_later() -> None:
         after = (await hp.get_node_stats(b.node_id)).processes
         return before, after
 
-    async def main() -> Any:
-        transport = create("inmemory")
-        a, b = [await hp.Node(transport).start() for _ in range(2)]
-        try:
-            return await asyncio.wait_for(a.run(body, transport, a, b), TIMEOUT)
-        finally:
-            await a.close()
-            await b.close()
-            await transport.close()
-
-    before, after = asyncio.run(main())
+    before, after = run_two_nodes(body, TIMEOUT)
     assert after == before

@@ -19,6 +19,8 @@ import hpcproc as hp
 from hpcproc import otp
 from hpcproc.transports import create
 
+from ._two_nodes import run_two_nodes
+
 TIMEOUT = 60.0
 WAIT = 15.0
 
@@ -673,17 +675,7 @@ def test_calls_casts_and_groups_work_again_after_a_connection_break() -> None:
         await otp.stop(server, timeout=WAIT)
         return (before, after, after_cast), [(e.joined, e.left) for e in seen], member
 
-    async def main() -> Any:
-        transport = create("inmemory")
-        a, b = [await hp.Node(transport).start() for _ in range(2)]
-        try:
-            return await asyncio.wait_for(a.run(body, transport, a, b), TIMEOUT)
-        finally:
-            await a.close()
-            await b.close()
-            await transport.close()
-
-    values, seen, member = asyncio.run(main())
+    values, seen, member = run_two_nodes(body, TIMEOUT)
     assert values == (1, 3, 13)
     assert seen == [((member,), ()), ((), (member,)), ((member,), ())]
 

@@ -630,49 +630,6 @@ def test_uncaught_exit_ends_process_with_reason() -> None:
     assert isinstance(reason, hp.DiedException) and "go away" in reason.reason
 
 
-def test_exit_in_the_event_a_receiver_polls_itself_is_raised_at_once() -> None:
-    """A process about to wait in ``expect`` first takes an event from the endpoint
-    itself. An exit signal that event brings (another node's ``hp.exit``, handled by
-    the controller inside the poll) is raised there, not left pending while the
-    process sleeps until some later message wakes it (a supervisor's shutdown of a
-    remote child then waited for its whole timeout). The endpoint's poll is replaced
-    for one call so that it hands over that event at the moment it matters."""
-    from hpcproc import _control as ctl
-    from hpcproc._process import current
-
-    async def target(reply: hp.Pid) -> None:
-        me, node = hp.self_pid(), current().node
-        incoming = node.incoming
-        real_poll, real_handle = incoming.receive_nowait, incoming.handle_event
-        exit_event: Any = object()
-        queued = [exit_event]
-
-        def poll() -> Any:
-            if queued:
-                return queued.pop()
-            return real_poll() if real_poll is not None else None
-
-        def handle(event: Any) -> None:
-            if event is exit_event:
-                node.controller.handle(reply.node, ctl.Exit(me, reply, "shutdown"))
-            else:
-                real_handle(event)
-
-        incoming.receive_nowait, incoming.handle_event = poll, handle  # type: ignore[method-assign]
-        try:
-            await hp.expect(int)  # the mailbox is empty: it polls before it sleeps
-        except hp.ProcessExitException as exc:
-            await hp.send(reply, ("caught", exc.reason, queued))
-        finally:
-            incoming.receive_nowait, incoming.handle_event = real_poll, real_handle  # type: ignore[method-assign]
-
-    async def body() -> Any:
-        hp.spawn_local(target, hp.self_pid())
-        return await hp.expect(tuple, timeout=WAIT)
-
-    assert run(body) == ("caught", "shutdown", [])
-
-
 # ---------------------------------------------------------------------- monitors, links
 
 

@@ -4,9 +4,9 @@ or while another task acting for the process uses the API.
 
 Each scenario orders the steps with futures (no sleeps), runs on two nodes of the
 in-memory transport in this process (the second node is only a remote peer), and
-would fail as it is described in its docstring if the promise were broken. The
-moment that matters is forced where needed by handing the process one event
-through its endpoint's poll (:func:`polled_once`).
+would fail as its docstring describes if the promise were broken. Where the moment
+matters, the process is handed one event through its endpoint's poll
+(:func:`polled_once`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 import hpcproc as hp
 from hpcproc import _control as ctl
 from hpcproc._process import current
-from hpcproc.transports import create
+
+from ._two_nodes import run_two_nodes
 
 TIMEOUT = 20.0
 WAIT = 10.0  # bound on every single wait inside a scenario
@@ -32,19 +33,10 @@ async def sink() -> None:
 def run_two(body: Callable[..., Coroutine[Any, Any, Any]]) -> Any:
     """Run ``body(a, b)`` as a process on node ``a``; ``b`` is a second node."""
 
-    async def main() -> Any:
-        ta, tb = create("inmemory"), create("inmemory")
-        a = await hp.Node(ta).start()
-        b = await hp.Node(tb).start()
-        try:
-            return await asyncio.wait_for(a.run(body, a, b), TIMEOUT)
-        finally:
-            await a.close()
-            await b.close()
-            await ta.close()
-            await tb.close()
+    async def with_nodes(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        return await body(a, b)
 
-    return asyncio.run(main())
+    return run_two_nodes(with_nodes, TIMEOUT)
 
 
 @contextmanager
@@ -78,6 +70,25 @@ def polled_once(node: hp.Node, on_poll: Callable[[], None]) -> Iterator[list[Any
 def exit_from(node: hp.Node, target: hp.Pid, sender: hp.Pid, reason: str) -> Callable[[], None]:
     """What the controller does with another node's ``hp.exit(target, reason)``."""
     return lambda: node.controller.handle(sender.node, ctl.Exit(target, sender, reason))
+
+
+def test_exit_in_the_event_a_receiver_polls_itself_is_raised_at_once() -> None:
+    """A process about to wait in ``expect`` first takes an event from the endpoint
+    itself. An exit signal that event brings (another node's ``hp.exit``, handled by
+    the controller inside the poll) is raised there, not left pending while the
+    process sleeps until some later message wakes it (a supervisor's shutdown of a
+    remote child then waited for its whole timeout)."""
+
+    async def body(a: hp.Node, b: hp.Node) -> Any:
+        me = hp.self_pid()
+        with polled_once(a, exit_from(a, me, hp.Pid(b.node_id, 1), "shutdown")) as queued:
+            try:
+                await hp.expect(int)  # the mailbox is empty: it polls before it sleeps
+                return "no exit", queued
+            except hp.ProcessExitException as exc:
+                return exc.reason, queued
+
+    assert run_two(body) == ("shutdown", [])
 
 
 def test_exit_polled_by_a_request_of_the_process_is_raised() -> None:

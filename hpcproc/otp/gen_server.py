@@ -411,24 +411,8 @@ async def start(
             the server died or ``timeout`` passed before ``init`` returned.
         SpawnError / NodeUnreachableError: as :func:`hpcproc.spawn`.
     """
-    return await start_server(
-        cls, args, node=node, name=name, link_to=None, link=link, timeout=timeout
-    )
-
-
-async def start_server(
-    cls: type[GenServer],
-    args: tuple[Any, ...],
-    *,
-    node: hp.NodeId | None,
-    name: str | None,
-    link_to: hp.Pid | None,
-    link: bool,
-    timeout: float | None,
-) -> hp.Pid:
-    """:func:`start` with ``link_to``: the server links to that process (one way) first."""
     pid, mref = await start_monitored(
-        cls, args, node=node, name=name, link_to=link_to, link=link, timeout=timeout
+        cls, args, node=node, name=name, link_to=None, link=link, timeout=timeout
     )
     await hp.unmonitor(mref)
     return pid
@@ -444,11 +428,12 @@ async def start_monitored(
     link: bool,
     timeout: float | None,
 ) -> tuple[hp.Pid, hp.MonitorRef]:
-    """:func:`start_server` that keeps the monitor the server was started with, so
-    that the caller learns how it ends however soon after ``init`` that is. (A
-    monitor set afterwards reports a server that has ended already as
-    ``DiedUnknownId``, its reason lost.) Used by supervisors: a child dies with its
-    supervisor (``link_to``), the supervisor only monitors the child.
+    """:func:`start`, returning the monitor the server was started with too, so that
+    the caller learns how it ends however soon after ``init`` that is (a monitor set
+    afterwards reports a server that has ended already as ``DiedUnknownId``, its
+    reason lost); with ``link_to``, the server links to that process (one way) first.
+    Used by supervisors: a child dies with its supervisor (``link_to``), the
+    supervisor only monitors the child.
 
     If the wait for ``init`` is interrupted (an exit signal, a cancellation), the
     half-started server is killed: nobody would know of it, or be linked to it.

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeAlias
 
 import hpcproc as hp
 
-from .gen_server import GenServer, StartError, call, start_monitored, start_server
+from .gen_server import GenServer, StartError, call, start_monitored
 
 __all__ = [
     "ChildInfo",
@@ -456,9 +456,11 @@ async def start_supervisor(
         StartError: a child did not start (those started are stopped again).
     """
     opts = _options(children, strategy, max_restarts, max_seconds, nodes)
-    return await start_server(
+    pid, mref = await start_monitored(
         Supervisor, (opts,), node=node, name=name, link_to=None, link=link, timeout=None
     )
+    await hp.unmonitor(mref)
+    return pid
 
 
 def supervisor_spec(
