@@ -486,7 +486,8 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
         ValueError: the server is the calling process itself.
     """
     pid = server if type(server) is hp.Pid else await _resolve(server, timeout)
-    me = hp.self_pid()
+    proc = current()
+    me = proc.pid
     if pid == me:
         raise ValueError("a server cannot call itself (it would wait for its own reply)")
     slot = SLOT.get(None)
@@ -506,7 +507,9 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
         try:
             if deadline < state.wake_at:
                 await wake(state)
-            reopen_if_broken(pid)
+            conns = proc.conns
+            if conns is not None and conns.get(pid) is BROKEN:
+                reopen_if_broken(pid, proc)  # a call is a transaction of its own
             await hp.send(pid, (_CALL, slot.wire, tag, request))
             got = await hp.receive(slot.matcher)
             if got[0] != tag or got[1] is WATCH_ENDED:
