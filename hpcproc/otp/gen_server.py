@@ -338,14 +338,13 @@ async def _await_start(
     port: hp.ReceivePort[Any],
     tag: int,
     timeout: float | None,
-    keep: bool,
 ) -> Reply:
     """The start acknowledgement with ``tag``; raises ServerDown (the new server's
     monitor fired) or CallTimeout.
 
-    Removes the monitor, except after a successful start with ``keep`` (then the
-    server's end, should it have come already, is back in the mailbox); stale replies
-    met on the way are dropped.
+    Removes the monitor, except after a successful start (then the server's end,
+    should it have come already, is back in the mailbox); stale replies met on the
+    way are dropped.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     down = hp.match_if(_is_down(mref))
@@ -360,14 +359,14 @@ async def _await_start(
             # The server may have answered (a crash report) just before dying.
             while (late := await hp.receive_chan(port, timeout=0)) is not None:
                 if late[0] == tag:
-                    if keep and late[1]:
+                    if late[1]:
                         # Started, then ended at once: the caller keeps the monitor
                         # and must see the end (not copied: it is immutable).
                         await hp.unsafe_send(hp.self_pid(), got)
                     return late  # type: ignore[no-any-return]
             raise ServerDown(got.reason)
         if got[0] == tag:
-            if not (keep and got[1]):
+            if not got[1]:
                 await hp.unmonitor(mref)
             return got  # type: ignore[no-any-return]
 
@@ -453,7 +452,7 @@ async def start_monitored(
             node, _server_main, cls, args, name, send_port, tag, back
         )
     try:
-        got = await _await_start(pid, mref, port, tag, timeout, keep=True)
+        got = await _await_start(pid, mref, port, tag, timeout)
     except ServerDown as exc:
         raise StartError(exc.reason) from None
     except CallTimeout:
