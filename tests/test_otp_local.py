@@ -834,6 +834,33 @@ def test_a_waiting_call_outlives_the_end_of_the_call_watch() -> None:
     assert empty
 
 
+def test_a_call_that_outlived_the_call_watch_leaves_nothing_with_the_next() -> None:
+    """A call told that the call watch ended registers with the next watch; once it
+    returned, it is gone from there too (it stayed until its deadline, or for good
+    without a timeout)."""
+    from hpcproc.otp import _call_watch
+
+    async def body(_: Any) -> Any:
+        held = await otp.start(Counter)
+        call = asyncio.ensure_future(otp.call(held, "hold", timeout=None))
+        assert await otp.call(held, "get") == 0  # the hold is with the server now
+        watch = hp.whereis(_call_watch.NAME)
+        assert watch is not None
+        ref = await hp.monitor(watch)
+        await hp.kill(watch, "killed in test")
+        # The watch told the call before it ended, so the call reads that notice (and
+        # registers with a new watch) before the reply the cast below brings.
+        await expect_msg(lambda m: getattr(m, "ref", None) == ref)
+        await otp.cast(held, "release")
+        reply = await asyncio.wait_for(call, WAIT)
+        state = _call_watch.BY_NODE[hp.self_node()]
+        left = dict(state.servers.get(held, {}))
+        await otp.stop(held)
+        return reply, left
+
+    assert run(body) == ("late", {})
+
+
 def test_the_reply_channels_of_finished_tasks_are_closed() -> None:
     """Every task of a process that calls a server gets a reply channel of its own;
     it is closed once the task is gone, so that a long-lived process whose short

@@ -527,18 +527,24 @@ async def _other_reply(pid: hp.Pid, slot: CallSlot, tag: int, got: Reply, deadli
     """The answer with ``tag`` after ``got``, the first thing taken from the slot's
     port, was not it: a stale answer of an abandoned call (dropped) or the notice
     that the call watch ended (the call registers with a new watch, whose monitor
-    reports the server's end if it has ended meanwhile, with the same deadline)."""
-    while True:
-        if got[0] == tag:
-            if got[1] is not WATCH_ENDED:
-                return got
-            state, waiting = await waiting_for(pid)
-            waiting[tag] = (slot.send_port, deadline)
-            if deadline < state.wake_at:
-                await wake(state)
-        # Anything else is a late reply or notice of an abandoned call: dropped here,
-        # so the channel never holds more than what came since the last call.
-        got = await hp.receive_chan(slot.port)
+    reports the server's end if it has ended meanwhile, with the same deadline; the
+    call leaves it again however it ends)."""
+    waiting: dict[int, Any] | None = None
+    try:
+        while True:
+            if got[0] == tag:
+                if got[1] is not WATCH_ENDED:
+                    return got
+                state, waiting = await waiting_for(pid)
+                waiting[tag] = (slot.send_port, deadline)
+                if deadline < state.wake_at:
+                    await wake(state)
+            # Anything else is a late reply or notice of an abandoned call: dropped
+            # here, so the channel never holds more than what came since the last call.
+            got = await hp.receive_chan(slot.port)
+    finally:
+        if waiting is not None:
+            waiting.pop(tag, None)
 
 
 async def _failed(
