@@ -13,8 +13,7 @@ import pytest
 
 from hpcproc import mpi_init
 
-#: CI sets it: a compiled part that failed to build is then a failure, not a skip.
-REQUIRE_ENV = "HPCPROC_REQUIRE_COMPILED"
+from ._compiled import compiled_required
 
 #: What MPICH reads from the address (its MPID_MAX_BC_SIZE).
 PADDED_SIZE = 4096
@@ -23,7 +22,7 @@ ROOT = Path(__file__).parents[1]
 
 needs_pad = pytest.mark.skipif(
     importlib.util.find_spec("hpcproc._ucx_address_pad") is None
-    and os.environ.get(REQUIRE_ENV) != "1",
+    and not compiled_required(),
     reason="hpcproc._ucx_address_pad was not built (no C compiler at install)",
 )
 

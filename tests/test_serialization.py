@@ -18,8 +18,7 @@ from hpcproc import _compact, serialization
 from hpcproc._pickle_codes import ACCEL_ENV
 from hpcproc.serialization import OUT_OF_BAND_MIN, SerializationError, deserialize, serialize
 
-#: CI sets it: a compiled part that failed to build is then a failure, not a skip.
-REQUIRE_ENV = "HPCPROC_REQUIRE_COMPILED"
+from ._compiled import REQUIRE_ENV, compiled_required
 
 try:
     from hpcproc import _pickle_accel
@@ -34,7 +33,7 @@ except ImportError:
 def _skip_compiled(what: str) -> None:
     """Skip a test of the compiled part (turned off, or not built), but fail where CI
     requires it built."""
-    if os.environ.get(REQUIRE_ENV) == "1" and (_pickle_accel is None or _compact_accel is None):
+    if compiled_required() and (_pickle_accel is None or _compact_accel is None):
         pytest.fail(f"{REQUIRE_ENV}=1 but the compiled parts were not all built")
     pytest.skip(f"{what} not built or turned off")
 
@@ -424,7 +423,7 @@ def test_the_compiled_small_message_path_is_built_and_used_unless_turned_off(
     if small_path == "py":
         return  # the fixture turned it off for this run
     turned_off = os.environ.get(ACCEL_ENV, "1").strip() == "0"
-    if os.environ.get(REQUIRE_ENV) == "1":
+    if compiled_required():
         assert _pickle_accel is not None and _compact_accel is not None
     assert serialization.ACCELERATED is (not turned_off and _pickle_accel is not None)
     compact_on = os.environ.get("HPCPROC_COMPACT", "1").strip() != "0"

@@ -28,13 +28,12 @@ from hpcproc.transports._shm_ring import (
     record_size,
 )
 
+from ._compiled import REQUIRE_ENV, compiled_required
+
 try:
     from hpcproc.transports import _ring_accel
 except ImportError:  # built without a compiler
     _ring_accel = None  # type: ignore[assignment]
-
-#: CI sets it: a compiled ring that failed to build is then a failure, not a skip.
-REQUIRE_ENV = "HPCPROC_REQUIRE_COMPILED"
 
 CAPACITY = 1 << 16
 
@@ -46,7 +45,7 @@ PAIRS = [(w, r) for w in IMPLS for r in IMPLS]
 
 def test_the_compiled_ring_is_built_and_used_unless_turned_off() -> None:
     if _ring_accel is None:
-        if os.environ.get(REQUIRE_ENV) == "1":
+        if compiled_required():
             pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc.transports._ring_accel was not built")
         pytest.skip("the compiled ring was not built (no C compiler at install)")
     turned_off = os.environ.get(_shm_ring.ACCEL_ENV, "1").strip() == "0"
@@ -316,9 +315,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
-def test_a_corrupted_ring_raises_the_same_ring_error_in_either_reader(
-    impl: str, case: str
-) -> None:
+def test_a_corrupted_ring_raises_the_same_ring_error_in_either_reader(impl: str, case: str) -> None:
     poke, message = CORRUPTIONS[case]
     assert message in _corrupt(impl, poke)
 
