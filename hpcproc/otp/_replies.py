@@ -55,10 +55,10 @@ def _close(owner: weakref.ref[Process], port_id: int) -> None:
         proc._ports.pop(port_id, None)
 
 
-def _close_when_gone(holder: object, port: hp.ReceivePort[Any]) -> None:
-    """Close ``port`` (of the current process) once ``holder`` is garbage. (Holds
-    neither: a finished process or task is freed as before.)"""
-    weakref.finalize(holder, _close, weakref.ref(current()), port.send_port.port_id)
+def _close_when_gone(holder: object, proc: Process, port: hp.ReceivePort[Any]) -> None:
+    """Close ``port`` (of ``proc``) once ``holder`` is garbage. (Holds neither: a
+    finished process or task is freed as before.)"""
+    weakref.finalize(holder, _close, weakref.ref(proc), port.send_port.port_id)
 
 
 def new_tag() -> int:
@@ -72,14 +72,14 @@ def reply_channel() -> tuple[hp.SendPort[Any], hp.ReceivePort[Any]]:
     Raises:
         NotInProcessError: not called inside a process.
     """
-    hp.self_pid()  # raises NotInProcessError outside a process
+    proc = current()  # raises NotInProcessError outside a process
     task = asyncio.current_task()
     assert task is not None
     chan = _channels.get(task)
     if chan is None:
         chan = _channels[task] = hp.new_chan()
-        if task is not current():  # the process's own channel ends with it
-            _close_when_gone(task, chan[1])
+        if task is not proc:  # the process's own channel ends with it
+            _close_when_gone(task, proc, chan[1])
     return chan
 
 
@@ -104,7 +104,7 @@ class CallSlot:
     def __init__(self, pid: hp.Pid) -> None:
         self.pid = pid
         self.send_port, self.port = hp.new_chan()
-        _close_when_gone(self, self.port)
+        _close_when_gone(self, current(), self.port)
         self.wire = (bytes(pid.node.address), pid.lid, self.send_port.port_id)
         #: ``hp.receive(matcher)`` is ``hp.receive_chan(port)`` without making a
         #: matcher per call.
