@@ -414,7 +414,7 @@ async def call(
             )
         if type(got) is ProcessMonitorNotification:
             raise CallError(f"{fn_name(fn)} on {node} ended without a result: {got.reason!r}")
-        proc.node.watches.unmonitor(proc, ref)
+        _post(proc, proc.node.watches.unmonitor(proc, ref))
     finally:
         proc.drop_chan(port)
     ok, value, tb = got
@@ -428,8 +428,8 @@ async def call(
 
 def _abandon(proc: Any, pid: Pid, ref: MonitorRef) -> None:
     """Forget a call that will not be waited for: no notification, no live process."""
-    proc.node.watches.unmonitor(proc, ref)
-    proc.node.kill(proc.pid, pid, "call abandoned (timeout or cancellation)")
+    _post(proc, proc.node.watches.unmonitor(proc, ref))
+    _post(proc, proc.node.kill(proc.pid, pid, "call abandoned (timeout or cancellation)"))
 
 
 def _abandon_spawned(proc: Any, spawning: asyncio.Future[tuple[Pid, MonitorRef]]) -> None:
@@ -445,33 +445,59 @@ async def link(pid: Pid) -> None:
 
     When ``pid`` ends abnormally (exception, kill, disconnect, node down) the current
     process gets ``ProcessLinkException`` raised at its next awaiting API call. A dead
-    or unknown ``pid`` raises it with ``DiedUnknownId`` (at once if local).
+    or unknown ``pid`` raises it with ``DiedUnknownId`` (at once if local). The link
+    is in place before any message sent to ``pid`` after this call arrives.
     """
     proc = current()
-    proc.node.watches.link(proc, pid)
+    req = proc.node.watches.link(proc, pid)
+    if req is not None:
+        await _signal(proc, req, open_pair=True)
     proc.check_signal()
 
 
 async def unlink(pid: Pid) -> None:
     """Remove the link to ``pid``; no link exception for it is raised afterwards."""
     proc = current()
-    proc.node.watches.unlink(proc, pid)
+    req = proc.node.watches.unlink(proc, pid)
+    if req is not None:
+        await _signal(proc, req)
 
 
 async def monitor(pid: Pid | SendPort[Any]) -> MonitorRef:
     """Monitor ``pid`` (or a send port's owner); a notification message reports its end.
 
     The message is a ``ProcessMonitorNotification`` (``PortMonitorNotification`` for a
-    port) with the reason; a dead or unknown pid gives ``DiedUnknownId`` at once.
+    port) with the reason; a dead or unknown pid gives ``DiedUnknownId`` at once. The
+    monitor is in place before any message sent to ``pid`` after this call arrives,
+    and the notification comes after every message ``pid`` sent to this process.
+
+    May wait for the connection to ``pid``'s node to open, as a first ``send`` does.
     """
     proc = current()
-    return proc.node.watches.monitor(proc, pid)
+    ref, req = proc.node.watches.monitor(proc, pid)
+    if req is not None:
+        await _signal(proc, req, open_pair=True)
+    return ref
 
 
 async def unmonitor(ref: MonitorRef) -> None:
     """Stop monitoring; a notification for ``ref`` already in the mailbox is removed."""
     proc = current()
-    proc.node.watches.unmonitor(proc, ref)
+    req = proc.node.watches.unmonitor(proc, ref)
+    if req is not None:
+        await _signal(proc, req)
+
+
+async def _signal(proc: Process, req: Any, *, open_pair: bool = False) -> None:
+    """Send the signal ``req`` to its target's node, in its place among the process's
+    messages to the target (``RemoteSender.send_signal``)."""
+    await proc.guarded(proc.node.remote.send_signal(proc, req.target, req, open_pair=open_pair))
+
+
+def _post(proc: Process, req: Any) -> None:
+    """Send the signal ``req`` (None: none) on the control queue, without waiting."""
+    if req is not None:
+        proc.node.remote.post(req.target.node, req)
 
 
 async def monitor_node(node: NodeId) -> MonitorRef:
@@ -522,8 +548,10 @@ def trap_exits(flag: bool) -> bool:
 async def kill(pid: Pid, reason: str) -> None:
     """Kill ``pid``: it cannot catch this and dies with ``DiedException`` naming ``reason``."""
     proc = current()
-    proc.node.kill(proc.pid, pid, reason)
-    if pid == proc.pid:
+    req = proc.node.kill(proc.pid, pid, reason)
+    if req is not None:
+        await _signal(proc, req)
+    elif pid == proc.pid:
         await proc.guarded(asyncio.sleep(0))
 
 
@@ -534,8 +562,10 @@ async def exit(pid: Pid, reason: Any) -> None:
         SerializationError: ``reason`` cannot be pickled (remote ``pid``).
     """
     proc = current()
-    proc.node.exit(proc.pid, pid, reason)
-    if pid == proc.pid:
+    req = proc.node.exit(proc.pid, pid, reason)
+    if req is not None:
+        await _signal(proc, req)
+    elif pid == proc.pid:
         proc.check_signal()
 
 

@@ -9,21 +9,34 @@ connection's remote address, so it is never sent.
 Wire framing of the first message on any process-layer connection (see
 :func:`bind_frame`): one byte saying what the connection carries (``C`` controller,
 ``P`` a process pair), then for ``P`` the destination and source local ids.
+
+Signals between two processes (:data:`PAIR_SIGNALS`: link, unlink, monitor, unmonitor,
+exit, kill, and the death notice a process's end sends its watchers) travel on their
+pair connection when it is open, so that they keep their place among the pair's
+messages, as Erlang orders the signals of a pair of processes. Such a message is the
+control message's frames with the byte :data:`SIGNAL` put before the first: no user
+message starts with it (a pickle starts with ``0x80``, the compact format with its
+``MAGIC``), and the message stays one frame, which transports send at once.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, TypeVar
 
 from ._ids import MonitorRef, Pid
 from ._signals import DiedReason
+from .serialization import deserialize, serialize
+from .transports.base import Buffer
 
 __all__ = [
     "CONTROL",
+    "PAIR_SIGNALS",
     "PROCESS",
+    "SIGNAL",
     "Deliver",
     "Died",
     "Exit",
@@ -42,12 +55,18 @@ __all__ = [
     "UnmonitorReq",
     "WhereIs",
     "bind_frame",
+    "is_signal",
+    "load_signal",
     "parse_bind",
+    "signal_frames",
 ]
 
 CONTROL = 0x43  # "C"
 PROCESS = 0x50  # "P"
 _PAIR = struct.Struct("!BQQ")
+#: The first byte of a control message on a process-pair connection (before its
+#: header; see the module docstring).
+SIGNAL = b"\x00"
 
 
 def bind_frame(dest_lid: int | None = None, src_lid: int = 0) -> bytes:
@@ -238,3 +257,35 @@ class GetInfo:
 @dataclass(frozen=True, slots=True)
 class GetStats:
     req: int
+
+
+def signal_frames(msg: Any) -> list[Buffer]:
+    """The frames of control message ``msg`` on a process-pair connection.
+
+    Raises:
+        SerializationError: ``msg`` cannot be pickled.
+    """
+    frames = serialize(msg)
+    frames[0] = SIGNAL + bytes(frames[0])
+    return frames
+
+
+def is_signal(frames: Sequence[Buffer]) -> bool:
+    """Whether the message ``frames`` of a process-pair connection is a signal."""
+    return len(frames) > 0 and memoryview(frames[0])[:1] == SIGNAL
+
+
+def load_signal(frames: Sequence[Buffer]) -> Any:
+    """The control message of the signal ``frames`` (see :func:`is_signal`).
+
+    Raises:
+        SerializationError: the frames are not a valid message.
+    """
+    return deserialize([memoryview(frames[0])[1:], *frames[1:]])
+
+
+#: The control messages a process-pair connection may carry (after :data:`SIGNAL`):
+#: the signals of one process to another, ordered with the pair's messages.
+PAIR_SIGNALS: frozenset[type] = frozenset(
+    {LinkReq, UnlinkReq, MonitorReq, UnmonitorReq, KillReq, Exit, Died}
+)

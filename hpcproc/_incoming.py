@@ -8,6 +8,11 @@ event; the node's dispatcher task calls it, and so does a process waiting in
 ``receive`` that took the event from the endpoint itself (:meth:`Incoming.poll_inline`):
 events are handled in the order the endpoint hands them out, whoever takes them.
 
+A process-pair connection also carries the signals of its sending process to its
+receiving one (link, monitor, exit..., and the sender's death notice), marked by
+their first byte (:data:`~._control.SIGNAL`); they go to the controller in their
+place among the messages, and are acted on even if the receiving process has ended.
+
 Once a connection is bound to a process, the endpoint is asked to hand that
 connection's later messages to the process at once (``EndPoint.set_receiver``): no
 event, no queue, no dispatcher woken. The endpoint keeps them in order with its events.
@@ -101,7 +106,9 @@ class Incoming:
                         self._receive_directly(event.conn_id, st.dest)  # type: ignore[union-attr]
                 if st.kind == ctl.PROCESS:
                     proc = self._procs.get(st.dest)
-                    if proc is not None:
+                    if ctl.is_signal(frames):
+                        self._pair_signal(st.node, frames)
+                    elif proc is not None:
                         proc.deliver(deserialize(frames))
                 else:
                     self._node.controller.handle(st.node, deserialize(frames))
@@ -122,24 +129,44 @@ class Incoming:
         still queued as events are handled by :meth:`handle_event` as before."""
         assert self._endpoint is not None
         procs = self._procs
+        peer = self.connections[conn_id].node
 
         def receive(frames: Sequence[memoryview]) -> None:
             self.direct_deliveries += 1
             proc = procs.get(dest)
-            if proc is None:
-                return  # the process ended: dropped, as handle_event drops it
             try:
-                try:
-                    # deserialize's one-frame fast path written out: a call less per message
-                    # (load_header, compiled where built, reads compact frames and pickles).
-                    msg = load_header(frames[0]) if len(frames) == 1 else deserialize(frames)
-                except UnpicklingError:
-                    msg = deserialize(frames)  # its general path, or its error
+                if proc is not None and len(frames) == 1:
+                    try:
+                        # deserialize's one-frame fast path written out: a call less per
+                        # message (load_header, compiled where built, reads compact
+                        # frames and pickles; a signal is neither).
+                        msg = load_header(frames[0])
+                    except UnpicklingError:
+                        if ctl.is_signal(frames):
+                            self._pair_signal(peer, frames)
+                            return
+                        msg = deserialize(frames)  # its general path, or its error
+                elif ctl.is_signal(frames):  # acted on whether the process lives or not
+                    self._pair_signal(peer, frames)
+                    return
+                elif proc is None:
+                    return  # the process ended: dropped, as handle_event drops it
+                else:
+                    msg = deserialize(frames)
                 proc.deliver(msg)
             except Exception:
-                log.exception("hpcproc node: dropping a malformed message for %r", proc.pid)
+                log.exception("hpcproc node: dropping a malformed message for lid %d", dest)
 
         self._endpoint.set_receiver(conn_id, receive)
+
+    def _pair_signal(self, peer: NodeId, frames: Sequence[memoryview]) -> None:
+        """Act on a signal that came on a process-pair connection from ``peer``, in
+        its place among the pair's messages (see :data:`~._control.PAIR_SIGNALS`)."""
+        msg = ctl.load_signal(frames)
+        if type(msg) not in ctl.PAIR_SIGNALS:
+            log.warning("hpcproc node: dropping a %s on a process connection", type(msg))
+            return
+        self._node.controller.handle(peer, msg)
 
     def poll_inline(self) -> bool:
         """Take and handle one event without suspending, if the endpoint has one soon.

@@ -347,9 +347,11 @@ class Node:
         proc.release_body()
         if proc.names:
             self.registry.process_ended(proc)
+        # Its watchers first: a death notice goes on the pair connection to its
+        # watcher where there is one, which is closed after it.
+        self.watches.process_ended(proc)
         if proc.conns:
             self.remote.process_ended(proc)
-        self.watches.process_ended(proc)
         if proc.children:
             for task in list(proc.children):
                 task.cancel()
@@ -425,28 +427,33 @@ class Node:
 
     # ------------------------------------------------------------------ kill, exit
 
-    def kill(self, sender: Pid | None, target: Pid, reason: str) -> None:
-        """Kill ``target`` (uncatchable); it dies with ``DiedException``."""
-        text = f"killed-by={sender!r},reason={reason}"
-        if target.node == self._node_id:
-            tp = self._procs.get(target.lid)
-            if tp is not None:
-                tp.signal(Kill(text))
-        else:
-            self.remote.post(target.node, ctl.KillReq(target, text))
+    def kill(self, sender: Pid | None, target: Pid, reason: str) -> ctl.KillReq | None:
+        """Kill local ``target`` (uncatchable); it dies with ``DiedException``.
 
-    def exit(self, sender: Pid | None, target: Pid, reason: Any) -> None:
-        """Raise ``ProcessExitException(sender, reason)`` in ``target``.
+        A remote ``target`` is not signalled here: the request for its node is
+        returned, for the caller to send (``RemoteSender.send_signal`` or ``post``).
+        """
+        text = f"killed-by={sender!r},reason={reason}"
+        if target.node != self._node_id:
+            return ctl.KillReq(target, text)
+        tp = self._procs.get(target.lid)
+        if tp is not None:
+            tp.signal(Kill(text))
+        return None
+
+    def exit(self, sender: Pid | None, target: Pid, reason: Any) -> ctl.Exit | None:
+        """Raise ``ProcessExitException(sender, reason)`` in local ``target``; for a
+        remote one, return the request for its node, as :meth:`kill` does.
 
         Raises:
-            SerializationError: ``reason`` cannot be pickled (remote ``target``).
+            SerializationError: ``reason`` cannot be copied (local ``target``).
         """
-        if target.node == self._node_id:
-            tp = self._procs.get(target.lid)
-            if tp is not None:
-                tp.signal(ProcessExitException(sender, copy_message(reason)))
-        else:
-            self.remote.post(target.node, ctl.Exit(target, sender, reason))
+        if target.node != self._node_id:
+            return ctl.Exit(target, sender, reason)
+        tp = self._procs.get(target.lid)
+        if tp is not None:
+            tp.signal(ProcessExitException(sender, copy_message(reason)))
+        return None
 
     # ------------------------------------------------------------------ registry
 

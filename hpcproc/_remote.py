@@ -8,8 +8,16 @@ connection that fails, or whose node is lost, is marked :data:`BROKEN` and furth
 sends on that pair are dropped until the sender calls ``reconnect``, so a receiver
 always sees a prefix of what one sender sent per connection.
 
-Control messages (spawn, link, monitor, registry, kill/exit, death notifications) use
-one more connection per pair of nodes, fed by a FIFO queue (:class:`ControlOut`) so
+Signals from one process to another (link, monitor, their undoing, exit, kill, and
+the death notices a process's end sends its watchers) go on the pair connection
+(:meth:`RemoteSender.send_signal`, :meth:`RemoteSender.last_signal`), so that each
+keeps its place among the pair's messages: a monitor set before a message is in place
+when the message arrives, and a death notice comes after the dead process's last
+message. Where the pair has no open connection (and a link or monitor needs none
+opened), or it is broken, they take the control queue, like the node's own traffic.
+
+Control messages (spawn, registry, replies, and the signals above without a pair
+connection) use one more connection per pair of nodes, fed by a FIFO queue (:class:`ControlOut`) so
 that posting never blocks. Messages are serialized when posted; a drain task per node
 opens the connection and sends them in order. A send that fails is retried once on a
 new bundle; when that fails too, the node is lost (``Node.node_lost``).
@@ -71,6 +79,9 @@ class RemoteSender:
     def __init__(self, node: Node) -> None:
         self._node = node
         self._control: dict[NodeId, ControlOut] = {}
+        #: Pair connection -> the last signals of its ended process that could not go
+        #: out at once; sent before the connection is closed (:meth:`process_ended`).
+        self._last: dict[Any, list[list[Any]]] = {}
 
     def nodes(self) -> list[NodeId]:
         """The nodes this one has a control queue to."""
@@ -126,6 +137,71 @@ class RemoteSender:
             self._send_failed(proc, pid, conn, exc)
             return True  # dropped, as send drops it
 
+    async def send_signal(self, proc: Process, pid: Pid, msg: Any, *, open_pair: bool = False) -> None:
+        """Send the signal ``msg`` (one of :data:`~._control.PAIR_SIGNALS`) from ``proc``
+        to ``pid`` on another node, in its place among ``proc``'s messages to ``pid``.
+
+        It goes on their pair connection when that is open (``open_pair``: opened now
+        if there is none, so that later messages cannot overtake it), else on the
+        control queue to ``pid``'s node: a pair that never carried a message has
+        nothing to keep it in order with, and a broken one drops its messages. If the
+        pair connection fails, the signal is dropped with the pair's messages, and the
+        node's loss fires the watches on it.
+
+        Raises:
+            SerializationError: ``msg`` cannot be pickled.
+        """
+        conns = proc.conns
+        conn = conns.get(pid) if conns is not None else None
+        if conn is BROKEN or (conn is None and not open_pair):
+            self.post(pid.node, msg)
+            return
+        frames = ctl.signal_frames(msg)
+        if conn is None:
+            if conns is None:
+                conns = proc.conns = {}
+            try:
+                conn = await self._node.endpoint.connect(pid.node.address)
+            except TransportError as exc:
+                log.debug("cannot connect %r -> %r: %r", proc.pid, pid, exc)
+                conns[pid] = BROKEN
+                # The control queue delivers it, or finds the node lost and fires the
+                # watch (a pair that cannot connect has no messages to order it with).
+                self.post(pid.node, msg)
+                return
+            conns[pid] = conn
+            frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
+        try:
+            if not conn.send_nowait(frames):
+                await conn.send(frames)
+        except TransportError as exc:
+            self._send_failed(proc, pid, conn, exc)
+
+    def last_signal(self, proc: Process, pid: Pid, msg: Any) -> None:
+        """:meth:`send_signal` for ``proc``, which has ended (its death notice to a
+        watcher, the undoing of its own watches), without opening a connection: sent
+        before :meth:`process_ended` closes the pair connection."""
+        conns = proc.conns
+        conn = conns.get(pid) if conns is not None else None
+        if conn is None or conn is BROKEN:
+            self.post(pid.node, msg)
+            return
+        frames = ctl.signal_frames(msg)
+        backlog = self._last.get(conn)
+        if backlog is None:
+            try:
+                if conn.send_nowait(frames):
+                    return
+            except TransportError as exc:
+                self._send_failed(proc, pid, conn, exc)
+                return
+            if self._node.closed:
+                # No closing task will run for it: the control queue's flush does.
+                self.post(pid.node, msg)
+                return
+            backlog = self._last[conn] = []
+        backlog.append(frames)
+
     def _send_failed(self, proc: Process, pid: Pid, conn: Any, exc: TransportError) -> None:
         """The pair connection broke: drop messages to ``pid`` until ``reconnect``."""
         log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
@@ -142,9 +218,15 @@ class RemoteSender:
             self._node.in_background(conn.close())
 
     def process_ended(self, proc: Process) -> None:
-        """Close the pair connections of ``proc``, which ended."""
+        """Close the pair connections of ``proc``, which ended, after sending the last
+        signals that :meth:`last_signal` could not send at once."""
         if proc.conns:
             conns = [c for c in proc.conns.values() if c is not BROKEN]
+            if self._last:
+                backlogs = [(c, self._last.pop(c)) for c in conns if c in self._last]
+                if backlogs:
+                    self._node.in_background(_send_all(backlogs, conns))
+                    return  # which closes them all after the backlogs
             if conns and not self._node.closed:
                 self._node.in_background(_close_all(conns))
 
@@ -281,6 +363,17 @@ class RemoteSender:
             await asyncio.wait(drains, timeout=timeout)
         for task in drains:
             task.cancel()
+
+
+async def _send_all(backlogs: list[tuple[Any, list[list[Any]]]], conns: list[Any]) -> None:
+    """Send each connection's backlog (in order), then close ``conns``."""
+    for conn, backlog in backlogs:
+        try:
+            for frames in backlog:
+                await conn.send(frames)
+        except TransportError as exc:
+            log.debug("sending the last signals of a process failed: %r", exc)
+    await _close_all(conns)
 
 
 async def _close_all(conns: list[Any]) -> None:

@@ -10,7 +10,8 @@ A watch is named by a typed key that is the same on both nodes involved:
 
 Two sides. A watched *local* process keeps its watchers' keys itself
 (``Process.watchers``); when it ends, each watcher is told (locally, or by a ``Died``
-control message to the watcher's node). A watch our process holds on *another node*
+control message to the watcher's node, on the pair connection if the process has one
+to the watcher, after its messages). A watch our process holds on *another node*
 is also recorded here, by node (:attr:`Watches.remote`): when that node is lost or
 announces its close, every watch on it fires with ``DiedDisconnect`` /
 ``DiedNodeDown`` without a message from it. A ``Died`` is acted on only if its key is
@@ -105,8 +106,14 @@ class Watches:
 
     # ------------------------------------------------------------------ our watches
 
-    def link(self, proc: Process, target: Pid) -> None:
-        """``proc`` links to ``target``; see :func:`hpcproc.link`.
+    # A watch of a process on another node is recorded here at once; the request to
+    # that node is returned, for the caller to send with ``RemoteSender.send_signal``
+    # (awaiting it: on the pair connection, in its place among the process's messages)
+    # or ``RemoteSender.post`` (without waiting, on the control queue).
+
+    def link(self, proc: Process, target: Pid) -> ctl.LinkReq | None:
+        """``proc`` links to ``target``; see :func:`hpcproc.link`. Returns the request
+        for ``target``'s node, if it is another one.
 
         Raises:
             ProcessLinkException: ``target`` is a local process that is not alive.
@@ -117,23 +124,27 @@ class Watches:
             if tp is None:
                 raise ProcessLinkException(target, DiedUnknownId())
             add_watcher(tp, key)
-        else:
-            self.watch_remote(target.node, key)
-            self._node.remote.post(target.node, ctl.LinkReq(proc.pid, target))
+            return None
+        self.watch_remote(target.node, key)
+        return ctl.LinkReq(proc.pid, target)
 
-    def unlink(self, proc: Process, target: Pid) -> None:
-        """Undo :meth:`link`; no exception for ``target`` is raised afterwards."""
+    def unlink(self, proc: Process, target: Pid) -> ctl.UnlinkReq | None:
+        """Undo :meth:`link`; no exception for ``target`` is raised afterwards. Returns
+        the request for ``target``'s node, if it is another one."""
         key = Link(proc.pid, target)
         if target.node == self._node.node_id:
             tp = self._procs.get(target.lid)
             if tp is not None and tp.watchers is not None:
                 tp.watchers.pop(key, None)
-        else:
-            self.unwatch_remote(target.node, key)
-            self._node.remote.post(target.node, ctl.UnlinkReq(proc.pid, target))
+            return None
+        self.unwatch_remote(target.node, key)
+        return ctl.UnlinkReq(proc.pid, target)
 
-    def monitor(self, proc: Process, target: Pid | SendPort[Any]) -> MonitorRef:
-        """``proc`` monitors ``target`` (a pid, or the owner of a send port)."""
+    def monitor(
+        self, proc: Process, target: Pid | SendPort[Any]
+    ) -> tuple[MonitorRef, ctl.MonitorReq | None]:
+        """``proc`` monitors ``target`` (a pid, or the owner of a send port). Returns
+        the ref, and the request for the target's node if it is another one."""
         ref = self.new_ref(target, proc.pid)
         pid = target.owner if type(target) is SendPort else target
         assert type(pid) is Pid
@@ -143,14 +154,15 @@ class Watches:
                 proc.deliver(notification(ref, DiedUnknownId()))
             else:
                 add_watcher(tp, ref)
-        else:
-            self.watch_remote(pid.node, ref)
-            self._node.remote.post(pid.node, ctl.MonitorReq(ref, pid))
-        return ref
+            return ref, None
+        self.watch_remote(pid.node, ref)
+        return ref, ctl.MonitorReq(ref, pid)
 
-    def unmonitor(self, proc: Process, ref: MonitorRef) -> None:
-        """Undo :meth:`monitor`; a notification for ``ref`` already queued is removed."""
+    def unmonitor(self, proc: Process, ref: MonitorRef) -> ctl.UnmonitorReq | None:
+        """Undo :meth:`monitor`; a notification for ``ref`` already queued is removed.
+        Returns the request for the target's node, if it is another one."""
         target = ref.target
+        req = None
         if type(target) is NodeId:
             self.unwatch_remote(target, ref)
         else:
@@ -161,8 +173,9 @@ class Watches:
                     tp.watchers.pop(ref, None)
             else:
                 self.unwatch_remote(pid.node, ref)
-                self._node.remote.post(pid.node, ctl.UnmonitorReq(ref, pid))
+                req = ctl.UnmonitorReq(ref, pid)
         proc.drop_notification(ref)
+        return req
 
     async def monitor_node(self, proc: Process, nid: NodeId) -> MonitorRef:
         """``proc`` gets a NodeMonitorNotification when ``nid`` goes away.
@@ -234,13 +247,22 @@ class Watches:
     # ------------------------------------------------------------------ deaths
 
     def process_ended(self, proc: Process) -> None:
-        """``proc`` ended: drop the watches it held elsewhere, tell its watchers."""
+        """``proc`` ended: drop the watches it held elsewhere, tell its watchers (a
+        watcher elsewhere after ``proc``'s last message to it, see
+        ``RemoteSender.last_signal``)."""
         if self._by_watcher and proc.pid.lid in self._by_watcher:
             self._drop_watches_of(proc)
         if proc.watchers:
             reason = proc.died_reason()
+            here = self._node.node_id
             for key in proc.watchers:
-                self.notify(proc.pid, reason, key)
+                watcher = key.watcher
+                if watcher.node == here:
+                    self.deliver_death(proc.pid, reason, key)
+                else:
+                    ref = key if type(key) is MonitorRef else None
+                    died = ctl.Died(proc.pid, reason, watcher, ref)
+                    self._node.remote.last_signal(proc, watcher, died)
 
     def _drop_watches_of(self, proc: Process) -> None:
         """Forget ``proc``'s remote watches and tell the targets' nodes."""
@@ -254,9 +276,9 @@ class Watches:
                 del self.remote[nid]
             if type(key) is MonitorRef and type(key.target) is not NodeId:
                 target = key.target.owner if type(key.target) is SendPort else key.target
-                remote.post(nid, ctl.UnmonitorReq(key, target))
+                remote.last_signal(proc, target, ctl.UnmonitorReq(key, target))
             elif type(key) is Link:
-                remote.post(nid, ctl.UnlinkReq(proc.pid, key.target))
+                remote.last_signal(proc, key.target, ctl.UnlinkReq(proc.pid, key.target))
 
     def notify(self, target: Pid, reason: DiedReason, key: MonitorRef | Link) -> None:
         """Tell the watcher behind ``key`` that ``target`` ended with ``reason``."""

@@ -1,0 +1,227 @@
+"""Signals between two processes keep their place among the pair's messages.
+
+As in Erlang: a monitor or link set before a message is in place when the message
+arrives, an exit signal sent after a message arrives after it, and the notice of a
+process's death comes after the last message it sent. Each of these used to travel
+on the node's control connection while the messages took the process pair's own, and
+the transport orders messages per connection only.
+
+Two nodes of the in-memory transport in this process. One connection (the control
+connection, or a pair's) is *held*: its messages wait until the test lets them go,
+at a point the event loop orders (a process's end), never after a sleep. That is the
+order a congested connection, or a network, may produce; each test fails with the
+signal on the control connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+import hpcproc as hp
+from hpcproc import otp
+from hpcproc.transports.base import Buffer
+
+from ._two_nodes import run_two_nodes
+
+TIMEOUT = 20.0
+WAIT = 10.0
+
+
+class Held:
+    """A connection whose messages wait until :meth:`release`, then go out in order."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.held: list[list[bytes]] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    def send_nowait(self, frames: Sequence[Buffer]) -> bool:
+        self.held.append([bytes(f) for f in frames])
+        if self._flush is not None and self._flush.done():
+            self._flush = None
+            self.release()
+        return True
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        self.send_nowait(frames)
+
+    def release(self) -> asyncio.Task[None]:
+        """Send what is held (once, in order); later messages follow it."""
+        if self._flush is None:
+            self._flush = asyncio.ensure_future(self._send_held())
+        return self._flush
+
+    async def _send_held(self) -> None:
+        while self.held:
+            await self.real.send(self.held.pop(0))
+
+    async def close(self) -> None:
+        await self.release()
+        await self.real.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def release_when_ended(node: hp.Node, pid: hp.Pid, held: Held) -> None:
+    """Release ``held`` once process ``pid`` of ``node`` has ended (and the node has
+    sent what its end sends: its done callback ran before this one)."""
+    proc = node.local_process(pid.lid)
+    assert proc is not None
+    proc.add_done_callback(lambda _: held.release())
+
+
+async def hold_control(a: hp.Node, b: hp.Node) -> Held:
+    """Hold ``a``'s control connection to ``b`` (opened first)."""
+    await hp.get_node_stats(b.node_id)
+    out = a.remote._control[b.node_id]
+    held = out.conn = Held(out.conn)
+    return held
+
+
+async def ends_at_first_message() -> None:
+    await hp.expect(timeout=WAIT)
+
+
+def test_a_monitor_is_in_place_before_a_message_sent_after_it_arrives() -> None:
+    """The message ends the process: its monitor must report that end, not that the
+    process did not exist (``otp.stop`` reported a server it stopped "not running")."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        target = b.spawn_local(ends_at_first_message)
+        held = await hold_control(a, b)
+        release_when_ended(b, target, held)
+        ref = await hp.monitor(target)
+        await hp.send(target, "stop")
+        note = await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+        assert note.ref == ref
+        return note.reason
+
+    assert isinstance(run_two_nodes(body, TIMEOUT), hp.DiedNormal)
+
+
+async def raises_at_first_message() -> None:
+    await hp.expect(timeout=WAIT)
+    raise RuntimeError("boom")
+
+
+def test_a_link_is_in_place_before_a_message_sent_after_it_arrives() -> None:
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        target = b.spawn_local(raises_at_first_message)
+        held = await hold_control(a, b)
+        release_when_ended(b, target, held)
+        await hp.link(target)
+        await hp.send(target, "crash")
+        with pytest.raises(hp.ProcessLinkException) as caught:
+            await hp.expect(timeout=WAIT)
+        return caught.value.reason
+
+    assert isinstance(run_two_nodes(body, TIMEOUT), hp.DiedException)
+
+
+async def sends_then_ends(to: hp.Pid, crash: bool) -> None:
+    await hp.send(to, "first")
+    await hp.expect(timeout=WAIT)
+    await hp.send(to, "last")
+    if crash:  # (a link fires only for an abnormal end)
+        raise RuntimeError("ends abnormally")
+
+
+@pytest.mark.parametrize("watch", ["monitor", "link"])
+def test_the_notice_of_a_death_comes_after_the_last_message_of_the_dead(watch: str) -> None:
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        me = hp.self_pid()
+        sender = b.spawn_local(sends_then_ends, me, watch == "link")
+        if watch == "monitor":
+            await hp.monitor(sender)
+        else:
+            hp.trap_exits(True)
+            await hp.link(sender)
+        assert await hp.expect(timeout=WAIT) == "first"
+        sproc = b.local_process(sender.lid)
+        assert sproc is not None and sproc.conns is not None
+        held = sproc.conns[me] = Held(sproc.conns[me])
+        release_when_ended(b, sender, held)
+        await hp.send(sender, "go")
+        return [await hp.expect(timeout=WAIT) for _ in range(2)]
+
+    last, notice = run_two_nodes(body, TIMEOUT)
+    assert last == "last"
+    if watch == "monitor":
+        assert type(notice) is hp.ProcessMonitorNotification
+        assert type(notice.reason) is hp.DiedNormal
+    else:
+        assert type(notice) is hp.ExitSignal
+        assert type(notice.reason) is hp.DiedException
+
+
+async def traps_and_reports(to: hp.Pid) -> None:
+    hp.trap_exits(True)
+    await hp.send(to, "ready")
+    got = [await hp.expect(timeout=WAIT) for _ in range(3)]
+    await hp.send(to, [g if type(g) is str else type(g).__name__ for g in got])
+
+
+def test_an_exit_signal_sent_after_a_message_arrives_after_it() -> None:
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        me = hp.self_pid()
+        target = b.spawn_local(traps_and_reports, me)
+        assert await hp.expect(timeout=WAIT) == "ready"
+        await hp.send(target, "hello")  # the pair's connection is open from here on
+        proc = a.local_process(me.lid)
+        assert proc is not None and proc.conns is not None
+        held = proc.conns[target] = Held(proc.conns[target])
+        await hp.send(target, "message")
+        await hp.exit(target, "bye")
+        await held.release()
+        return await hp.expect(list, timeout=WAIT)
+
+    assert run_two_nodes(body, TIMEOUT) == ["hello", "message", "ExitSignal"]
+
+
+def test_a_signal_to_a_process_that_ended_is_answered() -> None:
+    """A monitor or link sent on a pair connection whose receiver has ended reports
+    that the process does not exist (the connection's messages are dropped, its
+    signals are not)."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        target = b.spawn_local(ends_at_first_message)
+        await hp.monitor(target)
+        await hp.send(target, "stop")
+        first = await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+        assert type(first.reason) is hp.DiedNormal
+        await hp.monitor(target)  # on the pair connection the first monitor opened
+        second = await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+        await hp.link(target)
+        with pytest.raises(hp.ProcessLinkException) as caught:
+            await hp.expect(timeout=WAIT)
+        return second.reason, caught.value.reason
+
+    second, linked = run_two_nodes(body, TIMEOUT)
+    assert type(second) is hp.DiedUnknownId
+    assert type(linked) is hp.DiedUnknownId
+
+
+class Stoppable(otp.GenServer):
+    async def handle_call(self, request: Any, caller: otp.Caller) -> Any:
+        return request
+
+
+def test_otp_stop_of_a_remote_server_waits_for_its_end_with_the_control_connection_held() -> None:
+    """``otp.stop`` monitors the server, then sends the stop on the pair: the server
+    must not end before its monitor is in place (it reported ``ServerDown``, "not
+    running", for a server it had just stopped)."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        server = await otp.start(Stoppable, node=b.node_id)
+        assert await otp.call(server, "up") == "up"
+        held = await hold_control(a, b)
+        release_when_ended(b, server, held)
+        await otp.stop(server, timeout=WAIT)
+        return b.local_process(server.lid)
+
+    assert run_two_nodes(body, TIMEOUT) is None
