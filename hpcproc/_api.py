@@ -399,8 +399,8 @@ async def call(
                 timeout,
             )
             if type(got) is ProcessMonitorNotification and got.reason.normal:
-                # It returned, so its reply was sent before it ended; the notification
-                # (from the node's controller, another connection) may have overtaken it.
+                # It returned, so its reply was sent before it ended, and the notice
+                # came after it (their pair connection orders them): it is here.
                 left = None if deadline is None else max(deadline - loop.time(), 0.0)
                 got = await proc.receive_chan(port, left)
         except BaseException:

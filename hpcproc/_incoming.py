@@ -28,8 +28,8 @@ from pickle import UnpicklingError
 from typing import TYPE_CHECKING
 
 from . import _control as ctl
-from ._ids import NodeId
-from .serialization import deserialize, load_header
+from ._ids import NodeId, Pid
+from .serialization import SerializationError, deserialize, load_header
 from .transports.base import (
     ConnectionClosed,
     ConnectionOpened,
@@ -52,12 +52,13 @@ log = logging.getLogger("hpcproc")
 class IncomingConnection:
     """What an incoming connection carries; bound by its first message."""
 
-    __slots__ = ("dest", "kind", "node")
+    __slots__ = ("dest", "kind", "node", "src")
 
     def __init__(self, node: NodeId) -> None:
         self.node = node
         self.kind = 0
         self.dest = 0
+        self.src = 0
 
 
 class Incoming:
@@ -84,6 +85,11 @@ class Incoming:
         #: Messages the endpoint handed to a process directly: a receive that polled
         #: tells by this count whether its poll delivered something.
         self.direct_deliveries = 0
+        #: (node, local id) of a process there -> how many of its pair connections to
+        #: this node are open (see :meth:`after_messages_of`).
+        self._open_from: dict[tuple[NodeId, int], int] = {}
+        #: The same key -> what to run once none of them is open.
+        self._when_closed: dict[tuple[NodeId, int], list[Callable[[], None]]] = {}
 
     def open(self, endpoint: EndPoint) -> None:
         """Start taking the data of ``endpoint`` (the node's, once it is started)."""
@@ -100,23 +106,35 @@ class Incoming:
                     return
                 frames = event.frames  # type: ignore[union-attr]
                 if st.kind == 0:
-                    st.kind, st.dest, _ = ctl.parse_bind(frames[0])
+                    st.kind, st.dest, st.src = ctl.parse_bind(frames[0])
                     frames = frames[1:]
                     if st.kind == ctl.PROCESS:
+                        key = (st.node, st.src)
+                        self._open_from[key] = self._open_from.get(key, 0) + 1
                         self._receive_directly(event.conn_id, st.dest)  # type: ignore[union-attr]
                 if st.kind == ctl.PROCESS:
                     proc = self._procs.get(st.dest)
-                    if ctl.is_signal(frames):
+                    if proc is None:
+                        if ctl.is_signal(frames):
+                            self._pair_signal(st.node, frames)
+                        return
+                    try:
+                        msg = deserialize(frames)
+                    except SerializationError:
+                        if not ctl.is_signal(frames):
+                            raise
                         self._pair_signal(st.node, frames)
-                    elif proc is not None:
-                        proc.deliver(deserialize(frames))
+                    else:
+                        proc.deliver(msg)
                 else:
                     self._node.controller.handle(st.node, deserialize(frames))
             elif kind is ConnectionOpened:
                 peer = NodeId(event.remote_address)  # type: ignore[union-attr]
                 self.connections[event.conn_id] = IncomingConnection(peer)  # type: ignore[union-attr]
             elif kind is ConnectionClosed:
-                self.connections.pop(event.conn_id, None)  # type: ignore[union-attr]
+                st = self.connections.pop(event.conn_id, None)  # type: ignore[union-attr]
+                if st is not None and st.kind == ctl.PROCESS:
+                    self._pair_closed((st.node, st.src))
             elif kind is ErrorEvent:
                 self._on_error(event.error)  # type: ignore[union-attr]
         except Exception:
@@ -187,7 +205,39 @@ class Incoming:
         self.handle_event(event)
         return True
 
+    def _pair_closed(self, key: tuple[NodeId, int]) -> None:
+        left = self._open_from[key] - 1
+        if left:
+            self._open_from[key] = left
+            return
+        del self._open_from[key]
+        for fn in self._when_closed.pop(key, ()):
+            fn()
+
+    def after_messages_of(self, pid: Pid, fn: Callable[[], None]) -> bool:
+        """Run ``fn()`` once every pair connection from process ``pid`` (of another
+        node) to this node has closed, that is after the last message ``pid`` sent to
+        any process here; False, and ``fn`` is not kept, if none is open now.
+
+        For the notice of ``pid``'s death, which its node sends when ``pid`` has ended
+        and closes those connections, but on another connection: the transport orders
+        messages per connection only. If ``pid``'s node is lost, ``fn`` is dropped
+        (the watches on that node fire with the loss instead).
+        """
+        key = (pid.node, pid.lid)
+        if key not in self._open_from:
+            return False
+        waiting = self._when_closed.get(key)
+        if waiting is None:
+            self._when_closed[key] = [fn]
+        else:
+            waiting.append(fn)
+        return True
+
     def drop_node(self, nid: NodeId) -> None:
         """Forget the incoming connections from ``nid`` (it was lost)."""
         for cid in [c for c, st in self.connections.items() if st.node == nid]:
             del self.connections[cid]
+        for key in [k for k in self._open_from if k[0] == nid]:
+            del self._open_from[key]
+            self._when_closed.pop(key, None)

@@ -15,7 +15,11 @@ to the watcher, after its messages). A watch our process holds on *another node*
 is also recorded here, by node (:attr:`Watches.remote`): when that node is lost or
 announces its close, every watch on it fires with ``DiedDisconnect`` /
 ``DiedNodeDown`` without a message from it. A ``Died`` is acted on only if its key is
-still recorded, so each watch fires at most once, whichever comes first. When a
+still recorded, so each watch fires at most once, whichever comes first; and only
+once every pair connection from the dead process to this node has closed
+(``Incoming.after_messages_of``), so that its last messages to any process here are
+delivered before its death is reported (what ``otp.call`` relies on: the reply goes to
+the caller, the death to the node's call watch). When a
 watcher ends, its remote watches are dropped and their targets' nodes told
 (``UnlinkReq`` / ``UnmonitorReq``), so that a long-lived process does not accumulate
 watchers of processes that are gone.
@@ -323,6 +327,12 @@ class Watches:
     # ------------------------------------------------------------------ control messages
 
     def on_died(self, nid: NodeId, msg: ctl.Died) -> None:
+        # Acted on after the dead process's last message to any process here, which
+        # may still be on its way on a connection of its own.
+        if not self._node.incoming.after_messages_of(msg.target, lambda: self._died(msg)):
+            self._died(msg)
+
+    def _died(self, msg: ctl.Died) -> None:
         key: WatchKey = msg.ref if msg.ref is not None else Link(msg.watcher, msg.target)
         watches = self.remote.get(msg.target.node)
         if watches is not None and key in watches:

@@ -23,6 +23,7 @@ import pytest
 
 import hpcproc as hp
 from hpcproc import otp
+from hpcproc._control import Died
 from hpcproc.transports.base import Buffer
 
 from ._two_nodes import run_two_nodes
@@ -38,6 +39,7 @@ class Held:
         self.real = real
         self.held: list[list[bytes]] = []
         self._flush: asyncio.Task[None] | None = None
+        self._released = asyncio.Event()
 
     def send_nowait(self, frames: Sequence[Buffer]) -> bool:
         self.held.append([bytes(f) for f in frames])
@@ -52,6 +54,7 @@ class Held:
     def release(self) -> asyncio.Task[None]:
         """Send what is held (once, in order); later messages follow it."""
         if self._flush is None:
+            self._released.set()
             self._flush = asyncio.ensure_future(self._send_held())
         return self._flush
 
@@ -60,6 +63,7 @@ class Held:
             await self.real.send(self.held.pop(0))
 
     async def close(self) -> None:
+        await self._released.wait()  # closing does not let the held messages go
         await self.release()
         await self.real.close()
 
@@ -73,6 +77,20 @@ def release_when_ended(node: hp.Node, pid: hp.Pid, held: Held) -> None:
     proc = node.local_process(pid.lid)
     assert proc is not None
     proc.add_done_callback(lambda _: held.release())
+
+
+def release_when_death_arrives(node: hp.Node, held: Held) -> None:
+    """Release ``held`` at the event loop's next round after ``node`` acted on the
+    notice of a death from another node: after any process woken by the notice has
+    run (the loop runs its ready callbacks in order)."""
+    handlers = node.controller._handlers
+    on_died = handlers[Died]
+
+    def died(nid: hp.NodeId, msg: Any) -> None:
+        on_died(nid, msg)
+        asyncio.get_running_loop().call_soon(held.release)
+
+    handlers[Died] = died
 
 
 async def hold_control(a: hp.Node, b: hp.Node) -> Held:
@@ -159,6 +177,50 @@ def test_the_notice_of_a_death_comes_after_the_last_message_of_the_dead(watch: s
         assert type(notice.reason) is hp.DiedException
 
 
+async def sends_to_then_ends(to: hp.Pid) -> None:
+    await hp.send(to, "opens the connection")
+    await hp.expect(timeout=WAIT)
+    await hp.send(to, "last")
+
+
+async def reports_its_messages(to: hp.Pid) -> None:
+    got = [await hp.expect(timeout=WAIT)]
+    await hp.send(to, "first arrived")
+    got += [await hp.expect(timeout=WAIT) for _ in range(2)]
+    await hp.send(to, got)
+
+
+async def tells_of_a_death(target: hp.Pid, to: hp.Pid, ready: hp.Pid) -> None:
+    await hp.monitor(target)
+    await hp.send(ready, "watching")
+    await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+    await hp.send(to, "death")
+
+
+def test_the_notice_of_a_death_comes_after_the_last_messages_of_the_dead_to_its_node() -> None:
+    """The dead process's last message to *another* process of the watcher's node
+    is delivered before the watcher hears of the death (as Erlang's one channel per
+    pair of nodes orders them): what a call needs, whose server replies to the caller
+    while its death reaches the node's call watch."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        me = hp.self_pid()
+        keeper = hp.spawn_local(reports_its_messages, me)
+        sender = b.spawn_local(sends_to_then_ends, keeper)
+        hp.spawn_local(tells_of_a_death, sender, keeper, me)
+        ready = {await hp.expect(str, timeout=WAIT) for _ in range(2)}
+        assert ready == {"watching", "first arrived"}
+        sproc = b.local_process(sender.lid)
+        assert sproc is not None and sproc.conns is not None
+        held = sproc.conns[keeper] = Held(sproc.conns[keeper])
+        release_when_death_arrives(a, held)
+        await hp.send(sender, "go")
+        return await hp.expect(list, timeout=WAIT)
+
+    # The watcher tells the keeper of the death as soon as it hears of it.
+    assert run_two_nodes(body, TIMEOUT) == ["opens the connection", "last", "death"]
+
+
 async def traps_and_reports(to: hp.Pid) -> None:
     hp.trap_exits(True)
     await hp.send(to, "ready")
@@ -225,3 +287,43 @@ def test_otp_stop_of_a_remote_server_waits_for_its_end_with_the_control_connecti
         return b.local_process(server.lid)
 
     assert run_two_nodes(body, TIMEOUT) is None
+
+
+class AnswersThenStops(otp.GenServer):
+    async def handle_call(self, request: Any, caller: otp.Caller) -> Any:
+        if request != "answer, then stop":
+            return request
+        await otp.reply(caller, request)
+        await hp.exit(hp.self_pid(), "normal")  # the server ends normally, at once
+        return otp.NOREPLY
+
+
+def test_a_call_gets_the_reply_its_server_sent_before_it_stopped() -> None:
+    """The server answers the call, then ends; its reply travels to the caller, its
+    death to the node's call watch. The call must return the reply (it raised
+    ``ServerDown``, and the reply was dropped: review R3)."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        me = hp.self_pid()
+        server = await otp.start(AnswersThenStops, node=b.node_id)
+        assert await otp.call(server, "warm-up") == "warm-up"  # the reply connection
+        sproc = b.local_process(server.lid)
+        assert sproc is not None and sproc.conns is not None
+        held = sproc.conns[me] = Held(sproc.conns[me])
+        # The reply goes out only once the death was put off until the reply arrived
+        # (what the fix does), or once the call has ended without it.
+        defer = a.incoming.after_messages_of
+
+        def deferred(pid: hp.Pid, fn: Any) -> bool:
+            if not defer(pid, fn):
+                return False
+            asyncio.get_running_loop().call_soon(held.release)
+            return True
+
+        a.incoming.after_messages_of = deferred  # type: ignore[method-assign]
+        try:
+            return await otp.call(server, "answer, then stop", timeout=WAIT)
+        finally:
+            held.release()
+
+    assert run_two_nodes(body, TIMEOUT) == "answer, then stop"

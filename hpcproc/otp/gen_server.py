@@ -107,8 +107,7 @@ class ServerStopped(Exception):
 
 class _CallCrashed(Exception):
     """The server's end when ``handle_call`` raised: its text is the reason and the
-    traceback, so that every monitor's ``DiedException`` carries both (the caller's
-    reply may travel slower than the DOWN: they take different connections)."""
+    traceback, so that every monitor's ``DiedException`` carries both."""
 
     def __init__(self, reason: str, remote_traceback: str) -> None:
         super().__init__(reason, remote_traceback)
@@ -557,8 +556,9 @@ async def _failed(
         raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
     if got[1] is None:  # the call watch: the server is down
         reason = got[2]
-        # It may have answered (a reply, or a crash report) just before it ended:
-        # the notice came from its node's controller, on another connection.
+        # It may have answered (a reply, or a crash report) just before it ended: the
+        # node acts on a death after the dead process's last messages to it, so an
+        # answer is on the channel already, behind the watch's notice.
         while (late := await hp.receive_chan(port, timeout=0)) is not None:
             if late[0] == tag:
                 if late[1] is True:
