@@ -137,7 +137,9 @@ class RemoteSender:
             self._send_failed(proc, pid, conn, exc)
             return True  # dropped, as send drops it
 
-    async def send_signal(self, proc: Process, pid: Pid, msg: Any, *, open_pair: bool = False) -> None:
+    async def send_signal(
+        self, proc: Process, pid: Pid, msg: Any, *, open_pair: bool = False
+    ) -> None:
         """Send the signal ``msg`` (one of :data:`~._control.PAIR_SIGNALS`) from ``proc``
         to ``pid`` on another node, in its place among ``proc``'s messages to ``pid``.
 

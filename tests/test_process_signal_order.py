@@ -24,6 +24,7 @@ import pytest
 import hpcproc as hp
 from hpcproc import otp
 from hpcproc._control import Died
+from hpcproc.transports import create
 from hpcproc.transports.base import Buffer
 
 from ._two_nodes import run_two_nodes
@@ -327,3 +328,50 @@ def test_a_call_gets_the_reply_its_server_sent_before_it_stopped() -> None:
             held.release()
 
     assert run_two_nodes(body, TIMEOUT) == "answer, then stop"
+
+
+class NeverAnswers(otp.GenServer):
+    async def handle_call(self, request: Any, caller: otp.Caller) -> Any:
+        return otp.NOREPLY
+
+
+def test_calls_time_out_while_another_server_s_node_does_not_answer_a_connect() -> None:
+    """The node's call watch monitors every server called from the node and times the
+    calls out. It must not wait for a connection to open (``hp.monitor`` does, to
+    keep its place before the caller's later messages; the watch sends none): one
+    node that does not answer would stop every call of this node from timing out."""
+
+    async def main() -> Any:
+        transport = create("inmemory")
+        a, b, c = [await hp.Node(transport).start() for _ in range(3)]
+        never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        connect = a.endpoint.connect
+
+        async def hangs_for_c(address: Any, **options: Any) -> Any:
+            if address == c.node_id.address:
+                await never  # a host that does not answer
+            return await connect(address, **options)
+
+        a.endpoint.connect = hangs_for_c  # type: ignore[method-assign]
+
+        async def body() -> Any:
+            silent = await otp.start(NeverAnswers, node=b.node_id)
+            unreachable = c.spawn_local(ends_at_first_message)
+            stuck = asyncio.ensure_future(otp.call(unreachable, "x", timeout=None))
+            await asyncio.sleep(0)  # (a yield: the watch is asked to monitor it)
+            try:
+                with pytest.raises(otp.CallTimeout):
+                    await otp.call(silent, "y", timeout=0.2)
+            finally:
+                stuck.cancel()
+            return True
+
+        try:
+            return await asyncio.wait_for(a.run(body), TIMEOUT)
+        finally:
+            never.cancel()
+            for node in (a, b, c):
+                await node.close()
+            await transport.close()
+
+    assert asyncio.run(main()) is True
