@@ -449,9 +449,16 @@ async def link(pid: Pid) -> None:
     is in place before any message sent to ``pid`` after this call arrives.
     """
     proc = current()
-    req = proc.node.watches.link(proc, pid)
+    watches = proc.node.watches
+    req = watches.link(proc, pid)
     if req is not None:
-        await _signal(proc, req, open_pair=True)
+        try:
+            await _signal(proc, req)
+        except BaseException:
+            # Interrupted: leave no link the caller does not know of (its request may
+            # have gone out: the undoing follows it).
+            _post(proc, watches.unlink(proc, pid))
+            raise
     proc.check_signal()
 
 
@@ -474,9 +481,14 @@ async def monitor(pid: Pid | SendPort[Any]) -> MonitorRef:
     May wait for the connection to ``pid``'s node to open, as a first ``send`` does.
     """
     proc = current()
-    ref, req = proc.node.watches.monitor(proc, pid)
+    watches = proc.node.watches
+    ref, req = watches.monitor(proc, pid)
     if req is not None:
-        await _signal(proc, req, open_pair=True)
+        try:
+            await _signal(proc, req)
+        except BaseException:
+            _post(proc, watches.unmonitor(proc, ref))  # as in link
+            raise
     return ref
 
 
@@ -488,10 +500,10 @@ async def unmonitor(ref: MonitorRef) -> None:
         await _signal(proc, req)
 
 
-async def _signal(proc: Process, req: Any, *, open_pair: bool = False) -> None:
+async def _signal(proc: Process, req: Any) -> None:
     """Send the signal ``req`` to its target's node, in its place among the process's
-    messages to the target (``RemoteSender.send_signal``)."""
-    await proc.guarded(proc.node.remote.send_signal(proc, req.target, req, open_pair=open_pair))
+    messages to the target (``RemoteSender.send_signal``; may wait for a connect)."""
+    await proc.guarded(proc.node.remote.send_signal(proc, req.target, req))
 
 
 def _post(proc: Process, req: Any) -> None:
@@ -546,7 +558,10 @@ def trap_exits(flag: bool) -> bool:
 
 
 async def kill(pid: Pid, reason: str) -> None:
-    """Kill ``pid``: it cannot catch this and dies with ``DiedException`` naming ``reason``."""
+    """Kill ``pid``: it cannot catch this and dies with ``DiedException`` naming ``reason``.
+
+    It reaches ``pid`` after the messages sent to it before, as :func:`exit` does.
+    """
     proc = current()
     req = proc.node.kill(proc.pid, pid, reason)
     if req is not None:
@@ -557,6 +572,10 @@ async def kill(pid: Pid, reason: str) -> None:
 
 async def exit(pid: Pid, reason: Any) -> None:
     """Raise ``ProcessExitException(self_pid(), reason)`` in ``pid`` (it may catch it).
+
+    The signal reaches ``pid`` after the messages this process sent it before, as in
+    Erlang; for a remote ``pid`` this may wait for the connection to its node to open,
+    as a first ``send`` does.
 
     Raises:
         SerializationError: ``reason`` cannot be pickled (remote ``pid``).

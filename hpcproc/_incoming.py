@@ -181,8 +181,15 @@ class Incoming:
         """Act on a signal that came on a process-pair connection from ``peer``, in
         its place among the pair's messages (see :data:`~._control.PAIR_SIGNALS`)."""
         msg = ctl.load_signal(frames)
-        if type(msg) not in ctl.PAIR_SIGNALS:
-            log.warning("hpcproc node: dropping a %s on a process connection", type(msg))
+        kind = type(msg)
+        if kind not in ctl.PAIR_SIGNALS:
+            log.warning("hpcproc node: dropping a %s on a process connection", kind)
+            return
+        if (kind is ctl.MonitorReq or kind is ctl.LinkReq) and msg.target.lid not in self._procs:
+            # Answered with a Died on the control queue: sent at the loop's next round,
+            # not from inside the endpoint's receive (nothing after it needs the order,
+            # the target being gone).
+            self._node.loop.call_soon(self._node.controller.handle, peer, msg)
             return
         self._node.controller.handle(peer, msg)
 
@@ -212,7 +219,10 @@ class Incoming:
             return
         del self._open_from[key]
         for fn in self._when_closed.pop(key, ()):
-            fn()
+            try:
+                fn()
+            except Exception:
+                log.exception("hpcproc node: acting on a death notice failed")
 
     def after_messages_of(self, pid: Pid, fn: Callable[[], None]) -> bool:
         """Run ``fn()`` once every pair connection from process ``pid`` (of another

@@ -106,18 +106,40 @@ class RemoteSender:
             return
         frames = serialize(msg)
         if conn is None:
-            try:
-                conn = await self._node.endpoint.connect(pid.node.address)
-            except TransportError as exc:
-                log.debug("cannot connect %r -> %r: %r", proc.pid, pid, exc)
-                conns[pid] = BROKEN
+            conn, fresh = await self._open_pair(proc, conns, pid)
+            if conn is BROKEN:
                 return
-            conns[pid] = conn
-            frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
+            if fresh:
+                frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
         try:
             await conn.send(frames)
         except TransportError as exc:
             self._send_failed(proc, pid, conn, exc)
+
+    async def _open_pair(self, proc: Process, conns: dict[Pid, Any], pid: Pid) -> tuple[Any, bool]:
+        """Open ``proc``'s pair connection to ``pid`` (``conns`` has none): the
+        connection and True (the caller's message goes first, after the bind frame),
+        or what ``conns`` holds once the connect is done, and False: the connection
+        another task of ``proc`` opened meanwhile, or :data:`BROKEN`.
+
+        One pair, one connection: the receiving node counts them to know when a
+        process's last messages have arrived (``Incoming.after_messages_of``).
+        """
+        try:
+            conn = await self._node.endpoint.connect(pid.node.address)
+        except TransportError as exc:
+            log.debug("cannot connect %r -> %r: %r", proc.pid, pid, exc)
+            conn = None
+        now = conns.get(pid)
+        if now is not None:
+            if conn is not None:
+                self._node.in_background(conn.close())  # never bound: the peer ignores it
+            return now, False
+        if conn is None:
+            conns[pid] = BROKEN
+            return BROKEN, False
+        conns[pid] = conn
+        return conn, True
 
     def send_nowait(self, proc: Process, pid: Pid, msg: Any) -> bool:
         """:meth:`send` when the connection is open and the message can go out
@@ -137,42 +159,33 @@ class RemoteSender:
             self._send_failed(proc, pid, conn, exc)
             return True  # dropped, as send drops it
 
-    async def send_signal(
-        self, proc: Process, pid: Pid, msg: Any, *, open_pair: bool = False
-    ) -> None:
+    async def send_signal(self, proc: Process, pid: Pid, msg: Any) -> None:
         """Send the signal ``msg`` (one of :data:`~._control.PAIR_SIGNALS`) from ``proc``
         to ``pid`` on another node, in its place among ``proc``'s messages to ``pid``.
 
-        It goes on their pair connection when that is open (``open_pair``: opened now
-        if there is none, so that later messages cannot overtake it), else on the
-        control queue to ``pid``'s node: a pair that never carried a message has
-        nothing to keep it in order with, and a broken one drops its messages. If the
-        pair connection fails, the signal is dropped with the pair's messages, and the
-        node's loss fires the watches on it.
+        It goes on their pair connection, opened now if there is none (so that later
+        messages cannot overtake it): may wait for the connect, as a first ``send``
+        does. On a broken pair, which drops messages until ``reconnect``, or one that
+        cannot be opened, it goes on the control queue to ``pid``'s node instead
+        (which delivers it, or finds the node lost and fires the watches on it). If
+        the pair connection fails under it, it is dropped with the pair's messages,
+        and the node's loss fires the watches.
 
         Raises:
             SerializationError: ``msg`` cannot be pickled.
         """
         conns = proc.conns
-        conn = conns.get(pid) if conns is not None else None
-        if conn is BROKEN or (conn is None and not open_pair):
-            self.post(pid.node, msg)
-            return
+        if conns is None:
+            conns = proc.conns = {}
+        conn = conns.get(pid)
         frames = ctl.signal_frames(msg)
         if conn is None:
-            if conns is None:
-                conns = proc.conns = {}
-            try:
-                conn = await self._node.endpoint.connect(pid.node.address)
-            except TransportError as exc:
-                log.debug("cannot connect %r -> %r: %r", proc.pid, pid, exc)
-                conns[pid] = BROKEN
-                # The control queue delivers it, or finds the node lost and fires the
-                # watch (a pair that cannot connect has no messages to order it with).
-                self.post(pid.node, msg)
-                return
-            conns[pid] = conn
-            frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
+            conn, fresh = await self._open_pair(proc, conns, pid)
+            if fresh:
+                frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
+        if conn is BROKEN:
+            self.post(pid.node, msg)
+            return
         try:
             if not conn.send_nowait(frames):
                 await conn.send(frames)
@@ -208,7 +221,8 @@ class RemoteSender:
         """The pair connection broke: drop messages to ``pid`` until ``reconnect``."""
         log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
         assert proc.conns is not None
-        proc.conns[pid] = BROKEN
+        if proc.conns.get(pid) is conn:  # (not one that ``reconnect`` replaced meanwhile)
+            proc.conns[pid] = BROKEN
         self._node.in_background(conn.close())
 
     def reconnect(self, proc: Process, pid: Pid) -> None:
@@ -225,10 +239,10 @@ class RemoteSender:
         if proc.conns:
             conns = [c for c in proc.conns.values() if c is not BROKEN]
             if self._last:
-                backlogs = [(c, self._last.pop(c)) for c in conns if c in self._last]
-                if backlogs:
-                    self._node.in_background(_send_all(backlogs, conns))
-                    return  # which closes them all after the backlogs
+                # Each in a task of its own: a slow peer must not hold the others.
+                for conn in [c for c in conns if c in self._last]:
+                    self._node.in_background(_send_then_close(conn, self._last.pop(conn)))
+                    conns.remove(conn)
             if conns and not self._node.closed:
                 self._node.in_background(_close_all(conns))
 
@@ -367,15 +381,14 @@ class RemoteSender:
             task.cancel()
 
 
-async def _send_all(backlogs: list[tuple[Any, list[list[Any]]]], conns: list[Any]) -> None:
-    """Send each connection's backlog (in order), then close ``conns``."""
-    for conn, backlog in backlogs:
-        try:
-            for frames in backlog:
-                await conn.send(frames)
-        except TransportError as exc:
-            log.debug("sending the last signals of a process failed: %r", exc)
-    await _close_all(conns)
+async def _send_then_close(conn: Any, backlog: list[list[Any]]) -> None:
+    """Send ``backlog`` on ``conn`` in order, then close it."""
+    try:
+        for frames in backlog:
+            await conn.send(frames)
+    except TransportError as exc:
+        log.debug("sending the last signals of a process failed: %r", exc)
+    await _close_all([conn])
 
 
 async def _close_all(conns: list[Any]) -> None:

@@ -375,3 +375,152 @@ def test_calls_time_out_while_another_server_s_node_does_not_answer_a_connect() 
             await transport.close()
 
     assert asyncio.run(main()) is True
+
+
+async def sends_from_two_tasks(to: hp.Pid) -> None:
+    await hp.expect(timeout=WAIT)  # "go": the watcher's monitor is in place
+    await asyncio.gather(hp.send(to, 1), hp.send(to, 2))
+
+
+async def keeps_everything() -> None:
+    while True:
+        await hp.expect()
+
+
+def test_two_tasks_opening_a_pair_connection_at_once_open_one() -> None:
+    """Two tasks of a process send to the same process while the connect is under
+    way (it yields, as tcp's does while a link is set up). The pair must end up with
+    one connection, which the process's end closes: the other node acts on its death
+    only once its connections there are closed, and a second one, never closed, held
+    the notice back for good (review of the change)."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        connect = b.endpoint.connect
+
+        async def yields_first(address: Any, **options: Any) -> Any:
+            await asyncio.sleep(0)
+            return await connect(address, **options)
+
+        b.endpoint.connect = yields_first  # type: ignore[method-assign]
+        sink = hp.spawn_local(keeps_everything)
+        sender = b.spawn_local(sends_from_two_tasks, sink)
+        await hp.monitor(sender)
+        await hp.send(sender, "go")
+        note = await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+        await hp.kill(sink, "done")
+        return type(note.reason)
+
+    assert run_two_nodes(body, TIMEOUT) is hp.DiedNormal
+
+
+def test_an_exit_signal_before_the_first_message_of_a_pair_arrives_first() -> None:
+    """With no pair connection yet, an exit sent before a message must not take the
+    control queue while the message opens the pair's connection."""
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        me = hp.self_pid()
+        target = b.spawn_local(traps_and_reports, me)
+        assert await hp.expect(timeout=WAIT) == "ready"
+        held = await hold_control(a, b)
+        try:
+            await hp.exit(target, "bye")
+            await hp.send(target, "message")
+            await hp.send(target, "another")
+            return await hp.expect(list, timeout=WAIT)
+        finally:
+            held.release()
+
+    assert run_two_nodes(body, TIMEOUT) == ["ExitSignal", "message", "another"]
+
+
+class Congested(Held):
+    """A held connection on which nothing goes out at once (a congested link)."""
+
+    def send_nowait(self, frames: Sequence[Buffer]) -> bool:
+        return False
+
+    async def send(self, frames: Sequence[Buffer]) -> None:
+        await self._released.wait()
+        await self.real.send(frames)
+
+
+async def sends_to_both_then_ends(near: hp.Pid, far: hp.Pid) -> None:
+    await hp.send(near, "hello")
+    await hp.send(far, "hello")
+    await hp.expect(timeout=WAIT)
+
+
+async def monitors_the_pid_it_gets(to: hp.Pid) -> None:
+    await hp.monitor(await hp.expect(hp.Pid, timeout=WAIT))
+    await hp.expect(str, timeout=WAIT)  # its "hello": the connection from it is open
+    await hp.send(to, "watching")
+    await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+
+
+def test_a_congested_connection_of_the_dead_delays_no_other_node() -> None:
+    """The dead process's death notice to a watcher behind a congested connection
+    waits there; its connections to other nodes still close, so that their watchers
+    hear of the death at once (all closed after that one: review of the change)."""
+
+    async def main() -> Any:
+        transport = create("inmemory")
+        a, b, c = [await hp.Node(transport).start() for _ in range(3)]
+
+        async def body() -> Any:
+            me = hp.self_pid()
+            far = c.spawn_local(monitors_the_pid_it_gets, me)
+            sender = b.spawn_local(sends_to_both_then_ends, me, far)
+            await hp.send(far, sender)
+            await hp.monitor(sender)
+            got = {await hp.expect(str, timeout=WAIT) for _ in range(2)}
+            assert got == {"hello", "watching"}
+            sproc = b.local_process(sender.lid)
+            assert sproc is not None and sproc.conns is not None
+            congested = sproc.conns[far] = Congested(sproc.conns[far])
+            try:
+                await hp.send(sender, "go")
+                note = await hp.expect(hp.ProcessMonitorNotification, timeout=WAIT)
+                return type(note.reason)
+            finally:
+                congested.release()
+
+        try:
+            return await asyncio.wait_for(a.run(body), TIMEOUT)
+        finally:
+            for node in (a, b, c):
+                await node.close()
+            await transport.close()
+
+    assert asyncio.run(main()) is hp.DiedNormal
+
+
+def test_a_monitor_interrupted_while_connecting_leaves_no_watch() -> None:
+    async def main() -> Any:
+        transport = create("inmemory")
+        a, b = [await hp.Node(transport).start() for _ in range(2)]
+        never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def hangs(address: Any, **options: Any) -> Any:
+            await never  # a node that does not answer
+
+        a.endpoint.connect = hangs  # type: ignore[method-assign]
+
+        async def body() -> Any:
+            target = b.spawn_local(keeps_everything)
+            for watch in (hp.monitor, hp.link):
+                task = asyncio.ensure_future(watch(target))
+                await asyncio.sleep(0)  # (a yield: it is connecting)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            return dict(a.watches.remote)
+
+        try:
+            return await asyncio.wait_for(a.run(body), TIMEOUT)
+        finally:
+            never.cancel()
+            await a.close()
+            await b.close()
+            await transport.close()
+
+    assert asyncio.run(main()) == {}

@@ -38,7 +38,7 @@ from typing import Any
 
 import hpcproc as hp
 
-from .._process import current
+from ._at_once import monitor_at_once
 
 __all__ = [
     "BY_NODE",
@@ -97,7 +97,10 @@ async def _watch(state: State) -> None:
         while True:
             msg = await hp.expect(timeout=await _time_out(state))
             if type(msg) is hp.Pid:
-                refs[_monitor_at_once(msg)] = msg
+                # On the control queue: the watch sends nothing to servers, so its monitor
+                # needs no place among messages, and it must not wait for a connect to
+                # a node that does not answer (it times every call of the node out).
+                refs[monitor_at_once(msg)] = msg
             elif type(msg) is hp.ProcessMonitorNotification:
                 server = refs.pop(msg.ref, None)
                 if server is None:
@@ -114,18 +117,6 @@ async def _watch(state: State) -> None:
         for waiting in state.servers.values():
             for tag, (port, _) in list(waiting.items()):
                 await hp.send_chan(port, (tag, WATCH_ENDED, None))
-
-
-def _monitor_at_once(server: hp.Pid) -> hp.MonitorRef:
-    """``hp.monitor(server)`` on the control queue, never waiting: the watch sends
-    nothing to servers, so no message needs the monitor kept in order on their pair
-    connection (which ``hp.monitor`` opens, waiting for the connect). The watch times
-    every call of the node out: it must not wait on a node that does not answer."""
-    proc = current()
-    ref, req = proc.node.watches.monitor(proc, server)
-    if req is not None:
-        proc.node.remote.post(server.node, req)
-    return ref
 
 
 async def _time_out(state: State) -> float | None:

@@ -35,6 +35,7 @@ import hpcproc as hp
 
 from .._process import current
 from .._remote import BROKEN
+from ._at_once import kill_at_once, unmonitor_at_once
 from ._call_watch import BY_NODE, TIMED_OUT, WATCH_ENDED, waiting_for, wake
 from ._reopen import reopen_if_broken
 from ._replies import SLOT, CallSlot, Reply, call_slot, drop_stale, new_tag, reply_channel, tags
@@ -458,9 +459,9 @@ async def start_monitored(
         await hp.kill(pid, "start timed out")
         raise StartError(f"init did not return within {timeout} s") from None
     except BaseException:
-        # (Neither call suspends, so a cancellation cannot stop them half-way.)
-        await hp.kill(pid, "its start was interrupted")
-        await hp.unmonitor(mref)
+        # Without suspending, so that a second cancellation cannot stop them half-way.
+        kill_at_once(pid, "its start was interrupted")
+        unmonitor_at_once(mref)
         raise
     if not got[1]:
         reason, tb = got[2]
