@@ -99,22 +99,30 @@ class RemoteSender:
             SerializationError: ``msg`` cannot be pickled.
         """
         conns = proc.conns
+        if conns is None or conns.get(pid) is not BROKEN:
+            await self._send_on_pair(proc, pid, serialize(msg))
+
+    async def _send_on_pair(self, proc: Process, pid: Pid, frames: list[Any]) -> bool:
+        """Send ``frames`` on ``proc``'s pair connection to ``pid``, opened first if
+        there is none (its first message starts with the bind frame). False, nothing
+        sent, if the pair is broken or cannot be opened; a send that fails breaks the
+        pair (the message is dropped, True)."""
+        conns = proc.conns
         if conns is None:
             conns = proc.conns = {}
         conn = conns.get(pid)
-        if conn is BROKEN:
-            return
-        frames = serialize(msg)
         if conn is None:
             conn, fresh = await self._open_pair(proc, conns, pid)
-            if conn is BROKEN:
-                return
             if fresh:
                 frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
+        if conn is BROKEN:
+            return False
         try:
-            await conn.send(frames)
+            if not conn.send_nowait(frames):
+                await conn.send(frames)
         except TransportError as exc:
             self._send_failed(proc, pid, conn, exc)
+        return True
 
     async def _open_pair(self, proc: Process, conns: dict[Pid, Any], pid: Pid) -> tuple[Any, bool]:
         """Open ``proc``'s pair connection to ``pid`` (``conns`` has none): the
@@ -174,23 +182,8 @@ class RemoteSender:
         Raises:
             SerializationError: ``msg`` cannot be pickled.
         """
-        conns = proc.conns
-        if conns is None:
-            conns = proc.conns = {}
-        conn = conns.get(pid)
-        frames = ctl.signal_frames(msg)
-        if conn is None:
-            conn, fresh = await self._open_pair(proc, conns, pid)
-            if fresh:
-                frames = [ctl.bind_frame(pid.lid, proc.pid.lid), *frames]
-        if conn is BROKEN:
+        if not await self._send_on_pair(proc, pid, ctl.signal_frames(msg)):
             self.post(pid.node, msg)
-            return
-        try:
-            if not conn.send_nowait(frames):
-                await conn.send(frames)
-        except TransportError as exc:
-            self._send_failed(proc, pid, conn, exc)
 
     def last_signal(self, proc: Process, pid: Pid, msg: Any) -> None:
         """:meth:`send_signal` for ``proc``, which has ended (its death notice to a
