@@ -13,14 +13,16 @@ the death notices a process's end sends its watchers) go on the pair connection
 (:meth:`RemoteSender.send_signal`, :meth:`RemoteSender.last_signal`), so that each
 keeps its place among the pair's messages: a monitor set before a message is in place
 when the message arrives, and a death notice comes after the dead process's last
-message. Where the pair has no open connection (and a link or monitor needs none
-opened), or it is broken, they take the control queue, like the node's own traffic.
+message. A live process's signal opens the pair connection if there is none; an ended
+process's go on the control queue where it has none, and so does any signal on a
+broken pair.
 
 Control messages (spawn, registry, replies, and the signals above without a pair
-connection) use one more connection per pair of nodes, fed by a FIFO queue (:class:`ControlOut`) so
-that posting never blocks. Messages are serialized when posted; a drain task per node
-opens the connection and sends them in order. A send that fails is retried once on a
-new bundle; when that fails too, the node is lost (``Node.node_lost``).
+connection) use one more connection per pair of nodes, fed by a FIFO queue
+(:class:`ControlOut`) so that posting never blocks. Messages are serialized when
+posted; a drain task per node opens the connection and sends them in order. A send
+that fails is retried once on a new bundle; when that fails too, the node is lost
+(``Node.node_lost``).
 """
 
 from __future__ import annotations
