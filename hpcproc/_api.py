@@ -414,7 +414,7 @@ async def call(
             )
         if type(got) is ProcessMonitorNotification:
             raise CallError(f"{fn_name(fn)} on {node} ended without a result: {got.reason!r}")
-        _post(proc, proc.node.watches.unmonitor(proc, ref))
+        proc.node.remote.post_signal(proc.node.watches.unmonitor(proc, ref))
     finally:
         proc.drop_chan(port)
     ok, value, tb = got
@@ -428,8 +428,10 @@ async def call(
 
 def _abandon(proc: Any, pid: Pid, ref: MonitorRef) -> None:
     """Forget a call that will not be waited for: no notification, no live process."""
-    _post(proc, proc.node.watches.unmonitor(proc, ref))
-    _post(proc, proc.node.kill(proc.pid, pid, "call abandoned (timeout or cancellation)"))
+    proc.node.remote.post_signal(proc.node.watches.unmonitor(proc, ref))
+    proc.node.remote.post_signal(
+        proc.node.kill(proc.pid, pid, "call abandoned (timeout or cancellation)")
+    )
 
 
 def _abandon_spawned(proc: Any, spawning: asyncio.Future[tuple[Pid, MonitorRef]]) -> None:
@@ -457,7 +459,7 @@ async def link(pid: Pid) -> None:
         except BaseException:
             # Interrupted: leave no link the caller does not know of (its request may
             # have gone out: the undoing follows it).
-            _post(proc, watches.unlink(proc, pid))
+            proc.node.remote.post_signal(watches.unlink(proc, pid))
             raise
     proc.check_signal()
 
@@ -487,7 +489,7 @@ async def monitor(pid: Pid | SendPort[Any]) -> MonitorRef:
         try:
             await _signal(proc, req)
         except BaseException:
-            _post(proc, watches.unmonitor(proc, ref))  # as in link
+            proc.node.remote.post_signal(watches.unmonitor(proc, ref))  # as in link
             raise
     return ref
 
@@ -504,12 +506,6 @@ async def _signal(proc: Process, req: Any) -> None:
     """Send the signal ``req`` to its target's node, in its place among the process's
     messages to the target (``RemoteSender.send_signal``; may wait for a connect)."""
     await proc.guarded(proc.node.remote.send_signal(proc, req.target, req))
-
-
-def _post(proc: Process, req: Any) -> None:
-    """Send the signal ``req`` (None: none) on the control queue, without waiting."""
-    if req is not None:
-        proc.node.remote.post(req.target.node, req)
 
 
 async def monitor_node(node: NodeId) -> MonitorRef:

@@ -187,6 +187,13 @@ class RemoteSender:
         if not await self._send_on_pair(proc, pid, ctl.signal_frames(msg)):
             self.post(pid.node, msg)
 
+    def post_signal(self, msg: Any) -> None:
+        """Post the signal ``msg`` (None: nothing) on the control queue to its
+        target's node, without waiting: for a request that needs no place among its
+        sender's messages (see :meth:`send_signal`)."""
+        if msg is not None:
+            self.post(msg.target.node, msg)
+
     def last_signal(self, proc: Process, pid: Pid, msg: Any) -> None:
         """:meth:`send_signal` for ``proc``, which has ended (its death notice to a
         watcher, the undoing of its own watches), without opening a connection: sent

@@ -252,21 +252,13 @@ class Watches:
 
     def process_ended(self, proc: Process) -> None:
         """``proc`` ended: drop the watches it held elsewhere, tell its watchers (a
-        watcher elsewhere after ``proc``'s last message to it, see
-        ``RemoteSender.last_signal``)."""
+        watcher elsewhere after ``proc``'s last message to it)."""
         if self._by_watcher and proc.pid.lid in self._by_watcher:
             self._drop_watches_of(proc)
         if proc.watchers:
             reason = proc.died_reason()
-            here = self._node.node_id
             for key in proc.watchers:
-                watcher = key.watcher
-                if watcher.node == here:
-                    self.deliver_death(proc.pid, reason, key)
-                else:
-                    ref = key if type(key) is MonitorRef else None
-                    died = ctl.Died(proc.pid, reason, watcher, ref)
-                    self._node.remote.last_signal(proc, watcher, died)
+                self.notify(proc.pid, reason, key, proc)
 
     def _drop_watches_of(self, proc: Process) -> None:
         """Forget ``proc``'s remote watches and tell the targets' nodes."""
@@ -284,14 +276,23 @@ class Watches:
             elif type(key) is Link:
                 remote.last_signal(proc, key.target, ctl.UnlinkReq(proc.pid, key.target))
 
-    def notify(self, target: Pid, reason: DiedReason, key: MonitorRef | Link) -> None:
-        """Tell the watcher behind ``key`` that ``target`` ended with ``reason``."""
+    def notify(
+        self, target: Pid, reason: DiedReason, key: MonitorRef | Link, dead: Process | None = None
+    ) -> None:
+        """Tell the watcher behind ``key`` that ``target`` ended with ``reason``; when
+        ``dead`` (the local process ``target``, which ended) is given, a watcher
+        elsewhere hears of it after ``dead``'s last message to it
+        (``RemoteSender.last_signal``)."""
         watcher = key.watcher
         if watcher.node == self._node.node_id:
             self.deliver_death(target, reason, key)
+            return
+        ref = key if type(key) is MonitorRef else None
+        died = ctl.Died(target, reason, watcher, ref)
+        if dead is None:
+            self._node.remote.post(watcher.node, died)
         else:
-            ref = key if type(key) is MonitorRef else None
-            self._node.remote.post(watcher.node, ctl.Died(target, reason, watcher, ref))
+            self._node.remote.last_signal(dead, watcher, died)
 
     def deliver_death(self, target: Any, reason: DiedReason, key: WatchKey) -> None:
         """Fire the watch ``key`` of a local watcher: a notification or a link signal."""

@@ -10,8 +10,6 @@ request on the node's control queue instead, as these functions do.
 
 from __future__ import annotations
 
-from typing import Any
-
 import hpcproc as hp
 
 from .._process import current
@@ -19,26 +17,21 @@ from .._process import current
 __all__ = ["kill_at_once", "monitor_at_once", "unmonitor_at_once"]
 
 
-def _post(proc: Any, req: Any) -> None:
-    if req is not None:
-        proc.node.remote.post(req.target.node, req)
-
-
 def monitor_at_once(pid: hp.Pid) -> hp.MonitorRef:
     """``hp.monitor(pid)``, never waiting."""
     proc = current()
     ref, req = proc.node.watches.monitor(proc, pid)
-    _post(proc, req)
+    proc.node.remote.post_signal(req)
     return ref
 
 
 def unmonitor_at_once(ref: hp.MonitorRef) -> None:
     """``hp.unmonitor(ref)``, never waiting."""
     proc = current()
-    _post(proc, proc.node.watches.unmonitor(proc, ref))
+    proc.node.remote.post_signal(proc.node.watches.unmonitor(proc, ref))
 
 
 def kill_at_once(pid: hp.Pid, reason: str) -> None:
     """``hp.kill(pid, reason)`` of another process, never waiting."""
     proc = current()
-    _post(proc, proc.node.kill(proc.pid, pid, reason))
+    proc.node.remote.post_signal(proc.node.kill(proc.pid, pid, reason))

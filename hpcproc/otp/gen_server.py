@@ -557,9 +557,10 @@ async def _failed(
         raise CallTimeout(f"no reply from {pid!r} within {timeout} s")
     if got[1] is None:  # the call watch: the server is down
         reason = got[2]
-        # It may have answered (a reply, or a crash report) just before it ended: the
-        # node acts on a death after the dead process's last messages to it, so an
-        # answer is on the channel already, behind the watch's notice.
+        # It may have answered (a reply, or a crash report) just before it ended. The
+        # node acts on a death after the dead process's last messages to it, so such
+        # an answer comes before this notice; one that came after it all the same (a
+        # transport reordering connections, which the contract allows) is taken here.
         while (late := await hp.receive_chan(port, timeout=0)) is not None:
             if late[0] == tag:
                 if late[1] is True:
