@@ -366,8 +366,42 @@ def test_more_other_runnable_tasks_than_cpus_is_crowded_for_a_while() -> None:
     assert not runnable_unknown(0.0)
 
 
-def test_a_crowded_machine_turns_polling_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crowded_machine_polls_by_yielding_the_cpu_between_looks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On crowded CPUs a receive still polls, but gives the CPU away between two
+    looks; a wait that is not a receive (``spin``) does not poll at all."""
     monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+    yields: list[None] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(None))
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        events = EventQueue()
+        calls = 0
+
+        def poll_once() -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                events.put(ConnectionClosed(7))
+            return True
+
+        poller = IdlePoller(loop, 1e6)
+        assert poller.polling_off(0.0)
+        assert not poller.spin(lambda: True)
+        assert await poller.receive(events, poll_once) == ConnectionClosed(7)
+        assert calls == 3
+        assert len(yields) == 2  # between the looks, not after the one that found it
+
+    _run(body())
+
+
+def test_a_yielding_poll_gives_up_after_its_budget_which_then_halves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+    monkeypatch.setattr(os, "sched_yield", lambda: None)
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
@@ -380,13 +414,123 @@ def test_a_crowded_machine_turns_polling_off(monkeypatch: pytest.MonkeyPatch) ->
             return True
 
         poller = IdlePoller(loop, 1e6)
-        assert poller.polling_off(0.0)
-        assert not poller.spin(lambda: True)
-        loop.call_later(0.01, events.put, ConnectionClosed(4))
+        full = poller.yield_budget.value
+        loop.call_later(0.01, events.put, ConnectionClosed(4))  # a timer: the loop runs
         assert await poller.receive(events, poll_once) == ConnectionClosed(4)
-        assert calls == 0
+        assert calls > 1
+        assert poller.yield_budget.value == full / 2
 
     _run(body())
+
+
+def test_a_poller_that_does_not_yield_does_not_poll_on_crowded_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A routing endpoint's sub-endpoints: the routing endpoint polls for them."""
+    monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        events = EventQueue()
+        calls = 0
+
+        def poll_once() -> bool:
+            nonlocal calls
+            calls += 1
+            return True
+
+        poller = IdlePoller(loop, 1e6, yields=False)
+        loop.call_later(0.01, events.put, ConnectionClosed(4))
+        assert await poller.receive(events, poll_once) == ConnectionClosed(4)
+        assert not poller.poll_now(events, poll_once)
+        assert calls == 0
+        # poll_looking polls for it all the same...
+        looks = 0
+
+        def look() -> bool:
+            nonlocal looks
+            looks += 1
+            return looks == 2
+
+        assert poller.poll_looking(look, time.perf_counter())
+        assert looks == 2
+
+    _run(body())
+
+
+def test_poll_looking_leaves_uncrowded_cpus_and_busy_loops_to_the_caller() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        poller = IdlePoller(loop, 1e6)
+        looked: list[None] = []
+
+        def look() -> bool:
+            looked.append(None)
+            return True
+
+        assert not poller.poll_looking(look, time.perf_counter())  # not crowded (fixture)
+        _busy_poll._crowding = Crowding("1")
+        poller = IdlePoller(loop, 1e6)
+        handle = loop.call_soon(lambda: None)
+        assert not poller.poll_looking(look, time.perf_counter())  # another callback
+        assert poller.poll_looking(look, time.perf_counter(), lambda: {handle})  # ours
+        assert looked == [None]
+        handle.cancel()
+
+    _run(body())
+
+
+def test_routing_on_crowded_cpus_takes_replies_over_shm_and_tcp_without_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On crowded CPUs a routing endpoint's ``receive_nowait`` polls both of its
+    sub-endpoints: replies of a peer process on this host (shm) and of one that
+    routes as if on another host (tcp) are all taken, once each and in order, by
+    ``receive_nowait`` alone, while the event loop never runs."""
+    monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+    monkeypatch.setenv("HPCPROC_COOKIE", "test-cookie-for-busy-poll")
+    count = 50
+
+    async def main() -> None:
+        transport = await _make("shm+tcp")
+        near = await PeerProcess.start("shm+tcp", timeout=30.0)
+        far = await PeerProcess.start("shm+tcp", options={"separate_hosts": True}, timeout=30.0)
+        try:
+            endpoint = await transport.new_endpoint()
+            conns = {}
+            for name, peer in (("near", near), ("far", far)):
+                conns[name] = await asyncio.wait_for(endpoint.connect(peer.address), TIMEOUT)
+                await _event(endpoint, ConnectionOpened)  # the echo server connects back
+            # Ours go over shm to both (same host); far's connection back comes over tcp.
+            assert {endpoint.transport_for(p.address) for p in (near, far)} == {"shm"}
+            ready = ready_queue(asyncio.get_running_loop())
+            assert ready is not None
+            for _ in range(1000):  # let the loop settle: polls only while it is idle
+                if not ready:
+                    break
+                await asyncio.sleep(0)
+            deadline = time.monotonic() + TIMEOUT
+            # From here on, no await: the event loop does not run. One message at a
+            # time (several replies taken at once would wake the endpoint's waiting
+            # receive for the rest, and the loop would have to run).
+            for i in range(count):
+                for name, conn in conns.items():
+                    ping = b"%s %d" % (name.encode(), i)
+                    assert conn.send_nowait([ping])
+                    event = None
+                    while event is None:
+                        event = endpoint.receive_nowait()
+                        assert time.monotonic() < deadline, f"no reply to {ping!r}"
+                    assert isinstance(event, Received), event
+                    assert [bytes(f) for f in event.frames] == [ping]
+            for conn in conns.values():
+                await conn.close()
+        finally:
+            await near.stop(TIMEOUT)
+            await far.stop(TIMEOUT)
+            await asyncio.wait_for(transport.close(), TIMEOUT)
+
+    asyncio.run(asyncio.wait_for(main(), 60.0))
 
 
 @pytest.mark.parametrize("budget", [1e6, 0.0], ids=["polling budget", "no budget"])

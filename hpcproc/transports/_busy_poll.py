@@ -25,21 +25,27 @@ accessor (:func:`ready_queue`). Guarantees and costs:
 * When the CPUs are oversubscribed (a poll got less than half of the CPU time it
   spent, :data:`STARVED_POLLS` times in a row) polling stops for
   :data:`NO_POLL_PERIOD`: the peer needs that CPU to answer.
-* When more tasks want a CPU than there are CPUs, it does not poll at all (as MPICH
-  and Open MPI yield the CPU when oversubscribed, ``mpi_yield_when_idle``): a rank
-  that spins while waiting takes the CPU that the rank it waits for needs to send.
-  Crowded means either that the launcher put more ranks on this host than this
+* When more tasks want a CPU than there are CPUs, a receive polls by yielding: it
+  gives the CPU away (``sched_yield``) between two looks at its links, as MPICH and
+  Open MPI do when oversubscribed (``mpi_yield_when_idle``), for at most
+  :data:`YIELD_POLL_S` (its own :class:`Budget`: halved when it ran out, doubled when
+  a look found something), then sleeps. A rank that spins without yielding takes the
+  CPU that the rank it waits for needs to send; a rank that sleeps pays a wake-up
+  and a pass round the event loop for every message. Crowded means either that the launcher put more ranks on this host than this
   process has CPUs (:func:`hpcproc._host.ranks_on_host` against
   :func:`hpcproc._host.usable_cpus`: fixed for the job), or that the kernel counts
   more runnable tasks besides this process than the machine has CPUs, in
   :data:`CROWD_SAMPLES` readings in a row (``/proc/loadavg``, read at most every
   :data:`CROWD_PERIOD`: other jobs, or "hosts" that share one machine's CPUs). Once
-  crowded, polling stays off for :data:`CROWD_HOLD` before the count is read again.
+  crowded, it stays so for :data:`CROWD_HOLD` before the count is read again.
   Measured with 4 ranks on 2 CPUs (2 hosts x 2 ranks of the test cluster), an
-  all-to-all of 8 B messages took 165-190 us of CPU per rank and round without
-  polling and 200-260 us with it. ``HPCPROC_YIELD_WHEN_IDLE`` overrides it: ``1``
-  never polls, ``0`` polls whatever the load, ``auto`` (the default) decides as
-  above. A transport that has nothing to wait on, and so polls on every pass round
+  all-to-all of 8 B messages took 165-190 us of CPU per rank and round sleeping
+  and 200-260 us spinning; yielding, see :data:`YIELD_POLL_S`.
+  ``HPCPROC_YIELD_WHEN_IDLE`` overrides it: ``1`` always yields, ``0`` spins
+  whatever the load, ``auto`` (the default) decides as above. A routing endpoint
+  yields for its sub-endpoints: it looks at both between two yields
+  (:meth:`IdlePoller.poll_looking`), as a sub-endpoint's own yielding poll would let
+  the other's messages wait. A transport that has nothing to wait on, and so polls on every pass round
   the loop while messages flow (mpi), gives the CPU away on each such pass instead
   (:meth:`IdlePoller.yield_if_crowded`, ``spin(..., yield_when_crowded=True)``):
   otherwise its passes keep the CPU from the rank it waits for (the same all-to-all
@@ -71,6 +77,7 @@ __all__ = [
     "PROBE_MIN",
     "STARVED_POLLS",
     "YIELD_ENV",
+    "YIELD_POLL_S",
     "Budget",
     "Crowding",
     "IdlePoller",
@@ -98,8 +105,15 @@ _YIELDS = 8
 PROBE_MIN = 20e-6
 
 
-#: Environment variable: ``auto`` (default), ``1`` (never poll), ``0`` (ignore crowding).
+#: Environment variable: ``auto`` (default), ``1`` (always crowded: poll by yielding),
+#: ``0`` (ignore crowding).
 YIELD_ENV = "HPCPROC_YIELD_WHEN_IDLE"
+#: The most a receive polls by yielding on crowded CPUs (seconds). Measured here
+#: (bench cluster, all-to-all of 8 B, 4 ranks on 2 CPUs): per round, 2 hosts x 2 ranks
+#: over shm+tcp took 420-480 us sleeping, 295-345 us yielding for 1 ms, 255-305 us
+#: for 3 ms and 300-380 us for 0.3 ms; 4 ranks on one host over shm, 395 against
+#: 110-150 us. Longer budgets gain little and cost an idle rank more CPU.
+YIELD_POLL_S = 1e-3
 #: How often (seconds) the kernel's count of runnable tasks is read.
 CROWD_PERIOD = 0.005
 #: How long (seconds) polling stays off once the CPUs were seen crowded.
@@ -271,14 +285,26 @@ class IdlePoller:
         "_ready",
         "_starved",
         "_streak",
+        "_yield",
         "_yielding",
         "budget",
         "enabled",
+        "yield_budget",
+        "yields",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, busy_poll_us: float) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, busy_poll_us: float, *, yields: bool = True
+    ) -> None:
         check_budget(busy_poll_us)
         self.budget = Budget(busy_poll_us * 1e-6)
+        #: How long a poll on crowded CPUs yields before it gives up.
+        self.yield_budget = Budget(YIELD_POLL_S)
+        #: Whether this poller polls by yielding on crowded CPUs (False: it does not
+        #: poll then; a routing endpoint polls for it, see :meth:`poll_looking`).
+        self.yields = yields
+        #: Whether the poll that :meth:`turn` or :meth:`poll` just allowed yields.
+        self._yield = False
         #: Whether the CPUs are crowded now (see :class:`Crowding`).
         self._crowded = crowding()
         self._streak = 0
@@ -334,7 +360,18 @@ class IdlePoller:
         if now < self._no_poll_until:
             return False
         c = self._crowded
-        return not (c.crowded if now < c.next_check else c(now))
+        crowded = self._yield = c.crowded if now < c.next_check else c(now)
+        return not crowded or self.yields
+
+    @property
+    def crowding(self) -> Crowding:
+        """The process's :class:`Crowding` this poller follows."""
+        return self._crowded
+
+    def crowded_at(self, now: float) -> bool:
+        """Whether the CPUs are crowded at ``now`` (polling, if any, yields then)."""
+        c = self._crowded
+        return c.crowded if now < c.next_check else c(now)
 
     def yield_if_crowded(self, ours: object = None) -> bool:
         """Give the CPU away (``os.sched_yield``) if the loop is idle but for ``ours``
@@ -394,9 +431,15 @@ class IdlePoller:
         """
         if start is None:
             start = time.perf_counter()
-            c = self._crowded  # Crowding.__call__'s cached answer read here: a call less
-            if start < self._no_poll_until or (c.crowded if start < c.next_check else c(start)):
+            if start < self._no_poll_until:
                 return 0.0
+            c = self._crowded  # Crowding.__call__'s cached answer read here: a call less
+            crowded = self._yield = c.crowded if start < c.next_check else c(start)
+            if crowded and not self.yields:
+                return 0.0
+        if self._yield:
+            self._poll_yielding(lambda: not poll_once() or bool(items))
+            return 0.0
         ready: Any = self._ready
         # Callbacks ready before we started (the caller's own, at most) are known.
         queued = len(ready)
@@ -435,6 +478,13 @@ class IdlePoller:
         up, else 0.0. (The shm ring's spin: measured 0.25 us less per 8 B round trip
         than :meth:`poll` with a closure called every turn.)
         """
+        if self._yield:
+
+            def look() -> bool:
+                return (words[index] != seen.tail and not on_change()) or bool(items)
+
+            self._poll_yielding(look)
+            return 0.0
         ready: Any = self._ready
         queued = len(ready)
         cpu = time.thread_time() if not self._streak & 7 else -1.0
@@ -502,6 +552,48 @@ class IdlePoller:
         if cpu >= 0 and now - start > PROBE_MIN:
             self.probed(now, time.thread_time() - cpu < (now - start) / 2)
         return gave_up
+
+    def _poll_yielding(self, look: Callable[[], bool]) -> None:
+        """The poll on crowded CPUs: ``look()`` (one look at the links; True: stop)
+        with the CPU given away between two looks, until another callback is ready
+        or :attr:`yield_budget` ran out (then it halves; a look that stopped the poll
+        doubles it)."""
+        ready: Any = self._ready
+        queued = len(ready)
+        budget = self.yield_budget
+        perf_counter = time.perf_counter
+        sched_yield = os.sched_yield
+        deadline = perf_counter() + budget.value
+        while not look():
+            if len(ready) > queued:
+                return
+            if perf_counter() >= deadline:
+                budget.shrink()
+                return
+            sched_yield()
+        budget.grow()
+
+    def poll_looking(
+        self,
+        look: Callable[[], bool],
+        now: float,
+        all_ours: Callable[[], Container[object]] | None = None,
+    ) -> bool:
+        """For an endpoint made of several (routing): on crowded CPUs, poll by
+        yielding with ``look`` (one look at every sub-endpoint's links; True: stop),
+        as :meth:`turn` and :meth:`poll` would for one, whether or not this poller
+        :attr:`yields` itself. Whether it polled: False when the CPUs are not
+        crowded (the caller polls as usual), on the loop's fair turn, when a
+        callback other than ``all_ours()`` is ready, or while polling is off."""
+        ready: Any = self._ready
+        if ready is None or now < self._no_poll_until or not self.crowded_at(now):
+            return False
+        if ready and (all_ours is None or any(h not in all_ours() for h in ready)):
+            return False
+        if not self.take_turn():
+            return False
+        self._poll_yielding(look)
+        return True
 
     def adapt(self, gave_up: float) -> None:
         """An event came after a poll that gave up at ``gave_up`` (0.0: nothing to do)."""

@@ -53,7 +53,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 from .base import (
     Buffer,
@@ -447,6 +447,10 @@ class MultiplexedEndPoint(EndPoint):
     #: one whose polling ends when ``_handed_over`` grows, as it ends on an event.
     _hands_over = False
 
+    #: Whether this endpoint's own polls yield on crowded CPUs (see ``_busy_poll``);
+    #: off for the sub-endpoints of a routing endpoint (:meth:`_polled_by_router`).
+    _yield_polls = True
+
     def __init__(self, address: EndPointAddress) -> None:
         self._address = address
         self._events = EventQueue()
@@ -660,6 +664,47 @@ class MultiplexedEndPoint(EndPoint):
             if events._items:
                 events.put_wakeup()
         return event
+
+    def _polled_by_router(self) -> None:
+        """This endpoint is a routing endpoint's sub-endpoint: on crowded CPUs its own
+        polls do not yield (a yielding poll of one sub-endpoint would let the other's
+        messages wait); the routing endpoint polls both (:meth:`_looker`)."""
+        self._yield_polls = False
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.yields = False
+
+    def _queued_event(self) -> Event | None:
+        """:meth:`receive_nowait` without its poll: the next queued event, if any
+        (never ``EndPointClosed``). For a routing endpoint that polled the links
+        itself (:meth:`_looker`)."""
+        events = self._events
+        if not events._items:
+            return None
+        events._held = True
+        try:
+            return events.pop_ready(overtake=True)
+        finally:
+            events._held = False
+            if events._items:
+                events.put_wakeup()
+
+    def _looker(self) -> Callable[[], object] | None:
+        """Hook for a routing endpoint that polls its sub-endpoints together on
+        crowded CPUs: a function that takes, without waiting, whatever the polled
+        links hold now (events are queued, or data handed to receivers), called
+        many times in a row; :meth:`_done_looking` follows the last call. None (the
+        default) when this endpoint cannot be polled so: the routing endpoint then
+        does not poll on crowded CPUs."""
+        return None
+
+    def _done_looking(self) -> None:
+        """Hook: the calls of a :meth:`_looker` function are over."""
+
+    def _own_handles(self) -> Container[object]:
+        """Hook: the handles of this endpoint's own polling that may be ready on the
+        loop (no reason not to poll); none by default."""
+        return ()
 
     def _poll_idle(self) -> bool:
         """Hook: poll the links in place, bounded, while the loop is idle.

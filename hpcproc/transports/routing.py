@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from .._host import host_identity
+from ._busy_poll import IdlePoller
+from ._multiplex import MultiplexedEndPoint
 from .base import (
     Buffer,
     ConnectError,
@@ -67,6 +70,9 @@ from .faults import FaultInjection, require_fault_injection
 __all__ = ["RoutingEndPoint", "RoutingTransport", "create_transport", "parse_address"]
 
 log = logging.getLogger(__name__)
+
+#: ``_poll_both``'s answer when it did not poll.
+_NOT_POLLED = object()
 
 _PREFIX = b"route:"
 _HELLO = b"hpcproc-route-hello/1"
@@ -169,6 +175,18 @@ class RoutingEndPoint(EndPoint):
         self._open: list[dict[ConnectionId, bytes]] = [{}, {}]
         #: (sub, peer sub-address) -> peer routing address.
         self._peers: dict[tuple[int, bytes], EndPointAddress] = {}
+        #: On crowded CPUs this endpoint polls both sub-endpoints by yielding
+        #: (:meth:`_poll_both`), through the local one's poller; their own polls do
+        #: not yield then. None where either cannot be polled so.
+        self._both_poller: IdlePoller | None = None
+        for sub in subs:
+            if isinstance(sub, MultiplexedEndPoint):
+                sub._polled_by_router()
+        local, network = subs
+        if isinstance(local, MultiplexedEndPoint) and isinstance(network, MultiplexedEndPoint):
+            poller = getattr(local, "_poller", None)
+            if isinstance(poller, IdlePoller) and poller.enabled:
+                self._both_poller = poller
 
     @property
     def address(self) -> EndPointAddress:
@@ -285,6 +303,13 @@ class RoutingEndPoint(EndPoint):
         queue = self._queue
         if queue:
             return queue.popleft()
+        poller = self._both_poller
+        # (The crowding's cached answer, which the sub-endpoints' polls keep fresh:
+        # no clock read here while the CPUs are not crowded.)
+        if poller is not None and poller.crowding.crowded:
+            event = self._poll_both(poller)
+            if event is not _NOT_POLLED:
+                return event  # type: ignore[return-value]
         # What the pumps queued is older than anything a sub-endpoint hands out now.
         # Beside a pump waiting in a sub-endpoint's receive, taking events is allowed:
         # the contract hands each out once, in order, whoever takes it.
@@ -312,6 +337,65 @@ class RoutingEndPoint(EndPoint):
             if event is not None:
                 self._hot = other
                 return event
+        return None
+
+    def _poll_both(self, poller: IdlePoller) -> Event | object | None:
+        """On crowded CPUs: poll both sub-endpoints' links by yielding
+        (:meth:`IdlePoller.poll_looking`), then the next event if one came (None if
+        none, or if the data went to a receiver). :data:`_NOT_POLLED` when the CPUs
+        are not crowded, or either sub-endpoint cannot be polled so now."""
+        local, network = cast("tuple[MultiplexedEndPoint, MultiplexedEndPoint]", self._subs)
+        now = time.perf_counter()
+        if not poller.crowded_at(now) or any(self._sub_closed):
+            return _NOT_POLLED
+        look_local = local._looker()
+        look_network = network._looker()
+        if look_local is None or look_network is None:
+            return _NOT_POLLED
+        queue = self._queue
+        local_items = local._events._items
+        network_items = network._events._items
+        handed_over = local._handed_over + network._handed_over
+
+        def look() -> bool:
+            look_local()
+            look_network()
+            return bool(
+                queue
+                or local_items
+                or network_items
+                or local._handed_over + network._handed_over != handed_over
+            )
+
+        # Held, as in receive_nowait: the pumps waiting in the sub-endpoints' receive
+        # are not woken for the events taken here.
+        local._events._held = network._events._held = True
+        try:
+            polled = poller.poll_looking(look, now, local._own_handles)
+        finally:
+            local._events._held = network._events._held = False
+            local._done_looking()
+            network._done_looking()
+        if not polled:
+            return _NOT_POLLED
+        event: Event | None = queue.popleft() if queue else None
+        for sub in (LOCAL, NETWORK):
+            if event is None:
+                event = self._take_queued(sub)
+                if event is not None:
+                    self._hot = sub
+            events = self._subs[sub]._events  # type: ignore[attr-defined]
+            if events._items and events._waiters:
+                events.put_wakeup()  # what is left goes to the pump
+        return event
+
+    def _take_queued(self, sub: int) -> Event | None:
+        """:meth:`_take` of what sub-endpoint ``sub`` has queued, without its poll."""
+        endpoint = cast("MultiplexedEndPoint", self._subs[sub])
+        while (event := endpoint._queued_event()) is not None:
+            out = self._translate(sub, event)
+            if out is not None:
+                return out
         return None
 
     def set_receiver(

@@ -72,7 +72,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, cast
 
@@ -1084,7 +1084,7 @@ class _ShmEndPoint(MultiplexedEndPoint):
         #: Dials in progress and dials waiting for the winner of a crossed connect.
         self._crossing = CrossedConnects()
         #: Polls in ``receive``; its starvation record also stops the links' spin.
-        self._poller = IdlePoller(self._loop, opts["busy_poll_us"])
+        self._poller = IdlePoller(self._loop, opts["busy_poll_us"], yields=self._yield_polls)
         #: Bytes in the segment pools of all links together, at most ``max_pool_bytes``.
         self._pool_bytes = 0
         self._max_pool_bytes: int = opts["max_pool_bytes"]
@@ -1143,10 +1143,35 @@ class _ShmEndPoint(MultiplexedEndPoint):
         # A peer in this process answers only when the loop runs: polling cannot help.
         return type(link) is _ShmLink and link._remote_process
 
+    def _looker(self) -> Callable[[], object]:
+        """See :meth:`MultiplexedEndPoint._looker`: drains the rings that hold
+        records (the readers say they are awake meanwhile: no wake-ups are sent)."""
+        links = cast("list[_ShmLink]", self._polled_links())
+        for link in links:
+            link._reader.wake()
+
+        def look() -> None:
+            for link in links:
+                if not link._down and link._reader.pending():
+                    link._drain()
+
+        return look
+
+    def _done_looking(self) -> None:
+        # The links' own poll decides when their readers sleep again (as after
+        # _busy_wait).
+        loop = self._loop
+        for link in cast("list[_ShmLink]", self._polled_links()):
+            if not link._down and not link._polling:
+                link._polling = True
+                link._handle = loop.call_soon(link._progress)
+
     def _spin_handles(self) -> set[asyncio.Handle | None]:
         """The ready-queue handles of the links' own polling (no reason not to poll)."""
         links = cast("list[_ShmLink]", self._polled_links())
         return {link._handle for link in links if link._polling}
+
+    _own_handles = _spin_handles
 
     def _busy_wait(self) -> float:
         """Poll the rings until an event is queued; the time it gave up, or 0.0.

@@ -71,6 +71,7 @@ import contextlib
 import errno
 import functools
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -78,7 +79,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -1039,6 +1040,8 @@ def _instance_of(address: bytes) -> bytes | None:
 
 class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
     _poller: IdlePoller | None = None
+    #: What :meth:`_looker` polls: the links it was made for, their sockets, by fd.
+    _looks: tuple[list[Link], select.poll, dict[int, _TcpLink]] | None = None
     _hands_over = True  # its polls end on a message handed over (see _poll_links)
 
     async def receive(self) -> Event:
@@ -1053,12 +1056,42 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
         poller = self._poller
         if poller is None:
             poller = self._poller = IdlePoller(
-                asyncio.get_running_loop(), self._transport._busy_poll_us
+                asyncio.get_running_loop(), self._transport._busy_poll_us, yields=self._yield_polls
             )
         return poller
 
     def _pollable(self, link: Link) -> bool:
         return (type(link) is _TcpLink or type(link) is _TlsLink) and not link._in_process
+
+    def _looker(self) -> Callable[[], object] | None:
+        """See :meth:`MultiplexedEndPoint._looker`: one ``poll(2)`` of the links'
+        sockets, then a read of those that are readable (rather than a read of every
+        link, most of which fail with ``EAGAIN``: a raised and caught exception
+        each). None with a TLS link, whose decrypted records wait in user space,
+        where ``poll(2)`` does not see them."""
+        links = self._polled_links()
+        looks = self._looks
+        if looks is None or looks[0] is not links:
+            if any(type(link) is not _TcpLink for link in links):
+                return None
+            fds = select.poll()
+            by_fd: dict[int, _TcpLink] = {}
+            for link in links:
+                fd = cast(_TcpLink, link)._sock.fileno()
+                if fd >= 0:
+                    fds.register(fd, select.POLLIN)
+                    by_fd[fd] = cast(_TcpLink, link)
+            looks = self._looks = (links, fds, by_fd)
+        _, fds, by_fd = looks
+        ready = fds.poll
+
+        def look() -> None:
+            for fd, _ in ready(0):
+                link = by_fd.get(fd)
+                if link is not None and not link._dead:
+                    link._on_readable()
+
+        return look
 
     def _poll_links(self) -> bool:
         """Read what the links hold; False when there was nothing to poll, or a
