@@ -397,6 +397,17 @@ def test_a_crowded_machine_polls_by_yielding_the_cpu_between_looks(
     _run(body())
 
 
+class _CountedPolls:
+    """A ``poll_once`` that finds nothing (but has links to poll), counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return True
+
+
 def test_a_yielding_poll_gives_up_after_its_budget_which_then_halves(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -406,18 +417,13 @@ def test_a_yielding_poll_gives_up_after_its_budget_which_then_halves(
     async def body() -> None:
         loop = asyncio.get_running_loop()
         events = EventQueue()
-        calls = 0
-
-        def poll_once() -> bool:
-            nonlocal calls
-            calls += 1
-            return True
+        poll_once = _CountedPolls()
 
         poller = IdlePoller(loop, 1e6)
         full = poller.yield_budget.value
         loop.call_later(0.01, events.put, ConnectionClosed(4))  # a timer: the loop runs
         assert await poller.receive(events, poll_once) == ConnectionClosed(4)
-        assert calls > 1
+        assert poll_once.calls > 1
         assert poller.yield_budget.value == full / 2
 
     _run(body())
@@ -432,18 +438,13 @@ def test_a_poller_that_does_not_yield_does_not_poll_on_crowded_cpus(
     async def body() -> None:
         loop = asyncio.get_running_loop()
         events = EventQueue()
-        calls = 0
-
-        def poll_once() -> bool:
-            nonlocal calls
-            calls += 1
-            return True
+        poll_once = _CountedPolls()
 
         poller = IdlePoller(loop, 1e6, yields=False)
         loop.call_later(0.01, events.put, ConnectionClosed(4))
         assert await poller.receive(events, poll_once) == ConnectionClosed(4)
         assert not poller.poll_now(events, poll_once)
-        assert calls == 0
+        assert poll_once.calls == 0
         # poll_looking polls for it all the same...
         looks = 0
 
