@@ -589,3 +589,37 @@ def test_the_launchers_rank_count_per_host_is_read(monkeypatch: pytest.MonkeyPat
     finally:
         _host.ranks_on_host.cache_clear()
     assert _host.usable_cpus() >= 1
+
+
+def test_routing_whose_network_part_cannot_be_looked_at_leaves_its_shm_rings_awake_to_wake_ups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On crowded CPUs, a routing endpoint whose network sub-endpoint cannot be polled
+    with the local one (``shm+mpi``, ``shm+ucx``; here tcp made so) does not poll, and
+    leaves the shm links as it found them: a peer's replies still wake it up."""
+    from hpcproc.transports import tcp
+
+    monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+    monkeypatch.setattr(tcp._TcpEndPoint, "_looker", lambda self: None)
+    monkeypatch.setenv("HPCPROC_COOKIE", "test-cookie-for-busy-poll")
+
+    async def main() -> None:
+        transport = await _make("shm+tcp")
+        peer = await PeerProcess.start("shm+tcp", timeout=30.0)
+        try:
+            endpoint = await transport.new_endpoint()
+            conn = await asyncio.wait_for(endpoint.connect(peer.address), TIMEOUT)
+            await _event(endpoint, ConnectionOpened)
+            for i in range(ROUND_TRIPS):
+                await conn.send([b"ping %d" % i])
+                received = endpoint.receive_nowait()
+                if received is None:
+                    received = await _event(endpoint, Received)
+                assert isinstance(received, Received), received
+                assert [bytes(f) for f in received.frames] == [b"ping %d" % i]
+            await conn.close()
+        finally:
+            await peer.stop(TIMEOUT)
+            await asyncio.wait_for(transport.close(), TIMEOUT)
+
+    asyncio.run(asyncio.wait_for(main(), 60.0))

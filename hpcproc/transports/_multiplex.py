@@ -693,9 +693,10 @@ class MultiplexedEndPoint(EndPoint):
         """Hook for a routing endpoint that polls its sub-endpoints together on
         crowded CPUs: a function that takes, without waiting, whatever the polled
         links hold now (events are queued, or data handed to receivers), called
-        many times in a row; :meth:`_done_looking` follows the last call. None (the
-        default) when this endpoint cannot be polled so: the routing endpoint then
-        does not poll on crowded CPUs."""
+        many times in a row; :meth:`_done_looking` must follow the last call (the
+        function may leave the links in a state only that restores). None (the
+        default) when this endpoint cannot be polled so, with nothing changed: the
+        routing endpoint then does not poll on crowded CPUs."""
         return None
 
     def _done_looking(self) -> None:

@@ -348,9 +348,15 @@ class RoutingEndPoint(EndPoint):
         now = time.perf_counter()
         if not poller.crowded_at(now) or any(self._sub_closed):
             return _NOT_POLLED
-        look_local = local._looker()
+        # The network's first: a None answer leaves no trace, while a function
+        # answer must be followed by _done_looking (the shm looker marks its readers
+        # awake, so that no wake-ups are sent; left so, its rings would go unread).
         look_network = network._looker()
-        if look_local is None or look_network is None:
+        if look_network is None:
+            return _NOT_POLLED
+        look_local = local._looker()
+        if look_local is None:
+            network._done_looking()
             return _NOT_POLLED
         queue = self._queue
         local_items = local._events._items
