@@ -290,6 +290,7 @@ class IdlePoller:
         "budget",
         "enabled",
         "yield_budget",
+        "yield_look",
         "yields",
     )
 
@@ -305,6 +306,9 @@ class IdlePoller:
         self.yields = yields
         #: Whether the poll that :meth:`turn` or :meth:`poll` just allowed yields.
         self._yield = False
+        #: A transport's ``poll_once`` for :meth:`poll` when it yields, if it has a
+        #: cheaper one for many looks that find nothing (tcp: one ``poll(2)``).
+        self.yield_look: Callable[[], bool] | None = None
         #: Whether the CPUs are crowded now (see :class:`Crowding`).
         self._crowded = crowding()
         self._streak = 0
@@ -438,7 +442,8 @@ class IdlePoller:
             if crowded and not self.yields:
                 return 0.0
         if self._yield:
-            self._poll_yielding(lambda: not poll_once() or bool(items))
+            once = self.yield_look or poll_once
+            self._poll_yielding(lambda: not once() or bool(items))
             return 0.0
         ready: Any = self._ready
         # Callbacks ready before we started (the caller's own, at most) are known.
@@ -588,8 +593,10 @@ class IdlePoller:
         ready: Any = self._ready
         if ready is None or now < self._no_poll_until or not self.crowded_at(now):
             return False
-        if ready and (all_ours is None or any(h not in all_ours() for h in ready)):
-            return False
+        if ready:
+            mine = all_ours() if all_ours is not None else ()
+            if any(h not in mine for h in ready):
+                return False
         if not self.take_turn():
             return False
         self._poll_yielding(look)

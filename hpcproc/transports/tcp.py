@@ -1040,8 +1040,8 @@ def _instance_of(address: bytes) -> bytes | None:
 
 class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
     _poller: IdlePoller | None = None
-    #: What :meth:`_looker` polls: the links it was made for, their sockets, by fd.
-    _looks: tuple[list[Link], select.poll, dict[int, _TcpLink]] | None = None
+    #: :meth:`_looker`'s answer, and the links it was made for.
+    _looks: tuple[list[Link], Callable[[], None] | None] | None = None
     _hands_over = True  # its polls end on a message handed over (see _poll_links)
 
     async def receive(self) -> Event:
@@ -1058,6 +1058,7 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
             poller = self._poller = IdlePoller(
                 asyncio.get_running_loop(), self._transport._busy_poll_us, yields=self._yield_polls
             )
+            poller.yield_look = self._look_links
         return poller
 
     def _pollable(self, link: Link) -> bool:
@@ -1068,12 +1069,13 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
         sockets, then a read of those that are readable (rather than a read of every
         link, most of which fail with ``EAGAIN``: a raised and caught exception
         each). None with a TLS link, whose decrypted records wait in user space,
-        where ``poll(2)`` does not see them."""
+        where ``poll(2)`` does not see them. Made once per set of links."""
         links = self._polled_links()
         looks = self._looks
-        if looks is None or looks[0] is not links:
-            if any(type(link) is not _TcpLink for link in links):
-                return None
+        if looks is not None and looks[0] is links:
+            return looks[1]
+        look: Callable[[], None] | None = None
+        if all(type(link) is _TcpLink for link in links):
             fds = select.poll()
             by_fd: dict[int, _TcpLink] = {}
             for link in links:
@@ -1081,17 +1083,28 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
                 if fd >= 0:
                     fds.register(fd, select.POLLIN)
                     by_fd[fd] = cast(_TcpLink, link)
-            looks = self._looks = (links, fds, by_fd)
-        _, fds, by_fd = looks
-        ready = fds.poll
+            ready = fds.poll
 
-        def look() -> None:
-            for fd, _ in ready(0):
-                link = by_fd.get(fd)
-                if link is not None and not link._dead:
-                    link._on_readable()
+            def look() -> None:
+                for fd, _ in ready(0):
+                    link = by_fd.get(fd)
+                    if link is not None and not link._dead:
+                        link._on_readable()
 
+        self._looks = (links, look)
         return look
+
+    def _look_links(self) -> bool:
+        """:meth:`_poll_links` through :meth:`_looker` (for a poll that yields: many
+        looks that find nothing)."""
+        look = self._looker()
+        if look is None:
+            return self._poll_links()
+        if not self._polled:
+            return False
+        handed_over = self._handed_over
+        look()
+        return self._handed_over == handed_over
 
     def _poll_links(self) -> bool:
         """Read what the links hold; False when there was nothing to poll, or a
