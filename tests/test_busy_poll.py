@@ -274,6 +274,27 @@ async def _make(name: str, **options: Any) -> Transport:
     return await made if inspect.isawaitable(made) else made  # type: ignore[no-any-return]
 
 
+async def _echo_round_trips(transport: Transport, peer: PeerProcess, every: int) -> None:
+    """:data:`ROUND_TRIPS` pings to ``peer``'s echo server, a reply taken by
+    ``receive_nowait`` for every ``every``-th ping (by ``receive`` if it has none yet)
+    and by ``receive`` for the others; then ``peer`` and ``transport`` are stopped."""
+    try:
+        endpoint = await transport.new_endpoint()
+        conn = await asyncio.wait_for(endpoint.connect(peer.address), TIMEOUT)
+        await _event(endpoint, ConnectionOpened)  # the echo server connects back
+        for i in range(ROUND_TRIPS):
+            await conn.send([b"ping %d" % i])
+            received = endpoint.receive_nowait() if i % every == 0 else None
+            if received is None:
+                received = await _event(endpoint, Received)
+            assert isinstance(received, Received), received
+            assert [bytes(f) for f in received.frames] == [b"ping %d" % i]
+        await conn.close()
+    finally:
+        await peer.stop(TIMEOUT)
+        await asyncio.wait_for(transport.close(), TIMEOUT)
+
+
 @pytest.mark.parametrize("name", ["tcp", "shm"])
 def test_transport_on_uvloop_exchanges_with_another_process_without_polling(
     name: str, monkeypatch: pytest.MonkeyPatch
@@ -284,25 +305,7 @@ def test_transport_on_uvloop_exchanges_with_another_process_without_polling(
 
     async def main() -> None:
         transport = await _make(name, busy_poll_us=1e6)
-        peer = await PeerProcess.start(name, timeout=30.0)
-        try:
-            endpoint = await transport.new_endpoint()
-            conn = await asyncio.wait_for(endpoint.connect(peer.address), TIMEOUT)
-            await _event(endpoint, ConnectionOpened)  # the echo server connects back
-            for i in range(ROUND_TRIPS):
-                await conn.send([b"ping %d" % i])
-                if i % 2:
-                    received = await _event(endpoint, Received)
-                else:
-                    received = endpoint.receive_nowait()
-                    if received is None:
-                        received = await _event(endpoint, Received)
-                assert isinstance(received, Received), received
-                assert [bytes(f) for f in received.frames] == [b"ping %d" % i]
-            await conn.close()
-        finally:
-            await peer.stop(TIMEOUT)
-            await asyncio.wait_for(transport.close(), TIMEOUT)
+        await _echo_round_trips(transport, await PeerProcess.start(name, timeout=30.0), every=2)
 
     _run_on_uvloop(main)
 
@@ -605,21 +608,6 @@ def test_routing_whose_network_part_cannot_be_looked_at_leaves_its_shm_rings_awa
 
     async def main() -> None:
         transport = await _make("shm+tcp")
-        peer = await PeerProcess.start("shm+tcp", timeout=30.0)
-        try:
-            endpoint = await transport.new_endpoint()
-            conn = await asyncio.wait_for(endpoint.connect(peer.address), TIMEOUT)
-            await _event(endpoint, ConnectionOpened)
-            for i in range(ROUND_TRIPS):
-                await conn.send([b"ping %d" % i])
-                received = endpoint.receive_nowait()
-                if received is None:
-                    received = await _event(endpoint, Received)
-                assert isinstance(received, Received), received
-                assert [bytes(f) for f in received.frames] == [b"ping %d" % i]
-            await conn.close()
-        finally:
-            await peer.stop(TIMEOUT)
-            await asyncio.wait_for(transport.close(), TIMEOUT)
+        await _echo_round_trips(transport, await PeerProcess.start("shm+tcp", timeout=30.0), 1)
 
     asyncio.run(asyncio.wait_for(main(), 60.0))
