@@ -462,7 +462,9 @@ def test_a_poller_that_does_not_yield_does_not_poll_on_crowded_cpus(
     _run(body())
 
 
-def test_poll_looking_leaves_uncrowded_cpus_and_busy_loops_to_the_caller() -> None:
+def test_poll_looking_leaves_uncrowded_cpus_and_busy_loops_to_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
         poller = IdlePoller(loop, 1e6)
@@ -473,7 +475,7 @@ def test_poll_looking_leaves_uncrowded_cpus_and_busy_loops_to_the_caller() -> No
             return True
 
         assert not poller.poll_looking(look, time.perf_counter())  # not crowded (fixture)
-        _busy_poll._crowding = Crowding("1")
+        monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
         poller = IdlePoller(loop, 1e6)
         handle = loop.call_soon(lambda: None)
         assert not poller.poll_looking(look, time.perf_counter())  # another callback

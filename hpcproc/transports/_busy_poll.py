@@ -372,11 +372,6 @@ class IdlePoller:
         """The process's :class:`Crowding` this poller follows."""
         return self._crowded
 
-    def crowded_at(self, now: float) -> bool:
-        """Whether the CPUs are crowded at ``now`` (polling, if any, yields then)."""
-        c = self._crowded
-        return c.crowded if now < c.next_check else c(now)
-
     def yield_if_crowded(self, ours: object = None) -> bool:
         """Give the CPU away (``os.sched_yield``) if the loop is idle but for ``ours``
         and the CPUs are crowded (or polls were starved); whether it did. For a caller
@@ -591,7 +586,7 @@ class IdlePoller:
         crowded (the caller polls as usual), on the loop's fair turn, when a
         callback other than ``all_ours()`` is ready, or while polling is off."""
         ready: Any = self._ready
-        if ready is None or now < self._no_poll_until or not self.crowded_at(now):
+        if ready is None or now < self._no_poll_until or not self._crowded(now):
             return False
         if ready:
             mine = all_ours() if all_ours is not None else ()

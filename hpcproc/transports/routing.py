@@ -346,7 +346,7 @@ class RoutingEndPoint(EndPoint):
         are not crowded, or either sub-endpoint cannot be polled so now."""
         local, network = cast("tuple[MultiplexedEndPoint, MultiplexedEndPoint]", self._subs)
         now = time.perf_counter()
-        if not poller.crowded_at(now) or any(self._sub_closed):
+        if not poller.crowding(now) or any(self._sub_closed):
             return _NOT_POLLED
         # The network's first: a None answer leaves no trace, while a function
         # answer must be followed by _done_looking (the shm looker marks its readers
@@ -385,12 +385,12 @@ class RoutingEndPoint(EndPoint):
         if not polled:
             return _NOT_POLLED
         event: Event | None = queue.popleft() if queue else None
-        for sub in (LOCAL, NETWORK):
+        for sub, endpoint in ((LOCAL, local), (NETWORK, network)):
             if event is None:
                 event = self._take_queued(sub)
                 if event is not None:
                     self._hot = sub
-            events = self._subs[sub]._events  # type: ignore[attr-defined]
+            events = endpoint._events
             if events._items and events._waiters:
                 events.put_wakeup()  # what is left goes to the pump
         return event
