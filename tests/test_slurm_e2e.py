@@ -71,15 +71,17 @@ async def app_workers_report_pids(cluster: Any) -> None:
 BRIDGE_ADDRESS = "127.1.0.254"
 
 
-def where_am_i() -> tuple[str, str, int]:
-    """(hostname, this host's address, network namespace inode), seen from here."""
+def where_am_i() -> tuple[str, str, int, int]:
+    """(hostname, this host's address, network and IPC namespace inodes), seen from
+    here."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         probe.connect((BRIDGE_ADDRESS, 9))  # sends nothing: only picks the route
         address = str(probe.getsockname()[0])
     finally:
         probe.close()
-    return socket.gethostname(), address, os.stat("/proc/self/ns/net").st_ino
+    netns, ipcns = (os.stat(f"/proc/self/ns/{ns}").st_ino for ns in ("net", "ipc"))
+    return socket.gethostname(), address, netns, ipcns
 
 
 async def report_where(master: hp.Pid, rank: int) -> None:
@@ -94,8 +96,8 @@ async def app_report_where(cluster: Any) -> None:
     reports = [(0, *where_am_i())]
     for _ in cluster.peers:
         reports.append(await hp.expect(tuple, timeout=60))
-    for rank, host, address, netns in sorted(reports):
-        say_line(f"where rank={rank} host={host} address={address} netns={netns}")
+    for rank, host, address, netns, ipcns in sorted(reports):
+        say_line(f"where rank={rank} host={host} address={address} netns={netns} ipcns={ipcns}")
 
 
 async def host_name_here() -> str:
@@ -424,8 +426,9 @@ def test_ranks_of_a_three_node_step_run_on_three_distinct_hosts(
     steps: list[Step], slurm_env: dict[str, str], transport: str
 ) -> None:
     """Each node of the cluster is another host, as the ranks see it: its own
-    hostname, address and network stack; and every transport that crosses hosts
-    connects them."""
+    hostname, address and network stack, and its own IPC namespace (so that UCX, and
+    MPI over it, cannot share memory across hosts either); and every transport that
+    crosses hosts connects them."""
     options = []
     if transport == "mpi":
         pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install hpcproc[mpi])")
@@ -439,15 +442,14 @@ def test_ranks_of_a_three_node_step_run_on_three_distinct_hosts(
         PYTHON, "-m", "hpcproc.run", "--transport", transport, f"{THIS}:app_report_where",
     ).finish()  # fmt: skip
     assert rc == 0, out
-    seen = {
-        int(m[1]): (m[2], m[3], m[4])
-        for m in re.finditer(r"^where rank=(\d+) host=(\S+) address=(\S+) netns=(\d+)$", out, re.M)
-    }
+    where = r"^where rank=(\d+) host=(\S+) address=(\S+) netns=(\d+) ipcns=(\d+)$"
+    seen = {int(m[1]): (m[2], m[3], m[4], m[5]) for m in re.finditer(where, out, re.M)}
     assert sorted(seen) == list(range(6)), out
-    for rank, (host, address, _) in seen.items():
+    for rank, (host, address, _, _) in seen.items():
         node = rank // 2 + 1
         assert (host, address) == (f"host{node}", f"127.1.0.{node}"), out
-    assert len({netns for _, _, netns in seen.values()}) == 3, out
+    assert len({netns for _, _, netns, _ in seen.values()}) == 3, out
+    assert len({ipcns for _, _, _, ipcns in seen.values()}) == 3, out
 
 
 def test_shm_across_hosts_is_refused_at_start_up_naming_hosts_and_transports(

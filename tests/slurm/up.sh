@@ -10,6 +10,13 @@
 # network stacks, addresses and hostnames; they still share the file system, the
 # process table and the kernel (so the same boot id).
 #
+# Each host also has its own IPC namespace. UCX decides that two processes can share
+# memory (its sm transports, posix and sysv) when their boot ids and IPC namespaces
+# agree; without it, MPICH's UCX netmod moved the "cross-host" messages of an MPI job
+# through shared memory, which real separate hosts cannot do (bench cluster's mpi4py
+# Alltoall, 2 hosts x 2 ranks: 30-40 us with one IPC namespace, 90-150 us with one per
+# host, as with UCX_TLS=tcp,self).
+#
 # Names: a block in /etc/hosts between "# hpcproc-cluster begin" / "end" lines.
 # State (config, spool, logs, pid files) in $HPCPROC_SLURM_STATE (default
 # /tmp/hpcproc-slurm). Clients use it with:  export SLURM_CONF=$STATE/slurm.conf
@@ -100,7 +107,7 @@ slurmctld -f "$SLURM_CONF"
 for i in $(seq 1 "$HIDDEN"); do
     node=host$i
     [ "$i" -eq "$HIDDEN" ] && node=hidden$i
-    nsenter --net="/run/netns/hpcproc-h$i" unshare -u \
+    nsenter --net="/run/netns/hpcproc-h$i" unshare -u -i \
         sh -c "hostname host$i; exec slurmd -f '$SLURM_CONF' -N $node"
 done
 
