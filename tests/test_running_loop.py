@@ -1,0 +1,92 @@
+"""``running_loop``, the running-loop lookup of every ``send`` and ``receive``, answers
+exactly as ``asyncio._get_running_loop`` does (on Python 3.11 it remembers the loop
+last found instead of asking the kernel for the pid on every call)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+
+import hpcproc as hp
+from hpcproc._process import current, running_loop
+
+
+def test_inside_and_after_a_loop_and_outside_any() -> None:
+    assert running_loop() is None
+
+    async def main() -> asyncio.AbstractEventLoop | None:
+        assert running_loop() is asyncio.get_running_loop()
+        return running_loop()
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()) is loop
+        # Stopped: the loop it remembers runs no more.
+        assert running_loop() is None
+        assert loop.run_until_complete(main()) is loop
+    finally:
+        loop.close()
+    assert running_loop() is None
+    asyncio.run(main())  # another loop in the same thread
+    assert running_loop() is None
+
+
+def test_each_thread_gets_its_own_loop_and_a_thread_without_one_none() -> None:
+    seen: dict[str, object] = {}
+    in_loop = threading.Event()
+    looked = threading.Event()
+
+    def bare() -> None:
+        in_loop.wait(10)
+        seen["bare"] = running_loop()
+        looked.set()
+
+    async def main() -> None:
+        seen["main"] = running_loop() is asyncio.get_running_loop()
+        in_loop.set()  # the other thread looks while this loop runs (and is remembered)
+        await asyncio.get_running_loop().run_in_executor(None, looked.wait, 10)
+        seen["after"] = running_loop() is asyncio.get_running_loop()
+        other = await asyncio.to_thread(asyncio.run, inner())
+        seen["other thread's"] = other
+        seen["back"] = running_loop() is asyncio.get_running_loop()
+
+    async def inner() -> bool:
+        return running_loop() is asyncio.get_running_loop()
+
+    thread = threading.Thread(target=bare)
+    thread.start()
+    asyncio.run(main())
+    thread.join(10)
+    assert seen == {
+        "main": True,
+        "bare": None,
+        "after": True,
+        "other thread's": True,
+        "back": True,
+    }
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_has_no_running_loop() -> None:
+    async def main() -> int:
+        assert running_loop() is asyncio.get_running_loop()
+        pid = os.fork()
+        if pid == 0:  # the child: asyncio says no loop runs here, and so must we
+            os._exit(0 if running_loop() is None and asyncio._get_running_loop() is None else 1)
+        _, status = os.waitpid(pid, 0)
+        return status
+
+    assert os.waitstatus_to_exitcode(asyncio.run(main())) == 0
+
+
+def test_current_outside_a_process_still_refuses() -> None:
+    async def main() -> None:
+        with pytest.raises(hp.NotInProcessError):
+            current()
+
+    asyncio.run(main())
+    with pytest.raises(hp.NotInProcessError):
+        current()
