@@ -22,8 +22,9 @@ from ._copying import copy_message
 from ._ids import MonitorRef, NodeId, Pid
 from ._info import NodeStats, ProcessInfo
 from ._logger import LOGGER_NAME
+from ._loops import running_loop
 from ._matching import Matcher, identity, match_chan, match_if
-from ._process import RUNNING_TASKS, Kill, Process, current, running_loop
+from ._process import RUNNING_TASKS, Kill, Process, current
 from ._signals import ProcessMonitorNotification, ProcessTerminationException, exit_signal
 from ._spawning import fn_name
 from .serialization import SerializationError

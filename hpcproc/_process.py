@@ -40,9 +40,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
-import os
 import sys
-import threading
 import traceback
 from collections import deque
 from collections.abc import Coroutine, Generator, Sequence
@@ -53,6 +51,7 @@ from ._channels import ChanMessage, ReceivePort, SendPort
 from ._errors import NotInProcessError
 from ._ids import MonitorRef, Pid
 from ._info import ProcessInfo
+from ._loops import running_loop
 from ._matching import Matcher, identity
 from ._signals import (
     DiedException,
@@ -647,41 +646,6 @@ async def _handle(m: Matcher, msg: Any) -> Any:
 _CURRENT_TASKS: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = (
     getattr(asyncio.tasks, "_current_tasks", None) if sys.version_info < (3, 12) else None
 )
-_get_running_loop = asyncio._get_running_loop
-
-if sys.version_info < (3, 12):
-    # Python 3.11's C ``_get_running_loop`` asks the kernel for the pid on every call
-    # (a fork check): 0.45-0.5 us here, on every send and receive. The loop last
-    # found is asked instead: an asyncio loop's ``_thread_id`` is this thread's exactly
-    # while it runs here (set and cleared by ``run_forever``), which is what
-    # ``_get_running_loop`` answers. Loops without ``_thread_id`` (uvloop) take the
-    # call. After a fork the child forgets it (its loop does not run there).
-    _get_ident = threading.get_ident
-    _last_loop: Any = None
-
-    def running_loop() -> asyncio.AbstractEventLoop | None:
-        """``asyncio._get_running_loop()``: the loop running in this thread, or None."""
-        loop = _last_loop
-        if loop is not None and loop._thread_id == _get_ident():
-            return loop  # type: ignore[no-any-return]
-        return _look_up_running_loop()
-
-    def _look_up_running_loop() -> asyncio.AbstractEventLoop | None:
-        global _last_loop
-        loop = _get_running_loop()
-        if isinstance(loop, asyncio.BaseEventLoop):
-            _last_loop = loop
-        return loop
-
-    def _forget_running_loop() -> None:
-        global _last_loop
-        _last_loop = None
-
-    os.register_at_fork(after_in_child=_forget_running_loop)
-else:
-    running_loop = _get_running_loop
-
-
 #: :func:`current`'s fast path for the hottest callers (``send``, ``expect``) to write
 #: out, a frame less each: ``RUNNING_TASKS.get(running_loop())`` is the running task
 #: (a :class:`Process` in the common case). None where not applicable (3.12+).

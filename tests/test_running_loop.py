@@ -11,7 +11,8 @@ import threading
 import pytest
 
 import hpcproc as hp
-from hpcproc._process import current, running_loop
+from hpcproc._loops import running_loop
+from hpcproc._process import current
 
 
 def test_inside_and_after_a_loop_and_outside_any() -> None:

@@ -55,6 +55,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Container, Sequence
 
+from .._loops import get_running_loop
 from .base import (
     Buffer,
     ConnectError,
@@ -348,7 +349,7 @@ class EventQueue:
         while not self._items:
             if self._done:
                 raise EndPointClosedError()
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
                 await waiter

@@ -148,6 +148,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._loops import running_loop
 from ..mpi_init import import_mpi
 from ._busy_poll import IdlePoller, check_budget
 from ._idle_pool import IdleTrimmer, idle_seconds
@@ -350,11 +351,8 @@ class _BufferPool:
             return bool(arrays)
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+#: The loop running in this thread, or None (without a system call; see _loops).
+_running_loop = running_loop
 
 
 class _Engine:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from .._host import host_identity
+from .._loops import get_running_loop
 from ._busy_poll import IdlePoller
 from ._multiplex import MultiplexedEndPoint
 from .base import (
@@ -503,7 +504,7 @@ class RoutingEndPoint(EndPoint):
             for sub in (LOCAL, NETWORK):
                 if self._pumps[sub] is None and not self._sub_closed[sub]:
                     self._pumps[sub] = asyncio.ensure_future(self._pump(sub))
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = get_running_loop().create_future()
             try:
                 await waiter
             finally:
