@@ -11,15 +11,17 @@ import threading
 import pytest
 
 import hpcproc as hp
-from hpcproc._loops import running_loop
+from hpcproc._loops import get_running_loop, running_loop
 from hpcproc._process import current
 
 
 def test_inside_and_after_a_loop_and_outside_any() -> None:
     assert running_loop() is None
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        get_running_loop()
 
     async def main() -> asyncio.AbstractEventLoop | None:
-        assert running_loop() is asyncio.get_running_loop()
+        assert running_loop() is asyncio.get_running_loop() is get_running_loop()
         return running_loop()
 
     loop = asyncio.new_event_loop()
@@ -33,6 +35,8 @@ def test_inside_and_after_a_loop_and_outside_any() -> None:
     assert running_loop() is None
     asyncio.run(main())  # another loop in the same thread
     assert running_loop() is None
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        get_running_loop()
 
 
 def test_each_thread_gets_its_own_loop_and_a_thread_without_one_none() -> None:
