@@ -96,8 +96,10 @@ async def send(pid: Pid, msg: Any) -> None:
 
     Messages from one process to another arrive in the order sent, as a prefix of what
     was sent: a message to a dead or unreachable process is dropped silently, and
-    after the connection to ``pid``'s node failed every later message to ``pid`` is
-    dropped until :func:`reconnect`. A local receiver gets a copy of a mutable
+    after the connection to ``pid``'s node or to ``pid`` failed every later message to
+    ``pid`` is dropped until :func:`reconnect` (the failure fires this process's
+    monitors of ``pid`` and its link to it with ``DiedDisconnect``, as a node loss
+    does). A local receiver gets a copy of a mutable
     ``msg`` (see :func:`unsafe_send`).
 
     Raises:

@@ -6,7 +6,10 @@ lightweight connection per (sender, receiver) pair, opened on the sender's first
 message starts with a bind frame naming both ends (:mod:`._control`). A pair
 connection that fails, or whose node is lost, is marked :data:`BROKEN` and further
 sends on that pair are dropped until the sender calls ``reconnect``, so a receiver
-always sees a prefix of what one sender sent per connection.
+always sees a prefix of what one sender sent per connection. Disconnect counts as
+failure: when the pair breaks (a connect or send fails), the sender's monitors of the
+receiver and its link to it fire with ``DiedDisconnect`` at once, even where the
+receiver's node is not lost (``Watches.pair_broken``).
 
 Signals from one process to another (link, monitor, their undoing, exit, kill, and
 the death notices a process's end sends its watchers) go on the pair connection
@@ -147,6 +150,7 @@ class RemoteSender:
             return now, False
         if conn is None:
             conns[pid] = BROKEN
+            self._node.watches.pair_broken(proc, pid)
             return BROKEN, False
         conns[pid] = conn
         return conn, True
@@ -220,11 +224,13 @@ class RemoteSender:
         backlog.append(frames)
 
     def _send_failed(self, proc: Process, pid: Pid, conn: Any, exc: TransportError) -> None:
-        """The pair connection broke: drop messages to ``pid`` until ``reconnect``."""
+        """The pair connection broke: drop messages to ``pid`` until ``reconnect``,
+        and fire ``proc``'s watches on ``pid`` (``Watches.pair_broken``)."""
         log.debug("send %r -> %r failed: %r", proc.pid, pid, exc)
         assert proc.conns is not None
         if proc.conns.get(pid) is conn:  # (not one that ``reconnect`` replaced meanwhile)
             proc.conns[pid] = BROKEN
+            self._node.watches.pair_broken(proc, pid)
         self._node.in_background(conn.close())
 
     def reconnect(self, proc: Process, pid: Pid) -> None:

@@ -14,7 +14,10 @@ control message to the watcher's node, on the pair connection if the process has
 to the watcher, after its messages). A watch our process holds on *another node*
 is also recorded here, by node (:attr:`Watches.remote`): when that node is lost or
 announces its close, every watch on it fires with ``DiedDisconnect`` /
-``DiedNodeDown`` without a message from it. A ``Died`` is acted on only if its key is
+``DiedNodeDown`` without a message from it; when the watcher's own pair connection to
+the watched process cannot be opened or fails (its messages there are dropped from
+then on), its watches on that process fire with ``DiedDisconnect``
+(:meth:`Watches.pair_broken`). A ``Died`` is acted on only if its key is
 still recorded, so each watch fires at most once, whichever comes first; and only
 once every pair connection from the dead process to this node has closed
 (``Incoming.after_messages_of``), so that its last messages to any process here are
@@ -41,6 +44,7 @@ from ._errors import NodeUnreachableError
 from ._ids import MonitorRef, NodeId, Pid
 from ._registry import REGISTRY_LID
 from ._signals import (
+    DiedDisconnect,
     DiedReason,
     DiedUnknownId,
     NodeLinkException,
@@ -308,6 +312,40 @@ class Watches:
             proc.signal(NodeLinkException(target, reason))
         elif not reason.normal:
             proc.signal(ProcessLinkException(target, reason))
+
+    def pair_broken(self, proc: Process, target: Pid) -> None:
+        """``proc``'s pair connection to ``target`` could not be opened or failed: its
+        messages to ``target`` are dropped from now on (until ``reconnect``), which
+        counts as ``target``'s failure for ``proc`` (disconnect counts as failure,
+        whether or not ``target``'s node is lost too). Fire, with ``DiedDisconnect``,
+        ``proc``'s monitors of ``target`` and of its ports and its link to it; its
+        other watches on that node (other processes, the node itself) stay."""
+        watches = self.remote.get(target.node)
+        if not watches:
+            return
+        watcher = proc.pid
+        fired: list[WatchKey] = []
+        for key in watches:
+            if key.watcher != watcher:
+                continue
+            if type(key) is Link:
+                if key.target == target:
+                    fired.append(key)
+            elif type(key) is MonitorRef:
+                watched = key.target
+                if type(watched) is SendPort:
+                    watched = watched.owner
+                if watched == target:
+                    fired.append(key)
+        if not fired:
+            return
+        for key in fired:
+            del watches[key]
+        if not watches:
+            del self.remote[target.node]
+        reason = DiedDisconnect()
+        for key in fired:
+            self.deliver_death(target, reason, key)
 
     def node_lost(self, nid: NodeId, reason: DiedReason) -> None:
         """Communication with ``nid`` failed (or it closed): fire every watch on it."""
