@@ -28,7 +28,7 @@ import pytest
 
 import hpcproc as hp
 from hpcproc.testing.node_server import NodeServerProcess
-from hpcproc.transports import create
+from hpcproc.transports import ConnectError, ConnectErrorCode, create
 from hpcproc.transports.faults import FaultInjection, require_fault_injection
 
 from .test_process_local import Add, DivByZero, Divide, math_server
@@ -592,11 +592,15 @@ def test_registry_monitoring_name_of_a_remote_process_dropped_on_death(
         pid = await hp.spawn(c.b, waits_forever)
         name = f"remote-doomed-{kind}-{hp.self_pid().lid}"
         hp.register(name, pid)
-        # Monitored after registering: node b reports the registry's watch first.
         ref = await hp.monitor(pid)
         before = hp.whereis(name) == pid
         await hp.kill(pid, "x")
         await expect_ref(ref)
+        # The registry's watch went to node b on the control connection and ours on
+        # our pair connection, so either may be first there, and its death notice
+        # first here (on b's control connection both): the round trip on it brings
+        # the other one in.
+        await sync_with(c.b)
         return before, hp.whereis(name)
 
     assert run_cluster(kind, servers, body) == (True, None)
@@ -951,6 +955,86 @@ def test_reconnect_after_disconnect_drops_messages_until_reconnect(
     first, second = run_cluster(kind, servers, body)
     assert first == ("report", ("m1",))
     assert second == ("report", ("m1", "m3"))
+
+
+async def monitors_then_reports(target: hp.Pid, reply: hp.Pid) -> None:
+    ref = await hp.monitor(target)
+    note = await expect_ref(ref)
+    await hp.send(reply, ("monitor", note.reason))
+
+
+async def links_then_reports(target: hp.Pid, reply: hp.Pid) -> None:
+    hp.trap_exits(True)
+    await hp.link(target)
+    sig = await hp.expect(hp.ExitSignal, timeout=WAIT)
+    assert sig is not None, "no exit signal arrived"
+    await hp.send(reply, ("link", sig.from_ == target, sig.reason))
+
+
+def test_a_pair_connection_that_cannot_open_fires_the_senders_monitor_and_link(
+    kind: str, servers: Servers
+) -> None:
+    """Disconnect counts as failure for a sender's own connection too: when its pair
+    connection to a process cannot be opened while that process's node stays up (its
+    messages there are dropped until ``reconnect``), its monitor of the process and its
+    link to it fire with ``DiedDisconnect`` at once, not never."""
+
+    async def refused(*_: Any, **__: Any) -> Any:
+        raise ConnectError(ConnectErrorCode.FAILED, "refused by the test")
+
+    async def body(c: Cluster) -> Any:
+        target = await hp.spawn(c.b, waits_forever)  # the control connection is open now
+        endpoint: Any = c.a.endpoint
+        endpoint.connect = refused  # every new connect of node a fails from here
+        try:
+            me = hp.self_pid()
+            hp.spawn_local(monitors_then_reports, target, me)
+            hp.spawn_local(links_then_reports, target, me)
+            got = [await hp.expect(tuple, timeout=WAIT) for _ in range(2)]
+        finally:
+            del endpoint.connect
+        alive = await hp.get_process_info(target) is not None
+        await hp.kill(target, "x")
+        return sorted(got, key=lambda m: str(m[0])), alive
+
+    assert run_cluster(kind, servers, body) == (
+        [("link", True, hp.DiedDisconnect()), ("monitor", hp.DiedDisconnect())],
+        True,
+    )
+
+
+def test_a_pair_connection_that_fails_fires_the_senders_monitor_and_drops_the_rest(
+    kind: str, servers: Servers
+) -> None:
+    """A send that fails on the pair connection (the node staying up) fires the
+    sender's monitor of the receiver with ``DiedDisconnect``; later messages are
+    dropped until ``reconnect``, and then delivered again."""
+
+    def failing(*_: Any) -> Any:
+        raise hp.transports.SendError(hp.transports.SendErrorCode.FAILED, "broken by the test")
+
+    async def failing_async(*args: Any) -> Any:
+        failing(*args)
+
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        target = await hp.spawn(c.b, collector, me)
+        ref = await hp.monitor(target)  # opens the pair connection
+        await hp.send(target, "m1")
+        proc = c.a.local_process(me.lid)
+        assert proc is not None and proc.conns is not None
+        conn = proc.conns[target]
+        conn.send_nowait, conn.send = failing, failing_async
+        await hp.send(target, "m2")  # fails: the monitor fires
+        note = await expect_ref(ref)
+        await hp.send(target, "m3")  # dropped: the pair is broken
+        await hp.reconnect(target)
+        await hp.send(target, "report")
+        report = await hp.expect(tuple, timeout=WAIT)
+        await hp.kill(target, "x")
+        return note.reason, report
+
+    assert run_cluster(kind, servers, body) == (hp.DiedDisconnect(), ("report", ("m1",)))
 
 
 def test_watches_of_an_ended_process_are_removed_on_the_target_node(
