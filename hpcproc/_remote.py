@@ -181,14 +181,17 @@ class RemoteSender:
         messages cannot overtake it): may wait for the connect, as a first ``send``
         does. On a broken pair, which drops messages until ``reconnect``, or one that
         cannot be opened, it goes on the control queue to ``pid``'s node instead
-        (which delivers it, or finds the node lost and fires the watches on it). If
-        the pair connection fails under it, it is dropped with the pair's messages,
-        and the node's loss fires the watches.
+        (which delivers it, or finds the node lost and fires the watches on it); but
+        not a link or monitor request whose watch fired as the pair broke under it
+        (``Watches.pair_broken``). If the pair connection fails under it, it is
+        dropped with the pair's messages, and the break fires ``proc``'s watches on
+        ``pid``.
 
         Raises:
             SerializationError: ``msg`` cannot be pickled.
         """
-        if not await self._send_on_pair(proc, pid, ctl.signal_frames(msg)):
+        sent = await self._send_on_pair(proc, pid, ctl.signal_frames(msg))
+        if not sent and not self._node.watches.fired(msg):
             self.post(pid.node, msg)
 
     def post_signal(self, msg: Any) -> None:

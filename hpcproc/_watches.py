@@ -319,9 +319,11 @@ class Watches:
         counts as ``target``'s failure for ``proc`` (disconnect counts as failure,
         whether or not ``target``'s node is lost too). Fire, with ``DiedDisconnect``,
         ``proc``'s monitors of ``target`` and of its ports and its link to it; its
-        other watches on that node (other processes, the node itself) stay."""
+        other watches on that node (other processes, the node itself) stay. Nothing
+        for a process that has ended: its watches are being dropped, and their
+        targets' nodes told (:meth:`process_ended`)."""
         watches = self.remote.get(target.node)
-        if not watches:
+        if not watches or proc.done():
             return
         watcher = proc.pid
         fired: list[WatchKey] = []
@@ -346,6 +348,18 @@ class Watches:
         reason = DiedDisconnect()
         for key in fired:
             self.deliver_death(target, reason, key)
+
+    def fired(self, request: Any) -> bool:
+        """Whether ``request``, a ``LinkReq`` or ``MonitorReq`` for another node, names a
+        watch that has fired already (its pair connection broke as it was sent: the
+        target's node need not hear of it). False for any other message."""
+        if type(request) is ctl.MonitorReq:
+            key: WatchKey = request.ref
+        elif type(request) is ctl.LinkReq:
+            key = Link(request.watcher, request.target)
+        else:
+            return False
+        return key not in self.remote.get(request.target.node, ())
 
     def node_lost(self, nid: NodeId, reason: DiedReason) -> None:
         """Communication with ``nid`` failed (or it closed): fire every watch on it."""
