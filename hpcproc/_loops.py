@@ -5,9 +5,12 @@ kernel for the pid on every call, a check against a fork: 0.45-0.5 us on the mac
 this was measured on, paid on every ``send`` and ``receive``. :func:`running_loop`
 asks the loop it found last instead: an asyncio loop's ``_thread_id`` is this
 thread's exactly while it runs here (``run_forever`` sets and clears it), which is
-what ``_get_running_loop`` answers. Loops without ``_thread_id`` (uvloop) take the
-call; a forked child forgets the loop (it does not run there). Python 3.12 reads
-the thread state instead, and its own function is used as it is.
+what ``_get_running_loop`` answers, but for a loop swapped in inside a running one
+(``asyncio._set_running_loop``, which asyncio's ``run_forever`` calls on entry and exit,
+as libraries that run a loop inside another do): that call is wrapped, here, to forget
+the loop too. Loops without ``_thread_id`` (uvloop) take the call; a forked child
+forgets the loop (it does not run there). Python 3.12 reads the thread state instead,
+and its own function is used as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +48,18 @@ if sys.version_info < (3, 12):
         _last_loop = None
 
     os.register_at_fork(after_in_child=_forget_running_loop)
+
+    _set_running_loop = asyncio.events._set_running_loop
+
+    def _set_running_loop_forgetting(loop: asyncio.AbstractEventLoop | None) -> None:
+        """asyncio's ``_set_running_loop``, forgetting the loop remembered here."""
+        global _last_loop
+        _last_loop = None
+        _set_running_loop(loop)
+
+    # Both names asyncio code calls it by (run_forever looks it up in events at each call).
+    asyncio.events._set_running_loop = _set_running_loop_forgetting
+    asyncio._set_running_loop = _set_running_loop_forgetting
 else:
     running_loop = _get_running_loop
 

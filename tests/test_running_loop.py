@@ -74,13 +74,42 @@ def test_each_thread_gets_its_own_loop_and_a_thread_without_one_none() -> None:
     }
 
 
+def test_a_loop_run_inside_a_running_one_is_seen_and_the_outer_one_after() -> None:
+    """Libraries run a loop inside a running one by swapping the running loop
+    (``asyncio._set_running_loop``); each side sees its own."""
+    inner_loop = asyncio.new_event_loop()
+
+    async def inner() -> bool:
+        return running_loop() is asyncio.get_running_loop() is inner_loop
+
+    async def outer() -> tuple[bool, bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        before = running_loop() is loop
+        asyncio._set_running_loop(None)
+        try:
+            outside = running_loop() is None
+            inside = inner_loop.run_until_complete(inner())
+        finally:
+            asyncio._set_running_loop(loop)
+        return before, outside, inside, running_loop() is loop
+
+    try:
+        assert asyncio.run(outer()) == (True, True, True, True)
+    finally:
+        inner_loop.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_has_no_running_loop() -> None:
     async def main() -> int:
         assert running_loop() is asyncio.get_running_loop()
         pid = os.fork()
         if pid == 0:  # the child: asyncio says no loop runs here, and so must we
-            os._exit(0 if running_loop() is None and asyncio._get_running_loop() is None else 1)
+            code = 1
+            try:
+                code = 0 if running_loop() is None and asyncio._get_running_loop() is None else 1
+            finally:
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
         return status
 
