@@ -208,10 +208,11 @@ def test_one_node_per_host_discover_each_other_across_the_bridge(
         pytest.skip(problem)
     nodes = []
     for h in (1, 2, 3):
-        # The host's network stack and its own host name; no --interface: the route
-        # for the group (224.0.0.0/4 out of the host's eth0) picks it.
+        # The host's network stack, its own host name and IPC namespace (as its
+        # slurmd); no --interface: the route for the group (224.0.0.0/4 out of the
+        # host's eth0) picks it.
         prefix = (
-            "nsenter", f"--net=/run/netns/hpcproc-h{h}", "unshare", "-u", "sh", "-c",
+            "nsenter", f"--net=/run/netns/hpcproc-h{h}", "unshare", "-u", "-i", "sh", "-c",
             f'hostname host{h}; exec "$@"', "sh",
         )  # fmt: skip
         nodes.append(node(procs, env, group, "app_hosts", "--min-nodes", "3", prefix=prefix))

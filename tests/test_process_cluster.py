@@ -984,6 +984,7 @@ def test_a_pair_connection_that_cannot_open_fires_the_senders_monitor_and_link(
 
     async def body(c: Cluster) -> Any:
         target = await hp.spawn(c.b, waits_forever)  # the control connection is open now
+        node_ref = await hp.monitor_node(c.b)
         endpoint: Any = c.a.endpoint
         endpoint.connect = refused  # every new connect of node a fails from here
         try:
@@ -993,12 +994,20 @@ def test_a_pair_connection_that_cannot_open_fires_the_senders_monitor_and_link(
             got = [await hp.expect(tuple, timeout=WAIT) for _ in range(2)]
         finally:
             del endpoint.connect
+        assert None not in got, got
+        # Node b was not lost: its monitor stays quiet past a control round trip, and
+        # the target is alive.
+        await sync_with(c.b)
+        node_down = await hp.receive(
+            hp.match_if(lambda m: getattr(m, "ref", None) == node_ref), timeout=0
+        )
         alive = await hp.get_process_info(target) is not None
         await hp.kill(target, "x")
-        return sorted(got, key=lambda m: str(m[0])), alive
+        return sorted(got, key=lambda m: str(m[0])), node_down, alive
 
     assert run_cluster(kind, servers, body) == (
         [("link", True, hp.DiedDisconnect()), ("monitor", hp.DiedDisconnect())],
+        None,
         True,
     )
 
@@ -1021,6 +1030,9 @@ def test_a_pair_connection_that_fails_fires_the_senders_monitor_and_drops_the_re
         target = await hp.spawn(c.b, collector, me)
         ref = await hp.monitor(target)  # opens the pair connection
         await hp.send(target, "m1")
+        # Delivered before the pair breaks (the report after it comes on a new one).
+        await hp.send(target, "report")
+        first = await hp.expect(tuple, timeout=WAIT)
         proc = c.a.local_process(me.lid)
         assert proc is not None and proc.conns is not None
         conn = proc.conns[target]
@@ -1032,9 +1044,13 @@ def test_a_pair_connection_that_fails_fires_the_senders_monitor_and_drops_the_re
         await hp.send(target, "report")
         report = await hp.expect(tuple, timeout=WAIT)
         await hp.kill(target, "x")
-        return note.reason, report
+        return first, note.reason, report
 
-    assert run_cluster(kind, servers, body) == (hp.DiedDisconnect(), ("report", ("m1",)))
+    assert run_cluster(kind, servers, body) == (
+        ("report", ("m1",)),
+        hp.DiedDisconnect(),
+        ("report", ("m1",)),
+    )
 
 
 def test_watches_of_an_ended_process_are_removed_on_the_target_node(

@@ -85,10 +85,11 @@ def _start_sshd(workdir: Path, address: str, port: int, netns: str | None) -> Li
     )
     argv = [SSHD, "-D", "-e", "-f", str(config)]
     if netns is not None:
-        # Inside the host's network namespace, under its own host name (as its slurmd).
+        # Inside the host's network namespace, under its own host name and in an IPC
+        # namespace of its own (as its slurmd: tests/slurm/up.sh).
         name = netns.removeprefix("hpcproc-h")
         script = f"hostname host{name} && exec {' '.join(argv)}"
-        argv = ["nsenter", f"--net=/run/netns/{netns}", "unshare", "-u", "sh", "-c", script]
+        argv = ["nsenter", f"--net=/run/netns/{netns}", "unshare", "-u", "-i", "sh", "-c", script]
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     sshd = LineProcess(argv, os.environ, workdir)
     sshd.wait_for_lines("Server listening on", 1, WAIT)
