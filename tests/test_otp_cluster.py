@@ -21,8 +21,9 @@ import pytest
 
 import hpcproc as hp
 from hpcproc import otp
+from hpcproc._process import current
 from hpcproc.testing.node_server import NodeServerProcess
-from hpcproc.transports import create
+from hpcproc.transports import ConnectError, ConnectErrorCode, create
 
 from .test_otp_local import Counter, Worker, expect_msg, member, nothing_left, started
 
@@ -233,3 +234,38 @@ def test_remote_crash_in_handle_call_reaches_the_caller_with_its_traceback(
     reason, tb, empty = run(body)
     assert "ZeroDivisionError: crash requested" in reason
     assert "handle_call" in tb and "ZeroDivisionError" in tb and empty
+
+
+async def calls_and_reports(pid: hp.Pid, reply: hp.Pid) -> None:
+    try:
+        value: Any = await otp.call(pid, "get", timeout=None)
+    except otp.ServerDown as exc:
+        value = type(exc.reason)
+    await hp.send(reply, ("called", value, await nothing_left()))
+
+
+def test_a_call_whose_request_cannot_reach_the_server_raises_server_down_at_once(
+    servers: Servers,
+) -> None:
+    """A call whose own connection to the server cannot be opened (the server's node
+    staying up) raises ``ServerDown(DiedDisconnect)`` at once, not after ``timeout``
+    (here: never), as Erlang's call exits with ``noconnection``."""
+    b = servers.start()
+
+    async def refused(*_: Any, **__: Any) -> Any:
+        raise ConnectError(ConnectErrorCode.FAILED, "refused by the test")
+
+    async def body() -> Any:
+        pid = await otp.start(Counter, 7, node=b.node_id)
+        assert await otp.call(pid, "get") == 7  # the call watch is connected already
+        endpoint: Any = current().node.endpoint
+        endpoint.connect = refused  # every new connect of this node fails from here
+        try:
+            hp.spawn_local(calls_and_reports, pid, hp.self_pid())  # a caller without a pair
+            got = await hp.expect(tuple, timeout=STOP_WAIT)
+        finally:
+            del endpoint.connect
+        await otp.stop(pid)
+        return got
+
+    assert run(body) == ("called", hp.DiedDisconnect, True)

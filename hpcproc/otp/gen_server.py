@@ -477,9 +477,11 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
     May block up to ``timeout`` seconds (None: until the reply or the server's end).
 
     Raises:
-        ServerDown: the server is not there, died (``reason``), its node was lost, or
-            ``handle_call`` raised (``remote_traceback`` is the server's traceback).
-            Raised as soon as the server's monitor reports it, not after ``timeout``.
+        ServerDown: the server is not there, died (``reason``), its node was lost,
+            the request could not go (the caller's connection to it could not be
+            opened or failed: ``DiedDisconnect``), or ``handle_call`` raised
+            (``remote_traceback`` is the server's traceback). Raised as soon as the
+            server's monitor reports it, not after ``timeout``.
         CallTimeout: no reply within ``timeout``; nothing of this call stays in the
             caller's mailbox, and a late reply is dropped.
         ValueError: the server is the calling process itself.
@@ -510,6 +512,12 @@ async def call(server: Any, request: Any, timeout: float | None = 5.0) -> Any:
             if conns is not None and conns.get(pid) is BROKEN:
                 reopen_if_broken(pid, proc)  # a call is a transaction of its own
             await hp.send(pid, (_CALL, slot.wire, tag, request))
+            conns = proc.conns
+            if conns is not None and conns.get(pid) is BROKEN:
+                # The request did not go: the pair connection could not be opened, or
+                # broke under it (the server's node may stay up, so no watch reports
+                # it). No answer will come: as Erlang's call exits with noconnection.
+                raise ServerDown(hp.DiedDisconnect())
             got = await hp.receive(slot.matcher)
             if got[0] != tag or got[1] is WATCH_ENDED:
                 got = await _other_reply(pid, slot, tag, got, deadline)
