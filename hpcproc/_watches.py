@@ -84,6 +84,26 @@ WatchKey = MonitorRef | Link | NodeLink
 _PRUNE_AT = 32
 
 
+def _watched_process(key: WatchKey) -> Pid | None:
+    """The process whose end fires ``key``: a link's target, a monitored process or
+    a monitored port's owner; None for a node watch or a ``spawn_monitor`` ref
+    still waiting for its pid."""
+    if type(key) is Link:
+        return key.target
+    if type(key) is MonitorRef:
+        target = key.target
+        if type(target) is SendPort:
+            return target.owner
+        if type(target) is Pid:
+            return target
+    return None
+
+
+def _request_key(msg: ctl.LinkReq | ctl.MonitorReq) -> MonitorRef | Link:
+    """The watch a link or monitor request asks for."""
+    return msg.ref if type(msg) is ctl.MonitorReq else Link(msg.watcher, msg.target)  # type: ignore[union-attr]
+
+
 def notification(ref: MonitorRef, reason: DiedReason) -> Any:
     """The monitor message for ``ref`` (process, node or port monitor)."""
     target = ref.target
@@ -326,19 +346,7 @@ class Watches:
         if not watches or proc.done():
             return
         watcher = proc.pid
-        fired: list[WatchKey] = []
-        for key in watches:
-            if key.watcher != watcher:
-                continue
-            if type(key) is Link:
-                if key.target == target:
-                    fired.append(key)
-            elif type(key) is MonitorRef:
-                watched = key.target
-                if type(watched) is SendPort:
-                    watched = watched.owner
-                if watched == target:
-                    fired.append(key)
+        fired = [k for k in watches if k.watcher == watcher and _watched_process(k) == target]
         if not fired:
             return
         for key in fired:
@@ -353,13 +361,9 @@ class Watches:
         """Whether ``request``, a ``LinkReq`` or ``MonitorReq`` for another node, names a
         watch that has fired already (its pair connection broke as it was sent: the
         target's node need not hear of it). False for any other message."""
-        if type(request) is ctl.MonitorReq:
-            key: WatchKey = request.ref
-        elif type(request) is ctl.LinkReq:
-            key = Link(request.watcher, request.target)
-        else:
+        if type(request) is not ctl.MonitorReq and type(request) is not ctl.LinkReq:
             return False
-        return key not in self.remote.get(request.target.node, ())
+        return _request_key(request) not in self.remote.get(request.target.node, ())
 
     def node_lost(self, nid: NodeId, reason: DiedReason) -> None:
         """Communication with ``nid`` failed (or it closed): fire every watch on it."""
@@ -395,7 +399,7 @@ class Watches:
             self.deliver_death(msg.target, msg.reason, key)
 
     def on_link(self, nid: NodeId, msg: ctl.LinkReq | ctl.MonitorReq) -> None:
-        key = msg.ref if type(msg) is ctl.MonitorReq else Link(msg.watcher, msg.target)  # type: ignore[union-attr]
+        key = _request_key(msg)
         target = msg.target
         tp = self._procs.get(target.lid) if target.node == self._node.node_id else None
         if tp is None:
