@@ -312,7 +312,7 @@ class _BufferPool:
 
     def take(self, size: int) -> np.ndarray[Any, Any]:
         """An array of ``size`` bytes that nobody else refers to (caller holds the lock)."""
-        if _running_loop() is not None:
+        if running_loop() is not None:
             self._trimmer.touch()
         arrays = self.arrays
         for i in range(len(arrays)):
@@ -349,10 +349,6 @@ class _BufferPool:
                     del arrays[i]
                     del self.used[i]
             return bool(arrays)
-
-
-#: The loop running in this thread, or None (without a system call; see _loops).
-_running_loop = running_loop
 
 
 class _Engine:
@@ -504,7 +500,7 @@ class _Engine:
             if message is not None and batch:
                 self._poll(ready)
             if ready:
-                loop = endpoint.loop if endpoint is not None else _running_loop()
+                loop = endpoint.loop if endpoint is not None else running_loop()
                 ready = self._sort_out(ready, loop)
         self.last_activity = time.monotonic()
         for op in done:
@@ -829,7 +825,7 @@ _OPEN, _DATA, _CLOSE = int(_Msg.OPEN), int(_Msg.DATA), int(_Msg.CLOSE)
 
 
 def _set_result(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
-    if _running_loop() is loop:
+    if running_loop() is loop:
         if not future.done():
             future.set_result(None)
     else:
@@ -837,7 +833,7 @@ def _set_result(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -
 
 
 def _call_on(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
-    if _running_loop() is loop:
+    if running_loop() is loop:
         fn(*args)
     else:
         _call_soon_threadsafe(loop, fn, *args)
