@@ -23,9 +23,10 @@ import hpcproc as hp
 from hpcproc import otp
 from hpcproc._process import current
 from hpcproc.testing.node_server import NodeServerProcess
-from hpcproc.transports import ConnectError, ConnectErrorCode, create
+from hpcproc.transports import create
 
 from .test_otp_local import Counter, Worker, expect_msg, member, nothing_left, started
+from .test_process_cluster import connects_refused
 
 TIMEOUT = 90.0
 #: Bound on a stop that must succeed (generous: the machine may be loaded).
@@ -252,19 +253,12 @@ def test_a_call_whose_request_cannot_reach_the_server_raises_server_down_at_once
     (here: never), as Erlang's call exits with ``noconnection``."""
     b = servers.start()
 
-    async def refused(*_: Any, **__: Any) -> Any:
-        raise ConnectError(ConnectErrorCode.FAILED, "refused by the test")
-
     async def body() -> Any:
         pid = await otp.start(Counter, 7, node=b.node_id)
         assert await otp.call(pid, "get") == 7  # the call watch is connected already
-        endpoint: Any = current().node.endpoint
-        endpoint.connect = refused  # every new connect of this node fails from here
-        try:
+        with connects_refused(current().node):
             hp.spawn_local(calls_and_reports, pid, hp.self_pid())  # a caller without a pair
             got = await hp.expect(tuple, timeout=STOP_WAIT)
-        finally:
-            del endpoint.connect
         await otp.stop(pid)
         return got
 

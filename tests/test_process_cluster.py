@@ -15,6 +15,7 @@ transport without :class:`~hpcproc.transports.faults.FaultInjection`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import sys
@@ -971,6 +972,22 @@ async def links_then_reports(target: hp.Pid, reply: hp.Pid) -> None:
     await hp.send(reply, ("link", sig.from_ == target, sig.reason))
 
 
+@contextlib.contextmanager
+def connects_refused(node: hp.Node) -> Iterator[None]:
+    """Inside, every new connect of ``node``'s endpoint fails (``ConnectError``); the
+    connections it has keep working."""
+
+    async def refused(*_: Any, **__: Any) -> Any:
+        raise ConnectError(ConnectErrorCode.FAILED, "refused by the test")
+
+    endpoint: Any = node.endpoint
+    endpoint.connect = refused
+    try:
+        yield
+    finally:
+        del endpoint.connect
+
+
 def test_a_pair_connection_that_cannot_open_fires_the_senders_monitor_and_link(
     kind: str, servers: Servers
 ) -> None:
@@ -979,21 +996,14 @@ def test_a_pair_connection_that_cannot_open_fires_the_senders_monitor_and_link(
     messages there are dropped until ``reconnect``), its monitor of the process and its
     link to it fire with ``DiedDisconnect`` at once, not never."""
 
-    async def refused(*_: Any, **__: Any) -> Any:
-        raise ConnectError(ConnectErrorCode.FAILED, "refused by the test")
-
     async def body(c: Cluster) -> Any:
         target = await hp.spawn(c.b, waits_forever)  # the control connection is open now
         node_ref = await hp.monitor_node(c.b)
-        endpoint: Any = c.a.endpoint
-        endpoint.connect = refused  # every new connect of node a fails from here
-        try:
+        with connects_refused(c.a):
             me = hp.self_pid()
             hp.spawn_local(monitors_then_reports, target, me)
             hp.spawn_local(links_then_reports, target, me)
             got = [await hp.expect(tuple, timeout=WAIT) for _ in range(2)]
-        finally:
-            del endpoint.connect
         assert None not in got, got
         # Node b was not lost: its monitor stays quiet past a control round trip, and
         # the target is alive.
