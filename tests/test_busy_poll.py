@@ -364,9 +364,37 @@ def test_more_other_runnable_tasks_than_cpus_is_crowded_for_a_while() -> None:
     runnable[0] = 3
     assert crowded(now + CROWD_HOLD / 2)  # held, whatever the count now
     now += CROWD_HOLD
+    for _ in range(CROWD_SAMPLES - 1):  # a rank asleep for a moment is not the end
+        assert crowded(now)
+        now += CROWD_PERIOD
     assert not crowded(now)
     runnable_unknown = Crowding("auto", machine_cpus=2, runnable=lambda: None)
     assert not runnable_unknown(0.0)
+
+
+def test_the_crowd_lasts_as_long_as_the_count_says_so() -> None:
+    """Past its hold a crowd is not ended by the first reading, nor by a single
+    reading under the CPU count among readings over it."""
+    runnable = [4]
+    crowded = Crowding("auto", ranks=2, cpus=2, machine_cpus=2, runnable=lambda: runnable[0])
+    now = 0.0
+    for _ in range(CROWD_SAMPLES):
+        crowded(now)
+        now += CROWD_PERIOD
+    assert crowded(now)
+    for _ in range(5):  # five holds' worth, every reading over the CPU count
+        now += CROWD_HOLD
+        assert crowded(now)
+    for _ in range(5):  # then one reading under it per hold
+        now += CROWD_HOLD
+        runnable[0] = 3
+        assert crowded(now)
+        runnable[0] = 4
+        for _ in range(CROWD_SAMPLES):
+            now += CROWD_PERIOD
+            assert crowded(now)
+    # Crowded all along, seen every millisecond for 20 holds.
+    assert all(crowded(now + ms * 1e-3) for ms in range(1, int(20 * CROWD_HOLD * 1e3)))
 
 
 def test_a_crowded_machine_polls_by_yielding_the_cpu_between_looks(

@@ -37,7 +37,8 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   more runnable tasks besides this process than the machine has CPUs, in
   :data:`CROWD_SAMPLES` readings in a row (``/proc/loadavg``, read at most every
   :data:`CROWD_PERIOD`: other jobs, or "hosts" that share one machine's CPUs). Once
-  crowded, it stays so for :data:`CROWD_HOLD` before the count is read again.
+  crowded, it stays so for :data:`CROWD_HOLD` before the count is read again, and
+  until :data:`CROWD_SAMPLES` readings in a row are not crowded.
   Measured with 4 ranks on 2 CPUs (2 hosts x 2 ranks of the test cluster), an
   all-to-all of 8 B messages took 165-190 us of CPU per rank and round sleeping
   and 200-260 us spinning; yielding, see :data:`YIELD_POLL_S`.
@@ -153,7 +154,7 @@ class Crowding:
         ValueError: ``mode`` is none of those (the message names the variable).
     """
 
-    __slots__ = ("_machine_cpus", "_mode", "_over", "_runnable", "crowded", "next_check")
+    __slots__ = ("_against", "_machine_cpus", "_mode", "_runnable", "crowded", "next_check")
 
     def __init__(
         self,
@@ -175,8 +176,8 @@ class Crowding:
         #: When (``perf_counter``) the count is read again; until then :attr:`crowded`
         #: is the answer (callers on a hot path test these two themselves, then call).
         self.next_check = float("-inf") if mode == "auto" else float("inf")
-        #: Consecutive readings with more runnable tasks than CPUs.
-        self._over = 0
+        #: Consecutive readings that disagree with :attr:`crowded`.
+        self._against = 0
         self.crowded = mode == "1"
 
     @property
@@ -192,15 +193,21 @@ class Crowding:
         # The count includes this process (running as it reads): crowded when the
         # other runnable tasks alone outnumber the CPUs.
         over = runnable is not None and runnable - 1 > self._machine_cpus
-        # A few readings in a row, not one: a burst (processes starting or exiting)
-        # is not a trend.
-        self._over = self._over + 1 if over else 0
-        self.crowded = self._over >= CROWD_SAMPLES
-        if self.crowded:
-            self._over = 0
+        # A few readings in a row, not one, either way: a burst (processes starting or
+        # exiting) is not a trend, and neither is a moment when a rank of a crowded
+        # machine sleeps. (The crowd used to end at the first reading after each
+        # hold, whatever it said: for 15 ms in every 115 every rank then spun and
+        # slept, and the sleeps let the kernel move ranks between CPUs; 4 ranks on 2
+        # CPUs made an all-to-all round 20-30 % slower.)
+        self._against = self._against + 1 if over != self.crowded else 0
+        if self._against >= CROWD_SAMPLES:
+            self.crowded = over
+            self._against = 0
         # Once crowded, stay so for a while: polling makes the pollers runnable
         # again, so the count taken while nobody polls would turn it back on at once.
-        self.next_check = now + (CROWD_HOLD if self.crowded else CROWD_PERIOD)
+        # A reading against it is checked again at the normal period.
+        held = self.crowded and not self._against
+        self.next_check = now + (CROWD_HOLD if held else CROWD_PERIOD)
         return self.crowded
 
 
