@@ -111,9 +111,10 @@ PROBE_MIN = 20e-6
 YIELD_ENV = "HPCPROC_YIELD_WHEN_IDLE"
 #: The most a receive polls by yielding on crowded CPUs (seconds). Measured here
 #: (bench cluster, all-to-all of 8 B, 4 ranks on 2 CPUs): per round, 2 hosts x 2 ranks
-#: over shm+tcp took 420-480 us sleeping, 295-345 us yielding for 1 ms, 255-305 us
-#: for 3 ms and 300-380 us for 0.3 ms; 4 ranks on one host over shm, 395 against
-#: 110-150 us. Longer budgets gain little and cost an idle rank more CPU.
+#: over shm+tcp took 420-480 us sleeping; yielding, 258-262 us for 0.3 ms, 239-242 us
+#: for 1 ms and 228-254 us for 3 ms (medians of 7 runs, two each); 4 ranks on one
+#: host over shm, 395 against 110-150 us. Longer budgets gain little and cost an idle
+#: rank more CPU.
 YIELD_POLL_S = 1e-3
 #: How often (seconds) the kernel's count of runnable tasks is read.
 CROWD_PERIOD = 0.005
