@@ -294,11 +294,16 @@ class Watches:
             del watches[key]
             if not watches:
                 del self.remote[nid]
-            if type(key) is MonitorRef and type(key.target) is not NodeId:
-                target = key.target.owner if type(key.target) is SendPort else key.target
+            target = _watched_process(key)
+            if target is None:
+                # A node watch, or a spawn_monitor ref still waiting for its pid (a
+                # task acting for proc spawns; it is cancelled as proc ends, and the
+                # spawned process's monitor then fires into nobody).
+                continue
+            if type(key) is MonitorRef:
                 remote.last_signal(proc, target, ctl.UnmonitorReq(key, target))
-            elif type(key) is Link:
-                remote.last_signal(proc, key.target, ctl.UnlinkReq(proc.pid, key.target))
+            else:
+                remote.last_signal(proc, target, ctl.UnlinkReq(proc.pid, target))
 
     def notify(
         self, target: Pid, reason: DiedReason, key: MonitorRef | Link, dead: Process | None = None

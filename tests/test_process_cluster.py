@@ -1228,6 +1228,31 @@ async def _spawn_monitor_and_end(node: hp.NodeId, report: hp.Pid) -> None:
     await hp.send(report, pid)
 
 
+async def _end_while_a_task_spawn_monitors(node: hp.NodeId) -> None:
+    # A task acting for this process starts a spawn_monitor and waits for its reply;
+    # the process ends before the reply, with the monitor ref still without a pid.
+    spawning = asyncio.ensure_future(hp.spawn_monitor(node, waits_forever))
+    await asyncio.sleep(0)  # one step of the task: it posted the request and waits
+    assert not spawning.done()
+
+
+def test_a_process_that_ends_beside_a_pending_spawn_monitor_is_reported_dead(
+    servers: Servers,
+) -> None:
+    """Its watchers are told, and nothing raises in its exit: the pending ref has no
+    target to unmonitor. Both nodes on one loop (inmemory), so the order is fixed:
+    the spawn reply is handled only after the process's exit."""
+
+    async def body(c: Cluster) -> Any:
+        errors: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        pid, ref = await hp.spawn_monitor(c.a.node_id, _end_while_a_task_spawn_monitors, c.b)
+        note = await expect_ref(ref)
+        return pid == note.pid and type(note.reason) is hp.DiedNormal, errors
+
+    assert run_cluster("inmemory", servers, body) == (True, [])
+
+
 def test_spawn_monitor_is_removed_remotely_when_its_watcher_ends(
     kind: str, servers: Servers
 ) -> None:
