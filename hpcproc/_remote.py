@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _control as ctl
@@ -85,8 +85,9 @@ class RemoteSender:
         self._node = node
         self._control: dict[NodeId, ControlOut] = {}
         #: Pair connection -> the last signals of its ended process that could not go
-        #: out at once; sent before the connection is closed (:meth:`process_ended`).
-        self._last: dict[Any, list[list[Any]]] = {}
+        #: out at once, ``(frames, node, signal)``; sent before the connection is
+        #: closed (:meth:`process_ended`).
+        self._last: dict[Any, list[tuple[list[Any], NodeId, Any]]] = {}
 
     def nodes(self) -> list[NodeId]:
         """The nodes this one has a control queue to."""
@@ -204,7 +205,9 @@ class RemoteSender:
     def last_signal(self, proc: Process, pid: Pid, msg: Any) -> None:
         """:meth:`send_signal` for ``proc``, which has ended (its death notice to a
         watcher, the undoing of its own watches), without opening a connection: sent
-        before :meth:`process_ended` closes the pair connection."""
+        before :meth:`process_ended` closes the pair connection. Without a pair
+        connection, on a broken one, or when the send on it fails, it goes on the
+        control queue to ``pid``'s node instead."""
         conns = proc.conns
         conn = conns.get(pid) if conns is not None else None
         if conn is None or conn is BROKEN:
@@ -218,13 +221,17 @@ class RemoteSender:
                     return
             except TransportError as exc:
                 self._send_failed(proc, pid, conn, exc)
+                # Not lost with the pair's messages: a death notice is the last thing
+                # its watcher hears from proc, and the undoing of a watch must reach
+                # the target's node. (As for a pair that broke before.)
+                self.post(pid.node, msg)
                 return
             if self._node.closed:
                 # No closing task will run for it: the control queue's flush does.
                 self.post(pid.node, msg)
                 return
             backlog = self._last[conn] = []
-        backlog.append(frames)
+        backlog.append((frames, pid.node, msg))
 
     def _send_failed(self, proc: Process, pid: Pid, conn: Any, exc: TransportError) -> None:
         """The pair connection broke: drop messages to ``pid`` until ``reconnect``,
@@ -252,7 +259,8 @@ class RemoteSender:
             if self._last:
                 # Each in a task of its own: a slow peer must not hold the others.
                 for conn in [c for c in conns if c in self._last]:
-                    self._node.in_background(_send_then_close(conn, self._last.pop(conn)))
+                    backlog = self._last.pop(conn)
+                    self._node.in_background(_send_then_close(conn, backlog, self.post))
                     conns.remove(conn)
             if conns and not self._node.closed:
                 self._node.in_background(_close_all(conns))
@@ -392,13 +400,22 @@ class RemoteSender:
             task.cancel()
 
 
-async def _send_then_close(conn: Any, backlog: list[list[Any]]) -> None:
-    """Send ``backlog`` on ``conn`` in order, then close it."""
-    try:
-        for frames in backlog:
+async def _send_then_close(
+    conn: Any,
+    backlog: list[tuple[list[Any], NodeId, Any]],
+    post: Callable[[NodeId, Any], None],
+) -> None:
+    """Send ``backlog``'s signals on ``conn`` in order, then close it. If a send
+    fails, that signal and the rest are ``post``-ed (control queue) instead, as
+    :meth:`RemoteSender.last_signal` does."""
+    for i, (frames, _, _) in enumerate(backlog):
+        try:
             await conn.send(frames)
-    except TransportError as exc:
-        log.debug("sending the last signals of a process failed: %r", exc)
+        except TransportError as exc:
+            log.debug("sending the last signals of a process failed: %r", exc)
+            for _, nid, msg in backlog[i:]:
+                post(nid, msg)
+            break
     await _close_all([conn])
 
 

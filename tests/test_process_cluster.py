@@ -1066,6 +1066,58 @@ def test_a_pair_connection_that_fails_fires_the_senders_monitor_and_drops_the_re
     )
 
 
+def _send_fails(*_: Any) -> Any:
+    raise hp.transports.SendError(hp.transports.SendErrorCode.FAILED, "broken by the test")
+
+
+async def _greets_then_ends_on_cue(reply: hp.Pid) -> None:
+    _, watcher = await hp.expect(tuple)
+    await hp.send(watcher, "hi")  # opens the pair connection to the watcher
+    await hp.send(reply, "ready")
+    await hp.expect(str)
+
+
+async def monitors_greets_then_reports(target: hp.Pid, reply: hp.Pid) -> None:
+    ref = await hp.monitor(target)
+    # Behind the monitor request on the pair connection: the target sees the monitor
+    # in place before it sees this.
+    await hp.send(target, ("hello", hp.self_pid()))
+    note = await expect_ref(ref)
+    await hp.send(reply, ("monitor", note.reason))
+
+
+async def _send_fails_async(*_: Any) -> Any:
+    _send_fails()
+
+
+@pytest.mark.parametrize("when", ["at once", "after waiting"])
+def test_a_death_notice_whose_pair_connection_fails_goes_by_the_control_queue(
+    kind: str, servers: Servers, when: str
+) -> None:
+    """An ended process's notice to a watcher elsewhere goes on their pair connection;
+    if that send fails, the notice still reaches the watcher (the node's control
+    queue), with the process's own reason: whether the send fails at once or the
+    connection had no room (the notice waits, ``RemoteSender.process_ended``) and
+    then fails."""
+
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        target = hp.spawn_local(_greets_then_ends_on_cue, me)
+        await hp.spawn(c.b, monitors_greets_then_reports, target, me)
+        assert await hp.expect(str, timeout=WAIT) == "ready"
+        proc = c.a.local_process(target.lid)
+        assert proc is not None and proc.conns is not None
+        (conn,) = proc.conns.values()
+        if when == "at once":
+            conn.send_nowait = _send_fails
+        else:
+            conn.send_nowait, conn.send = (lambda *_: False), _send_fails_async
+        await hp.send(target, "end")
+        return await hp.expect(tuple, timeout=WAIT)
+
+    assert run_cluster(kind, servers, body) == ("monitor", hp.DiedNormal())
+
+
 def test_watches_of_an_ended_process_are_removed_on_the_target_node(
     kind: str, servers: Servers
 ) -> None:
