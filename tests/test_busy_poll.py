@@ -21,6 +21,8 @@ from hpcproc.transports._busy_poll import (
     CROWD_SAMPLES,
     FAIR_STREAK,
     LATE,
+    NO_POLL_PERIOD,
+    STARVED_POLLS,
     YIELD_ENV,
     Budget,
     Crowding,
@@ -424,6 +426,53 @@ def test_a_crowded_machine_polls_by_yielding_the_cpu_between_looks(
         assert await poller.receive(events, poll_once) == ConnectionClosed(7)
         assert calls == 3
         assert len(yields) == 2  # between the looks, not after the one that found it
+
+    _run(body())
+
+
+def test_starved_spins_stop_spinning_for_a_while_but_not_a_yielding_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Spins starved of the CPU, :data:`STARVED_POLLS` in a row, turn spinning off for
+    :data:`NO_POLL_PERIOD` (the peer needs that CPU); on crowded CPUs a receive polls
+    by yielding all the same, since it gives the CPU away between its looks."""
+    yields: list[None] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yields.append(None))
+
+    def starve(poller: IdlePoller, now: float, times: int = STARVED_POLLS) -> IdlePoller:
+        for _ in range(times):
+            poller.probed(now, True)
+        return poller
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        events = EventQueue()
+        monkeypatch.setattr(_busy_poll, "_crowding", Crowding("0"))
+        now = time.perf_counter()
+        # A preemption is not a trend; a few in a row are, for a while.
+        assert not starve(IdlePoller(loop, 1e6), now, STARVED_POLLS - 1).polling_off(now)
+        poller = starve(IdlePoller(loop, 1e6), now)
+        assert poller.polling_off(now) and not poller.polling_off(now + NO_POLL_PERIOD)
+        poll_once = _CountedPolls()
+        assert not poller.poll_now(events, poll_once)
+        assert poll_once.calls == 0
+
+        monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+        poller = starve(IdlePoller(loop, 1e6), time.perf_counter())
+        calls = 0
+
+        def finds_on_the_third_look() -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                events.put(ConnectionClosed(7))
+            return True
+
+        assert await poller.receive(events, finds_on_the_third_look) == ConnectionClosed(7)
+        assert (calls, len(yields)) == (3, 2)
+        looks: list[None] = []
+        assert poller.poll_looking(lambda: bool(looks.append(None)) or len(looks) == 2, 0.0)
+        assert len(looks) == 2
 
     _run(body())
 

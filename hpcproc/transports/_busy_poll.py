@@ -24,7 +24,8 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   ``busy_poll_us``; a longer silence halves it, down to a sixteenth of that.
 * When the CPUs are oversubscribed (a poll got less than half of the CPU time it
   spent, :data:`STARVED_POLLS` times in a row) polling stops for
-  :data:`NO_POLL_PERIOD`: the peer needs that CPU to answer.
+  :data:`NO_POLL_PERIOD`: the peer needs that CPU to answer. Not a poll that yields
+  on crowded CPUs (below): it gives the CPU away between its looks anyway.
 * When more tasks want a CPU than there are CPUs, a receive polls by yielding: it
   gives the CPU away (``sched_yield``) between two looks at its links, as MPICH and
   Open MPI do when oversubscribed (``mpi_yield_when_idle``), for at most
@@ -369,11 +370,11 @@ class IdlePoller:
             mine = all_ours()
             if any(handle not in mine for handle in ready):
                 return False
-        if now < self._no_poll_until:
-            return False
         c = self._crowded
         crowded = self._yield = c.crowded if now < c.next_check else c(now)
-        return not crowded or self.yields
+        if crowded:
+            return self.yields
+        return now >= self._no_poll_until
 
     @property
     def crowding(self) -> Crowding:
@@ -407,9 +408,7 @@ class IdlePoller:
     def polling_off(self, now: float) -> bool:
         """Whether polling is off at ``now`` (the CPUs are, or were seen, oversubscribed)."""
         c = self._crowded
-        return now < self._no_poll_until or (
-            c.crowded if now < c.next_check else c(now)
-        )
+        return now < self._no_poll_until or (c.crowded if now < c.next_check else c(now))
 
     def probed(self, now: float, starved: bool) -> None:
         """Record whether a poll ending at ``now`` had the CPU to itself (at least half
@@ -438,11 +437,12 @@ class IdlePoller:
         """
         if start is None:
             start = time.perf_counter()
-            if start < self._no_poll_until:
-                return 0.0
             c = self._crowded  # Crowding.__call__'s cached answer read here: a call less
             crowded = self._yield = c.crowded if start < c.next_check else c(start)
-            if crowded and not self.yields:
+            if crowded:
+                if not self.yields:
+                    return 0.0
+            elif start < self._no_poll_until:
                 return 0.0
         if self._yield:
             once = self.yield_look or poll_once
@@ -594,7 +594,7 @@ class IdlePoller:
         crowded (the caller polls as usual), on the loop's fair turn, when a
         callback other than ``all_ours()`` is ready, or while polling is off."""
         ready: Any = self._ready
-        if ready is None or now < self._no_poll_until or not self._crowded(now):
+        if ready is None or not self._crowded(now):
             return False
         if ready:
             mine = all_ours() if all_ours is not None else ()
