@@ -17,8 +17,8 @@ the death notices a process's end sends its watchers) go on the pair connection
 keeps its place among the pair's messages: a monitor set before a message is in place
 when the message arrives, and a death notice comes after the dead process's last
 message. A live process's signal opens the pair connection if there is none; an ended
-process's go on the control queue where it has none, and so does any signal on a
-broken pair.
+process's go on the control queue where it has none, or where their send on it
+fails, and so does any signal on a broken pair.
 
 Control messages (spawn, registry, replies, and the signals above without a pair
 connection) use one more connection per pair of nodes, fed by a FIFO queue
@@ -88,6 +88,8 @@ class RemoteSender:
         #: out at once, ``(frames, node, signal)``; sent before the connection is
         #: closed (:meth:`process_ended`).
         self._last: dict[Any, list[tuple[list[Any], NodeId, Any]]] = {}
+        #: Set by :meth:`flush` (the node is closing): nothing is posted any more.
+        self._flushed = False
 
     def nodes(self) -> list[NodeId]:
         """The nodes this one has a control queue to."""
@@ -272,12 +274,14 @@ class RemoteSender:
 
         The message is serialized now, so the receiver gets it as it is at this call
         (copy semantics, as for ``send``). A message to this node itself is handled at
-        the loop's next round.
+        the loop's next round. After :meth:`flush` (the node closing) it is dropped.
 
         Raises:
             SerializationError: ``msg`` cannot be pickled (nothing is queued).
         """
         node = self._node
+        if self._flushed:
+            return
         if nid == node.node_id:
             node.loop.call_soon(node.controller.handle, nid, msg)
             return
@@ -389,6 +393,7 @@ class RemoteSender:
 
         Called by ``Node.close``: messages posted after it are not sent.
         """
+        self._flushed = True
         outs = list(self._control.values())
         for out in outs:
             out.dead = True
@@ -408,15 +413,17 @@ async def _send_then_close(
     """Send ``backlog``'s signals on ``conn`` in order, then close it. If a send
     fails, that signal and the rest are ``post``-ed (control queue) instead, as
     :meth:`RemoteSender.last_signal` does."""
-    for i, (frames, _, _) in enumerate(backlog):
-        try:
-            await conn.send(frames)
-        except TransportError as exc:
-            log.debug("sending the last signals of a process failed: %r", exc)
-            for _, nid, msg in backlog[i:]:
-                post(nid, msg)
-            break
-    await _close_all([conn])
+    try:
+        for i, (frames, _, _) in enumerate(backlog):
+            try:
+                await conn.send(frames)
+            except TransportError as exc:
+                log.debug("sending the last signals of a process failed: %r", exc)
+                for _, nid, msg in backlog[i:]:
+                    post(nid, msg)
+                break
+    finally:
+        await _close_all([conn])
 
 
 async def _close_all(conns: list[Any]) -> None:

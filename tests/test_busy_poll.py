@@ -453,12 +453,17 @@ def test_starved_spins_stop_spinning_for_a_while_but_not_a_yielding_poll(
         assert not starve(IdlePoller(loop, 1e6), now, STARVED_POLLS - 1).polling_off(now)
         poller = starve(IdlePoller(loop, 1e6), now)
         assert poller.polling_off(now) and not poller.polling_off(now + NO_POLL_PERIOD)
+        # Starved an hour from now: off for the rest of the test, however slow it runs.
+        later = time.perf_counter() + 3600
+        poller = starve(IdlePoller(loop, 1e6), later)
         poll_once = _CountedPolls()
         assert not poller.poll_now(events, poll_once)
         assert poll_once.calls == 0
+        assert not poller.turn(time.perf_counter())
 
         monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
-        poller = starve(IdlePoller(loop, 1e6), time.perf_counter())
+        poller = starve(IdlePoller(loop, 1e6), later)
+        assert poller.turn(time.perf_counter())
         calls = 0
 
         def finds_on_the_third_look() -> bool:

@@ -119,10 +119,12 @@ YIELD_ENV = "HPCPROC_YIELD_WHEN_IDLE"
 YIELD_POLL_S = 1e-3
 #: How often (seconds) the kernel's count of runnable tasks is read.
 CROWD_PERIOD = 0.005
-#: How long (seconds) polling stays off once the CPUs were seen crowded.
+#: How long (seconds) the CPUs stay crowded (receives poll by yielding, or not at
+#: all) once they were seen so, before the count is read again.
 CROWD_HOLD = 0.1
-#: Consecutive readings above the CPU count that make the CPUs crowded (15 ms). Two
-#: ranks ping-ponging on this 2-CPU machine are judged crowded now and then by passing
+#: Consecutive readings above the CPU count that make the CPUs crowded (15 ms), and
+#: consecutive readings not above it that end a crowd. (Measured when a crowd still
+#: ended at the first reading after its hold:) two ranks ping-ponging on this 2-CPU machine are judged crowded now and then by passing
 #: system tasks (0.2-0.4 loop passes per mpi round trip), at no measurable cost; 8
 #: readings (40 ms) avoided that but made the bench cluster's all-to-all of 4 ranks on
 #: 2 CPUs, whose runs are shorter, 10 % slower (591-622 against 532-583 us per round).
@@ -198,7 +200,7 @@ class Crowding:
         # A few readings in a row, not one, either way: a burst (processes starting or
         # exiting) is not a trend, and neither is a moment when a rank of a crowded
         # machine sleeps. (The crowd used to end at the first reading after each
-        # hold, whatever it said: for 15 ms in every 115 every rank then spun and
+        # hold, whatever it said: for 10 ms in every 110 every rank then spun and
         # slept, and the sleeps let the kernel move ranks between CPUs; 4 ranks on 2
         # CPUs made an all-to-all round 20-30 % slower.)
         self._against = self._against + 1 if over != self.crowded else 0
@@ -353,10 +355,12 @@ class IdlePoller:
     ) -> bool:
         """Whether a receive polls at ``now``, this turn counted: not on the loop's fair
         turn (every :data:`FAIR_STREAK` + 1st, see :meth:`take_turn`), and only when
-        polling is enabled and not off and no callback is ready but the caller's own
-        (``ours``; or, when several are ready, those ``all_ours`` returns): the checks
-        of :meth:`others_ready` and :meth:`polling_off` in one call, for the receive
-        paths."""
+        polling is enabled and no callback is ready but the caller's own (``ours``; or,
+        when several are ready, those ``all_ours`` returns), and either the CPUs are
+        crowded and this poller :attr:`yields` (it then polls by yielding, starved
+        spins or not) or they are not and spinning is not off after starved spins:
+        the checks of :meth:`others_ready` and :meth:`polling_off` in one call, for
+        the receive paths."""
         self._streak += 1
         if self._streak > FAIR_STREAK:
             self._streak = 0
@@ -431,9 +435,11 @@ class IdlePoller:
 
         ``poll_once`` takes whatever has arrived without blocking and returns False
         when there is nothing to poll (then this returns 0.0 at once). Does nothing
-        while polling is off; the caller checked that the loop is idle. ``start``: the
+        while spinning is off after starved spins (unless the CPUs are crowded: it
+        then polls by yielding) or when the CPUs are crowded and this poller does not
+        yield; the caller checked that the loop is idle. ``start``: the
         ``perf_counter`` time at which the caller found :meth:`turn` true (then
-        polling is known to be on).
+        it is known to poll).
         """
         if start is None:
             start = time.perf_counter()
@@ -591,8 +597,9 @@ class IdlePoller:
         yielding with ``look`` (one look at every sub-endpoint's links; True: stop),
         as :meth:`turn` and :meth:`poll` would for one, whether or not this poller
         :attr:`yields` itself. Whether it polled: False when the CPUs are not
-        crowded (the caller polls as usual), on the loop's fair turn, when a
-        callback other than ``all_ours()`` is ready, or while polling is off."""
+        crowded (the caller polls as usual), on the loop's fair turn, or when a
+        callback other than ``all_ours()`` is ready (starved spins do not stop it:
+        it gives the CPU away between its looks)."""
         ready: Any = self._ready
         if ready is None or not self._crowded(now):
             return False
