@@ -272,6 +272,10 @@ def receive_chan(
 async def spawn(node: NodeId, fn: ProcessFn, *args: Any) -> Pid:
     """Start ``fn(*args)`` as a process on ``node``; see :meth:`Node.spawn`.
 
+    Cancelled once the request has gone, the process may still start (a spawn cannot
+    be taken back); the link or monitor of :func:`spawn_link` / :func:`spawn_monitor`
+    is then undone as the reply comes.
+
     Raises:
         SpawnError: the function could not be loaded or started there (the message
             names the function and the node).

@@ -48,6 +48,9 @@ class Controller:
             int,
             tuple[NodeId, asyncio.Future[Any], type[Exception], Callable[[Any], None] | None],
         ] = {}
+        #: req -> (node, hook): requests given up on (cancelled, timed out) whose success
+        #: still needs undoing when its reply comes (see :meth:`request`).
+        self._abandoned: dict[int, tuple[NodeId, Callable[[Any], None]]] = {}
         self._reqs = itertools.count(1)
         watches, registry = node.watches, node.registry
         self._handlers: dict[type, _Handler] = {
@@ -94,11 +97,14 @@ class Controller:
         error: type[Exception],
         timeout: float | None = None,
         on_ok: Callable[[Any], None] | None = None,
+        on_late_ok: Callable[[Any], None] | None = None,
     ) -> Any:
         """Post ``make(req)`` to ``nid`` and return the value of its reply.
 
         ``on_ok(value)`` runs as a successful reply is handled, before any later
-        control message from ``nid``.
+        control message from ``nid``. ``on_late_ok(value)`` runs instead when the
+        caller gave up (cancelled, timed out) after the request went, and the reply
+        then says it succeeded: to undo what the caller no longer knows of.
 
         Raises:
             error: the reply says the request failed (``error(text)``), or the
@@ -111,11 +117,13 @@ class Controller:
         req = next(self._reqs)
         fut: asyncio.Future[Any] = node.loop.create_future()
         self._requests[req] = (nid, fut, error, on_ok)
+        posted = False
         try:
             try:
                 node.remote.post(nid, make(req))
             except SerializationError as exc:
                 raise error(f"cannot send the request to node {nid}: {exc}") from exc
+            posted = True
             # As a process waiting in receive does: take the reply (and whatever comes
             # before it) from the endpoint ourselves while the loop is otherwise idle.
             poll = node.incoming.poll_inline
@@ -125,7 +133,8 @@ class Controller:
                 return await fut
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self._requests.pop(req, None)
+            if self._requests.pop(req, None) is not None and posted and on_late_ok is not None:
+                self._abandoned[req] = (nid, on_late_ok)
 
     def reply(self, nid: NodeId, req: int, ok: bool, value: Any) -> None:
         """Answer request ``req`` of node ``nid``: ``value`` if ``ok``, else an error text."""
@@ -138,10 +147,16 @@ class Controller:
                 del self._requests[req]
                 if not fut.done():
                     fut.set_exception(NodeUnreachableError(text))
+        for req, (rnid, _) in list(self._abandoned.items()):
+            if nid is None or rnid == nid:
+                del self._abandoned[req]  # no reply will come
 
     def _on_reply(self, nid: NodeId, msg: ctl.Reply) -> None:
         entry = self._requests.pop(msg.req, None)
         if entry is None:
+            late = self._abandoned.pop(msg.req, None)
+            if late is not None and msg.ok:
+                late[1](msg.value)
             return
         _, fut, error, on_ok = entry
         if fut.done():

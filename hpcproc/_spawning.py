@@ -145,9 +145,11 @@ class Spawner:
                 f"cannot pickle {name} or its arguments for node {node}: {exc!r}"
             ) from exc
         watches = self._node.watches
+        post = self._node.remote.post
         watcher: Pid | None = None
         ref: MonitorRef | None = None
         on_ok: Callable[[Any], None] | None = None
+        on_late_ok: Callable[[Any], None] | None = None
         if type(watch) is MonitorRef:
             ref, watcher = watch, watch.watcher
             watches.watch_remote(node, ref)
@@ -155,6 +157,12 @@ class Spawner:
             def on_ok(pid: Any) -> None:
                 assert ref is not None
                 watches.rekey_remote(node, ref, MonitorRef(pid, ref.watcher, ref.n))
+
+            def on_late_ok(pid: Any) -> None:
+                # The caller gave up (cancelled): the new process must not keep a
+                # monitor nobody holds.
+                assert ref is not None
+                post(node, ctl.UnmonitorReq(MonitorRef(pid, ref.watcher, ref.n), pid))
 
         elif watch is not None:
             assert type(watch) is Pid
@@ -164,12 +172,16 @@ class Spawner:
                 # Registered as the reply is handled, before any Died can be.
                 watches.watch_remote(node, Link(linker, pid))
 
+            def on_late_ok(pid: Any) -> None:
+                post(node, ctl.UnlinkReq(linker, pid))  # as for a monitor, above
+
         try:
             pid: Pid = await self._node.controller.request(
                 node,
                 lambda req: ctl.SpawnReq(req, name, fn_blob, args_blob, watcher, ref is None, ref),
                 SpawnError,
                 on_ok=on_ok,
+                on_late_ok=on_late_ok,
             )
         except BaseException:
             if ref is not None:

@@ -1305,6 +1305,35 @@ def test_a_process_that_ends_beside_a_pending_spawn_monitor_is_reported_dead(
     assert run_cluster("inmemory", servers, body) == (True, [])
 
 
+async def _reports_then_waits(reply: hp.Pid) -> None:
+    await hp.send(reply, hp.self_pid())
+    await hp.expect(_Never)
+
+
+@pytest.mark.parametrize("spawn", ["spawn_monitor", "spawn_link"])
+def test_a_spawn_given_up_on_leaves_no_watch_on_the_new_process(
+    servers: Servers, spawn: str
+) -> None:
+    """A ``spawn_monitor`` or ``spawn_link`` cancelled after its request went: the
+    process still starts, but without a monitor or link that nobody holds. Both nodes
+    on one loop (inmemory), so the reply comes after the cancellation."""
+
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        spawning = asyncio.ensure_future(getattr(hp, spawn)(c.b, _reports_then_waits, me))
+        await asyncio.sleep(0)  # one step: it posted the request and waits
+        spawning.cancel()
+        await asyncio.gather(spawning, return_exceptions=True)
+        pid = await hp.expect(hp.Pid, timeout=WAIT)
+        await sync_with(c.b)  # behind the spawn's reply: its undoing went to b before
+        info = await hp.get_process_info(pid)
+        await hp.kill(pid, "done")
+        assert info is not None
+        return spawning.cancelled(), info.monitored_by, info.linked_by
+
+    assert run_cluster("inmemory", servers, body) == (True, (), ())
+
+
 def test_spawn_monitor_is_removed_remotely_when_its_watcher_ends(
     kind: str, servers: Servers
 ) -> None:
