@@ -73,21 +73,27 @@ def test_every_polling_transport_takes_the_one_option_and_refuses_a_negative_one
         create(name, busy_poll_us=-1)
 
 
+class _FindsOnTheThird:
+    """A ``poll_once`` whose third call queues ``ConnectionClosed(7)`` on ``events``."""
+
+    def __init__(self, events: EventQueue) -> None:
+        self.events = events
+        self.calls = 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.calls == 3:
+            self.events.put(ConnectionClosed(7))
+        return True
+
+
 def test_poll_finds_an_event_without_sleeping() -> None:
     async def body() -> None:
         events = EventQueue()
-        calls = 0
-
-        def poll_once() -> bool:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                events.put(ConnectionClosed(7))
-            return True
-
+        poll_once = _FindsOnTheThird(events)
         poller = IdlePoller(asyncio.get_running_loop(), 1e6)  # long enough never to give up
         assert await poller.receive(events, poll_once) == ConnectionClosed(7)
-        assert calls == 3
+        assert poll_once.calls == 3
 
     _run(body())
 
@@ -411,20 +417,12 @@ def test_a_crowded_machine_polls_by_yielding_the_cpu_between_looks(
     async def body() -> None:
         loop = asyncio.get_running_loop()
         events = EventQueue()
-        calls = 0
-
-        def poll_once() -> bool:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                events.put(ConnectionClosed(7))
-            return True
-
+        poll_once = _FindsOnTheThird(events)
         poller = IdlePoller(loop, 1e6)
         assert poller.polling_off(0.0)
         assert not poller.spin(lambda: True)
         assert await poller.receive(events, poll_once) == ConnectionClosed(7)
-        assert calls == 3
+        assert poll_once.calls == 3
         assert len(yields) == 2  # between the looks, not after the one that found it
 
     _run(body())
@@ -464,17 +462,9 @@ def test_starved_spins_stop_spinning_for_a_while_but_not_a_yielding_poll(
         monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
         poller = starve(IdlePoller(loop, 1e6), later)
         assert poller.turn(time.perf_counter())
-        calls = 0
-
-        def finds_on_the_third_look() -> bool:
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                events.put(ConnectionClosed(7))
-            return True
-
-        assert await poller.receive(events, finds_on_the_third_look) == ConnectionClosed(7)
-        assert (calls, len(yields)) == (3, 2)
+        poll_once = _FindsOnTheThird(events)
+        assert await poller.receive(events, poll_once) == ConnectionClosed(7)
+        assert (poll_once.calls, len(yields)) == (3, 2)
         looks: list[None] = []
         assert poller.poll_looking(lambda: bool(looks.append(None)) or len(looks) == 2, 0.0)
         assert len(looks) == 2
