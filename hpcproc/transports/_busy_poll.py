@@ -32,8 +32,8 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   :data:`YIELD_POLL_S` (its own :class:`Budget`: halved when it ran out, doubled when
   a look found something), then sleeps. A rank that spins without yielding takes the
   CPU that the rank it waits for needs to send; a rank that sleeps pays a wake-up
-  and a pass round the event loop for every message. Crowded means either that the launcher put more ranks on this host than this
-  process has CPUs (:func:`hpcproc._host.ranks_on_host` against
+  and a pass round the event loop for every message. Crowded means either that the
+  launcher put more ranks on this host than this process has CPUs (:func:`hpcproc._host.ranks_on_host` against
   :func:`hpcproc._host.usable_cpus`: fixed for the job), or that the kernel counts
   more runnable tasks besides this process than the machine has CPUs, in
   :data:`CROWD_SAMPLES` readings in a row (``/proc/loadavg``, read at most every
@@ -47,8 +47,8 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   whatever the load, ``auto`` (the default) decides as above. A routing endpoint
   yields for its sub-endpoints: it looks at both between two yields
   (:meth:`IdlePoller.poll_looking`), as a sub-endpoint's own yielding poll would let
-  the other's messages wait. A transport that has nothing to wait on, and so polls on every pass round
-  the loop while messages flow (mpi), gives the CPU away on each such pass instead
+  the other's messages wait. A transport that has nothing to wait on, and so polls on
+  every pass round the loop while messages flow (mpi), gives the CPU away on each such pass instead
   (:meth:`IdlePoller.yield_if_crowded`, ``spin(..., yield_when_crowded=True)``):
   otherwise its passes keep the CPU from the rank it waits for (the same all-to-all
   over mpi took 4.1-4.9 ms per round, against 0.19-0.32 ms yielding).
@@ -123,11 +123,12 @@ CROWD_PERIOD = 0.005
 #: all) once they were seen so, before the count is read again.
 CROWD_HOLD = 0.1
 #: Consecutive readings above the CPU count that make the CPUs crowded (15 ms), and
-#: consecutive readings not above it that end a crowd. (Measured when a crowd still
-#: ended at the first reading after its hold:) two ranks ping-ponging on this 2-CPU machine are judged crowded now and then by passing
-#: system tasks (0.2-0.4 loop passes per mpi round trip), at no measurable cost; 8
-#: readings (40 ms) avoided that but made the bench cluster's all-to-all of 4 ranks on
-#: 2 CPUs, whose runs are shorter, 10 % slower (591-622 against 532-583 us per round).
+#: consecutive readings not above it that end a crowd. Measured when a crowd still
+#: ended at the first reading after its hold: two ranks ping-ponging on this 2-CPU
+#: machine were judged crowded now and then by passing system tasks (0.2-0.4 loop
+#: passes per mpi round trip), at no measurable cost; 8 readings (40 ms) avoided that
+#: but made the bench cluster's all-to-all of 4 ranks on 2 CPUs, whose runs are
+#: shorter, 10 % slower (591-622 against 532-583 us per round).
 CROWD_SAMPLES = 3
 _LOADAVG = "/proc/loadavg"
 
