@@ -33,8 +33,9 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   a look found something), then sleeps. A rank that spins without yielding takes the
   CPU that the rank it waits for needs to send; a rank that sleeps pays a wake-up
   and a pass round the event loop for every message. Crowded means either that the
-  launcher put more ranks on this host than this process has CPUs (:func:`hpcproc._host.ranks_on_host` against
-  :func:`hpcproc._host.usable_cpus`: fixed for the job), or that the kernel counts
+  launcher put more ranks on this host than this process has CPUs
+  (:func:`hpcproc._host.ranks_on_host` against :func:`hpcproc._host.usable_cpus`:
+  fixed for the job), or that the kernel counts
   more runnable tasks besides this process than the machine has CPUs, in
   :data:`CROWD_SAMPLES` readings in a row (``/proc/loadavg``, read at most every
   :data:`CROWD_PERIOD`: other jobs, or "hosts" that share one machine's CPUs). Once
