@@ -355,9 +355,7 @@ class Watches:
         if not fired:
             return
         for key in fired:
-            del watches[key]
-        if not watches:
-            del self.remote[target.node]
+            self.unwatch_remote(target.node, key)
         reason = DiedDisconnect()
         for key in fired:
             self.deliver_death(target, reason, key)

@@ -1025,18 +1025,22 @@ def test_a_pair_connection_that_cannot_open_fires_the_senders_monitor_and_link(
     )
 
 
+def _send_fails(*_: Any) -> Any:
+    """A pair connection's ``send_nowait`` that fails as a broken link does."""
+    raise hp.transports.SendError(hp.transports.SendErrorCode.FAILED, "broken by the test")
+
+
+async def _send_fails_async(*args: Any) -> Any:
+    """Its ``send``."""
+    _send_fails(*args)
+
+
 def test_a_pair_connection_that_fails_fires_the_senders_monitor_and_drops_the_rest(
     kind: str, servers: Servers
 ) -> None:
     """A send that fails on the pair connection (the node staying up) fires the
     sender's monitor of the receiver with ``DiedDisconnect``; later messages are
     dropped until ``reconnect``, and then delivered again."""
-
-    def failing(*_: Any) -> Any:
-        raise hp.transports.SendError(hp.transports.SendErrorCode.FAILED, "broken by the test")
-
-    async def failing_async(*args: Any) -> Any:
-        failing(*args)
 
     async def body(c: Cluster) -> Any:
         me = hp.self_pid()
@@ -1049,7 +1053,7 @@ def test_a_pair_connection_that_fails_fires_the_senders_monitor_and_drops_the_re
         proc = c.a.local_process(me.lid)
         assert proc is not None and proc.conns is not None
         conn = proc.conns[target]
-        conn.send_nowait, conn.send = failing, failing_async
+        conn.send_nowait, conn.send = _send_fails, _send_fails_async
         await hp.send(target, "m2")  # fails: the monitor fires
         note = await expect_ref(ref)
         await hp.send(target, "m3")  # dropped: the pair is broken
@@ -1066,10 +1070,6 @@ def test_a_pair_connection_that_fails_fires_the_senders_monitor_and_drops_the_re
     )
 
 
-def _send_fails(*_: Any) -> Any:
-    raise hp.transports.SendError(hp.transports.SendErrorCode.FAILED, "broken by the test")
-
-
 async def _greets_then_ends_on_cue(reply: hp.Pid) -> None:
     _, watcher = await hp.expect(tuple)
     await hp.send(watcher, "hi")  # opens the pair connection to the watcher
@@ -1084,10 +1084,6 @@ async def monitors_greets_then_reports(target: hp.Pid, reply: hp.Pid) -> None:
     await hp.send(target, ("hello", hp.self_pid()))
     note = await expect_ref(ref)
     await hp.send(reply, ("monitor", note.reason))
-
-
-async def _send_fails_async(*_: Any) -> Any:
-    _send_fails()
 
 
 @pytest.mark.parametrize("when", ["at once", "after waiting"])
