@@ -150,13 +150,17 @@ class Spawner:
         ref: MonitorRef | None = None
         on_ok: Callable[[Any], None] | None = None
         on_late_ok: Callable[[Any], None] | None = None
+        #: The watch recorded here as the reply was handled (``on_ok``), if it was.
+        recorded: list[MonitorRef | Link] = []
         if type(watch) is MonitorRef:
             ref, watcher = watch, watch.watcher
             watches.watch_remote(node, ref)
 
             def on_ok(pid: Any) -> None:
                 assert ref is not None
-                watches.rekey_remote(node, ref, MonitorRef(pid, ref.watcher, ref.n))
+                key = MonitorRef(pid, ref.watcher, ref.n)
+                watches.rekey_remote(node, ref, key)
+                recorded.append(key)
 
             def on_late_ok(pid: Any) -> None:
                 # The caller gave up (cancelled): the new process must not keep a
@@ -170,7 +174,9 @@ class Spawner:
 
             def on_ok(pid: Any) -> None:
                 # Registered as the reply is handled, before any Died can be.
-                watches.watch_remote(node, Link(linker, pid))
+                key = Link(linker, pid)
+                watches.watch_remote(node, key)
+                recorded.append(key)
 
             def on_late_ok(pid: Any) -> None:
                 post(node, ctl.UnlinkReq(linker, pid))  # as for a monitor, above
@@ -184,7 +190,14 @@ class Spawner:
                 on_late_ok=on_late_ok,
             )
         except BaseException:
-            if ref is not None:
+            if recorded:
+                # The reply came and was handled, then the caller gave up (cancelled)
+                # before it took the pid: undone here and there, as a late reply is.
+                key = recorded[0]
+                watches.unwatch_remote(node, key)
+                assert on_late_ok is not None
+                on_late_ok(key.target)
+            elif ref is not None:
                 watches.unwatch_remote(node, ref)
             raise
         return pid

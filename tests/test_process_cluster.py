@@ -1330,6 +1330,44 @@ def test_a_spawn_given_up_on_leaves_no_watch_on_the_new_process(
     assert run_cluster("inmemory", servers, body) == (True, (), ())
 
 
+@pytest.mark.parametrize("spawn", ["spawn_monitor", "spawn_link"])
+def test_a_spawn_given_up_on_as_its_reply_is_handled_leaves_no_watch(
+    servers: Servers, spawn: str
+) -> None:
+    """The same, cancelled after its reply was handled (the watch recorded here) but
+    before the caller took the pid: no watch on either side, and the new process's
+    end does not reach the caller (a link would kill it)."""
+    from hpcproc._control import Reply
+
+    async def body(c: Cluster) -> Any:
+        me = hp.self_pid()
+        handlers = c.a.controller._handlers
+        on_reply = handlers[Reply]
+        outside: list[bool] = []
+
+        def reply_then_cancel(nid: hp.NodeId, msg: Any) -> None:
+            on_reply(nid, msg)
+            outside.append(asyncio.current_task() is not spawning)
+            spawning.cancel()  # the caller has not run since the reply
+
+        handlers[Reply] = reply_then_cancel
+        try:
+            spawning = asyncio.ensure_future(getattr(hp, spawn)(c.b, _reports_then_waits, me))
+            await asyncio.gather(spawning, return_exceptions=True)
+        finally:
+            handlers[Reply] = on_reply
+        pid = await hp.expect(hp.Pid, timeout=WAIT)
+        await sync_with(c.b)  # behind the undoing
+        info = await hp.get_process_info(pid)
+        ours = {key for watches in c.a.watches.remote.values() for key in watches}
+        await hp.kill(pid, "done")
+        await sync_with(c.b)  # behind a death notice, were one sent
+        assert info is not None
+        return outside, spawning.cancelled(), info.monitored_by, info.linked_by, ours
+
+    assert run_cluster("inmemory", servers, body) == ([True], True, (), (), set())
+
+
 def test_spawn_monitor_is_removed_remotely_when_its_watcher_ends(
     kind: str, servers: Servers
 ) -> None:
