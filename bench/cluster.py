@@ -10,7 +10,8 @@ routing, shm to the ranks of the same host and tcp to the others). Rank 0 spawns
 measuring process on every other rank; every row is timed on rank 0 from one barrier
 to the next around ``rounds`` operations (the barrier is MPI's ``Ibarrier``, polled
 without blocking the event loop), hpcproc and mpi4py interleaved run by run, median
-reported. The barrier itself is slow on an oversubscribed machine (4 ranks on this
+reported, after an untimed warm-up of each (a tenth of the all-to-all rounds, one
+operation of the other collectives: connections open on first use). The barrier itself is slow on an oversubscribed machine (4 ranks on this
 machine's 2 CPUs: 3.3-4.2 ms per barrier, measured), and its cost is in both sides'
 figures, so every timing spans enough operations that the two barriers are a small
 share of it: 1000 all-to-all rounds (``--quick``; 2000 without), 3 scatter/gathers
@@ -231,11 +232,22 @@ async def _rank_body(rank: int, pids: list[Any], params: dict[str, Any]) -> dict
     # all-to-all
     send = np.zeros(n * A2A_SIZE, dtype=np.uint8)
     recv = np.empty_like(send)
-    rss_after = 0
 
     async def mpi_a2a(_: int) -> None:
         comm.Alltoall(send, recv)
 
+    # Warm-up, untimed, for both: the first rounds open the connections (lazily, on
+    # first use), and the first timed run was often the slowest (seen: 288-289 us
+    # per round against 225-264 for the next ones).
+    warm = max(1, rounds // 10)
+    first = tags.take(warm)
+
+    async def warm_a2a(i: int, first: int = first) -> None:
+        await _alltoall(pids, rank, first + i)
+
+    await _timed(comm, warm, warm_a2a)
+    rss_after = _rss()  # every peer connected now
+    await _timed(comm, warm, mpi_a2a)
     for _ in range(runs):
         first = tags.take(rounds)
 
@@ -243,7 +255,6 @@ async def _rank_body(rank: int, pids: list[Any], params: dict[str, Any]) -> dict
             await _alltoall(pids, rank, first + i)
 
         add("a2a", await _timed(comm, rounds, ours_a2a))
-        rss_after = rss_after or _rss()  # every peer connected now
         add("a2a_mpi", await _timed(comm, rounds, mpi_a2a))
 
     # scatter/gather
@@ -257,6 +268,9 @@ async def _rank_body(rank: int, pids: list[Any], params: dict[str, Any]) -> dict
         comm.Gather(part, out, root=0)
 
     coll_rounds = params["coll_rounds"]
+    # One untimed operation of each first, as for the all-to-all (buffers, pools).
+    await _scatter_gather(pids, rank, tags.take(), data, out)
+    await mpi_sg(0)
     for _ in range(runs):
         first = tags.take(coll_rounds)
 
@@ -281,6 +295,9 @@ async def _rank_body(rank: int, pids: list[Any], params: dict[str, Any]) -> dict
         x.fill(rank + 1.0)
         comm.Allreduce(x, y, op=mpi.SUM)
 
+    x.fill(rank + 1.0)
+    await _ring_allreduce(pids, rank, tags.take(), x)
+    await mpi_ar(0)
     for _ in range(runs):
         first = tags.take(coll_rounds)
 
