@@ -162,16 +162,20 @@ def run_pair(
     launch: Launch = "local",
     env: Mapping[str, str] | None = None,
     timeout: float = 600.0,
+    inherit_env: bool = True,
 ) -> list[Any]:
     """Run ``target`` ("module:function") as role 0 and role 1; return their results.
 
-    ``env`` is added to this process's environment for the children.
+    ``env`` is added to this process's environment for the children (with
+    ``inherit_env`` false it is their whole environment).
 
     Raises:
         PairError: a role exited with an error, or the run exceeded ``timeout``
             seconds (every child is killed first).
     """
-    return run_pairs([Job(target, launch)], params, env=env, timeout=timeout)[0]
+    return run_pairs(
+        [Job(target, launch)], params, env=env, timeout=timeout, inherit_env=inherit_env
+    )[0]
 
 
 def run_pairs(
@@ -181,6 +185,7 @@ def run_pairs(
     env: Mapping[str, str] | None = None,
     timeout: float = 600.0,
     interleave: bool = True,
+    inherit_env: bool = True,
 ) -> list[list[Any]]:
     """Run several pairs at once, their timed runs taking turns; results per job.
 
@@ -190,18 +195,22 @@ def run_pairs(
     same number of timed runs (the same plan). With ``interleave=False`` the jobs run
     one after the other instead: needed when a waiting pair would still load the
     machine (an MPI rank busy-polls in ``Recv`` while its partner waits for a turn).
+    ``env`` as for :func:`run_pair`.
 
     Raises:
         PairError: a role exited with an error (the others are killed at once), or
             the run exceeded ``timeout`` seconds.
     """
     if not interleave and len(jobs) > 1:
-        return [run_pairs([job], params, env=env, timeout=timeout)[0] for job in jobs]
+        return [
+            run_pairs([job], params, env=env, timeout=timeout, inherit_env=inherit_env)[0]
+            for job in jobs
+        ]
     procs: list[subprocess.Popen[bytes]] = []
     batons: list[int] = []
     with tempfile.TemporaryDirectory(prefix="hpcproc-bench-") as tmp:
         root = Path(tmp)
-        child_env = {**os.environ, **(env or {})}
+        child_env = {**(os.environ if inherit_env else {}), **(env or {})}
         child_env.pop("BENCH_ROLE", None)
         repo_root = str(Path(__file__).resolve().parent.parent)
         child_env["PYTHONPATH"] = os.pathsep.join(

@@ -11,10 +11,10 @@ measuring process on every other rank; every row is timed on rank 0 from one bar
 to the next around ``rounds`` operations (the barrier is MPI's ``Ibarrier``, polled
 without blocking the event loop), hpcproc and mpi4py interleaved run by run, median
 reported, after an untimed warm-up of each (a tenth of the all-to-all rounds, one
-operation of the other collectives: connections open on first use). The barrier itself is slow on an oversubscribed machine (4 ranks on this
-machine's 2 CPUs: 3.3-4.2 ms per barrier, measured), and its cost is in both sides'
-figures, so every timing spans enough operations that the two barriers are a small
-share of it: 1000 all-to-all rounds (``--quick``; 2000 without), 3 scatter/gathers
+operation of the other collectives: connections open on first use). The barrier
+itself is slow on an oversubscribed machine (4 ranks on this machine's 2 CPUs:
+3.3-4.2 ms per barrier, measured), and its cost is in both sides' figures, so every
+timing spans enough operations that the two barriers are a small share of it: 1000 all-to-all rounds (``--quick``; 2000 without), 3 scatter/gathers
 and allreduces (5). With 50 rounds, as before, the barriers made most of the
 mpi4py all-to-all's figure (about 150 of its 100-130 us per round against 13-25 us
 over 1000 rounds) and pulled the ratio towards 1.
@@ -31,8 +31,8 @@ Rows:
 * ``rtt`` between rank 0 and a rank of the same host, inside the routed job (8 B,
   ``send`` + ``expect``, as the process suite measures it); against the process
   suite's own ``shm`` round trip (``bench.process``'s pair of nodes, started by rank 0
-  on its host), in three blocks taking turns with the routed ones in the same job
-  (``--smoke``: one). Target: within 15%. Only when a peer shares rank 0's host.
+  on its host), in two blocks taking turns with the routed ones in the same job
+  (baseline, routed, routed, baseline; ``--smoke``: one block). Target: within 15%. Only when a peer shares rank 0's host.
 * ``node_rss``: the largest RSS of a rank once connected to all ``N - 1`` peers
   (after the all-to-all), against the same rank connected to rank 0 only (connections
   are opened lazily, on first use); and in the start-up runs, once every rank asked
@@ -97,6 +97,9 @@ STARTUP = "BENCH-STARTUP "
 MEMORY = "BENCH-MEMORY "
 CONNECT_ENV = "HPCPROC_BENCH_CONNECT"
 JOB_TIMEOUT = 600.0
+#: Seconds the in-job baseline pair may take (well under JOB_TIMEOUT, so that its
+#: error, not the job's timeout, is what a hang reports).
+PAIR_TIMEOUT = 120.0
 
 
 def _rss() -> int:
@@ -268,9 +271,15 @@ async def _rank_body(rank: int, pids: list[Any], params: dict[str, Any]) -> dict
         comm.Gather(part, out, root=0)
 
     coll_rounds = params["coll_rounds"]
-    # One untimed operation of each first, as for the all-to-all (buffers, pools).
-    await _scatter_gather(pids, rank, tags.take(), data, out)
-    await mpi_sg(0)
+    # One untimed operation of each first, as for the all-to-all (buffers, pools);
+    # between barriers, as timed ones are (they keep the loop running meanwhile).
+    first = tags.take()
+
+    async def warm_sg(_: int, first: int = first) -> None:
+        await _scatter_gather(pids, rank, first, data, out)
+
+    await _timed(comm, 1, warm_sg)
+    await _timed(comm, 1, mpi_sg)
     for _ in range(runs):
         first = tags.take(coll_rounds)
 
@@ -295,9 +304,14 @@ async def _rank_body(rank: int, pids: list[Any], params: dict[str, Any]) -> dict
         x.fill(rank + 1.0)
         comm.Allreduce(x, y, op=mpi.SUM)
 
-    x.fill(rank + 1.0)
-    await _ring_allreduce(pids, rank, tags.take(), x)
-    await mpi_ar(0)
+    first = tags.take()
+
+    async def warm_ar(_: int, first: int = first) -> None:
+        x.fill(rank + 1.0)
+        await _ring_allreduce(pids, rank, first, x)
+
+    await _timed(comm, 1, warm_ar)
+    await _timed(comm, 1, mpi_ar)
     for _ in range(runs):
         first = tags.take(coll_rounds)
 
@@ -382,21 +396,24 @@ async def job_main(cluster: Any) -> int:
     same_host = next((r for r, via in vias.items() if via == "shm"), None)
     rtt: list[float] = []
     rtt_base: list[float] = []
-    if same_host is not None:
-        step = Step(**params["rtt_step"])
-        # The baseline in blocks taking turns with the routed round trips, in the same
-        # minutes: this VM has slow minutes (seen: the shm pair's round trip 7.1 us in
-        # one run and 11.5 us in the next), and a baseline measured after the job
-        # compared one minute with another (ratios 0.68 and 1.35 seen that way).
-        for block in range(params["rtt_blocks"]):
-            ours_first = block % 2 == 1  # ABBA: a drift over the blocks cancels out
-            if ours_first:
-                rtt += await _rtt(cluster.nodes[same_host], step)
-            rtt_base += await asyncio.to_thread(_shm_pair_rtts, params)
-            if not ours_first:
-                rtt += await _rtt(cluster.nodes[same_host], step)
-    for rank in range(1, n):
-        await hp.send(pids[rank], ("end", 0))
+    try:
+        if same_host is not None:
+            step = Step(**params["rtt_step"])
+            # The baseline in blocks taking turns with the routed round trips, in the
+            # same minutes: this VM has slow minutes (seen: the shm pair's round trip
+            # 7.1 us in one run and 11.5 us in the next), and a baseline measured after
+            # the job compared one minute with another (ratios 0.68 and 1.35 seen).
+            for block in range(params["rtt_blocks"]):
+                ours_first = block % 2 == 1  # B A, A B: ABBA, a linear drift cancels
+                if ours_first:
+                    rtt += await _rtt(cluster.nodes[same_host], step)
+                rtt_base += await asyncio.to_thread(_shm_pair_rtts, params)
+                if not ours_first:
+                    rtt += await _rtt(cluster.nodes[same_host], step)
+    finally:
+        # Even when the baseline failed: the workers wait for this to end.
+        for rank in range(1, n):
+            await hp.send(pids[rank], ("end", 0))
     out = {
         "size": n,
         "hosts": len(set(cluster.hosts)),
@@ -425,8 +442,64 @@ def _shm_pair_rtts(params: dict[str, Any]) -> list[float]:
         "rate_runs": 0,
         "spawn_count": 0,
     }
-    result: list[float] = run_pair("bench.process:pair_role", pair, env=_env({}))[0]["rtt"]
+    result: list[float] = run_pair(
+        "bench.process:pair_role",
+        pair,
+        env=_outside_the_job_env(),
+        inherit_env=False,
+        timeout=PAIR_TIMEOUT,
+    )[0]["rtt"]
     return result
+
+
+#: Prefixes of the variables of launchers (and of hpcproc.run's rank) that the pair
+#: started inside a rank must not see; see _outside_the_job_env.
+_LAUNCHER_PREFIXES = (
+    "SLURM_",
+    "SLURMD_",
+    "PMI_",
+    "PMIX_",
+    "OMPI_",
+    "MPI_LOCAL",
+    "HYDRA_",
+    "MV2_",
+    "PALS_",
+    "FLUX_",
+    "LSB_",
+    "JSM_",
+    "PBS_",
+    "TORCHELASTIC_",
+    "HPCPROC_RANK",
+    "HPCPROC_SIZE",
+    "HPCPROC_LOCAL_",
+    "HPCPROC_NODE_",
+    "HPCPROC_HOSTS",
+    "HPCPROC_JOB_ID",
+    "HPCPROC_LIFELINE_",
+    "HPCPROC_SSH",
+    PARAMS_ENV,
+)
+
+
+def _outside_the_job_env() -> dict[str, str]:
+    """This rank's environment without its launcher's variables: what the pair of the
+    process suite gets when started by rank 0 (a pair that thought itself part of a
+    job of 4 ranks on 2 CPUs would poll as on crowded CPUs, and measure that).
+
+    Raises:
+        RuntimeError: a launcher is still detected in it (a variable this list misses).
+    """
+    from hpcproc.launchers import detect
+
+    env = {
+        k: v
+        for k, v in _env({}).items()
+        if k == "SLURM_CONF" or not k.startswith(_LAUNCHER_PREFIXES)
+    }
+    found = detect(env).launcher
+    if found != "local":
+        raise RuntimeError(f"the baseline pair's environment still names a {found} job")
+    return env
 
 
 async def _take_any(kind: str) -> tuple[Any, ...]:
@@ -627,7 +700,7 @@ def run(options: SuiteOptions) -> list[Record]:
         "scatter_bytes": (1 << 20) if smoke else SCATTER_BYTES,
         "allreduce_bytes": (64 << 10) if smoke else ALLREDUCE_BYTES,
         "rtt_step": asdict(rtt_step),
-        "rtt_blocks": 1 if smoke else 3,
+        "rtt_blocks": 1 if smoke else 2,
     }
     transport = options.transport
     label = f"{transport} ({where}, {n} ranks" + (f", {job_hosts} hosts)" if job_hosts else ")")
