@@ -274,7 +274,9 @@ async def spawn(node: NodeId, fn: ProcessFn, *args: Any) -> Pid:
 
     Cancelled once the request has gone, the process may still start (a spawn cannot
     be taken back); the link or monitor of :func:`spawn_link` / :func:`spawn_monitor`
-    is then undone, as the reply comes or at once if it came already.
+    is then undone, as the reply comes or at once if it came already (a death of the
+    new process acted on before that is delivered: an exit signal, or a notification
+    with a ref the caller never got).
 
     Raises:
         SpawnError: the function could not be loaded or started there (the message

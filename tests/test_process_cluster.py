@@ -1362,10 +1362,11 @@ def test_a_spawn_given_up_on_as_its_reply_is_handled_leaves_no_watch(
         ours = {key for watches in c.a.watches.remote.values() for key in watches}
         await hp.kill(pid, "done")
         await sync_with(c.b)  # behind a death notice, were one sent
+        stray = await hp.expect(timeout=0)
         assert info is not None
-        return outside, spawning.cancelled(), info.monitored_by, info.linked_by, ours
+        return outside, spawning.cancelled(), info.monitored_by, info.linked_by, ours, stray
 
-    assert run_cluster("inmemory", servers, body) == ([True], True, (), (), set())
+    assert run_cluster("inmemory", servers, body) == ([True], True, (), (), set(), None)
 
 
 def test_spawn_monitor_is_removed_remotely_when_its_watcher_ends(
