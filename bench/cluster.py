@@ -31,8 +31,11 @@ Rows:
 * ``rtt`` between rank 0 and a rank of the same host, inside the routed job (8 B,
   ``send`` + ``expect``, as the process suite measures it); against the process
   suite's own ``shm`` round trip (``bench.process``'s pair of nodes, started by rank 0
-  on its host), in two blocks taking turns with the routed ones in the same job
-  (baseline, routed, routed, baseline; ``--smoke``: one block). Target: within 15%. Only when a peer shares rank 0's host.
+  on its host), in four blocks taking turns with the routed ones in the same job
+  (baseline, routed, routed, baseline, twice; ``--smoke``: one block), each side
+  after at least ``RTT_SETTLE`` of warm-up. Medians of 20 runs: either side has
+  whole blocks in a slow mode now and then (seen: 11.3-12.5 us against 7.7-8.8 in
+  the other blocks of the same job). Target: within 15%. Only when a peer shares rank 0's host.
 * ``node_rss``: the largest RSS of a rank once connected to all ``N - 1`` peers
   (after the all-to-all), against the same rank connected to rank 0 only (connections
   are opened lazily, on first use); and in the start-up runs, once every rank asked
@@ -346,29 +349,15 @@ async def _rtt(peer: Any, step: Step) -> list[float]:
     """Round trips to an echo process on ``peer`` (as ``bench.process`` measures)."""
     import hpcproc as hp
 
-    from .process import _echo
+    from .process import _echo, _rtts
 
     echo = await hp.spawn(peer, _echo)
-    send, expect = hp.send, hp.expect
-    msg = (hp.self_pid(), b"x" * RTT_SIZE)
     # Warm up for at least RTT_SETTLE as well: the collectives just before left 4
     # ranks busy on this machine's CPUs, and the poller, having seen that, keeps
     # polling off for a while (CROWD_HOLD); round trips timed then measure that hold,
     # not routing (seen: 20-27 us in 3 of 14 runs, never with crowding ignored).
-    settled = time.perf_counter() + RTT_SETTLE
-    done = 0
-    while done < step.warmup or time.perf_counter() < settled:
-        await send(echo, msg)
-        await expect()
-        done += 1
-    rtts = []
-    for _ in range(step.runs):
-        t0 = time.perf_counter()
-        for _ in range(step.iters):
-            await send(echo, msg)
-            await expect()
-        rtts.append((time.perf_counter() - t0) / step.iters)
-    await send(echo, "stop")
+    rtts = await _rtts(echo, (hp.self_pid(), b"x" * RTT_SIZE), step, RTT_SETTLE)
+    await hp.send(echo, "stop")
     return rtts
 
 
@@ -404,7 +393,7 @@ async def job_main(cluster: Any) -> int:
             # 7.1 us in one run and 11.5 us in the next), and a baseline measured after
             # the job compared one minute with another (ratios 0.68 and 1.35 seen).
             for block in range(params["rtt_blocks"]):
-                ours_first = block % 2 == 1  # B A, A B: ABBA, a linear drift cancels
+                ours_first = block % 2 == 1  # B A A B ...: a linear drift cancels
                 if ours_first:
                     rtt += await _rtt(cluster.nodes[same_host], step)
                 rtt_base += await asyncio.to_thread(_shm_pair_rtts, params)
@@ -441,6 +430,10 @@ def _shm_pair_rtts(params: dict[str, Any]) -> list[float]:
         "rate_count": 1,
         "rate_runs": 0,
         "spawn_count": 0,
+        # The same settling as the routed round trips (_rtt): a fresh pair's first
+        # milliseconds (placement on the CPUs, the poller's first readings) are not
+        # the steady state either (seen: 12.1 against 7.3-8.3 us in other blocks).
+        "rtt_settle_s": RTT_SETTLE,
     }
     result: list[float] = run_pair(
         "bench.process:pair_role",
@@ -700,7 +693,7 @@ def run(options: SuiteOptions) -> list[Record]:
         "scatter_bytes": (1 << 20) if smoke else SCATTER_BYTES,
         "allreduce_bytes": (64 << 10) if smoke else ALLREDUCE_BYTES,
         "rtt_step": asdict(rtt_step),
-        "rtt_blocks": 1 if smoke else 2,
+        "rtt_blocks": 1 if smoke else 4,
     }
     transport = options.transport
     label = f"{transport} ({where}, {n} ranks" + (f", {job_hosts} hosts)" if job_hosts else ")")

@@ -137,7 +137,7 @@ async def _measure_pair(other: Any, params: dict[str, Any]) -> dict[str, Any]:
     echo = await hp.whereis_remote(other, "echo", timeout=60)
     sink = await hp.whereis_remote(other, "sink", timeout=60)
     assert echo is not None and sink is not None
-    rtts = await _rtts(echo, (me, b"x" * RTT_SIZE), step)
+    rtts = await _rtts(echo, (me, b"x" * RTT_SIZE), step, params.get("rtt_settle_s", 0.0))
     send, expect = hp.send, hp.expect
     rates = []
     n = params["rate_count"]
@@ -329,14 +329,18 @@ async def _local_rtt(step: Step) -> list[float]:
     return rtts
 
 
-async def _rtts(echo: Any, msg: Any, step: Step) -> list[float]:
-    """Seconds per round trip of ``msg`` to ``echo`` and back, one figure per run."""
+async def _rtts(echo: Any, msg: Any, step: Step, settle: float = 0.0) -> list[float]:
+    """Seconds per round trip of ``msg`` to ``echo`` and back, one figure per run,
+    after ``step.warmup`` round trips and at least ``settle`` seconds of them."""
     import hpcproc as hp
 
     send, expect = hp.send, hp.expect
-    for _ in range(step.warmup):
+    settled = time.perf_counter() + settle
+    done = 0
+    while done < step.warmup or time.perf_counter() < settled:
         await send(echo, msg)
         await expect()
+        done += 1
     rtts = []
     for _ in range(step.runs):
         t0 = time.perf_counter()
