@@ -293,15 +293,19 @@ def test_large_frames_are_received_into_buffers_of_their_own_exact_size() -> Non
             conn = await bounded(a.connect(b.address))
             await expect(b, ConnectionOpened)
             big = np.arange(3 * MiB, dtype=np.uint8)
-            await bounded(conn.send([b"small", as_buffer(big), b"tail"]))
+            mid = np.arange(300 << 10, dtype=np.uint8)[::-1].copy()  # under _NUMPY_MIN
+            await bounded(conn.send([b"small", as_buffer(big), as_buffer(mid), b"tail"]))
             event = await expect(b, Received)
-            assert [len(f) for f in event.frames] == [5, 3 * MiB, 4]
+            assert [len(f) for f in event.frames] == [5, 3 * MiB, 300 << 10, 4]
             # One buffer per frame, allocated at exactly the frame's size: the data
             # landed where the receiver keeps it, no reassembly copy.
             owners = [f.obj for f in event.frames]
-            assert len({id(o) for o in owners}) == 3
+            assert len({id(o) for o in owners}) == 4
             assert isinstance(owners[1], np.ndarray) and owners[1].nbytes == 3 * MiB
+            assert isinstance(owners[2], np.ndarray) and owners[2].nbytes == 300 << 10
             assert np.array_equal(np.frombuffer(event.frames[1], np.uint8), big)
+            assert np.array_equal(np.frombuffer(event.frames[2], np.uint8), mid)
+            assert bytes(event.frames[0]) == b"small" and bytes(event.frames[3]) == b"tail"
         finally:
             await bounded(transport.close())
 
