@@ -14,10 +14,11 @@ reported, after an untimed warm-up of each (a tenth of the all-to-all rounds, on
 operation of the other collectives: connections open on first use). The barrier
 itself is slow on an oversubscribed machine (4 ranks on this machine's 2 CPUs:
 3.3-4.2 ms per barrier, measured), and its cost is in both sides' figures, so every
-timing spans enough operations that the two barriers are a small share of it: 1000 all-to-all rounds (``--quick``; 2000 without), 3 scatter/gathers
-and allreduces (5). With 50 rounds, as before, the barriers made most of the
-mpi4py all-to-all's figure (about 150 of its 100-130 us per round against 13-25 us
-over 1000 rounds) and pulled the ratio towards 1.
+timing spans enough operations that the two barriers are a small share of it: 1000
+all-to-all rounds (``--quick``; 2000 without), 3 scatter/gathers and allreduces (5).
+With 50 rounds, as before, the barriers made most of the mpi4py all-to-all's figure
+(about 150 of its 100-130 us per round against 13-25 us over 1000 rounds) and pulled
+the ratio towards 1.
 
 Rows:
 
@@ -35,7 +36,8 @@ Rows:
   (baseline, routed, routed, baseline, twice; ``--smoke``: one block), each side
   after at least ``RTT_SETTLE`` of warm-up. Medians of 20 runs: either side has
   whole blocks in a slow mode now and then (seen: 11.3-12.5 us against 7.7-8.8 in
-  the other blocks of the same job). Target: within 15%. Only when a peer shares rank 0's host.
+  the other blocks of the same job). Target: within 15%. Only when a peer shares
+  rank 0's host.
 * ``node_rss``: the largest RSS of a rank once connected to all ``N - 1`` peers
   (after the all-to-all), against the same rank connected to rank 0 only (connections
   are opened lazily, on first use); and in the start-up runs, once every rank asked
