@@ -150,7 +150,7 @@ class Spawner:
         ref: MonitorRef | None = None
         on_ok: Callable[[Any], None] | None = None
         on_late_ok: Callable[[Any], None] | None = None
-        #: The watch recorded here as the reply was handled (``on_ok``), if it was.
+        # The watch recorded here as the reply was handled (on_ok), if it was.
         recorded: list[MonitorRef | Link] = []
         if type(watch) is MonitorRef:
             ref, watcher = watch, watch.watcher
