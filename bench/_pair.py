@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -133,10 +134,13 @@ class Baton:
     in time to a run of every other, whatever the rest of the machine does.
     """
 
-    def __init__(self, directory: Path, index: int, count: int) -> None:
+    def __init__(
+        self, directory: Path, index: int, count: int, timeout: float | None = None
+    ) -> None:
         self._own = directory / f"baton-{index}"
         self._next = directory / f"baton-{(index + 1) % count}"
         self._fds: dict[Path, int] = {}
+        self._timeout = timeout
 
     def _fd(self, path: Path) -> int:
         if path not in self._fds:
@@ -144,15 +148,27 @@ class Baton:
             self._fds[path] = os.open(path, os.O_RDWR)
         return self._fds[path]
 
+    def give(self) -> None:
+        """Hand the turn on without taking one (for the participant that starts the
+        round by letting the next one go first)."""
+        os.write(self._fd(self._next), b"x")
+
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
-        """Wait for this pair's turn, run the body, then hand the turn on."""
-        if not os.read(self._fd(self._own), 1):
+        """Wait for this pair's turn, run the body, then hand the turn on.
+
+        Raises:
+            PairError: the FIFO was closed, or no turn came within the timeout.
+        """
+        fd = self._fd(self._own)
+        if self._timeout is not None and not select.select([fd], [], [], self._timeout)[0]:
+            raise PairError(f"no turn within {self._timeout} s (the other side stopped?)")
+        if not os.read(fd, 1):
             raise PairError("baton FIFO closed")
         try:
             yield
         finally:
-            os.write(self._fd(self._next), b"x")
+            self.give()
 
 
 def run_pair(

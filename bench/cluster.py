@@ -32,12 +32,9 @@ Rows:
 * ``rtt`` between rank 0 and a rank of the same host, inside the routed job (8 B,
   ``send`` + ``expect``, as the process suite measures it); against the process
   suite's own ``shm`` round trip (``bench.process``'s pair of nodes, started by rank 0
-  on its host), in four blocks taking turns with the routed ones in the same job
-  (baseline, routed, routed, baseline, twice; ``--smoke``: one block), each side
-  after at least ``RTT_SETTLE`` of warm-up. Medians of 20 runs: either side has
-  whole blocks in a slow mode now and then (seen: 11.3-12.5 us against 7.7-8.8 in
-  the other blocks of the same job). Target: within 15%. Only when a peer shares
-  rank 0's host.
+  on its host), the two taking turns run by run (20 runs of 100 round trips a side;
+  see :func:`_paired_rtts`), each after at least ``RTT_SETTLE`` of warm-up. Target:
+  within 15%. Only when a peer shares rank 0's host.
 * ``node_rss``: the largest RSS of a rank once connected to all ``N - 1`` peers
   (after the all-to-all), against the same rank connected to rank 0 only (connections
   are opened lazily, on first use); and in the start-up runs, once every rank asked
@@ -75,15 +72,17 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from hpcproc.transports._busy_poll import CROWD_HOLD
 
 from ._records import Record, median, record
 from ._suites import SuiteOptions
-from ._timing import Step
+from ._timing import Step, Turn
 
 __all__ = ["job_main", "run", "startup_main"]
 
@@ -347,8 +346,9 @@ async def _worker(rank: int, master: Any, params: dict[str, Any]) -> None:
     await _take("end", 0)
 
 
-async def _rtt(peer: Any, step: Step) -> list[float]:
-    """Round trips to an echo process on ``peer`` (as ``bench.process`` measures)."""
+async def _rtt(peer: Any, step: Step, turn: Turn | None = None) -> list[float]:
+    """Round trips to an echo process on ``peer`` (as ``bench.process`` measures),
+    each run inside ``turn()``."""
     import hpcproc as hp
 
     from .process import _echo, _rtts
@@ -358,7 +358,7 @@ async def _rtt(peer: Any, step: Step) -> list[float]:
     # ranks busy on this machine's CPUs, and the poller, having seen that, keeps
     # polling off for a while (CROWD_HOLD); round trips timed then measure that hold,
     # not routing (seen: 20-27 us in 3 of 14 runs, never with crowding ignored).
-    rtts = await _rtts(echo, (hp.self_pid(), b"x" * RTT_SIZE), step, RTT_SETTLE)
+    rtts = await _rtts(echo, (hp.self_pid(), b"x" * RTT_SIZE), step, RTT_SETTLE, turn)
     await hp.send(echo, "stop")
     return rtts
 
@@ -389,18 +389,7 @@ async def job_main(cluster: Any) -> int:
     rtt_base: list[float] = []
     try:
         if same_host is not None:
-            step = Step(**params["rtt_step"])
-            # The baseline in blocks taking turns with the routed round trips, in the
-            # same minutes: this VM has slow minutes (seen: the shm pair's round trip
-            # 7.1 us in one run and 11.5 us in the next), and a baseline measured after
-            # the job compared one minute with another (ratios 0.68 and 1.35 seen).
-            for block in range(params["rtt_blocks"]):
-                ours_first = block % 2 == 1  # B A A B ...: a linear drift cancels
-                if ours_first:
-                    rtt += await _rtt(cluster.nodes[same_host], step)
-                rtt_base += await asyncio.to_thread(_shm_pair_rtts, params)
-                if not ours_first:
-                    rtt += await _rtt(cluster.nodes[same_host], step)
+            rtt, rtt_base = await _paired_rtts(cluster.nodes[same_host], params)
     finally:
         # Even when the baseline failed: the workers wait for this to end.
         for rank in range(1, n):
@@ -421,9 +410,45 @@ async def job_main(cluster: Any) -> int:
     return 0
 
 
-def _shm_pair_rtts(params: dict[str, Any]) -> list[float]:
+async def _paired_rtts(peer: Any, params: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Round trips to ``peer`` and the process suite's shm round trips, taking turns
+    run by run: (ours, baseline), one figure per run each.
+
+    The baseline pair (two new OS processes on this host) and this rank pass a turn
+    through FIFOs (:class:`bench._pair.Baton`), the pair first (its start-up is then
+    not in our runs); while one side measures, the other blocks on its FIFO. Run by
+    run, because this VM has phases of seconds in which either side's round trip
+    swings between 7 and 19 us, not in step with the other side's (seen in blocks of
+    5 runs a side: ratios of the medians 0.86-1.41 from job to job).
+
+    Raises:
+        PairError: the pair failed, or a turn did not come within PAIR_TIMEOUT.
+    """
+    from ._pair import Baton
+
+    step = Step(**params["rtt_step"])
+    with tempfile.TemporaryDirectory(prefix="hpcproc-bench-turns-") as tmp:
+        directory = Path(tmp)
+        for index in range(2):
+            os.mkfifo(directory / f"baton-{index}")
+        baton = Baton(directory, 0, 2, timeout=PAIR_TIMEOUT)
+        pair = asyncio.ensure_future(
+            asyncio.to_thread(_shm_pair_rtts, params, f"{directory}:1:2")
+        )
+        try:
+            baton.give()
+            ours = await _rtt(peer, step, baton.turn)
+        except BaseException:
+            pair.cancel()  # the thread's run_pair still ends, at its timeout at worst
+            raise
+        base = await pair
+    return ours, base
+
+
+def _shm_pair_rtts(params: dict[str, Any], baton: str) -> list[float]:
     """The process suite's round trip over shm (``bench.process``'s pair of nodes, two
-    new OS processes on this host), as its own ``rtt`` row measures it."""
+    new OS processes on this host), as its own ``rtt`` row measures it; its runs take
+    turns through ``baton`` (``BENCH_BATON``: "directory:index:count")."""
     from ._pair import run_pair
 
     pair = {
@@ -440,7 +465,7 @@ def _shm_pair_rtts(params: dict[str, Any]) -> list[float]:
     result: list[float] = run_pair(
         "bench.process:pair_role",
         pair,
-        env=_outside_the_job_env(),
+        env={**_outside_the_job_env(), "BENCH_BATON": baton},
         inherit_env=False,
         timeout=PAIR_TIMEOUT,
     )[0]["rtt"]
@@ -687,7 +712,7 @@ def run(options: SuiteOptions) -> list[Record]:
     where = "srun" if usable >= 2 else "local"
     n = options.np or 4
     job_hosts = min(2, usable) if where == "srun" else None
-    rtt_step = Step(RTT_SIZE, 20, 1, 5) if smoke else Step(RTT_SIZE, 300, 5, 100)
+    rtt_step = Step(RTT_SIZE, 20, 1, 5) if smoke else Step(RTT_SIZE, 300, 20, 100)
     params: dict[str, Any] = {
         "runs": 1 if smoke else (5 if quick else 9),
         "a2a_rounds": 3 if smoke else (1000 if quick else 2000),
@@ -695,7 +720,6 @@ def run(options: SuiteOptions) -> list[Record]:
         "scatter_bytes": (1 << 20) if smoke else SCATTER_BYTES,
         "allreduce_bytes": (64 << 10) if smoke else ALLREDUCE_BYTES,
         "rtt_step": asdict(rtt_step),
-        "rtt_blocks": 1 if smoke else 4,
     }
     transport = options.transport
     label = f"{transport} ({where}, {n} ranks" + (f", {job_hosts} hosts)" if job_hosts else ")")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
 import time
@@ -40,7 +41,7 @@ from typing import Any
 from ._pair import Peer, run_pair
 from ._records import Record, median, record
 from ._suites import SuiteOptions
-from ._timing import Step
+from ._timing import Step, Turn
 from .transport import _launch_for
 
 __all__ = [
@@ -123,13 +124,15 @@ async def pair_role(peer: Peer) -> dict[str, Any] | None:
                 await node.run(serve)
                 return None
             other = hp.NodeId(base64.b64decode(await peer.alookup("address")))
-            result: dict[str, Any] = await node.run(_measure_pair, other, peer.params)
+            result: dict[str, Any] = await node.run(
+                _measure_pair, other, peer.params, peer.turn
+            )
             return result
     finally:
         await transport.close()
 
 
-async def _measure_pair(other: Any, params: dict[str, Any]) -> dict[str, Any]:
+async def _measure_pair(other: Any, params: dict[str, Any], turn: Turn) -> dict[str, Any]:
     import hpcproc as hp
 
     step = Step(**params["rtt_step"])
@@ -137,7 +140,10 @@ async def _measure_pair(other: Any, params: dict[str, Any]) -> dict[str, Any]:
     echo = await hp.whereis_remote(other, "echo", timeout=60)
     sink = await hp.whereis_remote(other, "sink", timeout=60)
     assert echo is not None and sink is not None
-    rtts = await _rtts(echo, (me, b"x" * RTT_SIZE), step, params.get("rtt_settle_s", 0.0))
+    # Each run in its turn: the cluster suite's rank 0 takes turns with this pair.
+    rtts = await _rtts(
+        echo, (me, b"x" * RTT_SIZE), step, params.get("rtt_settle_s", 0.0), turn
+    )
     send, expect = hp.send, hp.expect
     rates = []
     n = params["rate_count"]
@@ -329,25 +335,31 @@ async def _local_rtt(step: Step) -> list[float]:
     return rtts
 
 
-async def _rtts(echo: Any, msg: Any, step: Step, settle: float = 0.0) -> list[float]:
+async def _rtts(
+    echo: Any, msg: Any, step: Step, settle: float = 0.0, turn: Turn | None = None
+) -> list[float]:
     """Seconds per round trip of ``msg`` to ``echo`` and back, one figure per run,
-    after ``step.warmup`` round trips and at least ``settle`` seconds of them."""
+    after ``step.warmup`` round trips and at least ``settle`` seconds of them. Each
+    run, the warm-up with the first, happens inside ``turn()`` (see
+    :func:`bench.time_steps`)."""
     import hpcproc as hp
 
     send, expect = hp.send, hp.expect
-    settled = time.perf_counter() + settle
-    done = 0
-    while done < step.warmup or time.perf_counter() < settled:
-        await send(echo, msg)
-        await expect()
-        done += 1
     rtts = []
-    for _ in range(step.runs):
-        t0 = time.perf_counter()
-        for _ in range(step.iters):
-            await send(echo, msg)
-            await expect()
-        rtts.append((time.perf_counter() - t0) / step.iters)
+    for run in range(step.runs):
+        with turn() if turn is not None else contextlib.nullcontext():
+            if run == 0:
+                settled = time.perf_counter() + settle
+                done = 0
+                while done < step.warmup or time.perf_counter() < settled:
+                    await send(echo, msg)
+                    await expect()
+                    done += 1
+            t0 = time.perf_counter()
+            for _ in range(step.iters):
+                await send(echo, msg)
+                await expect()
+            rtts.append((time.perf_counter() - t0) / step.iters)
     return rtts
 
 
