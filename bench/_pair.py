@@ -64,7 +64,8 @@ class Peer:
         self.role = role
         #: The ``params`` given to :func:`run_pair`.
         self.params = params
-        #: Turn-taking with the other pairs of :func:`run_pairs`; ``None`` if alone.
+        #: Turn-taking with the other pairs of :func:`run_pairs`, or with whoever
+        #: passed ``BENCH_BATON`` in the environment (role 0 only); ``None`` if alone.
         self.baton = baton
 
     def turn(self) -> contextlib.AbstractContextManager[None]:
@@ -127,12 +128,17 @@ class Job:
 
 
 class Baton:
-    """Takes turns between the measuring roles of several pairs run at once.
+    """Takes turns between the measuring roles of several pairs run at once (or a
+    pair and another measuring process, see ``bench.cluster``).
 
-    Each turn is one timed run; while one pair measures, the others block in
+    Each turn is one timed run; while one participant measures, the others block in
     ``read`` on a FIFO and use no CPU, so every run of one implementation sits next
-    in time to a run of every other, whatever the rest of the machine does.
+    in time to a run of every other, whatever the rest of the machine does. With
+    ``timeout``, a turn waited for longer raises instead of blocking forever.
     """
+
+    #: Written instead of the turn token by :meth:`interrupt`.
+    _FAILED = b"!"
 
     def __init__(
         self, directory: Path, index: int, count: int, timeout: float | None = None
@@ -153,18 +159,36 @@ class Baton:
         round by letting the next one go first)."""
         os.write(self._fd(self._next), b"x")
 
+    def interrupt(self) -> None:
+        """Make this participant's current or next wait for a turn raise
+        :class:`PairError` at once (called from another thread, when what this
+        participant takes turns with has failed). Does nothing once the FIFOs are
+        gone (this participant is done)."""
+        with contextlib.suppress(OSError):
+            os.write(self._fd(self._own), self._FAILED)
+
+    def close(self) -> None:
+        """Close the FIFOs this object opened."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
-        """Wait for this pair's turn, run the body, then hand the turn on.
+        """Wait for this participant's turn, run the body, then hand the turn on.
 
         Raises:
-            PairError: the FIFO was closed, or no turn came within the timeout.
+            PairError: the FIFO was closed, no turn came within the timeout, or
+                :meth:`interrupt` was called.
         """
         fd = self._fd(self._own)
         if self._timeout is not None and not select.select([fd], [], [], self._timeout)[0]:
             raise PairError(f"no turn within {self._timeout} s (the other side stopped?)")
-        if not os.read(fd, 1):
+        token = os.read(fd, 1)
+        if not token:
             raise PairError("baton FIFO closed")
+        if token == self._FAILED:
+            raise PairError("the other side of the turn-taking failed")
         try:
             yield
         finally:

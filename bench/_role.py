@@ -35,7 +35,12 @@ def _child(workdir: Path, target: str) -> None:
     baton = None
     if "BENCH_BATON" in os.environ and role == 0:
         directory, index, count = os.environ["BENCH_BATON"].rsplit(":", 2)
-        baton = Baton(Path(directory), int(index), int(count))
+        # A bound on each wait, where the other side may die without closing its
+        # FIFO (a process outside run_pairs; see bench.cluster).
+        timeout = os.environ.get("BENCH_BATON_TIMEOUT")
+        baton = Baton(
+            Path(directory), int(index), int(count), float(timeout) if timeout else None
+        )
     peer = Peer(workdir, role, params, baton)
     result = asyncio.run(fn(peer)) if inspect.iscoroutinefunction(fn) else fn(peer)
     path = workdir / f"result-{role}.json"

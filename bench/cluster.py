@@ -65,6 +65,7 @@ network).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -432,16 +433,32 @@ async def _paired_rtts(peer: Any, params: dict[str, Any]) -> tuple[list[float], 
         for index in range(2):
             os.mkfifo(directory / f"baton-{index}")
         baton = Baton(directory, 0, 2, timeout=PAIR_TIMEOUT)
-        pair = asyncio.ensure_future(
-            asyncio.to_thread(_shm_pair_rtts, params, f"{directory}:1:2")
-        )
+
+        def pair_rtts() -> list[float]:
+            try:
+                return _shm_pair_rtts(params, f"{directory}:1:2")
+            except BaseException:
+                baton.interrupt()  # our wait for a turn raises now, not in 120 s
+                raise
+
+        # run_in_executor submits at once: our turns block this loop.
+        pair = asyncio.get_running_loop().run_in_executor(None, pair_rtts)
         try:
             baton.give()
             ours = await _rtt(peer, step, baton.turn)
+            base = await pair
         except BaseException:
-            pair.cancel()  # the thread's run_pair still ends, at its timeout at worst
+            if not pair.done():
+                # The pair's own error, if it failed (the thread then ends at once),
+                # rather than the interrupted turn's. Otherwise its run_pair still
+                # ends at PAIR_TIMEOUT at worst, and this rank's exit waits for that.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pair), 5.0)
+            if pair.done() and not pair.cancelled() and pair.exception() is not None:
+                raise pair.exception() from None  # type: ignore[misc]
             raise
-        base = await pair
+        finally:
+            baton.close()
     return ours, base
 
 
@@ -465,7 +482,11 @@ def _shm_pair_rtts(params: dict[str, Any], baton: str) -> list[float]:
     result: list[float] = run_pair(
         "bench.process:pair_role",
         pair,
-        env={**_outside_the_job_env(), "BENCH_BATON": baton},
+        env={
+            **_outside_the_job_env(),
+            "BENCH_BATON": baton,
+            "BENCH_BATON_TIMEOUT": str(PAIR_TIMEOUT),
+        },
         inherit_env=False,
         timeout=PAIR_TIMEOUT,
     )[0]["rtt"]

@@ -119,10 +119,15 @@ async def pair_role(peer: Peer) -> dict[str, Any] | None:
                     hp.register("sink", hp.spawn_local(_sink))
                     hp.register("server", hp.self_pid())
                     peer.publish("address", base64.b64encode(node.node_id.address).decode())
-                    await hp.expect(str)  # "stop" from role 0
+                    # "stop" from role 0, or role 0's end without it (killed, with
+                    # nobody left to kill this role: started by a rank of bench.cluster).
+                    measurer = hp.NodeId(base64.b64decode(await peer.alookup("address")))
+                    await hp.monitor_node(measurer)
+                    await hp.expect((str, hp.NodeMonitorNotification))
 
                 await node.run(serve)
                 return None
+            peer.publish("address", base64.b64encode(node.node_id.address).decode())
             other = hp.NodeId(base64.b64decode(await peer.alookup("address")))
             result: dict[str, Any] = await node.run(
                 _measure_pair, other, peer.params, peer.turn
@@ -360,6 +365,9 @@ async def _rtts(
                 await send(echo, msg)
                 await expect()
             rtts.append((time.perf_counter() - t0) / step.iters)
+    if turn is not None:
+        with turn():
+            pass  # so that the other side's last run ends before this side goes on
     return rtts
 
 

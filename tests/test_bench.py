@@ -157,3 +157,25 @@ def test_bench_transport_tls_reports_tls_beside_plain_tcp(tmp_path: Path) -> Non
     assert {r["baseline"] for r in tls} == {"hpcproc-tcp"}
     plain = {(r["metric"], r["size"]) for r in records if r["transport"] == "tcp"}
     assert {(r["metric"], r["size"]) for r in tls} == plain
+
+
+def test_a_baton_turn_raises_when_interrupted_or_after_its_timeout(tmp_path: Path) -> None:
+    """The turn-taking of ``bench.cluster``'s round-trip row: a participant whose other
+    side failed (``interrupt``) or went silent (``timeout``) raises instead of
+    blocking forever; ``interrupt`` once the FIFOs are gone does nothing."""
+    from bench._pair import Baton, PairError
+
+    for index in range(2):
+        os.mkfifo(tmp_path / f"baton-{index}")
+    interrupted = Baton(tmp_path, 0, 2, timeout=60.0)
+    interrupted.interrupt()
+    with pytest.raises(PairError, match="failed"), interrupted.turn():
+        pass
+    interrupted.close()
+    silent = Baton(tmp_path, 0, 2, timeout=0.05)
+    with pytest.raises(PairError, match="no turn within"), silent.turn():
+        pass
+    silent.close()
+    for index in range(2):
+        (tmp_path / f"baton-{index}").unlink()
+    silent.interrupt()
