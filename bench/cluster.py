@@ -83,7 +83,7 @@ from hpcproc.transports._busy_poll import CROWD_HOLD
 
 from ._records import Record, median, record
 from ._suites import SuiteOptions
-from ._timing import Step, Turn
+from ._timing import Step, Turn, _no_turn
 
 __all__ = ["job_main", "run", "startup_main"]
 
@@ -347,7 +347,7 @@ async def _worker(rank: int, master: Any, params: dict[str, Any]) -> None:
     await _take("end", 0)
 
 
-async def _rtt(peer: Any, step: Step, turn: Turn | None = None) -> list[float]:
+async def _rtt(peer: Any, step: Step, turn: Turn = _no_turn) -> list[float]:
     """Round trips to an echo process on ``peer`` (as ``bench.process`` measures),
     each run inside ``turn()``."""
     import hpcproc as hp
@@ -448,14 +448,11 @@ async def _paired_rtts(peer: Any, params: dict[str, Any]) -> tuple[list[float], 
             ours = await _rtt(peer, step, baton.turn)
             base = await pair
         except BaseException:
-            if not pair.done():
-                # The pair's own error, if it failed (the thread then ends at once),
-                # rather than the interrupted turn's. Otherwise its run_pair still
-                # ends at PAIR_TIMEOUT at worst, and this rank's exit waits for that.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(pair), 5.0)
-            if pair.done() and not pair.cancelled() and pair.exception() is not None:
-                raise pair.exception() from None  # type: ignore[misc]
+            # The pair's own error, if it failed (its thread then ends at once), is
+            # raised here rather than the interrupted turn's. Otherwise its run_pair
+            # still ends at PAIR_TIMEOUT at worst, and this rank's exit waits for that.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pair), 5.0)
             raise
         finally:
             baton.close()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import secrets
 import time
@@ -41,7 +40,7 @@ from typing import Any
 from ._pair import Peer, run_pair
 from ._records import Record, median, record
 from ._suites import SuiteOptions
-from ._timing import Step, Turn
+from ._timing import Step, Turn, _no_turn
 from .transport import _launch_for
 
 __all__ = [
@@ -341,7 +340,7 @@ async def _local_rtt(step: Step) -> list[float]:
 
 
 async def _rtts(
-    echo: Any, msg: Any, step: Step, settle: float = 0.0, turn: Turn | None = None
+    echo: Any, msg: Any, step: Step, settle: float = 0.0, turn: Turn = _no_turn
 ) -> list[float]:
     """Seconds per round trip of ``msg`` to ``echo`` and back, one figure per run,
     after ``step.warmup`` round trips and at least ``settle`` seconds of them. Each
@@ -352,7 +351,7 @@ async def _rtts(
     send, expect = hp.send, hp.expect
     rtts = []
     for run in range(step.runs):
-        with turn() if turn is not None else contextlib.nullcontext():
+        with turn():
             if run == 0:
                 settled = time.perf_counter() + settle
                 done = 0
@@ -365,9 +364,8 @@ async def _rtts(
                 await send(echo, msg)
                 await expect()
             rtts.append((time.perf_counter() - t0) / step.iters)
-    if turn is not None:
-        with turn():
-            pass  # so that the other side's last run ends before this side goes on
+    with turn():
+        pass  # so that the other side's last run ends before this side goes on
     return rtts
 
 
