@@ -372,6 +372,57 @@ def test_malformed_envelope_drops_the_senders_links_and_delivers_nothing() -> No
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("declared", "sent"),
+    [
+        ([100 << 10], [50 << 10]),
+        ([100 << 10], [200 << 10]),
+        ([100 << 10, 100 << 10], [50 << 10]),
+    ],
+    ids=["shorter", "longer", "shorter-with-a-frame-still-awaited"],
+)
+def test_a_frame_of_another_length_than_declared_drops_the_sender(
+    declared: list[int], sent: list[int]
+) -> None:
+    """Shorter, the frame's buffer would hold bytes the sender never sent (it is not
+    zero-filled); longer, MPI truncates it. Either breaks the protocol: the sender is
+    dropped, nothing of the message is delivered, and no receive stays posted."""
+    from mpi4py import MPI
+
+    async def scenario() -> None:
+        transport = mpi.create_transport(comm=MPI.COMM_SELF.Dup())
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            await bounded(a.connect(b.address))
+            await expect(b, ConnectionOpened)
+            engine: Any = transport._engine
+            a_id, b_id = (mpi.parse_address(e.address)[1] for e in (a, b))
+            link_gen = next(iter(b._links.values())).gen  # type: ignore[attr-defined]
+            envelope = mpi._ENVELOPE.pack(
+                mpi._Msg.DATA, 0, 0, len(declared), a_id, b_id, link_gen, 1
+            )
+            forged = envelope + b"".join(mpi._LEN.pack(n) for n in declared)
+            requests = [engine.comm.Isend([forged, MPI.BYTE], engine.rank, mpi._TAG)]
+            for n in sent:
+                frame = np.full(n, 7, np.uint8)
+                requests.append(engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG))
+            lost = await expect(b, ErrorEvent)
+            assert lost.error.code is EventErrorCode.CONNECTION_LOST
+            assert lost.error.remote_address == a.address
+            assert "protocol violation" in lost.error.message
+            assert "by its envelope" in lost.error.message
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while engine._recv_reqs or not all(r.Test() for r in requests):
+                assert asyncio.get_running_loop().time() < deadline, "a receive stayed posted"
+                await asyncio.sleep(0)  # the pump progresses while requests are outstanding
+            assert b.receive_nowait() is None, "something of the message was delivered"
+        finally:
+            await bounded(transport.close())
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("inline_max", [0, 1 << 20], ids=["separate", "inline"])
 def test_fortran_ordered_frames_arrive_as_their_c_order_bytes(inline_max: int) -> None:
     async def scenario() -> None:

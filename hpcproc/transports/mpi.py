@@ -376,9 +376,12 @@ class _Engine:
         # Outstanding sends: request i belongs to op i (None for control messages).
         self._send_reqs: list[MPI.Request] = []
         self._send_ops: list[_SendOp | None] = []
-        # Outstanding frame receives: request i fills a frame of message i.
+        # Outstanding frame receives: request i fills a frame of message i, of the
+        # length its envelope declared; statuses are filled by Testsome (reused).
         self._recv_reqs: list[MPI.Request] = []
         self._recv_msgs: list[_Partial] = []
+        self._recv_lens: list[int] = []
+        self._recv_statuses: list[MPI.Status] = []
         # Per source rank, messages in arrival order, delivered once complete.
         self._inbound: dict[int, deque[_Inbound | _Partial]] = {}
         self._poisoned: set[int] = set()
@@ -529,19 +532,47 @@ class _Engine:
         self._send_ops = [o for i, o in enumerate(self._send_ops) if i not in finished]
 
     def _test_recvs(self, ready: list[_Inbound]) -> None:
-        indices = self.MPI.Request.Testsome(self._recv_reqs)
+        """Complete the frame receives that are done, and release their messages.
+
+        A frame whose length differs from what its envelope declared breaks the
+        protocol (only a buggy peer sends one): shorter, its buffer would hold stale
+        bytes past what was sent; longer, MPI truncates it (an error in its status).
+        Its sender is poisoned, and nothing of the message is delivered.
+        """
+        reqs = self._recv_reqs
+        statuses = self._recv_statuses
+        while len(statuses) < len(reqs):
+            statuses.append(self.MPI.Status())
+        try:
+            indices = self.MPI.Request.Testsome(reqs, statuses)
+        except self.MPI.Exception:
+            # An error in a status (a truncated frame): the completed requests were
+            # set to null, and the statuses filled in the order of their indices.
+            indices = [i for i, req in enumerate(reqs) if req == self.MPI.REQUEST_NULL]
         if not indices:
             return
         finished = set(indices)
         sources: set[int] = set()
-        for i in indices:
+        lengths, byte, poisoned = self._recv_lens, self._byte, self._poisoned
+        for k, i in enumerate(indices):
             partial = self._recv_msgs[i]
+            src = partial.msg[0]
             partial.remaining -= 1
-            if partial.remaining == 0:
-                sources.add(partial.msg[0])
-        self._recv_reqs = [r for i, r in enumerate(self._recv_reqs) if i not in finished]
+            if src in poisoned:
+                continue
+            status = statuses[k]
+            if status.Get_error():
+                self._poison(src, f"a frame of {lengths[i]} bytes by its envelope arrived longer")
+            elif (received := status.Get_count(byte)) != lengths[i]:
+                self._poison(
+                    src, f"a frame of {lengths[i]} bytes by its envelope arrived with {received}"
+                )
+            elif partial.remaining == 0:
+                sources.add(src)
+        self._recv_reqs = [r for i, r in enumerate(reqs) if i not in finished]
         self._recv_msgs = [m for i, m in enumerate(self._recv_msgs) if i not in finished]
-        for src in sources:
+        self._recv_lens = [n for i, n in enumerate(lengths) if i not in finished]
+        for src in sources - poisoned:
             self._release_in_order(src, ready)
 
     def _release_in_order(self, src: int, ready: list[_Inbound]) -> None:
@@ -715,6 +746,7 @@ class _Engine:
                 target = bytearray(length)
             self._recv_reqs.append(self.comm.Irecv([target, self._byte], src, _TAG))
             self._recv_msgs.append(msg)
+            self._recv_lens.append(length)
             frames.append(memoryview(target))
         return msg
 
@@ -723,6 +755,11 @@ class _Engine:
         log.error("mpi rank %d broke the link protocol (%s); dropping its traffic", src, reason)
         self._poisoned.add(src)
         self._inbound.pop(src, None)
+        # Its frames still awaited will not be delivered: cancelled, they complete
+        # (in _test_recvs) instead of staying outstanding, or matching its next sends.
+        for req, partial in zip(self._recv_reqs, self._recv_msgs, strict=True):
+            if partial.msg[0] == src and req:  # (not null: not completed yet)
+                req.Cancel()
         for endpoint in list(self.endpoints.values()):
             _call_on(endpoint.loop, endpoint._drop_rank, src, f"protocol violation: {reason}")
 
