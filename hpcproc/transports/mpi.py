@@ -545,10 +545,13 @@ class _Engine:
             statuses.append(self.MPI.Status())
         try:
             indices = self.MPI.Request.Testsome(reqs, statuses)
+            failed = False
         except self.MPI.Exception:
             # An error in a status (a truncated frame): the completed requests were
-            # set to null, and the statuses filled in the order of their indices.
+            # set to null, and the statuses filled in the order of their indices,
+            # each with its error field (only then set: read it only then).
             indices = [i for i, req in enumerate(reqs) if req == self.MPI.REQUEST_NULL]
+            failed = True
         if not indices:
             return
         finished = set(indices)
@@ -561,7 +564,7 @@ class _Engine:
             if src in poisoned:
                 continue
             status = statuses[k]
-            if status.Get_error():
+            if failed and status.Get_error():
                 self._poison(src, f"a frame of {lengths[i]} bytes by its envelope arrived longer")
             elif (received := status.Get_count(byte)) != lengths[i]:
                 self._poison(
