@@ -217,6 +217,54 @@ def test_a_callers_own_ready_handle_does_not_count_as_other_work() -> None:
     _run(body())
 
 
+class _QueuesWhenHashed:
+    """A ready handle whose hash queues another callback: what a thread's
+    ``call_soon_threadsafe`` does when it runs between two steps of a loop over the
+    ready queue (or while a timer handle's ``__eq__`` runs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queued: list[asyncio.Handle] = []
+
+    def __hash__(self) -> int:
+        self.queued.append(self.loop.call_soon(lambda: None))
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def test_a_callback_queued_while_the_ready_queue_is_read_is_no_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen: ``RuntimeError: deque mutated during iteration`` out of ``turn`` killed
+    a node's dispatcher (64 ranks at start-up; the job hung)."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        ready: Any = ready_queue(loop)
+        handle = _QueuesWhenHashed(loop)
+        mine = {handle}
+        ready.appendleft(handle)  # never run: removed below, before the loop's next turn
+        try:
+            poller = IdlePoller(loop, 100.0)
+            now = time.perf_counter()
+            before = len(handle.queued)
+            poller.turn(now, None, lambda: mine)
+            assert len(handle.queued) > before  # the queue did change while it was read
+            monkeypatch.setattr(_busy_poll, "_crowding", Crowding("1"))
+            poller = IdlePoller(loop, 100.0)
+            before = len(handle.queued)
+            poller.poll_looking(lambda: True, now, lambda: mine)
+            assert len(handle.queued) > before
+        finally:
+            ready.remove(handle)
+            for queued in handle.queued:
+                queued.cancel()
+
+    _run(body())
+
+
 class _LoopWithoutReadyQueue:
     """Stands for an event loop that keeps no ``_ready`` deque (a future asyncio)."""
 

@@ -284,6 +284,23 @@ class Budget:
             self.shrink()
 
 
+def _others_among(ready: Any, mine: Container[object]) -> bool:
+    """Whether the loop's ready queue ``ready`` holds a handle not in ``mine``.
+
+    Iterates over a copy: a thread's ``call_soon_threadsafe`` may append to the
+    queue meanwhile (between two steps of a Python loop over it, or while a timer
+    handle's ``__eq__`` runs), and a deque iterated while it changes raises
+    ``RuntimeError``. Seen: a node's dispatcher died of it, 64 ranks at start-up,
+    and the job hung. (``tuple`` copies the deque in C, running no Python code; a
+    change even then means that a callback was added: another one is ready.)
+    """
+    try:
+        handles = tuple(ready)
+    except RuntimeError:
+        return True
+    return any(handle not in mine for handle in handles)
+
+
 class IdlePoller:
     """Polls a transport's links in place while the loop is idle; see the module.
 
@@ -373,8 +390,7 @@ class IdlePoller:
         if ready and (len(ready) != 1 or ready[0] is not ours):
             if all_ours is None:
                 return False
-            mine = all_ours()
-            if any(handle not in mine for handle in ready):
+            if _others_among(ready, all_ours()):
                 return False
         c = self._crowded
         crowded = self._yield = c.crowded if now < c.next_check else c(now)
@@ -605,10 +621,8 @@ class IdlePoller:
         ready: Any = self._ready
         if ready is None or not self._crowded(now):
             return False
-        if ready:
-            mine = all_ours() if all_ours is not None else ()
-            if any(h not in mine for h in ready):
-                return False
+        if ready and _others_among(ready, all_ours() if all_ours is not None else ()):
+            return False
         if not self.take_turn():
             return False
         self._poll_yielding(look)
