@@ -143,6 +143,8 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
+        #: The close started by the dispatcher when receiving failed (kept referenced).
+        self._failed_close: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -400,6 +402,18 @@ class Node:
             try:
                 event = await endpoint.receive()
             except EndPointClosedError:
+                return
+            except Exception:
+                # The endpoint broke its contract (its receive raised something else
+                # than EndPointClosedError): nothing more reaches this node, and its
+                # requests would wait for replies forever. It closes, loudly: its
+                # processes are killed and its peers see it go.
+                log.critical(
+                    "hpcproc node %s: receiving failed; closing the node",
+                    self._node_id,
+                    exc_info=True,
+                )
+                self._failed_close = self.loop.create_task(self.close())
                 return
             if type(event) is EndPointClosed:
                 return

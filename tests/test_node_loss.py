@@ -8,6 +8,7 @@ just before the request), never by a sleep.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -48,3 +49,40 @@ def test_a_spawn_failed_by_a_node_loss_does_not_run_there_later() -> None:
 
     before, after = run_two_nodes(body, TIMEOUT)
     assert after == before
+
+
+def test_a_receive_that_raises_closes_the_node_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    """An endpoint whose ``receive`` raises what its contract does not (seen: a
+    transport bug killed a node's dispatcher, and a 64-rank job hung forever on
+    requests nobody answered): the node closes, with a critical log, and a request
+    of another node to it fails instead of waiting for ever."""
+
+    async def main() -> None:
+        transport = hp.transports.create("inmemory")
+        a, b = [await hp.Node(transport).start() for _ in range(2)]
+        try:
+
+            async def broken() -> Any:
+                raise RuntimeError("injected receive failure")
+
+            # The dispatcher's next call, once the request below wakes it.
+            a._endpoint.receive = broken  # type: ignore[method-assign,union-attr]
+
+            async def ask() -> Any:
+                return await hp.get_node_stats(a.node_id)
+
+            with pytest.raises(hp.NodeUnreachableError):
+                await asyncio.wait_for(b.run(ask), WAIT)
+            assert a._closed is not None
+            await asyncio.wait_for(a._closed.wait(), WAIT)
+        finally:
+            await a.close()
+            await b.close()
+            await transport.close()
+
+    with caplog.at_level(logging.CRITICAL, logger="hpcproc"):
+        asyncio.run(main())
+    assert any(
+        r.levelno == logging.CRITICAL and "receiving failed" in r.getMessage()
+        for r in caplog.records
+    )
