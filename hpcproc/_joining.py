@@ -10,8 +10,9 @@ Usage::
 system). ``ENTRY`` is the job's ``module:function`` (or ``file.py:function``) as
 given to ``hpcproc.run``: its module is imported, as on the launcher's workers, so that
 functions the master sends by reference load here; the function is not run. The
-transport is the one the address names (``--transport`` to override). The node shares the cluster's cookie (``HPCPROC_COOKIE`` or
-``~/.hpcproc/cookie``, as every node), which the transport's handshake checks.
+transport is the one the address names (``--transport`` to override). The node shares
+the cluster's cookie (``HPCPROC_COOKIE`` or ``~/.hpcproc/cookie``, as every node),
+which the transport's handshake checks.
 
 The node joins (:func:`hpcproc.join`; the members get ``NodeUp`` through
 ``hp.monitor_nodes()``), then serves spawn requests until:

@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from collections import deque
 from collections.abc import Awaitable
 from typing import Any, TypeVar, cast
 
@@ -421,6 +422,115 @@ def test_a_frame_of_another_length_than_declared_drops_the_sender(
             await bounded(transport.close())
 
     asyncio.run(scenario())
+
+
+class _FakeStatus:
+    def __init__(self) -> None:
+        self.count = -1
+        self.error = 0
+
+    def Get_count(self, datatype: object) -> int:
+        return self.count
+
+    def Get_error(self) -> int:
+        return self.error
+
+
+class _FakeMpiError(Exception):
+    def __init__(self, error_class: int) -> None:
+        self.error_class = error_class
+
+    def Get_error_class(self) -> int:
+        return self.error_class
+
+
+class _FakeRequest:
+    """A frame receive that has arrived (``count`` bytes) or failed (``error``)."""
+
+    def __init__(self, count: int = 0, error: int = 0, done: bool = True) -> None:
+        self.count, self.error, self.done = count, error, done
+        self.null = self.freed = False
+
+    def __eq__(self, other: object) -> bool:
+        return other is _FakeMpi.REQUEST_NULL and self.null
+
+    __hash__ = object.__hash__
+
+    def Get_status(self, status: _FakeStatus) -> bool:
+        status.error = self.error
+        return self.done
+
+    def Free(self) -> None:
+        self.null = self.freed = True
+
+    def Cancel(self) -> None:
+        pass
+
+
+class _FakeMpi:
+    """What _Engine._test_recvs asks of mpi4py, with MPICH's or Open MPI's way of
+    completing a failed request in Testsome (MPICH frees it, Open MPI leaves it)."""
+
+    SUCCESS = 0
+    ERR_IN_STATUS = 17
+    REQUEST_NULL = object()
+    Status = _FakeStatus
+    Exception = _FakeMpiError
+    frees_failed = True
+
+    @staticmethod
+    def Get_error_string(error: int) -> str:
+        return "Message truncated "
+
+    class Request:
+        @staticmethod
+        def Testsome(requests: list[_FakeRequest], statuses: list[_FakeStatus]) -> list[int]:
+            indices = [i for i, r in enumerate(requests) if r.done and not r.null]
+            failed = False
+            for k, i in enumerate(indices):
+                req = requests[i]
+                statuses[k].count, statuses[k].error = req.count, req.error
+                failed = failed or bool(req.error)
+                if not req.error or _FakeMpi.frees_failed:
+                    req.null = True
+            if failed:
+                raise _FakeMpiError(_FakeMpi.ERR_IN_STATUS)
+            return indices
+
+
+@pytest.mark.parametrize("frees_failed", [True, False], ids=["mpich", "openmpi"])
+def test_a_failed_frame_among_good_ones_poisons_its_sender_only(
+    frees_failed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Testsome raising MPI_ERR_IN_STATUS (a frame longer than declared) while other
+    frames complete beside it: each status is matched with its request (the good
+    frame after the failed one too), only the failed frame's sender is dropped, and
+    the failed request does not stay to fail every later Testsome (Open MPI)."""
+    monkeypatch.setattr(_FakeMpi, "frees_failed", frees_failed)
+    engine: Any = object.__new__(mpi._Engine)
+    good_a, failed, good_b = _FakeRequest(100), _FakeRequest(error=15), _FakeRequest(300)
+    pending = _FakeRequest(done=False)
+    messages = [mpi._Partial((src, mpi._DATA, 1, 2, 1, 1, []), 1) for src in (1, 2, 3, 3)]
+    engine.MPI = _FakeMpi
+    engine._byte = None
+    engine._recv_reqs = [good_a, failed, good_b, pending]
+    engine._recv_msgs = messages
+    engine._recv_lens = [100, 200, 300, 400]
+    engine._recv_statuses = []
+    engine._poisoned = set()
+    engine._inbound = {src: deque([messages[src - 1]]) for src in (1, 2)}
+    engine._inbound[3] = deque(messages[2:])
+    engine.endpoints = {}
+    ready: list[Any] = []
+    engine._test_recvs(ready)
+    assert engine._poisoned == {2}
+    assert [msg[0] for msg in ready] == [1, 3]  # source 3's second message still awaited
+    assert engine._recv_reqs == [pending]
+    assert engine._recv_lens == [400]
+    assert failed.null and (failed.freed or frees_failed)
+    ready.clear()
+    engine._test_recvs(ready)  # nothing more completes, and nothing raises
+    assert not ready and engine._recv_reqs == [pending]
 
 
 @pytest.mark.parametrize("inline_max", [0, 1 << 20], ids=["separate", "inline"])

@@ -29,10 +29,12 @@ one receive. Larger messages send the envelope, then each frame as its own MPI m
 straight from the caller's buffer (``Isend`` of the frame itself, never pickled); the
 receiver reads the lengths from the envelope and posts an ``Irecv`` per frame into a
 buffer of exactly that size, which is then handed to the receiver as the frame (no
-copy; large buffers are pooled numpy arrays, see below). MPI's non-overtaking rule (same source, communicator and tag) keeps the
-envelope and frames of a sender in order; a lock keeps envelope and frames of one
-message contiguous when several threads send. Every length read from the wire is
-checked (frame count, total size, envelope size) before anything is allocated.
+copy; large buffers are pooled numpy arrays, see below). MPI's non-overtaking rule
+(same source, communicator and tag) keeps the envelope and frames of a sender in
+order; a lock keeps envelope and frames of one message contiguous when several threads
+send. Every length read from the wire is checked (frame count, total size, envelope
+size) before anything is allocated, and every frame's received length against its
+declared one (a sender that breaks either is dropped).
 
 Connections, bundles and generations
 ------------------------------------
@@ -546,11 +548,10 @@ class _Engine:
         try:
             indices = self.MPI.Request.Testsome(reqs, statuses)
             failed = False
-        except self.MPI.Exception:
-            # An error in a status (a truncated frame): the completed requests were
-            # set to null, and the statuses filled in the order of their indices,
-            # each with its error field (only then set: read it only then).
-            indices = [i for i, req in enumerate(reqs) if req == self.MPI.REQUEST_NULL]
+        except self.MPI.Exception as exc:
+            if exc.Get_error_class() != self.MPI.ERR_IN_STATUS:
+                raise
+            indices = self._completed_in_error(reqs)
             failed = True
         if not indices:
             return
@@ -564,8 +565,12 @@ class _Engine:
             if src in poisoned:
                 continue
             status = statuses[k]
-            if failed and status.Get_error():
-                self._poison(src, f"a frame of {lengths[i]} bytes by its envelope arrived longer")
+            if failed and (error := status.Get_error()) != self.MPI.SUCCESS:
+                self._poison(
+                    src,
+                    f"a frame of {lengths[i]} bytes by its envelope failed"
+                    f" ({self.MPI.Get_error_string(error).strip()}; longer than declared?)",
+                )
             elif (received := status.Get_count(byte)) != lengths[i]:
                 self._poison(
                     src, f"a frame of {lengths[i]} bytes by its envelope arrived with {received}"
@@ -577,6 +582,33 @@ class _Engine:
         self._recv_lens = [n for i, n in enumerate(lengths) if i not in finished]
         for src in sources - poisoned:
             self._release_in_order(src, ready)
+
+    def _completed_in_error(self, reqs: list[MPI.Request]) -> list[int]:
+        """The indices of the requests that a ``Testsome`` which raised
+        ``MPI_ERR_IN_STATUS`` completed, ascending: the order of the statuses it
+        filled, each with its error field (only then set: read it only then).
+
+        MPICH sets every completed request to null, a failed one too. Open MPI leaves
+        a failed one as it was (not null, complete, its error in its status): it is
+        freed here, so that the next ``Testsome`` does not report it again. A request
+        that completed without an error since is left for the next ``Testsome``
+        (its status is not among these).
+        """
+        mpi = self.MPI
+        status = mpi.Status()
+        completed = []
+        for i, req in enumerate(reqs):
+            if req == mpi.REQUEST_NULL:
+                completed.append(i)
+                continue
+            try:
+                failed = req.Get_status(status) and status.Get_error() != mpi.SUCCESS
+            except mpi.Exception:
+                failed = True
+            if failed:
+                req.Free()
+                completed.append(i)
+        return completed
 
     def _release_in_order(self, src: int, ready: list[_Inbound]) -> None:
         queue = self._inbound[src]
