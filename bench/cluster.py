@@ -32,7 +32,7 @@ Rows:
 * ``rtt`` between rank 0 and a rank of the same host, inside the routed job (8 B,
   ``send`` + ``expect``, as the process suite measures it); against the process
   suite's own ``shm`` round trip (``bench.process``'s pair of nodes, started by rank 0
-  on its host), the two taking turns run by run (20 runs of 100 round trips a side;
+  on its host), the two taking turns run by run (20 runs of 300 round trips a side;
   see :func:`_paired_rtts`), each after at least ``RTT_SETTLE`` of warm-up. Target:
   within 15%. Only when a peer shares rank 0's host.
 * ``node_rss``: the largest RSS of a rank once connected to all ``N - 1`` peers

@@ -37,7 +37,7 @@ import base64
 import os
 import secrets
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from ._pair import Job, Peer, run_pair, run_pairs
@@ -457,12 +457,16 @@ def run(options: SuiteOptions) -> list[Record]:
     raw_rate: list[float] = []
     ours: dict[str, list[float]] = {"rtt": [], "rate": [], "spawn": []}
     local: dict[str, list[float]] = {"rate": [], "queue": [], "spawn": [], "task": []}
+    # The round trips alone in the pairs that take turns, the rates and spawns in a
+    # pair of their own (beside nothing: not while the other pair shuts down).
+    rtt_only = {**params, "rate_runs": 0}
+    no_rtt = {**params, "rtt_step": asdict(replace(rtt_step, runs=0, warmup=0))}
     for _ in range(rounds):
         # The two round trips take turns run by run (their pairs run at once):
         # measured one after the other, a slow minute of this VM fell on one side
-        # only (ratios of 0.71-1.83 in consecutive runs). Ours is the first job: its last, empty
-        # turn (see _rtts) then needs nobody after it. Not under mpiexec, whose
-        # waiting ranks would busy-poll through the other pair's turns.
+        # only (ratios of 0.71-1.83 in consecutive runs). Ours is the first job: its
+        # last, empty turn (see _rtts) then needs nobody after it. Not under mpiexec,
+        # whose waiting ranks would busy-poll through the other pair's turns.
         mine, raw = (
             per_role[0]
             for per_role in run_pairs(
@@ -470,17 +474,19 @@ def run(options: SuiteOptions) -> list[Record]:
                     Job("bench.process:pair_role", launch),
                     Job("bench.transport:hpcproc_role", launch),
                 ],
-                params,
+                rtt_only,
                 env=env,
                 interleave=launch != "mpiexec",
             )
         )
+        ours["rtt"].extend(mine["rtt"])
         raw_rtt.extend(raw[str(RTT_SIZE)])
         raw_rate.extend(
             run_pair("bench.process:raw_rate_role", params, launch=launch, env=env)[0]["rate"]
         )
-        for key in ours:
-            ours[key].extend(mine[key])
+        rest = run_pair("bench.process:pair_role", no_rtt, launch=launch, env=env)[0]
+        ours["rate"].extend(rest["rate"])
+        ours["spawn"].extend(rest["spawn"])
         loc = run_pair("bench.process:local_role", params, launch="solo", env=env)[0]
         for key in local:
             local[key].extend(loc[key])
