@@ -102,6 +102,8 @@ STARTUP = "BENCH-STARTUP "
 MEMORY = "BENCH-MEMORY "
 CONNECT_ENV = "HPCPROC_BENCH_CONNECT"
 JOB_TIMEOUT = 600.0
+#: Seconds a start-up rank waits for another's node stats (well under JOB_TIMEOUT).
+STATS_TIMEOUT = 120.0
 #: Seconds the in-job baseline pair may take (well under JOB_TIMEOUT, so that its
 #: error, not the job's timeout, is what a hang reports).
 PAIR_TIMEOUT = 120.0
@@ -564,7 +566,13 @@ async def startup_main(cluster: Any) -> int:
         before = _rss()
         for node in cluster.nodes:
             if node != cluster.node.node_id:
-                await hp.get_node_stats(node)
+                try:
+                    await asyncio.wait_for(hp.get_node_stats(node), STATS_TIMEOUT)
+                except asyncio.TimeoutError:
+                    # A hang shows here, named, not as the job's timeout.
+                    raise TimeoutError(
+                        f"rank {cluster.rank}: no stats from node {node} in {STATS_TIMEOUT} s"
+                    ) from None
         stats = await hp.get_node_stats(cluster.node.node_id)
         sys.stdout.write(f"{MEMORY}{cluster.rank} {before} {_rss()} {len(stats.peer_transports)}\n")
         sys.stdout.flush()
