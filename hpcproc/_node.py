@@ -143,7 +143,9 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatcher: asyncio.Task[None] | None = None
-        #: The close started by the dispatcher when receiving failed (kept referenced).
+        #: What made the node close itself (see :attr:`failure`), and that close's
+        #: task (kept referenced).
+        self._failure: BaseException | None = None
         self._failed_close: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
@@ -219,6 +221,14 @@ class Node:
         if self._closed is None:
             raise RuntimeError("Node is not started")
         await self._closed.wait()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that made this node close itself, else None: its endpoint's
+        ``receive`` raised what the transport contract does not allow (a bug below
+        the process layer), so that nothing more could reach the node. Logged at
+        critical level, with its traceback, when it happened."""
+        return self._failure
 
     @property
     def closed(self) -> bool:
@@ -403,7 +413,10 @@ class Node:
                 event = await endpoint.receive()
             except EndPointClosedError:
                 return
-            except Exception:
+            except Exception as exc:
+                if self._closing:
+                    log.debug("receive failed while the node closes: %r", exc)
+                    return
                 # The endpoint broke its contract (its receive raised something else
                 # than EndPointClosedError): nothing more reaches this node, and its
                 # requests would wait for replies forever. It closes, loudly: its
@@ -413,7 +426,9 @@ class Node:
                     self._node_id,
                     exc_info=True,
                 )
-                self._failed_close = self.loop.create_task(self.close())
+                self._failure = exc
+                self._failed_close = closing = self.loop.create_task(self.close())
+                closing.add_done_callback(_log_close_failure)
                 return
             if type(event) is EndPointClosed:
                 return
@@ -533,3 +548,8 @@ class Node:
             self.send_local(owner, ChanMessage(port.port_id, copy_message(msg) if copy else msg))
         else:
             await self.remote.send(proc, owner, ChanMessage(port.port_id, msg))
+
+
+def _log_close_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("closing the failed node failed", exc_info=task.exception())

@@ -611,6 +611,34 @@ async def _unless_stopped(aw: Coroutine[Any, Any, _T], stop: asyncio.Future[Inte
     raise _Stopped(stop.result())
 
 
+class _NodeClosed(Exception):
+    """This rank's node closed under it (it closes itself when receiving fails)."""
+
+
+async def _unless_node_closes(aw: Coroutine[Any, Any, _T], node: Node) -> _T:
+    """Await ``aw``, unless ``node`` closes first (then ``aw`` is cancelled and
+    :class:`_NodeClosed` raised, naming :attr:`Node.failure`): a worker waiting for
+    rank 0's word would otherwise wait for ever on a node that receives nothing."""
+    task = asyncio.ensure_future(aw)
+    closed = asyncio.ensure_future(node.wait_closed())
+    try:
+        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closed.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    failure = node.failure
+    if failure is None and task.done() and not task.cancelled():
+        return task.result()
+    raise _NodeClosed(
+        f"its node closed itself: receiving failed ({failure!r}; see the log)"
+        if failure is not None
+        else "its node was closed while the rank ran"
+    )
+
+
 async def _run_rank(
     info: ClusterInfo, entry: Callable[[Cluster], Coroutine[Any, Any, Any]], args: Any
 ) -> int:
@@ -648,18 +676,24 @@ async def _run_rank(
         node = hp.Node(transport)
         await node.start()
         try:
-            status = await _serve_rank(
+            status = await _unless_node_closes(
+                _serve_rank(
+                    node,
+                    info,
+                    entry,
+                    spmd=args.spmd,
+                    timeout=args.timeout,
+                    method=method,
+                    signals=signals,
+                    tls=tls,
+                ),
                 node,
-                info,
-                entry,
-                spmd=args.spmd,
-                timeout=args.timeout,
-                method=method,
-                signals=signals,
-                tls=tls,
             )
             log.info("rank %d on %s exits with status %d", info.rank, info.hostname, status)
             return status
+        except _NodeClosed as closed:
+            _write_line(sys.stderr, f"hpcproc.run: rank {info.rank} on {info.hostname}: {closed}")
+            return 1
         except _Stopped as stopped:
             _write_line(
                 sys.stderr,

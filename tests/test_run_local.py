@@ -102,6 +102,26 @@ async def app_ready_then_wait(cluster: Any) -> None:
     await hp.expect(str)
 
 
+async def break_own_receive() -> None:
+    """Run on a worker: its node's endpoint raises from its next ``receive`` (a
+    transport bug, injected)."""
+    from hpcproc._process import current
+
+    async def broken() -> Any:
+        raise RuntimeError("injected receive failure")
+
+    current().node._endpoint.receive = broken  # type: ignore[method-assign,union-attr]
+
+
+async def app_break_a_worker(cluster: Any) -> int:
+    """Break worker 1's receiving, then ask it something (which wakes its dispatcher,
+    whose next receive is the broken one): the worker must end."""
+    await hp.spawn(cluster.peers[0], break_own_receive)
+    say_line("broken")
+    await hp.get_node_stats(cluster.peers[0])
+    return 0
+
+
 MPI_LOADED_AT_IMPORT = "mpi4py.MPI" in sys.modules
 
 
@@ -313,6 +333,27 @@ def test_workers_exit_nonzero_naming_a_master_that_died(
         rc, out = p.finish()
         assert rc == 1, out
         assert "the master (node rank 0 on 127.0.0.1) went away" in out, out
+
+
+def test_a_worker_whose_node_cannot_receive_exits_naming_it_and_the_job_ends(
+    ranks: list[Rank], env: dict[str, str]
+) -> None:
+    """Its node closes itself (a critical log with the traceback); the worker exits 1
+    saying why, rather than waiting for ever for the master's word, and the job
+    ends."""
+    procs = [
+        start(ranks, [f"{THIS}:app_break_a_worker"], explicit(env, r, 2, "deaf-worker"))
+        for r in range(2)
+    ]
+    procs[0].wait_for_line("broken")
+    rc1, out1 = procs[1].finish()
+    assert rc1 == 1, out1
+    assert "its node closed itself: receiving failed" in out1, out1
+    assert "injected receive failure" in out1, out1
+    # The master's request was answered before the worker's next receive failed: its
+    # main succeeded. That it ends at all (finish raises after WAIT) is the point.
+    rc0, out0 = procs[0].finish()
+    assert rc0 == 0, out0
 
 
 def test_sigterm_to_a_worker_ends_the_job_without_a_main_failure(
