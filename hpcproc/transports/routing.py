@@ -494,8 +494,9 @@ class RoutingEndPoint(EndPoint):
             if event is not None:
                 return event
             if self._pump_error is not None:
-                error, self._pump_error = self._pump_error, None
-                raise error
+                # Raised on every call, not once: that sub-endpoint's pump is gone, and
+                # a later call would otherwise wait for ever on what it no longer takes.
+                raise self._pump_error
             if all(self._sub_closed):
                 if self._closed_reported:
                     raise EndPointClosedError()
