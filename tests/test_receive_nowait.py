@@ -161,3 +161,34 @@ def test_data_handed_to_a_receiver_keeps_its_place_among_queued_events(name: str
         await transport.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_routing_sub_endpoint_that_fails_fails_every_later_receive() -> None:
+    """A sub-endpoint whose ``receive`` raises (a bug below): the routing endpoint's
+    ``receive`` raises that error on every call, not once and then waits for ever
+    (its pump for that sub-endpoint is gone)."""
+
+    async def scenario() -> None:
+        transport, _a, b, conn, _opened = await _pair("shm+tcp")
+        try:
+            local = b.sub_endpoints[0]
+
+            async def broken() -> Any:
+                raise RuntimeError("injected sub-endpoint failure")
+
+            local.receive = broken  # the shm pump's next call
+            # Data wakes a pump already waiting in the real receive: it then calls the
+            # broken one. The message itself comes out first, or is taken by
+            # receive_nowait, which polls the sub-endpoint directly.
+            await asyncio.wait_for(conn.send([b"wake"]), 10)
+            first = None
+            with pytest.raises(RuntimeError, match="injected sub-endpoint failure"):
+                while True:
+                    first = await asyncio.wait_for(b.receive(), 10)
+                    assert isinstance(first, Received), first
+            with pytest.raises(RuntimeError, match="injected sub-endpoint failure"):
+                await asyncio.wait_for(b.receive(), 10)
+        finally:
+            await asyncio.wait_for(transport.close(), 10)
+
+    asyncio.run(scenario())
