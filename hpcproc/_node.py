@@ -68,6 +68,7 @@ from .transports.base import (
     EventError,
     EventErrorCode,
     Transport,
+    TransportError,
 )
 
 __all__ = ["BROKEN", "Node", "ProcessKilledError"]
@@ -224,10 +225,11 @@ class Node:
 
     @property
     def failure(self) -> BaseException | None:
-        """The error that made this node close itself, else None: its endpoint's
+        """The error that made this node close itself, else None: its endpoint
+        reported that it failed (``ENDPOINT_FAILED``, ``TRANSPORT_FAILED``), or its
         ``receive`` raised what the transport contract does not allow (a bug below
         the process layer), so that nothing more could reach the node. Logged at
-        critical level, with its traceback, when it happened."""
+        critical level when it happened."""
         return self._failure
 
     @property
@@ -419,16 +421,8 @@ class Node:
                     return
                 # The endpoint broke its contract (its receive raised something else
                 # than EndPointClosedError): nothing more reaches this node, and its
-                # requests would wait for replies forever. It closes, loudly: its
-                # processes are killed and its peers see it go.
-                log.critical(
-                    "hpcproc node %s: receiving failed; closing the node",
-                    self._node_id,
-                    exc_info=True,
-                )
-                self._failure = exc
-                self._failed_close = closing = self.loop.create_task(self.close())
-                closing.add_done_callback(_log_close_failure)
+                # requests would wait for replies forever.
+                self._fail(exc, "receiving failed", exc)
                 return
             if type(event) is EndPointClosed:
                 return
@@ -437,13 +431,30 @@ class Node:
             # freed as soon as its receiver lets go of them.
             del event
 
+    def _fail(self, failure: BaseException, what: str, exc_info: BaseException | None) -> None:
+        """This node can receive nothing more: it closes itself, loudly (a critical
+        log; :attr:`failure`), so that its processes are killed, its peers see it go,
+        and no request waits for a reply nobody will read."""
+        log.critical(
+            "hpcproc node %s: %s; closing the node", self._node_id, what, exc_info=exc_info
+        )
+        self._failure = failure
+        self._failed_close = closing = self.loop.create_task(self.close())
+        closing.add_done_callback(_log_close_failure)
+
     def _on_error(self, error: EventError) -> None:
         if error.code is EventErrorCode.CONNECTION_LOST and error.remote_address is not None:
             self.node_lost(NodeId(error.remote_address), DiedDisconnect())
             return
-        log.error("hpcproc node %s: transport failure: %s", self._node_id, error.message)
+        # ENDPOINT_FAILED or TRANSPORT_FAILED: the endpoint will deliver nothing more.
         for nid in list(self.watches.remote) + self.remote.nodes():
             self.node_lost(nid, DiedDisconnect())
+        if not self._closing:
+            self._fail(
+                TransportError(error.code, error.message),
+                f"transport failure: {error.message}",
+                None,
+            )
 
     def node_lost(self, nid: NodeId, reason: DiedReason) -> None:
         """Communication with ``nid`` failed (or it closed): drop its connections, fail

@@ -86,3 +86,51 @@ def test_a_receive_that_raises_closes_the_node_loudly(caplog: pytest.LogCaptureF
         r.levelno == logging.CRITICAL and "receiving failed" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_an_endpoint_failed_event_closes_the_node_naming_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``ENDPOINT_FAILED``: the endpoint will deliver nothing more, so the node closes
+    (as when its receive raises), with a critical log, and says why in ``failure``."""
+    from hpcproc.transports.base import ErrorEvent, EventError, EventErrorCode
+
+    async def main() -> None:
+        transport = hp.transports.create("inmemory")
+        a = await hp.Node(transport).start()
+        try:
+            endpoint: Any = a._endpoint
+            real = endpoint.receive
+            calls = 0
+
+            async def failing() -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    return ErrorEvent(EventError(EventErrorCode.ENDPOINT_FAILED, "injected"))
+                return await real()
+
+            endpoint.receive = failing  # the dispatcher's next call, once woken below
+            b = await hp.Node(transport).start()
+            try:
+
+                async def ask() -> Any:
+                    return await hp.get_node_stats(a.node_id)
+
+                with pytest.raises(hp.NodeUnreachableError):
+                    await asyncio.wait_for(b.run(ask), WAIT)
+            finally:
+                await b.close()
+            assert a._closed is not None
+            await asyncio.wait_for(a._closed.wait(), WAIT)
+            assert a.failure is not None and "injected" in str(a.failure)
+        finally:
+            await a.close()
+            await transport.close()
+
+    with caplog.at_level(logging.CRITICAL, logger="hpcproc"):
+        asyncio.run(main())
+    assert any(
+        r.levelno == logging.CRITICAL and "transport failure: injected" in r.getMessage()
+        for r in caplog.records
+    )
