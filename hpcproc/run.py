@@ -612,7 +612,7 @@ async def _unless_stopped(aw: Coroutine[Any, Any, _T], stop: asyncio.Future[Inte
 
 
 class _NodeClosed(Exception):
-    """This rank's node closed under it (it closes itself when receiving fails)."""
+    """This rank's node closed under it (it closes itself when its endpoint fails)."""
 
 
 async def _unless_node_closes(aw: Coroutine[Any, Any, _T], node: Node) -> _T:
@@ -633,7 +633,7 @@ async def _unless_node_closes(aw: Coroutine[Any, Any, _T], node: Node) -> _T:
     if failure is None and task.done() and not task.cancelled():
         return task.result()
     raise _NodeClosed(
-        f"its node closed itself: receiving failed ({failure!r}; see the log)"
+        f"its node closed itself: {failure!r} (see the log)"
         if failure is not None
         else "its node was closed while the rank ran"
     )
