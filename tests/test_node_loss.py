@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import hpcproc as hp
+from hpcproc.transports.base import ErrorEvent, EventError, EventErrorCode
 
 from ._two_nodes import run_two_nodes
 
@@ -51,30 +53,57 @@ def test_a_spawn_failed_by_a_node_loss_does_not_run_there_later() -> None:
     assert after == before
 
 
-def test_a_receive_that_raises_closes_the_node_loudly(caplog: pytest.LogCaptureFixture) -> None:
+def _raising(real: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    async def receive() -> Any:
+        raise RuntimeError("injected receive failure")
+
+    return receive
+
+
+def _endpoint_failed(real: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    calls = 0
+
+    async def receive() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return ErrorEvent(EventError(EventErrorCode.ENDPOINT_FAILED, "injected"))
+        return await real()
+
+    return receive
+
+
+@pytest.mark.parametrize(
+    ("receive", "logged"),
+    [(_raising, "receiving failed"), (_endpoint_failed, "transport failure: injected")],
+    ids=["receive-raises", "endpoint-failed-event"],
+)
+def test_a_node_that_can_receive_nothing_more_closes_loudly(
+    receive: Callable[[Callable[[], Awaitable[Any]]], Callable[[], Awaitable[Any]]],
+    logged: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """An endpoint whose ``receive`` raises what its contract does not (seen: a
     transport bug killed a node's dispatcher, and a 64-rank job hung forever on
-    requests nobody answered): the node closes, with a critical log, and a request
-    of another node to it fails instead of waiting for ever."""
+    requests nobody answered), or that reports ``ENDPOINT_FAILED`` (it will deliver
+    nothing more): the node closes, with a critical log, ``failure`` says why, and a
+    request of another node to it fails instead of waiting for ever."""
 
     async def main() -> None:
         transport = hp.transports.create("inmemory")
         a, b = [await hp.Node(transport).start() for _ in range(2)]
         try:
-
-            async def broken() -> Any:
-                raise RuntimeError("injected receive failure")
-
+            endpoint: Any = a._endpoint
             # The dispatcher's next call, once the request below wakes it.
-            a._endpoint.receive = broken  # type: ignore[method-assign,union-attr]
+            endpoint.receive = receive(endpoint.receive)
 
             async def ask() -> Any:
                 return await hp.get_node_stats(a.node_id)
 
             with pytest.raises(hp.NodeUnreachableError):
                 await asyncio.wait_for(b.run(ask), WAIT)
-            assert a._closed is not None
-            await asyncio.wait_for(a._closed.wait(), WAIT)
+            await asyncio.wait_for(a.wait_closed(), WAIT)
+            assert a.failure is not None
         finally:
             await a.close()
             await b.close()
@@ -82,55 +111,4 @@ def test_a_receive_that_raises_closes_the_node_loudly(caplog: pytest.LogCaptureF
 
     with caplog.at_level(logging.CRITICAL, logger="hpcproc"):
         asyncio.run(main())
-    assert any(
-        r.levelno == logging.CRITICAL and "receiving failed" in r.getMessage()
-        for r in caplog.records
-    )
-
-
-def test_an_endpoint_failed_event_closes_the_node_naming_it(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """``ENDPOINT_FAILED``: the endpoint will deliver nothing more, so the node closes
-    (as when its receive raises), with a critical log, and says why in ``failure``."""
-    from hpcproc.transports.base import ErrorEvent, EventError, EventErrorCode
-
-    async def main() -> None:
-        transport = hp.transports.create("inmemory")
-        a = await hp.Node(transport).start()
-        try:
-            endpoint: Any = a._endpoint
-            real = endpoint.receive
-            calls = 0
-
-            async def failing() -> Any:
-                nonlocal calls
-                calls += 1
-                if calls == 1:
-                    return ErrorEvent(EventError(EventErrorCode.ENDPOINT_FAILED, "injected"))
-                return await real()
-
-            endpoint.receive = failing  # the dispatcher's next call, once woken below
-            b = await hp.Node(transport).start()
-            try:
-
-                async def ask() -> Any:
-                    return await hp.get_node_stats(a.node_id)
-
-                with pytest.raises(hp.NodeUnreachableError):
-                    await asyncio.wait_for(b.run(ask), WAIT)
-            finally:
-                await b.close()
-            assert a._closed is not None
-            await asyncio.wait_for(a._closed.wait(), WAIT)
-            assert a.failure is not None and "injected" in str(a.failure)
-        finally:
-            await a.close()
-            await transport.close()
-
-    with caplog.at_level(logging.CRITICAL, logger="hpcproc"):
-        asyncio.run(main())
-    assert any(
-        r.levelno == logging.CRITICAL and "transport failure: injected" in r.getMessage()
-        for r in caplog.records
-    )
+    assert any(r.levelno == logging.CRITICAL and logged in r.getMessage() for r in caplog.records)
