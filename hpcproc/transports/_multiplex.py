@@ -296,6 +296,9 @@ class OutgoingConnection(Connection):
         # Part of the message may be on the link already: the only safe way on is to
         # fail the whole bundle, on both sides (network-transport's semantics).
         link = self._link
+        # Logged: the peer may be alive and well, and only this side knows why its
+        # connections broke (a peer that goes away is reported as lost, not here).
+        log.warning("dropping link to %r: a send failed: %r", link.remote, exc)
         link.fail(f"send failed: {exc!r}")
         return SendError(SendErrorCode.FAILED, f"connection to {link.remote!r} was lost")
 
@@ -513,6 +516,11 @@ class MultiplexedEndPoint(EndPoint):
         """
         old = self._links.get(link.remote)
         if old is not None and old is not link:
+            if old.incoming or old.outgoing:
+                log.warning(
+                    "dropping link to %r: the peer opened a new one (it saw the old one fail)",
+                    link.remote,
+                )
             old.fail("peer opened a new bundle")
         self._links[link.remote] = link
         self._polled = None

@@ -782,6 +782,7 @@ class _ShmLink(Link):
             except BlockingIOError:
                 return True
             except OSError as exc:
+                log.warning("link to %r: its socket failed: %s", self.remote, exc)
                 self._peer_gone(f"link socket failed: {exc}")
                 return False
             try:
