@@ -643,6 +643,12 @@ def _launcher(n: int, hosts: int | None, *, mpi: bool) -> list[str]:
     return ["srun", *options, "--overcommit", "--oversubscribe", "-N", str(hosts), "-n", str(n)]
 
 
+def _text(data: str | bytes | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
 def _run(argv: list[str], env: dict[str, str], what: str) -> str:
     try:
         proc = subprocess.run(
@@ -655,7 +661,12 @@ def _run(argv: list[str], env: dict[str, str], what: str) -> str:
             start_new_session=True,
         )
     except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"{what} did not finish within {JOB_TIMEOUT} s") from exc
+        # With what it wrote: a hung job's ranks may have logged why (a link dropped).
+        out, err = (_text(b) for b in (exc.stdout, exc.stderr))
+        raise RuntimeError(
+            f"{what} did not finish within {JOB_TIMEOUT} s: {' '.join(argv)}\n"
+            f"{out[-4000:]}\n{err[-4000:]}"
+        ) from exc
     if proc.returncode != 0:
         if "mpi/pmi2: invalid client request" in proc.stderr + proc.stdout:
             what += (

@@ -179,3 +179,24 @@ def test_a_baton_turn_raises_when_interrupted_or_after_its_timeout(tmp_path: Pat
     for index in range(2):
         (tmp_path / f"baton-{index}").unlink()
     silent.interrupt()
+
+
+def test_a_cluster_job_that_times_out_reports_what_it_wrote(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung job's ranks may have logged why (a link dropped): the timeout's error
+    carries the job's output, which used to be lost with it."""
+    from bench import cluster
+
+    monkeypatch.setattr(cluster, "JOB_TIMEOUT", 1.0)
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys, time; print('rank 0 said this'); sys.stdout.flush();"
+        " print('and logged that', file=sys.stderr); sys.stderr.flush(); time.sleep(30)",
+    ]
+    with pytest.raises(RuntimeError) as info:
+        cluster._run(argv, dict(os.environ), "the test job")
+    message = str(info.value)
+    assert "did not finish within 1.0 s" in message
+    assert "rank 0 said this" in message and "and logged that" in message
