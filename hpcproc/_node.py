@@ -422,7 +422,7 @@ class Node:
                 # The endpoint broke its contract (its receive raised something else
                 # than EndPointClosedError): nothing more reaches this node, and its
                 # requests would wait for replies forever.
-                self._fail(exc, "receiving failed", exc)
+                self._fail(exc, "receiving failed", traceback=True)
                 return
             if type(event) is EndPointClosed:
                 return
@@ -431,12 +431,16 @@ class Node:
             # freed as soon as its receiver lets go of them.
             del event
 
-    def _fail(self, failure: BaseException, what: str, exc_info: BaseException | None) -> None:
+    def _fail(self, failure: BaseException, what: str, *, traceback: bool) -> None:
         """This node can receive nothing more: it closes itself, loudly (a critical
-        log; :attr:`failure`), so that its processes are killed, its peers see it go,
-        and no request waits for a reply nobody will read."""
+        log, with ``failure``'s traceback if asked; :attr:`failure`), so that its
+        processes are killed, its peers see it go, and no request waits for a reply
+        nobody will read."""
         log.critical(
-            "hpcproc node %s: %s; closing the node", self._node_id, what, exc_info=exc_info
+            "hpcproc node %s: %s; closing the node",
+            self._node_id,
+            what,
+            exc_info=failure if traceback else None,
         )
         self._failure = failure
         self._failed_close = closing = self.loop.create_task(self.close())
@@ -453,7 +457,7 @@ class Node:
             self._fail(
                 TransportError(error.code, error.message),
                 f"transport failure: {error.message}",
-                None,
+                traceback=False,
             )
 
     def node_lost(self, nid: NodeId, reason: DiedReason) -> None:

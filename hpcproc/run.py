@@ -591,22 +591,29 @@ class _Signals:
             self.stop.set_result(why)
 
 
+async def _unless(aw: Coroutine[Any, Any, _T], other: asyncio.Future[Any]) -> asyncio.Task[_T]:
+    """Await ``aw`` as a task, unless ``other`` completes first: then the task is
+    cancelled (and waited for). The task, done either way: whether it finished
+    (``not cancelled()``) is the caller's to check."""
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.wait({task, other}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+    return task
+
+
 async def _unless_stopped(aw: Coroutine[Any, Any, _T], stop: asyncio.Future[Interrupted]) -> _T:
     """Await ``aw``, unless ``stop`` completes first: then ``aw`` is cancelled and
     :class:`_Stopped` raised."""
     if stop.done():
         aw.close()
         raise _Stopped(stop.result())
-    task = asyncio.ensure_future(aw)
-    either: set[asyncio.Future[Any]] = {task, stop}
-    try:
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-    if task.done() and not task.cancelled():
+    task = await _unless(aw, stop)
+    if not task.cancelled():
         return task.result()
     raise _Stopped(stop.result())
 
@@ -619,18 +626,13 @@ async def _unless_node_closes(aw: Coroutine[Any, Any, _T], node: Node) -> _T:
     """Await ``aw``, unless ``node`` closes first (then ``aw`` is cancelled and
     :class:`_NodeClosed` raised, naming :attr:`Node.failure`): a worker waiting for
     rank 0's word would otherwise wait for ever on a node that receives nothing."""
-    task = asyncio.ensure_future(aw)
     closed = asyncio.ensure_future(node.wait_closed())
     try:
-        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+        task = await _unless(aw, closed)
     finally:
         closed.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
     failure = node.failure
-    if failure is None and task.done() and not task.cancelled():
+    if failure is None and not task.cancelled():
         return task.result()
     raise _NodeClosed(
         f"its node closed itself: {failure!r} (see the log)"
