@@ -208,6 +208,22 @@ async def _ring_allreduce(pids: list[Any], rank: int, tag: int, x: Any) -> None:
         chunks[(rank - step) % n][:] = got
 
 
+async def _link_to_peers(pids: list[Any], rank: int) -> None:
+    """Link this rank's measuring process to every other rank's.
+
+    A rank whose peer failed, or whose link to it dropped (disconnect counts as
+    failure), then fails at once with ``ProcessLinkException`` naming the peer and
+    the reason, so that the job ends with it. Unlinked, the operation waited for the
+    lost peer's message until ``JOB_TIMEOUT`` (seen: an shm link dropped in a ring
+    allreduce). Links add nothing to a send or a receive.
+    """
+    import hpcproc as hp
+
+    for r, pid in enumerate(pids):
+        if r != rank:
+            await hp.link(pid)
+
+
 async def _timed(comm: Any, rounds: int, op: Any) -> float:
     """Seconds per operation: barrier, ``rounds`` times ``await op(i)``, barrier."""
     await _barrier(comm)
@@ -231,6 +247,7 @@ async def _rank_body(rank: int, pids: list[Any], params: dict[str, Any]) -> dict
         raise RuntimeError(
             f"MPI rank {comm.Get_rank()}/{comm.Get_size()} is not hpcproc rank {rank}/{n}"
         )
+    await _link_to_peers(pids, rank)
     tags = _Tags()
     runs, rounds = params["runs"], params["a2a_rounds"]
     rss_before = _rss()

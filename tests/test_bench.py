@@ -200,3 +200,29 @@ def test_a_cluster_job_that_times_out_reports_what_it_wrote(
     message = str(info.value)
     assert "did not finish within 1.0 s" in message
     assert "rank 0 said this" in message and "and logged that" in message
+
+
+def test_a_cluster_rank_whose_link_to_a_peer_drops_fails_at_once() -> None:
+    """A measuring process waiting for a peer's message fails with the link's
+    exception when the connection to the peer drops, instead of waiting
+    ``JOB_TIMEOUT`` (seen: a job hung 600 s after an shm link dropped in an allreduce).
+    Two in-memory nodes; the bundle is broken with the transport's fault injection."""
+    import hpcproc as hp
+    from bench import cluster
+
+    from ._two_nodes import run_two_nodes
+
+    async def peer() -> None:
+        await hp.expect(type(None))  # waits until the test ends
+
+    async def body(transport: Any, a: hp.Node, b: hp.Node) -> Any:
+        pids = [hp.self_pid(), await hp.spawn(b.node_id, peer)]
+        await cluster._link_to_peers(pids, 0)
+        await transport.break_connection(a.node_id.address, b.node_id.address)
+        with pytest.raises(hp.ProcessLinkException) as info:
+            await cluster._take("rs", 0, 0)  # the peer's step that will never come
+        return info.value
+
+    # Far below JOB_TIMEOUT: without the links, the wait would time out here.
+    error = run_two_nodes(body, 20.0)
+    assert isinstance(error.reason, hp.DiedDisconnect)
