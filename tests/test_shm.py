@@ -8,6 +8,7 @@ entry left behind by the whole shm suite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import mmap
@@ -157,6 +158,71 @@ def test_segment_is_reused_only_after_the_receiver_drops_its_views() -> None:
         assert len(link._pool) == 2  # the first segment came back
         assert bytes(second.frames[0][:4]) == b"\x02" * 4
         assert bytes(third.frames[0][:4]) == b"\x03" * 4
+
+    _run(scenario)
+
+
+def test_a_full_socket_delays_a_new_segment_and_what_follows_it_instead_of_failing() -> None:
+    """A new segment's descriptor goes over the link's socket, which fills when the
+    peer reads nothing for a while (it computes, or waits for a CPU, while messages
+    keep coming: 278 unread 256 KiB messages did it). The send then waits for room,
+    and a message sent after it does not overtake it. It used to fail the send and
+    drop the bundle ("a send failed: BlockingIOError")."""
+
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        filled = 0
+        while True:  # wake-ups the peer has not read yet (it ignores them)
+            try:
+                link._sock.send(b"W")
+            except BlockingIOError:
+                break
+            filled += 1
+        assert filled > 0
+        large = asyncio.create_task(conn.send([np.full(1 << 20, 7, np.uint8)]))
+        small = asyncio.create_task(conn.send([b"sent after"]))
+        await asyncio.sleep(0)  # one turn: both have tried; the large one needs a segment
+        assert not large.done() and not small.done()
+        first = await _next(b, Received)
+        assert bytes(first.frames[0][:4]) == b"\x07" * 4 and len(first.frames[0]) == 1 << 20
+        second = await _next(b, Received)
+        assert bytes(second.frames[0]) == b"sent after"
+        await asyncio.wait_for(asyncio.gather(large, small), TIMEOUT)
+        assert link.alive
+
+    _run(scenario)
+
+
+def test_a_link_that_fails_while_a_notice_waits_fails_the_send_and_closes_its_descriptor() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+
+        def segment_fds() -> int:
+            count = 0
+            for fd in os.listdir("/proc/self/fd"):
+                with contextlib.suppress(FileNotFoundError):  # listdir's own descriptor
+                    count += "hpcproc-shm-segment" in os.readlink(f"/proc/self/fd/{fd}")
+            return count
+
+        while True:
+            try:
+                link._sock.send(b"W")
+            except BlockingIOError:
+                break
+        large = asyncio.create_task(conn.send([np.full(1 << 20, 7, np.uint8)]))
+        await asyncio.sleep(0)  # one turn: its notice waits for room
+        assert len(link._notices) == 1
+        await transport.break_connection(a.address, b.address)
+        with pytest.raises(SendError) as info:
+            await asyncio.wait_for(large, TIMEOUT)
+        assert info.value.code is SendErrorCode.FAILED
+        assert not link._notices and segment_fds() == 0
 
     _run(scenario)
 

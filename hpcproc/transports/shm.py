@@ -441,6 +441,9 @@ class _ShmLink(Link):
         self._spin_cpu = 0.0
         self._max_pool: int = opts["max_pool_segments"]
         self._queue: deque[_Queued] = deque()
+        #: New segments' notices (message, descriptor) that the socket had no room
+        #: for; the queue's records wait behind them (:meth:`_notify`).
+        self._notices: deque[tuple[bytes, int]] = deque()
         self._pool: list[_TxSegment] = []
         self._next_seg = 1
         self._rx_segments: dict[int, _RxSegment] = {}
@@ -611,7 +614,7 @@ class _ShmLink(Link):
             parts: list[memoryview | tuple[int, int]] = list(views)
         else:
             lengths, parts = self._place_out_of_line(views, sizes, inline)
-        if not self._queue:
+        if not self._queue and not self._notices:
             off = self._writer.reserve((rec_len + 7) & ~7)
             if off >= 0:
                 self._writer.write(off, rec_len, Kind.DATA, conn_id, lengths, parts)
@@ -673,16 +676,61 @@ class _ShmLink(Link):
         self._next_seg += 1
         oneshot = len(self._pool) >= self._max_pool or endpoint._pool_bytes + size > cap
         try:
-            _send_fd(self._sock, _NEWSEG.pack(b"N", seg.seg_id, size, oneshot), fd)
+            self._notify(_NEWSEG.pack(b"N", seg.seg_id, size, oneshot), fd)
         except BaseException:
             seg.close()
             raise
-        finally:
-            os.close(fd)
         if not oneshot:
             self._pool.append(seg)
             endpoint._pool_bytes += size
         return seg
+
+    def _notify(self, msg: bytes, fd: int) -> None:
+        """Pass a new segment's descriptor to the peer; takes ``fd`` over.
+
+        When the socket has no room (the peer has not read it for a while: it
+        computes, or waits for its CPU, while messages keep coming), the notice waits
+        in :attr:`_notices`, sent as soon as there is room, and the queue's records
+        wait behind it (:meth:`_pump`), the record that refers to the segment among
+        them: the peer must not meet a reference to a segment it was not given. The
+        sender's ``send`` then waits, as for ring space. (A full socket used to fail
+        the send, and with it the bundle: seen after 278 unread 256 KiB messages.)
+
+        Raises:
+            OSError: the socket failed (the bundle fails with the send).
+        """
+        if not self._notices:
+            try:
+                _send_fd(self._sock, msg, fd)
+            except BlockingIOError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            else:
+                os.close(fd)
+                return
+        self._notices.append((msg, fd))
+        if len(self._notices) == 1:
+            self._loop.add_writer(self._fd, self._send_notices)
+
+    def _send_notices(self) -> None:
+        """The socket has room: send the waiting notices, then the queued records."""
+        notices = self._notices
+        while notices and not self._down:
+            msg, fd = notices[0]
+            try:
+                _send_fd(self._sock, msg, fd)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("link to %r: its socket failed: %s", self.remote, exc)
+                self._peer_gone(f"link socket failed: {exc}")
+                return
+            notices.popleft()
+            os.close(fd)
+        self._loop.remove_writer(self._fd)
+        self._pump()
 
     def _drop_segment(self, seg: _TxSegment) -> bool:
         """Give a free pooled segment back: the peer unmaps it, then so do we.
@@ -718,6 +766,8 @@ class _ShmLink(Link):
         """Write queued records while the ring has room; sleep on the consumer if not."""
         writer = self._writer
         queue = self._queue
+        if self._notices:
+            return  # _send_notices pumps once they are sent
         wrote = False
         try:
             while queue and not self._down:
@@ -1007,6 +1057,11 @@ class _ShmLink(Link):
             return
         self._down = True
         self._loop.remove_reader(self._fd)
+        if self._notices:
+            self._loop.remove_writer(self._fd)
+            for _, fd in self._notices:
+                os.close(fd)
+            self._notices.clear()
         self._sock.close()
         queue, self._queue = self._queue, deque()
         for item in queue:
