@@ -162,6 +162,19 @@ def test_segment_is_reused_only_after_the_receiver_drops_its_views() -> None:
     _run(scenario)
 
 
+def _fill_socket(link: Any) -> None:
+    """Fill ``link``'s socket with wake-ups its peer has not read (a peer that reads
+    nothing for a while; it ignores them when it does)."""
+    sent = 0
+    while True:
+        try:
+            link._sock.send(b"W")
+        except BlockingIOError:
+            break
+        sent += 1
+    assert sent > 0
+
+
 def test_a_full_socket_delays_a_new_segment_and_what_follows_it_instead_of_failing() -> None:
     """A new segment's descriptor goes over the link's socket, which fills when the
     peer reads nothing for a while (it computes, or waits for a CPU, while messages
@@ -174,14 +187,7 @@ def test_a_full_socket_delays_a_new_segment_and_what_follows_it_instead_of_faili
         conn = await a.connect(b.address)
         await _next(b, ConnectionOpened)
         link = a._links[b.address]  # type: ignore[attr-defined]
-        filled = 0
-        while True:  # wake-ups the peer has not read yet (it ignores them)
-            try:
-                link._sock.send(b"W")
-            except BlockingIOError:
-                break
-            filled += 1
-        assert filled > 0
+        _fill_socket(link)
         large = asyncio.create_task(conn.send([np.full(1 << 20, 7, np.uint8)]))
         small = asyncio.create_task(conn.send([b"sent after"]))
         await asyncio.sleep(0)  # one turn: both have tried; the large one needs a segment
@@ -210,11 +216,7 @@ def test_a_link_that_fails_while_a_notice_waits_fails_the_send_and_closes_its_de
                     count += "hpcproc-shm-segment" in os.readlink(f"/proc/self/fd/{fd}")
             return count
 
-        while True:
-            try:
-                link._sock.send(b"W")
-            except BlockingIOError:
-                break
+        _fill_socket(link)
         large = asyncio.create_task(conn.send([np.full(1 << 20, 7, np.uint8)]))
         await asyncio.sleep(0)  # one turn: its notice waits for room
         assert len(link._notices) == 1
