@@ -724,8 +724,7 @@ class _ShmLink(Link):
             except BlockingIOError:
                 return
             except OSError as exc:
-                log.warning("link to %r: its socket failed: %s", self.remote, exc)
-                self._peer_gone(f"link socket failed: {exc}")
+                self._socket_failed(exc)
                 return
             notices.popleft()
             os.close(fd)
@@ -764,10 +763,10 @@ class _ShmLink(Link):
 
     def _pump(self) -> None:
         """Write queued records while the ring has room; sleep on the consumer if not."""
-        writer = self._writer
-        queue = self._queue
         if self._notices:
             return  # _send_notices pumps once they are sent
+        writer = self._writer
+        queue = self._queue
         wrote = False
         try:
             while queue and not self._down:
@@ -832,8 +831,7 @@ class _ShmLink(Link):
             except BlockingIOError:
                 return True
             except OSError as exc:
-                log.warning("link to %r: its socket failed: %s", self.remote, exc)
-                self._peer_gone(f"link socket failed: {exc}")
+                self._socket_failed(exc)
                 return False
             try:
                 if not data:
@@ -1028,6 +1026,12 @@ class _ShmLink(Link):
         else:
             log.warning("dropping link to %r: %s", self.remote, reason)
         self._teardown()
+
+    def _socket_failed(self, exc: OSError) -> None:
+        # Logged, unlike EOF (which a clean close gives too): only this side can say
+        # why a link to a live peer broke.
+        log.warning("link to %r: its socket failed: %s", self.remote, exc)
+        self._peer_gone(f"link socket failed: {exc}")
 
     def _peer_gone(self, reason: str) -> None:
         if self._down:
