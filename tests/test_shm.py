@@ -162,6 +162,73 @@ def test_segment_is_reused_only_after_the_receiver_drops_its_views() -> None:
     _run(scenario)
 
 
+@pytest.mark.parametrize("path", ["send_now", "send_data"])
+def test_a_busy_word_cleared_by_something_else_drops_the_link_and_spares_the_held_message(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver holds a message in a pooled segment; something other than the
+    receiver's release zeroes the segment's busy word (a foreign writer, or the
+    sender's mapping replaced). The sender must not take the segment for free and
+    write its next message over the held one: it drops the link, naming the segment.
+    (With a 0/1 busy flag the sender reused it, overwrote the held message, and the
+    receiver's own check dropped the link only after that.) ``send_now`` takes a free
+    pooled segment in one call; a message of three frames takes ``send_data``'s way."""
+
+    def message(fill: int) -> list[Any]:
+        big = np.full(1 << 20, fill, np.uint8)
+        return [big] if path == "send_now" else [b"head", big, b"tail"]
+
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        await conn.send(message(1))
+        held = (await _next(b, Received)).frames
+        big = held[0] if path == "send_now" else held[1]
+        (segment,) = link._pool
+        struct.pack_into("@I", segment.mm, 0, 0)  # not the receiver's release
+        with caplog.at_level(logging.WARNING, logger="hpcproc.transports"):
+            with pytest.raises(SendError) as info:
+                await conn.send(message(2))
+            lost = await _next(b, ErrorEvent)
+        assert info.value.code is SendErrorCode.FAILED
+        assert lost.error.code is EventErrorCode.CONNECTION_LOST
+        assert any(
+            f"segment {segment.seg_id}'s busy word reads 0x0" in r.getMessage()
+            for r in caplog.records
+        )
+        assert bytes(big[:4]) == b"\x01" * 4 and bytes(big[-4:]) == b"\x01" * 4
+
+    _run(scenario)
+
+
+def test_a_busy_word_changed_while_the_message_is_held_is_logged_at_release(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        await conn.send([np.full(1 << 20, 1, np.uint8)])
+        held = await _next(b, Received)
+        (segment,) = link._pool
+        assert segment.is_free() is False
+        struct.pack_into("@I", segment.mm, 0, 0)
+        with caplog.at_level(logging.WARNING, logger="hpcproc.transports"):
+            del held
+            gc.collect()
+        assert any(
+            f"segment {segment.seg_id}'s busy word changed while its message was held: 0x0"
+            in r.getMessage()
+            for r in caplog.records
+        )
+        assert segment.is_free()  # handed back as the receiver saw it lent
+
+    _run(scenario)
+
+
 def _fill_socket(link: Any) -> None:
     """Fill ``link``'s socket with wake-ups its peer has not read (a peer that reads
     nothing for a while; it ignores them when it does)."""
@@ -341,6 +408,11 @@ def _corrupt_segment_id(link: Any, off: int) -> None:
     struct.pack_into("<Q", link._writer.mm, off + REC.size + 8, 999_999)
 
 
+def _corrupt_segment_busy_word(link: Any, off: int) -> None:
+    (segment,) = link._pool
+    struct.pack_into("@I", segment.mm, 0, 0)
+
+
 @pytest.mark.parametrize(
     ("corrupt", "large"),
     [
@@ -351,6 +423,7 @@ def _corrupt_segment_id(link: Any, off: int) -> None:
         (_corrupt_ring_head, False),
         (_corrupt_segment_offset, True),
         (_corrupt_segment_id, True),
+        (_corrupt_segment_busy_word, True),
     ],
     ids=lambda p: getattr(p, "__name__", str(p)).removeprefix("_corrupt_"),
 )

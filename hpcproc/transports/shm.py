@@ -16,7 +16,10 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
   memoryviews over the segment itself, so a numpy array is copied exactly once end to
   end. The segment returns to the sender's pool when the receiver has dropped every
   view of that message (a finalizer on the numpy array the views are cut from clears
-  the segment's busy word); until then the sender uses another one. The pools of an
+  the segment's busy bit); until then the sender uses another one. The busy word
+  counts the segment's uses, so the sender can tell a segment the receiver handed back
+  from one whose word something else cleared: it then drops the link rather than
+  write over a message the receiver may still hold. The pools of an
   endpoint's links hold at most ``max_pool_bytes`` together (``HPCPROC_SHM_POOL_BYTES``,
   default 256 MiB) and ``max_pool_segments`` per link; beyond that a one-shot segment
   is used, which the kernel frees once the receiver's views are gone. A pooled
@@ -127,10 +130,10 @@ __all__ = ["DEFAULT_INLINE_THRESHOLD", "ShmTransport", "address_host", "create_t
 log = logging.getLogger("hpcproc.transports.shm")
 
 _PREFIX = b"shm:"
-_VERSION = 1
+_VERSION = 2  # 2: the segment busy word counts uses
 #: Bound on an incoming handshake.
 HANDSHAKE_TIMEOUT = 10.0
-#: Bytes before a segment's data: the busy word (1 while the receiver holds views).
+#: Bytes before a segment's data: the busy word (see _TxSegment).
 SEG_HEADER = 64
 #: Frames below this go through the ring (copied in and out), larger ones through a
 #: segment (copied once). Measured here (bench transport, quiet, against mpi4py): with
@@ -160,8 +163,9 @@ _REJECT_CROSSED = b"RX"
 _REJECT_LIVE = b"RL"
 _REJECT_CLOSED = b"RC"
 # The busy word has one writer at a time (the sender sets it before handing the
-# segment over, the receiver clears it when done) and only the sender reads it.
+# segment over, the receiver clears its busy bit when done).
 _U32 = struct.Struct("@I")
+_MAX_USE = (1 << 31) - 1
 _PEERCRED = struct.Struct("3i")
 _MAX_MSG = 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
@@ -329,23 +333,51 @@ def _as_bytes(frame: Buffer) -> memoryview:
 
 
 class _TxSegment:
-    """A segment of the sender's pool; its busy word is cleared by the receiver."""
+    """A segment of the sender's pool.
 
-    __slots__ = ("mm", "seg_id", "size", "used", "view")
+    Its busy word is ``use << 1 | 1`` while the receiver holds the message of the
+    segment's ``use``-th use (1, 2, ...), and ``use << 1`` once the receiver has
+    handed it back. Any other value means that something other than the two sides'
+    protocol wrote it (or that the sender's mapping no longer shows the shared
+    memory): :meth:`is_free` raises :class:`RingError` then, instead of calling the
+    segment free and writing over a message the receiver may still hold. (A plain
+    0/1 flag cannot tell a foreign zero from a release.)
+    """
+
+    __slots__ = ("mm", "seg_id", "size", "use", "used", "view")
 
     def __init__(self, seg_id: int, mm: mmap.mmap, size: int) -> None:
         self.seg_id = seg_id
         self.size = size
         self.mm = mm
         self.view = memoryview(mm)
+        #: How many messages went through it (wrapping; its busy word's upper bits).
+        self.use = 0
         #: When a message last went through it (``time.monotonic``).
         self.used = time.monotonic()
 
     def is_free(self) -> bool:
-        return bool(_U32.unpack_from(self.mm, 0)[0] == 0)
+        """Whether the receiver handed the last message back.
+
+        Raises:
+            RingError: the busy word holds neither expected value.
+        """
+        word = _U32.unpack_from(self.mm, 0)[0]
+        free = self.use << 1
+        if word == free:
+            return True
+        if word == free | 1:
+            return False
+        raise RingError(
+            f"segment {self.seg_id}'s busy word reads {word:#x}, expected {free:#x} "
+            f"(handed back) or {free | 1:#x} (held by the receiver): something else "
+            "wrote to the segment, or its mapping changed"
+        )
 
     def mark_busy(self) -> None:
-        _U32.pack_into(self.mm, 0, 1)
+        use = self.use + 1 if self.use < _MAX_USE else 1
+        self.use = use
+        _U32.pack_into(self.mm, 0, use << 1 | 1)
 
     def close(self) -> None:
         self.view.release()
@@ -355,20 +387,33 @@ class _TxSegment:
 class _RxSegment:
     """A peer's segment as mapped here; views of one message at a time."""
 
-    __slots__ = ("busy", "mm", "oneshot", "size", "watch")
+    __slots__ = ("busy", "mm", "oneshot", "seg_id", "size", "watch", "word")
 
-    def __init__(self, mm: mmap.mmap, size: int, oneshot: bool) -> None:
+    def __init__(self, seg_id: int, mm: mmap.mmap, size: int, oneshot: bool) -> None:
+        self.seg_id = seg_id
         self.mm = mm
         self.size = size
         self.oneshot = oneshot
         self.busy = False
+        #: The busy word as the sender set it for the current message.
+        self.word = 0
         #: A weak reference to the array the current message's views are cut from;
         #: its callback hands the segment back. (One per segment, as one message at a
         #: time uses it: cheaper than a ``weakref.finalize`` per message.)
         self.watch: weakref.ref[Any] | None = None
 
     def lend(self, base: np.ndarray[Any, Any]) -> None:
-        """The current message's views are cut from ``base``: busy until it is gone."""
+        """The current message's views are cut from ``base``: busy until it is gone.
+
+        Raises:
+            RingError: the sender did not mark the segment busy (see _TxSegment).
+        """
+        word = _U32.unpack_from(self.mm, 0)[0]
+        if not word & 1:
+            raise RingError(
+                f"segment {self.seg_id} came without its busy mark (word {word:#x})"
+            )
+        self.word = word
         self.busy = True
         self.watch = weakref.ref(base, self._dropped)
 
@@ -380,7 +425,17 @@ class _RxSegment:
     def release(self) -> None:
         """Every view of the current message is gone: hand the segment back."""
         self.busy = False
-        _U32.pack_into(self.mm, 0, 0)
+        word = _U32.unpack_from(self.mm, 0)[0]
+        if word != self.word:
+            # Only the sender's protocol writes the word, and not while we hold it.
+            log.warning(
+                "segment %d's busy word changed while its message was held: %#x, set "
+                "%#x: something else wrote to the segment",
+                self.seg_id,
+                word,
+                self.word,
+            )
+        _U32.pack_into(self.mm, 0, self.word & ~1)
 
 
 # --------------------------------------------------------------------------- link
@@ -543,11 +598,15 @@ class _ShmLink(Link):
         seg: _TxSegment | None = None
         if n >= threshold:
             limit = 4 * n + _SEG_GRANULE  # as _segment_for: no far larger segment
-            for seg in self._pool:
-                if n <= seg.size <= limit and seg.is_free():
-                    break
-            else:
-                return False
+            try:
+                for seg in self._pool:
+                    if n <= seg.size <= limit and seg.is_free():
+                        break
+                else:
+                    return False
+            except RingError as exc:
+                self._violation(str(exc))
+                raise ConnectionError(f"shared-memory link is down: {exc}") from exc
             tail: memoryview | tuple[int, int] = (seg.seg_id, 0)
             tail_len, tail_bytes = n | OUT_OF_LINE, SEGREF.size
         elif len(frames) == 1:
@@ -752,7 +811,12 @@ class _ShmLink(Link):
         """Drop free segments unused since ``cutoff``; whether any segment is left."""
         if self._down:
             return False
-        for seg in [s for s in self._pool if s.used < cutoff and s.is_free()]:
+        try:
+            idle = [s for s in self._pool if s.used < cutoff and s.is_free()]
+        except RingError as exc:
+            self._violation(str(exc))
+            return False
+        for seg in idle:
             self._drop_segment(seg)
         return bool(self._pool)
 
@@ -847,7 +911,7 @@ class _ShmLink(Link):
                     if seg_id in self._rx_segments or size > 1 << 40:
                         raise RingError(f"bad new segment {seg_id} of {size} bytes")
                     mm = _map_peer_memfd(fds[0], SEG_HEADER + size, populate=True)
-                    self._rx_segments[seg_id] = _RxSegment(mm, size, bool(oneshot))
+                    self._rx_segments[seg_id] = _RxSegment(seg_id, mm, size, bool(oneshot))
                 elif tag == b"D" and len(data) == _DROPSEG.size:
                     self._rx_segments.pop(_DROPSEG.unpack(data)[1], None)
                 else:
