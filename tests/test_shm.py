@@ -229,6 +229,59 @@ def test_a_busy_word_changed_while_the_message_is_held_is_logged_at_release(
     _run(scenario)
 
 
+async def _exit_code(pid: int) -> int:
+    """Wait (bounded) for the child ``pid`` to exit; its exit code."""
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    fd = os.pidfd_open(pid)
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, TIMEOUT)
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_forked_child_dropping_its_copy_of_a_held_message_keeps_the_segment_busy() -> None:
+    """A child made by ``fork`` (multiprocessing's default on Linux) inherits the
+    segments' mappings and the receiver's objects, with the callbacks that hand a
+    segment back. The child dropping its copy of a message that the parent still
+    holds must not hand the segment back: the sender would write over the parent's."""
+
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = a._links[b.address]  # type: ignore[attr-defined]
+        await conn.send([np.full(1 << 20, 1, np.uint8)])
+        held = await _next(b, Received)
+        (segment,) = link._pool
+        lent = b._links[a.address]._rx_segments[segment.seg_id]  # type: ignore[attr-defined]
+        pid = os.fork()
+        if pid == 0:  # the child: drop the message, which runs the hand-back callback
+            code = 1
+            try:
+                del held
+                gc.collect()
+                code = 0 if lent.watch is None else 3
+            finally:
+                os._exit(code)
+        assert await _exit_code(pid) == 0  # 3: the child's drop did not run the callback
+        assert segment.is_free() is False
+        await conn.send([np.full(1 << 20, 2, np.uint8)])
+        second = await _next(b, Received)
+        assert bytes(held.frames[0][:4]) == b"\x01" * 4
+        assert bytes(second.frames[0][:4]) == b"\x02" * 4
+        assert len(link._pool) == 2
+
+    _run(scenario)
+
+
 def _fill_socket(link: Any) -> None:
     """Fill ``link``'s socket with wake-ups its peer has not read (a peer that reads
     nothing for a while; it ignores them when it does)."""
@@ -414,21 +467,24 @@ def _corrupt_segment_busy_word(link: Any, off: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("corrupt", "large"),
+    ("corrupt", "large", "reason"),
     [
-        (_corrupt_record_length, False),
-        (_corrupt_record_magic, False),
-        (_corrupt_frame_length, False),
-        (_corrupt_frame_count, False),
-        (_corrupt_ring_head, False),
-        (_corrupt_segment_offset, True),
-        (_corrupt_segment_id, True),
-        (_corrupt_segment_busy_word, True),
+        (_corrupt_record_length, False, ""),
+        (_corrupt_record_magic, False, ""),
+        (_corrupt_frame_length, False, ""),
+        (_corrupt_frame_count, False, ""),
+        (_corrupt_ring_head, False, ""),
+        (_corrupt_segment_offset, True, "beyond segment"),
+        (_corrupt_segment_id, True, "unknown segment"),
+        (_corrupt_segment_busy_word, True, "came without its busy mark"),
     ],
     ids=lambda p: getattr(p, "__name__", str(p)).removeprefix("_corrupt_"),
 )
 def test_corrupted_shared_memory_fails_the_bundle_with_a_logged_reason(
-    corrupt: Callable[[Any, int], None], large: bool, caplog: pytest.LogCaptureFixture
+    corrupt: Callable[[Any, int], None],
+    large: bool,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario(transport: ShmTransport) -> None:
         a, b = await transport.new_endpoint(), await transport.new_endpoint()
@@ -448,7 +504,7 @@ def test_corrupted_shared_memory_fails_the_bundle_with_a_logged_reason(
             lost = await _next(b, ErrorEvent)
         assert lost.error.code is EventErrorCode.CONNECTION_LOST
         assert lost.error.remote_address == a.address
-        assert "corrupt shared memory" in lost.error.message
+        assert "corrupt shared memory" in lost.error.message and reason in lost.error.message
         assert any("corrupt shared memory" in r.getMessage() for r in caplog.records)
         theirs = await _next(a, ErrorEvent)
         assert theirs.error.code is EventErrorCode.CONNECTION_LOST

@@ -166,6 +166,19 @@ _REJECT_CLOSED = b"RC"
 # segment over, the receiver clears its busy bit when done).
 _U32 = struct.Struct("@I")
 _MAX_USE = (1 << 31) - 1
+#: This process. A child made by ``fork`` inherits the segments' mappings and the
+#: receivers' :class:`_RxSegment` objects, with the callbacks that hand a segment
+#: back: the child dropping its copy of a message must not hand the segment back
+#: while this process still holds the message (the sender would write over it).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 _PEERCRED = struct.Struct("3i")
 _MAX_MSG = 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
@@ -387,9 +400,10 @@ class _TxSegment:
 class _RxSegment:
     """A peer's segment as mapped here; views of one message at a time."""
 
-    __slots__ = ("busy", "mm", "oneshot", "seg_id", "size", "watch", "word")
+    __slots__ = ("busy", "mm", "oneshot", "pid", "seg_id", "size", "watch", "word")
 
     def __init__(self, seg_id: int, mm: mmap.mmap, size: int, oneshot: bool) -> None:
+        self.pid = _pid
         self.seg_id = seg_id
         self.mm = mm
         self.size = size
@@ -410,9 +424,7 @@ class _RxSegment:
         """
         word = _U32.unpack_from(self.mm, 0)[0]
         if not word & 1:
-            raise RingError(
-                f"segment {self.seg_id} came without its busy mark (word {word:#x})"
-            )
+            raise RingError(f"segment {self.seg_id} came without its busy mark (word {word:#x})")
         self.word = word
         self.busy = True
         self.watch = weakref.ref(base, self._dropped)
@@ -423,8 +435,14 @@ class _RxSegment:
             self.release()
 
     def release(self) -> None:
-        """Every view of the current message is gone: hand the segment back."""
+        """Every view of the current message is gone: hand the segment back.
+
+        Not in a child made by ``fork`` (see ``_pid``): its views are copies of the
+        parent's, which may still hold the message.
+        """
         self.busy = False
+        if self.pid != _pid:
+            return
         word = _U32.unpack_from(self.mm, 0)[0]
         if word != self.word:
             # Only the sender's protocol writes the word, and not while we hold it.
@@ -1071,7 +1089,11 @@ class _ShmLink(Link):
             base = bases.get(seg_id)
             if base is None:
                 if seg.busy:
-                    raise RingError(f"segment {seg_id} reused before the receiver released it")
+                    word = _U32.unpack_from(seg.mm, 0)[0]
+                    raise RingError(
+                        f"segment {seg_id} reused before the receiver released it (busy "
+                        f"word {word:#x}, {seg.word:#x} when lent)"
+                    )
                 base = np.frombuffer(seg.mm, np.uint8, count=seg.size, offset=SEG_HEADER)
                 seg.lend(base)
                 bases[seg_id] = base
