@@ -282,6 +282,30 @@ def test_a_forked_child_dropping_its_copy_of_a_held_message_keeps_the_segment_bu
     _run(scenario)
 
 
+def test_a_drain_inside_a_delivery_delivers_nothing_twice() -> None:
+    async def scenario(transport: ShmTransport) -> None:
+        a, b = await transport.new_endpoint(), await transport.new_endpoint()
+        conn = await a.connect(b.address)
+        await _next(b, ConnectionOpened)
+        link = b._links[a.address]  # type: ignore[attr-defined]
+        deliver, deliver_inline, deliver_segment = link._drain_callbacks
+        nested: list[int] = []
+
+        def deliver_inline_and_drain(conn_id: int, frames: list[memoryview]) -> bool:
+            nested.append(link._drain())
+            return bool(deliver_inline(conn_id, frames))
+
+        link._drain_callbacks = (deliver, deliver_inline_and_drain, deliver_segment)
+        for i in range(3):
+            await conn.send([b"message %d" % i])
+        got = [bytes((await _next(b, Received)).frames[0]) for _ in range(3)]
+        assert got == [b"message 0", b"message 1", b"message 2"]
+        assert nested == [0, 0, 0]
+        assert b.receive_nowait() is None  # nothing delivered twice
+
+    _run(scenario)
+
+
 def _fill_socket(link: Any) -> None:
     """Fill ``link``'s socket with wake-ups its peer has not read (a peer that reads
     nothing for a while; it ignores them when it does)."""

@@ -996,8 +996,12 @@ class _ShmLink(Link):
 
         Delivery can re-enter this link (a protocol violation aborts it, a segment
         lookup reads the socket and may find its end), so tearing the rings down and
-        handling the peer's departure wait until the parse is over.
+        handling the peer's departure wait until the parse is over. A drain inside
+        another returns 0 at once: the reader saves its position only when its drain
+        returns, so a nested one would deliver the records in flight again.
         """
+        if self._draining:
+            return 0
         self._draining = True
         error = None
         try:
