@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,14 @@ from hpcproc.transports import (
     create,
 )
 from hpcproc.transports._shm_ring import DATA_OFF, REC
-from hpcproc.transports.shm import ShmTransport, _host_identity
+from hpcproc.transports.shm import (
+    SEG_HEADER,
+    ShmTransport,
+    _host_identity,
+    _new_memfd,
+    _RxSegment,
+    _TxSegment,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
@@ -304,6 +312,51 @@ def test_a_drain_inside_a_delivery_delivers_nothing_twice() -> None:
         assert b.receive_nowait() is None  # nothing delivered twice
 
     _run(scenario)
+
+
+def test_a_process_reading_the_busy_word_while_the_other_hands_it_over_sees_no_zero() -> None:
+    """The sender reads the busy word while the receiver writes it, and the other way
+    round: each write must be one store. (``struct.pack_into``, used before, zero-fills
+    then writes: a reader saw 0, took it for "free", and the release's second store
+    then wiped the sender's busy mark.) A child reads the word while this process hands
+    the segment back and forth as the two sides do; once used, the word is never 0."""
+    mm, fd = _new_memfd("hpcproc-shm-segment", SEG_HEADER + 4096, populate=True)
+    os.close(fd)
+    sender, receiver = _TxSegment(1, mm, 4096), _RxSegment(1, mm, 4096, False)
+    sender.mark_busy()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: read the word, count zeros
+        code = 1
+        try:
+            word = memoryview(mm)[:4].cast("I")
+            os.write(ready_w, b"r")
+            zeros = sum(1 for _ in range(1_000_000) if word[0] == 0)
+            code = 0 if zeros == 0 else 3
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    status: int | None = None
+    try:
+        assert os.read(ready_r, 1) == b"r"
+        deadline = time.monotonic() + TIMEOUT
+        while status is None:
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(raw)
+                break
+            assert time.monotonic() < deadline, "the reading child did not finish"
+            for _ in range(1000):
+                receiver.lent = sender.word[0]
+                receiver.release()
+                assert sender.is_free()
+                sender.mark_busy()
+    finally:
+        os.close(ready_r)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert status == 0  # 3: the child read 0
 
 
 def _fill_socket(link: Any) -> None:
