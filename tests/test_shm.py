@@ -63,6 +63,15 @@ async def _next(endpoint: Any, kind: type[Any] = object) -> Any:
     return event
 
 
+async def _linked(transport: ShmTransport) -> tuple[Any, Any, Any, Any]:
+    """Two endpoints ``a`` and ``b``, a connection from ``a`` to ``b`` (opened on both
+    sides) and ``a``'s link to ``b``."""
+    a, b = await transport.new_endpoint(), await transport.new_endpoint()
+    conn = await a.connect(b.address)
+    await _next(b, ConnectionOpened)
+    return a, b, conn, a._links[b.address]
+
+
 def _run(fn: Callable[[ShmTransport], Awaitable[None]], **options: Any) -> None:
     errors: list[dict[str, Any]] = []
 
@@ -132,9 +141,7 @@ def test_connect_to_another_host_raises_not_found_suggesting_tcp_or_ucx(which: s
 
 def test_large_frames_arrive_as_views_of_shared_memory() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
+        _a, b, conn, _ = await _linked(transport)
         array = np.arange(1 << 18, dtype=np.float64)
         await conn.send([b"small", array])
         event = await _next(b, Received)
@@ -149,10 +156,7 @@ def test_large_frames_arrive_as_views_of_shared_memory() -> None:
 
 def test_segment_is_reused_only_after_the_receiver_drops_its_views() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        _a, b, conn, link = await _linked(transport)
         await conn.send([np.full(1 << 20, 1, np.uint8)])
         first = await _next(b, Received)
         await conn.send([np.full(1 << 20, 2, np.uint8)])
@@ -187,10 +191,7 @@ def test_a_busy_word_cleared_by_something_else_drops_the_link_and_spares_the_hel
         return [big] if path == "send_now" else [b"head", big, b"tail"]
 
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        _a, b, conn, link = await _linked(transport)
         await conn.send(message(1))
         held = (await _next(b, Received)).frames
         big = held[0] if path == "send_now" else held[1]
@@ -215,10 +216,7 @@ def test_a_busy_word_changed_while_the_message_is_held_is_logged_at_release(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        _a, b, conn, link = await _linked(transport)
         await conn.send([np.full(1 << 20, 1, np.uint8)])
         held = await _next(b, Received)
         (segment,) = link._pool
@@ -262,10 +260,7 @@ def test_a_forked_child_dropping_its_copy_of_a_held_message_keeps_the_segment_bu
     holds must not hand the segment back: the sender would write over the parent's."""
 
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        a, b, conn, link = await _linked(transport)
         await conn.send([np.full(1 << 20, 1, np.uint8)])
         held = await _next(b, Received)
         (segment,) = link._pool
@@ -292,9 +287,7 @@ def test_a_forked_child_dropping_its_copy_of_a_held_message_keeps_the_segment_bu
 
 def test_a_drain_inside_a_delivery_delivers_nothing_twice() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
+        a, b, conn, _ = await _linked(transport)
         link = b._links[a.address]  # type: ignore[attr-defined]
         deliver, deliver_inline, deliver_segment = link._drain_callbacks
         nested: list[int] = []
@@ -380,10 +373,7 @@ def test_a_full_socket_delays_a_new_segment_and_what_follows_it_instead_of_faili
     drop the bundle ("a send failed: BlockingIOError")."""
 
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        _a, b, conn, link = await _linked(transport)
         _fill_socket(link)
         large = asyncio.create_task(conn.send([np.full(1 << 20, 7, np.uint8)]))
         small = asyncio.create_task(conn.send([b"sent after"]))
@@ -401,10 +391,7 @@ def test_a_full_socket_delays_a_new_segment_and_what_follows_it_instead_of_faili
 
 def test_a_link_that_fails_while_a_notice_waits_fails_the_send_and_closes_its_descriptor() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        a, b, conn, link = await _linked(transport)
 
         def segment_fds() -> int:
             count = 0
@@ -431,10 +418,7 @@ def test_header_and_payload_messages_through_pooled_segments_arrive_intact() -> 
     # again and again: through a new segment while earlier ones are held, through a
     # pooled one (send's fast path) once they are dropped; never overwritten early.
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        _a, b, conn, link = await _linked(transport)
         held = []
         for i in range(3):
             await conn.send([b"head%d" % i, np.full(100_000, i, np.uint8)])
@@ -461,9 +445,7 @@ def test_header_and_payload_messages_through_pooled_segments_arrive_intact() -> 
 
 def test_header_and_payload_below_the_threshold_go_through_the_ring_at_once() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
+        _a, b, conn, _ = await _linked(transport)
         payload = np.arange(4000, dtype=np.float64)  # 32000 bytes: inline
         assert conn.send_nowait([b"head", payload])
         head, body = (await _next(b, Received)).frames
@@ -476,9 +458,7 @@ def test_header_and_payload_below_the_threshold_go_through_the_ring_at_once() ->
 
 def test_message_too_big_for_the_ring_goes_through_a_segment() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
+        _a, b, conn, _ = await _linked(transport)
         frames = [bytes([i % 251]) * 1000 for i in range(100)]  # 100 KB > ring / 4
         await conn.send(frames)
         event = await _next(b, Received)
@@ -489,9 +469,7 @@ def test_message_too_big_for_the_ring_goes_through_a_segment() -> None:
 
 def test_sender_waits_for_ring_space_and_keeps_order() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
+        _a, b, conn, _ = await _linked(transport)
         count = 1000  # about 1 MB through a 64 KiB ring
 
         async def sender() -> None:
@@ -564,10 +542,7 @@ def test_corrupted_shared_memory_fails_the_bundle_with_a_logged_reason(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        a, b, conn, link = await _linked(transport)
         writer = link._writer
         off = DATA_OFF + (writer.head & (writer.capacity - 1))
         frame = np.ones(1 << 16, np.uint8) if large else b"x" * 16
@@ -706,10 +681,7 @@ def test_data_on_an_unknown_connection_drops_the_link_mid_drain(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        a, b, conn, link = await _linked(transport)
         writer = link._writer
         off = DATA_OFF + (writer.head & (writer.capacity - 1))
         await conn.send([b"first"])
@@ -731,10 +703,7 @@ def test_data_on_an_unknown_connection_drops_the_link_mid_drain(
 
 def test_segments_beyond_the_pool_are_one_shot_and_freed_with_their_views() -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        _a, b, conn, link = await _linked(transport)
         before = len(_mapping_lines())
         await conn.send([np.full(1 << 20, 1, np.uint8)])
         pooled = await _next(b, Received)
@@ -892,10 +861,7 @@ def test_corrupted_consumer_tail_fails_the_bundle_on_the_sending_side(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario(transport: ShmTransport) -> None:
-        a, b = await transport.new_endpoint(), await transport.new_endpoint()
-        conn = await a.connect(b.address)
-        await _next(b, ConnectionOpened)
-        link = a._links[b.address]  # type: ignore[attr-defined]
+        a, _b, conn, link = await _linked(transport)
         tail_offset = 128
         with caplog.at_level(logging.WARNING, logger="hpcproc.transports"):
             with pytest.raises(SendError) as info:
