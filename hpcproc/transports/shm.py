@@ -49,6 +49,9 @@ size and passes the descriptor over the socket (``SCM_RIGHTS``).
   dialer checks the acceptor's likewise (:class:`ConnectError` naming both uids).
   No cookie is needed: a process of the same user could read the cookie file
   anyway, and the memfds are only passed over the authenticated socket.
+* A child made by ``fork`` shares its parent's rings and segments: it must not use
+  the parent's endpoints. Received messages it inherits are its copies: dropping
+  them hands nothing back (the parent may still hold them).
 
 Addresses are ``b"shm:<hostname>:<boot id>:<socket name>"``; connecting to an address
 of another host (or another boot) fails with ``ConnectError(NOT_FOUND)``.
@@ -162,20 +165,6 @@ _REJECT_CROSSED = b"RX"
 #: that completed first); the dialer uses that link, or replaces it if it has none.
 _REJECT_LIVE = b"RL"
 _REJECT_CLOSED = b"RC"
-_MAX_USE = (1 << 31) - 1
-#: This process. A child made by ``fork`` inherits the segments' mappings and the
-#: receivers' :class:`_RxSegment` objects, with the callbacks that hand a segment
-#: back: the child dropping its copy of a message must not hand the segment back
-#: while this process still holds the message (the sender would write over it).
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
 _PEERCRED = struct.Struct("3i")
 _MAX_MSG = 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
@@ -340,6 +329,23 @@ def _as_bytes(frame: Buffer) -> memoryview:
 
 
 # --------------------------------------------------------------------------- segments
+
+
+#: The busy word's use count wraps to 1 after this (see _TxSegment).
+_MAX_USE = (1 << 31) - 1
+#: This process. A child made by ``fork`` inherits the segments' mappings and the
+#: receivers' :class:`_RxSegment` objects, with the callbacks that hand a segment
+#: back: the child dropping its copy of a message must not hand the segment back
+#: while this process still holds the message (the sender would write over it).
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _busy_word(mm: mmap.mmap) -> memoryview:
