@@ -614,8 +614,7 @@ class _ShmLink(Link):
         try:
             sent = self._writer.send_one(conn_id, frame, n)
         except RingError as exc:
-            self._violation(str(exc))
-            raise ConnectionError(f"shared-memory link is down: {exc}") from exc
+            raise self._corrupt(exc) from exc
         except ValueError:  # the mapping was closed under us (torn down)
             raise ConnectionError("shared-memory link is down") from None
         if sent == 2:
@@ -645,8 +644,7 @@ class _ShmLink(Link):
                 else:
                     return False
             except RingError as exc:
-                self._violation(str(exc))
-                raise ConnectionError(f"shared-memory link is down: {exc}") from exc
+                raise self._corrupt(exc) from exc
             tail: memoryview | tuple[int, int] = (seg.seg_id, 0)
             tail_len, tail_bytes = n | OUT_OF_LINE, SEGREF.size
         elif len(frames) == 1:
@@ -673,8 +671,7 @@ class _ShmLink(Link):
                 seg.view[SEG_HEADER : SEG_HEADER + n] = last
             writer.write(off, rec_len, Kind.DATA, conn_id, lengths, parts)
         except RingError as exc:
-            self._violation(str(exc))
-            raise ConnectionError(f"shared-memory link is down: {exc}") from exc
+            raise self._corrupt(exc) from exc
         except ValueError:  # the mapping was closed under us (torn down)
             raise ConnectionError("shared-memory link is down") from None
         if seg is not None:
@@ -689,8 +686,7 @@ class _ShmLink(Link):
         try:
             await self._send_data(conn_id, frames)
         except RingError as exc:
-            self._violation(str(exc))
-            raise ConnectionError(f"shared-memory link is down: {exc}") from exc
+            raise self._corrupt(exc) from exc
 
     async def _send_data(self, conn_id: int, frames: Sequence[Buffer]) -> None:
         views = [_as_bytes(f) for f in frames]
@@ -1137,6 +1133,11 @@ class _ShmLink(Link):
         else:
             log.warning("dropping link to %r: %s", self.remote, reason)
         self._teardown()
+
+    def _corrupt(self, exc: RingError) -> ConnectionError:
+        """Drop the link for ``exc`` (corrupt shared memory); the error a send raises."""
+        self._violation(str(exc))
+        return ConnectionError(f"shared-memory link is down: {exc}")
 
     def _socket_failed(self, exc: OSError) -> None:
         # Logged, unlike EOF (which a clean close gives too): only this side can say
