@@ -285,7 +285,7 @@ def test_endpoints_on_event_loops_of_two_threads_get_messages_in_order() -> None
     assert got == list(range(n))
 
 
-def test_large_frames_are_received_into_buffers_of_their_own_exact_size() -> None:
+def test_large_frames_are_received_in_place_into_a_buffer_each() -> None:
     async def scenario() -> None:
         transport = mpi.create_transport()
         try:
@@ -294,11 +294,11 @@ def test_large_frames_are_received_into_buffers_of_their_own_exact_size() -> Non
             conn = await bounded(a.connect(b.address))
             await expect(b, ConnectionOpened)
             big = np.arange(3 * MiB, dtype=np.uint8)
-            mid = np.arange(300 << 10, dtype=np.uint8)[::-1].copy()  # under _NUMPY_MIN
+            mid = np.arange(300 << 10, dtype=np.uint8)[::-1].copy()
             await bounded(conn.send([b"small", as_buffer(big), as_buffer(mid), b"tail"]))
             event = await expect(b, Received)
             assert [len(f) for f in event.frames] == [5, 3 * MiB, 300 << 10, 4]
-            # One buffer per frame, allocated at exactly the frame's size: the data
+            # One buffer per frame (pooled, of the frame's exact length): the data
             # landed where the receiver keeps it, no reassembly copy.
             owners = [f.obj for f in event.frames]
             assert len({id(o) for o in owners}) == 4
@@ -311,6 +311,112 @@ def test_large_frames_are_received_into_buffers_of_their_own_exact_size() -> Non
             await bounded(transport.close())
 
     asyncio.run(scenario())
+
+
+def _address(frame: memoryview) -> int:
+    """Where a frame's bytes are (to tell a reused receive buffer from a fresh one)."""
+    return int(np.frombuffer(frame, np.uint8).ctypes.data)
+
+
+@pytest.mark.parametrize("size", [mpi._POOL_MIN, 100_000, 3 * MiB])
+def test_a_held_frame_is_never_overwritten_and_a_dropped_ones_buffer_is_reused(size: int) -> None:
+    async def scenario() -> None:
+        transport = mpi.create_transport()
+        try:
+            a = await transport.new_endpoint()
+            b = await transport.new_endpoint()
+            conn = await bounded(a.connect(b.address))
+            await expect(b, ConnectionOpened)
+
+            async def hop(fill: int) -> memoryview:
+                await bounded(conn.send([b"h", bytes([fill]) * size]))
+                event = await expect(b, Received)
+                return event.frames[1]
+
+            held = await hop(1)
+            second = await hop(2)
+            # The first message is still held: its buffer was not given to the second.
+            assert _address(second) != _address(held)
+            assert bytes(held) == b"\x01" * size and bytes(second) == b"\x02" * size
+            where = _address(second)
+            del second  # dropped: its buffer goes back to the pool
+            third = await hop(3)
+            assert _address(third) == where
+            assert bytes(held) == b"\x01" * size and bytes(third) == b"\x03" * size
+        finally:
+            await bounded(transport.close())
+
+    asyncio.run(scenario())
+
+
+def _pool(limit: int = 1 << 30) -> Any:
+    import threading
+
+    return mpi._BufferPool(limit, threading.RLock())
+
+
+def test_buffer_pool_hands_out_a_free_array_of_the_size_class_and_never_a_held_one() -> None:
+    pool = _pool()
+    first = pool.take(40_000)
+    assert first.nbytes == 40_000 and first.base is not None and first.base.nbytes == 1 << 16
+    second = pool.take(60_000)  # same class (64 KiB), but the first is held
+    assert second.base is not first.base
+    where = first.ctypes.data
+    del first  # (a reference to its base would keep the array held)
+    again = pool.take(50_000)
+    assert again.ctypes.data == where and again.nbytes == 50_000
+    exact = pool.take(1 << 16)  # a power of two is the array itself, not a view
+    assert exact.nbytes == 1 << 16 and exact.base is None
+    assert pool.total == 3 << 16
+
+
+def test_buffer_pool_keeps_at_most_its_limit_and_evicts_free_arrays_of_other_classes() -> None:
+    pool = _pool(limit=4 << 16)
+    held = [pool.take(1 << 16) for _ in range(4)]
+    assert pool.total == 4 << 16
+    extra = pool.take(1 << 16)  # everything pooled is held: a fresh array, not kept
+    assert pool.total == 4 << 16 and len(pool.classes[1 << 16]) == 4
+    del extra, held[:2]
+    bigger = pool.take(1 << 17)  # two free 64 KiB arrays make room for it
+    assert pool.total == 4 << 16
+    assert len(pool.classes[1 << 16]) == 2 and len(pool.classes[1 << 17]) == 1
+    assert all(any(e.array is h for e in pool.classes[1 << 16]) for h in held)
+    del bigger
+
+
+def test_buffer_pool_take_looks_at_few_arrays_and_still_finds_a_free_one_behind_held_ones() -> None:
+    pool = _pool()
+    n = 3 * mpi._POOL_SCAN
+    held = [pool.take(1 << 16) for _ in range(n)]
+    # The array handed out first is now last in its class; free it.
+    last = held.pop(0)
+    del last
+    takes = 0
+    while True:
+        takes += 1
+        got = pool.take(1 << 16)
+        if len(pool.classes[1 << 16]) == n and not any(got is h for h in held):
+            break  # the freed array came back (the class did not grow)
+        held.append(got)
+        assert takes <= n // mpi._POOL_SCAN + 1, "the free array was never reached"
+
+
+def test_buffer_pool_trim_frees_idle_arrays_but_not_held_or_recent_ones() -> None:
+    import time
+
+    pool = _pool()
+    held = pool.take(1 << 16)
+    idle = pool.take(1 << 17)
+    del idle
+    cutoff = time.monotonic()
+    recent = pool.take(1 << 18)
+    del recent
+    assert pool._trim(cutoff)  # something is left: the timer stays armed
+    assert set(pool.classes) == {1 << 16, 1 << 18}
+    assert pool.total == (1 << 16) + (1 << 18)
+    del held
+    assert not pool._trim(time.monotonic() + 1)
+    assert pool.classes == {} and pool.total == 0
 
 
 def test_unpicklable_and_strided_buffers_travel_as_raw_bytes() -> None:
