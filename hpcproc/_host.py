@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import socket
 from functools import lru_cache
+from pathlib import Path
 
-__all__ = ["host_identity", "host_name", "ranks_on_host", "usable_cpus"]
+__all__ = ["host_identity", "host_name", "ranks_on_host", "shared_cpus", "usable_cpus"]
 
 
 def host_name() -> str:
@@ -62,3 +63,68 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=1)
+def shared_cpus() -> int:
+    """How many CPUs this host's ranks of the job share, as far as this process can
+    tell without asking them: its affinity mask where that is every CPU its cgroup
+    allows (unbound ranks all run on those), else the cgroup's CPUs (else the
+    machine's): a launcher that bound this rank to a subset (``srun --cpu-bind``,
+    ``mpiexec -bind-to core``, Open MPI's default) spreads the ranks over them.
+
+    Comparing the ranks with the affinity mask alone took every bound rank for
+    oversubscribed (two ranks bound to a core each on 2 CPUs: "2 ranks, 1 CPU"), and
+    its receives then yielded the CPU between looks: an mpi 64 B round trip took
+    58 us against 20 us unbound.
+    """
+    return _shared_cpus(usable_cpus(), _cgroup_cpus() or os.cpu_count())
+
+
+def _shared_cpus(mask: int, allowed: int | None) -> int:
+    """:func:`shared_cpus` from this process's mask and the CPUs it could have."""
+    return allowed if allowed is not None and mask < allowed else mask
+
+
+def _cgroup_cpus() -> int | None:
+    """The CPUs of this process's cpuset cgroup (v2 or v1); None where unreadable."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            files = [f"/sys/fs/cgroup{path}/cpuset.cpus.effective"]
+        elif "cpuset" in controllers.split(","):
+            base = f"/sys/fs/cgroup/cpuset{path}"
+            files = [f"{base}/cpuset.effective_cpus", f"{base}/cpuset.cpus"]
+        else:
+            continue
+        for name in files:
+            try:
+                count = parse_cpu_list(Path(name).read_text())
+            except (OSError, ValueError):
+                continue
+            if count:
+                return count
+    return None
+
+
+def parse_cpu_list(text: str) -> int:
+    """How many CPUs a kernel CPU list names (``"0-3,8,10-11"``: 7).
+
+    Raises:
+        ValueError: not a CPU list.
+    """
+    count = 0
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        low = int(first)
+        high = int(last) if last else low
+        if high < low:
+            raise ValueError(f"not a CPU list: {text!r}")
+        count += high - low + 1
+    return count

@@ -398,6 +398,66 @@ def test_more_ranks_on_the_host_than_cpus_never_poll() -> None:
     assert Crowding("auto", ranks=2, cpus=2, machine_cpus=2, runnable=lambda: 1).fixed is None
 
 
+def test_ranks_bound_to_cpus_of_their_own_share_the_hosts_cpus_not_their_masks() -> None:
+    from hpcproc import _host
+
+    assert _host._shared_cpus(1, 2) == 2  # bound to one of the 2 CPUs it could have
+    assert _host._shared_cpus(16, 64) == 64  # bound to a socket of a 64-CPU node
+    assert _host._shared_cpus(2, 2) == 2  # unbound: the ranks share its mask
+    assert _host._shared_cpus(3, None) == 3  # nothing else known
+    assert _host.parse_cpu_list("0-3,8,10-11\n") == 7
+    assert _host.parse_cpu_list("5") == 1
+    for bad in ("zero", "3-1"):
+        with pytest.raises(ValueError):
+            _host.parse_cpu_list(bad)
+    assert _host.shared_cpus() >= _host.usable_cpus()
+
+
+_CROWDING_PROBE = (
+    "import json; from hpcproc import _host; from hpcproc.transports import _busy_poll; "
+    "print('PROBE', json.dumps([_host.ranks_on_host(), _host.usable_cpus(), "
+    "_host.shared_cpus(), _busy_poll.crowding().fixed]), flush=True)"
+)
+
+
+@pytest.mark.parametrize("bind", [True, False], ids=["bound-to-a-core-each", "unbound"])
+def test_a_launchers_ranks_are_oversubscribed_only_when_they_outnumber_the_cpus(
+    bind: bool,
+) -> None:
+    """Real ranks of ``mpiexec``: two ranks bound to a core each (``-bind-to core``)
+    are not oversubscribed (they were taken for it: mask 1 < 2 ranks, and every
+    receive then yielded the CPU); more unbound ranks than CPUs are."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("mpi4py", reason="needs the mpich wheel's mpiexec")
+    from .test_mpi_two_ranks import mpiexec
+
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2 or (not bind and cpus > 8):
+        pytest.skip(f"needs 2 to 8 CPUs, this process has {cpus}")
+    ranks = 2 if bind else cpus + 1
+    command = [mpiexec(), "-n", str(ranks), *(["-bind-to", "core"] if bind else [])]
+    env = {k: v for k, v in os.environ.items() if k != _busy_poll.YIELD_ENV}
+    done = subprocess.run(
+        [*command, sys.executable, "-c", _CROWDING_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("PROBE ")]
+    assert len(rows) == ranks, done.stdout + done.stderr
+    for on_host, mask, shared, fixed in rows:
+        assert on_host == ranks
+        if bind:
+            assert (mask, shared, fixed) == (1, cpus, None)
+        else:
+            assert (mask, shared, fixed) == (cpus, cpus, True)
+
+
 def test_the_environment_variable_forces_either_way_and_a_bad_value_names_it() -> None:
     assert Crowding("1", runnable=lambda: 0)(0.0) is True
     assert Crowding("0", ranks=64, cpus=2, runnable=lambda: 99)(0.0) is False

@@ -33,9 +33,9 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   a look found something), then sleeps. A rank that spins without yielding takes the
   CPU that the rank it waits for needs to send; a rank that sleeps pays a wake-up and
   a pass round the event loop for every message. Crowded means either that the
-  launcher put more ranks on this host than this process has CPUs
-  (:func:`hpcproc._host.ranks_on_host` against :func:`hpcproc._host.usable_cpus`:
-  fixed for the job), or that the kernel counts more runnable tasks besides this
+  launcher put more ranks on this host than they have CPUs
+  (:func:`hpcproc._host.ranks_on_host` against :func:`hpcproc._host.shared_cpus`,
+  which reads a bound rank's share right: fixed for the job), or that the kernel counts more runnable tasks besides this
   process than the machine has CPUs, in :data:`CROWD_SAMPLES` readings in a row
   (``/proc/loadavg``, read at most every :data:`CROWD_PERIOD`: other jobs, or "hosts"
   that share one machine's CPUs). Once crowded, it stays so for :data:`CROWD_HOLD`
@@ -153,7 +153,8 @@ class Crowding:
     Args:
         mode: ``"auto"``, ``"1"`` (always crowded: never poll) or ``"0"`` (never).
         ranks: ranks of the job on this host (None: unknown).
-        cpus: CPUs this process may use; machine_cpus: CPUs of the machine.
+        cpus: CPUs this host's ranks share (:func:`hpcproc._host.shared_cpus`);
+            machine_cpus: CPUs of the machine.
         runnable: reads the machine's runnable task count (None: unknown).
 
     Raises:
@@ -229,12 +230,12 @@ def crowding() -> Crowding:
     """
     global _crowding
     if _crowding is None:
-        from .._host import ranks_on_host, usable_cpus
+        from .._host import ranks_on_host, shared_cpus
 
         _crowding = Crowding(
             os.environ.get(YIELD_ENV, "auto"),
             ranks=ranks_on_host(),
-            cpus=usable_cpus(),
+            cpus=shared_cpus(),
             machine_cpus=os.cpu_count() or 1,
         )
     return _crowding
