@@ -26,30 +26,29 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   spent, :data:`STARVED_POLLS` times in a row) polling stops for
   :data:`NO_POLL_PERIOD`: the peer needs that CPU to answer. Not a poll that yields
   on crowded CPUs (below): it gives the CPU away between its looks anyway.
-* When more tasks want a CPU than there are CPUs, a receive polls by yielding: it
-  gives the CPU away (``sched_yield``) between two looks at its links, as MPICH and
-  Open MPI do when oversubscribed (``mpi_yield_when_idle``), for at most
-  :data:`YIELD_POLL_S` (its own :class:`Budget`: halved when it ran out, doubled when
-  a look found something), then sleeps. A rank that spins without yielding takes the
-  CPU that the rank it waits for needs to send; a rank that sleeps pays a wake-up and
-  a pass round the event loop for every message. Crowded means either that the
-  launcher put more ranks on this host than they have CPUs
-  (:func:`hpcproc._host.ranks_on_host` against :func:`hpcproc._host.shared_cpus`,
-  which reads a bound rank's share right: fixed for the job), or that the kernel counts more runnable tasks besides this
-  process than the machine has CPUs, in :data:`CROWD_SAMPLES` readings in a row
+* When more tasks want a CPU than there are CPUs, a receive polls by yielding: it gives
+  the CPU away (``sched_yield``) between two looks at its links, as MPICH and Open MPI
+  do when oversubscribed (``mpi_yield_when_idle``), for at most :data:`YIELD_POLL_S`
+  (its own :class:`Budget`: halved when it ran out, doubled when a look found
+  something), then sleeps. A rank that spins without yielding takes the CPU that the
+  rank it waits for needs to send; a rank that sleeps pays a wake-up and a pass round
+  the event loop for every message. Crowded means either that the launcher put more
+  ranks on this host than they have CPUs (:func:`hpcproc._host.ranks_on_host` against
+  :func:`hpcproc._host.shared_cpus`, which counts the CPUs of ranks bound to their own:
+  fixed for the job), or that the kernel counts more runnable tasks besides this process
+  than the machine has CPUs, in :data:`CROWD_SAMPLES` readings in a row
   (``/proc/loadavg``, read at most every :data:`CROWD_PERIOD`: other jobs, or "hosts"
   that share one machine's CPUs). Once crowded, it stays so for :data:`CROWD_HOLD`
-  before the count is read again, and until :data:`CROWD_SAMPLES` readings in a row
-  are not crowded. Measured with 4 ranks on 2 CPUs (2 hosts x 2 ranks of the test
-  cluster), an all-to-all of 8 B messages took 165-190 us of CPU per rank and round
-  sleeping and 200-260 us spinning; yielding, see :data:`YIELD_POLL_S`.
-  ``HPCPROC_YIELD_WHEN_IDLE`` overrides it: ``1`` always yields, ``0`` spins whatever
-  the load, ``auto`` (the default) decides as above. A routing endpoint yields for its
-  sub-endpoints: it looks at both between two yields
-  (:meth:`IdlePoller.poll_looking`), as a sub-endpoint's own yielding poll would let
-  the other's messages wait. A transport that has nothing to wait on, and so polls on
-  every pass round the loop while messages flow (mpi), gives the CPU away on each such
-  pass instead (:meth:`IdlePoller.yield_if_crowded`,
+  before the count is read again, and until :data:`CROWD_SAMPLES` readings in a row are
+  not crowded. Measured with 4 ranks on 2 CPUs (2 hosts x 2 ranks of the test cluster),
+  an all-to-all of 8 B messages took 165-190 us of CPU per rank and round sleeping and
+  200-260 us spinning; yielding, see :data:`YIELD_POLL_S`. ``HPCPROC_YIELD_WHEN_IDLE``
+  overrides it: ``1`` always yields, ``0`` spins whatever the load, ``auto`` (the
+  default) decides as above. A routing endpoint yields for its sub-endpoints: it looks
+  at both between two yields (:meth:`IdlePoller.poll_looking`), as a sub-endpoint's own
+  yielding poll would let the other's messages wait. A transport that has nothing to
+  wait on, and so polls on every pass round the loop while messages flow (mpi), gives
+  the CPU away on each such pass instead (:meth:`IdlePoller.yield_if_crowded`,
   ``spin(..., yield_when_crowded=True)``): otherwise its passes keep the CPU from the
   rank it waits for (the same all-to-all over mpi took 4.1-4.9 ms per round, against
   0.19-0.32 ms yielding).

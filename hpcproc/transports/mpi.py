@@ -316,8 +316,8 @@ class _BufferPool:
     everything built on them (arrays rebuilt by the serializer, for instance), is
     gone, which CPython's reference count tells exactly. Reusing warm memory avoids
     the page faults and kernel zeroing of a fresh allocation, which cost about as much
-    as the transfer itself, and MPI's registration of new memory. At most ``limit``
-    bytes are pooled; beyond that frames get fresh arrays that the pool does not keep.
+    as the transfer itself. At most ``limit`` bytes are pooled; beyond that frames get
+    fresh arrays that the pool does not keep.
 
     Arrays come in size classes (powers of two), so frames of varying lengths share
     them. ``take`` is O(1): it looks at no more than :data:`_POOL_SCAN` arrays of the
