@@ -521,6 +521,31 @@ def _corrupt_segment_busy_word(link: Any, off: int) -> None:
     struct.pack_into("@I", segment.mm, 0, 0)
 
 
+def test_a_peer_that_closes_holding_unread_wake_ups_is_gone_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A socket closed while it holds unread bytes is reset: the peer reads
+    ECONNRESET, not EOF. A link sees that when its peer closes just after we sent it
+    a wake-up (every run of the process benchmark over shm ended so, and warned "its
+    socket failed"). The peer is gone, as on EOF: the bundle is lost, with no
+    warning."""
+
+    async def scenario(transport: ShmTransport) -> None:
+        a, b, _conn, link = await _linked(transport)
+        theirs = b._links[a.address]
+        link._signal(b"W")  # a wake-up that b's loop has no turn to read...
+        theirs.abort()  # ... before b's end of the link closes
+        with caplog.at_level(logging.DEBUG, logger="hpcproc.transports"):
+            lost = await _next(a, ErrorEvent)
+        assert lost.error.code is EventErrorCode.CONNECTION_LOST
+        assert lost.error.remote_address == b.address
+        # The reset was what a saw (not an EOF), and it warned about nothing.
+        assert any("reset its socket" in r.getMessage() for r in caplog.records)
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    _run(scenario)
+
+
 @pytest.mark.parametrize(
     ("corrupt", "large", "reason"),
     [

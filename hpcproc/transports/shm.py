@@ -1140,6 +1140,14 @@ class _ShmLink(Link):
         return ConnectionError(f"shared-memory link is down: {exc}")
 
     def _socket_failed(self, exc: OSError) -> None:
+        if isinstance(exc, ConnectionResetError):
+            # The peer closed its end while it held bytes it had not read (a wake-up
+            # we sent as it closed, cleanly or not): the kernel resets the connection
+            # instead of giving EOF. A peer gone, as EOF says; not a failure to warn
+            # about (every run of the process benchmark over shm warned so).
+            log.debug("link to %r: the peer reset its socket: %s", self.remote, exc)
+            self._peer_gone("peer closed the link or died")
+            return
         # Logged, unlike EOF (which a clean close gives too): only this side can say
         # why a link to a live peer broke.
         log.warning("link to %r: its socket failed: %s", self.remote, exc)
