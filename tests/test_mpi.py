@@ -4,11 +4,12 @@ does not cover. Cross-rank behaviour is in tests/test_mpi_two_ranks.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 
 from hpcproc.transports.base import (
     Buffer,
+    Connection,
     ConnectionOpened,
     EndPoint,
     ErrorEvent,
@@ -47,6 +49,22 @@ async def expect(endpoint: EndPoint, kind: type[T]) -> T:
 def as_buffer(array: np.ndarray[Any, Any]) -> Buffer:
     """A numpy array as a frame (numpy's stubs lack the buffer protocol before 3.12)."""
     return cast(Buffer, array)
+
+
+@contextlib.asynccontextmanager
+async def connected(**options: Any) -> AsyncIterator[tuple[EndPoint, Connection]]:
+    """A transport made with ``options``, two endpoints, and a connection from the
+    first to the second (opened on both sides): ``(receiving endpoint, connection)``.
+    The transport is closed on exit."""
+    transport = mpi.create_transport(**options)
+    try:
+        a = await transport.new_endpoint()
+        b = await transport.new_endpoint()
+        conn = await bounded(a.connect(b.address))
+        await expect(b, ConnectionOpened)
+        yield b, conn
+    finally:
+        await bounded(transport.close())
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -287,12 +305,7 @@ def test_endpoints_on_event_loops_of_two_threads_get_messages_in_order() -> None
 
 def test_large_frames_are_received_in_place_into_a_buffer_each() -> None:
     async def scenario() -> None:
-        transport = mpi.create_transport()
-        try:
-            a = await transport.new_endpoint()
-            b = await transport.new_endpoint()
-            conn = await bounded(a.connect(b.address))
-            await expect(b, ConnectionOpened)
+        async with connected() as (b, conn):
             big = np.arange(3 * MiB, dtype=np.uint8)
             mid = np.arange(300 << 10, dtype=np.uint8)[::-1].copy()
             await bounded(conn.send([b"small", as_buffer(big), as_buffer(mid), b"tail"]))
@@ -307,8 +320,6 @@ def test_large_frames_are_received_in_place_into_a_buffer_each() -> None:
             assert np.array_equal(np.frombuffer(event.frames[1], np.uint8), big)
             assert np.array_equal(np.frombuffer(event.frames[2], np.uint8), mid)
             assert bytes(event.frames[0]) == b"small" and bytes(event.frames[3]) == b"tail"
-        finally:
-            await bounded(transport.close())
 
     asyncio.run(scenario())
 
@@ -321,12 +332,7 @@ def _address(frame: memoryview) -> int:
 @pytest.mark.parametrize("size", [mpi._POOL_MIN, 100_000, 3 * MiB])
 def test_a_held_frame_is_never_overwritten_and_a_dropped_ones_buffer_is_reused(size: int) -> None:
     async def scenario() -> None:
-        transport = mpi.create_transport()
-        try:
-            a = await transport.new_endpoint()
-            b = await transport.new_endpoint()
-            conn = await bounded(a.connect(b.address))
-            await expect(b, ConnectionOpened)
+        async with connected() as (b, conn):
 
             async def hop(fill: int) -> memoryview:
                 await bounded(conn.send([b"h", bytes([fill]) * size]))
@@ -343,8 +349,6 @@ def test_a_held_frame_is_never_overwritten_and_a_dropped_ones_buffer_is_reused(s
             third = await hop(3)
             assert _address(third) == where
             assert bytes(held) == b"\x01" * size and bytes(third) == b"\x03" * size
-        finally:
-            await bounded(transport.close())
 
     asyncio.run(scenario())
 
@@ -421,12 +425,7 @@ def test_buffer_pool_trim_frees_idle_arrays_but_not_held_or_recent_ones() -> Non
 
 def test_unpicklable_and_strided_buffers_travel_as_raw_bytes() -> None:
     async def scenario() -> None:
-        transport = mpi.create_transport(inline_max=0)
-        try:
-            a = await transport.new_endpoint()
-            b = await transport.new_endpoint()
-            conn = await bounded(a.connect(b.address))
-            await expect(b, ConnectionOpened)
+        async with connected(inline_max=0) as (b, conn):
             matrix = np.arange(64 * 64, dtype=np.float64).reshape(64, 64)
             view = memoryview(
                 as_buffer(np.arange(4096, dtype=np.int32))
@@ -437,8 +436,6 @@ def test_unpicklable_and_strided_buffers_travel_as_raw_bytes() -> None:
             assert bytes(event.frames[0]) == view.tobytes()
             assert bytes(event.frames[1]) == strided.tobytes()
             assert bytes(event.frames[2]) == matrix.tobytes()
-        finally:
-            await bounded(transport.close())
 
     asyncio.run(scenario())
 
@@ -642,17 +639,10 @@ def test_a_failed_frame_among_good_ones_poisons_its_sender_only(
 @pytest.mark.parametrize("inline_max", [0, 1 << 20], ids=["separate", "inline"])
 def test_fortran_ordered_frames_arrive_as_their_c_order_bytes(inline_max: int) -> None:
     async def scenario() -> None:
-        transport = mpi.create_transport(inline_max=inline_max)
-        try:
-            a = await transport.new_endpoint()
-            b = await transport.new_endpoint()
-            conn = await bounded(a.connect(b.address))
-            await expect(b, ConnectionOpened)
+        async with connected(inline_max=inline_max) as (b, conn):
             fortran = np.asfortranarray(np.arange(32 * 8, dtype=np.int16).reshape(32, 8))
             await bounded(conn.send([as_buffer(fortran)]))
             event = await expect(b, Received)
             assert bytes(event.frames[0]) == fortran.tobytes()
-        finally:
-            await bounded(transport.close())
 
     asyncio.run(scenario())
