@@ -86,18 +86,27 @@ def _shared_cpus(mask: int, allowed: int | None) -> int:
     return allowed if allowed is not None and mask < allowed else mask
 
 
-def _cgroup_cpus() -> int | None:
-    """The CPUs of this process's cpuset cgroup (v2 or v1); None where unreadable."""
+def _cgroup_cpus(
+    membership: Path = Path("/proc/self/cgroup"), root: str = "/sys/fs/cgroup"
+) -> int | None:
+    """The CPUs of this process's cpuset cgroup (v2 or v1); None where unreadable.
+
+    ``membership`` and ``root``: where the kernel says which cgroups the process is
+    in, and where the cgroup file systems are mounted (other values for tests).
+    """
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = membership.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue  # not "hierarchy:controllers:path"
+        _, controllers, path = parts
         if controllers == "":  # v2: one unified hierarchy
-            files = [f"/sys/fs/cgroup{path}/cpuset.cpus.effective"]
+            files = [f"{root}{path}/cpuset.cpus.effective"]
         elif "cpuset" in controllers.split(","):
-            base = f"/sys/fs/cgroup/cpuset{path}"
+            base = f"{root}/cpuset{path}"
             files = [f"{base}/cpuset.effective_cpus", f"{base}/cpuset.cpus"]
         else:
             continue

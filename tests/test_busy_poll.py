@@ -9,6 +9,7 @@ import inspect
 import os
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -411,6 +412,29 @@ def test_ranks_bound_to_cpus_of_their_own_share_the_hosts_cpus_not_their_masks()
         with pytest.raises(ValueError):
             _host.parse_cpu_list(bad)
     assert _host.shared_cpus() >= _host.usable_cpus()
+
+
+def test_the_cgroups_cpus_are_read_from_either_cgroup_version(tmp_path: Path) -> None:
+    from hpcproc import _host
+
+    membership = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    # v1: a cpuset hierarchy of its own (effective_cpus first, else cpus).
+    membership.write_text("9:memory:/job\nbroken line\n3:cpuset,cpuacct:/job/step\n")
+    (root / "cpuset/job/step").mkdir(parents=True)
+    (root / "cpuset/job/step/cpuset.cpus").write_text("0-7\n")
+    assert _host._cgroup_cpus(membership, str(root)) == 8
+    (root / "cpuset/job/step/cpuset.effective_cpus").write_text("2-3\n")
+    assert _host._cgroup_cpus(membership, str(root)) == 2
+    # v2: one unified hierarchy.
+    membership.write_text("0::/slurm/job_7/step_0\n")
+    (root / "slurm/job_7/step_0").mkdir(parents=True)
+    (root / "slurm/job_7/step_0/cpuset.cpus.effective").write_text("0,4-5\n")
+    assert _host._cgroup_cpus(membership, str(root)) == 3
+    # Nothing readable: unknown, not an error.
+    assert _host._cgroup_cpus(tmp_path / "absent", str(root)) is None
+    membership.write_text("0::/elsewhere\n")
+    assert _host._cgroup_cpus(membership, str(root)) is None
 
 
 _CROWDING_PROBE = (
