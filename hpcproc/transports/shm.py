@@ -165,6 +165,8 @@ _REJECT_CROSSED = b"RX"
 #: that completed first); the dialer uses that link, or replaces it if it has none.
 _REJECT_LIVE = b"RL"
 _REJECT_CLOSED = b"RC"
+#: Why a link went down when its peer's end of the socket closed (EOF, or a reset).
+_PEER_CLOSED = "peer closed the link or died"
 _PEERCRED = struct.Struct("3i")
 _MAX_MSG = 1024
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
@@ -935,7 +937,7 @@ class _ShmLink(Link):
                 return False
             try:
                 if not data:
-                    self._peer_gone("peer closed the link or died")
+                    self._peer_gone(_PEER_CLOSED)
                     return False
                 tag = data[:1]
                 if tag == _MSG_WAKE:
@@ -1146,7 +1148,7 @@ class _ShmLink(Link):
             # instead of giving EOF. A peer gone, as EOF says; not a failure to warn
             # about (every run of the process benchmark over shm warned so).
             log.debug("link to %r: the peer reset its socket: %s", self.remote, exc)
-            self._peer_gone("peer closed the link or died")
+            self._peer_gone(_PEER_CLOSED)
             return
         # Logged, unlike EOF (which a clean close gives too): only this side can say
         # why a link to a live peer broke.
