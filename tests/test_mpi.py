@@ -324,6 +324,52 @@ def test_large_frames_are_received_in_place_into_a_buffer_each() -> None:
     asyncio.run(scenario())
 
 
+def _spin_until(engine: Any, receiver: Any, events: int) -> None:
+    """Turn the spinning receiver's step until ``receiver`` has ``events`` queued."""
+    for _ in range(10_000):
+        if len(receiver._events._items) >= events:
+            return
+        engine.take_one(receiver)
+    raise AssertionError(f"{events} events expected, {len(receiver._events._items)} queued")
+
+
+@pytest.mark.parametrize("size", [300 << 10, 3 * MiB], ids=["300KiB", "3MiB"])
+def test_a_small_message_never_overtakes_a_large_one_completed_by_the_same_poll(
+    size: int,
+) -> None:
+    """A large message whose frame completes in the same progress call that takes the
+    envelope of the next, small, message of its sender (here: both posted before the
+    receiver looks, the frame sent to this rank itself, so it completes as soon as its
+    receive is posted): the spinning receiver must still get them in order. It got the
+    small one first when the small one's fast path handed it over while the large one
+    still waited to be routed."""
+
+    async def scenario() -> None:
+        async with connected() as (b, conn):
+            link: Any = conn._link  # type: ignore[attr-defined]
+            a: Any = link.endpoint
+            engine: Any = a.engine
+            big = np.full(size, 7, np.uint8)
+            # The large message posted as send() posts it, without waiting for it to
+            # complete (send() would progress until it did, receiving it meanwhile).
+            op = engine.post_data(
+                link.rank, a.endpoint_id, link.remote_ep, link.gen, conn._id,  # type: ignore[attr-defined]
+                [as_buffer(big)], a.loop, a.opts.inline_max,
+            )  # fmt: skip
+            assert op is not None, "the frame's send completed before any receive was posted"
+            assert conn.send_nowait([b"small"])
+            # What a receiver spinning in receive() calls, turn by turn (receive() would
+            # leave the work to the pump while the pump is due to run).
+            _spin_until(engine, b, 2)
+            first = await expect(b, Received)
+            second = await expect(b, Received)
+            assert [len(f) for f in first.frames] == [size], "the small message overtook"
+            assert bytes(second.frames[0]) == b"small"
+            await bounded(op.future)
+
+    asyncio.run(scenario())
+
+
 def _address(frame: memoryview) -> int:
     """Where a frame's bytes are (to tell a reused receive buffer from a fresh one)."""
     return int(np.frombuffer(frame, np.uint8).ctypes.data)

@@ -731,7 +731,8 @@ class _Engine:
         """Receive the envelope that ``message`` (just probed into ``_status``) holds.
 
         A small DATA message for ``endpoint`` (whose loop is running) is delivered to
-        it directly instead of being added to ``ready``.
+        it directly instead of being added to ``ready``, unless ``ready`` holds
+        messages already (taken earlier: they are routed first, in order).
         """
         status, byte = self._status, self._byte
         src = status.Get_source()
@@ -755,6 +756,7 @@ class _Engine:
                 frame = memoryview(buf)[_ONE.size :]
                 if (
                     endpoint is None
+                    or ready
                     or dst_ep != endpoint.endpoint_id
                     or endpoint._inbox
                     or not endpoint._deliver_data(src, src_ep, gen, conn_id, frame)
