@@ -370,6 +370,68 @@ def test_a_small_message_never_overtakes_a_large_one_completed_by_the_same_poll(
     asyncio.run(scenario())
 
 
+def _one_frame_envelope(conn: Connection, length: int) -> tuple[Any, bytes]:
+    """The engine and the envelope of a DATA message of one separate frame of
+    ``length`` bytes on ``conn``, as its link would send it."""
+    link: Any = conn._link  # type: ignore[attr-defined]
+    a: Any = link.endpoint
+    envelope = mpi._ONE.pack(
+        mpi._DATA, 0, 0, 1, a.endpoint_id, link.remote_ep, link.gen, conn._id, length  # type: ignore[attr-defined]
+    )
+    return a.engine, envelope
+
+
+def test_a_frame_late_for_the_spinning_receiver_is_delivered_in_order_when_it_comes() -> None:
+    """The spinning receiver waits for a one-frame message's frame for its spin
+    budget only; a frame not there by then is completed by the general bookkeeping
+    later, before the messages that followed it."""
+    from mpi4py import MPI
+
+    async def scenario() -> None:
+        async with connected() as (b, conn):
+            size = 200 << 10
+            engine, envelope = _one_frame_envelope(conn, size)
+            requests = [engine.comm.Isend([envelope, MPI.BYTE], engine.rank, mpi._TAG)]
+            engine.take_one(b)  # takes the envelope; no frame yet: a receive stays posted
+            assert len(engine._recv_reqs) == 1 and not b.receive_nowait()
+            frame = np.full(size, 5, np.uint8)
+            requests.append(engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG))
+            assert conn.send_nowait([b"after"])
+            _spin_until(engine, b, 2)
+            first, second = await expect(b, Received), await expect(b, Received)
+            assert np.array_equal(np.frombuffer(first.frames[0], np.uint8), frame)
+            assert bytes(second.frames[0]) == b"after"
+            assert MPI.Request.Testall(requests) and not engine._recv_reqs
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("sent", [50 << 10, 200 << 10], ids=["shorter", "longer"])
+def test_a_spinning_receiver_drops_a_sender_whose_frame_has_another_length(sent: int) -> None:
+    """The spinning receiver's own wait for a one-frame message's frame checks the
+    frame's length as the general bookkeeping does (test above): the sender is
+    dropped and nothing is delivered."""
+    from mpi4py import MPI
+
+    async def scenario() -> None:
+        # A communicator of its own, so the poisoned peer rank is private to this test.
+        async with connected(comm=MPI.COMM_SELF.Dup()) as (b, conn):
+            engine, envelope = _one_frame_envelope(conn, 100 << 10)
+            frame = np.full(sent, 7, np.uint8)
+            requests = [
+                engine.comm.Isend([envelope, MPI.BYTE], engine.rank, mpi._TAG),
+                engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG),
+            ]
+            _spin_until(engine, b, 1)
+            assert engine._poisoned == {engine.rank}
+            lost = await expect(b, ErrorEvent)
+            assert lost.error.code is EventErrorCode.CONNECTION_LOST
+            assert "by its envelope" in lost.error.message
+            assert MPI.Request.Testall(requests) and not engine._recv_reqs
+
+    asyncio.run(scenario())
+
+
 def _address(frame: memoryview) -> int:
     """Where a frame's bytes are (to tell a reused receive buffer from a fresh one)."""
     return int(np.frombuffer(frame, np.uint8).ctypes.data)
