@@ -370,64 +370,120 @@ def test_a_small_message_never_overtakes_a_large_one_completed_by_the_same_poll(
     asyncio.run(scenario())
 
 
-def _one_frame_envelope(conn: Connection, length: int) -> tuple[Any, bytes]:
-    """The engine and the envelope of a DATA message of one separate frame of
-    ``length`` bytes on ``conn``, as its link would send it."""
+def _envelope(conn: Connection, lengths: list[int]) -> tuple[Any, bytes]:
+    """The engine and the envelope of a DATA message of separate frames of
+    ``lengths`` bytes on ``conn``, as its link would send it."""
     link: Any = conn._link  # type: ignore[attr-defined]
     a: Any = link.endpoint
-    envelope = mpi._ONE.pack(
-        mpi._DATA, 0, 0, 1, a.endpoint_id, link.remote_ep, link.gen, conn._id, length  # type: ignore[attr-defined]
-    )
+    envelope = a.engine._envelope(len(lengths)).pack(
+        mpi._DATA, 0, 0, len(lengths), a.endpoint_id, link.remote_ep, link.gen, conn._id,  # type: ignore[attr-defined]
+        *lengths,
+    )  # fmt: skip
     return a.engine, envelope
 
 
-def test_a_frame_late_for_the_spinning_receiver_is_delivered_in_order_when_it_comes() -> None:
-    """The spinning receiver waits for a one-frame message's frame for its spin
-    budget only; a frame not there by then is completed by the general bookkeeping
-    later, before the messages that followed it."""
+def test_a_spinning_receiver_takes_a_message_of_separate_frames_in_place() -> None:
+    """A message of several separate frames, small ones among them, taken by the
+    spinning receiver itself: one event, each frame in a buffer of its own."""
+
+    async def scenario() -> None:
+        async with connected() as (b, conn):
+            link: Any = conn._link  # type: ignore[attr-defined]
+            a: Any = link.endpoint
+            engine: Any = a.engine
+            big = np.arange(600 << 10, dtype=np.uint8)
+            mid = np.arange(100 << 10, dtype=np.uint8)[::-1].copy()
+            op = engine.post_data(
+                link.rank, a.endpoint_id, link.remote_ep, link.gen, conn._id,  # type: ignore[attr-defined]
+                [b"small", as_buffer(big), as_buffer(mid), b"tail"], a.loop, a.opts.inline_max,
+            )  # fmt: skip
+            _spin_until(engine, b, 1)
+            assert not engine._recv_reqs, "a frame went through the general bookkeeping"
+            event = await expect(b, Received)
+            assert [len(f) for f in event.frames] == [5, 600 << 10, 100 << 10, 4]
+            assert len({id(f.obj) for f in event.frames}) == 4
+            assert np.array_equal(np.frombuffer(event.frames[1], np.uint8), big)
+            assert np.array_equal(np.frombuffer(event.frames[2], np.uint8), mid)
+            assert bytes(event.frames[0]) == b"small" and bytes(event.frames[3]) == b"tail"
+            if op is not None:
+                await bounded(op.future)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("lengths", [[200 << 10], [50 << 10, 200 << 10]], ids=["one", "second"])
+def test_a_frame_late_for_the_spinning_receiver_is_delivered_in_order_when_it_comes(
+    lengths: list[int],
+) -> None:
+    """The spinning receiver waits for a message's frames for its spin budget only;
+    a frame not there by then is completed by the general bookkeeping later, before
+    the messages that followed it."""
     from mpi4py import MPI
 
     async def scenario() -> None:
         async with connected() as (b, conn):
-            size = 200 << 10
-            engine, envelope = _one_frame_envelope(conn, size)
+            engine, envelope = _envelope(conn, lengths)
+            frames = [np.full(n, i + 5, np.uint8) for i, n in enumerate(lengths)]
             requests = [engine.comm.Isend([envelope, MPI.BYTE], engine.rank, mpi._TAG)]
-            engine.take_one(b)  # takes the envelope; no frame yet: a receive stays posted
+            for frame in frames[:-1]:
+                requests.append(engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG))
+            engine.take_one(b)  # takes the envelope; the last frame not sent: it waits
             assert len(engine._recv_reqs) == 1 and not b.receive_nowait()
-            frame = np.full(size, 5, np.uint8)
-            requests.append(engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG))
+            requests.append(engine.comm.Isend([frames[-1], MPI.BYTE], engine.rank, mpi._TAG))
             assert conn.send_nowait([b"after"])
             _spin_until(engine, b, 2)
             first, second = await expect(b, Received), await expect(b, Received)
-            assert np.array_equal(np.frombuffer(first.frames[0], np.uint8), frame)
+            for got, frame in zip(first.frames, frames, strict=True):
+                assert np.array_equal(np.frombuffer(got, np.uint8), frame)
             assert bytes(second.frames[0]) == b"after"
             assert MPI.Request.Testall(requests) and not engine._recv_reqs
 
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("sent", [50 << 10, 200 << 10], ids=["shorter", "longer"])
-def test_a_spinning_receiver_drops_a_sender_whose_frame_has_another_length(sent: int) -> None:
-    """The spinning receiver's own wait for a one-frame message's frame checks the
-    frame's length as the general bookkeeping does (test above): the sender is
-    dropped and nothing is delivered."""
+@pytest.mark.parametrize(
+    ("declared", "sent"),
+    [
+        ([100 << 10], [50 << 10]),
+        ([100 << 10], [200 << 10]),
+        ([100 << 10, 100 << 10, 100 << 10], [100 << 10, 50 << 10]),
+        ([100 << 10, 100 << 10, 100 << 10], [100 << 10, 200 << 10]),
+    ],
+    ids=["shorter", "longer", "second-shorter", "second-longer"],
+)
+def test_a_spinning_receiver_drops_a_sender_whose_frame_has_another_length(
+    declared: list[int], sent: list[int]
+) -> None:
+    """The spinning receiver's own wait for a message's frames checks each frame's
+    length as the general bookkeeping does (test above): the sender is dropped,
+    nothing is delivered, and the receive of a frame still awaited does not stay
+    posted."""
     from mpi4py import MPI
 
     async def scenario() -> None:
         # A communicator of its own, so the poisoned peer rank is private to this test.
         async with connected(comm=MPI.COMM_SELF.Dup()) as (b, conn):
-            engine, envelope = _one_frame_envelope(conn, 100 << 10)
-            frame = np.full(sent, 7, np.uint8)
-            requests = [
-                engine.comm.Isend([envelope, MPI.BYTE], engine.rank, mpi._TAG),
-                engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG),
-            ]
+            engine, envelope = _envelope(conn, declared)
+            requests = [engine.comm.Isend([envelope, MPI.BYTE], engine.rank, mpi._TAG)]
+            for i, n in enumerate(sent):
+                frame = np.full(n, i + 7, np.uint8)
+                requests.append(engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG))
             _spin_until(engine, b, 1)
             assert engine._poisoned == {engine.rank}
             lost = await expect(b, ErrorEvent)
             assert lost.error.code is EventErrorCode.CONNECTION_LOST
             assert "by its envelope" in lost.error.message
-            assert MPI.Request.Testall(requests) and not engine._recv_reqs
+            deadline = asyncio.get_running_loop().time() + WAIT
+            while engine._recv_reqs or not all(r.Test() for r in requests):
+                assert asyncio.get_running_loop().time() < deadline, "a receive stayed posted"
+                await asyncio.sleep(0)  # the pump progresses while requests are outstanding
+            assert b.receive_nowait() is None, "something of the message was delivered"
+            # Nor did a receive stay posted outside the bookkeeping: it would take this.
+            probe = engine.comm.Isend([b"?", MPI.BYTE], engine.rank, mpi._TAG)
+            message = engine.comm.Improbe(engine.rank, mpi._TAG)
+            assert message is not None, "a frame's receive stayed posted"
+            message.Recv([bytearray(1), MPI.BYTE])
+            probe.Wait()
 
     asyncio.run(scenario())
 

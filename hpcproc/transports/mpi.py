@@ -98,8 +98,8 @@ receiver takes a small message for its own endpoint straight into its queue
 receiver that drops each message before the next reuses one buffer and a 16 MiB round
 trip runs at raw speed; alternating between buffers costs UCX registrations (raw
 mpi4py alternating two receive buffers drops from 12 to 7 GB/s here). A spinning
-receiver that takes the envelope of a message of one separate frame of up to 1 MiB
-waits for that frame on its own request (for up to ``busy_poll_us``) and hands the
+receiver that takes the envelope of a message of separate frames of up to 1 MiB in all
+waits for those frames on their own requests (for up to ``busy_poll_us``) and hands the
 message over itself, as it does a small one (:meth:`_Engine._take_direct`).
 
 Calls may come from several threads when several event loops use MPI endpoints, so they
@@ -150,7 +150,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -210,9 +210,9 @@ _POOL_SCAN = 8
 #: into uninitialised numpy memory (an allocation costs more than zeroing a few KiB,
 #: less than zeroing more).
 _ZERO_FILL_MAX = 16 << 10
-#: One-frame DATA messages up to this size are received directly by a spinning
-#: receiver (``_Engine._take_direct``); a larger frame takes longer to copy than the
-#: receiver's spin budget.
+#: DATA messages of separate frames up to this size in all are received directly by a
+#: spinning receiver (``_Engine._take_direct``); larger ones take longer to copy than
+#: the receiver's spin budget.
 _DIRECT_MAX = 1 << 20
 
 DEFAULT_INLINE_MAX = 32 * 1024
@@ -299,6 +299,15 @@ class _Partial:
     def __init__(self, msg: _Inbound, remaining: int) -> None:
         self.msg = msg
         self.remaining = remaining
+
+
+class _Direct(NamedTuple):
+    """A DATA message whose frames :meth:`_Engine._take_direct` is to receive."""
+
+    src_ep: int
+    gen: int
+    conn_id: int
+    lengths: list[int]
 
 
 class _ProtocolError(Exception):
@@ -763,8 +772,10 @@ class _Engine:
         """Receive the envelope that ``message`` (just probed into ``_status``) holds.
 
         A small DATA message for ``endpoint`` (whose loop is running) is delivered to
-        it directly instead of being added to ``ready``, unless ``ready`` holds
-        messages already (taken earlier: they are routed first, in order).
+        it directly instead of being added to ``ready``, and one of separate frames
+        up to ``_DIRECT_MAX`` bytes is received at once (:meth:`_take_direct`),
+        unless ``ready`` holds messages already (taken earlier: they are routed
+        first, in order).
         """
         status, byte = self._status, self._byte
         src = status.Get_source()
@@ -785,15 +796,15 @@ class _Engine:
                 and length <= self.options.max_message
                 and not self._inbound.get(src)
             ):
-                frame = memoryview(buf)[_ONE.size :]
+                frames = [memoryview(buf)[_ONE.size :]]
                 if (
                     endpoint is None
                     or ready
                     or dst_ep != endpoint.endpoint_id
                     or endpoint._inbox
-                    or not endpoint._deliver_data(src, src_ep, gen, conn_id, frame)
+                    or not endpoint._deliver_data(src, src_ep, gen, conn_id, frames)
                 ):
-                    ready.append((src, kind, src_ep, dst_ep, gen, conn_id, [frame]))
+                    ready.append((src, kind, src_ep, dst_ep, gen, conn_id, frames))
                 return
             if (
                 endpoint is not None
@@ -808,12 +819,16 @@ class _Engine:
                 and not endpoint._inbox
                 and not self._inbound.get(src)
             ):
-                self._take_direct(src, src_ep, gen, conn_id, length, ready, endpoint)
+                self._take_direct(src, src_ep, gen, conn_id, [length], ready, endpoint)
                 return
         try:
-            msg = self._parse(src, buf)
+            msg = self._parse(src, buf, None if ready else endpoint)
         except _ProtocolError as exc:
             self._poison(src, str(exc))
+            return
+        if isinstance(msg, _Direct):
+            assert endpoint is not None
+            self._take_direct(src, msg.src_ep, msg.gen, msg.conn_id, msg.lengths, ready, endpoint)
             return
         queue = self._inbound.get(src)
         if queue is None:
@@ -829,49 +844,67 @@ class _Engine:
         src_ep: int,
         gen: int,
         conn_id: int,
-        length: int,
+        lengths: list[int],
         ready: list[_Inbound],
         endpoint: _MpiEndPoint,
     ) -> None:
-        """Receive the frame of a one-frame DATA message for ``endpoint``, whose
-        receiver spins on its loop, and hand it over as :meth:`_take` does a small one.
+        """Receive the frames of a DATA message for ``endpoint``, whose receiver spins
+        on its loop, and hand it over as :meth:`_take` does a small one.
 
-        The sender posted the frame with its envelope, so it is in flight: this waits
-        for it on its own request, for up to the receiver's spin budget, instead of
-        going through the outstanding-receive bookkeeping that any other frame takes
-        (a 256 KiB frame's round trip of the raw transport: 83 against 65-72 us; the
-        benchmark's ratio to mpi4py 1.81 against 1.42). A frame not complete by then
-        joins that bookkeeping, in order.
+        The sender posted the frames with their envelope, so they are in flight: this
+        waits for them on their own requests, in order, for up to the receiver's spin
+        budget, instead of going through the outstanding-receive bookkeeping that
+        other frames take (a 256 KiB frame's round trip of the raw transport: 83
+        against 65-72 us; the benchmark's ratio to mpi4py 1.81 against 1.42). Frames
+        not complete by then join that bookkeeping, in order. Each frame's length is
+        checked as :meth:`_test_recvs` checks it.
         """
-        target = self._frame_target(length)
-        frame = memoryview(target)
+        targets = [self._frame_target(length) for length in lengths]
+        frames = [memoryview(target) for target in targets]
+        comm, byte = self.comm, self._byte
+        reqs = [comm.Irecv([target, byte], src, _TAG) for target in targets]
         mpi, status = self.MPI, self._status
-        req = self.comm.Irecv([target, self._byte], src, _TAG)
         perf_counter = time.perf_counter
         deadline = perf_counter() + self._direct_wait
+        done = 0
+        problem = None
         try:
-            while not req.Test(status):
-                if perf_counter() >= deadline:
-                    msg = _Partial((src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, [frame]), 1)
-                    self._recv_reqs.append(req)
-                    self._recv_msgs.append(msg)
-                    self._recv_lens.append(length)
-                    self._inbound.setdefault(src, deque()).append(msg)
-                    return
+            while done < len(reqs):
+                if reqs[done].Test(status):
+                    if (received := status.Get_count(byte)) != lengths[done]:
+                        problem = (
+                            f"a frame of {lengths[done]} bytes by its envelope arrived"
+                            f" with {received}"
+                        )
+                        done += 1
+                        break
+                    done += 1
+                elif perf_counter() >= deadline:
+                    break
         except mpi.Exception as exc:
-            if req != mpi.REQUEST_NULL:  # (Open MPI keeps a request that failed)
-                req.Free()
-            self._poison(
-                src,
-                f"a frame of {length} bytes by its envelope failed"
-                f" ({mpi.Get_error_string(exc.Get_error_code()).strip()}; longer than declared?)",
+            if reqs[done] != mpi.REQUEST_NULL:  # (Open MPI keeps a request that failed)
+                reqs[done].Free()
+            problem = (
+                f"a frame of {lengths[done]} bytes by its envelope failed"
+                f" ({mpi.Get_error_string(exc.Get_error_code()).strip()}; longer than declared?)"
             )
+            done += 1
+        if done == len(reqs) and problem is None:
+            if not endpoint._deliver_data(src, src_ep, gen, conn_id, frames):
+                ready.append((src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames))
             return
-        if (received := status.Get_count(self._byte)) != length:
-            self._poison(src, f"a frame of {length} bytes by its envelope arrived with {received}")
-            return
-        if not endpoint._deliver_data(src, src_ep, gen, conn_id, frame):
-            ready.append((src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, [frame]))
+        # The rest joins the bookkeeping: completed there, or cancelled by _poison.
+        msg = _Partial(
+            (src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames), len(reqs) - done
+        )
+        for i in range(done, len(reqs)):
+            self._recv_reqs.append(reqs[i])
+            self._recv_msgs.append(msg)
+            self._recv_lens.append(lengths[i])
+        if problem is not None:
+            self._poison(src, problem)
+        else:
+            self._inbound.setdefault(src, deque()).append(msg)
 
     def _frame_target(self, length: int) -> Any:
         """A buffer for a separate frame of ``length`` bytes (caller holds the lock)."""
@@ -884,7 +917,18 @@ class _Engine:
             return np.empty(length, np.uint8)
         return bytearray(length)
 
-    def _parse(self, src: int, buf: Any) -> _Inbound | _Partial:
+    def _parse(
+        self, src: int, buf: Any, endpoint: _MpiEndPoint | None = None
+    ) -> _Inbound | _Partial | _Direct:
+        """The message of envelope ``buf`` from ``src``: whole (inline or frameless),
+        or awaiting its frames, whose receives are posted. With ``endpoint`` (a
+        spinning receiver on its loop, nothing taken before), a DATA message of
+        separate frames for it, up to ``_DIRECT_MAX`` bytes, if nothing of its sender
+        waits before it, is left to :meth:`_take_direct` (nothing posted).
+
+        Raises:
+            _ProtocolError: the envelope breaks the protocol.
+        """
         size = len(buf)
         if size < _ENVELOPE.size:
             raise _ProtocolError(f"short envelope of {size} bytes")
@@ -917,6 +961,14 @@ class _Engine:
             return (src, kind, src_ep, dst_ep, gen, conn_id, frames)
         if size != table_end:
             raise _ProtocolError("envelope of a multi-message DATA carries bytes")
+        if (
+            endpoint is not None
+            and total <= _DIRECT_MAX
+            and dst_ep == endpoint.endpoint_id
+            and not endpoint._inbox
+            and not self._inbound.get(src)
+        ):
+            return _Direct(src_ep, gen, conn_id, lengths)
         msg = _Partial((src, kind, src_ep, dst_ep, gen, conn_id, frames), nframes)
         for length in lengths:
             target = self._frame_target(length)
@@ -1471,9 +1523,9 @@ class _MpiEndPoint(MultiplexedEndPoint):
                 self._handle(msg)
 
     def _deliver_data(
-        self, src: int, src_ep: int, gen: int, conn_id: int, frame: memoryview
+        self, src: int, src_ep: int, gen: int, conn_id: int, frames: list[memoryview]
     ) -> bool:
-        """Queue a one-frame DATA message on a live link and open connection: what
+        """Queue a DATA message on a live link and open connection: what
         :meth:`_handle` and the core's ``_on_data`` do, in one call (the spinning
         receiver's hot path). False, having done nothing, for anything else (an old
         generation, an unknown connection...), which :meth:`_handle` then deals with."""
@@ -1489,9 +1541,9 @@ class _MpiEndPoint(MultiplexedEndPoint):
             receiver = self._receivers.get(local)
             if receiver is not None:
                 self._handed_over += 1
-                receiver([frame])  # see EndPoint.set_receiver
+                receiver(frames)  # see EndPoint.set_receiver
                 return True
-        self._events.put(new_received(local, [frame]))
+        self._events.put(new_received(local, frames))
         return True
 
     # ------------------------------------------------------------------ connecting
