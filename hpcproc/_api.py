@@ -118,16 +118,19 @@ async def send(pid: Pid, msg: Any) -> None:
         else:
             copy_message(msg)  # dropped, but refused if unpicklable, as a remote send is
         return
-    if proc.pending_signal is None and node.remote.send_nowait(proc, pid, msg):
-        return
+    frames = None
+    if proc.pending_signal is None:
+        frames = node.remote.try_send(proc, pid, msg)
+        if frames is None:
+            return
     if task is not proc and asyncio.current_task() is not proc:
         # Another task acting for the process: no signal handling here (guarded's).
-        await node.remote.send(proc, pid, msg)
+        await node.remote.send(proc, pid, msg, frames)
         return
     # Process.guarded written out: one coroutine less per remote message.
     proc.in_call = True
     try:
-        await node.remote.send(proc, pid, msg)
+        await node.remote.send(proc, pid, msg, frames)
     except asyncio.CancelledError as exc:
         raise proc.convert_cancel(exc) from None
     finally:
@@ -237,14 +240,18 @@ async def send_chan(port: SendPort[T], msg: T) -> None:
         port.check(msg)
     proc = current()
     owner = port.owner
-    # A remote channel message that can go out at once does, as send's does.
-    if (
-        owner[0] is not proc.pid[0]
-        and proc.pending_signal is None
-        and proc.node.remote.send_nowait(proc, owner, ChanMessage(port.port_id, msg))
-    ):
+    if owner[0] is proc.pid[0]:
+        await proc.guarded(proc.node.send_chan(proc, port, msg, True))
         return
-    await proc.guarded(proc.node.send_chan(proc, port, msg, True))
+    # A remote channel message that can go out at once does, as send's does.
+    remote = proc.node.remote
+    chan_msg = ChanMessage(port.port_id, msg)
+    frames = None
+    if proc.pending_signal is None:
+        frames = remote.try_send(proc, owner, chan_msg)
+        if frames is None:
+            return
+    await proc.guarded(remote.send(proc, owner, chan_msg, frames))
 
 
 @overload
