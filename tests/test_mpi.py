@@ -473,11 +473,7 @@ def test_a_spinning_receiver_drops_a_sender_whose_frame_has_another_length(
             lost = await expect(b, ErrorEvent)
             assert lost.error.code is EventErrorCode.CONNECTION_LOST
             assert "by its envelope" in lost.error.message
-            deadline = asyncio.get_running_loop().time() + WAIT
-            while engine._recv_reqs or not all(r.Test() for r in requests):
-                assert asyncio.get_running_loop().time() < deadline, "a receive stayed posted"
-                await asyncio.sleep(0)  # the pump progresses while requests are outstanding
-            assert b.receive_nowait() is None, "something of the message was delivered"
+            await _nothing_delivered_nor_left_posted(engine, b, requests)
             # Nor did a receive stay posted outside the bookkeeping: it would take this.
             probe = engine.comm.Isend([b"?", MPI.BYTE], engine.rank, mpi._TAG)
             message = engine.comm.Improbe(engine.rank, mpi._TAG)
@@ -640,6 +636,17 @@ def test_malformed_envelope_drops_the_senders_links_and_delivers_nothing() -> No
     asyncio.run(scenario())
 
 
+async def _nothing_delivered_nor_left_posted(engine: Any, b: EndPoint, requests: list[Any]) -> None:
+    """After a dropped sender: every forged send completes (its frames were received
+    or their receives cancelled), no frame receive stays in the bookkeeping, and
+    nothing of the message reached ``b``."""
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while engine._recv_reqs or not all(r.Test() for r in requests):
+        assert asyncio.get_running_loop().time() < deadline, "a receive stayed posted"
+        await asyncio.sleep(0)  # the pump progresses while requests are outstanding
+    assert b.receive_nowait() is None, "something of the message was delivered"
+
+
 @pytest.mark.parametrize(
     ("declared", "sent"),
     [
@@ -680,11 +687,7 @@ def test_a_frame_of_another_length_than_declared_drops_the_sender(
             assert lost.error.remote_address == a.address
             assert "protocol violation" in lost.error.message
             assert "by its envelope" in lost.error.message
-            deadline = asyncio.get_running_loop().time() + WAIT
-            while engine._recv_reqs or not all(r.Test() for r in requests):
-                assert asyncio.get_running_loop().time() < deadline, "a receive stayed posted"
-                await asyncio.sleep(0)  # the pump progresses while requests are outstanding
-            assert b.receive_nowait() is None, "something of the message was delivered"
+            await _nothing_delivered_nor_left_posted(engine, b, requests)
         finally:
             await bounded(transport.close())
 

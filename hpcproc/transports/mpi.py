@@ -506,14 +506,7 @@ class _Engine:
                         raise ConnectionError("mpi transport engine is shut down")
                     comm = self.comm
                     sent_head = comm.Isend(head, dest, _TAG)
-                    sent_frame = comm.Isend(view, dest, _TAG)
-                    pending = [r for r in (sent_head, sent_frame) if not r.Test()]
-                    if not pending:
-                        return None
-                    op = _SendOp(loop, len(pending))
-                    self._send_reqs.extend(pending)
-                    self._send_ops.extend([op] * len(pending))
-                    return op
+                    return self._track((sent_head, comm.Isend(view, dest, _TAG)), loop)
         views = [memoryview(f) for f in frames]
         lengths = [v.nbytes for v in views]
         n = len(views)
@@ -542,13 +535,21 @@ class _Engine:
                 elif v.ndim != 1 or v.format != "B":
                     v = v.cast("B")
                 reqs.append(self.comm.Isend([v, byte], dest, _TAG))
-            pending = [r for r in reqs if not r.Test()]
-            if not pending:
-                return None
-            op = _SendOp(loop, len(pending))
-            self._send_reqs.extend(pending)
-            self._send_ops.extend([op] * len(pending))
-            return op
+            return self._track(reqs, loop)
+
+    def _track(
+        self, reqs: Sequence[MPI.Request], loop: asyncio.AbstractEventLoop
+    ) -> _SendOp | None:
+        """The op of the send requests ``reqs`` that a ``Test`` each finds still
+        pending, tracked until progress completes them; None if none is (caller holds
+        the lock)."""
+        pending = [r for r in reqs if not r.Test()]
+        if not pending:
+            return None
+        op = _SendOp(loop, len(pending))
+        self._send_reqs.extend(pending)
+        self._send_ops.extend([op] * len(pending))
+        return op
 
     # ------------------------------------------------------------------ progress
 
