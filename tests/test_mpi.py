@@ -333,6 +333,19 @@ def _spin_until(engine: Any, receiver: Any, events: int) -> None:
     raise AssertionError(f"{events} events expected, {len(receiver._events._items)} queued")
 
 
+def _post_unawaited(conn: Connection, frames: list[Buffer]) -> tuple[Any, Any]:
+    """Post a DATA message of ``frames`` on ``conn`` as ``send`` posts it, without
+    waiting for it to complete (``send`` would progress until it did, receiving it
+    meanwhile): the engine, and the pending send's op (None if it completed)."""
+    link: Any = conn._link  # type: ignore[attr-defined]
+    a: Any = link.endpoint
+    op = a.engine.post_data(
+        link.rank, a.endpoint_id, link.remote_ep, link.gen, conn._id,  # type: ignore[attr-defined]
+        frames, a.loop, a.opts.inline_max,
+    )  # fmt: skip
+    return a.engine, op
+
+
 @pytest.mark.parametrize("size", [300 << 10, 3 * MiB], ids=["300KiB", "3MiB"])
 def test_a_small_message_never_overtakes_a_large_one_completed_by_the_same_poll(
     size: int,
@@ -346,16 +359,7 @@ def test_a_small_message_never_overtakes_a_large_one_completed_by_the_same_poll(
 
     async def scenario() -> None:
         async with connected() as (b, conn):
-            link: Any = conn._link  # type: ignore[attr-defined]
-            a: Any = link.endpoint
-            engine: Any = a.engine
-            big = np.full(size, 7, np.uint8)
-            # The large message posted as send() posts it, without waiting for it to
-            # complete (send() would progress until it did, receiving it meanwhile).
-            op = engine.post_data(
-                link.rank, a.endpoint_id, link.remote_ep, link.gen, conn._id,  # type: ignore[attr-defined]
-                [as_buffer(big)], a.loop, a.opts.inline_max,
-            )  # fmt: skip
+            engine, op = _post_unawaited(conn, [as_buffer(np.full(size, 7, np.uint8))])
             assert op is not None, "the frame's send completed before any receive was posted"
             assert conn.send_nowait([b"small"])
             # What a receiver spinning in receive() calls, turn by turn (receive() would
@@ -390,19 +394,14 @@ def test_a_spinning_receiver_takes_a_message_of_separate_frames_in_place(
 
     async def scenario() -> None:
         async with connected() as (b, conn):
-            link: Any = conn._link  # type: ignore[attr-defined]
-            a: Any = link.endpoint
-            engine: Any = a.engine
+            engine: Any = conn._link.endpoint.engine  # type: ignore[attr-defined]
             # Its spin budget (200 us) can run out on a loaded machine, which the
             # tests below cover; here the frames must be taken by the spin. (The
             # engine is the process's: the budget is restored after the test.)
             monkeypatch.setattr(engine, "_direct_wait", WAIT)
             big = np.arange(600 << 10, dtype=np.uint8)
             mid = np.arange(100 << 10, dtype=np.uint8)[::-1].copy()
-            op = engine.post_data(
-                link.rank, a.endpoint_id, link.remote_ep, link.gen, conn._id,  # type: ignore[attr-defined]
-                [b"small", as_buffer(big), as_buffer(mid), b"tail"], a.loop, a.opts.inline_max,
-            )  # fmt: skip
+            _, op = _post_unawaited(conn, [b"small", as_buffer(big), as_buffer(mid), b"tail"])
             _spin_until(engine, b, 1)
             assert not engine._recv_reqs, "a frame went through the general bookkeeping"
             event = await expect(b, Received)

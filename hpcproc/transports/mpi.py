@@ -314,6 +314,12 @@ class _ProtocolError(Exception):
     pass
 
 
+def _frame_of_another_length(length: int, received: int) -> str:
+    """Why a sender is dropped whose frame of ``length`` bytes (by its envelope) arrived
+    with ``received``."""
+    return f"a frame of {length} bytes by its envelope arrived with {received}"
+
+
 class _Pooled:
     """One pooled array and when it was last handed out (``time.monotonic``)."""
 
@@ -648,15 +654,9 @@ class _Engine:
                 continue
             status = statuses[k]
             if failed and (error := status.Get_error()) != self.MPI.SUCCESS:
-                self._poison(
-                    src,
-                    f"a frame of {lengths[i]} bytes by its envelope failed"
-                    f" ({self.MPI.Get_error_string(error).strip()}; longer than declared?)",
-                )
+                self._poison(src, self._frame_failed(lengths[i], error))
             elif (received := status.Get_count(byte)) != lengths[i]:
-                self._poison(
-                    src, f"a frame of {lengths[i]} bytes by its envelope arrived with {received}"
-                )
+                self._poison(src, _frame_of_another_length(lengths[i], received))
             elif partial.remaining == 0:
                 sources.add(src)
         self._recv_reqs = [r for i, r in enumerate(reqs) if i not in finished]
@@ -814,11 +814,8 @@ class _Engine:
                 and nframes == 1
                 and not flags & _FLAG_INLINE
                 and size == _ONE.size
-                and length <= _DIRECT_MAX
                 and length <= self.options.max_message
-                and dst_ep == endpoint.endpoint_id
-                and not endpoint._inbox
-                and not self._inbound.get(src)
+                and self._direct_to(endpoint, src, dst_ep, length)
             ):
                 self._take_direct(src, src_ep, gen, conn_id, [length], ready, endpoint)
                 return
@@ -838,6 +835,19 @@ class _Engine:
             ready.append(msg)
         else:
             queue.append(msg)
+
+    def _direct_to(self, endpoint: _MpiEndPoint, src: int, dst_ep: int, total: int) -> bool:
+        """Whether ``endpoint``'s spinning receiver takes a message of separate frames
+        (``total`` bytes) from ``src`` for endpoint ``dst_ep`` itself
+        (:meth:`_take_direct`): it is for that endpoint, small enough to copy within the
+        spin budget, and nothing of ``src`` waits before it (in the endpoint's inbox or
+        this engine's queue of ``src``)."""
+        return (
+            total <= _DIRECT_MAX
+            and dst_ep == endpoint.endpoint_id
+            and not endpoint._inbox
+            and not self._inbound.get(src)
+        )
 
     def _take_direct(
         self,
@@ -873,10 +883,7 @@ class _Engine:
             while done < len(reqs):
                 if reqs[done].Test(status):
                     if (received := status.Get_count(byte)) != lengths[done]:
-                        problem = (
-                            f"a frame of {lengths[done]} bytes by its envelope arrived"
-                            f" with {received}"
-                        )
+                        problem = _frame_of_another_length(lengths[done], received)
                         done += 1
                         break
                     done += 1
@@ -885,10 +892,7 @@ class _Engine:
         except mpi.Exception as exc:
             if reqs[done] != mpi.REQUEST_NULL:  # (Open MPI keeps a request that failed)
                 reqs[done].Free()
-            problem = (
-                f"a frame of {lengths[done]} bytes by its envelope failed"
-                f" ({mpi.Get_error_string(exc.Get_error_code()).strip()}; longer than declared?)"
-            )
+            problem = self._frame_failed(lengths[done], exc.Get_error_code())
             done += 1
         if done == len(reqs) and problem is None:
             if not endpoint._deliver_data(src, src_ep, gen, conn_id, frames):
@@ -906,6 +910,12 @@ class _Engine:
             self._poison(src, problem)
         else:
             self._inbound.setdefault(src, deque()).append(msg)
+
+    def _frame_failed(self, length: int, error: int) -> str:
+        """Why a sender is dropped whose frame of ``length`` bytes (by its envelope)
+        completed with MPI error ``error``."""
+        reason = self.MPI.Get_error_string(error).strip()
+        return f"a frame of {length} bytes by its envelope failed ({reason}; longer than declared?)"
 
     def _frame_target(self, length: int) -> Any:
         """A buffer for a separate frame of ``length`` bytes (caller holds the lock)."""
@@ -962,13 +972,7 @@ class _Engine:
             return (src, kind, src_ep, dst_ep, gen, conn_id, frames)
         if size != table_end:
             raise _ProtocolError("envelope of a multi-message DATA carries bytes")
-        if (
-            endpoint is not None
-            and total <= _DIRECT_MAX
-            and dst_ep == endpoint.endpoint_id
-            and not endpoint._inbox
-            and not self._inbound.get(src)
-        ):
+        if endpoint is not None and self._direct_to(endpoint, src, dst_ep, total):
             return _Direct(src_ep, gen, conn_id, lengths)
         msg = _Partial((src, kind, src_ep, dst_ep, gen, conn_id, frames), nframes)
         for length in lengths:
