@@ -9,10 +9,19 @@
  *
  * serialize(obj) -> [frame] in the compact format, or fallback(obj) (pickle) where the
  * format does not take obj. loads(frame) -> the message: the compact reader for a
- * frame starting with MAGIC, pickle_loads(frame) for any other. No Python code runs
- * while writing (only exact built-in types, pids and envelopes are taken, whose
- * attributes are slots); while reading, only NodeId(address) the first time a node's
- * address is seen and ChanMessage's constructor.
+ * frame starting with MAGIC, pickle_loads(frame) for any other; loads_frames(frames)
+ * for a compact frame followed by the frames of its large bytes and arrays.
+ *
+ * While writing, only exact built-in types, pids and envelopes (whose attributes are
+ * slots) and numpy arrays (whose dtype and buffer numpy gives in C) are taken; numpy's
+ * types are fetched through arrays_hook before a walk that met the first array is
+ * done again, and the memoryviews of out-of-band arrays are made once the walk is
+ * over. The one way Python code could run during a walk is the garbage collector
+ * (numpy allocates the first time it hashes a dtype object other than its own, looked
+ * up below), which could run a finalizer that changes a list or dict being written:
+ * so the walk holds what it writes, and gives up (pickle then) where a container's
+ * size changed. While reading: NodeId(address) the first time a node's address is
+ * seen, ChanMessage's and numpy's constructors, and arrays_hook for the first array.
  *
  * Why not a library: msgpack cannot tell a tuple from a list both ways and needs a
  * Python callback per pid (its ext types); marshal has no way to carry a pid, and its
@@ -29,6 +38,8 @@
 #define MAGIC 0xC5
 #define MAX_DEPTH 32
 #define MAX_CONTAINERS 64
+#define MAX_NDIM 32
+#define MAX_LARGE 64
 
 static PyObject *PidType = NULL;
 static PyObject *NodeIdType = NULL;
@@ -40,6 +51,15 @@ static PyObject *PickleLoads = NULL;
 static Py_ssize_t MaxBytes = 0;    /* bytes this long or longer: not compact */
 static Py_ssize_t MaxFrame = 0;    /* frames longer than this: not compact */
 static PyObject *KeyName = NULL, *PortName = NULL, *PayloadName = NULL;
+
+/* Arrays: numpy's types, fetched from arrays_hook when the first array is met (hpcproc
+ * does not import numpy before a message needs it). */
+static PyObject *ArraysHook = NULL;  /* () -> (numpy.ndarray, dtypes by code) */
+static PyObject *ArrayType = NULL;   /* numpy.ndarray, or NULL until fetched */
+static PyObject *Dtypes = NULL;      /* tuple: the dtype of each code */
+static PyObject *DtypeCodes = NULL;  /* dict: dtype -> code, for dtypes equal to one */
+static Py_ssize_t Itemsizes[256];
+static PyObject *DtypeName = NULL, *MetadataName = NULL, *CastName = NULL, *ByteFormat = NULL;
 
 /* One-entry caches: most pids of a stream of messages name one node. */
 static PyObject *EncNode = NULL, *EncKey = NULL; /* NodeId -> its address bytes */
@@ -53,6 +73,10 @@ typedef struct {
     int heap;
     int ncontainers;
     PyObject *containers[MAX_CONTAINERS];
+    int frames;          /* whether large bytes and arrays may be frames of their own */
+    int need_arrays;     /* met an ndarray before numpy's types were fetched */
+    int nlarge;
+    PyObject *large[MAX_LARGE]; /* the values of frames of their own, in order (borrowed) */
     char stack[512];
 } Writer;
 
@@ -244,6 +268,81 @@ w_chan(Writer *w, PyObject *msg, int depth)
     return r;
 }
 
+/* The code of an array's dtype: 0..255, or -1 (ENC_SKIP: not one of the table's, or
+ * with metadata) or -2 (ENC_ERROR). */
+static int
+dtype_code(PyObject *obj)
+{
+    PyObject *dtype = PyObject_GetAttr(obj, DtypeName);
+    if (dtype == NULL)
+        return -2;
+    Py_ssize_t n = PyTuple_GET_SIZE(Dtypes);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyTuple_GET_ITEM(Dtypes, i) == dtype) { /* the common case: numpy's own */
+            Py_DECREF(dtype);
+            return (int)i;
+        }
+    }
+    /* An equal dtype ("q" for "<i8", or one rebuilt by pickle), without metadata. */
+    int code = -1;
+    PyObject *found = PyDict_GetItemWithError(DtypeCodes, dtype); /* borrowed */
+    if (found != NULL) {
+        PyObject *meta = PyObject_GetAttr(dtype, MetadataName);
+        if (meta == NULL)
+            code = -2;
+        else if (meta == Py_None)
+            code = (int)PyLong_AsLong(found);
+        Py_XDECREF(meta);
+    }
+    else if (PyErr_Occurred()) {
+        code = -2;
+    }
+    Py_DECREF(dtype);
+    return code;
+}
+
+static int
+w_array(Writer *w, PyObject *obj)
+{
+    int r = w_container(w, obj);
+    if (r != ENC_OK)
+        return r;
+    int code = dtype_code(obj);
+    if (code < 0)
+        return code == -1 ? ENC_SKIP : ENC_ERROR;
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError) &&
+            !PyErr_ExceptionMatches(PyExc_BufferError))
+            return ENC_ERROR;
+        PyErr_Clear(); /* not C-contiguous: pickle copies it */
+        return ENC_SKIP;
+    }
+    int inline_ = view.len < MaxBytes;
+    if (view.ndim > MAX_NDIM || (!inline_ && (!w->frames || w->nlarge >= MAX_LARGE))) {
+        PyBuffer_Release(&view);
+        return ENC_SKIP;
+    }
+    if ((r = w_reserve(w, 3 + 8 * (Py_ssize_t)view.ndim + (inline_ ? view.len : 0))) != ENC_OK) {
+        PyBuffer_Release(&view);
+        return r;
+    }
+    char *p = w->buf + w->len;
+    p[0] = inline_ ? 'a' : 'A';
+    p[1] = (char)code;
+    p[2] = (char)view.ndim;
+    p += 3;
+    for (int i = 0; i < view.ndim; i++, p += 8)
+        put_u64(p, (uint64_t)view.shape[i]);
+    if (inline_)
+        memcpy(p, view.buf, (size_t)view.len);
+    else
+        w->large[w->nlarge++] = obj;
+    w->len += 3 + 8 * (Py_ssize_t)view.ndim + (inline_ ? view.len : 0);
+    PyBuffer_Release(&view);
+    return ENC_OK;
+}
+
 static int
 w_value(Writer *w, PyObject *obj, int depth)
 {
@@ -273,9 +372,15 @@ w_value(Writer *w, PyObject *obj, int depth)
     }
     if (t == &PyBytes_Type) {
         Py_ssize_t n = PyBytes_GET_SIZE(obj);
-        if (n >= MaxBytes)
+        if (n < MaxBytes)
+            return w_sized(w, 'y', PyBytes_AS_STRING(obj), n);
+        if (!w->frames || w->nlarge >= MAX_LARGE)
             return ENC_SKIP;
-        return w_sized(w, 'y', PyBytes_AS_STRING(obj), n);
+        if ((r = w_reserve(w, 1)) != ENC_OK)
+            return r;
+        w->buf[w->len++] = 'Y';
+        w->large[w->nlarge++] = obj;
+        return ENC_OK;
     }
     if (t == &PyUnicode_Type) {
         Py_ssize_t n;
@@ -289,18 +394,22 @@ w_value(Writer *w, PyObject *obj, int depth)
         return w_sized(w, 's', s, n);
     }
     if (t == &PyTuple_Type || t == &PyList_Type) {
-        /* No Python code runs while writing, so a list cannot change under us. */
         if (t == &PyList_Type && (r = w_container(w, obj)) != ENC_OK)
             return r;
         Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
         if ((r = w_count(w, t == &PyTuple_Type ? 't' : 'l', n)) != ENC_OK)
             return r;
-        PyObject **items = PySequence_Fast_ITEMS(obj);
         for (Py_ssize_t i = 0; i < n; i++) {
-            if ((r = w_value(w, items[i], depth + 1)) != ENC_OK)
+            /* Held, and the size read again: see "while writing" at the top. */
+            if (PySequence_Fast_GET_SIZE(obj) != n)
+                return ENC_SKIP;
+            PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(obj, i));
+            r = w_value(w, item, depth + 1);
+            Py_DECREF(item);
+            if (r != ENC_OK)
                 return r;
         }
-        return ENC_OK;
+        return PySequence_Fast_GET_SIZE(obj) == n ? ENC_OK : ENC_SKIP;
     }
     if ((PyObject *)t == PidType)
         return w_pid(w, obj);
@@ -313,41 +422,138 @@ w_value(Writer *w, PyObject *obj, int depth)
     if (t == &PyDict_Type) {
         if ((r = w_container(w, obj)) != ENC_OK)
             return r;
-        if ((r = w_count(w, 'd', PyDict_GET_SIZE(obj))) != ENC_OK)
+        Py_ssize_t n = PyDict_GET_SIZE(obj), seen = 0;
+        if ((r = w_count(w, 'd', n)) != ENC_OK)
             return r;
         Py_ssize_t pos = 0;
         PyObject *key, *value;
         while (PyDict_Next(obj, &pos, &key, &value)) {
-            if ((r = w_value(w, key, depth + 1)) != ENC_OK ||
-                (r = w_value(w, value, depth + 1)) != ENC_OK)
+            /* Held, and the items counted: see "while writing" at the top. */
+            Py_INCREF(key);
+            Py_INCREF(value);
+            if ((r = w_value(w, key, depth + 1)) == ENC_OK)
+                r = w_value(w, value, depth + 1);
+            Py_DECREF(key);
+            Py_DECREF(value);
+            if (r != ENC_OK)
                 return r;
+            seen++;
         }
-        return ENC_OK;
+        return seen == n && PyDict_GET_SIZE(obj) == n ? ENC_OK : ENC_SKIP;
     }
     if ((PyObject *)t == ChanType)
         return w_chan(w, obj, depth);
+    if ((PyObject *)t == ArrayType)
+        return w_array(w, obj);
+    if (ArrayType == NULL && strcmp(t->tp_name, "numpy.ndarray") == 0)
+        w->need_arrays = 1; /* (the walk stops here; encode_frame fetches and retries) */
     return ENC_SKIP;
 }
 
-/* obj's frame, or NULL: with an exception set on error, without where the format
- * does not take obj. */
+/* numpy's types from ArraysHook, once: 0, or -1 with an exception set. */
+static int
+load_arrays(void)
+{
+    if (ArrayType != NULL)
+        return 0;
+    PyObject *got = PyObject_CallNoArgs(ArraysHook);
+    if (got == NULL)
+        return -1;
+    PyObject *type, *dtypes;
+    if (!PyTuple_Check(got) ||
+        !PyArg_ParseTuple(got, "O!O!:arrays_hook", &PyType_Type, &type, &PyTuple_Type,
+                          &dtypes) ||
+        PyTuple_GET_SIZE(dtypes) > 256) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError,
+                            "arrays_hook must return (ndarray, a tuple of at most 256 dtypes)");
+        Py_DECREF(got);
+        return -1;
+    }
+    PyObject *codes = PyDict_New();
+    if (codes == NULL) {
+        Py_DECREF(got);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(dtypes); i++) {
+        PyObject *dtype = PyTuple_GET_ITEM(dtypes, i);
+        PyObject *code = PyLong_FromSsize_t(i);
+        PyObject *size = PyObject_GetAttrString(dtype, "itemsize");
+        int failed = code == NULL || size == NULL || PyDict_SetItem(codes, dtype, code) < 0;
+        Itemsizes[i] = failed ? 0 : PyLong_AsSsize_t(size);
+        Py_XDECREF(code);
+        Py_XDECREF(size);
+        if (failed || Itemsizes[i] <= 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "arrays_hook: a dtype without an item size");
+            Py_DECREF(codes);
+            Py_DECREF(got);
+            return -1;
+        }
+    }
+    Py_XSETREF(Dtypes, Py_NewRef(dtypes));
+    Py_XSETREF(DtypeCodes, codes);
+    Py_XSETREF(ArrayType, Py_NewRef(type));
+    Py_DECREF(got);
+    return 0;
+}
+
+/* obj in the compact format: a list [frame, *out-of-band array frames] if frames is
+ * set, else the frame alone (large arrays refused); or NULL: with an exception set on
+ * error, without where the format does not take obj. */
 static PyObject *
-encode_frame(PyObject *obj)
+encode_frame(PyObject *obj, int frames)
 {
     Writer w;
-    w.buf = w.stack;
-    w.cap = sizeof(w.stack);
-    w.heap = 0;
-    w.ncontainers = 0;
-    w.buf[0] = (char)MAGIC;
-    w.len = 1;
-    int r = w_value(&w, obj, 1);
+    int r;
+    for (;;) {
+        w.buf = w.stack;
+        w.cap = sizeof(w.stack);
+        w.heap = 0;
+        w.ncontainers = 0;
+        w.frames = frames;
+        w.need_arrays = 0;
+        w.nlarge = 0;
+        w.buf[0] = (char)MAGIC;
+        w.len = 1;
+        r = w_value(&w, obj, 1);
+        if (!(r == ENC_SKIP && w.need_arrays))
+            break;
+        if (w.heap)
+            PyMem_Free(w.buf);
+        if (load_arrays() < 0)
+            return NULL;
+    }
     PyObject *out = NULL;
     if (r == ENC_OK)
         out = PyBytes_FromStringAndSize(w.buf, w.len);
     if (w.heap)
         PyMem_Free(w.buf);
-    return out;
+    if (out == NULL || !frames)
+        return out;
+    PyObject *list = PyList_New(1 + w.nlarge);
+    if (list == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyList_SET_ITEM(list, 0, out);
+    for (int i = 0; i < w.nlarge; i++) {
+        PyObject *value = w.large[i], *flat;
+        if (PyBytes_CheckExact(value)) {
+            flat = Py_NewRef(value);
+        }
+        else { /* an array: a flat view of its bytes, as pickle's PickleBuffer.raw() */
+            PyObject *view = PyMemoryView_FromObject(value);
+            flat = view == NULL ? NULL : PyObject_CallMethodOneArg(view, CastName, ByteFormat);
+            Py_XDECREF(view);
+        }
+        if (flat == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, 1 + i, flat);
+    }
+    return list;
 }
 
 static int
@@ -365,19 +571,10 @@ accel_serialize(PyObject *Py_UNUSED(mod), PyObject *obj)
 {
     if (!configured())
         return NULL;
-    PyObject *frame = encode_frame(obj);
-    if (frame == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
+    PyObject *frames = encode_frame(obj, 1);
+    if (frames == NULL && !PyErr_Occurred())
         return PyObject_CallOneArg(Fallback, obj);
-    }
-    PyObject *out = PyList_New(1);
-    if (out == NULL) {
-        Py_DECREF(frame);
-        return NULL;
-    }
-    PyList_SET_ITEM(out, 0, frame);
-    return out;
+    return frames;
 }
 
 static PyObject *
@@ -385,7 +582,7 @@ accel_encode(PyObject *Py_UNUSED(mod), PyObject *obj)
 {
     if (!configured())
         return NULL;
-    PyObject *frame = encode_frame(obj);
+    PyObject *frame = encode_frame(obj, 0);
     if (frame == NULL && !PyErr_Occurred())
         Py_RETURN_NONE;
     return frame;
@@ -396,6 +593,8 @@ accel_encode(PyObject *Py_UNUSED(mod), PyObject *obj)
 typedef struct {
     const unsigned char *p, *end, *start;
     Py_ssize_t need; /* bytes the open containers' items still to come take at least */
+    PyObject *frames; /* the message's frames (a tuple), or NULL: header only */
+    Py_ssize_t next;  /* the next array frame's index in frames */
 } Reader;
 
 static PyObject *
@@ -501,6 +700,100 @@ r_pid(Reader *r)
     return pid;
 }
 
+/* The message's next frame (borrowed), its buffer in *view (to release); or NULL, an
+ * exception set. */
+static PyObject *
+next_frame(Reader *r, Py_buffer *view)
+{
+    if (r->frames == NULL || r->next >= PyTuple_GET_SIZE(r->frames)) {
+        malformed(r, "refers to a frame it did not come with");
+        return NULL;
+    }
+    PyObject *frame = PyTuple_GET_ITEM(r->frames, r->next);
+    if (PyObject_GetBuffer(frame, view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    r->next++;
+    return frame;
+}
+
+/* An array (tag 'a' if inline_, else 'A'), from its dtype code on. */
+static PyObject *
+r_array(Reader *r, int inline_)
+{
+    if (load_arrays() < 0)
+        return NULL;
+    if (r->end - r->p < 2)
+        return malformed(r, "is truncated");
+    unsigned int code = r->p[0], ndim = r->p[1];
+    if (code >= (unsigned int)PyTuple_GET_SIZE(Dtypes))
+        return malformed(r, "has an unknown array dtype code");
+    if (ndim > MAX_NDIM)
+        return malformed(r, "has an array of too many dimensions");
+    r->p += 2;
+    if (r->end - r->p < 8 * (Py_ssize_t)ndim)
+        return malformed(r, "is truncated");
+    PyObject *shape = PyTuple_New(ndim);
+    if (shape == NULL)
+        return NULL;
+    uint64_t nbytes = (uint64_t)Itemsizes[code];
+    for (unsigned int i = 0; i < ndim; i++, r->p += 8) {
+        uint64_t n = get_u64(r->p);
+        /* (The Python reader refuses the same: a dimension or a product past 63 bits.) */
+        if (n >> 63 || __builtin_mul_overflow(nbytes, n, &nbytes) || nbytes >> 63) {
+            Py_DECREF(shape);
+            return malformed(r, "has an array too large to address");
+        }
+        PyObject *dim = PyLong_FromUnsignedLongLong(n);
+        if (dim == NULL) {
+            Py_DECREF(shape);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(shape, i, dim);
+    }
+    PyObject *dtype = PyTuple_GET_ITEM(Dtypes, code);
+    PyObject *out = NULL;
+    if (inline_) {
+        if ((uint64_t)(r->end - r->p) < nbytes + (uint64_t)r->need) {
+            Py_DECREF(shape);
+            return malformed(r, "is truncated");
+        }
+        out = PyObject_CallFunctionObjArgs(ArrayType, shape, dtype, NULL);
+        Py_buffer view;
+        if (out != NULL && PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            Py_CLEAR(out);
+        if (out != NULL) {
+            memcpy(view.buf, r->p, (size_t)nbytes);
+            PyBuffer_Release(&view);
+            r->p += nbytes;
+        }
+        Py_DECREF(shape);
+        return out;
+    }
+    Py_buffer view;
+    PyObject *frame = next_frame(r, &view);
+    if (frame == NULL) {
+        Py_DECREF(shape);
+        return NULL;
+    }
+    Py_ssize_t len = view.len;
+    PyBuffer_Release(&view);
+    if ((uint64_t)len != nbytes) {
+        Py_DECREF(shape);
+        return malformed(r, "has an array frame whose length does not match its dtype and dimensions");
+    }
+    /* Over a PickleBuffer of the frame, which the array keeps as its base: given a
+     * memoryview itself, numpy keeps the memoryview's exporter instead, or that
+     * exporter's base array, and a transport that recycles the frame's buffer once
+     * the frame's own object is gone (tcp's pool) would then reuse it under the array. */
+    PyObject *held = PyPickleBuffer_FromObject(frame);
+    if (held != NULL) {
+        out = PyObject_CallFunctionObjArgs(ArrayType, shape, dtype, held, NULL);
+        Py_DECREF(held);
+    }
+    Py_DECREF(shape);
+    return out;
+}
+
 static PyObject *
 r_value(Reader *r, int depth)
 {
@@ -553,6 +846,14 @@ r_value(Reader *r, int depth)
         if ((s = r_sized(r, &n)) == NULL)
             return NULL;
         return PyBytes_FromStringAndSize((const char *)s, n);
+    case 'Y': {
+        Py_buffer view;
+        if (next_frame(r, &view) == NULL)
+            return NULL;
+        PyObject *out = PyBytes_FromStringAndSize(view.buf, view.len);
+        PyBuffer_Release(&view);
+        return out;
+    }
     case 's': {
         if ((s = r_sized(r, &n)) == NULL)
             return NULL;
@@ -625,20 +926,33 @@ r_value(Reader *r, int depth)
     }
     case 'p':
         return r_pid(r);
+    case 'a':
+    case 'A':
+        return r_array(r, tag == 'a');
     default:
         r->p--;
         return malformed(r, "has an unknown tag");
     }
 }
 
+/* The value of a compact frame; frames (or NULL) the message's frames, the frame
+ * itself first. */
 static PyObject *
-decode_buffer(const unsigned char *data, Py_ssize_t len)
+decode_buffer(const unsigned char *data, Py_ssize_t len, PyObject *frames)
 {
-    Reader r = {data + 1, data + len, data, 0};
+    Reader r = {data + 1, data + len, data, 0, frames, 1};
     PyObject *obj = r_value(&r, 1);
     if (obj != NULL && r.p != r.end) {
         Py_DECREF(obj);
         return malformed(&r, "has bytes after its value");
+    }
+    if (obj != NULL && frames != NULL && r.next != PyTuple_GET_SIZE(frames)) {
+        Py_DECREF(obj);
+        PyErr_Format(Error,
+                     "cannot deserialize message: compact message came with %zd more frames "
+                     "than its values refer to",
+                     PyTuple_GET_SIZE(frames) - r.next);
+        return NULL;
     }
     return obj;
 }
@@ -654,7 +968,7 @@ read_frame(PyObject *frame, int pickles)
     if (PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     int compact = view.len > 0 && ((const unsigned char *)view.buf)[0] == MAGIC;
-    PyObject *out = compact ? decode_buffer(view.buf, view.len) : NULL;
+    PyObject *out = compact ? decode_buffer(view.buf, view.len, NULL) : NULL;
     PyBuffer_Release(&view);
     if (compact)
         return out;
@@ -677,39 +991,77 @@ accel_decode(PyObject *Py_UNUSED(mod), PyObject *frame)
 }
 
 static PyObject *
+accel_loads_frames(PyObject *Py_UNUSED(mod), PyObject *frames)
+{
+    if (!configured())
+        return NULL;
+    if (!PyList_Check(frames) && !PyTuple_Check(frames)) {
+        PyErr_SetString(PyExc_TypeError, "loads_frames: expected a list or tuple of frames");
+        return NULL;
+    }
+    if (PySequence_Fast_GET_SIZE(frames) == 0) {
+        PyErr_SetString(Error, "cannot deserialize message: empty message");
+        return NULL;
+    }
+    /* A tuple of its own: the constructors called while reading run Python code. */
+    PyObject *held = PySequence_Tuple(frames);
+    if (held == NULL)
+        return NULL;
+    Py_buffer view;
+    PyObject *out = NULL;
+    if (PyObject_GetBuffer(PyTuple_GET_ITEM(held, 0), &view, PyBUF_SIMPLE) == 0) {
+        if (view.len > 0 && ((const unsigned char *)view.buf)[0] == MAGIC)
+            out = decode_buffer(view.buf, view.len, held);
+        else
+            PyErr_SetString(Error, "cannot deserialize message: not a compact message");
+        PyBuffer_Release(&view);
+    }
+    Py_DECREF(held);
+    return out;
+}
+
+static PyObject *
 accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
 {
     PyObject *pid_type, *nodeid_type, *interned, *chan_type, *error, *fallback, *pickle_loads;
-    Py_ssize_t max_bytes, max_frame, magic, max_depth, max_containers;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOnnnnn:configure", &PyType_Type, &pid_type,
+    PyObject *arrays_hook;
+    Py_ssize_t max_bytes, max_frame, magic, max_depth, max_containers, max_ndim, max_large;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!OOOnnnnnnn:configure", &PyType_Type, &pid_type,
                           &PyType_Type, &nodeid_type, &PyDict_Type, &interned, &PyType_Type,
                           &chan_type, &PyType_Type, &error, &fallback, &pickle_loads,
-                          &max_bytes, &max_frame, &magic, &max_depth, &max_containers))
+                          &arrays_hook, &max_bytes, &max_frame, &magic, &max_depth,
+                          &max_containers, &max_ndim, &max_large))
         return NULL;
     /* The format's constants are hpcproc/_compact.py's: a mismatch (a stale build)
      * would make the two writers disagree. */
-    if (magic != MAGIC || max_depth != MAX_DEPTH || max_containers != MAX_CONTAINERS) {
+    if (magic != MAGIC || max_depth != MAX_DEPTH || max_containers != MAX_CONTAINERS ||
+        max_ndim != MAX_NDIM || max_large != MAX_LARGE) {
         PyErr_Format(PyExc_ValueError,
                      "configure: the compiled compact format (magic %d, depth %d, %d "
-                     "containers) is not hpcproc._compact's (%zd, %zd, %zd): rebuild it "
-                     "(pip install -e .)",
-                     MAGIC, MAX_DEPTH, MAX_CONTAINERS, magic, max_depth, max_containers);
+                     "containers, %d array dimensions, %d large values) is not "
+                     "hpcproc._compact's (%zd, %zd, %zd, %zd, %zd): rebuild it (pip install -e .)",
+                     MAGIC, MAX_DEPTH, MAX_CONTAINERS, MAX_NDIM, MAX_LARGE, magic, max_depth,
+                     max_containers, max_ndim, max_large);
         return NULL;
     }
     if (!PyType_IsSubtype((PyTypeObject *)pid_type, &PyTuple_Type) ||
         !PyType_IsSubtype((PyTypeObject *)error, (PyTypeObject *)PyExc_Exception) ||
-        !PyCallable_Check(fallback) || !PyCallable_Check(pickle_loads) || max_bytes <= 0 ||
-        max_frame <= max_bytes) {
+        !PyCallable_Check(fallback) || !PyCallable_Check(pickle_loads) ||
+        !PyCallable_Check(arrays_hook) || max_bytes <= 0 || max_frame <= max_bytes) {
         PyErr_SetString(PyExc_ValueError,
                         "configure: expected Pid (a tuple subclass), NodeId, interned, "
-                        "ChanMessage, an exception class, two callables, max_bytes > 0, "
+                        "ChanMessage, an exception class, three callables, max_bytes > 0, "
                         "max_frame > max_bytes");
         return NULL;
     }
     if (KeyName == NULL) {
         if ((KeyName = PyUnicode_InternFromString("_key")) == NULL ||
             (PortName = PyUnicode_InternFromString("port_id")) == NULL ||
-            (PayloadName = PyUnicode_InternFromString("payload")) == NULL)
+            (PayloadName = PyUnicode_InternFromString("payload")) == NULL ||
+            (DtypeName = PyUnicode_InternFromString("dtype")) == NULL ||
+            (MetadataName = PyUnicode_InternFromString("metadata")) == NULL ||
+            (CastName = PyUnicode_InternFromString("cast")) == NULL ||
+            (ByteFormat = PyUnicode_InternFromString("B")) == NULL)
             return NULL;
     }
     Py_XSETREF(PidType, Py_NewRef(pid_type));
@@ -719,6 +1071,8 @@ accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
     Py_XSETREF(Error, Py_NewRef(error));
     Py_XSETREF(Fallback, Py_NewRef(fallback));
     Py_XSETREF(PickleLoads, Py_NewRef(pickle_loads));
+    Py_XSETREF(ArraysHook, Py_NewRef(arrays_hook));
+    Py_CLEAR(ArrayType); /* fetched again from the new hook when first needed */
     MaxBytes = max_bytes;
     MaxFrame = max_frame;
     Py_CLEAR(EncNode);
@@ -731,17 +1085,22 @@ accel_configure(PyObject *Py_UNUSED(mod), PyObject *args)
 static PyMethodDef module_methods[] = {
     {"configure", accel_configure, METH_VARARGS,
      "configure(Pid, NodeId, interned, ChanMessage, error, fallback, pickle_loads, "
-     "max_bytes, max_frame, magic, max_depth, max_containers): the types and paths it "
-     "works with (see hpcproc/serialization.py); the last three must be the compiled "
-     "ones."},
+     "arrays_hook, max_bytes, max_frame, magic, max_depth, max_containers, max_ndim, "
+     "max_large): the types and paths it works with (see hpcproc/serialization.py); the "
+     "last five must be the compiled ones."},
     {"serialize", accel_serialize, METH_O,
-     "serialize(obj) -> [frame]: obj in the compact format, or fallback(obj) where the "
-     "format does not take it (see hpcproc/_compact.py)."},
+     "serialize(obj) -> [frame, *frames of large values]: obj in the compact format, or "
+     "fallback(obj) where the format does not take it (see hpcproc/_compact.py)."},
     {"loads", accel_loads, METH_O,
      "loads(frame) -> obj: a compact frame read here, any other by pickle_loads.\n\n"
      "Raises error (configured) for a malformed compact frame."},
+    {"loads_frames", accel_loads_frames, METH_O,
+     "loads_frames(frames) -> obj: a compact frame followed by the frames of its large "
+     "values.\n\nRaises error (configured) where malformed, or where the frames are not "
+     "exactly those its values refer to."},
     {"encode", accel_encode, METH_O,
-     "encode(obj) -> bytes | None: obj in the compact format, None where not taken."},
+     "encode(obj) -> bytes | None: obj in the compact format as one frame, None where "
+     "not taken (bytes and arrays of max_bytes or more included)."},
     {"decode", accel_decode, METH_O,
      "decode(frame) -> obj: a compact frame's value; raises error where malformed."},
     {NULL}};

@@ -79,9 +79,10 @@ def copy_message(msg: Any) -> Any:
         return msg
     compact = serialization._compact_compiled if serialization.COMPACT else None
     if compact is not None:
-        # Plain data (a dict, a list of numbers...) through the compact format: a
-        # third to a fifth of pickle's cost. What it does not take (shared lists or
-        # dicts, whose sharing the copy must keep, objects...) goes by pickle below.
+        # Plain data (a dict, a list of numbers, a small array...) through the compact
+        # format: a third to a fifth of pickle's cost. What it does not take (shared
+        # lists or dicts, whose sharing the copy must keep, objects, arrays of
+        # OUT_OF_BAND_MIN bytes or more...) goes by pickle below.
         data = compact.encode(msg)
         if data is not None:
             return compact.decode(data)

@@ -42,9 +42,12 @@ PIDS = (
 
 
 def same(a: Any, b: Any) -> bool:
-    """Equal, with the same exact types all the way down (NaN equal to NaN)."""
+    """Equal, with the same exact types all the way down (NaN equal to NaN; arrays of
+    equal dtype and shape, with the same bytes)."""
     if type(a) is not type(b):
         return False
+    if type(a) is np.ndarray:
+        return bool(a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes())
     if type(a) is float:
         return a == b or (math.isnan(a) and math.isnan(b))
     if type(a) in (tuple, list):
@@ -71,6 +74,25 @@ def encode(obj: Any) -> bytes | None:
     if C is not None:
         assert C.encode(obj) == ref, obj
     return ref
+
+
+def encode_frames(obj: Any) -> list[Any] | None:
+    """The Python writer's frames with large arrays out-of-band, checked against the
+    compiled writer's (its ``serialize`` where it writes the compact format) where built."""
+    frames: list[Any] = []
+    header = _compact.encode(obj, OUT_OF_BAND_MIN, frames=frames)
+    if C is not None:
+        got = C.serialize(obj)
+        if header is None:
+            assert bytes(memoryview(got[0])[:1]) != bytes([_compact.MAGIC]), obj
+        else:
+            assert got[0] == header and len(got) == 1 + len(frames), obj
+            for mine, ref in zip(got[1:], frames, strict=True):
+                if type(ref) is bytes:
+                    assert mine is ref  # a large bytes: itself
+                else:
+                    assert mine.format == "B" and mine.ndim == 1 and mine.obj is ref.obj
+    return None if header is None else [header, *frames]
 
 
 # ---------------------------------------------------------------------- what it takes
@@ -108,6 +130,17 @@ TAKEN = [
     ChanMessage(3, (PIDS[0], "reply")),
     ChanMessage(-1, None),
     ("deep", (((((((((1,),),),),),),),),)),
+    np.arange(3),
+    np.array(2.5),
+    np.zeros((0, 4), dtype=np.int32),
+    np.array([[1 + 2j, 3], [4, 5j]], dtype=np.complex64),
+    np.array([True, False]),
+    np.array([-128, 127], dtype=np.int8),
+    np.array([2**64 - 1], dtype=np.uint64),
+    np.array([1.5, np.nan, -np.inf], dtype=np.float16),
+    np.arange(6, dtype=np.longlong).reshape(1, 2, 3),  # "q": equal to "<i8"
+    ("tag", np.ones(OUT_OF_BAND_MIN // 8 - 1), PIDS[0]),
+    np.ones([1] * _compact.MAX_NDIM),
 ]
 
 
@@ -121,6 +154,30 @@ def test_plain_data_round_trips_with_exact_types(obj: Any) -> None:
     assert same(serialization._load_header_py(data), obj)
     if C is not None:
         assert same(C.loads(data), obj)
+
+
+def test_arrays_keep_their_dtype_and_arrive_writable_and_owning_their_memory() -> None:
+    array = np.arange(12, dtype=np.int16).reshape(3, 4)
+    data = encode((array, "x"))
+    assert data is not None
+    for read in readers():
+        back = read(data)[0]
+        assert back.dtype == np.int16 and back.flags.writeable and back.flags.owndata
+        back[0, 0] = 99
+        assert array[0, 0] == 0
+
+
+def test_an_array_is_written_as_documented() -> None:
+    array = np.array([[1, 2, 3], [4, 5, 6]], dtype="<u2")
+    code = _compact.ARRAY_DTYPES.index("<u2")
+    head = struct.pack("<BB", code, 2) + struct.pack("<QQ", 2, 3)
+    assert encode(array) == bytes([_compact.MAGIC]) + b"a" + head + array.tobytes()
+    big = np.arange(OUT_OF_BAND_MIN, dtype="<u2").reshape(2, -1)
+    frames = encode_frames(("big", big))
+    assert frames is not None and len(frames) == 2
+    code_head = struct.pack("<BB", code, 2) + struct.pack("<QQ", 2, OUT_OF_BAND_MIN // 2)
+    assert frames[0] == b"\xc5t\x02\x00\x00\x00s\x03\x00\x00\x00bigA" + code_head
+    assert bytes(frames[1]) == big.tobytes()
 
 
 def test_the_format_is_as_documented() -> None:
@@ -203,18 +260,35 @@ def _nested(depth: int) -> list[Any]:
 
 _shared = [1, 2]
 _envelope = ChanMessage(4, "mutable")
+_array = np.arange(4)
+
+
+class Grid(np.ndarray):
+    """An ndarray subclass (pickled, as any subclass)."""
+
 
 REFUSED = {
     "int beyond 64 bits": (1, 2**63),
     "negative int beyond 64 bits": -(2**63) - 1,
-    "large bytes": (PIDS[0], b"x" * OUT_OF_BAND_MIN),
+    "too many large values": [b"x" * OUT_OF_BAND_MIN] * (_compact.MAX_LARGE + 1),
     "lone surrogate": ("ok", "\ud800"),
     "named tuple": Point(1, 2),
     "int enum": [Color.RED],
     "str subclass": {"k": Text("v")},
     "set": {1, 2},
     "bytearray": bytearray(b"x"),
-    "array": (1, np.arange(3)),
+    "strided array": (1, np.arange(6)[::2]),
+    "Fortran-ordered array": np.ones((2, 3), order="F"),
+    "big-endian array": np.arange(3, dtype=">i4"),
+    "array of objects": np.array([1, "x"], dtype=object),
+    "array of str": np.array(["ab"]),
+    "array of dates": np.array(["2026-12-06"], dtype="datetime64[D]"),
+    "structured array": np.zeros(2, dtype=[("x", "<f8")]),
+    "longdouble array": np.ones(2, dtype=np.longdouble),
+    "array with dtype metadata": np.ones(2, dtype=np.dtype("<f8", metadata={"unit": "m"})),
+    "array subclass": np.ones(3).view(Grid),
+    "shared array": (_array, _array),
+    "array of too many dimensions": np.ones([1] * (_compact.MAX_NDIM + 1)),
     "shared list": (_shared, _shared),
     "cycle": _cyclic(),
     "too deep": _nested(_compact.MAX_DEPTH + 1),
@@ -236,8 +310,14 @@ def test_what_the_format_does_not_take_goes_by_pickle(name: str) -> None:
         assert back[0] is back[1]
     elif name == "cycle":
         assert back[1] is back
-    elif name == "array":
-        assert back[0] == 1 and np.array_equal(back[1], obj[1])
+    elif name == "shared array":
+        assert back[0] is back[1] and np.array_equal(back[0], _array)
+    elif isinstance(obj, np.ndarray) or name == "strided array":
+        array = obj[1] if name == "strided array" else obj
+        got = back[1] if name == "strided array" else back
+        assert type(got) is type(array) and got.dtype == array.dtype
+        assert got.dtype.metadata == array.dtype.metadata
+        assert np.array_equal(got, array)
     elif name == "channel with a str port":
         assert (back.port_id, back.payload) == ("3", 1)
     elif name == "shared channel envelope":
@@ -269,6 +349,23 @@ def test_a_small_object_shared_many_times_goes_by_pickle(obj: Any) -> None:
     assert back == obj and (type(obj) is tuple or back[0] is back[-1])
 
 
+def test_large_values_go_out_of_band_where_frames_may_follow_and_by_pickle_where_not() -> None:
+    big = np.ones(OUT_OF_BAND_MIN // 8)  # exactly OUT_OF_BAND_MIN bytes
+    data = b"d" * OUT_OF_BAND_MIN
+    for obj in (("x", big), (PIDS[0], data)):
+        assert encode(obj) is None  # one frame (a local copy): pickle then
+    frames = encode_frames(("x", big, data, [data]))
+    assert frames is not None and len(frames) == 4
+    assert np.shares_memory(np.asarray(frames[1]), big)  # sent from the array itself
+    assert frames[2] is data and frames[3] is data
+    assert encode_frames([data] * _compact.MAX_LARGE) is not None
+    back = [memoryview(bytearray(f)) for f in frames]
+    for load in (lambda f: _compact.decode(f[0], f[1:]), *([C.loads_frames] if C else [])):
+        got = load(back)
+        assert same(got, ("x", big, data, [data]))
+        assert got[2] is not got[3][0]  # (each its own copy of its frame)
+
+
 def test_the_limits_themselves_are_taken() -> None:
     deep: Any = None
     for _ in range(_compact.MAX_DEPTH - 1):
@@ -294,10 +391,26 @@ _keys = (
     | st.binary(max_size=8)
     | st.sampled_from(PIDS)
 )
+
+
+def _array_of(dtype: str, shape: list[int], raw: bytes) -> np.ndarray[Any, Any]:
+    """An array of ``dtype`` and ``shape`` whose bytes are ``raw`` repeated."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    data = (raw * (size // len(raw) + 1))[:size] if raw else bytes(size)
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+_arrays = st.builds(
+    _array_of,
+    st.sampled_from((*_compact.ARRAY_DTYPES, ">i4", "<f16")),
+    st.lists(st.integers(0, 5), max_size=3) | st.just([OUT_OF_BAND_MIN // 8]),
+    st.binary(max_size=64),
+)
 _leaves = (
     _keys
     | st.floats(allow_nan=True)
     | st.binary(min_size=OUT_OF_BAND_MIN - 2, max_size=OUT_OF_BAND_MIN + 1)
+    | _arrays
 )
 _values = st.recursive(
     _leaves,
@@ -315,10 +428,15 @@ _values = st.recursive(
 @given(_values)
 def test_both_writers_write_the_same_bytes_and_both_readers_read_them(obj: Any) -> None:
     data = encode(obj)  # compares the two writers
-    if data is None:
-        return
-    for read in readers():
-        assert same(read(data), obj)
+    if data is not None:
+        for read in readers():
+            assert same(read(data), obj)
+    frames = encode_frames(obj)  # the same, with large arrays out-of-band
+    if frames is not None:
+        got = [memoryview(bytearray(memoryview(f).cast("B"))) for f in frames]
+        assert same(_compact.decode(got[0], got[1:]), obj)
+        if C is not None:
+            assert same(C.loads_frames(got), obj)
 
 
 # ---------------------------------------------------------------------- malformed frames
@@ -358,6 +476,14 @@ def test_every_truncation_of_a_frame_is_refused() -> None:
         b"p\xff\xff\xff\xff",
         b"t\x01\x00\x00\x00" * (_compact.MAX_DEPTH + 1) + b"N",  # nesting bomb
         b"d\x01\x00\x00\x00l\x00\x00\x00\x00N",  # an unhashable key
+        b"a\xff\x01" + struct.pack("<Q", 1) + b"\x00",  # an unknown dtype code
+        b"a\x0b\x21" + struct.pack("<Q", 1) * 33 + b"\x00" * 8,  # 33 dimensions
+        b"a\x0b\x01" + struct.pack("<Q", 2) + b"\x00" * 15,  # 2 float64 in 15 bytes
+        b"a\x0b\x02" + struct.pack("<QQ", 2**62, 2**62),  # a product past 63 bits
+        b"a\x0b\x02" + struct.pack("<QQ", 0, 2**63),  # a dimension past 63 bits
+        b"a\x02\x01" + struct.pack("<Q", 4) + b"\x00" * 4 + b"N",  # bytes after
+        b"A\x0b\x01" + struct.pack("<Q", 4),  # an array frame it did not come with
+        b"Y",  # a bytes frame it did not come with
     ],
     ids=repr,
 )
@@ -407,6 +533,83 @@ def test_declared_counts_cannot_make_a_reader_allocate_more_than_the_frame() -> 
         assert peak < 10 * len(frame), (read, peak)
 
 
+def _refused_with_frames(frames: list[Any], match: str) -> None:
+    with pytest.raises(_compact.CompactError, match=match):
+        _compact.decode(frames[0], frames[1:])
+    with pytest.raises(SerializationError, match=match):
+        serialization._load_frames_py(frames)
+    with pytest.raises(SerializationError, match=match):
+        serialization.deserialize(frames)
+    if C is not None:
+        with pytest.raises(SerializationError, match=match):
+            C.loads_frames(frames)
+
+
+def test_array_frames_that_do_not_match_the_header_are_refused() -> None:
+    one, two = np.ones(256), np.arange(1024, dtype=np.int32)  # 2 KiB, 4 KiB
+    frames = encode_frames((one, "and", two))
+    assert frames is not None and len(frames) == 3
+    good = [memoryview(bytearray(memoryview(f).cast("B"))) for f in frames]
+    _refused_with_frames(good[:2], "did not come with")
+    _refused_with_frames([good[0], good[2], good[1]], "does not match|do not match|frame of")
+    _refused_with_frames([good[0], good[1], good[2][:-1]], "does not match|frame of")
+    _refused_with_frames([good[0], good[1], bytes(good[2]) + b"x"], "does not match|frame of")
+    _refused_with_frames([*good, b"extra"], "more frames")
+    big = b"b" * OUT_OF_BAND_MIN
+    with_bytes = encode_frames(("bytes", big))
+    assert with_bytes is not None
+    _refused_with_frames(with_bytes[:1], "did not come with")
+    _refused_with_frames([*with_bytes, big], "more frames")
+    for read in (C.loads, C.decode) if C is not None else ():
+        with pytest.raises(SerializationError, match="did not come with"):
+            read(good[0])  # one frame only: the arrays' frames are missing
+
+
+def test_an_array_rebuilt_over_its_frame_shares_it_and_is_as_writable() -> None:
+    array = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    frames = encode_frames({"a": array})
+    assert frames is not None
+    writable = [frames[0], memoryview(bytearray(frames[1]))]
+    readonly = [frames[0], bytes(frames[1])]
+    loaders: list[Any] = [lambda f: _compact.decode(f[0], f[1:])]
+    if C is not None:
+        loaders.append(C.loads_frames)
+    for load in loaders:
+        back = load(writable)["a"]
+        assert np.shares_memory(back, np.asarray(writable[1])) and back.flags.writeable
+        assert back.shape == (64, 64) and np.array_equal(back, array)
+        assert not load(readonly)["a"].flags.writeable
+
+
+def test_an_array_keeps_its_frame_alive_not_only_the_memory_under_it() -> None:
+    """tcp hands out frames that are memoryviews of views of pooled buffers, and takes a
+    buffer back once its view is gone: an array rebuilt over a frame must keep the
+    frame's own objects alive, or the next message is received into its memory."""
+    import gc
+    import weakref
+
+    array = np.arange(512, dtype=np.float64)
+    header, _ = encode_frames(array) or []
+    loaders: list[Any] = [lambda f: _compact.decode(f[0], f[1:])]
+    if C is not None:
+        loaders.append(C.loads_frames)
+    for load in loaders:
+        pool = np.empty(8192, np.uint8)
+        lent = pool[: array.nbytes]
+        lent[:] = np.frombuffer(array.tobytes(), np.uint8)
+        returned = weakref.ref(lent)
+        frame = memoryview(lent)
+        del lent
+        back = load([header, frame])
+        del frame
+        gc.collect()
+        assert returned() is not None, load  # still held through the array
+        assert np.array_equal(back, array)
+        del back
+        gc.collect()
+        assert returned() is None, load
+
+
 def test_a_compact_header_with_extra_frames_is_refused() -> None:
     data = encode((1, 2))
     assert data is not None
@@ -430,7 +633,7 @@ async def echo() -> None:
     """Sends back every message it gets, until ``"stop"`` (spawned on the node server)."""
     while True:
         reply_to, msg = await hp.expect()
-        if msg == "stop":
+        if isinstance(msg, str) and msg == "stop":
             return
         await hp.send(reply_to, msg)
 
@@ -444,6 +647,9 @@ MESSAGES = [
     Point(1, 2),  # pickled either way
     (_shared, _shared),
     b"y" * (OUT_OF_BAND_MIN * 4),
+    ("small", np.arange(5, dtype=np.int16)),
+    ("large", np.arange(4096, dtype=np.float32).reshape(64, 64), np.ones(3)),
+    np.ones((4, 4), order="F"),  # pickled either way
 ]
 
 
@@ -511,3 +717,9 @@ def test_a_local_copy_is_deep_and_keeps_sharing() -> None:
 
     boxed = copy_message([Point(1, 2)])
     assert boxed == [Point(1, 2)] and type(boxed[0]) is Point
+
+    small, large = np.arange(4), np.ones(OUT_OF_BAND_MIN)
+    assert encode({"a": small}) is not None and encode({"a": large}) is None
+    for array in (small, large):
+        got = copy_message({"a": array})["a"]
+        assert same(got, array) and not np.shares_memory(got, array)
