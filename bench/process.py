@@ -6,6 +6,9 @@ Rows (each with a baseline measured in the same run, in fresh OS processes):
   processes (``send`` + ``expect`` on both sides), against the raw transport's round
   trip (``bench.transport:hpcproc_role``, the transport suite's own measurement).
   Target: ratio <= 2.0.
+* ``rtt`` (4 KiB): the same with a numpy array in the message, ``(pid, float64[512])``,
+  against the raw transport's round trip of one 4 KiB frame: what the process layer
+  and its serializer add to a message that carries an array.
 * ``msg_rate`` between two nodes: one process sends N small messages one way to a
   process on the other node; against the raw transport sending N one-frame messages
   one way.
@@ -57,6 +60,8 @@ __all__ = [
 
 SUITE = "process"
 RTT_SIZE = 8
+#: Bytes of the array in the ``rtt`` row of a message with an array.
+ARRAY_SIZE = 4096
 MEMORY_PROCESSES = 100_000
 TARGET_LOCAL_RATE = 200_000.0
 TARGET_SPAWN_RATE = 20_000.0
@@ -146,7 +151,14 @@ async def _measure_pair(other: Any, params: dict[str, Any], turn: Turn) -> dict[
     sink = await hp.whereis_remote(other, "sink", timeout=60)
     assert echo is not None and sink is not None
     # Each run in its turn: the cluster suite's rank 0 takes turns with this pair.
-    rtts = await _rtts(echo, (me, b"x" * RTT_SIZE), step, params.get("rtt_settle_s", 0.0), turn)
+    arrays = Step(**params["array_step"]) if "array_step" in params else None
+    settle = params.get("rtt_settle_s", 0.0)
+    rtts = await _rtts(echo, (me, b"x" * RTT_SIZE), step, settle, turn, last=arrays is None)
+    if arrays is not None:
+        import numpy as np
+
+        msg = (me, np.zeros(arrays.size // 8))
+        array_rtts = await _rtts(echo, msg, arrays, 0.0, turn)
     send, expect = hp.send, hp.expect
     rates = []
     n = params["rate_count"]
@@ -165,6 +177,8 @@ async def _measure_pair(other: Any, params: dict[str, Any], turn: Turn) -> dict[
             await hp.spawn(other, noop)
         spawns.append(k / (time.perf_counter() - t0))
     result: dict[str, Any] = {"rtt": rtts, "rate": rates, "spawn": spawns}
+    if arrays is not None:
+        result["array_rtt"] = array_rtts
     if "peer_extras" in params:
         result.update(await _measure_extras(echo, other, params["peer_extras"]))
     await send(echo, "stop")
@@ -339,12 +353,19 @@ async def _local_rtt(step: Step) -> list[float]:
 
 
 async def _rtts(
-    echo: Any, msg: Any, step: Step, settle: float = 0.0, turn: Turn = _no_turn
+    echo: Any,
+    msg: Any,
+    step: Step,
+    settle: float = 0.0,
+    turn: Turn = _no_turn,
+    *,
+    last: bool = True,
 ) -> list[float]:
     """Seconds per round trip of ``msg`` to ``echo`` and back, one figure per run,
     after ``step.warmup`` round trips and at least ``settle`` seconds of them. Each
     run, the warm-up with the first, happens inside ``turn()`` (see
-    :func:`bench.time_steps`)."""
+    :func:`bench.time_steps`); ``last``: these are the last runs that take turns (then
+    one empty turn follows, see below)."""
     import hpcproc as hp
 
     send, expect = hp.send, hp.expect
@@ -363,8 +384,9 @@ async def _rtts(
                 await send(echo, msg)
                 await expect()
             rtts.append((time.perf_counter() - t0) / step.iters)
-    with turn():
-        pass  # so that the other side's last run ends before this side goes on
+    if last:
+        with turn():
+            pass  # so that the other side's last run ends before this side goes on
     return rtts
 
 
@@ -425,10 +447,13 @@ def run(options: SuiteOptions) -> list[Record]:
     quick = options.quick or options.smoke
     rounds = 1 if quick else 3
     rtt_step = Step(RTT_SIZE, 200 if quick else 500, 11 if quick else 21, 100)
+    array_step = replace(rtt_step, size=ARRAY_SIZE)
     params: dict[str, Any] = {
         "transport": name,
         "rtt_step": asdict(rtt_step),
-        "steps": [asdict(rtt_step)],
+        "array_step": asdict(array_step),
+        # The raw transport's round trips: as many runs of each size, in this order.
+        "steps": [asdict(rtt_step), asdict(array_step)],
         "rate_count": 5000 if quick else 20000,
         "rate_runs": 3 if quick else 5,
         "spawn_count": 300 if quick else 1000,
@@ -440,9 +465,11 @@ def run(options: SuiteOptions) -> list[Record]:
     memory_processes = MEMORY_PROCESSES
     if options.smoke:
         rtt_step = Step(RTT_SIZE, 20, 1, 5)
+        array_step = replace(rtt_step, size=ARRAY_SIZE)
         params.update(
             rtt_step=asdict(rtt_step),
-            steps=[asdict(rtt_step)],
+            array_step=asdict(array_step),
+            steps=[asdict(rtt_step), asdict(array_step)],
             rate_count=200,
             rate_runs=1,
             spawn_count=20,
@@ -455,12 +482,14 @@ def run(options: SuiteOptions) -> list[Record]:
     launch = _launch_for(name)
     raw_rtt: list[float] = []
     raw_rate: list[float] = []
-    ours: dict[str, list[float]] = {"rtt": [], "rate": [], "spawn": []}
+    raw_array_rtt: list[float] = []
+    ours: dict[str, list[float]] = {"rtt": [], "array_rtt": [], "rate": [], "spawn": []}
     local: dict[str, list[float]] = {"rate": [], "queue": [], "spawn": [], "task": []}
     # The round trips alone in the pairs that take turns, the rates and spawns in a
     # pair of their own (beside nothing: not while the other pair shuts down).
     rtt_only = {**params, "rate_runs": 0}
     no_rtt = {**params, "rtt_step": asdict(replace(rtt_step, runs=0, warmup=0))}
+    del no_rtt["array_step"]
     for _ in range(rounds):
         # The two round trips take turns run by run (their pairs run at once):
         # measured one after the other, a slow minute of this VM fell on one side
@@ -480,7 +509,9 @@ def run(options: SuiteOptions) -> list[Record]:
             )
         )
         ours["rtt"].extend(mine["rtt"])
+        ours["array_rtt"].extend(mine["array_rtt"])
         raw_rtt.extend(raw[str(RTT_SIZE)])
+        raw_array_rtt.extend(raw[str(ARRAY_SIZE)])
         raw_rate.extend(
             run_pair("bench.process:raw_rate_role", params, launch=launch, env=env)[0]["rate"]
         )
@@ -507,6 +538,15 @@ def run(options: SuiteOptions) -> list[Record]:
     local_rate = median(local["rate"])
     return [
         record(SUITE, name, "rtt", RTT_SIZE, rtt_us, f"raw {name} transport", raw_us),
+        record(
+            SUITE,
+            name,
+            "rtt",
+            ARRAY_SIZE,
+            median(ours["array_rtt"]) * 1e6,
+            f"raw {name} transport",
+            median(raw_array_rtt) * 1e6,
+        ),
         record(
             SUITE,
             name,

@@ -99,6 +99,8 @@ def test_bench_suite_runs_and_writes_records_against_its_baselines(
             "spawn_rate",
             "bytes_per_process",
         }
+        # The round trip of a small message, and of one with a 4 KiB array.
+        assert sorted(r["size"] for r in records if r["metric"] == "rtt") == [8, 4096]
 
 
 def test_cluster_suite_runs_locally_against_mpi4py_collectives(tmp_path: Path) -> None:
