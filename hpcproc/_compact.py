@@ -29,8 +29,8 @@ tag    value                                       followed by
 ``f``  a ``float``                                 8 bytes, IEEE 754 double
 ``s``  a ``str``                                   u32 length, UTF-8 bytes
 ``y``  a ``bytes``                                 u32 length, the bytes
-``Y``  a ``bytes`` of ``max_bytes`` or more, its
-       bytes in a frame of their own
+``Y``  a ``bytes``, its bytes in a frame of their
+       own
 ``t``  a ``tuple``                                 u32 count, the items
 ``l``  a ``list``                                  u32 count, the items
 ``d``  a ``dict``                                  u32 count, key and value pairs
@@ -43,8 +43,9 @@ tag    value                                       followed by
 =====  ==========================================  ===========================
 
 Frames of their own: a ``bytes`` or an array of ``max_bytes`` bytes or more
-(:data:`~hpcproc.serialization.OUT_OF_BAND_MIN`) is not written in this frame but is the
-message's next frame (``Y``, ``A``), sent from the object's own memory as pickle's
+(:data:`~hpcproc.serialization.OUT_OF_BAND_MIN`), or one that would make this frame
+longer than :data:`MAX_FRAME`, is not written in this frame but is the message's next
+frame (``Y``, ``A``), sent from the object's own memory as pickle's
 out-of-band buffers are, the frames in the order their values are written, at most
 :data:`MAX_LARGE` of them. The reader copies a ``Y`` frame into a new ``bytes`` (as
 pickle does) and rebuilds an ``A`` array over its frame (no copy; as writable as the
@@ -60,7 +61,7 @@ What is written in it, and what is not (pickle then, the message as a whole):
   of at most :data:`MAX_NDIM` dimensions, whose dtype is one of :data:`ARRAY_DTYPES`
   and carries no metadata (not big-endian, not structured, not objects, strings or
   dates). Where the writer makes one frame (:func:`encode` without ``frames``, and a
-  local send's copy), a ``bytes`` or an array of ``max_bytes`` or more is refused.
+  local send's copy), such a ``bytes`` or array is refused.
 * ``int`` beyond 64 bits, more than :data:`MAX_LARGE` values of frames of their own,
   ``str`` that cannot be encoded in UTF-8 (lone surrogates), nesting deeper than
   :data:`MAX_DEPTH`, more than :data:`MAX_CONTAINERS` mutable values (lists, dicts,
@@ -210,13 +211,20 @@ def encode(
 
 
 def _encode_array(
-    obj: Any, out: bytearray, seen: list[Any], max_bytes: int, frames: list[Any] | None
+    obj: Any,
+    out: bytearray,
+    seen: list[Any],
+    max_bytes: int,
+    max_frame: int,
+    frames: list[Any] | None,
 ) -> None:
     _first_time(obj, seen)
     code = _array_code(obj)
     if code is None or obj.ndim > MAX_NDIM or not obj.flags.c_contiguous:
         raise _NotCompact
-    inline = obj.nbytes < max_bytes
+    # In this frame if small and it fits (the same test as the C writer's).
+    size = obj.nbytes
+    inline = size < max_bytes and len(out) + 3 + 8 * obj.ndim + size <= max_frame
     if not inline and (frames is None or len(frames) >= MAX_LARGE):
         raise _NotCompact
     out += b"a" if inline else b"A"
@@ -266,7 +274,7 @@ def _encode(
             raise _NotCompact
         out += b"s" + _U32.pack(len(data)) + data
     elif kind is bytes:
-        if len(obj) < max_bytes:
+        if len(obj) < max_bytes and len(out) + 5 + len(obj) <= max_frame:
             out += b"y" + _U32.pack(len(obj)) + obj
         elif frames is None or len(frames) >= MAX_LARGE:
             raise _NotCompact
@@ -307,7 +315,7 @@ def _encode(
         out += b"c" + _I64.pack(port)
         _encode(payload, out, depth + 1, seen, max_bytes, max_frame, frames)
     elif kind.__name__ == "ndarray" and kind is getattr(sys.modules.get("numpy"), "ndarray", 0):
-        _encode_array(obj, out, seen, max_bytes, frames)
+        _encode_array(obj, out, seen, max_bytes, max_frame, frames)
     else:
         raise _NotCompact
 

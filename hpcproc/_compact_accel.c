@@ -318,7 +318,8 @@ w_array(Writer *w, PyObject *obj)
         PyErr_Clear(); /* not C-contiguous: pickle copies it */
         return ENC_SKIP;
     }
-    int inline_ = view.len < MaxBytes;
+    /* In this frame if small and it fits (the same test as the Python writer's). */
+    int inline_ = view.len < MaxBytes && w->len + 3 + 8 * (Py_ssize_t)view.ndim + view.len <= MaxFrame;
     if (view.ndim > MAX_NDIM || (!inline_ && (!w->frames || w->nlarge >= MAX_LARGE))) {
         PyBuffer_Release(&view);
         return ENC_SKIP;
@@ -372,7 +373,7 @@ w_value(Writer *w, PyObject *obj, int depth)
     }
     if (t == &PyBytes_Type) {
         Py_ssize_t n = PyBytes_GET_SIZE(obj);
-        if (n < MaxBytes)
+        if (n < MaxBytes && w->len + 5 + n <= MaxFrame)
             return w_sized(w, 'y', PyBytes_AS_STRING(obj), n);
         if (!w->frames || w->nlarge >= MAX_LARGE)
             return ENC_SKIP;

@@ -366,6 +366,24 @@ def test_large_values_go_out_of_band_where_frames_may_follow_and_by_pickle_where
         assert got[2] is not got[3][0]  # (each its own copy of its frame)
 
 
+def test_small_values_that_would_overflow_the_frame_go_out_of_band_instead() -> None:
+    # Each just under OUT_OF_BAND_MIN: the first fits in the frame, the next would
+    # take it past MAX_FRAME, and so travel as frames of their own.
+    n = OUT_OF_BAND_MIN - 6
+    assert 2 * (n + 5) + 6 > _compact.MAX_FRAME
+    arrays = tuple(np.full(n, i, dtype=np.uint8) for i in range(3))
+    frames = encode_frames(arrays)
+    assert frames is not None and len(frames) == 3
+    assert len(frames[0]) <= _compact.MAX_FRAME
+    assert all(
+        np.shares_memory(np.asarray(f), a) for f, a in zip(frames[1:], arrays[1:], strict=True)
+    )
+    blobs = (b"a" * n, b"b" * n, b"c" * n)
+    frames = encode_frames(blobs)
+    assert frames is not None and frames[1:] == [blobs[1], blobs[2]]
+    assert encode(arrays) is None and encode(blobs) is None  # one frame: pickle
+
+
 def test_the_limits_themselves_are_taken() -> None:
     deep: Any = None
     for _ in range(_compact.MAX_DEPTH - 1):
@@ -546,7 +564,8 @@ def _refused_with_frames(frames: list[Any], match: str) -> None:
 
 
 def test_array_frames_that_do_not_match_the_header_are_refused() -> None:
-    one, two = np.ones(256), np.arange(1024, dtype=np.int32)  # 2 KiB, 4 KiB
+    one = np.ones(OUT_OF_BAND_MIN // 8)
+    two = np.arange(OUT_OF_BAND_MIN // 2, dtype=np.int32)  # twice as long
     frames = encode_frames((one, "and", two))
     assert frames is not None and len(frames) == 3
     good = [memoryview(bytearray(memoryview(f).cast("B"))) for f in frames]
@@ -566,7 +585,7 @@ def test_array_frames_that_do_not_match_the_header_are_refused() -> None:
 
 
 def test_an_array_rebuilt_over_its_frame_shares_it_and_is_as_writable() -> None:
-    array = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    array = np.arange(16384, dtype=np.float32).reshape(128, 128)
     frames = encode_frames({"a": array})
     assert frames is not None
     writable = [frames[0], memoryview(bytearray(frames[1]))]
@@ -577,7 +596,7 @@ def test_an_array_rebuilt_over_its_frame_shares_it_and_is_as_writable() -> None:
     for load in loaders:
         back = load(writable)["a"]
         assert np.shares_memory(back, np.asarray(writable[1])) and back.flags.writeable
-        assert back.shape == (64, 64) and np.array_equal(back, array)
+        assert back.shape == (128, 128) and np.array_equal(back, array)
         assert not load(readonly)["a"].flags.writeable
 
 
@@ -588,13 +607,13 @@ def test_an_array_keeps_its_frame_alive_not_only_the_memory_under_it() -> None:
     import gc
     import weakref
 
-    array = np.arange(512, dtype=np.float64)
+    array = np.arange(OUT_OF_BAND_MIN // 8, dtype=np.float64)
     header, _ = encode_frames(array) or []
     loaders: list[Any] = [lambda f: _compact.decode(f[0], f[1:])]
     if C is not None:
         loaders.append(C.loads_frames)
     for load in loaders:
-        pool = np.empty(8192, np.uint8)
+        pool = np.empty(2 * OUT_OF_BAND_MIN, np.uint8)
         lent = pool[: array.nbytes]
         lent[:] = np.frombuffer(array.tobytes(), np.uint8)
         returned = weakref.ref(lent)
@@ -648,7 +667,7 @@ MESSAGES = [
     (_shared, _shared),
     b"y" * (OUT_OF_BAND_MIN * 4),
     ("small", np.arange(5, dtype=np.int16)),
-    ("large", np.arange(4096, dtype=np.float32).reshape(64, 64), np.ones(3)),
+    ("large", np.arange(16384, dtype=np.float32).reshape(128, 128), np.ones(3)),
     np.ones((4, 4), order="F"),  # pickled either way
 ]
 

@@ -174,7 +174,7 @@ def test_rebuilt_fortran_array_shares_memory_with_received_frame() -> None:
 def test_large_bytes_bytearray_and_memoryview_are_out_of_band_frames() -> None:
     data = b"b" * (8 * OUT_OF_BAND_MIN)
     mutable = bytearray(b"a" * (8 * OUT_OF_BAND_MIN))
-    view = np.arange(4096, dtype=np.int32).data.cast("B").cast("i")
+    view = np.arange(OUT_OF_BAND_MIN // 2, dtype=np.int32).data.cast("B").cast("i")
     frames = serialize(("tag", data, [mutable, view]))
     assert len(frames) == 4
     assert memoryview(frames[0]).nbytes < OUT_OF_BAND_MIN
@@ -183,7 +183,7 @@ def test_large_bytes_bytearray_and_memoryview_are_out_of_band_frames() -> None:
 
 
 def test_memoryview_round_trips_over_the_received_frame() -> None:
-    view = np.arange(4096, dtype=np.int64).data
+    view = np.arange(OUT_OF_BAND_MIN // 4, dtype=np.int64).data
     frames = received(serialize({"view": view, "small": memoryview(b"abc")}))
     result = deserialize(frames)
     assert result["view"].format == view.format and result["view"].tolist() == view.tolist()
