@@ -162,13 +162,15 @@ def array_types() -> tuple[type, tuple[Any, ...]]:
 
 
 _dtype_codes: dict[Any, int] = {}
+_dtype_list: list[Any] = []
 
 
-def _dtypes() -> tuple[Any, ...]:
-    """The dtypes of :data:`ARRAY_DTYPES`, made once (and ``_dtype_codes``)."""
-    if not _dtype_codes:
-        _dtype_codes.update((dtype, code) for code, dtype in enumerate(array_types()[1]))
-    return tuple(_dtype_codes)
+def _dtypes() -> list[Any]:
+    """The dtypes of :data:`ARRAY_DTYPES` by code, made once (and ``_dtype_codes``)."""
+    if not _dtype_list:
+        _dtype_list.extend(array_types()[1])
+        _dtype_codes.update((dtype, code) for code, dtype in enumerate(_dtype_list))
+    return _dtype_list
 
 
 def _array_code(array: Any) -> int | None:
@@ -234,7 +236,7 @@ def _encode_array(
     if not inline:
         assert frames is not None
         frames.append(memoryview(obj).cast("B"))
-    elif obj.nbytes:  # (a view of none cannot be cast)
+    elif size:  # (a view of nothing cannot be cast)
         out += memoryview(obj).cast("B")
 
 
