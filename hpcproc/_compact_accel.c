@@ -16,11 +16,12 @@
  * slots) and numpy arrays (whose dtype and buffer numpy gives in C) are taken; numpy's
  * types are fetched through arrays_hook before a walk that met the first array is
  * done again, and the memoryviews of out-of-band arrays are made once the walk is
- * over. The one way Python code could run during a walk is the garbage collector
- * (numpy allocates the first time it hashes a dtype object other than its own, looked
- * up below), which could run a finalizer that changes a list or dict being written:
- * so the walk holds what it writes, and gives up (pickle then) where a container's
- * size changed. While reading: NodeId(address) the first time a node's address is
+ * over. Python code could run during a walk only through the garbage collector, were
+ * numpy to allocate a tracked object while it hands out a dtype, hashes one or exports
+ * a buffer (numpy 2.4 was not seen to: a gc callback with threshold 1 never ran during
+ * a walk with a dtype not numpy's own; nothing promises it), and a finalizer could then
+ * change a list or dict being written: so the walk holds what it writes, and gives up
+ * (pickle then) where a container's size changed. While reading: NodeId(address) the first time a node's address is
  * seen, ChanMessage's and numpy's constructors, and arrays_hook for the first array.
  *
  * Why not a library: msgpack cannot tell a tuple from a list both ways and needs a
