@@ -1,10 +1,10 @@
 """Messages to frames and back, without copying large buffers.
 
 A message becomes ``[header, buf1, buf2, ...]``: ``header`` is a protocol-5 pickle (or,
-for small messages of plain data, a frame of the compact format; see below), and every
-buffer at least :data:`OUT_OF_BAND_MIN` bytes long travels out-of-band as its
-own frame: the serializer never copies it, and the transport sends it from the
-original memory. That covers numpy arrays (and anything else exposing
+for messages of plain data and numpy arrays, a frame of the compact format; see
+below), and every buffer at least :data:`OUT_OF_BAND_MIN` bytes long travels
+out-of-band as its own frame: the serializer never copies it, and the transport sends
+it from the original memory. That covers numpy arrays (and anything else exposing
 :class:`~pickle.PickleBuffer`), ``bytes``, ``bytearray`` and contiguous
 ``memoryview`` objects, at any depth in the message. On receive, arrays and
 memoryviews are rebuilt over the received frames without a copy (see
@@ -319,11 +319,13 @@ ACCELERATED = _compiled is not None
 # Messages of plain data (None, bool, 64-bit int, float, str, small bytes, tuple, list,
 # dict, pids, channel envelopes, numpy arrays of numbers) need no pickle at all: where
 # the compiled helper was built (``hpcproc/_compact_accel.c``) they are written in
-# hpcproc's compact format (:mod:`hpcproc._compact`), at a fifth of pickle's cost (an
-# eighth and less with an array), and everything else is pickled as above. Every node of this version reads both formats, compiled or not
-# (:data:`load_header`). Nodes of earlier versions read only pickles: in a cluster
-# that mixes them, :data:`COMPACT_ENV` ``=0`` on the newer nodes keeps them writing
-# pickles (a corrupt or unreadable message is dropped and logged by its receiver).
+# hpcproc's compact format (:mod:`hpcproc._compact`), at a fifth of pickle's cost (a
+# tenth and less with an array), and everything else is pickled as above. Every node
+# of this version reads both formats, compiled or not (:data:`load_header`,
+# :data:`load_frames`). Nodes of earlier versions read only pickles, or compact frames
+# without arrays and large bytes: in a cluster that mixes them, :data:`COMPACT_ENV`
+# ``=0`` on the newer nodes keeps them writing pickles (a corrupt or unreadable message
+# is dropped and logged by its receiver).
 
 #: Environment variable: ``0`` keeps :data:`serialize` writing pickles where the
 #: compact format would be used (reading it stays on).
