@@ -77,7 +77,7 @@ def encode(obj: Any) -> bytes | None:
 
 
 def encode_frames(obj: Any) -> list[Any] | None:
-    """The Python writer's frames with large arrays out-of-band, checked against the
+    """The Python writer's frames, large arrays and bytes out-of-band, checked against the
     compiled writer's (its ``serialize`` where it writes the compact format) where built."""
     frames: list[Any] = []
     header = _compact.encode(obj, OUT_OF_BAND_MIN, frames=frames)
