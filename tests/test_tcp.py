@@ -488,6 +488,36 @@ def test_silent_peer_is_dropped_after_handshake_timeout(caplog: pytest.LogCaptur
 # --------------------------------------------------------------------------- connect errors
 
 
+def test_a_connection_arriving_as_the_accept_loop_is_cancelled_raises_nothing() -> None:
+    """The accept loop is cancelled (the transport closes, say a job ending on a
+    signal) in the very loop pass whose poll found the listener readable. Over
+    ``loop.sock_accept`` (CPython 3.11), its reader callback then accepted anyway and
+    set the cancelled future's result: ``InvalidStateError``, logged by the loop with
+    a traceback, and the accepted socket leaked."""
+
+    async def main() -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _, context: errors.append(context))
+        transport = TcpTransport()
+        try:
+            await transport.new_endpoint()
+            await asyncio.sleep(0)  # the accept loop waits for a connection now
+            accepting = transport._accept_task
+            assert accepting is not None and transport.port is not None
+            with socket.create_connection(("127.0.0.1", transport.port)):
+                # Runs first in the next pass, whose poll finds the connection.
+                loop.call_soon(accepting.cancel)
+                for _ in range(3):
+                    await asyncio.sleep(0)
+            assert accepting.cancelled() or accepting.done()
+        finally:
+            await transport.close()
+        return errors
+
+    assert run(main) == []
+
+
 def test_connect_without_listener_raises_not_found() -> None:
     async def main() -> None:
         with socket.socket() as probe:

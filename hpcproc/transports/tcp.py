@@ -1299,10 +1299,20 @@ class TcpTransport(DialingTransport[_TcpEndPoint]):
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
+        # Not loop.sock_accept: its reader callback (CPython 3.11) accepts even when the
+        # future it answers was cancelled in the same loop pass (this loop cancelled as
+        # the transport closes), and fails on that future: InvalidStateError, logged
+        # with a traceback, and the accepted socket leaks (seen when a job ended on a
+        # signal; tests/test_tcp.py). Waiting for readability and accepting here keeps
+        # the accept in this task, which a cancel stops before or after it, not during.
         loop = asyncio.get_running_loop()
+        fd = listener.fileno()
         while True:
             try:
-                sock, _ = await loop.sock_accept(listener)
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                await _wait_fd(loop, fd, writable=False)
+                continue
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("tcp: cannot accept connections: %s", exc)
