@@ -227,17 +227,22 @@ def _encode_array(
     # In this frame if small and it fits (the same test as the C writer's).
     size = obj.nbytes
     inline = size < max_bytes and len(out) + 3 + 8 * obj.ndim + size <= max_frame
-    if not inline and (frames is None or len(frames) >= MAX_LARGE):
-        raise _NotCompact
     out += b"a" if inline else b"A"
     out += _ARRAY_HEAD.pack(code, obj.ndim)
     for n in obj.shape:
         out += _U64.pack(n)
     if not inline:
-        assert frames is not None
-        frames.append(memoryview(obj).cast("B"))
+        _add_large(memoryview(obj).cast("B"), frames)
     elif size:  # (a view of nothing cannot be cast)
         out += memoryview(obj).cast("B")
+
+
+def _add_large(frame: Any, frames: list[Any] | None) -> None:
+    """``frame`` (of a large bytes or array, its tag written) as the message's next
+    frame; refused where the writer makes one frame only, or past :data:`MAX_LARGE`."""
+    if frames is None or len(frames) >= MAX_LARGE:
+        raise _NotCompact
+    frames.append(frame)
 
 
 def _encode(
@@ -278,11 +283,9 @@ def _encode(
     elif kind is bytes:
         if len(obj) < max_bytes and len(out) + 5 + len(obj) <= max_frame:
             out += b"y" + _U32.pack(len(obj)) + obj
-        elif frames is None or len(frames) >= MAX_LARGE:
-            raise _NotCompact
         else:
             out += b"Y"
-            frames.append(obj)
+            _add_large(obj, frames)
     elif kind is tuple:
         out += b"t" + _U32.pack(len(obj))
         for item in obj:

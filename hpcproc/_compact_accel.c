@@ -21,8 +21,9 @@
  * a buffer (numpy 2.4 was not seen to: a gc callback with threshold 1 never ran during
  * a walk with a dtype not numpy's own; nothing promises it), and a finalizer could then
  * change a list or dict being written: so the walk holds what it writes, and gives up
- * (pickle then) where a container's size changed. While reading: NodeId(address) the first time a node's address is
- * seen, ChanMessage's and numpy's constructors, and arrays_hook for the first array.
+ * (pickle then) where a container's size changed. While reading: NodeId(address) the
+ * first time a node's address is seen, ChanMessage's and numpy's constructors, and
+ * arrays_hook for the first array.
  *
  * Why not a library: msgpack cannot tell a tuple from a list both ways and needs a
  * Python callback per pid (its ext types); marshal has no way to carry a pid, and its
@@ -302,6 +303,17 @@ dtype_code(PyObject *obj)
     return code;
 }
 
+/* obj (a large bytes or array, its tag written) as the message's next frame: ENC_OK,
+ * or ENC_SKIP where this walk makes one frame only or MAX_LARGE are taken already. */
+static int
+w_large(Writer *w, PyObject *obj)
+{
+    if (!w->frames || w->nlarge >= MAX_LARGE)
+        return ENC_SKIP;
+    w->large[w->nlarge++] = obj;
+    return ENC_OK;
+}
+
 static int
 w_array(Writer *w, PyObject *obj)
 {
@@ -319,30 +331,30 @@ w_array(Writer *w, PyObject *obj)
         PyErr_Clear(); /* not C-contiguous: pickle copies it */
         return ENC_SKIP;
     }
-    /* In this frame if small and it fits (the same test as the Python writer's). */
-    int inline_ = view.len < MaxBytes && w->len + 3 + 8 * (Py_ssize_t)view.ndim + view.len <= MaxFrame;
-    if (view.ndim > MAX_NDIM || (!inline_ && (!w->frames || w->nlarge >= MAX_LARGE))) {
+    if (view.ndim > MAX_NDIM) {
         PyBuffer_Release(&view);
         return ENC_SKIP;
     }
-    if ((r = w_reserve(w, 3 + 8 * (Py_ssize_t)view.ndim + (inline_ ? view.len : 0))) != ENC_OK) {
-        PyBuffer_Release(&view);
-        return r;
+    /* In this frame if small and it fits (the same test as the Python writer's). */
+    Py_ssize_t head = 3 + 8 * (Py_ssize_t)view.ndim;
+    int inline_ = view.len < MaxBytes && w->len + head + view.len <= MaxFrame;
+    Py_ssize_t size = head + (inline_ ? view.len : 0);
+    if ((r = w_reserve(w, size)) == ENC_OK) {
+        char *p = w->buf + w->len;
+        p[0] = inline_ ? 'a' : 'A';
+        p[1] = (char)code;
+        p[2] = (char)view.ndim;
+        p += 3;
+        for (int i = 0; i < view.ndim; i++, p += 8)
+            put_u64(p, (uint64_t)view.shape[i]);
+        if (inline_)
+            memcpy(p, view.buf, (size_t)view.len);
+        w->len += size;
+        if (!inline_)
+            r = w_large(w, obj);
     }
-    char *p = w->buf + w->len;
-    p[0] = inline_ ? 'a' : 'A';
-    p[1] = (char)code;
-    p[2] = (char)view.ndim;
-    p += 3;
-    for (int i = 0; i < view.ndim; i++, p += 8)
-        put_u64(p, (uint64_t)view.shape[i]);
-    if (inline_)
-        memcpy(p, view.buf, (size_t)view.len);
-    else
-        w->large[w->nlarge++] = obj;
-    w->len += 3 + 8 * (Py_ssize_t)view.ndim + (inline_ ? view.len : 0);
     PyBuffer_Release(&view);
-    return ENC_OK;
+    return r;
 }
 
 static int
@@ -376,13 +388,10 @@ w_value(Writer *w, PyObject *obj, int depth)
         Py_ssize_t n = PyBytes_GET_SIZE(obj);
         if (n < MaxBytes && w->len + 5 + n <= MaxFrame)
             return w_sized(w, 'y', PyBytes_AS_STRING(obj), n);
-        if (!w->frames || w->nlarge >= MAX_LARGE)
-            return ENC_SKIP;
         if ((r = w_reserve(w, 1)) != ENC_OK)
             return r;
         w->buf[w->len++] = 'Y';
-        w->large[w->nlarge++] = obj;
-        return ENC_OK;
+        return w_large(w, obj);
     }
     if (t == &PyUnicode_Type) {
         Py_ssize_t n;
@@ -959,10 +968,11 @@ decode_buffer(const unsigned char *data, Py_ssize_t len, PyObject *frames)
     return obj;
 }
 
-/* The message of frame: a compact frame read here; any other by pickle_loads where
- * pickles is set, else refused. */
+/* The message of frame: a compact frame read here (frames: NULL, or a tuple of the
+ * message's frames, frame first); any other by pickle_loads where pickles is set, else
+ * refused. */
 static PyObject *
-read_frame(PyObject *frame, int pickles)
+read_frame(PyObject *frame, int pickles, PyObject *frames)
 {
     if (!configured())
         return NULL;
@@ -970,7 +980,7 @@ read_frame(PyObject *frame, int pickles)
     if (PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     int compact = view.len > 0 && ((const unsigned char *)view.buf)[0] == MAGIC;
-    PyObject *out = compact ? decode_buffer(view.buf, view.len, NULL) : NULL;
+    PyObject *out = compact ? decode_buffer(view.buf, view.len, frames) : NULL;
     PyBuffer_Release(&view);
     if (compact)
         return out;
@@ -983,19 +993,19 @@ read_frame(PyObject *frame, int pickles)
 static PyObject *
 accel_loads(PyObject *Py_UNUSED(mod), PyObject *frame)
 {
-    return read_frame(frame, 1);
+    return read_frame(frame, 1, NULL);
 }
 
 static PyObject *
 accel_decode(PyObject *Py_UNUSED(mod), PyObject *frame)
 {
-    return read_frame(frame, 0);
+    return read_frame(frame, 0, NULL);
 }
 
 static PyObject *
 accel_loads_frames(PyObject *Py_UNUSED(mod), PyObject *frames)
 {
-    if (!configured())
+    if (!configured()) /* (before Error is used below) */
         return NULL;
     if (!PyList_Check(frames) && !PyTuple_Check(frames)) {
         PyErr_SetString(PyExc_TypeError, "loads_frames: expected a list or tuple of frames");
@@ -1009,15 +1019,7 @@ accel_loads_frames(PyObject *Py_UNUSED(mod), PyObject *frames)
     PyObject *held = PySequence_Tuple(frames);
     if (held == NULL)
         return NULL;
-    Py_buffer view;
-    PyObject *out = NULL;
-    if (PyObject_GetBuffer(PyTuple_GET_ITEM(held, 0), &view, PyBUF_SIMPLE) == 0) {
-        if (view.len > 0 && ((const unsigned char *)view.buf)[0] == MAGIC)
-            out = decode_buffer(view.buf, view.len, held);
-        else
-            PyErr_SetString(Error, "cannot deserialize message: not a compact message");
-        PyBuffer_Release(&view);
-    }
+    PyObject *out = read_frame(PyTuple_GET_ITEM(held, 0), 0, held);
     Py_DECREF(held);
     return out;
 }
