@@ -903,9 +903,7 @@ class _Engine:
             (src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames), len(reqs) - done
         )
         for i in range(done, len(reqs)):
-            self._recv_reqs.append(reqs[i])
-            self._recv_msgs.append(msg)
-            self._recv_lens.append(lengths[i])
+            self._await_frame(reqs[i], msg, lengths[i])
         if problem is not None:
             self._poison(src, problem)
         else:
@@ -916,6 +914,13 @@ class _Engine:
         completed with MPI error ``error``."""
         reason = self.MPI.Get_error_string(error).strip()
         return f"a frame of {length} bytes by its envelope failed ({reason}; longer than declared?)"
+
+    def _await_frame(self, req: MPI.Request, msg: _Partial, length: int) -> None:
+        """Track the receive ``req`` of a frame of ``length`` bytes of ``msg`` until
+        progress completes it (:meth:`_test_recvs`; caller holds the lock)."""
+        self._recv_reqs.append(req)
+        self._recv_msgs.append(msg)
+        self._recv_lens.append(length)
 
     def _frame_target(self, length: int) -> Any:
         """A buffer for a separate frame of ``length`` bytes (caller holds the lock)."""
@@ -977,9 +982,7 @@ class _Engine:
         msg = _Partial((src, kind, src_ep, dst_ep, gen, conn_id, frames), nframes)
         for length in lengths:
             target = self._frame_target(length)
-            self._recv_reqs.append(self.comm.Irecv([target, self._byte], src, _TAG))
-            self._recv_msgs.append(msg)
-            self._recv_lens.append(length)
+            self._await_frame(self.comm.Irecv([target, self._byte], src, _TAG), msg, length)
             frames.append(memoryview(target))
         return msg
 
