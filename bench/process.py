@@ -446,7 +446,10 @@ def run(options: SuiteOptions) -> list[Record]:
     name = options.transport
     quick = options.quick or options.smoke
     rounds = 1 if quick else 3
-    rtt_step = Step(RTT_SIZE, 200 if quick else 500, 11 if quick else 21, 100)
+    if options.smoke:
+        rtt_step = Step(RTT_SIZE, 20, 1, 5)
+    else:
+        rtt_step = Step(RTT_SIZE, 200 if quick else 500, 11 if quick else 21, 100)
     array_step = replace(rtt_step, size=ARRAY_SIZE)
     params: dict[str, Any] = {
         "transport": name,
@@ -464,12 +467,7 @@ def run(options: SuiteOptions) -> list[Record]:
     }
     memory_processes = MEMORY_PROCESSES
     if options.smoke:
-        rtt_step = Step(RTT_SIZE, 20, 1, 5)
-        array_step = replace(rtt_step, size=ARRAY_SIZE)
         params.update(
-            rtt_step=asdict(rtt_step),
-            array_step=asdict(array_step),
-            steps=[asdict(rtt_step), asdict(array_step)],
             rate_count=200,
             rate_runs=1,
             spawn_count=20,
