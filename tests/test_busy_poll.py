@@ -437,10 +437,13 @@ def test_the_cgroups_cpus_are_read_from_either_cgroup_version(tmp_path: Path) ->
     assert _host._cgroup_cpus(membership, str(root)) is None
 
 
+# One write per rank: with PYTHONUNBUFFERED set (as in a CI run), print writes its pieces one
+# by one, and the two ranks' lines came out interleaved ("PROBEPROBE [...]" in 10 of
+# 30 runs).
 _CROWDING_PROBE = (
-    "import json; from hpcproc import _host; from hpcproc.transports import _busy_poll; "
-    "print('PROBE', json.dumps([_host.ranks_on_host(), _host.usable_cpus(), "
-    "_host.shared_cpus(), _busy_poll.crowding().fixed]), flush=True)"
+    "import json, sys; from hpcproc import _host; from hpcproc.transports import _busy_poll; "
+    "sys.stdout.write('PROBE ' + json.dumps([_host.ranks_on_host(), _host.usable_cpus(), "
+    "_host.shared_cpus(), _busy_poll.crowding().fixed]) + '\\n'); sys.stdout.flush()"
 )
 
 
