@@ -198,7 +198,11 @@ def receive(*matchers: Matcher, timeout: float | None = None) -> Coroutine[Any, 
     Raises:
         ValueError: a ``match_chan`` port belongs to another process.
     """
-    return current().receive(matchers, timeout)
+    tasks = RUNNING_TASKS  # current() written out: a frame less per message
+    proc = tasks.get(running_loop()) if tasks is not None else None  # type: ignore[arg-type]
+    if type(proc) is not Process:
+        proc = current()
+    return proc.receive(matchers, timeout)
 
 
 # ---------------------------------------------------------------------- channels

@@ -227,6 +227,24 @@ def test_receive_waits_for_a_later_matching_message() -> None:
     assert run(body) == (42, "noise")
 
 
+def test_a_waiting_selective_receive_rescans_after_another_task_took_a_message() -> None:
+    """A receive that found no match among the waiting messages waits for new ones
+    only; if another task of the process takes a waiting message meanwhile, the
+    positions moved, and the match that then arrives is still found."""
+
+    async def body() -> tuple[Any, Any, Any]:
+        me = hp.self_pid()
+        for m in (1, 2):
+            await hp.send(me, m)
+        waiting = asyncio.create_task(hp.receive(hp.match_if(lambda m: m == "x"), timeout=WAIT))
+        await asyncio.sleep(0)  # it looked at 1 and 2 and waits
+        took = await hp.expect(int, timeout=0)
+        await hp.send(me, "x")
+        return took, await waiting, await hp.expect(timeout=0)
+
+    assert run(body) == (1, "x", 2)
+
+
 def test_async_handler_result_is_returned() -> None:
     async def handler(m: int) -> int:
         await asyncio.sleep(0)

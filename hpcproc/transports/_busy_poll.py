@@ -298,6 +298,8 @@ def _others_among(ready: Any, mine: Container[object]) -> bool:
         handles = tuple(ready)
     except RuntimeError:
         return True
+    if len(handles) == 1:  # the common case (a link's own poll): no generator
+        return handles[0] not in mine
     return any(handle not in mine for handle in handles)
 
 
@@ -318,6 +320,7 @@ class IdlePoller:
         "_yield",
         "_yielding",
         "budget",
+        "crowding",
         "enabled",
         "yield_budget",
         "yield_look",
@@ -339,8 +342,9 @@ class IdlePoller:
         #: A transport's ``poll_once`` for :meth:`poll` when it yields, if it has a
         #: cheaper one for many looks that find nothing (tcp: one ``poll(2)``).
         self.yield_look: Callable[[], bool] | None = None
-        #: Whether the CPUs are crowded now (see :class:`Crowding`).
-        self._crowded = crowding()
+        #: Whether the CPUs are crowded now: the process's :class:`Crowding` this
+        #: poller follows (an attribute, not a property: read on every routed wait).
+        self.crowding = self._crowded = crowding()
         self._streak = 0
         self._starved = 0
         self._no_poll_until = 0.0
@@ -397,11 +401,6 @@ class IdlePoller:
         if crowded:
             return self.yields
         return now >= self._no_poll_until
-
-    @property
-    def crowding(self) -> Crowding:
-        """The process's :class:`Crowding` this poller follows."""
-        return self._crowded
 
     def yield_if_crowded(self, ours: object = None) -> bool:
         """Give the CPU away (``os.sched_yield``) if the loop is idle but for ``ours``
@@ -619,11 +618,14 @@ class IdlePoller:
         callback other than ``all_ours()`` is ready (starved spins do not stop it:
         it gives the CPU away between its looks)."""
         ready: Any = self._ready
-        if ready is None or not self._crowded(now):
+        c = self._crowded  # its cached answer read here: a call less per wait
+        if ready is None or not (c.crowded if now < c.next_check else c(now)):
             return False
         if ready and _others_among(ready, all_ours() if all_ours is not None else ()):
             return False
-        if not self.take_turn():
+        self._streak += 1  # take_turn written out: a call less per wait
+        if self._streak > FAIR_STREAK:
+            self._streak = 0
             return False
         self._poll_yielding(look)
         return True
