@@ -314,6 +314,7 @@ class IdlePoller:
         "_crowded",
         "_loop_ready",
         "_no_poll_until",
+        "_ours_seen",
         "_ready",
         "_starved",
         "_streak",
@@ -357,6 +358,8 @@ class IdlePoller:
         self.enabled = ready is not None
         #: True while ``receive`` waits in its yield to other ready callbacks.
         self._yielding = False
+        #: The ready handle :meth:`poll_looking` last found to be the caller's own.
+        self._ours_seen: object = None
 
     # ------------------------------------------------------------------ the parts
 
@@ -621,8 +624,14 @@ class IdlePoller:
         c = self._crowded  # its cached answer read here: a call less per wait
         if ready is None or not (c.crowded if now < c.next_check else c(now)):
             return False
-        if ready and _others_among(ready, all_ours() if all_ours is not None else ()):
-            return False
+        # The one handle found ours last time is still ours: while the loop does not
+        # run (a busy all-to-all), a link's own poll waits in the ready queue through
+        # every wait, and asking the endpoint for its handles each time cost two calls
+        # per wait.
+        if ready and (len(ready) != 1 or ready[0] is not self._ours_seen):
+            if _others_among(ready, all_ours() if all_ours is not None else ()):
+                return False
+            self._ours_seen = ready[0] if len(ready) == 1 else None
         self._streak += 1  # take_turn written out: a call less per wait
         if self._streak > FAIR_STREAK:
             self._streak = 0

@@ -393,6 +393,10 @@ class RoutingEndPoint(EndPoint):
             network._done_looking()
         if not polled:
             return _NOT_POLLED
+        local_items = local._events._items
+        network_items = network._events._items
+        if not (queue or local_items or network_items):
+            return None  # the common end: the data went to receivers
         event: Event | None = queue.popleft() if queue else None
         for sub, endpoint in ((LOCAL, local), (NETWORK, network)):
             events = endpoint._events
