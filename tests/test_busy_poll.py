@@ -688,7 +688,22 @@ def test_poll_looking_leaves_uncrowded_cpus_and_busy_loops_to_the_caller(
         assert not poller.poll_looking(look, time.perf_counter())  # another callback
         assert poller.poll_looking(look, time.perf_counter(), lambda: {handle})  # ours
         assert looked == [None]
+
+        # The one handle found ours is remembered (not asked about at every wait)...
+        def not_asked() -> set[object]:
+            raise AssertionError("the remembered handle was asked about again")
+
+        assert poller.poll_looking(look, time.perf_counter(), not_asked)
+        # ...and another one alone in the queue is not taken for it.
+        ready: Any = ready_queue(loop)
         handle.cancel()
+        ready.remove(handle)  # as if the loop had run it
+        other = loop.call_soon(lambda: None)
+        try:
+            assert not poller.poll_looking(look, time.perf_counter(), lambda: {handle})
+            assert looked == [None, None]
+        finally:
+            other.cancel()
 
     _run(body())
 
