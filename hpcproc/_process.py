@@ -430,11 +430,10 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                     return msg
         elif mb and len(matchers) == 1 and matchers[0].port is None:
             # Selective receive of one mailbox matcher with messages waiting: the
-            # first match without the wait's set-up (Matcher.accepts written out).
+            # first match without the wait's set-up.
             m = matchers[0]
-            tp, pred = m.type_, m.pred
             for i, msg in enumerate(mb):
-                if (tp is None or isinstance(msg, tp)) and (pred is None or pred(msg)):
+                if m.accepts(msg):
                     del mb[i]
                     self._epoch += 1
                     if m.handler is identity:  # no coroutine to await
@@ -466,12 +465,7 @@ class Process(asyncio.Task):  # type: ignore[type-arg]
                     else:
                         for msg in islice(mb, start, None):
                             for m in matchers:
-                                # (Matcher.accepts written out: a frame less per look.)
-                                if (
-                                    m.port is None
-                                    and (m.type_ is None or isinstance(msg, m.type_))
-                                    and (m.pred is None or m.pred(msg))
-                                ):
+                                if m.port is None and m.accepts(msg):
                                     del mb[i]
                                     self._epoch += 1
                                     if m.handler is identity:  # no coroutine to await

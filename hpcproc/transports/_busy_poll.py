@@ -298,8 +298,6 @@ def _others_among(ready: Any, mine: Container[object]) -> bool:
         handles = tuple(ready)
     except RuntimeError:
         return True
-    if len(handles) == 1:  # the common case (a link's own poll): no generator
-        return handles[0] not in mine
     return any(handle not in mine for handle in handles)
 
 
@@ -311,7 +309,6 @@ class IdlePoller:
     """
 
     __slots__ = (
-        "_crowded",
         "_loop_ready",
         "_no_poll_until",
         "_ours_seen",
@@ -345,7 +342,7 @@ class IdlePoller:
         self.yield_look: Callable[[], bool] | None = None
         #: Whether the CPUs are crowded now: the process's :class:`Crowding` this
         #: poller follows (an attribute, not a property: read on every routed wait).
-        self.crowding = self._crowded = crowding()
+        self.crowding = crowding()
         self._streak = 0
         self._starved = 0
         self._no_poll_until = 0.0
@@ -399,7 +396,7 @@ class IdlePoller:
                 return False
             if _others_among(ready, all_ours()):
                 return False
-        c = self._crowded
+        c = self.crowding
         crowded = self._yield = c.crowded if now < c.next_check else c(now)
         if crowded:
             return self.yields
@@ -431,7 +428,7 @@ class IdlePoller:
 
     def polling_off(self, now: float) -> bool:
         """Whether polling is off at ``now`` (the CPUs are, or were seen, oversubscribed)."""
-        c = self._crowded
+        c = self.crowding
         return now < self._no_poll_until or (c.crowded if now < c.next_check else c(now))
 
     def probed(self, now: float, starved: bool) -> None:
@@ -463,7 +460,7 @@ class IdlePoller:
         """
         if start is None:
             start = time.perf_counter()
-            c = self._crowded  # Crowding.__call__'s cached answer read here: a call less
+            c = self.crowding  # Crowding.__call__'s cached answer read here: a call less
             crowded = self._yield = c.crowded if start < c.next_check else c(start)
             if crowded:
                 if not self.yields:
@@ -565,7 +562,7 @@ class IdlePoller:
             return -1.0
         perf_counter = time.perf_counter
         start = perf_counter()
-        c = self._crowded
+        c = self.crowding
         if start < self._no_poll_until or (c.crowded if start < c.next_check else c(start)):
             return 0.0
         # As poll: the callbacks ready before we started, the CPU probe, the budget.
@@ -621,7 +618,7 @@ class IdlePoller:
         callback other than ``all_ours()`` is ready (starved spins do not stop it:
         it gives the CPU away between its looks)."""
         ready: Any = self._ready
-        c = self._crowded  # its cached answer read here: a call less per wait
+        c = self.crowding  # its cached answer read here: a call less per wait
         if ready is None or not (c.crowded if now < c.next_check else c(now)):
             return False
         # The one handle found ours last time is still ours: while the loop does not
@@ -632,9 +629,7 @@ class IdlePoller:
             if _others_among(ready, all_ours() if all_ours is not None else ()):
                 return False
             self._ours_seen = ready[0] if len(ready) == 1 else None
-        self._streak += 1  # take_turn written out: a call less per wait
-        if self._streak > FAIR_STREAK:
-            self._streak = 0
+        if not self.take_turn():
             return False
         self._poll_yielding(look)
         return True
@@ -661,7 +656,7 @@ class IdlePoller:
             return False
         perf_counter = time.perf_counter
         now = perf_counter()
-        c = self._crowded
+        c = self.crowding
         if now < self._no_poll_until or (c.crowded if now < c.next_check else c(now)):
             if yield_when_crowded:
                 os.sched_yield()

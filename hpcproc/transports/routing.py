@@ -180,8 +180,6 @@ class RoutingEndPoint(EndPoint):
         #: (:meth:`_poll_both`), through the local one's poller; their own polls do
         #: not yield then. None where either cannot be polled so.
         self._both_poller: IdlePoller | None = None
-        #: The two sub-endpoints, typed, when ``_both_poller`` is set.
-        self._both: tuple[MultiplexedEndPoint, MultiplexedEndPoint] | None = None
         #: ``_poll_both``'s look at both, and the two sub-endpoint looks it calls
         #: (made again when either changes: their links changed).
         self._both_look: tuple[object, object, Callable[[], bool]] | None = None
@@ -196,7 +194,6 @@ class RoutingEndPoint(EndPoint):
             poller = getattr(local, "_poller", None)
             if isinstance(poller, IdlePoller) and poller.enabled:
                 self._both_poller = poller
-                self._both = (local, network)
 
     @property
     def address(self) -> EndPointAddress:
@@ -356,8 +353,11 @@ class RoutingEndPoint(EndPoint):
         are not crowded, or either sub-endpoint cannot be polled so now."""
         # (Called on every wait of a receive on crowded CPUs, with 4 ranks on 2 CPUs
         # 1.5 times per all-to-all round: no typing.cast, no call to the crowding's
-        # cached answer, and the look at both made once, not a closure per wait.)
-        local, network = self._both  # type: ignore[misc]  # set with _both_poller
+        # cached answer, and the look at both made once, not a closure per wait. Both
+        # sub-endpoints are MultiplexedEndPoints where _both_poller is set.)
+        local: MultiplexedEndPoint
+        network: MultiplexedEndPoint
+        local, network = self._subs  # type: ignore[assignment]
         now = time.perf_counter()
         c = poller.crowding
         closed = self._sub_closed
@@ -414,7 +414,9 @@ class RoutingEndPoint(EndPoint):
         """:meth:`_poll_both`'s one look at both sub-endpoints' links: True (stop)
         once an event is queued here or in either, or either handed a message to a
         receiver since the poll began."""
-        local, network = self._both  # type: ignore[misc]
+        local: MultiplexedEndPoint
+        network: MultiplexedEndPoint
+        local, network = self._subs  # type: ignore[assignment]
         queue = self._queue
         local_items = local._events._items
         network_items = network._events._items
@@ -433,7 +435,7 @@ class RoutingEndPoint(EndPoint):
 
     def _take_queued(self, sub: int) -> Event | None:
         """:meth:`_take` of what sub-endpoint ``sub`` has queued, without its poll."""
-        endpoint: MultiplexedEndPoint = self._both[sub]  # type: ignore[index]
+        endpoint: MultiplexedEndPoint = self._subs[sub]  # type: ignore[assignment]
         while (event := endpoint._queued_event()) is not None:
             out = self._translate(sub, event)
             if out is not None:

@@ -78,7 +78,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, cast
 
@@ -1358,12 +1358,9 @@ class _ShmEndPoint(MultiplexedEndPoint):
                 link._polling = True
                 link._handle = loop.call_soon(link._progress)
 
-    def _spin_handles(self) -> Container[asyncio.Handle | None]:
+    def _spin_handles(self) -> set[asyncio.Handle | None]:
         """The ready-queue handles of the links' own polling (no reason not to poll)."""
         links: list[_ShmLink] = self._polled or self._polled_links()  # type: ignore[assignment]
-        if len(links) == 1:  # one peer on this host (routed): no set built
-            link = links[0]
-            return (link._handle,) if link._polling else ()
         return {link._handle for link in links if link._polling}
 
     _own_handles = _spin_handles

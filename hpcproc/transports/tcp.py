@@ -563,22 +563,10 @@ class _TcpLink(Link):
                         continue
                 if self._lowat != 1:
                     self._set_lowat(1)
-                # _make_room's common case and _recv_buffered written out: two calls
-                # less per read, that is per message of a link not streaming.
-                if self._start == self._end:
-                    self._start = self._end = 0
-                else:
-                    self._make_room()
-                end = self._end
-                space = len(self._buf) - end
-                n = sock.recv_into(self._mv[end:])
-                if n == 0:
-                    self._on_eof()
-                    return
-                self._end = end + n
-                self._parse()
-                if n < space:
-                    return  # the socket is drained
+                self._make_room()
+                space = len(self._buf) - self._end
+                if self._recv_buffered(sock) < space:
+                    return  # the socket is drained (or closed: 0)
         except (BlockingIOError, InterruptedError):
             return
         except WireError as exc:
