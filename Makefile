@@ -11,8 +11,9 @@ venv: $(STAMP)
 # tests/plugin_transport: the test transport `teststreams`, registered through a real
 # `hpcproc.transports` entry point as a third party's transport would be.
 # setup.py builds the optional C parts (the shm ring, the pickler glue, the compact
-# format, the UCX address pad) in place.
+# format, the UCX address pad, the tcp socket read) in place.
 $(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c hpcproc/_ucx_address_pad.c \
+		hpcproc/transports/_socket_accel.c \
 		hpcproc/_pickle_accel.c hpcproc/_compact_accel.c hpcproc/_accel_pid.h \
 		tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,13 +30,16 @@ lint: venv
 # (HPCPROC_RING_ACCEL=0, HPCPROC_PICKLE_ACCEL=0), the fallbacks where no C compiler
 # was found at install (tests/test_serialization.py runs every serializer itself; here the
 # pid's pickling functions are Python's too, and tests/test_compact.py's node in this
-# process writes pickles and reads compact frames in Python).
+# process writes pickles and reads compact frames in Python); then the tcp transport
+# reading its sockets with recv_into (HPCPROC_SOCKET_ACCEL=0), its fallback.
 pytest: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 	HPCPROC_RING_ACCEL=0 HPCPROC_PICKLE_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "shm or ring" \
 		tests/test_shm.py tests/test_shm_ring.py tests/test_transport_conformance.py
 	HPCPROC_PICKLE_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider tests/test_serialization.py \
 		tests/test_compact.py
+	HPCPROC_SOCKET_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "tcp or socket" \
+		tests/test_tcp.py tests/test_socket_accel.py tests/test_transport_conformance.py
 
 test: lint pytest
 

@@ -5,6 +5,9 @@ build goes on without them.
 
 * ``hpcproc.transports._ring_accel``: the shm transport's ring in C; without it the
   pure-Python ring (``hpcproc/transports/_shm_ring.py``) is used.
+* ``hpcproc.transports._socket_accel``: the tcp transport's read of a socket that may
+  have nothing to read, returning -1 instead of raising ``BlockingIOError``; without it
+  ``socket.recv_into`` does the reads.
 * ``hpcproc._pickle_accel``: the bookkeeping of ``serialize``'s small-message path in
   C (see ``hpcproc/serialization.py``); without it small messages go through
   ``pickle.dumps``.
@@ -37,6 +40,7 @@ def _optional(name: str, **extra: Any) -> Extension:
 setup(
     ext_modules=[
         _optional("transports._ring_accel"),
+        _optional("transports._socket_accel"),
         _optional("_pickle_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_compact_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_ucx_address_pad", libraries=["dl", "pthread"]),
