@@ -11,9 +11,9 @@ venv: $(STAMP)
 # tests/plugin_transport: the test transport `teststreams`, registered through a real
 # `hpcproc.transports` entry point as a third party's transport would be.
 # setup.py builds the optional C parts (the shm ring, the pickler glue, the compact
-# format, the UCX address pad, the tcp socket read) in place.
+# format, the UCX address pad, the tcp socket read, the mpi hand-over) in place.
 $(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c hpcproc/_ucx_address_pad.c \
-		hpcproc/transports/_socket_accel.c \
+		hpcproc/transports/_socket_accel.c hpcproc/transports/_mpi_accel.c \
 		hpcproc/_pickle_accel.c hpcproc/_compact_accel.c hpcproc/_accel_pid.h \
 		tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,7 +31,9 @@ lint: venv
 # was found at install (tests/test_serialization.py runs every serializer itself; here the
 # pid's pickling functions are Python's too, and tests/test_compact.py's node in this
 # process writes pickles and reads compact frames in Python); then the tcp transport
-# reading its sockets with recv_into (HPCPROC_SOCKET_ACCEL=0), its fallback.
+# reading its sockets with recv_into (HPCPROC_SOCKET_ACCEL=0), and the mpi transport's
+# small messages in Python (HPCPROC_MPI_ACCEL=0, the two-rank scenarios included), the
+# fallbacks of those compiled parts.
 pytest: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 	HPCPROC_RING_ACCEL=0 HPCPROC_PICKLE_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "shm or ring" \
@@ -40,6 +42,9 @@ pytest: venv
 		tests/test_compact.py
 	HPCPROC_SOCKET_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "tcp or socket" \
 		tests/test_tcp.py tests/test_socket_accel.py tests/test_transport_conformance.py
+	HPCPROC_MPI_ACCEL=0 $(PY) -m pytest -q -p no:cacheprovider -k "mpi" \
+		tests/test_mpi.py tests/test_mpi_accel.py tests/test_mpi_two_ranks.py \
+		tests/test_transport_conformance.py
 
 test: lint pytest
 

@@ -8,6 +8,9 @@ build goes on without them.
 * ``hpcproc.transports._socket_accel``: the tcp transport's read of a socket that may
   have nothing to read, returning -1 instead of raising ``BlockingIOError``; without it
   ``socket.recv_into`` does the reads.
+* ``hpcproc.transports._mpi_accel``: the mpi transport's hand-over of a small message
+  to a spinning receiver (no MPI call: it builds without MPI); without it
+  ``hpcproc/transports/mpi.py`` does that work in Python.
 * ``hpcproc._pickle_accel``: the bookkeeping of ``serialize``'s small-message path in
   C (see ``hpcproc/serialization.py``); without it small messages go through
   ``pickle.dumps``.
@@ -41,6 +44,7 @@ setup(
     ext_modules=[
         _optional("transports._ring_accel"),
         _optional("transports._socket_accel"),
+        _optional("transports._mpi_accel"),
         _optional("_pickle_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_compact_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_ucx_address_pad", libraries=["dl", "pthread"]),

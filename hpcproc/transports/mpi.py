@@ -144,13 +144,14 @@ import contextlib
 import enum
 import itertools
 import logging
+import os
 import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 
@@ -176,6 +177,7 @@ from .base import (
     Event,
     NewEndPointError,
     NewEndPointErrorCode,
+    Received,
     TransportError,
 )
 
@@ -786,6 +788,23 @@ class _Engine:
         message.Recv([buf, byte])
         if src in self._poisoned:
             return
+        if (
+            endpoint is not None
+            and not ready
+            and _deliver_inline is not None
+            and _deliver_inline(endpoint, buf, src, self.options.max_message, self._inbound)
+        ):
+            # The fast path of _taken and _deliver_data's, in C: a DATA message of one
+            # inline frame for a live link and open connection of endpoint.
+            return
+        self._taken(src, buf, ready, endpoint)
+
+    def _taken(
+        self, src: int, buf: Any, ready: list[_Inbound], endpoint: _MpiEndPoint | None
+    ) -> None:
+        """:meth:`_take` once the envelope ``buf`` from ``src`` (not poisoned) was
+        received (the compiled ``take_one`` calls it for what it does not take itself)."""
+        size = len(buf)
         if size >= _ONE.size:
             # Fast path: a DATA message of one inline frame (same checks as _parse).
             kind, flags, _, nframes, src_ep, dst_ep, gen, conn_id, length = _ONE.unpack_from(buf)
@@ -1278,6 +1297,8 @@ class _MpiLink(Link):
             ConnectionError: the engine is shut down.
             MPI.Exception: the MPI library refused the send.
         """
+        if _send_inline is not None:
+            return _send_inline(self, conn_id, frames)  # the same, in C
         if self.finished or len(frames) != 1:
             return False
         frame = frames[0]
@@ -1371,6 +1392,35 @@ class _MpiLink(Link):
         self.inflight.clear()
 
 
+#: Environment variable: ``0`` hands small messages over in Python even where the
+#: compiled hand-over (``_mpi_accel.c``) was built.
+ACCEL_ENV: Final = "HPCPROC_MPI_ACCEL"
+
+
+def _compiled() -> Any:
+    """The compiled module, ready for use, or None where it was not built or is turned
+    off (:meth:`_Engine._take` and :meth:`_MpiLink.send_now` then do its work)."""
+    if os.environ.get(ACCEL_ENV, "1").strip() == "0":
+        return None
+    try:
+        from . import _mpi_accel
+    except ImportError:  # built without a compiler
+        return None
+    _mpi_accel.init(_MpiLink, Received, _TAG, _MAX_UNTRACKED)
+    return _mpi_accel
+
+
+_accel = _compiled()
+#: Whether small messages are sent, and handed over to a spinning receiver, in C.
+ACCELERATED: Final = _accel is not None
+_deliver_inline: Callable[[Any, Any, int, int, Any], bool] | None = (
+    _accel.deliver_inline if ACCELERATED else None
+)
+_send_inline: Callable[[_MpiLink, int, Sequence[Buffer]], bool] | None = (
+    _accel.send_inline if ACCELERATED else None
+)
+
+
 class _PendingConnect:
     __slots__ = ("future", "gen", "link")
 
@@ -1447,8 +1497,11 @@ class _MpiEndPoint(MultiplexedEndPoint):
         self._poller = IdlePoller(loop, opts.busy_poll_us)
         #: The poller gave the loop its turn (see :meth:`receive`).
         self._fair_turn = False
-        #: The engine's one-probe step, called as ``take_one(self)`` every turn of a spin.
-        self._take_one = engine.take_one
+        #: The engine's one-probe step, called as ``take_one(self)`` every turn of a spin
+        #: (its common case in C where built: ``_mpi_accel.c``'s ``Spinner``).
+        self._take_one: Callable[[_MpiEndPoint], bool] = (
+            _accel.Spinner(engine, self, time.monotonic) if ACCELERATED else engine.take_one
+        )
 
     # ------------------------------------------------------------------ waiting
 
@@ -1508,8 +1561,9 @@ class _MpiEndPoint(MultiplexedEndPoint):
         poller = self._poller
         if self._closed or not poller.enabled:
             return 0.0
-        pump = self.engine.pump_for(self.loop)
-        hot = pump.hot_handle() if pump is not None else None
+        # pump_for and _Pump.hot_handle read in place: two calls less per receive.
+        pump = self.engine._pumps.get(self.loop)
+        hot = None if pump is None or pump.timer else pump.handle
         gave_up = poller.turn_and_poll(self._events._items, self._take_one, self, hot)
         if gave_up < 0:
             self._fair_turn = True

@@ -1,0 +1,304 @@
+"""The mpi transport's compiled small-message paths (``hpcproc/transports/_mpi_accel.c``)
+against the Python ones they stand in for, on a real (singleton) MPI rank: what they
+take they take as the Python path would, and what they refuse they leave untouched.
+``make test`` runs the mpi tests again with ``HPCPROC_MPI_ACCEL=0`` (the Python paths),
+the two-rank conformance scenarios included."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from hpcproc.transports.base import Connection, ConnectionOpened, EndPoint, Received
+
+from ._compiled import REQUIRE_ENV, compiled_required
+
+pytest.importorskip("mpi4py", reason="the mpi transport needs mpi4py (pip install hpcproc[mpi])")
+
+from hpcproc.transports import mpi
+
+accel: ModuleType | None
+try:
+    from hpcproc.transports import _mpi_accel as accel
+except ImportError:  # built without a compiler
+    accel = None
+
+T = TypeVar("T")
+WAIT = 10.0
+
+
+@pytest.fixture
+def compiled() -> ModuleType:
+    if accel is None:
+        if compiled_required():
+            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc.transports._mpi_accel was not built")
+        pytest.skip("the compiled mpi paths were not built (no C compiler at install)")
+    # (As mpi.py does, unless HPCPROC_MPI_ACCEL=0 kept it from loading them: the tests
+    # compare them with the Python paths either way.)
+    accel.init(mpi._MpiLink, Received, mpi._TAG, mpi._MAX_UNTRACKED)
+    return accel
+
+
+async def bounded(awaitable: Awaitable[T]) -> T:
+    return await asyncio.wait_for(awaitable, WAIT)
+
+
+@dataclass
+class Pair:
+    """Endpoint ``a`` connected to ``b``; the link of ``b`` the messages arrive on."""
+
+    a: EndPoint
+    b: Any  # the _MpiEndPoint
+    conn: Connection
+    link: Any  # b's _MpiLink to a
+    src_ep: int  # a's endpoint id
+    conn_id: int  # the connection's id on the wire (a's)
+    local: int  # the connection's id at b
+
+    def envelope(self, payload: bytes, **changes: int) -> bytearray:
+        """A DATA message of one inline frame on this connection, fields changed."""
+        fields = {
+            "kind": int(mpi._Msg.DATA),
+            "flags": mpi._FLAG_INLINE,
+            "pad": 0,
+            "nframes": 1,
+            "src_ep": self.src_ep,
+            "dst_ep": self.b.endpoint_id,
+            "gen": self.link.gen,
+            "conn_id": self.conn_id,
+            "length": len(payload),
+        }
+        fields.update(changes)
+        return bytearray(mpi._ONE.pack(*fields.values()) + payload)
+
+
+@contextlib.asynccontextmanager
+async def pair() -> AsyncIterator[Pair]:
+    transport = mpi.create_transport()
+    try:
+        a = await transport.new_endpoint()
+        b: Any = await transport.new_endpoint()
+        conn = await bounded(a.connect(b.address))
+        opened = await bounded(b.receive())
+        assert isinstance(opened, ConnectionOpened)
+        link = b._links[a.address]
+        src_ep = mpi.parse_address(a.address)[1]
+        conn_id = next(cid for cid, local in link.incoming.items() if local == opened.conn_id)
+        yield Pair(a, b, conn, link, src_ep, conn_id, opened.conn_id)
+    finally:
+        await bounded(transport.close())
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(bounded(main()))
+
+
+def lock_is_free(lock: Any) -> bool:
+    """Whether another thread can take ``lock`` (an RLock: this one always could)."""
+    got: list[bool] = []
+
+    def probe() -> None:
+        got.append(lock.acquire(blocking=False))
+        if got[0]:
+            lock.release()
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join(WAIT)
+    return got == [True]
+
+
+def snapshot(p: Pair) -> tuple[Any, ...]:
+    """What a hand-over changes."""
+    return (list(p.b._events._items), p.link.heard, p.b._handed_over)
+
+
+def test_the_compiled_paths_are_built_and_used_unless_turned_off(compiled: ModuleType) -> None:
+    turned_off = os.environ.get(mpi.ACCEL_ENV, "1").strip() == "0"
+    assert mpi.ACCELERATED is not turned_off
+
+    async def main() -> None:
+        async with pair() as p:
+            spinner = type(p.b._take_one)
+            assert (spinner is compiled.Spinner) is not turned_off
+            assert (mpi._send_inline is compiled.send_inline) is not turned_off
+            assert (mpi._deliver_inline is compiled.deliver_inline) is not turned_off
+
+    run(main)
+
+
+def test_deliver_inline_hands_over_as_the_python_path_does(compiled: ModuleType) -> None:
+    async def main() -> None:
+        async with pair() as p:
+            engine, b = p.b.engine, p.b
+            for buf in (p.envelope(b"hello"), p.envelope(b"")):
+                p.link.heard = False
+                assert compiled.deliver_inline(b, buf, engine.rank, 1 << 20, engine._inbound)
+                got = b._events._items.pop()
+                assert type(got) is Received and got.conn_id == p.local
+                assert [bytes(f) for f in got.frames] == [bytes(buf[mpi._ONE.size :])]
+                assert p.link.heard is True
+                # The Python path makes the same event of the same envelope.
+                assert b._deliver_data(
+                    engine.rank, p.src_ep, p.link.gen, p.conn_id, [memoryview(buf)[40:]]
+                )
+                ref = b._events._items.pop()
+                assert (ref.conn_id, [bytes(f) for f in ref.frames]) == (
+                    got.conn_id,
+                    [bytes(f) for f in got.frames],
+                )
+            # An envelope in numpy memory (from 16 KiB on) is read as well.
+            array = np.frombuffer(bytes(p.envelope(b"x" * 100)), np.uint8).copy()
+            assert compiled.deliver_inline(b, array, engine.rank, 1 << 20, engine._inbound)
+            assert bytes(b._events._items.pop().frames[0]) == b"x" * 100
+
+    run(main)
+
+
+def test_deliver_inline_goes_to_a_receiver_unless_events_wait(compiled: ModuleType) -> None:
+    async def main() -> None:
+        async with pair() as p:
+            engine, b = p.b.engine, p.b
+            handed: list[list[bytes]] = []
+
+            def receiver(frames: Sequence[memoryview]) -> None:
+                handed.append([bytes(f) for f in frames])
+
+            assert b.set_receiver(p.local, receiver)
+            before = b._handed_over
+            assert compiled.deliver_inline(b, p.envelope(b"1"), engine.rank, 99, engine._inbound)
+            assert handed == [[b"1"]] and b._handed_over == before + 1
+            assert not b._events._items
+            # An event already queued goes first: this one is queued behind it.
+            b._events._items.append("earlier")
+            assert compiled.deliver_inline(b, p.envelope(b"2"), engine.rank, 99, engine._inbound)
+            assert handed == [[b"1"]] and b._handed_over == before + 1
+            assert [type(e) for e in b._events._items] == [str, Received]
+            b._events._items.clear()
+            b.set_receiver(p.local, None)
+
+    run(main)
+
+
+def test_deliver_inline_refuses_anything_else_and_changes_nothing(compiled: ModuleType) -> None:
+    async def main() -> None:
+        async with pair() as p:
+            engine, b, src = p.b.engine, p.b, p.b.engine.rank
+            refused: dict[str, tuple[Any, ...]] = {
+                "another kind": (p.envelope(b"x", kind=int(mpi._Msg.OPEN)),),
+                "separate frames": (p.envelope(b"", flags=0, length=10),),
+                "two frames": (p.envelope(b"x", nframes=2),),
+                "a length that does not match": (p.envelope(b"xy", length=1),),
+                "longer than max_message": (p.envelope(b"xyz"), 2),
+                "for another endpoint": (p.envelope(b"x", dst_ep=b.endpoint_id + 7),),
+                "from an unknown endpoint": (p.envelope(b"x", src_ep=p.src_ep + 99),),
+                "of another generation": (p.envelope(b"x", gen=p.link.gen + 1),),
+                "on an unknown connection": (p.envelope(b"x", conn_id=p.conn_id + 99),),
+                "short": (bytearray(39),),
+            }
+            p.link.heard = False
+            for why, (buf, *limit) in refused.items():
+                before = snapshot(p)
+                max_message = limit[0] if limit else 1 << 20
+                assert not compiled.deliver_inline(b, buf, src, max_message, engine._inbound), why
+                assert snapshot(p) == before, why
+            good = p.envelope(b"x")
+            # Something of the sender waits before it (the engine's queue, the inbox).
+            engine._inbound[src] = deque(["earlier"])
+            try:
+                assert not compiled.deliver_inline(b, good, src, 99, engine._inbound)
+            finally:
+                del engine._inbound[src]
+            b._inbox.append("earlier")
+            try:
+                assert not compiled.deliver_inline(b, good, src, 99, engine._inbound)
+            finally:
+                b._inbox.clear()
+            # A link that is down.
+            p.link.alive = False
+            try:
+                assert not compiled.deliver_inline(b, good, src, 99, engine._inbound)
+            finally:
+                p.link.alive = True
+            assert snapshot(p) == ([], False, b._handed_over)
+            assert compiled.deliver_inline(b, good, src, 99, engine._inbound)
+            b._events._items.clear()
+
+    run(main)
+
+
+def test_send_inline_posts_what_send_now_would_and_refuses_the_rest(compiled: ModuleType) -> None:
+    async def main() -> None:
+        async with pair() as p:
+            link: Any = p.a._links[p.b.address]  # type: ignore[attr-defined]
+            engine = link.endpoint.engine
+            cid = p.conn._id  # type: ignore[attr-defined]
+            assert compiled.send_inline(link, cid, [b"plain"])
+            assert compiled.send_inline(link, cid, [np.arange(3, dtype=np.float64)])
+            got = [await bounded(p.b.receive()) for _ in range(2)]
+            assert [bytes(e.frames[0]) for e in got] == [  # type: ignore[attr-defined]
+                b"plain",
+                np.arange(3, dtype=np.float64).tobytes(),
+            ]
+            big = bytes(link.endpoint.opts.inline_max + 1)
+            strided = memoryview(bytes(16))[::2]
+            for frames in ([b"a", b"b"], [big], [strided], []):
+                assert not compiled.send_inline(link, cid, frames)
+            # Too many sends outstanding: send_data waits instead.
+            saved = engine._send_reqs, engine._send_ops
+            engine._send_reqs = [None] * mpi._MAX_UNTRACKED
+            engine._send_ops = [None] * mpi._MAX_UNTRACKED
+            try:
+                assert not compiled.send_inline(link, cid, [b"x"])
+            finally:
+                engine._send_reqs, engine._send_ops = saved
+            link.finished = True
+            try:
+                assert not compiled.send_inline(link, cid, [b"x"])
+            finally:
+                link.finished = False
+            engine.closed = True
+            try:
+                with pytest.raises(ConnectionError, match="engine is shut down"):
+                    compiled.send_inline(link, cid, [b"x"])
+                # The engine's lock was released on the way out.
+                assert lock_is_free(engine.lock)
+            finally:
+                engine.closed = False
+            with pytest.raises(TypeError):
+                compiled.send_inline(link, cid, [object()])
+            assert not p.b._events._items
+
+    run(main)
+
+
+def test_the_spinner_answers_as_take_one_does_with_nothing_there(compiled: ModuleType) -> None:
+    async def main() -> None:
+        async with pair() as p:
+            spinner = compiled.Spinner(p.b.engine, p.b, time.monotonic)
+            assert spinner(p.b) is p.b.engine.take_one(p.b) is True
+            await p.conn.send([b"ping"])
+            for _ in range(100_000):  # (bounded: a self-send is there at once)
+                if p.b._events._items:
+                    break
+                assert spinner(p.b) is True
+            event = p.b._events._items.popleft()
+            assert isinstance(event, Received) and bytes(event.frames[0]) == b"ping"
+            p.b.engine.closed = True
+            try:
+                assert spinner(p.b) is p.b.engine.take_one(p.b) is False
+            finally:
+                p.b.engine.closed = False
+
+    run(main)
