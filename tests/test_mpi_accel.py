@@ -14,12 +14,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
+from hpcproc.transports._busy_poll import FAIR_STREAK, PROBE_MIN, IdlePoller
 from hpcproc.transports.base import Connection, ConnectionOpened, EndPoint, Received
 
 from ._compiled import REQUIRE_ENV, compiled_required
@@ -46,7 +47,7 @@ def compiled() -> ModuleType:
         pytest.skip("the compiled mpi paths were not built (no C compiler at install)")
     # (As mpi.py does, unless HPCPROC_MPI_ACCEL=0 kept it from loading them: the tests
     # compare them with the Python paths either way.)
-    accel.init(mpi._MpiLink, Received, mpi._TAG, mpi._MAX_UNTRACKED)
+    accel.init(mpi._MpiLink, Received, mpi._TAG, mpi._MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN)
     return accel
 
 
@@ -286,7 +287,7 @@ def test_send_inline_posts_what_send_now_would_and_refuses_the_rest(compiled: Mo
 def test_the_spinner_answers_as_take_one_does_with_nothing_there(compiled: ModuleType) -> None:
     async def main() -> None:
         async with pair() as p:
-            spinner = compiled.Spinner(p.b.engine, p.b, time.monotonic)
+            spinner = compiled.Spinner(p.b.engine, p.b)
             assert spinner(p.b) is p.b.engine.take_one(p.b) is True
             await p.conn.send([b"ping"])
             for _ in range(100_000):  # (bounded: a self-send is there at once)
@@ -300,5 +301,139 @@ def test_the_spinner_answers_as_take_one_does_with_nothing_there(compiled: Modul
                 assert spinner(p.b) is p.b.engine.take_one(p.b) is False
             finally:
                 p.b.engine.closed = False
+
+    run(main)
+
+
+class Crowded:
+    """A Crowding that always answers the same."""
+
+    def __init__(self, crowded: bool) -> None:
+        self.crowded = crowded
+        self.next_check = float("inf")
+
+    def __call__(self, now: float) -> bool:
+        return self.crowded
+
+
+def test_the_spinners_poll_follows_turn_and_poll(
+    compiled: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spinner.poll against IdlePoller.turn_and_poll with the Python take_one, on
+    pollers over a ready queue of the test's own, in every way a poll can end."""
+    probes: list[tuple[float, bool]] = []
+    real_probed = IdlePoller.probed
+
+    def probed(self: IdlePoller, now: float, starved: bool) -> None:
+        probes.append((now, starved))
+        real_probed(self, now, starved)
+
+    monkeypatch.setattr(IdlePoller, "probed", probed)
+
+    async def main() -> None:
+        async with pair() as p:
+            b, engine = p.b, p.b.engine
+            spinner = compiled.Spinner(engine, b)
+            items = b._events._items
+
+            def both(setup: Callable[[IdlePoller, deque[Any]], object]) -> list[Any]:
+                """Each implementation's answer and what it left, from the same state."""
+                outcomes = []
+                for poll in ("python", "c"):
+                    ready: deque[Any] = deque()
+                    poller = IdlePoller(SimpleNamespace(_ready=ready), 50.0)  # type: ignore[arg-type]
+                    ours = setup(poller, ready)
+                    probes.clear()
+                    start = time.perf_counter()
+                    if poll == "python":
+                        got = poller.turn_and_poll(items, engine.take_one, b, ours)
+                    else:
+                        got = spinner.poll(poller, items, b, ours)
+                    delivered = [bytes(e.frames[0]) for e in items]
+                    items.clear()
+                    outcomes.append(
+                        (
+                            "gave up" if got > start else got,
+                            poller._streak,
+                            delivered,
+                            len(probes),
+                        )
+                    )
+                return outcomes
+
+            def plain(poller: IdlePoller, ready: deque[Any]) -> object:
+                poller.crowding = Crowded(False)  # type: ignore[assignment]
+                return None
+
+            # Nothing arrives: the budget runs out (the time it gave up is returned).
+            python, c = both(plain)
+            assert python == c == ("gave up", 1, [], 0)
+
+            # A message arrives: taken, and the poll ends with it queued.
+            def message(poller: IdlePoller, ready: deque[Any]) -> object:
+                p.conn.send_nowait([b"hi"])  # type: ignore[attr-defined]
+                return plain(poller, ready)
+
+            python, c = both(message)
+            assert python == c == (0.0, 1, [b"hi"], 0)
+
+            # Every 8th turn the poll's CPU share is probed.
+            def eighth(poller: IdlePoller, ready: deque[Any]) -> object:
+                poller._streak = 7
+                return plain(poller, ready)
+
+            python, c = both(eighth)
+            assert python == c == ("gave up", 8, [], 1)
+
+            # Another callback ready: no poll, no turn counted; ours alone: a poll.
+            def other(poller: IdlePoller, ready: deque[Any]) -> object:
+                ready.append("someone else's")
+                return plain(poller, ready)
+
+            python, c = both(other)
+            assert python == c == (0.0, 0, [], 0)
+
+            def ours_alone(poller: IdlePoller, ready: deque[Any]) -> object:
+                ready.append("ours")
+                plain(poller, ready)
+                return "ours"
+
+            python, c = both(ours_alone)
+            assert python == c == ("gave up", 1, [], 0)
+
+            # The loop's fair turn: -1.0, and the streak starts again.
+            def fair(poller: IdlePoller, ready: deque[Any]) -> object:
+                poller._streak = FAIR_STREAK
+                return plain(poller, ready)
+
+            python, c = both(fair)
+            assert python == c == (-1.0, 0, [], 0)
+
+            # Crowded CPUs, or polling off after starved polls: no poll.
+            def crowded(poller: IdlePoller, ready: deque[Any]) -> object:
+                poller.crowding = Crowded(True)  # type: ignore[assignment]
+                return None
+
+            python, c = both(crowded)
+            assert python == c == (0.0, 1, [], 0)
+
+            def off(poller: IdlePoller, ready: deque[Any]) -> object:
+                plain(poller, ready)
+                poller._no_poll_until = time.perf_counter() + 60
+                return None
+
+            python, c = both(off)
+            assert python == c == (0.0, 1, [], 0)
+
+            # The engine shut down: take_one says stop.
+            def closed(poller: IdlePoller, ready: deque[Any]) -> object:
+                engine.closed = True
+                return plain(poller, ready)
+
+            try:
+                python, c = both(closed)
+            finally:
+                engine.closed = False
+            assert python == c == (0.0, 1, [], 0)
 
     run(main)

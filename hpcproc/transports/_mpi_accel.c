@@ -16,12 +16,14 @@
  *   connection's receiver or, as a Received event, to the endpoint's event queue. False,
  *   having done nothing, for anything else (the Python path then deals with it).
  *
- * Spinner(engine, endpoint, monotonic)(endpoint) -> bool
+ * Spinner(engine, endpoint)(endpoint) -> bool
  *   _Engine.take_one(endpoint), the one probe of a spinning receiver's every turn, for
  *   the common case (nothing waits in the endpoint's inbox, no request outstanding):
  *   the probe, the receive of a small envelope and its hand-over (deliver_inline) here,
  *   anything else through the engine's Python methods (take_one itself, _take,
- *   _taken, _sort_out, _route), under the engine's lock as there.
+ *   _taken, _sort_out, _route), under the engine's lock as there. Its poll(poller,
+ *   items, endpoint, ours) is IdlePoller.turn_and_poll with it as the step, the loop
+ *   of turns here.
  *
  * send_inline(link, conn_id, frames) -> bool
  *   _MpiLink.send_now: the envelope and the one small frame packed into one bytes
@@ -72,6 +74,9 @@ static PyObject *FramesSlot = NULL;     /* Received.__dict__["frames"] */
 static PyObject *One = NULL; /* the int 1 */
 static PyObject *Tag = NULL; /* the transport's MPI tag */
 static Py_ssize_t MaxUntracked = 0; /* small sends outstanding beyond which send waits */
+static long FairStreak = 0;          /* _busy_poll.FAIR_STREAK */
+static double ProbeMin = 0.0;        /* _busy_poll.PROBE_MIN */
+static PyObject *Monotonic = NULL, *PerfCounter = NULL, *ThreadTime = NULL; /* time's */
 static PyObject *s_endpoint_id, *s_inbox, *s_addresses, *s_links, *s_gen, *s_alive,
     *s_incoming, *s_heard, *s_receivers, *s_events, *s_items, *s_handed_over, *s_put,
     *s_waiters, *s_append,
@@ -566,13 +571,12 @@ typedef struct {
     PyObject *taken;        /* engine._taken */
     PyObject *sort_out;     /* engine._sort_out */
     PyObject *route;        /* engine._route */
-    PyObject *monotonic;    /* time.monotonic */
 } Spinner;
 
 #define SPINNER_FIELDS(X)                                                                    \
     X(engine) X(inbox) X(loop) X(acquire) X(release) X(improbe) X(any_source) X(status)      \
     X(get_source) X(get_count) X(byte) X(poisoned) X(inbound) X(max_message) X(take_one)     \
-    X(take) X(taken) X(sort_out) X(route) X(monotonic)
+    X(take) X(taken) X(sort_out) X(route)
 
 static int Spinner_traverse(Spinner *self, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(self->f);
@@ -597,15 +601,16 @@ static void Spinner_dealloc(Spinner *self) {
 static PyObject *s_lock_attr, *s_comm_attr, *s_Improbe, *s_any_source, *s_status_attr,
     *s_Get_source, *s_Get_count, *s_byte, *s_poisoned, *s_inbound, *s_options,
     *s_max_message, *s_take_one, *s_take, *s_taken, *s_sort_out, *s_route, *s_loop,
-    *s_recv_reqs, *s_last_activity, *s_Recv;
+    *s_recv_reqs, *s_last_activity, *s_Recv, *s_ready_attr, *s_streak, *s_no_poll_until,
+    *s_crowding, *s_next_check, *s_crowded, *s_budget, *s_value, *s_probed;
 
 static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *engine, *endpoint, *monotonic;
+    PyObject *engine, *endpoint;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
-        PyErr_SetString(PyExc_TypeError, "Spinner(engine, endpoint, monotonic) takes no keywords");
+        PyErr_SetString(PyExc_TypeError, "Spinner(engine, endpoint) takes no keywords");
         return NULL;
     }
-    if (!PyArg_UnpackTuple(args, "Spinner", 3, 3, &engine, &endpoint, &monotonic))
+    if (!PyArg_UnpackTuple(args, "Spinner", 2, 2, &engine, &endpoint))
         return NULL;
     if (Tag == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_mpi_accel.init() was not called");
@@ -616,7 +621,6 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     PyObject *lock = NULL, *comm = NULL, *options = NULL;
     self->engine = Py_NewRef(engine);
-    self->monotonic = Py_NewRef(monotonic);
     if ((self->inbox = PyObject_GetAttr(endpoint, s_inbox)) == NULL ||
         (self->loop = PyObject_GetAttr(endpoint, s_loop)) == NULL ||
         (lock = PyObject_GetAttr(engine, s_lock_attr)) == NULL ||
@@ -738,14 +742,8 @@ out:
     return result;
 }
 
-static PyObject *Spinner_call(Spinner *self, PyObject *args, PyObject *kwds) {
-    PyObject *endpoint;
-    if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
-        PyErr_SetString(PyExc_TypeError, "a Spinner takes no keywords");
-        return NULL;
-    }
-    if (!PyArg_UnpackTuple(args, "Spinner", 1, 1, &endpoint))
-        return NULL;
+/* take_one(endpoint): True, False, or NULL with an exception set. */
+static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
     /* Messages another thread took for the endpoint, or requests to poll: Python. */
     Py_ssize_t waiting = PyObject_Length(self->inbox);
     if (waiting < 0)
@@ -805,7 +803,7 @@ static PyObject *Spinner_call(Spinner *self, PyObject *args, PyObject *kwds) {
     PyErr_SetRaisedException(exc);
     if (failed || !taken)
         goto out;
-    PyObject *now = call0(self->monotonic);
+    PyObject *now = call0(Monotonic);
     if (now == NULL || PyObject_SetAttr(self->engine, s_last_activity, now) < 0) {
         Py_XDECREF(now);
         goto out;
@@ -838,26 +836,220 @@ out:
     return result;
 }
 
+static PyObject *Spinner_call(Spinner *self, PyObject *args, PyObject *kwds) {
+    PyObject *endpoint;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
+        PyErr_SetString(PyExc_TypeError, "a Spinner takes no keywords");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "Spinner", 1, 1, &endpoint))
+        return NULL;
+    return spinner_take(self, endpoint);
+}
+
+/* A float attribute: 0, or -1 with an exception set. */
+static int attr_double(PyObject *obj, PyObject *name, double *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    double d = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    if (d == -1.0 && PyErr_Occurred())
+        return -1;
+    *out = d;
+    return 0;
+}
+
+/* A clock's reading (perf_counter, thread_time): 0, or -1 with an exception set. */
+static int read_clock(PyObject *clock, double *out) {
+    PyObject *v = PyObject_CallNoArgs(clock);
+    if (v == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* Whether the poller's crowding says the CPUs are crowded at ``now``, as
+ * ``c.crowded if now < c.next_check else c(now)``: 1, 0, -1 with an exception set. */
+static int crowded_at(PyObject *poller, double now) {
+    PyObject *c = PyObject_GetAttr(poller, s_crowding);
+    if (c == NULL)
+        return -1;
+    double next_check;
+    int r = -1;
+    if (attr_double(c, s_next_check, &next_check) < 0)
+        goto out;
+    if (now < next_check) {
+        r = attr_nonempty(c, s_crowded);
+    } else {
+        PyObject *at = PyFloat_FromDouble(now);
+        PyObject *answer = at == NULL ? NULL : PyObject_CallOneArg(c, at);
+        Py_XDECREF(at);
+        if (answer != NULL) {
+            r = PyObject_IsTrue(answer);
+            Py_DECREF(answer);
+        }
+    }
+out:
+    Py_DECREF(c);
+    return r;
+}
+
+static PyObject *set_streak(PyObject *poller, long streak) {
+    PyObject *v = PyLong_FromLong(streak);
+    if (v == NULL)
+        return NULL;
+    int r = PyObject_SetAttr(poller, s_streak, v);
+    Py_DECREF(v);
+    return r < 0 ? NULL : Py_None;
+}
+
+/* poll(poller, items, endpoint, ours) -> float: IdlePoller.turn_and_poll(items,
+ * take_one, endpoint, ours) for this spinner's endpoint, with each turn's take_one
+ * done here; see there for what it returns. */
+static PyObject *Spinner_poll(Spinner *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "poll(poller, items, endpoint, ours) takes 4 arguments, not %zd", nargs);
+        return NULL;
+    }
+    PyObject *poller = args[0], *items = args[1], *endpoint = args[2], *ours = args[3];
+    PyObject *ready = PyObject_GetAttr(poller, s_ready_attr);
+    if (ready == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    double gave_up = 0.0;
+    if (ready == Py_None)
+        goto done;
+    Py_ssize_t queued = PyObject_Length(ready);
+    if (queued < 0)
+        goto fail;
+    if (queued) {
+        if (queued != 1)
+            goto done;
+        PyObject *first = PySequence_GetItem(ready, 0);
+        if (first == NULL)
+            goto fail;
+        Py_DECREF(first);
+        if (first != ours)
+            goto done;
+    }
+    PyObject *streak_obj = PyObject_GetAttr(poller, s_streak);
+    if (streak_obj == NULL)
+        goto fail;
+    long streak = PyLong_AsLong(streak_obj);
+    Py_DECREF(streak_obj);
+    if (streak == -1 && PyErr_Occurred())
+        goto fail;
+    streak += 1;
+    if (streak > FairStreak) {
+        if (set_streak(poller, 0) == NULL)
+            goto fail;
+        gave_up = -1.0;
+        goto done;
+    }
+    if (set_streak(poller, streak) == NULL)
+        goto fail;
+    double start, no_poll_until;
+    if (read_clock(PerfCounter, &start) < 0 ||
+        attr_double(poller, s_no_poll_until, &no_poll_until) < 0)
+        goto fail;
+    if (start < no_poll_until)
+        goto done;
+    int crowded = crowded_at(poller, start);
+    if (crowded < 0)
+        goto fail;
+    if (crowded)
+        goto done;
+    double cpu = -1.0, budget_value;
+    if (!(streak & 7) && read_clock(ThreadTime, &cpu) < 0)
+        goto fail;
+    PyObject *budget = PyObject_GetAttr(poller, s_budget);
+    if (budget == NULL)
+        goto fail;
+    int bad = attr_double(budget, s_value, &budget_value);
+    Py_DECREF(budget);
+    if (bad < 0)
+        goto fail;
+    double deadline = start + budget_value, now = start;
+    for (;;) {
+        PyObject *r = spinner_take(self, endpoint);
+        if (r == NULL)
+            goto fail;
+        int go_on = r == Py_True;
+        Py_DECREF(r);
+        if (!go_on)
+            goto done; /* (0.0, and no probe: as turn_and_poll) */
+        Py_ssize_t events = PyObject_Length(items);
+        if (events < 0)
+            goto fail;
+        Py_ssize_t now_ready = events ? 0 : PyObject_Length(ready);
+        if (now_ready < 0)
+            goto fail;
+        if (events || now_ready > queued)
+            break;
+        if (read_clock(PerfCounter, &now) < 0)
+            goto fail;
+        if (now >= deadline) {
+            gave_up = now;
+            break;
+        }
+    }
+    if (cpu >= 0 && now - start > ProbeMin) {
+        double cpu_now;
+        if (read_clock(ThreadTime, &cpu_now) < 0)
+            goto fail;
+        PyObject *at = PyFloat_FromDouble(now);
+        if (at == NULL)
+            goto fail;
+        PyObject *starved = PyBool_FromLong(cpu_now - cpu < (now - start) / 2);
+        PyObject *probe_args[3] = {poller, at, starved};
+        PyObject *r = PyObject_VectorcallMethod(s_probed, probe_args, 3, NULL);
+        Py_DECREF(at);
+        Py_DECREF(starved);
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+    }
+done:
+    result = PyFloat_FromDouble(gave_up);
+fail:
+    Py_DECREF(ready);
+    return result;
+}
+
+static PyMethodDef Spinner_methods[] = {
+    {"poll", (PyCFunction)(void (*)(void))Spinner_poll, METH_FASTCALL,
+     "poll(poller, items, endpoint, ours) -> float: IdlePoller.turn_and_poll with this "
+     "spinner's take_one as the step."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject SpinnerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "hpcproc.transports._mpi_accel.Spinner",
-    .tp_doc = "Spinner(engine, endpoint, monotonic): _Engine.take_one for endpoint, in C.",
+    .tp_doc = "Spinner(engine, endpoint): _Engine.take_one for endpoint, in C.",
     .tp_basicsize = sizeof(Spinner),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = Spinner_new,
     .tp_call = (ternaryfunc)Spinner_call,
+    .tp_methods = Spinner_methods,
     .tp_traverse = (traverseproc)Spinner_traverse,
     .tp_clear = (inquiry)Spinner_clear,
     .tp_dealloc = (destructor)Spinner_dealloc,
 };
 
-/* init(link_type, received_type, tag, max_untracked): what this module needs from
- * mpi.py and base.py. */
+/* init(link_type, received_type, tag, max_untracked, fair_streak, probe_min): what this
+ * module needs from mpi.py, base.py and _busy_poll.py. */
 static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *link_type, *received_type, *tag;
     Py_ssize_t max_untracked;
-    if (!PyArg_ParseTuple(args, "O!O!O!n:init", &PyType_Type, &link_type, &PyType_Type,
-                          &received_type, &PyLong_Type, &tag, &max_untracked))
+    long fair_streak;
+    double probe_min;
+    if (!PyArg_ParseTuple(args, "O!O!O!nld:init", &PyType_Type, &link_type, &PyType_Type,
+                          &received_type, &PyLong_Type, &tag, &max_untracked, &fair_streak,
+                          &probe_min))
         return NULL;
     PyObject *dict = ((PyTypeObject *)received_type)->tp_dict;
     PyObject *conn_id = PyDict_GetItemString(dict, "conn_id");
@@ -878,11 +1070,14 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_INCREF(tag);
     Py_XSETREF(Tag, tag);
     MaxUntracked = max_untracked;
+    FairStreak = fair_streak;
+    ProbeMin = probe_min;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"init", (PyCFunction)init, METH_VARARGS, "init(link_type, received_type, tag, max_untracked)"},
+    {"init", (PyCFunction)init, METH_VARARGS,
+     "init(link_type, received_type, tag, max_untracked, fair_streak, probe_min)"},
     {"send_inline", (PyCFunction)(void (*)(void))send_inline, METH_FASTCALL,
      "send_inline(link, conn_id, frames) -> bool: see the module."},
     {"deliver_inline", (PyCFunction)(void (*)(void))deliver_inline, METH_FASTCALL,
@@ -923,6 +1118,10 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_taken, "_taken"},            {&s_sort_out, "_sort_out"}, {&s_route, "_route"},
         {&s_loop, "loop"},               {&s_recv_reqs, "_recv_reqs"},
         {&s_last_activity, "last_activity"}, {&s_Recv, "Recv"},
+        {&s_ready_attr, "_ready"},       {&s_streak, "_streak"},
+        {&s_no_poll_until, "_no_poll_until"}, {&s_crowding, "crowding"},
+        {&s_next_check, "next_check"},   {&s_crowded, "crowded"}, {&s_budget, "budget"},
+        {&s_value, "value"},             {&s_probed, "probed"},
     };
     One = PyLong_FromLong(1);
     if (One == NULL)
@@ -932,6 +1131,15 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         if (*names[i].slot == NULL)
             return NULL;
     }
+    PyObject *time = PyImport_ImportModule("time");
+    if (time == NULL)
+        return NULL;
+    Monotonic = PyObject_GetAttrString(time, "monotonic");
+    PerfCounter = PyObject_GetAttrString(time, "perf_counter");
+    ThreadTime = PyObject_GetAttrString(time, "thread_time");
+    Py_DECREF(time);
+    if (Monotonic == NULL || PerfCounter == NULL || ThreadTime == NULL)
+        return NULL;
     if (PyType_Ready(&SpinnerType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

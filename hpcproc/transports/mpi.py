@@ -157,7 +157,7 @@ import numpy as np
 
 from .._loops import running_loop
 from ..mpi_init import import_mpi
-from ._busy_poll import IdlePoller, check_budget
+from ._busy_poll import FAIR_STREAK, PROBE_MIN, IdlePoller, check_budget
 from ._idle_pool import IdleTrimmer, idle_seconds
 from ._multiplex import (
     Kind,
@@ -183,6 +183,8 @@ from .base import (
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+    from ._mpi_accel import Spinner
 
 __all__ = [
     "MpiTransport",
@@ -1406,7 +1408,7 @@ def _compiled() -> Any:
         from . import _mpi_accel
     except ImportError:  # built without a compiler
         return None
-    _mpi_accel.init(_MpiLink, Received, _TAG, _MAX_UNTRACKED)
+    _mpi_accel.init(_MpiLink, Received, _TAG, _MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN)
     return _mpi_accel
 
 
@@ -1497,11 +1499,12 @@ class _MpiEndPoint(MultiplexedEndPoint):
         self._poller = IdlePoller(loop, opts.busy_poll_us)
         #: The poller gave the loop its turn (see :meth:`receive`).
         self._fair_turn = False
-        #: The engine's one-probe step, called as ``take_one(self)`` every turn of a spin
-        #: (its common case in C where built: ``_mpi_accel.c``'s ``Spinner``).
-        self._take_one: Callable[[_MpiEndPoint], bool] = (
-            _accel.Spinner(engine, self, time.monotonic) if ACCELERATED else engine.take_one
-        )
+        #: The engine's one-probe step, called as ``take_one(self)`` every turn of a spin.
+        self._take_one: Callable[[_MpiEndPoint], bool] = engine.take_one
+        #: Where built, that step and the poll's loop of turns in C (``_mpi_accel.c``).
+        self._spinner: Spinner | None = None
+        if ACCELERATED:
+            self._take_one = self._spinner = _accel.Spinner(engine, self)
 
     # ------------------------------------------------------------------ waiting
 
@@ -1564,7 +1567,12 @@ class _MpiEndPoint(MultiplexedEndPoint):
         # pump_for and _Pump.hot_handle read in place: two calls less per receive.
         pump = self.engine._pumps.get(self.loop)
         hot = None if pump is None or pump.timer else pump.handle
-        gave_up = poller.turn_and_poll(self._events._items, self._take_one, self, hot)
+        spinner = self._spinner
+        if spinner is not None:
+            # (poller.turn_and_poll(..., self._take_one, ...), its loop in C.)
+            gave_up = spinner.poll(poller, self._events._items, self, hot)
+        else:
+            gave_up = poller.turn_and_poll(self._events._items, self._take_one, self, hot)
         if gave_up < 0:
             self._fair_turn = True
             return 0.0
