@@ -133,7 +133,8 @@ def test_the_compiled_paths_are_built_and_used_unless_turned_off(compiled: Modul
         async with pair() as p:
             spinner = type(p.b._take_one)
             assert (spinner is compiled.Spinner) is not turned_off
-            assert (mpi._send_inline is compiled.send_inline) is not turned_off
+            link: Any = p.a._links[p.b.address]  # type: ignore[attr-defined]
+            assert (type(link._sender) is compiled.Sender) is not turned_off
             assert (mpi._deliver_inline is compiled.deliver_inline) is not turned_off
 
     run(main)
@@ -239,14 +240,15 @@ def test_deliver_inline_refuses_anything_else_and_changes_nothing(compiled: Modu
     run(main)
 
 
-def test_send_inline_posts_what_send_now_would_and_refuses_the_rest(compiled: ModuleType) -> None:
+def test_a_sender_posts_what_send_now_would_and_refuses_the_rest(compiled: ModuleType) -> None:
     async def main() -> None:
         async with pair() as p:
             link: Any = p.a._links[p.b.address]  # type: ignore[attr-defined]
             engine = link.endpoint.engine
             cid = p.conn._id  # type: ignore[attr-defined]
-            assert compiled.send_inline(link, cid, [b"plain"])
-            assert compiled.send_inline(link, cid, [np.arange(3, dtype=np.float64)])
+            send = compiled.Sender(link)
+            assert send(cid, [b"plain"])
+            assert send(cid, (np.arange(3, dtype=np.float64),))
             got = [await bounded(p.b.receive()) for _ in range(2)]
             assert [bytes(e.frames[0]) for e in got] == [  # type: ignore[attr-defined]
                 b"plain",
@@ -255,31 +257,39 @@ def test_send_inline_posts_what_send_now_would_and_refuses_the_rest(compiled: Mo
             big = bytes(link.endpoint.opts.inline_max + 1)
             strided = memoryview(bytes(16))[::2]
             for frames in ([b"a", b"b"], [big], [strided], []):
-                assert not compiled.send_inline(link, cid, frames)
+                assert not send(cid, frames)
             # Too many sends outstanding: send_data waits instead.
             saved = engine._send_reqs, engine._send_ops
             engine._send_reqs = [None] * mpi._MAX_UNTRACKED
             engine._send_ops = [None] * mpi._MAX_UNTRACKED
             try:
-                assert not compiled.send_inline(link, cid, [b"x"])
+                assert not send(cid, [b"x"])
             finally:
                 engine._send_reqs, engine._send_ops = saved
+            # A finished link: send_now says no before its sender is asked.
             link.finished = True
             try:
-                assert not compiled.send_inline(link, cid, [b"x"])
+                assert not link.send_now(cid, [b"x"])
             finally:
                 link.finished = False
             engine.closed = True
             try:
                 with pytest.raises(ConnectionError, match="engine is shut down"):
-                    compiled.send_inline(link, cid, [b"x"])
+                    send(cid, [b"x"])
                 # The engine's lock was released on the way out.
                 assert lock_is_free(engine.lock)
             finally:
                 engine.closed = False
             with pytest.raises(TypeError):
-                compiled.send_inline(link, cid, [object()])
+                send(cid, [object()])
+            with pytest.raises(TypeError, match="takes"):
+                send(cid)
             assert not p.b._events._items
+            # A link's sender was made for it: its envelope names the link's endpoints
+            # and generation, which the receiver checks (the messages above arrived).
+            assert link.send_now(cid, [b"through send_now"])
+            event = await bounded(p.b.receive())
+            assert bytes(event.frames[0]) == b"through send_now"  # type: ignore[attr-defined]
 
     run(main)
 

@@ -25,14 +25,18 @@
  *   items, endpoint, ours) is IdlePoller.turn_and_poll with it as the step, the loop
  *   of turns here.
  *
- * send_inline(link, conn_id, frames) -> bool
- *   _MpiLink.send_now: the envelope and the one small frame packed into one bytes
- *   object and posted with the engine's comm.Isend (through mpi4py, under the engine's
- *   lock); False, having posted nothing, where send_now would return False. Raises as
- *   send_now does (ConnectionError once the engine is shut down, MPI.Exception).
+ * Sender(link)(conn_id, frames) -> bool
+ *   _MpiLink.send_now but its check of the link's ``finished`` (which the link makes
+ *   before): the envelope and the one small frame packed into one bytes object and
+ *   posted with the engine's comm.Isend (through mpi4py, under the engine's lock);
+ *   False, having posted nothing, where send_now would return False. Raises as send_now
+ *   does (ConnectionError once the engine is shut down, MPI.Exception). What does not
+ *   change for a link (its envelope's first fields, the engine, the Isend) is read
+ *   once, when it is made.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -119,6 +123,24 @@ static int attr_equals(PyObject *obj, PyObject *name, uint64_t value) {
     return r;
 }
 
+/* An int attribute as an unsigned value no larger than ``max``: 0, or -1 with an
+ * exception set (as struct.pack would refuse it). */
+static int attr_uint(PyObject *obj, PyObject *name, uint64_t max, uint64_t *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if ((uint64_t)x > max) {
+        PyErr_Format(PyExc_OverflowError, "%U %llu is out of range", name, x);
+        return -1;
+    }
+    *out = (uint64_t)x;
+    return 0;
+}
+
 /* A Received(conn_id, frames), its slots filled directly as mpi.py's new_received does. */
 static PyObject *new_received(PyObject *conn_id, PyObject *frames) {
     PyTypeObject *type = (PyTypeObject *)ReceivedType;
@@ -133,26 +155,61 @@ static PyObject *new_received(PyObject *conn_id, PyObject *frames) {
     return event;
 }
 
+/* An endpoint's containers that a hand-over uses: all made in its __init__ and never
+ * replaced, so that a Spinner keeps them (the module's deliver_inline reads them). */
+typedef struct {
+    PyObject *inbox;     /* endpoint._inbox (a deque) */
+    PyObject *addresses; /* endpoint._addresses: (rank, endpoint id) -> address */
+    PyObject *links;     /* endpoint._links: address -> link */
+    PyObject *receivers; /* endpoint._receivers: connection -> receiver */
+    PyObject *events;    /* endpoint._events (an EventQueue) */
+    PyObject *items;     /* its _items (a deque) */
+    PyObject *waiters;   /* its _waiters (a deque) */
+    uint64_t endpoint_id;
+} Target;
+
+#define TARGET_FIELDS(X) X(inbox) X(addresses) X(links) X(receivers) X(events) X(items) X(waiters)
+
+static void target_release(Target *t) {
+#define CLEAR(f) Py_CLEAR(t->f);
+    TARGET_FIELDS(CLEAR)
+#undef CLEAR
+}
+
+/* Fill ``t`` from ``endpoint`` (new references): 0, or -1 with an exception set. */
+static int target_fill(Target *t, PyObject *endpoint) {
+    memset(t, 0, sizeof *t);
+    if (attr_uint(endpoint, s_endpoint_id, UINT32_MAX, &t->endpoint_id) < 0 ||
+        (t->inbox = PyObject_GetAttr(endpoint, s_inbox)) == NULL ||
+        (t->addresses = PyObject_GetAttr(endpoint, s_addresses)) == NULL ||
+        (t->links = PyObject_GetAttr(endpoint, s_links)) == NULL ||
+        (t->receivers = PyObject_GetAttr(endpoint, s_receivers)) == NULL ||
+        (t->events = PyObject_GetAttr(endpoint, s_events)) == NULL ||
+        (t->items = PyObject_GetAttr(t->events, s_items)) == NULL ||
+        (t->waiters = PyObject_GetAttr(t->events, s_waiters)) == NULL)
+        goto fail;
+    if (!PyDict_Check(t->addresses) || !PyDict_Check(t->links) || !PyDict_Check(t->receivers)) {
+        PyErr_SetString(PyExc_TypeError, "the endpoint's _addresses, _links and _receivers "
+                                         "are not dicts");
+        goto fail;
+    }
+    return 0;
+fail:
+    target_release(t);
+    return -1;
+}
+
 /* Hand ``frames`` of connection ``local`` of ``endpoint`` over, as _deliver_data does once
  * it found them: to the connection's receiver while no event waits, else as an event.
  * 0 on success, -1 with an exception set. */
-static int hand_over(PyObject *endpoint, PyObject *local, PyObject *frames) {
-    PyObject *receivers = PyObject_GetAttr(endpoint, s_receivers);
-    if (receivers == NULL)
-        return -1;
-    PyObject *events = PyObject_GetAttr(endpoint, s_events);
-    if (events == NULL) {
-        Py_DECREF(receivers);
-        return -1;
-    }
-    int r = -1;
-    if (PyDict_Check(receivers) && PyDict_GET_SIZE(receivers) > 0) {
-        int waiting = attr_nonempty(events, s_items);
+static int hand_over(Target *t, PyObject *endpoint, PyObject *local, PyObject *frames) {
+    if (PyDict_GET_SIZE(t->receivers) > 0) {
+        Py_ssize_t waiting = PyObject_Length(t->items);
         if (waiting < 0)
-            goto done;
-        PyObject *receiver = waiting ? NULL : PyDict_GetItemWithError(receivers, local);
+            return -1;
+        PyObject *receiver = waiting ? NULL : PyDict_GetItemWithError(t->receivers, local);
         if (receiver == NULL && PyErr_Occurred())
-            goto done;
+            return -1;
         if (receiver != NULL) {
             Py_INCREF(receiver);
             PyObject *count = PyObject_GetAttr(endpoint, s_handed_over);
@@ -161,57 +218,45 @@ static int hand_over(PyObject *endpoint, PyObject *local, PyObject *frames) {
             if (more == NULL || PyObject_SetAttr(endpoint, s_handed_over, more) < 0) {
                 Py_XDECREF(more);
                 Py_DECREF(receiver);
-                goto done;
+                return -1;
             }
             Py_DECREF(more);
             PyObject *res = PyObject_CallOneArg(receiver, frames);
             Py_DECREF(receiver);
             if (res == NULL)
-                goto done;
+                return -1;
             Py_DECREF(res);
-            r = 0;
-            goto done;
+            return 0;
         }
     }
     PyObject *event = new_received(local, frames);
     if (event == NULL)
-        goto done;
+        return -1;
     /* EventQueue.put: appended to its items; with a task waiting in get, through put
      * itself (which wakes it). */
-    int waiters = attr_nonempty(events, s_waiters);
-    PyObject *items = waiters ? NULL : PyObject_GetAttr(events, s_items);
-    PyObject *res;
-    if (waiters < 0) {
-        res = NULL;
-    } else if (items != NULL) {
-        PyObject *args[2] = {items, event};
+    Py_ssize_t waiters = PyObject_Length(t->waiters);
+    PyObject *res = NULL;
+    if (waiters == 0) {
+        PyObject *args[2] = {t->items, event};
         res = PyObject_VectorcallMethod(s_append, args, 2, NULL);
-        Py_DECREF(items);
-    } else if (!waiters) {
-        res = NULL; /* (getting the items failed) */
-    } else {
-        PyObject *args[2] = {events, event};
+    } else if (waiters > 0) {
+        PyObject *args[2] = {t->events, event};
         res = PyObject_VectorcallMethod(s_put, args, 2, NULL);
     }
     Py_DECREF(event);
     if (res == NULL)
-        goto done;
+        return -1;
     Py_DECREF(res);
-    r = 0;
-done:
-    Py_DECREF(receivers);
-    Py_DECREF(events);
-    return r;
+    return 0;
 }
 
 /* The connection (its local id, a new reference) that a DATA message of link
  * generation ``gen``, connection ``conn_id``, from endpoint ``src_ep`` of rank ``src``
  * is for, when its link is alive: as _deliver_data finds it. NULL without an exception
  * when there is none; NULL with one on error. Marks the link heard when found. */
-static PyObject *find_connection(PyObject *endpoint, PyObject *src, uint32_t src_ep,
-                                 uint64_t gen, uint64_t conn_id) {
-    PyObject *addresses = NULL, *links = NULL, *link = NULL, *incoming = NULL;
-    PyObject *local = NULL, *key = NULL, *cid = NULL;
+static PyObject *find_connection(Target *t, PyObject *src, uint32_t src_ep, uint64_t gen,
+                                 uint64_t conn_id) {
+    PyObject *link = NULL, *incoming = NULL, *local = NULL, *key = NULL, *cid = NULL;
     PyObject *ep_obj = PyLong_FromUnsignedLong(src_ep);
     if (ep_obj == NULL)
         return NULL;
@@ -219,16 +264,10 @@ static PyObject *find_connection(PyObject *endpoint, PyObject *src, uint32_t src
     Py_DECREF(ep_obj);
     if (key == NULL)
         return NULL;
-    addresses = PyObject_GetAttr(endpoint, s_addresses);
-    if (addresses == NULL || !PyDict_Check(addresses))
-        goto done;
-    PyObject *remote = PyDict_GetItemWithError(addresses, key); /* borrowed */
+    PyObject *remote = PyDict_GetItemWithError(t->addresses, key); /* borrowed */
     if (remote == NULL)
         goto done;
-    links = PyObject_GetAttr(endpoint, s_links);
-    if (links == NULL || !PyDict_Check(links))
-        goto done;
-    link = PyDict_GetItemWithError(links, remote);
+    link = PyDict_GetItemWithError(t->links, remote);
     if (link == NULL)
         goto done;
     Py_INCREF(link);
@@ -258,31 +297,16 @@ static PyObject *find_connection(PyObject *endpoint, PyObject *src, uint32_t src
     Py_INCREF(local);
 done:
     Py_XDECREF(key);
-    Py_XDECREF(addresses);
-    Py_XDECREF(links);
     Py_XDECREF(link);
     Py_XDECREF(incoming);
     Py_XDECREF(cid);
     return local;
 }
 
-static PyObject *deliver_inline(PyObject *Py_UNUSED(module), PyObject *const *args,
-                                Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError,
-                     "deliver_inline(endpoint, buf, src, max_message, inbound) takes 5 "
-                     "arguments, not %zd",
-                     nargs);
-        return NULL;
-    }
-    if (LinkType == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_mpi_accel.init() was not called");
-        return NULL;
-    }
-    PyObject *endpoint = args[0], *buf = args[1], *src = args[2], *inbound = args[4];
-    unsigned long long max_message = PyLong_AsUnsignedLongLong(args[3]);
-    if (max_message == (unsigned long long)-1 && PyErr_Occurred())
-        return NULL;
+/* deliver_inline's work for ``endpoint`` (whose containers ``t`` holds): Py_True,
+ * Py_False (new references), or NULL with an exception set. */
+static PyObject *deliver(Target *t, PyObject *endpoint, PyObject *buf, PyObject *src,
+                         unsigned long long max_message, PyObject *inbound) {
     unsigned char p[ONE_SIZE];
     Py_ssize_t size;
     if (PyByteArray_CheckExact(buf)) {
@@ -313,24 +337,21 @@ static PyObject *deliver_inline(PyObject *Py_UNUSED(module), PyObject *const *ar
     if (queued == NULL && PyErr_Occurred())
         return NULL;
     if (queued != NULL) {
-        int t = PyObject_IsTrue(queued);
-        if (t < 0)
+        int truth = PyObject_IsTrue(queued);
+        if (truth < 0)
             return NULL;
-        if (t)
+        if (truth)
             Py_RETURN_FALSE;
     }
     /* For this endpoint, and nothing another thread took for it waits in its inbox. */
-    int mine = attr_equals(endpoint, s_endpoint_id, le32(p + 12));
-    if (mine < 0)
-        return NULL;
-    if (!mine)
+    if (le32(p + 12) != t->endpoint_id)
         Py_RETURN_FALSE;
-    int inbox = attr_nonempty(endpoint, s_inbox);
+    Py_ssize_t inbox = PyObject_Length(t->inbox);
     if (inbox < 0)
         return NULL;
     if (inbox)
         Py_RETURN_FALSE;
-    PyObject *local = find_connection(endpoint, src, le32(p + 8), le64(p + 16), le64(p + 24));
+    PyObject *local = find_connection(t, src, le32(p + 8), le64(p + 16), le64(p + 24));
     if (local == NULL) {
         if (PyErr_Occurred())
             return NULL;
@@ -346,12 +367,36 @@ static PyObject *deliver_inline(PyObject *Py_UNUSED(module), PyObject *const *ar
         return NULL;
     }
     PyList_SET_ITEM(frames, 0, frame);
-    int r = hand_over(endpoint, local, frames);
+    int r = hand_over(t, endpoint, local, frames);
     Py_DECREF(frames);
     Py_DECREF(local);
     if (r < 0)
         return NULL;
     Py_RETURN_TRUE;
+}
+
+static PyObject *deliver_inline(PyObject *Py_UNUSED(module), PyObject *const *args,
+                                Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError,
+                     "deliver_inline(endpoint, buf, src, max_message, inbound) takes 5 "
+                     "arguments, not %zd",
+                     nargs);
+        return NULL;
+    }
+    if (LinkType == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_mpi_accel.init() was not called");
+        return NULL;
+    }
+    unsigned long long max_message = PyLong_AsUnsignedLongLong(args[3]);
+    if (max_message == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Target t;
+    if (target_fill(&t, args[0]) < 0)
+        return NULL;
+    PyObject *r = deliver(&t, args[0], args[1], args[2], max_message, args[4]);
+    target_release(&t);
+    return r;
 }
 
 static void put_le32(unsigned char *p, uint32_t v) {
@@ -364,27 +409,9 @@ static void put_le64(unsigned char *p, uint64_t v) {
         p[i] = (unsigned char)(v >> (8 * i));
 }
 
-/* An int attribute as an unsigned value no larger than ``max``: 0, or -1 with an
- * exception set (as struct.pack would refuse it). */
-static int attr_uint(PyObject *obj, PyObject *name, uint64_t max, uint64_t *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    unsigned long long x = PyLong_AsUnsignedLongLong(v);
-    Py_DECREF(v);
-    if (x == (unsigned long long)-1 && PyErr_Occurred())
-        return -1;
-    if ((uint64_t)x > max) {
-        PyErr_Format(PyExc_OverflowError, "%U %llu is out of range", name, x);
-        return -1;
-    }
-    *out = (uint64_t)x;
-    return 0;
-}
-
-/* The posting part of send_inline, under the engine's lock: 1 posted, 0 too many sends
+/* The posting part of a send, under the engine's lock: 1 posted, 0 too many sends
  * outstanding, -1 with an exception set. */
-static int post_locked(PyObject *engine, PyObject *link, PyObject *data) {
+static int post_locked(PyObject *engine, PyObject *isend, PyObject *rank, PyObject *data) {
     int closed = attr_nonempty(engine, s_closed);
     if (closed < 0)
         return -1;
@@ -396,7 +423,7 @@ static int post_locked(PyObject *engine, PyObject *link, PyObject *data) {
     if (reqs == NULL)
         return -1;
     int r = -1;
-    PyObject *comm = NULL, *rank = NULL, *req = NULL, *done = NULL, *ops = NULL;
+    PyObject *req = NULL, *done = NULL, *ops = NULL;
     Py_ssize_t outstanding = PyObject_Length(reqs);
     if (outstanding < 0)
         goto out;
@@ -404,12 +431,8 @@ static int post_locked(PyObject *engine, PyObject *link, PyObject *data) {
         r = 0;
         goto out;
     }
-    comm = PyObject_GetAttr(engine, s_comm);
-    rank = comm == NULL ? NULL : PyObject_GetAttr(link, s_rank);
-    if (rank == NULL)
-        goto out;
-    PyObject *args[4] = {comm, data, rank, Tag};
-    req = PyObject_VectorcallMethod(s_Isend, args, 4, NULL);
+    PyObject *args[3] = {data, rank, Tag};
+    req = PyObject_Vectorcall(isend, args, 3, NULL);
     if (req == NULL)
         goto out;
     done = PyObject_CallMethodNoArgs(req, s_Test);
@@ -436,34 +459,116 @@ static int post_locked(PyObject *engine, PyObject *link, PyObject *data) {
     r = 1;
 out:
     Py_DECREF(reqs);
-    Py_XDECREF(comm);
-    Py_XDECREF(rank);
     Py_XDECREF(req);
     Py_XDECREF(done);
     Py_XDECREF(ops);
     return r;
 }
 
-static PyObject *send_inline(PyObject *Py_UNUSED(module), PyObject *const *args,
-                             Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError,
-                     "send_inline(link, conn_id, frames) takes 3 arguments, not %zd", nargs);
+/* What a link's sends need that does not change: its envelope's first 24 bytes (kind,
+ * flags, frame count, endpoints, generation), the engine and its lock, the Isend. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall; /* Sender_call: called as link.send_now is, no tuple made */
+    PyObject *engine;  /* the link's engine */
+    PyObject *acquire; /* engine.lock.acquire */
+    PyObject *release; /* engine.lock.release */
+    PyObject *isend;   /* engine.comm.Isend */
+    PyObject *rank;    /* link.rank */
+    uint64_t inline_max;
+    unsigned char prefix[24];
+} Sender;
+
+#define SENDER_FIELDS(X) X(engine) X(acquire) X(release) X(isend) X(rank)
+
+static int Sender_traverse(Sender *self, visitproc visit, void *arg) {
+#define VISIT(f) Py_VISIT(self->f);
+    SENDER_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int Sender_clear(Sender *self) {
+#define CLEAR(f) Py_CLEAR(self->f);
+    SENDER_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void Sender_dealloc(Sender *self) {
+    PyObject_GC_UnTrack(self);
+    Sender_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Sender_call(Sender *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames);
+
+static PyObject *Sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *link;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
+        PyErr_SetString(PyExc_TypeError, "Sender(link) takes no keywords");
         return NULL;
     }
+    if (!PyArg_UnpackTuple(args, "Sender", 1, 1, &link))
+        return NULL;
     if (Tag == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_mpi_accel.init() was not called");
         return NULL;
     }
-    PyObject *link = args[0], *frames = args[2];
-    unsigned long long conn_id = PyLong_AsUnsignedLongLong(args[1]);
+    Sender *self = (Sender *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = (vectorcallfunc)Sender_call;
+    PyObject *endpoint = NULL, *opts = NULL, *lock = NULL, *comm = NULL;
+    uint64_t endpoint_id, remote_ep, gen;
+    if ((endpoint = PyObject_GetAttr(link, s_endpoint)) == NULL ||
+        (opts = PyObject_GetAttr(endpoint, s_opts)) == NULL ||
+        attr_uint(opts, s_inline_max, UINT64_MAX, &self->inline_max) < 0 ||
+        attr_uint(endpoint, s_endpoint_id, UINT32_MAX, &endpoint_id) < 0 ||
+        attr_uint(link, s_remote_ep, UINT32_MAX, &remote_ep) < 0 ||
+        attr_uint(link, s_gen, UINT64_MAX, &gen) < 0 ||
+        (self->engine = PyObject_GetAttr(endpoint, s_engine)) == NULL ||
+        (lock = PyObject_GetAttr(self->engine, s_lock)) == NULL ||
+        (self->acquire = PyObject_GetAttr(lock, s_acquire)) == NULL ||
+        (self->release = PyObject_GetAttr(lock, s_release)) == NULL ||
+        (comm = PyObject_GetAttr(self->engine, s_comm)) == NULL ||
+        (self->isend = PyObject_GetAttr(comm, s_Isend)) == NULL ||
+        (self->rank = PyObject_GetAttr(link, s_rank)) == NULL) {
+        Py_XDECREF(endpoint);
+        Py_XDECREF(opts);
+        Py_XDECREF(lock);
+        Py_XDECREF(comm);
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_DECREF(endpoint);
+    Py_DECREF(opts);
+    Py_DECREF(lock);
+    Py_DECREF(comm);
+    unsigned char *p = self->prefix;
+    p[0] = KIND_DATA;
+    p[1] = FLAG_INLINE;
+    p[2] = p[3] = 0;
+    put_le32(p + 4, 1);
+    put_le32(p + 8, (uint32_t)endpoint_id);
+    put_le32(p + 12, (uint32_t)remote_ep);
+    put_le64(p + 16, gen);
+    return (PyObject *)self;
+}
+
+/* sender(conn_id, frames) -> bool: see the module (send_now but its ``finished``). */
+static PyObject *Sender_call(Sender *self, PyObject *const *args, size_t nargsf,
+                             PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
+        PyErr_SetString(PyExc_TypeError, "a Sender takes (conn_id, frames)");
+        return NULL;
+    }
+    PyObject *frames = args[1];
+    unsigned long long conn_id = PyLong_AsUnsignedLongLong(args[0]);
     if (conn_id == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    int finished = attr_nonempty(link, s_finished);
-    if (finished < 0)
-        return NULL;
-    if (finished)
-        Py_RETURN_FALSE;
     Py_ssize_t nframes = PyObject_Length(frames);
     if (nframes < 0)
         return NULL;
@@ -472,60 +577,36 @@ static PyObject *send_inline(PyObject *Py_UNUSED(module), PyObject *const *args,
     PyObject *frame = PySequence_GetItem(frames, 0);
     if (frame == NULL)
         return NULL;
-    PyObject *result = NULL, *endpoint = NULL, *opts = NULL, *engine = NULL, *data = NULL;
-    PyObject *lock = NULL;
+    PyObject *result = NULL, *data = NULL;
     Py_buffer view;
-    int have_view = 0;
     /* Contiguous bytes of any format, as ``bytes + memoryview`` takes them. */
-    if (PyObject_GetBuffer(frame, &view, PyBUF_FULL_RO) < 0)
-        goto out;
-    have_view = 1;
-    endpoint = PyObject_GetAttr(link, s_endpoint);
-    opts = endpoint == NULL ? NULL : PyObject_GetAttr(endpoint, s_opts);
-    if (opts == NULL)
-        goto out;
-    uint64_t inline_max, endpoint_id, remote_ep, gen;
-    if (attr_uint(opts, s_inline_max, UINT64_MAX, &inline_max) < 0)
-        goto out;
-    if ((uint64_t)view.len > inline_max || !PyBuffer_IsContiguous(&view, 'C')) {
+    int have_view = PyObject_GetBuffer(frame, &view, PyBUF_FULL_RO) == 0;
+    Py_DECREF(frame);
+    if (!have_view)
+        return NULL;
+    if ((uint64_t)view.len > self->inline_max || !PyBuffer_IsContiguous(&view, 'C')) {
         result = Py_NewRef(Py_False);
         goto out;
     }
-    if (attr_uint(endpoint, s_endpoint_id, UINT32_MAX, &endpoint_id) < 0 ||
-        attr_uint(link, s_remote_ep, UINT32_MAX, &remote_ep) < 0 ||
-        attr_uint(link, s_gen, UINT64_MAX, &gen) < 0)
-        goto out;
-    engine = PyObject_GetAttr(endpoint, s_engine);
-    if (engine == NULL)
-        goto out;
     data = PyBytes_FromStringAndSize(NULL, ONE_SIZE + view.len);
     if (data == NULL)
         goto out;
     unsigned char *p = (unsigned char *)PyBytes_AS_STRING(data);
-    p[0] = KIND_DATA;
-    p[1] = FLAG_INLINE;
-    p[2] = p[3] = 0;
-    put_le32(p + 4, 1);
-    put_le32(p + 8, (uint32_t)endpoint_id);
-    put_le32(p + 12, (uint32_t)remote_ep);
-    put_le64(p + 16, gen);
+    memcpy(p, self->prefix, sizeof self->prefix);
     put_le64(p + 24, (uint64_t)conn_id);
     put_le64(p + 32, (uint64_t)view.len);
     if (PyBuffer_ToContiguous(p + ONE_SIZE, &view, view.len, 'C') < 0)
         goto out;
     PyBuffer_Release(&view);
     have_view = 0;
-    lock = PyObject_GetAttr(engine, s_lock);
-    if (lock == NULL)
-        goto out;
-    PyObject *locked = PyObject_CallMethodNoArgs(lock, s_acquire);
+    PyObject *locked = PyObject_CallNoArgs(self->acquire);
     if (locked == NULL)
         goto out;
     Py_DECREF(locked);
-    int posted = post_locked(engine, link, data);
+    int posted = post_locked(self->engine, self->isend, self->rank, data);
     /* Released whatever happened, keeping the error of the post if there was one. */
     PyObject *exc = PyErr_GetRaisedException();
-    PyObject *released = PyObject_CallMethodNoArgs(lock, s_release);
+    PyObject *released = PyObject_CallNoArgs(self->release);
     if (released == NULL) {
         Py_XDECREF(exc);
         goto out;
@@ -537,14 +618,23 @@ static PyObject *send_inline(PyObject *Py_UNUSED(module), PyObject *const *args,
 out:
     if (have_view)
         PyBuffer_Release(&view);
-    Py_DECREF(frame);
-    Py_XDECREF(endpoint);
-    Py_XDECREF(opts);
-    Py_XDECREF(engine);
     Py_XDECREF(data);
-    Py_XDECREF(lock);
     return result;
 }
+
+static PyTypeObject SenderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hpcproc.transports._mpi_accel.Sender",
+    .tp_doc = "Sender(link): _MpiLink.send_now for link (but its finished check), in C.",
+    .tp_basicsize = sizeof(Sender),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(Sender, vectorcall),
+    .tp_new = Sender_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_traverse = (traverseproc)Sender_traverse,
+    .tp_clear = (inquiry)Sender_clear,
+    .tp_dealloc = (destructor)Sender_dealloc,
+};
 
 /* Envelopes below this size are received into a bytearray (mpi.py's _ZERO_FILL_MAX);
  * larger ones go through the engine's _take. */
@@ -553,7 +643,6 @@ out:
 typedef struct {
     PyObject_HEAD
     PyObject *engine;       /* the _Engine */
-    PyObject *inbox;        /* the endpoint's _inbox (a deque, never replaced) */
     PyObject *loop;         /* the endpoint's loop */
     PyObject *acquire;      /* engine.lock.acquire */
     PyObject *release;      /* engine.lock.release */
@@ -571,16 +660,23 @@ typedef struct {
     PyObject *taken;        /* engine._taken */
     PyObject *sort_out;     /* engine._sort_out */
     PyObject *route;        /* engine._route */
+    Target target;          /* the endpoint's containers */
+    unsigned long long max_message_value;
+    /* The endpoint (compared, never used: no reference, as the endpoint holds this). */
+    void *owner;
 } Spinner;
 
 #define SPINNER_FIELDS(X)                                                                    \
-    X(engine) X(inbox) X(loop) X(acquire) X(release) X(improbe) X(any_source) X(status)      \
+    X(engine) X(loop) X(acquire) X(release) X(improbe) X(any_source) X(status)      \
     X(get_source) X(get_count) X(byte) X(poisoned) X(inbound) X(max_message) X(take_one)     \
     X(take) X(taken) X(sort_out) X(route)
 
 static int Spinner_traverse(Spinner *self, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(self->f);
     SPINNER_FIELDS(VISIT)
+#undef VISIT
+#define VISIT(f) Py_VISIT(self->target.f);
+    TARGET_FIELDS(VISIT)
 #undef VISIT
     return 0;
 }
@@ -589,6 +685,7 @@ static int Spinner_clear(Spinner *self) {
 #define CLEAR(f) Py_CLEAR(self->f);
     SPINNER_FIELDS(CLEAR)
 #undef CLEAR
+    target_release(&self->target);
     return 0;
 }
 
@@ -621,7 +718,8 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     PyObject *lock = NULL, *comm = NULL, *options = NULL;
     self->engine = Py_NewRef(engine);
-    if ((self->inbox = PyObject_GetAttr(endpoint, s_inbox)) == NULL ||
+    self->owner = endpoint;
+    if (target_fill(&self->target, endpoint) < 0 ||
         (self->loop = PyObject_GetAttr(endpoint, s_loop)) == NULL ||
         (lock = PyObject_GetAttr(engine, s_lock_attr)) == NULL ||
         (self->acquire = PyObject_GetAttr(lock, s_acquire)) == NULL ||
@@ -651,6 +749,11 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_DECREF(lock);
     Py_DECREF(comm);
     Py_DECREF(options);
+    self->max_message_value = PyLong_AsUnsignedLongLong(self->max_message);
+    if (self->max_message_value == (unsigned long long)-1 && PyErr_Occurred()) {
+        Py_DECREF(self);
+        return NULL;
+    }
     if (!PySet_Check(self->poisoned) || !PyDict_Check(self->inbound)) {
         PyErr_SetString(PyExc_TypeError, "the engine's _poisoned and _inbound are not a set and a dict");
         Py_DECREF(self);
@@ -720,8 +823,8 @@ static int take_locked(Spinner *self, PyObject *endpoint, PyObject *message, PyO
         result = 0;
         goto out;
     }
-    PyObject *deliver_args[5] = {endpoint, buf, src, self->max_message, self->inbound};
-    PyObject *done = deliver_inline(NULL, deliver_args, 5);
+    PyObject *done = deliver(&self->target, endpoint, buf, src, self->max_message_value,
+                             self->inbound);
     if (done == NULL)
         goto out;
     int delivered = done == Py_True;
@@ -744,8 +847,10 @@ out:
 
 /* take_one(endpoint): True, False, or NULL with an exception set. */
 static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
+    if ((void *)endpoint != self->owner) /* (not its endpoint: the whole of it in Python) */
+        return PyObject_CallOneArg(self->take_one, endpoint);
     /* Messages another thread took for the endpoint, or requests to poll: Python. */
-    Py_ssize_t waiting = PyObject_Length(self->inbox);
+    Py_ssize_t waiting = PyObject_Length(self->target.inbox);
     if (waiting < 0)
         return NULL;
     int busy = waiting ? 1 : engine_busy(self->engine);
@@ -1078,8 +1183,6 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
 static PyMethodDef methods[] = {
     {"init", (PyCFunction)init, METH_VARARGS,
      "init(link_type, received_type, tag, max_untracked, fair_streak, probe_min)"},
-    {"send_inline", (PyCFunction)(void (*)(void))send_inline, METH_FASTCALL,
-     "send_inline(link, conn_id, frames) -> bool: see the module."},
     {"deliver_inline", (PyCFunction)(void (*)(void))deliver_inline, METH_FASTCALL,
      "deliver_inline(endpoint, buf, src, max_message, inbound) -> bool: see the module."},
     {NULL, NULL, 0, NULL},
@@ -1140,13 +1243,18 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
     Py_DECREF(time);
     if (Monotonic == NULL || PerfCounter == NULL || ThreadTime == NULL)
         return NULL;
-    if (PyType_Ready(&SpinnerType) < 0)
+    if (PyType_Ready(&SpinnerType) < 0 || PyType_Ready(&SenderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObject(m, "Spinner", Py_NewRef((PyObject *)&SpinnerType)) < 0) {
         Py_DECREF(&SpinnerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddObject(m, "Sender", Py_NewRef((PyObject *)&SenderType)) < 0) {
+        Py_DECREF(&SenderType);
         Py_DECREF(m);
         return NULL;
     }

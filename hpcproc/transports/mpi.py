@@ -184,7 +184,7 @@ from .base import (
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-    from ._mpi_accel import Spinner
+    from ._mpi_accel import Sender, Spinner
 
 __all__ = [
     "MpiTransport",
@@ -1263,6 +1263,8 @@ class _MpiLink(Link):
         #: True once DOWN was sent or received: nothing more goes out on this link.
         self.finished = False
         self.inflight: set[asyncio.Future[None]] = set()
+        #: Where built, send_now's work in C (``_mpi_accel.c``).
+        self._sender: Sender | None = _accel.Sender(self) if ACCELERATED else None
 
     def send_control(self, kind: Kind, conn_id: int) -> None:
         if self.finished:
@@ -1299,9 +1301,12 @@ class _MpiLink(Link):
             ConnectionError: the engine is shut down.
             MPI.Exception: the MPI library refused the send.
         """
-        if _send_inline is not None:
-            return _send_inline(self, conn_id, frames)  # the same, in C
-        if self.finished or len(frames) != 1:
+        if self.finished:
+            return False
+        sender = self._sender
+        if sender is not None:
+            return sender(conn_id, frames)  # the rest, in C
+        if len(frames) != 1:
             return False
         frame = frames[0]
         view = frame if type(frame) is memoryview else memoryview(frame)  # type: ignore[arg-type]
@@ -1417,9 +1422,6 @@ _accel = _compiled()
 ACCELERATED: Final = _accel is not None
 _deliver_inline: Callable[[Any, Any, int, int, Any], bool] | None = (
     _accel.deliver_inline if ACCELERATED else None
-)
-_send_inline: Callable[[_MpiLink, int, Sequence[Buffer]], bool] | None = (
-    _accel.send_inline if ACCELERATED else None
 )
 
 
