@@ -23,7 +23,7 @@ import pytest
 from hpcproc.transports._busy_poll import FAIR_STREAK, PROBE_MIN, IdlePoller
 from hpcproc.transports.base import Connection, ConnectionOpened, EndPoint, Received
 
-from ._compiled import REQUIRE_ENV, compiled_required
+from ._compiled import require_compiled
 
 pytest.importorskip("mpi4py", reason="the mpi transport needs mpi4py (pip install hpcproc[mpi])")
 
@@ -41,14 +41,11 @@ WAIT = 10.0
 
 @pytest.fixture
 def compiled() -> ModuleType:
-    if accel is None:
-        if compiled_required():
-            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc.transports._mpi_accel was not built")
-        pytest.skip("the compiled mpi paths were not built (no C compiler at install)")
+    module = require_compiled(accel, "hpcproc.transports._mpi_accel", "the compiled mpi paths")
     # (As mpi.py does, unless HPCPROC_MPI_ACCEL=0 kept it from loading them: the tests
     # compare them with the Python paths either way.)
-    accel.init(mpi._MpiLink, Received, mpi._TAG, mpi._MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN)
-    return accel
+    module.init(mpi._MpiLink, Received, mpi._TAG, mpi._MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN)
+    return module
 
 
 async def bounded(awaitable: Awaitable[T]) -> T:

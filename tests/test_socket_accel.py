@@ -18,7 +18,7 @@ import pytest
 
 from hpcproc.transports import Received, tcp
 
-from ._compiled import REQUIRE_ENV, compiled_required
+from ._compiled import require_compiled
 
 accel: ModuleType | None
 try:
@@ -29,11 +29,7 @@ except ImportError:  # built without a compiler
 
 @pytest.fixture
 def compiled() -> ModuleType:
-    if accel is None:
-        if compiled_required():
-            pytest.fail(f"{REQUIRE_ENV}=1 but hpcproc.transports._socket_accel was not built")
-        pytest.skip("the compiled socket read was not built (no C compiler at install)")
-    return accel
+    return require_compiled(accel, "hpcproc.transports._socket_accel", "the compiled socket read")
 
 
 @pytest.fixture
