@@ -1409,8 +1409,8 @@ class _MpiLink(Link):
         self.inflight.clear()
 
 
-#: Environment variable: ``0`` hands small messages over in Python even where the
-#: compiled hand-over (``_mpi_accel.c``) was built.
+#: Environment variable: ``0`` sends and hands over small messages in Python even where
+#: the compiled paths (``_mpi_accel.c``) were built.
 ACCEL_ENV: Final = "HPCPROC_MPI_ACCEL"
 
 
@@ -1576,9 +1576,8 @@ class _MpiEndPoint(MultiplexedEndPoint):
         poller = self._poller
         if self._closed or not poller.enabled:
             return 0.0
-        # pump_for and _Pump.hot_handle read in place: two calls less per receive.
-        pump = self.engine._pumps.get(self.loop)
-        hot = None if pump is None or pump.timer else pump.handle
+        pump = self.engine.pump_for(self.loop)
+        hot = pump.hot_handle() if pump is not None else None
         spinner = self._spinner
         if spinner is not None:
             # (poller.turn_and_poll(..., self._take_one, ...), its loop in C.)
