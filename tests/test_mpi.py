@@ -818,3 +818,19 @@ def test_fortran_ordered_frames_arrive_as_their_c_order_bytes(inline_max: int) -
             assert bytes(event.frames[0]) == fortran.tobytes()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("inline_max", -1),
+        ("inline_max", 1024.0),
+        ("inline_max", True),
+        ("max_message", 0),
+        ("max_message", 1 << 64),
+        ("max_message", float("inf")),
+    ],
+)
+def test_bad_size_options_are_refused_naming_the_option(option: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{option} must be an int"):
+        mpi.create_transport(**{option: value})

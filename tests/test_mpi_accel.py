@@ -444,3 +444,9 @@ def test_the_spinners_poll_follows_turn_and_poll(
             assert python == c == (0.0, 1, [], 0)
 
     run(main)
+
+
+def test_a_build_for_another_wire_layout_is_refused(compiled: ModuleType) -> None:
+    compiled.check_layout(mpi._ONE.size, mpi._DATA, mpi._FLAG_INLINE, mpi._ZERO_FILL_MAX)
+    with pytest.raises(RuntimeError, match=r"another wire layout.*HPCPROC_MPI_ACCEL=0"):
+        compiled.check_layout(mpi._ONE.size + 8, mpi._DATA, mpi._FLAG_INLINE, 16 << 10)

@@ -290,11 +290,9 @@ static PyObject *find_connection(Target *t, PyObject *src, uint32_t src_ep, uint
         local = NULL;
         goto done;
     }
-    if (PyObject_SetAttr(link, s_heard, Py_True) < 0) {
-        local = NULL;
-        goto done;
-    }
-    Py_INCREF(local);
+    Py_INCREF(local); /* (before the attribute store, which may run Python code) */
+    if (PyObject_SetAttr(link, s_heard, Py_True) < 0)
+        Py_CLEAR(local);
 done:
     Py_XDECREF(key);
     Py_XDECREF(link);
@@ -337,7 +335,9 @@ static PyObject *deliver(Target *t, PyObject *endpoint, PyObject *buf, PyObject 
     if (queued == NULL && PyErr_Occurred())
         return NULL;
     if (queued != NULL) {
+        Py_INCREF(queued);
         int truth = PyObject_IsTrue(queued);
+        Py_DECREF(queued);
         if (truth < 0)
             return NULL;
         if (truth)
@@ -423,10 +423,15 @@ static int post_locked(PyObject *engine, PyObject *isend, PyObject *rank, PyObje
     if (reqs == NULL)
         return -1;
     int r = -1;
-    PyObject *req = NULL, *done = NULL, *ops = NULL;
-    Py_ssize_t outstanding = PyObject_Length(reqs);
-    if (outstanding < 0)
+    PyObject *req = NULL, *done = NULL, *ops = PyObject_GetAttr(engine, s_send_ops);
+    if (ops == NULL)
         goto out;
+    if (!PyList_Check(reqs) || !PyList_Check(ops)) {
+        /* (Checked before posting: a send posted but not tracked must not happen.) */
+        PyErr_SetString(PyExc_TypeError, "the engine's send lists are not lists");
+        goto out;
+    }
+    Py_ssize_t outstanding = PyList_GET_SIZE(reqs);
     if (outstanding >= MaxUntracked) {
         r = 0;
         goto out;
@@ -442,12 +447,6 @@ static int post_locked(PyObject *engine, PyObject *isend, PyObject *rank, PyObje
     if (complete < 0)
         goto out;
     if (!complete) {
-        ops = PyObject_GetAttr(engine, s_send_ops);
-        if (ops == NULL || !PyList_Check(reqs) || !PyList_Check(ops)) {
-            if (ops != NULL)
-                PyErr_SetString(PyExc_TypeError, "the engine's send lists are not lists");
-            goto out;
-        }
         /* (Appended together: the lists stay the same length, as send_now keeps them.) */
         if (PyList_Append(reqs, req) < 0)
             goto out;
@@ -560,6 +559,10 @@ static PyObject *Sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
 /* sender(conn_id, frames) -> bool: see the module (send_now but its ``finished``). */
 static PyObject *Sender_call(Sender *self, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames) {
+    if (self->engine == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Sender was cleared");
+        return NULL;
+    }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs != 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0)) {
         PyErr_SetString(PyExc_TypeError, "a Sender takes (conn_id, frames)");
@@ -847,6 +850,10 @@ out:
 
 /* take_one(endpoint): True, False, or NULL with an exception set. */
 static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
+    if (self->engine == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Spinner was cleared");
+        return NULL;
+    }
     if ((void *)endpoint != self->owner) /* (not its endpoint: the whole of it in Python) */
         return PyObject_CallOneArg(self->take_one, endpoint);
     /* Messages another thread took for the endpoint, or requests to poll: Python. */
@@ -1067,6 +1074,11 @@ static PyObject *Spinner_poll(Spinner *self, PyObject *const *args, Py_ssize_t n
         goto fail;
     if (crowded)
         goto done;
+    /* The callbacks ready before the turns (read again: the crowding check may have
+     * run Python code), as turn_and_poll reads them. */
+    queued = PyObject_Length(ready);
+    if (queued < 0)
+        goto fail;
     double cpu = -1.0, budget_value;
     if (!(streak & 7) && read_clock(ThreadTime, &cpu) < 0)
         goto fail;
@@ -1156,11 +1168,13 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
                           &received_type, &PyLong_Type, &tag, &max_untracked, &fair_streak,
                           &probe_min))
         return NULL;
-    PyObject *dict = ((PyTypeObject *)received_type)->tp_dict;
-    PyObject *conn_id = PyDict_GetItemString(dict, "conn_id");
-    PyObject *frames = PyDict_GetItemString(dict, "frames");
-    if (conn_id == NULL || frames == NULL || Py_TYPE(conn_id)->tp_descr_set == NULL ||
+    PyObject *conn_id = PyObject_GetAttrString(received_type, "conn_id");
+    PyObject *frames = conn_id == NULL ? NULL : PyObject_GetAttrString(received_type, "frames");
+    if (frames == NULL || Py_TYPE(conn_id)->tp_descr_set == NULL ||
         Py_TYPE(frames)->tp_descr_set == NULL) {
+        Py_XDECREF(conn_id);
+        Py_XDECREF(frames);
+        PyErr_Clear();
         PyErr_SetString(PyExc_TypeError, "the event type has no conn_id and frames slots");
         return NULL;
     }
@@ -1168,9 +1182,7 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_XSETREF(LinkType, link_type);
     Py_INCREF(received_type);
     Py_XSETREF(ReceivedType, received_type);
-    Py_INCREF(conn_id);
     Py_XSETREF(ConnIdSlot, conn_id);
-    Py_INCREF(frames);
     Py_XSETREF(FramesSlot, frames);
     Py_INCREF(tag);
     Py_XSETREF(Tag, tag);
@@ -1180,7 +1192,28 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* check_layout(one_size, data_kind, inline_flag, zero_fill_max): that mpi.py's wire
+ * layout and envelope size class are the ones compiled in here. */
+static PyObject *check_layout(PyObject *Py_UNUSED(module), PyObject *args) {
+    long one_size, data_kind, inline_flag, zero_fill_max;
+    if (!PyArg_ParseTuple(args, "llll:check_layout", &one_size, &data_kind, &inline_flag,
+                          &zero_fill_max))
+        return NULL;
+    if (one_size != ONE_SIZE || data_kind != KIND_DATA || inline_flag != FLAG_INLINE ||
+        zero_fill_max != ZERO_FILL_MAX) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "_mpi_accel.c was built for another wire layout (envelope %d bytes, "
+                     "DATA %d, inline flag %d, bytearray envelopes below %d): rebuild it "
+                     "(pip install -e .) or set HPCPROC_MPI_ACCEL=0",
+                     ONE_SIZE, KIND_DATA, FLAG_INLINE, ZERO_FILL_MAX);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"check_layout", (PyCFunction)check_layout, METH_VARARGS,
+     "check_layout(one_size, data_kind, inline_flag, zero_fill_max)"},
     {"init", (PyCFunction)init, METH_VARARGS,
      "init(link_type, received_type, tag, max_untracked, fair_streak, probe_min)"},
     {"deliver_inline", (PyCFunction)(void (*)(void))deliver_inline, METH_FASTCALL,

@@ -1424,6 +1424,8 @@ def _compiled() -> Any:
     except ImportError:  # built without a compiler
         return None
     _mpi_accel.init(_MpiLink, Received, _TAG, _MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN)
+    # The C has the wire layout and the envelope size classes compiled in.
+    _mpi_accel.check_layout(_ONE.size, _DATA, _FLAG_INLINE, _ZERO_FILL_MAX)
     return _mpi_accel
 
 
@@ -1825,11 +1827,21 @@ def create_transport(
     peer may announce), ``recv_pool_bytes`` (pooled receive buffers for large frames).
 
     Raises:
+        ValueError: ``inline_max`` is not an int of at least 0, or ``max_message`` not
+            an int from 1 to 2**64 - 1 (the bytes a frame's length field can say).
         ImportError: mpi4py is missing (``pip install hpcproc[mpi]``).
         MpiUnavailableError: MPI is finalized, or provides a thread level below
             ``MPI_THREAD_SERIALIZED``.
     """
     check_budget(busy_poll_us)
+    # Checked here, not where used: an odd value would otherwise surface as an error
+    # at the first connect (in C, which reads both as 64-bit unsigned ints).
+    if type(inline_max) is not int or inline_max < 0:
+        raise ValueError(f"inline_max must be an int of at least 0, not {inline_max!r}")
+    if type(max_message) is not int or not 1 <= max_message < 1 << 64:
+        raise ValueError(
+            f"max_message must be an int from 1 to 2**64 - 1, not {max_message!r}"
+        )
     mpi = import_mpi()
     if mpi.Is_finalized():
         raise MpiUnavailableError("MPI is already finalized")
