@@ -825,7 +825,6 @@ def test_fortran_ordered_frames_arrive_as_their_c_order_bytes(inline_max: int) -
     [
         ("inline_max", -1),
         ("inline_max", 1024.0),
-        ("inline_max", True),
         ("max_message", 0),
         ("max_message", 1 << 64),
         ("max_message", float("inf")),

@@ -154,6 +154,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import operator
 import os
 import struct
 import sys
@@ -1796,6 +1797,21 @@ class MpiTransport(MultiplexedTransport):
         return endpoint
 
 
+def _size_option(name: str, value: object, least: int) -> int:
+    """``value`` as an int from ``least`` to 2**64 - 1 (what a frame length can say).
+
+    Raises:
+        ValueError: it is not an integer (``operator.index``) in that range.
+    """
+    try:
+        size = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        size = -1
+    if not least <= size < 1 << 64:
+        raise ValueError(f"{name} must be an int from {least} to 2**64 - 1, not {value!r}")
+    return size
+
+
 def create_transport(
     *,
     comm: MPI.Comm | None = None,
@@ -1827,8 +1843,8 @@ def create_transport(
     peer may announce), ``recv_pool_bytes`` (pooled receive buffers for large frames).
 
     Raises:
-        ValueError: ``inline_max`` is not an int of at least 0, or ``max_message`` not
-            an int from 1 to 2**64 - 1 (the bytes a frame's length field can say).
+        ValueError: ``inline_max`` is not an int from 0, or ``max_message`` not one
+            from 1, to 2**64 - 1 (the bytes a frame's length field can say).
         ImportError: mpi4py is missing (``pip install hpcproc[mpi]``).
         MpiUnavailableError: MPI is finalized, or provides a thread level below
             ``MPI_THREAD_SERIALIZED``.
@@ -1836,12 +1852,8 @@ def create_transport(
     check_budget(busy_poll_us)
     # Checked here, not where used: an odd value would otherwise surface as an error
     # at the first connect (in C, which reads both as 64-bit unsigned ints).
-    if type(inline_max) is not int or inline_max < 0:
-        raise ValueError(f"inline_max must be an int of at least 0, not {inline_max!r}")
-    if type(max_message) is not int or not 1 <= max_message < 1 << 64:
-        raise ValueError(
-            f"max_message must be an int from 1 to 2**64 - 1, not {max_message!r}"
-        )
+    inline_max = _size_option("inline_max", inline_max, 0)
+    max_message = _size_option("max_message", max_message, 1)
     mpi = import_mpi()
     if mpi.Is_finalized():
         raise MpiUnavailableError("MPI is already finalized")
