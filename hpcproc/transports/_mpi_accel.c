@@ -84,7 +84,7 @@ static PyObject *Monotonic = NULL, *PerfCounter = NULL, *ThreadTime = NULL; /* t
 static PyObject *s_endpoint_id, *s_inbox, *s_addresses, *s_links, *s_gen, *s_alive,
     *s_incoming, *s_heard, *s_receivers, *s_events, *s_items, *s_handed_over, *s_put,
     *s_waiters, *s_append,
-    *s_finished, *s_endpoint, *s_opts, *s_inline_max, *s_remote_ep, *s_engine, *s_lock,
+    *s_endpoint, *s_opts, *s_inline_max, *s_remote_ep, *s_engine, *s_lock,
     *s_closed, *s_send_reqs, *s_send_ops, *s_comm, *s_rank, *s_Isend, *s_Test, *s_acquire,
     *s_release;
 
@@ -409,6 +409,21 @@ static void put_le64(unsigned char *p, uint64_t v) {
         p[i] = (unsigned char)(v >> (8 * i));
 }
 
+/* ``release()`` of the engine's lock, whatever happened while it was held: 0, with
+ * the error raised meanwhile (if any) set again; -1 with release's own error set (the
+ * earlier one dropped: an RLock held by this thread does not fail to release). */
+static int release_keeping_error(PyObject *release) {
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *released = PyObject_CallNoArgs(release);
+    if (released == NULL) {
+        Py_XDECREF(exc);
+        return -1;
+    }
+    Py_DECREF(released);
+    PyErr_SetRaisedException(exc);
+    return 0;
+}
+
 /* The posting part of a send, under the engine's lock: 1 posted, 0 too many sends
  * outstanding, -1 with an exception set. */
 static int post_locked(PyObject *engine, PyObject *isend, PyObject *rank, PyObject *data) {
@@ -607,15 +622,8 @@ static PyObject *Sender_call(Sender *self, PyObject *const *args, size_t nargsf,
         goto out;
     Py_DECREF(locked);
     int posted = post_locked(self->engine, self->isend, self->rank, data);
-    /* Released whatever happened, keeping the error of the post if there was one. */
-    PyObject *exc = PyErr_GetRaisedException();
-    PyObject *released = PyObject_CallNoArgs(self->release);
-    if (released == NULL) {
-        Py_XDECREF(exc);
+    if (release_keeping_error(self->release) < 0)
         goto out;
-    }
-    Py_DECREF(released);
-    PyErr_SetRaisedException(exc);
     if (posted >= 0)
         result = Py_NewRef(posted ? Py_True : Py_False);
 out:
@@ -657,21 +665,20 @@ typedef struct {
     PyObject *byte;         /* engine._byte */
     PyObject *poisoned;     /* engine._poisoned (a set, never replaced) */
     PyObject *inbound;      /* engine._inbound (a dict, never replaced) */
-    PyObject *max_message;  /* engine.options.max_message */
     PyObject *take_one;     /* engine.take_one: the whole of it, in Python */
     PyObject *take;         /* engine._take */
     PyObject *taken;        /* engine._taken */
     PyObject *sort_out;     /* engine._sort_out */
     PyObject *route;        /* engine._route */
     Target target;          /* the endpoint's containers */
-    unsigned long long max_message_value;
+    uint64_t max_message;   /* engine.options.max_message */
     /* The endpoint (compared, never used: no reference, as the endpoint holds this). */
     void *owner;
 } Spinner;
 
 #define SPINNER_FIELDS(X)                                                                    \
     X(engine) X(loop) X(acquire) X(release) X(improbe) X(any_source) X(status)      \
-    X(get_source) X(get_count) X(byte) X(poisoned) X(inbound) X(max_message) X(take_one)     \
+    X(get_source) X(get_count) X(byte) X(poisoned) X(inbound) X(take_one)     \
     X(take) X(taken) X(sort_out) X(route)
 
 static int Spinner_traverse(Spinner *self, visitproc visit, void *arg) {
@@ -698,7 +705,7 @@ static void Spinner_dealloc(Spinner *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *s_lock_attr, *s_comm_attr, *s_Improbe, *s_any_source, *s_status_attr,
+static PyObject *s_Improbe, *s_any_source, *s_status_attr,
     *s_Get_source, *s_Get_count, *s_byte, *s_poisoned, *s_inbound, *s_options,
     *s_max_message, *s_take_one, *s_take, *s_taken, *s_sort_out, *s_route, *s_loop,
     *s_recv_reqs, *s_last_activity, *s_Recv, *s_ready_attr, *s_streak, *s_no_poll_until,
@@ -724,10 +731,10 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->owner = endpoint;
     if (target_fill(&self->target, endpoint) < 0 ||
         (self->loop = PyObject_GetAttr(endpoint, s_loop)) == NULL ||
-        (lock = PyObject_GetAttr(engine, s_lock_attr)) == NULL ||
+        (lock = PyObject_GetAttr(engine, s_lock)) == NULL ||
         (self->acquire = PyObject_GetAttr(lock, s_acquire)) == NULL ||
         (self->release = PyObject_GetAttr(lock, s_release)) == NULL ||
-        (comm = PyObject_GetAttr(engine, s_comm_attr)) == NULL ||
+        (comm = PyObject_GetAttr(engine, s_comm)) == NULL ||
         (self->improbe = PyObject_GetAttr(comm, s_Improbe)) == NULL ||
         (self->any_source = PyObject_GetAttr(engine, s_any_source)) == NULL ||
         (self->status = PyObject_GetAttr(engine, s_status_attr)) == NULL ||
@@ -737,7 +744,7 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         (self->poisoned = PyObject_GetAttr(engine, s_poisoned)) == NULL ||
         (self->inbound = PyObject_GetAttr(engine, s_inbound)) == NULL ||
         (options = PyObject_GetAttr(engine, s_options)) == NULL ||
-        (self->max_message = PyObject_GetAttr(options, s_max_message)) == NULL ||
+        attr_uint(options, s_max_message, UINT64_MAX, &self->max_message) < 0 ||
         (self->take_one = PyObject_GetAttr(engine, s_take_one)) == NULL ||
         (self->take = PyObject_GetAttr(engine, s_take)) == NULL ||
         (self->taken = PyObject_GetAttr(engine, s_taken)) == NULL ||
@@ -752,11 +759,6 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_DECREF(lock);
     Py_DECREF(comm);
     Py_DECREF(options);
-    self->max_message_value = PyLong_AsUnsignedLongLong(self->max_message);
-    if (self->max_message_value == (unsigned long long)-1 && PyErr_Occurred()) {
-        Py_DECREF(self);
-        return NULL;
-    }
     if (!PySet_Check(self->poisoned) || !PyDict_Check(self->inbound)) {
         PyErr_SetString(PyExc_TypeError, "the engine's _poisoned and _inbound are not a set and a dict");
         Py_DECREF(self);
@@ -764,8 +766,6 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     return (PyObject *)self;
 }
-
-static PyObject *call0(PyObject *f) { return PyObject_CallNoArgs(f); }
 
 /* Whether the engine has requests outstanding (it then polls them: the Python path). */
 static int engine_busy(PyObject *engine) {
@@ -778,7 +778,7 @@ static int engine_busy(PyObject *engine) {
 /* The part of take_one under the engine's lock, once the probe found ``message``:
  * receive it and take it, filling ``ready`` as _take does. 0, or -1 with an exception. */
 static int take_locked(Spinner *self, PyObject *endpoint, PyObject *message, PyObject *ready) {
-    PyObject *src = call0(self->get_source);
+    PyObject *src = PyObject_CallNoArgs(self->get_source);
     if (src == NULL)
         return -1;
     PyObject *count_args[1] = {self->byte};
@@ -826,7 +826,7 @@ static int take_locked(Spinner *self, PyObject *endpoint, PyObject *message, PyO
         result = 0;
         goto out;
     }
-    PyObject *done = deliver(&self->target, endpoint, buf, src, self->max_message_value,
+    PyObject *done = deliver(&self->target, endpoint, buf, src, self->max_message,
                              self->inbound);
     if (done == NULL)
         goto out;
@@ -869,7 +869,7 @@ static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
     if (handed_over == NULL)
         return NULL;
     PyObject *ready = NULL, *result = NULL;
-    PyObject *locked = call0(self->acquire);
+    PyObject *locked = PyObject_CallNoArgs(self->acquire);
     if (locked == NULL)
         goto out;
     Py_DECREF(locked);
@@ -903,19 +903,13 @@ static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
             taken = !failed;
         }
     }
-    /* The lock is released whatever happened, the error (if any) kept. */
-    PyObject *exc = PyErr_GetRaisedException();
-    PyObject *released = call0(self->release);
-    if (released == NULL) {
-        Py_XDECREF(exc);
+    if (release_keeping_error(self->release) < 0) {
         Py_CLEAR(result);
         goto out;
     }
-    Py_DECREF(released);
-    PyErr_SetRaisedException(exc);
     if (failed || !taken)
         goto out;
-    PyObject *now = call0(Monotonic);
+    PyObject *now = PyObject_CallNoArgs(Monotonic);
     if (now == NULL || PyObject_SetAttr(self->engine, s_last_activity, now) < 0) {
         Py_XDECREF(now);
         goto out;
@@ -1008,13 +1002,14 @@ out:
     return r;
 }
 
-static PyObject *set_streak(PyObject *poller, long streak) {
+/* poller._streak = streak: 0, or -1 with an exception set. */
+static int set_streak(PyObject *poller, long streak) {
     PyObject *v = PyLong_FromLong(streak);
     if (v == NULL)
-        return NULL;
+        return -1;
     int r = PyObject_SetAttr(poller, s_streak, v);
     Py_DECREF(v);
-    return r < 0 ? NULL : Py_None;
+    return r;
 }
 
 /* poll(poller, items, endpoint, ours) -> float: IdlePoller.turn_and_poll(items,
@@ -1056,12 +1051,12 @@ static PyObject *Spinner_poll(Spinner *self, PyObject *const *args, Py_ssize_t n
         goto fail;
     streak += 1;
     if (streak > FairStreak) {
-        if (set_streak(poller, 0) == NULL)
+        if (set_streak(poller, 0) < 0)
             goto fail;
         gave_up = -1.0;
         goto done;
     }
-    if (set_streak(poller, streak) == NULL)
+    if (set_streak(poller, streak) < 0)
         goto fail;
     double start, no_poll_until;
     if (read_clock(PerfCounter, &start) < 0 ||
@@ -1238,7 +1233,7 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_links, "_links"},            {&s_gen, "gen"},        {&s_alive, "alive"},
         {&s_incoming, "incoming"},       {&s_heard, "heard"},    {&s_receivers, "_receivers"},
         {&s_events, "_events"},          {&s_items, "_items"},   {&s_handed_over, "_handed_over"},
-        {&s_put, "put"},                 {&s_finished, "finished"}, {&s_endpoint, "endpoint"},
+        {&s_put, "put"},                 {&s_endpoint, "endpoint"},
         {&s_waiters, "_waiters"},        {&s_append, "append"},
         {&s_opts, "opts"},               {&s_inline_max, "inline_max"},
         {&s_remote_ep, "remote_ep"},     {&s_engine, "engine"},   {&s_lock, "lock"},
@@ -1246,7 +1241,7 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_send_ops, "_send_ops"},      {&s_comm, "comm"},       {&s_rank, "rank"},
         {&s_Isend, "Isend"},             {&s_Test, "Test"},       {&s_acquire, "acquire"},
         {&s_release, "release"},
-        {&s_lock_attr, "lock"},          {&s_comm_attr, "comm"},  {&s_Improbe, "Improbe"},
+        {&s_Improbe, "Improbe"},
         {&s_any_source, "_any_source"},  {&s_status_attr, "_status"},
         {&s_Get_source, "Get_source"},   {&s_Get_count, "Get_count"}, {&s_byte, "_byte"},
         {&s_poisoned, "_poisoned"},      {&s_inbound, "_inbound"}, {&s_options, "options"},
