@@ -324,12 +324,14 @@ def test_large_frames_are_received_in_place_into_a_buffer_each() -> None:
     asyncio.run(scenario())
 
 
-def _spin_until(engine: Any, receiver: Any, events: int) -> None:
-    """Turn the spinning receiver's step until ``receiver`` has ``events`` queued."""
+def _spin_until(receiver: Any, events: int) -> None:
+    """Turn the spinning receiver's step until ``receiver`` has ``events`` queued: its
+    ``_take_one``, in C where built (the Python ``take_one`` under
+    ``HPCPROC_MPI_ACCEL=0``, which ``make test`` runs too)."""
     for _ in range(10_000):
         if len(receiver._events._items) >= events:
             return
-        engine.take_one(receiver)
+        receiver._take_one(receiver)
     raise AssertionError(f"{events} events expected, {len(receiver._events._items)} queued")
 
 
@@ -359,12 +361,12 @@ def test_a_small_message_never_overtakes_a_large_one_completed_by_the_same_poll(
 
     async def scenario() -> None:
         async with connected() as (b, conn):
-            engine, op = _post_unawaited(conn, [as_buffer(np.full(size, 7, np.uint8))])
+            _, op = _post_unawaited(conn, [as_buffer(np.full(size, 7, np.uint8))])
             assert op is not None, "the frame's send completed before any receive was posted"
             assert conn.send_nowait([b"small"])
             # What a receiver spinning in receive() calls, turn by turn (receive() would
             # leave the work to the pump while the pump is due to run).
-            _spin_until(engine, b, 2)
+            _spin_until(b, 2)
             first = await expect(b, Received)
             second = await expect(b, Received)
             assert [len(f) for f in first.frames] == [size], "the small message overtook"
@@ -402,7 +404,7 @@ def test_a_spinning_receiver_takes_a_message_of_separate_frames_in_place(
             big = np.arange(600 << 10, dtype=np.uint8)
             mid = np.arange(100 << 10, dtype=np.uint8)[::-1].copy()
             _, op = _post_unawaited(conn, [b"small", as_buffer(big), as_buffer(mid), b"tail"])
-            _spin_until(engine, b, 1)
+            _spin_until(b, 1)
             assert not engine._recv_reqs, "a frame went through the general bookkeeping"
             event = await expect(b, Received)
             assert [len(f) for f in event.frames] == [5, 600 << 10, 100 << 10, 4]
@@ -432,11 +434,11 @@ def test_a_frame_late_for_the_spinning_receiver_is_delivered_in_order_when_it_co
             requests = [engine.comm.Isend([envelope, MPI.BYTE], engine.rank, mpi._TAG)]
             for frame in frames[:-1]:
                 requests.append(engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG))
-            engine.take_one(b)  # takes the envelope; the last frame not sent: it waits
+            b._take_one(b)  # takes the envelope; the last frame not sent: it waits
             assert len(engine._recv_reqs) == 1 and not b.receive_nowait()
             requests.append(engine.comm.Isend([frames[-1], MPI.BYTE], engine.rank, mpi._TAG))
             assert conn.send_nowait([b"after"])
-            _spin_until(engine, b, 2)
+            _spin_until(b, 2)
             first, second = await expect(b, Received), await expect(b, Received)
             for got, frame in zip(first.frames, frames, strict=True):
                 assert np.array_equal(np.frombuffer(got, np.uint8), frame)
@@ -473,7 +475,7 @@ def test_a_spinning_receiver_drops_a_sender_whose_frame_has_another_length(
             for i, n in enumerate(sent):
                 frame = np.full(n, i + 7, np.uint8)
                 requests.append(engine.comm.Isend([frame, MPI.BYTE], engine.rank, mpi._TAG))
-            _spin_until(engine, b, 1)
+            _spin_until(b, 1)
             assert engine._poisoned == {engine.rank}
             lost = await expect(b, ErrorEvent)
             assert lost.error.code is EventErrorCode.CONNECTION_LOST

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -44,7 +45,16 @@ def compiled() -> ModuleType:
     module = require_compiled(accel, "hpcproc.transports._mpi_accel", "the compiled mpi paths")
     # (As mpi.py does, unless HPCPROC_MPI_ACCEL=0 kept it from loading them: the tests
     # compare them with the Python paths either way.)
-    module.init(mpi._MpiLink, Received, mpi._TAG, mpi._MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN)
+    module.init(
+        mpi._MpiLink,
+        Received,
+        mpi._TAG,
+        mpi._MAX_UNTRACKED,
+        FAIR_STREAK,
+        PROBE_MIN,
+        mpi._DIRECT_MAX,
+        mpi._POOL_MIN,
+    )
     return module
 
 
@@ -450,3 +460,114 @@ def test_a_build_for_another_wire_layout_is_refused(compiled: ModuleType) -> Non
     compiled.check_layout(mpi._ONE.size, mpi._DATA, mpi._FLAG_INLINE, mpi._ZERO_FILL_MAX)
     with pytest.raises(RuntimeError, match=r"another wire layout.*HPCPROC_MPI_ACCEL=0"):
         compiled.check_layout(mpi._ONE.size + 8, mpi._DATA, mpi._FLAG_INLINE, 16 << 10)
+
+
+def post_separate(
+    p: Pair, frame: np.ndarray[Any, Any], **changes: int
+) -> tuple[list[Any], list[Any]]:
+    """A DATA message of one separate frame from ``p.a`` to ``p.b``, posted as a link
+    posts it (its envelope, then the frame), fields of the envelope changed: the sends,
+    and the buffers they send (to be kept until they complete)."""
+    from mpi4py import MPI
+
+    comm, rank = p.b.engine.comm, p.b.engine.rank
+    envelope = p.envelope(b"", flags=0, length=frame.nbytes, **changes)
+    requests = [
+        comm.Isend([envelope, MPI.BYTE], rank, mpi._TAG),
+        comm.Isend([frame, MPI.BYTE], rank, mpi._TAG),
+    ]
+    return requests, [envelope, frame]
+
+
+def turn_until_queued(take: Callable[[Any], bool], endpoint: Any) -> None:
+    """Turn a spinning receiver's step until ``endpoint`` has an event queued."""
+    for _ in range(10_000):  # (bounded: a self-send is there at once)
+        if endpoint._events._items:
+            return
+        take(endpoint)
+    raise AssertionError("nothing was queued")
+
+
+def address(frame: memoryview) -> int:
+    return int(np.frombuffer(frame, np.uint8).ctypes.data)
+
+
+def test_the_spinner_takes_a_separate_frame_directly_as_take_one_does(
+    compiled: ModuleType,
+) -> None:
+    """A one-frame message too large to travel inline, taken by the spinning receiver
+    itself (no outstanding receive) into a pooled buffer: a free one is reused, a held
+    one never, whichever path takes it."""
+    from mpi4py import MPI
+
+    size = 100 << 10  # (in the 128 KiB size class: a view of a pooled array)
+
+    async def main() -> None:
+        async with pair() as p:
+            engine, b = p.b.engine, p.b
+            pool = engine._pool
+            spinner = compiled.Spinner(engine, b)
+            addresses: dict[str, list[int]] = {}
+            for name, take in (("python", engine.take_one), ("c", spinner)):
+                got = []
+                for fill in (1, 2, 3):
+                    frame = np.full(size, fill, np.uint8)
+                    requests, sent = post_separate(p, frame)
+                    p.link.heard = False
+                    used = {id(e.array): e.used for e in pool.classes.get(1 << 17, ())}
+                    turn_until_queued(take, b)
+                    assert not engine._recv_reqs and not engine._inbound.get(engine.rank)
+                    event = b._events._items.popleft()
+                    assert type(event) is Received and event.conn_id == p.local
+                    assert np.array_equal(np.frombuffer(event.frames[0], np.uint8), frame)
+                    assert p.link.heard is True
+                    # The pooled array it was received into is marked used.
+                    (entry,) = [
+                        e
+                        for e in pool.classes[1 << 17]
+                        if e.array.ctypes.data == address(event.frames[0])
+                    ]
+                    assert entry.used > used.get(id(entry.array), 0.0)
+                    assert pool._trimmer._handle is not None  # the idle trim is armed
+                    got.append(event.frames[0])
+                    assert MPI.Request.Testall(requests)
+                    del sent
+                    if fill == 2:
+                        del got[1]  # dropped: its buffer is free for the third
+                    del event
+                addresses[name] = [address(f) for f in got]
+                assert bytes(got[0]) == b"\x01" * size and bytes(got[1]) == b"\x03" * size
+                got.clear()
+            # The first message held, the second dropped: the third reuses the second's
+            # buffer, never the first's; both paths the same way.
+            python, c = addresses["python"], addresses["c"]
+            assert python[0] != python[1] and c[0] != c[1]
+
+    run(main)
+
+
+def test_a_separate_frame_on_an_unknown_connection_ends_as_on_the_python_path(
+    compiled: ModuleType,
+) -> None:
+    """A frame received directly whose connection is not found is not handed over:
+    it takes the Python path's way (a protocol violation, the link dropped)."""
+    from mpi4py import MPI
+
+    outcomes = []
+
+    async def main(which: str) -> None:
+        async with pair() as p:
+            engine, b = p.b.engine, p.b
+            take = engine.take_one if which == "python" else compiled.Spinner(engine, b)
+            requests, sent = post_separate(p, np.zeros(50 << 10, np.uint8), conn_id=p.conn_id + 99)
+            turn_until_queued(take, b)
+            event = b._events._items.popleft()
+            assert not engine._recv_reqs and not engine._inbound.get(engine.rank)
+            assert MPI.Request.Testall(requests)
+            del sent
+            outcomes.append((type(event).__name__, str(event.error.message), p.link.alive))
+
+    for which in ("python", "c"):
+        run(functools.partial(main, which))
+    assert outcomes[0] == outcomes[1]
+    assert "data on unknown connection" in outcomes[0][1] and outcomes[0][2] is False

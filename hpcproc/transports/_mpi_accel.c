@@ -39,6 +39,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if PY_VERSION_HEX < 0x030C0000
 /* Python 3.10 and 3.11: the exception being handled, as 3.12's calls keep it. */
@@ -80,6 +81,8 @@ static PyObject *Tag = NULL; /* the transport's MPI tag */
 static Py_ssize_t MaxUntracked = 0; /* small sends outstanding beyond which send waits */
 static long FairStreak = 0;          /* _busy_poll.FAIR_STREAK */
 static double ProbeMin = 0.0;        /* _busy_poll.PROBE_MIN */
+static uint64_t DirectMax = 0;       /* mpi._DIRECT_MAX */
+static uint64_t PoolMin = 0;         /* mpi._POOL_MIN */
 static PyObject *Monotonic = NULL, *PerfCounter = NULL, *ThreadTime = NULL; /* time's */
 static PyObject *s_endpoint_id, *s_inbox, *s_addresses, *s_links, *s_gen, *s_alive,
     *s_incoming, *s_heard, *s_receivers, *s_events, *s_items, *s_handed_over, *s_put,
@@ -138,6 +141,19 @@ static int attr_uint(PyObject *obj, PyObject *name, uint64_t max, uint64_t *out)
         return -1;
     }
     *out = (uint64_t)x;
+    return 0;
+}
+
+/* A float attribute: 0, or -1 with an exception set. */
+static int attr_double(PyObject *obj, PyObject *name, double *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    double d = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    if (d == -1.0 && PyErr_Occurred())
+        return -1;
+    *out = d;
     return 0;
 }
 
@@ -301,6 +317,28 @@ done:
     return local;
 }
 
+/* Whether a message from rank ``src`` for the endpoint of ``t`` comes next: nothing of
+ * that sender waits before it in the engine's queue (``inbound``), nothing another
+ * thread took for the endpoint waits in its inbox. 1, 0, or -1 with an exception set. */
+static int nothing_before(Target *t, PyObject *inbound, PyObject *src) {
+    if (!PyDict_Check(inbound))
+        return 0;
+    PyObject *queued = PyDict_GetItemWithError(inbound, src);
+    if (queued == NULL && PyErr_Occurred())
+        return -1;
+    if (queued != NULL) {
+        Py_INCREF(queued);
+        int truth = PyObject_IsTrue(queued);
+        Py_DECREF(queued);
+        if (truth)
+            return truth < 0 ? -1 : 0;
+    }
+    Py_ssize_t inbox = PyObject_Length(t->inbox);
+    if (inbox < 0)
+        return -1;
+    return inbox == 0;
+}
+
 /* deliver_inline's work for ``endpoint`` (whose containers ``t`` holds): Py_True,
  * Py_False (new references), or NULL with an exception set. */
 static PyObject *deliver(Target *t, PyObject *endpoint, PyObject *buf, PyObject *src,
@@ -328,28 +366,10 @@ static PyObject *deliver(Target *t, PyObject *endpoint, PyObject *buf, PyObject 
     if (p[0] != KIND_DATA || !(p[1] & FLAG_INLINE) || le32(p + 4) != 1 ||
         length != (uint64_t)(size - ONE_SIZE) || length > max_message)
         Py_RETURN_FALSE;
-    /* Nothing of this sender waits before it in the engine's queue. */
-    if (!PyDict_Check(inbound))
-        Py_RETURN_FALSE;
-    PyObject *queued = PyDict_GetItemWithError(inbound, src);
-    if (queued == NULL && PyErr_Occurred())
+    int first = le32(p + 12) == t->endpoint_id ? nothing_before(t, inbound, src) : 0;
+    if (first < 0)
         return NULL;
-    if (queued != NULL) {
-        Py_INCREF(queued);
-        int truth = PyObject_IsTrue(queued);
-        Py_DECREF(queued);
-        if (truth < 0)
-            return NULL;
-        if (truth)
-            Py_RETURN_FALSE;
-    }
-    /* For this endpoint, and nothing another thread took for it waits in its inbox. */
-    if (le32(p + 12) != t->endpoint_id)
-        Py_RETURN_FALSE;
-    Py_ssize_t inbox = PyObject_Length(t->inbox);
-    if (inbox < 0)
-        return NULL;
-    if (inbox)
+    if (!first)
         Py_RETURN_FALSE;
     PyObject *local = find_connection(t, src, le32(p + 8), le64(p + 16), le64(p + 24));
     if (local == NULL) {
@@ -670,8 +690,15 @@ typedef struct {
     PyObject *taken;        /* engine._taken */
     PyObject *sort_out;     /* engine._sort_out */
     PyObject *route;        /* engine._route */
+    PyObject *frame_target; /* engine._frame_target */
+    PyObject *irecv;        /* engine.comm.Irecv */
+    PyObject *took_direct;  /* engine._took_one_direct */
+    PyObject *mpi_error;    /* engine.MPI.Exception */
+    PyObject *pool_classes; /* engine._pool.classes (a dict, never replaced) */
+    PyObject *trimmer;      /* engine._pool._trimmer */
     Target target;          /* the endpoint's containers */
     uint64_t max_message;   /* engine.options.max_message */
+    double direct_wait;     /* engine._direct_wait: how long take_direct waits (s) */
     /* The endpoint (compared, never used: no reference, as the endpoint holds this). */
     void *owner;
 } Spinner;
@@ -679,7 +706,8 @@ typedef struct {
 #define SPINNER_FIELDS(X)                                                                    \
     X(engine) X(loop) X(acquire) X(release) X(improbe) X(any_source) X(status)      \
     X(get_source) X(get_count) X(byte) X(poisoned) X(inbound) X(take_one)     \
-    X(take) X(taken) X(sort_out) X(route)
+    X(take) X(taken) X(sort_out) X(route) X(frame_target) X(irecv) X(took_direct) X(mpi_error) \
+    X(pool_classes) X(trimmer)
 
 static int Spinner_traverse(Spinner *self, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(self->f);
@@ -709,7 +737,9 @@ static PyObject *s_Improbe, *s_any_source, *s_status_attr,
     *s_Get_source, *s_Get_count, *s_byte, *s_poisoned, *s_inbound, *s_options,
     *s_max_message, *s_take_one, *s_take, *s_taken, *s_sort_out, *s_route, *s_loop,
     *s_recv_reqs, *s_last_activity, *s_Recv, *s_ready_attr, *s_streak, *s_no_poll_until,
-    *s_crowding, *s_next_check, *s_crowded, *s_budget, *s_value, *s_probed;
+    *s_crowding, *s_next_check, *s_crowded, *s_budget, *s_value, *s_probed, *s_Irecv,
+    *s_frame_target, *s_took_one_direct, *s_MPI, *s_Exception, *s_direct_wait, *s_pool,
+    *s_classes, *s_trimmer, *s_array, *s_used, *s_touch, *s_handle, *s_loop_attr;
 
 static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *engine, *endpoint;
@@ -726,7 +756,7 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Spinner *self = (Spinner *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    PyObject *lock = NULL, *comm = NULL, *options = NULL;
+    PyObject *lock = NULL, *comm = NULL, *options = NULL, *mpi = NULL, *pool = NULL;
     self->engine = Py_NewRef(engine);
     self->owner = endpoint;
     if (target_fill(&self->target, endpoint) < 0 ||
@@ -749,18 +779,33 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         (self->take = PyObject_GetAttr(engine, s_take)) == NULL ||
         (self->taken = PyObject_GetAttr(engine, s_taken)) == NULL ||
         (self->sort_out = PyObject_GetAttr(engine, s_sort_out)) == NULL ||
-        (self->route = PyObject_GetAttr(engine, s_route)) == NULL) {
+        (self->route = PyObject_GetAttr(engine, s_route)) == NULL ||
+        (self->frame_target = PyObject_GetAttr(engine, s_frame_target)) == NULL ||
+        (self->irecv = PyObject_GetAttr(comm, s_Irecv)) == NULL ||
+        (self->took_direct = PyObject_GetAttr(engine, s_took_one_direct)) == NULL ||
+        (mpi = PyObject_GetAttr(engine, s_MPI)) == NULL ||
+        (self->mpi_error = PyObject_GetAttr(mpi, s_Exception)) == NULL ||
+        attr_double(engine, s_direct_wait, &self->direct_wait) < 0 ||
+        (pool = PyObject_GetAttr(engine, s_pool)) == NULL ||
+        (self->pool_classes = PyObject_GetAttr(pool, s_classes)) == NULL ||
+        (self->trimmer = PyObject_GetAttr(pool, s_trimmer)) == NULL) {
         Py_XDECREF(lock);
         Py_XDECREF(comm);
         Py_XDECREF(options);
+        Py_XDECREF(mpi);
+        Py_XDECREF(pool);
         Py_DECREF(self);
         return NULL;
     }
     Py_DECREF(lock);
     Py_DECREF(comm);
     Py_DECREF(options);
-    if (!PySet_Check(self->poisoned) || !PyDict_Check(self->inbound)) {
-        PyErr_SetString(PyExc_TypeError, "the engine's _poisoned and _inbound are not a set and a dict");
+    Py_DECREF(mpi);
+    Py_DECREF(pool);
+    if (!PySet_Check(self->poisoned) || !PyDict_Check(self->inbound) ||
+        !PyDict_Check(self->pool_classes)) {
+        PyErr_SetString(PyExc_TypeError, "the engine's _poisoned, _inbound and _pool.classes "
+                                         "are not a set and dicts");
         Py_DECREF(self);
         return NULL;
     }
@@ -773,6 +818,178 @@ static int engine_busy(PyObject *engine) {
     if (r != 0)
         return r;
     return attr_nonempty(engine, s_recv_reqs);
+}
+
+/* CLOCK_MONOTONIC in seconds: time.perf_counter's clock on Linux, which _take_direct's
+ * deadline reads. */
+static double monotonic_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* _BufferPool.take(length)'s common case, for a spinning receiver (on its loop): the
+ * first array of the length's size class when nothing but the pool refers to it, marked
+ * used, the pool's trim timer armed (if it is not): a new reference. NULL without an
+ * exception where the pool has no such array (the engine's _frame_target then takes
+ * one), NULL with one on error. */
+static PyObject *pooled_target(Spinner *self, uint64_t length) {
+    if (length < PoolMin || length > ((uint64_t)1 << 62))
+        return NULL;
+    uint64_t size = 1;
+    while (size < length)
+        size <<= 1;
+    PyObject *key = PyLong_FromUnsignedLongLong(size);
+    if (key == NULL)
+        return NULL;
+    PyObject *pooled = PyDict_GetItemWithError(self->pool_classes, key); /* borrowed */
+    Py_DECREF(key);
+    if (pooled == NULL)
+        return NULL;
+    Py_INCREF(pooled);
+    PyObject *entry = NULL, *array = NULL, *result = NULL;
+    Py_ssize_t n = PyObject_Length(pooled);
+    if (n <= 0)
+        goto out;
+    if ((entry = PySequence_GetItem(pooled, 0)) == NULL ||
+        (array = PyObject_GetAttr(entry, s_array)) == NULL)
+        goto out;
+    /* The entry's reference and this one: nobody else's (as take's getrefcount == 2). */
+    if (Py_REFCNT(array) != 2)
+        goto out;
+    PyObject *now = PyFloat_FromDouble(monotonic_now());
+    if (now == NULL)
+        goto out;
+    int bad = PyObject_SetAttr(entry, s_used, now);
+    Py_DECREF(now);
+    if (bad < 0)
+        goto out;
+    /* trimmer.touch(), which does nothing while its timer is armed on this loop. */
+    PyObject *handle = PyObject_GetAttr(self->trimmer, s_handle);
+    PyObject *loop = handle == NULL ? NULL : PyObject_GetAttr(self->trimmer, s_loop_attr);
+    int armed = loop != NULL && handle != Py_None && loop == self->loop;
+    Py_XDECREF(handle);
+    Py_XDECREF(loop);
+    if (loop == NULL)
+        goto out;
+    if (!armed) {
+        PyObject *r = PyObject_CallMethodNoArgs(self->trimmer, s_touch);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+    }
+    result = length == size ? Py_NewRef(array)
+                            : PySequence_GetSlice(array, 0, (Py_ssize_t)length);
+out:
+    Py_DECREF(pooled);
+    Py_XDECREF(entry);
+    Py_XDECREF(array);
+    return result;
+}
+
+/* _taken's way with a DATA message of one separate frame for a spinning endpoint
+ * (_direct_to, then _take_direct): the frame received here, directly, and handed over;
+ * what does not end so (the frame still in flight at the deadline, a receive that
+ * failed or another length, no connection found) settled by the engine's
+ * _took_one_direct. ``buf`` is the envelope from rank ``src``. 1 taken, 0 not such a
+ * message (nothing done: _taken deals with it), -1 with an exception set. */
+static int take_direct(Spinner *self, PyObject *endpoint, PyObject *buf, PyObject *src,
+                       PyObject *ready) {
+    unsigned char p[ONE_SIZE];
+    if (!PyByteArray_CheckExact(buf) || PyByteArray_GET_SIZE(buf) != ONE_SIZE)
+        return 0;
+    memcpy(p, PyByteArray_AS_STRING(buf), ONE_SIZE);
+    uint64_t length = le64(p + 32);
+    if (p[0] != KIND_DATA || (p[1] & FLAG_INLINE) || le32(p + 4) != 1 ||
+        length > self->max_message || length > DirectMax ||
+        le32(p + 12) != self->target.endpoint_id)
+        return 0;
+    int first = nothing_before(&self->target, self->inbound, src);
+    if (first <= 0)
+        return first;
+    int result = -1;
+    PyObject *size = NULL, *target = NULL, *frames = NULL, *spec = NULL, *req = NULL,
+             *outcome = NULL, *msg = NULL;
+    if ((size = PyLong_FromUnsignedLongLong(length)) == NULL)
+        goto out;
+    target = pooled_target(self, length);
+    if (target == NULL && (PyErr_Occurred() ||
+                           (target = PyObject_CallOneArg(self->frame_target, size)) == NULL))
+        goto out;
+    if ((frames = PyList_New(1)) == NULL || (spec = PyList_New(2)) == NULL)
+        goto out;
+    PyObject *frame = PyMemoryView_FromObject(target);
+    if (frame == NULL)
+        goto out;
+    PyList_SET_ITEM(frames, 0, frame);
+    PyList_SET_ITEM(spec, 0, Py_NewRef(target));
+    PyList_SET_ITEM(spec, 1, Py_NewRef(self->byte));
+    PyObject *recv_args[3] = {spec, src, Tag};
+    if ((req = PyObject_Vectorcall(self->irecv, recv_args, 3, NULL)) == NULL)
+        goto out;
+    double deadline = monotonic_now() + self->direct_wait;
+    for (;;) {
+        PyObject *test_args[2] = {req, self->status};
+        PyObject *r = PyObject_VectorcallMethod(s_Test, test_args, 2, NULL);
+        if (r == NULL) {
+            /* (Other errors propagate, as from _take_direct.) */
+            if (!PyErr_ExceptionMatches(self->mpi_error))
+                goto out;
+            outcome = PyErr_GetRaisedException();
+            break;
+        }
+        int complete = PyObject_IsTrue(r);
+        Py_DECREF(r);
+        if (complete < 0)
+            goto out;
+        if (complete) {
+            PyObject *count_args[1] = {self->byte};
+            if ((outcome = PyObject_Vectorcall(self->get_count, count_args, 1, NULL)) == NULL)
+                goto out;
+            break;
+        }
+        if (monotonic_now() >= deadline) {
+            outcome = Py_NewRef(Py_None);
+            break;
+        }
+    }
+    uint32_t src_ep = le32(p + 8);
+    uint64_t gen = le64(p + 16), conn_id = le64(p + 24);
+    if (PyLong_CheckExact(outcome)) {
+        unsigned long long received = PyLong_AsUnsignedLongLong(outcome);
+        if (received == (unsigned long long)-1 && PyErr_Occurred())
+            PyErr_Clear(); /* (not the length: _took_one_direct says so) */
+        else if (received == length) {
+            PyObject *local = find_connection(&self->target, src, src_ep, gen, conn_id);
+            if (local != NULL) {
+                int r = hand_over(&self->target, endpoint, local, frames);
+                Py_DECREF(local);
+                result = r < 0 ? -1 : 1;
+                goto out;
+            }
+            if (PyErr_Occurred())
+                goto out;
+        }
+    }
+    msg = Py_BuildValue("(OiIIKKO)", src, KIND_DATA, src_ep, (unsigned int)self->target.endpoint_id,
+                        (unsigned long long)gen, (unsigned long long)conn_id, frames);
+    if (msg == NULL)
+        goto out;
+    PyObject *args[5] = {msg, req, size, outcome, ready};
+    PyObject *r = PyObject_Vectorcall(self->took_direct, args, 5, NULL);
+    if (r == NULL)
+        goto out;
+    Py_DECREF(r);
+    result = 1;
+out:
+    Py_XDECREF(size);
+    Py_XDECREF(target);
+    Py_XDECREF(frames);
+    Py_XDECREF(spec);
+    Py_XDECREF(req);
+    Py_XDECREF(outcome);
+    Py_XDECREF(msg);
+    return result;
 }
 
 /* The part of take_one under the engine's lock, once the probe found ``message``:
@@ -832,6 +1049,8 @@ static int take_locked(Spinner *self, PyObject *endpoint, PyObject *message, PyO
         goto out;
     int delivered = done == Py_True;
     Py_DECREF(done);
+    if (!delivered && (delivered = take_direct(self, endpoint, buf, src, ready)) < 0)
+        goto out;
     if (!delivered) {
         PyObject *args[4] = {src, buf, ready, endpoint};
         PyObject *r = PyObject_Vectorcall(self->taken, args, 4, NULL);
@@ -951,19 +1170,6 @@ static PyObject *Spinner_call(Spinner *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_UnpackTuple(args, "Spinner", 1, 1, &endpoint))
         return NULL;
     return spinner_take(self, endpoint);
-}
-
-/* A float attribute: 0, or -1 with an exception set. */
-static int attr_double(PyObject *obj, PyObject *name, double *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    double d = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    if (d == -1.0 && PyErr_Occurred())
-        return -1;
-    *out = d;
-    return 0;
 }
 
 /* A clock's reading (perf_counter, thread_time): 0, or -1 with an exception set. */
@@ -1152,16 +1358,17 @@ static PyTypeObject SpinnerType = {
     .tp_dealloc = (destructor)Spinner_dealloc,
 };
 
-/* init(link_type, received_type, tag, max_untracked, fair_streak, probe_min): what this
- * module needs from mpi.py, base.py and _busy_poll.py. */
+/* init(link_type, received_type, tag, max_untracked, fair_streak, probe_min,
+ * direct_max, pool_min): what this module needs from mpi.py, base.py and _busy_poll.py. */
 static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *link_type, *received_type, *tag;
     Py_ssize_t max_untracked;
     long fair_streak;
     double probe_min;
-    if (!PyArg_ParseTuple(args, "O!O!O!nld:init", &PyType_Type, &link_type, &PyType_Type,
+    unsigned long long direct_max, pool_min;
+    if (!PyArg_ParseTuple(args, "O!O!O!nldKK:init", &PyType_Type, &link_type, &PyType_Type,
                           &received_type, &PyLong_Type, &tag, &max_untracked, &fair_streak,
-                          &probe_min))
+                          &probe_min, &direct_max, &pool_min))
         return NULL;
     PyObject *conn_id = PyObject_GetAttrString(received_type, "conn_id");
     PyObject *frames = conn_id == NULL ? NULL : PyObject_GetAttrString(received_type, "frames");
@@ -1184,6 +1391,8 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     MaxUntracked = max_untracked;
     FairStreak = fair_streak;
     ProbeMin = probe_min;
+    DirectMax = direct_max;
+    PoolMin = pool_min;
     Py_RETURN_NONE;
 }
 
@@ -1210,7 +1419,8 @@ static PyMethodDef methods[] = {
     {"check_layout", (PyCFunction)check_layout, METH_VARARGS,
      "check_layout(one_size, data_kind, inline_flag, zero_fill_max)"},
     {"init", (PyCFunction)init, METH_VARARGS,
-     "init(link_type, received_type, tag, max_untracked, fair_streak, probe_min)"},
+     "init(link_type, received_type, tag, max_untracked, fair_streak, probe_min, "
+     "direct_max, pool_min)"},
     {"deliver_inline", (PyCFunction)(void (*)(void))deliver_inline, METH_FASTCALL,
      "deliver_inline(endpoint, buf, src, max_message, inbound) -> bool: see the module."},
     {NULL, NULL, 0, NULL},
@@ -1253,6 +1463,12 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_no_poll_until, "_no_poll_until"}, {&s_crowding, "crowding"},
         {&s_next_check, "next_check"},   {&s_crowded, "crowded"}, {&s_budget, "budget"},
         {&s_value, "value"},             {&s_probed, "probed"},
+        {&s_Irecv, "Irecv"},             {&s_frame_target, "_frame_target"},
+        {&s_took_one_direct, "_took_one_direct"}, {&s_MPI, "MPI"},
+        {&s_Exception, "Exception"},     {&s_direct_wait, "_direct_wait"},
+        {&s_pool, "_pool"},              {&s_classes, "classes"}, {&s_trimmer, "_trimmer"},
+        {&s_array, "array"},             {&s_used, "used"},       {&s_touch, "touch"},
+        {&s_handle, "_handle"},          {&s_loop_attr, "_loop"},
     };
     One = PyLong_FromLong(1);
     if (One == NULL)

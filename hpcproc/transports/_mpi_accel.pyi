@@ -11,6 +11,8 @@ def init(
     max_untracked: int,
     fair_streak: int,
     probe_min: float,
+    direct_max: int,
+    pool_min: int,
 ) -> None: ...
 def check_layout(one_size: int, data_kind: int, inline_flag: int, zero_fill_max: int) -> None: ...
 def deliver_inline(

@@ -906,7 +906,7 @@ class _Engine:
         frames = [memoryview(target) for target in targets]
         comm, byte = self.comm, self._byte
         reqs = [comm.Irecv([target, byte], src, _TAG) for target in targets]
-        mpi, status = self.MPI, self._status
+        status = self._status
         perf_counter = time.perf_counter
         deadline = perf_counter() + self._direct_wait
         done = 0
@@ -921,25 +921,79 @@ class _Engine:
                     done += 1
                 elif perf_counter() >= deadline:
                     break
-        except mpi.Exception as exc:
-            if reqs[done] != mpi.REQUEST_NULL:  # (Open MPI keeps a request that failed)
-                reqs[done].Free()
-            problem = self._frame_failed(lengths[done], exc.Get_error_code())
+        except self.MPI.Exception as exc:
+            problem = self._direct_failed(reqs[done], lengths[done], exc)
             done += 1
         if done == len(reqs) and problem is None:
             if not endpoint._deliver_data(src, src_ep, gen, conn_id, frames):
                 ready.append((src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames))
             return
-        # The rest joins the bookkeeping: completed there, or cancelled by _poison.
-        msg = _Partial(
-            (src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames), len(reqs) - done
+        self._direct_settle(
+            (src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames),
+            reqs,
+            lengths,
+            done,
+            problem,
+            ready,
         )
+
+    def _direct_failed(self, req: MPI.Request, length: int, exc: Any) -> str:
+        """Why a sender is dropped whose frame (``length`` bytes by its envelope) a
+        direct receive ``req`` was taking when its ``Test`` raised ``exc`` (an
+        ``MPI.Exception``); frees ``req`` where the library kept it (Open MPI)."""
+        if req != self.MPI.REQUEST_NULL:
+            req.Free()
+        return self._frame_failed(length, exc.Get_error_code())
+
+    def _direct_settle(
+        self,
+        msg: _Inbound,
+        reqs: list[MPI.Request],
+        lengths: list[int],
+        done: int,
+        problem: str | None,
+        ready: list[_Inbound],
+    ) -> None:
+        """The end of a direct receive of ``msg`` (:meth:`_take_direct`) that did not
+        hand it over: its frames' receives ``reqs`` from the ``done``-th on join the
+        outstanding-receive bookkeeping, in order (completed there, or cancelled when
+        ``problem``, why a frame failed, poisons its sender); a message whose frames
+        all arrived joins ``ready`` (its connection was not found: :meth:`_route`
+        deals with it)."""
+        if done == len(reqs) and problem is None:
+            ready.append(msg)
+            return
+        # The rest joins the bookkeeping: completed there, or cancelled by _poison.
+        partial = _Partial(msg, len(reqs) - done)
         for i in range(done, len(reqs)):
-            self._await_frame(reqs[i], msg, lengths[i])
+            self._await_frame(reqs[i], partial, lengths[i])
+        src = msg[0]
         if problem is not None:
             self._poison(src, problem)
         else:
-            self._inbound.setdefault(src, deque()).append(msg)
+            self._inbound.setdefault(src, deque()).append(partial)
+
+    def _took_one_direct(
+        self,
+        msg: _Inbound,
+        req: MPI.Request,
+        length: int,
+        outcome: int | Exception | None,
+        ready: list[_Inbound],
+    ) -> None:
+        """:meth:`_direct_settle` for the compiled spinner, which takes a one-frame
+        message directly (``_mpi_accel.c``: :meth:`_take_direct` but its end) and hands
+        it over itself when it can: ``outcome`` is what the frame's receive ``req``
+        came to, the byte count received (complete), None (still in flight at the
+        deadline) or the ``MPI.Exception`` its ``Test`` raised."""
+        if outcome is None:
+            done, problem = 0, None
+        elif isinstance(outcome, int):
+            done = 1
+            problem = None if outcome == length else _frame_of_another_length(length, outcome)
+        else:
+            done, problem = 1, self._direct_failed(req, length, outcome)
+        self._direct_settle(msg, [req], [length], done, problem, ready)
 
     def _frame_failed(self, length: int, error: int) -> str:
         """Why a sender is dropped whose frame of ``length`` bytes (by its envelope)
@@ -1424,7 +1478,9 @@ def _compiled() -> Any:
         from . import _mpi_accel
     except ImportError:  # built without a compiler
         return None
-    _mpi_accel.init(_MpiLink, Received, _TAG, _MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN)
+    _mpi_accel.init(
+        _MpiLink, Received, _TAG, _MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN, _DIRECT_MAX, _POOL_MIN
+    )
     # The C has the wire layout and the envelope size classes compiled in.
     _mpi_accel.check_layout(_ONE.size, _DATA, _FLAG_INLINE, _ZERO_FILL_MAX)
     return _mpi_accel
