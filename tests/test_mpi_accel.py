@@ -54,6 +54,7 @@ def compiled() -> ModuleType:
         PROBE_MIN,
         mpi._DIRECT_MAX,
         mpi._POOL_MIN,
+        mpi._set_result,
     )
     return module
 
@@ -571,3 +572,123 @@ def test_a_separate_frame_on_an_unknown_connection_ends_as_on_the_python_path(
         run(functools.partial(main, which))
     assert outcomes[0] == outcomes[1]
     assert "data on unknown connection" in outcomes[0][1] and outcomes[0][2] is False
+
+
+def test_the_spinners_spin_follows_the_pollers_spin_with_progress(
+    compiled: ModuleType,
+) -> None:
+    """Spinner.spin against IdlePoller.spin with ``progress(); future.done()`` as the
+    step (the Python path of _MpiEndPoint._spin), in every way a spin can end."""
+
+    async def main() -> None:
+        async with pair() as p:
+            b, engine = p.b, p.b.engine
+            spinner = compiled.Spinner(engine, b)
+            loop = asyncio.get_running_loop()
+            link: Any = p.a._links[b.address]  # type: ignore[attr-defined]
+            cid = p.conn._id  # type: ignore[attr-defined]
+            big = link.endpoint.opts.inline_max + 1
+
+            def python_spin(poller: IdlePoller, future: Any, ours: object) -> bool:
+                """_MpiEndPoint._spin's Python path."""
+
+                def step() -> bool:
+                    engine.progress()
+                    return bool(future.done())
+
+                return poller.spin(step, ours)
+
+            def both(setup: Callable[[IdlePoller, deque[Any]], Any]) -> list[Any]:
+                """Each implementation's answer and what it left, from the same state."""
+                outcomes = []
+                for spin in ("python", "c"):
+                    ready: deque[Any] = deque()
+                    poller = IdlePoller(SimpleNamespace(_ready=ready), 50.0)  # type: ignore[arg-type]
+                    poller.crowding = Crowded(False)  # type: ignore[assignment]
+                    future, ours = setup(poller, ready)
+                    if spin == "python":
+                        got = python_spin(poller, future, ours)
+                    else:
+                        got = spinner.spin(poller, future, b, ours)
+                    events = [bytes(e.frames[0]) for e in b._events._items]
+                    b._events._items.clear()
+                    outcomes.append((got, future.done(), events, len(engine._send_reqs)))
+                    # What a spin that gave up left: taken by progress (the engine
+                    # running again, if a case shut it down).
+                    engine.closed = False
+                    for _ in range(10_000):
+                        if not (engine._send_reqs or engine._recv_reqs):
+                            break
+                        engine.progress()
+                    assert not (engine._send_reqs or engine._recv_reqs)
+                    b._events._items.clear()
+                return outcomes
+
+            # A large frame's send completes once the receiver took it: the message is
+            # taken (progress's way) and the send's op is done.
+            def send(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
+                poller.budget.maximum = WAIT  # (several turns: no deadline in the way)
+                op = engine.post_data(
+                    link.rank, link.endpoint.endpoint_id, link.remote_ep, link.gen, cid,
+                    [np.full(big, 9, np.uint8)], loop, link.endpoint.opts.inline_max,
+                )  # fmt: skip
+                assert op is not None
+                return op.future, None
+
+            python, c = both(send)
+            assert python == c == (True, True, [bytes([9]) * big], 0)
+
+            # Nothing completes the future: the budget runs out.
+            def never(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
+                return loop.create_future(), None
+
+            python, c = both(never)
+            assert python == c == (False, False, [], 0)
+
+            # Another callback ready: no turn (a message waiting is not taken, and its
+            # send, to this same rank, stays outstanding).
+            def other(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
+                ready.append("someone else's")
+                p.conn.send_nowait([b"waits"])  # type: ignore[attr-defined]
+                return loop.create_future(), None
+
+            python, c = both(other)
+            assert python == c == (False, False, [], 1)
+
+            # Ours alone ready: turns (the message is taken, the budget runs out).
+            def ours_alone(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
+                ready.append("ours")
+                p.conn.send_nowait([b"taken"])  # type: ignore[attr-defined]
+                return loop.create_future(), "ours"
+
+            python, c = both(ours_alone)
+            assert python == c == (False, False, [b"taken"], 0)
+
+            # Crowded CPUs, or polling off after starved polls: no turn.
+            def crowded(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
+                poller.crowding = Crowded(True)  # type: ignore[assignment]
+                return loop.create_future(), None
+
+            python, c = both(crowded)
+            assert python == c == (False, False, [], 0)
+
+            def off(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
+                poller._no_poll_until = time.perf_counter() + 60
+                return loop.create_future(), None
+
+            python, c = both(off)
+            assert python == c == (False, False, [], 0)
+
+            # The engine shut down: progress moves nothing (the send stays outstanding).
+            def closed(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
+                p.conn.send_nowait([b"stays"])  # type: ignore[attr-defined]
+                engine.closed = True
+                return loop.create_future(), None
+
+            python, c = both(closed)
+            assert python == c == (False, False, [], 1)
+
+            with pytest.raises(ValueError, match="not this spinner's endpoint"):
+                spinner.spin(IdlePoller(loop, 50.0), loop.create_future(), p.a, None)
+
+    run(main)

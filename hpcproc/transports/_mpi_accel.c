@@ -8,7 +8,10 @@
  *
  * Why in C: on an 8 B round trip the Python of these paths cost about 3 us of the
  * transport's 10-11 (the benchmark's asyncio-floor, the same MPI calls from a bare
- * asyncio loop, takes 6.4-7); with them here it takes 7.1-7.8 us.
+ * asyncio loop, takes 6.4-7); with them here it takes 7.1-7.8 us. At 256 KiB the
+ * Python of a hop's critical path (envelope to frame receive posted, the receive's
+ * wait and hand-over, the sender's wait for its completion) cost about 10 us of a 66
+ * us round trip (raw mpi4py making the same calls: 48); with it here, 53-56 us.
  *
  * deliver_inline(endpoint, buf, src, max_message, inbound) -> bool
  *   True when buf (a whole envelope from rank src) was one DATA message with one inline
@@ -21,9 +24,19 @@
  *   the common case (nothing waits in the endpoint's inbox, no request outstanding):
  *   the probe, the receive of a small envelope and its hand-over (deliver_inline) here,
  *   anything else through the engine's Python methods (take_one itself, _take,
- *   _taken, _sort_out, _route), under the engine's lock as there. Its poll(poller,
- *   items, endpoint, ours) is IdlePoller.turn_and_poll with it as the step, the loop
- *   of turns here.
+ *   _taken, _sort_out, _route), under the engine's lock as there. A DATA message of
+ *   one separate frame (above inline_max, up to _DIRECT_MAX) for the endpoint is taken
+ *   here too, as _taken's direct case (_direct_to, _take_direct): its buffer from the
+ *   engine's pool (the pool's common case here, _BufferPool.take otherwise), the
+ *   frame's receive and the wait for it (up to busy_poll_us), the hand-over; what does
+ *   not end in a hand-over is settled by the engine's _took_one_direct. Its
+ *   poll(poller, items, endpoint, ours) is IdlePoller.turn_and_poll with it as the
+ *   step, the loop of turns here. Its spin(poller, future, endpoint, ours) is
+ *   IdlePoller.spin with ``engine.progress(); return future.done()`` as the step
+ *   (_MpiEndPoint._spin: a send's completion, mostly), each progress here in its
+ *   common case (no frame receive outstanding, nothing in the inbox): the sends tested
+ *   as _test_sends does, one probe, a message found taken by the engine's Python
+ *   methods as progress takes it.
  *
  * Sender(link)(conn_id, frames) -> bool
  *   _MpiLink.send_now but its check of the link's ``finished`` (which the link makes
@@ -83,13 +96,14 @@ static long FairStreak = 0;          /* _busy_poll.FAIR_STREAK */
 static double ProbeMin = 0.0;        /* _busy_poll.PROBE_MIN */
 static uint64_t DirectMax = 0;       /* mpi._DIRECT_MAX */
 static uint64_t PoolMin = 0;         /* mpi._POOL_MIN */
+static PyObject *SetResult = NULL;   /* mpi._set_result(loop, future) */
 static PyObject *Monotonic = NULL, *PerfCounter = NULL, *ThreadTime = NULL; /* time's */
 static PyObject *s_endpoint_id, *s_inbox, *s_addresses, *s_links, *s_gen, *s_alive,
     *s_incoming, *s_heard, *s_receivers, *s_events, *s_items, *s_handed_over, *s_put,
     *s_waiters, *s_append,
     *s_endpoint, *s_opts, *s_inline_max, *s_remote_ep, *s_engine, *s_lock,
     *s_closed, *s_send_reqs, *s_send_ops, *s_comm, *s_rank, *s_Isend, *s_Test, *s_acquire,
-    *s_release;
+    *s_release, *s_byte;
 
 static uint32_t le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
@@ -694,6 +708,9 @@ typedef struct {
     PyObject *irecv;        /* engine.comm.Irecv */
     PyObject *took_direct;  /* engine._took_one_direct */
     PyObject *mpi_error;    /* engine.MPI.Exception */
+    PyObject *progress;     /* engine.progress */
+    PyObject *poll_more;    /* engine._poll */
+    PyObject *testsome;     /* engine.MPI.Request.Testsome */
     PyObject *pool_classes; /* engine._pool.classes (a dict, never replaced) */
     PyObject *trimmer;      /* engine._pool._trimmer */
     Target target;          /* the endpoint's containers */
@@ -707,7 +724,7 @@ typedef struct {
     X(engine) X(loop) X(acquire) X(release) X(improbe) X(any_source) X(status)      \
     X(get_source) X(get_count) X(byte) X(poisoned) X(inbound) X(take_one)     \
     X(take) X(taken) X(sort_out) X(route) X(frame_target) X(irecv) X(took_direct) X(mpi_error) \
-    X(pool_classes) X(trimmer)
+    X(pool_classes) X(trimmer) X(progress) X(poll_more) X(testsome)
 
 static int Spinner_traverse(Spinner *self, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(self->f);
@@ -734,12 +751,14 @@ static void Spinner_dealloc(Spinner *self) {
 }
 
 static PyObject *s_Improbe, *s_any_source, *s_status_attr,
-    *s_Get_source, *s_Get_count, *s_byte, *s_poisoned, *s_inbound, *s_options,
+    *s_Get_source, *s_Get_count, *s_poisoned, *s_inbound, *s_options,
     *s_max_message, *s_take_one, *s_take, *s_taken, *s_sort_out, *s_route, *s_loop,
     *s_recv_reqs, *s_last_activity, *s_Recv, *s_ready_attr, *s_streak, *s_no_poll_until,
     *s_crowding, *s_next_check, *s_crowded, *s_budget, *s_value, *s_probed, *s_Irecv,
     *s_frame_target, *s_took_one_direct, *s_MPI, *s_Exception, *s_direct_wait, *s_pool,
-    *s_classes, *s_trimmer, *s_array, *s_used, *s_touch, *s_handle, *s_loop_attr;
+    *s_classes, *s_trimmer, *s_array, *s_used, *s_touch, *s_handle, *s_loop_attr,
+    *s_progress, *s_poll, *s_Request, *s_Testsome, *s_remaining, *s_future, *s_done,
+    *s_maximum;
 
 static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *engine, *endpoint;
@@ -756,7 +775,8 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Spinner *self = (Spinner *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    PyObject *lock = NULL, *comm = NULL, *options = NULL, *mpi = NULL, *pool = NULL;
+    PyObject *lock = NULL, *comm = NULL, *options = NULL, *mpi = NULL, *pool = NULL,
+             *request = NULL;
     self->engine = Py_NewRef(engine);
     self->owner = endpoint;
     if (target_fill(&self->target, endpoint) < 0 ||
@@ -788,7 +808,12 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         attr_double(engine, s_direct_wait, &self->direct_wait) < 0 ||
         (pool = PyObject_GetAttr(engine, s_pool)) == NULL ||
         (self->pool_classes = PyObject_GetAttr(pool, s_classes)) == NULL ||
-        (self->trimmer = PyObject_GetAttr(pool, s_trimmer)) == NULL) {
+        (self->trimmer = PyObject_GetAttr(pool, s_trimmer)) == NULL ||
+        (self->progress = PyObject_GetAttr(engine, s_progress)) == NULL ||
+        (self->poll_more = PyObject_GetAttr(engine, s_poll)) == NULL ||
+        (request = PyObject_GetAttr(mpi, s_Request)) == NULL ||
+        (self->testsome = PyObject_GetAttr(request, s_Testsome)) == NULL) {
+        Py_XDECREF(request);
         Py_XDECREF(lock);
         Py_XDECREF(comm);
         Py_XDECREF(options);
@@ -802,6 +827,7 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_DECREF(options);
     Py_DECREF(mpi);
     Py_DECREF(pool);
+    Py_DECREF(request);
     if (!PySet_Check(self->poisoned) || !PyDict_Check(self->inbound) ||
         !PyDict_Check(self->pool_classes)) {
         PyErr_SetString(PyExc_TypeError, "the engine's _poisoned, _inbound and _pool.classes "
@@ -1337,7 +1363,283 @@ fail:
     return result;
 }
 
+/* _test_sends for a spinning wait, under the engine's lock: the send requests that
+ * completed dropped from the engine's lists, the ops they finished appended to ``done``.
+ * 0, or -1 with an exception set. */
+static int test_sends_locked(Spinner *self, PyObject *done) {
+    PyObject *reqs = PyObject_GetAttr(self->engine, s_send_reqs);
+    if (reqs == NULL)
+        return -1;
+    int result = -1;
+    char *finished = NULL;
+    PyObject *indices = NULL, *kept_reqs = NULL, *kept_ops = NULL,
+             *ops = PyObject_GetAttr(self->engine, s_send_ops);
+    if (ops == NULL)
+        goto out;
+    if (!PyList_Check(reqs) || !PyList_Check(ops) ||
+        PyList_GET_SIZE(reqs) != PyList_GET_SIZE(ops)) {
+        PyErr_SetString(PyExc_TypeError, "the engine's send lists are not two lists of one "
+                                         "length");
+        goto out;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(reqs);
+    if (n == 0) {
+        result = 0;
+        goto out;
+    }
+    PyObject *test_args[1] = {reqs};
+    if ((indices = PyObject_Vectorcall(self->testsome, test_args, 1, NULL)) == NULL)
+        goto out;
+    if (indices != Py_None && !PyList_Check(indices)) {
+        /* (The requests it completed are null now: they must not go unreported.) */
+        PyErr_SetString(PyExc_TypeError, "Testsome did not return a list");
+        goto out;
+    }
+    if (indices == Py_None || PyList_GET_SIZE(indices) == 0) {
+        result = 0;
+        goto out;
+    }
+    if ((finished = PyMem_Calloc((size_t)n, 1)) == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(indices); k++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(indices, k));
+        if (i == -1 && PyErr_Occurred())
+            goto out;
+        if (i < 0 || i >= n) {
+            PyErr_SetString(PyExc_IndexError, "Testsome reported a request it was not given");
+            goto out;
+        }
+        finished[i] = 1;
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        if (op == Py_None)
+            continue;
+        Py_INCREF(op);
+        PyObject *remaining = PyObject_GetAttr(op, s_remaining);
+        PyObject *less = remaining == NULL ? NULL : PyNumber_Subtract(remaining, One);
+        Py_XDECREF(remaining);
+        int bad = less == NULL || PyObject_SetAttr(op, s_remaining, less) < 0;
+        int zero = bad ? 0 : PyObject_Not(less);
+        Py_XDECREF(less);
+        if (bad || zero < 0 || (zero && PyList_Append(done, op) < 0)) {
+            Py_DECREF(op);
+            goto out;
+        }
+        Py_DECREF(op);
+    }
+    if ((kept_reqs = PyList_New(0)) == NULL || (kept_ops = PyList_New(0)) == NULL)
+        goto out;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!finished[i] && (PyList_Append(kept_reqs, PyList_GET_ITEM(reqs, i)) < 0 ||
+                             PyList_Append(kept_ops, PyList_GET_ITEM(ops, i)) < 0))
+            goto out;
+    }
+    if (PyObject_SetAttr(self->engine, s_send_reqs, kept_reqs) < 0 ||
+        PyObject_SetAttr(self->engine, s_send_ops, kept_ops) < 0)
+        goto out;
+    result = 0;
+out:
+    PyMem_Free(finished);
+    Py_DECREF(reqs);
+    Py_XDECREF(ops);
+    Py_XDECREF(indices);
+    Py_XDECREF(kept_reqs);
+    Py_XDECREF(kept_ops);
+    return result;
+}
+
+/* One turn of a spinning wait that is not a receive (a send's completion, mostly):
+ * engine.progress(), its common case here (no frame receive outstanding, nothing in
+ * the endpoint's inbox): the sends tested and one probe, a message found taken by the
+ * engine's Python methods as progress takes it. 0, or -1 with an exception set. */
+static int wait_turn(Spinner *self) {
+    Py_ssize_t waiting = PyObject_Length(self->target.inbox);
+    if (waiting < 0)
+        return -1;
+    int receiving = waiting ? 1 : attr_nonempty(self->engine, s_recv_reqs);
+    if (receiving < 0)
+        return -1;
+    if (receiving) {
+        PyObject *r = PyObject_CallNoArgs(self->progress);
+        Py_XDECREF(r);
+        return r == NULL ? -1 : 0;
+    }
+    PyObject *done = PyList_New(0), *ready = NULL, *message = NULL;
+    if (done == NULL)
+        return -1;
+    int result = -1, failed = 1;
+    PyObject *locked = PyObject_CallNoArgs(self->acquire);
+    if (locked == NULL)
+        goto out;
+    Py_DECREF(locked);
+    int closed = attr_nonempty(self->engine, s_closed);
+    if (closed < 0)
+        goto unlock;
+    if (closed) {
+        failed = 0;
+        goto unlock;
+    }
+    if (test_sends_locked(self, done) < 0)
+        goto unlock;
+    PyObject *probe_args[3] = {self->any_source, Tag, self->status};
+    if ((message = PyObject_Vectorcall(self->improbe, probe_args, 3, NULL)) == NULL)
+        goto unlock;
+    if (message != Py_None) {
+        if ((ready = PyList_New(0)) == NULL)
+            goto unlock;
+        PyObject *take_args[3] = {message, ready, Py_None};
+        PyObject *r = PyObject_Vectorcall(self->take, take_args, 3, NULL);
+        if (r == NULL)
+            goto unlock;
+        Py_DECREF(r);
+        PyObject *more_args[1] = {ready};
+        if ((r = PyObject_Vectorcall(self->poll_more, more_args, 1, NULL)) == NULL)
+            goto unlock;
+        Py_DECREF(r);
+        if (PyList_GET_SIZE(ready) > 0) {
+            PyObject *sort_args[2] = {ready, self->loop};
+            if ((r = PyObject_Vectorcall(self->sort_out, sort_args, 2, NULL)) == NULL)
+                goto unlock;
+            Py_SETREF(ready, r);
+        }
+    }
+    failed = 0;
+unlock:
+    if (release_keeping_error(self->release) < 0 || failed)
+        goto out;
+    if (PyList_GET_SIZE(done) == 0 && (message == NULL || message == Py_None)) {
+        result = 0; /* nothing moved */
+        goto out;
+    }
+    PyObject *now = PyObject_CallNoArgs(Monotonic);
+    if (now == NULL || PyObject_SetAttr(self->engine, s_last_activity, now) < 0) {
+        Py_XDECREF(now);
+        goto out;
+    }
+    Py_DECREF(now);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(done); i++) {
+        PyObject *op = PyList_GET_ITEM(done, i);
+        PyObject *loop = PyObject_GetAttr(op, s_loop);
+        PyObject *future = loop == NULL ? NULL : PyObject_GetAttr(op, s_future);
+        PyObject *r = NULL;
+        if (future != NULL) {
+            PyObject *args[2] = {loop, future};
+            r = PyObject_Vectorcall(SetResult, args, 2, NULL);
+        }
+        Py_XDECREF(loop);
+        Py_XDECREF(future);
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+    }
+    if (ready != NULL) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ready); i++) {
+            PyObject *r = PyObject_CallOneArg(self->route, PyList_GET_ITEM(ready, i));
+            if (r == NULL)
+                goto out;
+            Py_DECREF(r);
+        }
+    }
+    result = 0;
+out:
+    Py_DECREF(done);
+    Py_XDECREF(ready);
+    Py_XDECREF(message);
+    return result;
+}
+
+/* Whether ``future.done()``: 1, 0, -1 with an exception set. */
+static int future_done(PyObject *future) {
+    PyObject *r = PyObject_CallMethodNoArgs(future, s_done);
+    if (r == NULL)
+        return -1;
+    int d = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return d;
+}
+
+/* spin(poller, future, endpoint, ours) -> bool: IdlePoller.spin(step, ours) for this
+ * spinner's endpoint, step being ``progress(); return future.done()`` with each
+ * progress done as wait_turn does it: whether ``future`` is done. */
+static PyObject *Spinner_spin(Spinner *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (self->engine == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Spinner was cleared");
+        return NULL;
+    }
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError,
+                     "spin(poller, future, endpoint, ours) takes 4 arguments, not %zd", nargs);
+        return NULL;
+    }
+    PyObject *poller = args[0], *future = args[1], *endpoint = args[2], *ours = args[3];
+    if ((void *)endpoint != self->owner) {
+        PyErr_SetString(PyExc_ValueError, "spin: not this spinner's endpoint");
+        return NULL;
+    }
+    /* others_ready(ours): another callback than ours ready (or no queue to read). */
+    PyObject *ready = PyObject_GetAttr(poller, s_ready_attr);
+    if (ready == NULL)
+        return NULL;
+    int others = 1;
+    if (ready != Py_None) {
+        Py_ssize_t queued = PyObject_Length(ready);
+        if (queued < 0) {
+            Py_DECREF(ready);
+            return NULL;
+        }
+        others = queued > 1;
+        if (queued == 1) {
+            PyObject *first = PySequence_GetItem(ready, 0);
+            if (first == NULL) {
+                Py_DECREF(ready);
+                return NULL;
+            }
+            others = first != ours;
+            Py_DECREF(first);
+        }
+    }
+    Py_DECREF(ready);
+    if (others)
+        Py_RETURN_FALSE;
+    double now, no_poll_until, maximum;
+    if (read_clock(PerfCounter, &now) < 0 ||
+        attr_double(poller, s_no_poll_until, &no_poll_until) < 0)
+        return NULL;
+    if (now < no_poll_until)
+        Py_RETURN_FALSE;
+    int crowded = crowded_at(poller, now);
+    if (crowded < 0)
+        return NULL;
+    if (crowded)
+        Py_RETURN_FALSE;
+    PyObject *budget = PyObject_GetAttr(poller, s_budget);
+    if (budget == NULL)
+        return NULL;
+    int bad = attr_double(budget, s_maximum, &maximum);
+    Py_DECREF(budget);
+    if (bad < 0)
+        return NULL;
+    double deadline = now + maximum;
+    for (;;) {
+        if (wait_turn(self) < 0)
+            return NULL;
+        int d = future_done(future);
+        if (d < 0)
+            return NULL;
+        if (d)
+            Py_RETURN_TRUE;
+        if (read_clock(PerfCounter, &now) < 0)
+            return NULL;
+        if (now >= deadline)
+            Py_RETURN_FALSE;
+    }
+}
+
 static PyMethodDef Spinner_methods[] = {
+    {"spin", (PyCFunction)(void (*)(void))Spinner_spin, METH_FASTCALL,
+     "spin(poller, future, endpoint, ours) -> bool: IdlePoller.spin with engine.progress "
+     "and future.done() as the step."},
     {"poll", (PyCFunction)(void (*)(void))Spinner_poll, METH_FASTCALL,
      "poll(poller, items, endpoint, ours) -> float: IdlePoller.turn_and_poll with this "
      "spinner's take_one as the step."},
@@ -1359,17 +1661,22 @@ static PyTypeObject SpinnerType = {
 };
 
 /* init(link_type, received_type, tag, max_untracked, fair_streak, probe_min,
- * direct_max, pool_min): what this module needs from mpi.py, base.py and _busy_poll.py. */
+ * direct_max, pool_min, set_result): what this module needs from mpi.py, base.py and _busy_poll.py. */
 static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *link_type, *received_type, *tag;
     Py_ssize_t max_untracked;
     long fair_streak;
     double probe_min;
     unsigned long long direct_max, pool_min;
-    if (!PyArg_ParseTuple(args, "O!O!O!nldKK:init", &PyType_Type, &link_type, &PyType_Type,
+    PyObject *set_result;
+    if (!PyArg_ParseTuple(args, "O!O!O!nldKKO:init", &PyType_Type, &link_type, &PyType_Type,
                           &received_type, &PyLong_Type, &tag, &max_untracked, &fair_streak,
-                          &probe_min, &direct_max, &pool_min))
+                          &probe_min, &direct_max, &pool_min, &set_result))
         return NULL;
+    if (!PyCallable_Check(set_result)) {
+        PyErr_SetString(PyExc_TypeError, "init: set_result is not callable");
+        return NULL;
+    }
     PyObject *conn_id = PyObject_GetAttrString(received_type, "conn_id");
     PyObject *frames = conn_id == NULL ? NULL : PyObject_GetAttrString(received_type, "frames");
     if (frames == NULL || Py_TYPE(conn_id)->tp_descr_set == NULL ||
@@ -1393,6 +1700,8 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
     ProbeMin = probe_min;
     DirectMax = direct_max;
     PoolMin = pool_min;
+    Py_INCREF(set_result);
+    Py_XSETREF(SetResult, set_result);
     Py_RETURN_NONE;
 }
 
@@ -1420,7 +1729,7 @@ static PyMethodDef methods[] = {
      "check_layout(one_size, data_kind, inline_flag, zero_fill_max)"},
     {"init", (PyCFunction)init, METH_VARARGS,
      "init(link_type, received_type, tag, max_untracked, fair_streak, probe_min, "
-     "direct_max, pool_min)"},
+     "direct_max, pool_min, set_result)"},
     {"deliver_inline", (PyCFunction)(void (*)(void))deliver_inline, METH_FASTCALL,
      "deliver_inline(endpoint, buf, src, max_message, inbound) -> bool: see the module."},
     {NULL, NULL, 0, NULL},
@@ -1469,6 +1778,10 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_pool, "_pool"},              {&s_classes, "classes"}, {&s_trimmer, "_trimmer"},
         {&s_array, "array"},             {&s_used, "used"},       {&s_touch, "touch"},
         {&s_handle, "_handle"},          {&s_loop_attr, "_loop"},
+        {&s_progress, "progress"},       {&s_poll, "_poll"},
+        {&s_Request, "Request"},         {&s_Testsome, "Testsome"},
+        {&s_remaining, "remaining"},     {&s_future, "future"},   {&s_done, "done"},
+        {&s_maximum, "maximum"},
     };
     One = PyLong_FromLong(1);
     if (One == NULL)

@@ -1,5 +1,5 @@
 # The compiled small-message paths of the mpi transport (_mpi_accel.c), used by mpi.py.
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .base import Buffer
@@ -13,6 +13,7 @@ def init(
     probe_min: float,
     direct_max: int,
     pool_min: int,
+    set_result: Callable[[Any, Any], None],
 ) -> None: ...
 def check_layout(one_size: int, data_kind: int, inline_flag: int, zero_fill_max: int) -> None: ...
 def deliver_inline(
@@ -27,3 +28,4 @@ class Spinner:
     def __init__(self, engine: Any, endpoint: Any) -> None: ...
     def __call__(self, endpoint: Any) -> bool: ...
     def poll(self, poller: Any, items: Any, endpoint: Any, ours: object) -> float: ...
+    def spin(self, poller: Any, future: Any, endpoint: Any, ours: object) -> bool: ...

@@ -1479,7 +1479,15 @@ def _compiled() -> Any:
     except ImportError:  # built without a compiler
         return None
     _mpi_accel.init(
-        _MpiLink, Received, _TAG, _MAX_UNTRACKED, FAIR_STREAK, PROBE_MIN, _DIRECT_MAX, _POOL_MIN
+        _MpiLink,
+        Received,
+        _TAG,
+        _MAX_UNTRACKED,
+        FAIR_STREAK,
+        PROBE_MIN,
+        _DIRECT_MAX,
+        _POOL_MIN,
+        _set_result,
     )
     # The C has the wire layout and the envelope size classes compiled in.
     _mpi_accel.check_layout(_ONE.size, _DATA, _FLAG_INLINE, _ZERO_FILL_MAX)
@@ -1587,13 +1595,18 @@ class _MpiEndPoint(MultiplexedEndPoint):
             poller = self._poller
             if poller.enabled:
                 pump = engine.pump_for(self.loop)
+                hot = pump.hot_handle() if pump is not None else None
+                spinner = self._spinner
+                if spinner is not None:
+                    # (poller.spin(step, hot) with the step below, its loop in C.)
+                    return spinner.spin(poller, future, self, hot)
                 progress = engine.progress
 
                 def step() -> bool:
                     progress()
                     return future.done()
 
-                poller.spin(step, pump.hot_handle() if pump is not None else None)
+                poller.spin(step, hot)
         return future.done()
 
     async def _wait(self, future: asyncio.Future[Any], spun: bool = False) -> Any:
