@@ -835,3 +835,35 @@ def test_fortran_ordered_frames_arrive_as_their_c_order_bytes(inline_max: int) -
 def test_bad_size_options_are_refused_naming_the_option(option: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"{option} must be an int"):
         mpi.create_transport(**{option: value})
+
+
+def test_send_nowait_sends_a_small_message_at_once_and_says_so_for_anything_else() -> None:
+    """The process layer's send: True once a small one-frame message is posted; False,
+    having sent nothing, where the caller must ``await send`` (a large frame, a closed
+    connection); a shut-down engine fails the bundle. (The compiled sender where built,
+    the Python path under ``HPCPROC_MPI_ACCEL=0``: ``make test`` runs both.)"""
+
+    async def scenario() -> None:
+        async with connected() as (b, conn):
+            link: Any = conn._link  # type: ignore[attr-defined]
+            engine = link.endpoint.engine
+            assert conn.send_nowait([b"bytes"])
+            assert conn.send_nowait([as_buffer(np.arange(4, dtype=np.int32))])
+            big = as_buffer(np.zeros(link.endpoint.opts.inline_max + 1, np.uint8))
+            assert not conn.send_nowait([big])
+            _spin_until(b, 2)
+            first, second = await expect(b, Received), await expect(b, Received)
+            assert bytes(first.frames[0]) == b"bytes"
+            assert bytes(second.frames[0]) == np.arange(4, dtype=np.int32).tobytes()
+            assert not b.receive_nowait()  # (the large frame was not sent)
+            engine.closed = True
+            try:
+                with pytest.raises(SendError) as info:
+                    conn.send_nowait([b"after"])
+                assert info.value.code is SendErrorCode.FAILED
+            finally:
+                engine.closed = False
+            await conn.close()
+            assert not conn.send_nowait([b"closed"])
+
+    asyncio.run(scenario())

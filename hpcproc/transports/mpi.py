@@ -1520,10 +1520,20 @@ class _MpiConnection(OutgoingConnection):
     __slots__ = ()
 
     def send_nowait(self, frames: Sequence[Buffer]) -> bool:
-        # OutgoingConnection.send_nowait and the link's send_now written out for one
-        # pickle of at most inline_max bytes (the process layer's small message): a
-        # call less per message, no memoryview. Anything else takes the general path.
+        # OutgoingConnection.send_nowait and the link's send_now written out for the
+        # process layer's small message: two calls less per message.
         link: _MpiLink = self._link  # type: ignore[assignment]
+        sender = link._sender
+        if sender is not None and self._state is _CONN_OPEN and not link.finished:
+            link.sent = True
+            try:
+                return sender(self._id, frames)  # (what it does not send, nothing can now)
+            except TransportError:
+                raise
+            except Exception as exc:
+                raise self._bundle_failed(exc) from exc
+        # Without the compiled sender: one pickle of at most inline_max bytes, no
+        # memoryview. Anything else takes the general path.
         if self._state is _CONN_OPEN and len(frames) == 1 and not link.finished:
             frame = frames[0]
             if type(frame) is bytes:
