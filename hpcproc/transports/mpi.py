@@ -110,7 +110,12 @@ trip runs at raw speed; alternating between buffers costs UCX registrations (raw
 mpi4py alternating two receive buffers drops from 12 to 7 GB/s here). A spinning
 receiver that takes the envelope of a message of separate frames of up to 1 MiB in all
 waits for those frames on their own requests (for up to ``busy_poll_us``) and hands the
-message over itself, as it does a small one (:meth:`_Engine._take_direct`).
+message over itself, as it does a small one (:meth:`_Engine._take_direct`). With the
+compiled part, a one-frame message takes that path in C (its pooled buffer, the frame's
+receive, the wait, the hand-over), and so does the spin of a sender waiting for its
+frame's completion (``Spinner.spin``): the Python of those paths cost about 10 us of a
+256 KiB round trip of 66 us (raw mpi4py making the same calls: 48), which now takes
+53-58 us.
 
 Calls may come from several threads when several event loops use MPI endpoints, so they
 are serialised by a lock, and MPI must provide ``MPI_THREAD_SERIALIZED`` or better
