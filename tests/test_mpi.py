@@ -865,5 +865,14 @@ def test_send_nowait_sends_a_small_message_at_once_and_says_so_for_anything_else
                 engine.closed = False
             await conn.close()
             assert not conn.send_nowait([b"closed"])
+            # A connection of an endpoint to itself (no MPI link) sends as well.
+            to_self = await bounded(b.connect(b.address))
+            await expect(b, ConnectionOpened)
+            sent_now = to_self.send_nowait([b"self"])
+            await bounded(to_self.send([b"self" * 10_000]))  # (larger than inline_max)
+            if not sent_now:
+                await bounded(to_self.send([b"self"]))
+            events = [await expect(b, Received) for _ in range(2)]
+            assert sorted(bytes(e.frames[0]) for e in events) == [b"self", b"self" * 10_000]
 
     asyncio.run(scenario())

@@ -1520,14 +1520,16 @@ _CONN_OPEN = _State.OPEN
 
 
 class _MpiConnection(OutgoingConnection):
-    """A connection whose ``send_nowait`` posts one small pickle itself."""
+    """A connection whose ``send_nowait`` posts one small message itself."""
 
     __slots__ = ()
 
     def send_nowait(self, frames: Sequence[Buffer]) -> bool:
         # OutgoingConnection.send_nowait and the link's send_now written out for the
         # process layer's small message: two calls less per message.
-        link: _MpiLink = self._link  # type: ignore[assignment]
+        link = self._link
+        if type(link) is not _MpiLink:  # (a connection of an endpoint to itself)
+            return OutgoingConnection.send_nowait(self, frames)
         sender = link._sender
         if sender is not None and self._state is _CONN_OPEN and not link.finished:
             link.sent = True
