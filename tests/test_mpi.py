@@ -388,11 +388,13 @@ def _envelope(conn: Connection, lengths: list[int]) -> tuple[Any, bytes]:
     return a.engine, envelope
 
 
+@pytest.mark.parametrize("several", [True, False], ids=["several-frames", "one-frame"])
 def test_a_spinning_receiver_takes_a_message_of_separate_frames_in_place(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, several: bool
 ) -> None:
     """A message of several separate frames, small ones among them, taken by the
-    spinning receiver itself: one event, each frame in a buffer of its own."""
+    spinning receiver itself: one event, each frame in a buffer of its own. (One
+    large frame alone takes the compiled path where built.)"""
 
     async def scenario() -> None:
         async with connected() as (b, conn):
@@ -403,6 +405,15 @@ def test_a_spinning_receiver_takes_a_message_of_separate_frames_in_place(
             monkeypatch.setattr(engine, "_direct_wait", WAIT)
             big = np.arange(600 << 10, dtype=np.uint8)
             mid = np.arange(100 << 10, dtype=np.uint8)[::-1].copy()
+            if not several:
+                _, op = _post_unawaited(conn, [as_buffer(big)])
+                _spin_until(b, 1)
+                assert not engine._recv_reqs, "the frame went through the general bookkeeping"
+                event = await expect(b, Received)
+                assert np.array_equal(np.frombuffer(event.frames[0], np.uint8), big)
+                if op is not None:
+                    await bounded(op.future)
+                return
             _, op = _post_unawaited(conn, [b"small", as_buffer(big), as_buffer(mid), b"tail"])
             _spin_until(b, 1)
             assert not engine._recv_reqs, "a frame went through the general bookkeeping"

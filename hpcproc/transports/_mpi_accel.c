@@ -52,7 +52,6 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#include <time.h>
 
 #if PY_VERSION_HEX < 0x030C0000
 /* Python 3.10 and 3.11: the exception being handled, as 3.12's calls keep it. */
@@ -97,6 +96,7 @@ static double ProbeMin = 0.0;        /* _busy_poll.PROBE_MIN */
 static uint64_t DirectMax = 0;       /* mpi._DIRECT_MAX */
 static uint64_t PoolMin = 0;         /* mpi._POOL_MIN */
 static PyObject *SetResult = NULL;   /* mpi._set_result(loop, future) */
+static PyObject *GetRunningLoop = NULL; /* asyncio._get_running_loop */
 static PyObject *Monotonic = NULL, *PerfCounter = NULL, *ThreadTime = NULL; /* time's */
 static PyObject *s_endpoint_id, *s_inbox, *s_addresses, *s_links, *s_gen, *s_alive,
     *s_incoming, *s_heard, *s_receivers, *s_events, *s_items, *s_handed_over, *s_put,
@@ -169,6 +169,16 @@ static int attr_double(PyObject *obj, PyObject *name, double *out) {
         return -1;
     *out = d;
     return 0;
+}
+
+/* A clock's reading (perf_counter, thread_time): 0, or -1 with an exception set. */
+static int read_clock(PyObject *clock, double *out) {
+    PyObject *v = PyObject_CallNoArgs(clock);
+    if (v == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
 /* A Received(conn_id, frames), its slots filled directly as mpi.py's new_received does. */
@@ -715,7 +725,6 @@ typedef struct {
     PyObject *trimmer;      /* engine._pool._trimmer */
     Target target;          /* the endpoint's containers */
     uint64_t max_message;   /* engine.options.max_message */
-    double direct_wait;     /* engine._direct_wait: how long take_direct waits (s) */
     /* The endpoint (compared, never used: no reference, as the endpoint holds this). */
     void *owner;
 } Spinner;
@@ -805,7 +814,6 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         (self->took_direct = PyObject_GetAttr(engine, s_took_one_direct)) == NULL ||
         (mpi = PyObject_GetAttr(engine, s_MPI)) == NULL ||
         (self->mpi_error = PyObject_GetAttr(mpi, s_Exception)) == NULL ||
-        attr_double(engine, s_direct_wait, &self->direct_wait) < 0 ||
         (pool = PyObject_GetAttr(engine, s_pool)) == NULL ||
         (self->pool_classes = PyObject_GetAttr(pool, s_classes)) == NULL ||
         (self->trimmer = PyObject_GetAttr(pool, s_trimmer)) == NULL ||
@@ -846,19 +854,11 @@ static int engine_busy(PyObject *engine) {
     return attr_nonempty(engine, s_recv_reqs);
 }
 
-/* CLOCK_MONOTONIC in seconds: time.perf_counter's clock on Linux, which _take_direct's
- * deadline reads. */
-static double monotonic_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* _BufferPool.take(length)'s common case, for a spinning receiver (on its loop): the
- * first array of the length's size class when nothing but the pool refers to it, marked
- * used, the pool's trim timer armed (if it is not): a new reference. NULL without an
- * exception where the pool has no such array (the engine's _frame_target then takes
- * one), NULL with one on error. */
+ * first array of the length's size class when nothing but the pool refers to it and
+ * the pool's trim timer is armed, marked used: a new reference. NULL without an
+ * exception otherwise (the engine's _frame_target then takes one), NULL with one on
+ * error. */
 static PyObject *pooled_target(Spinner *self, uint64_t length) {
     if (length < PoolMin || length > ((uint64_t)1 << 62))
         return NULL;
@@ -883,27 +883,22 @@ static PyObject *pooled_target(Spinner *self, uint64_t length) {
     /* The entry's reference and this one: nobody else's (as take's getrefcount == 2). */
     if (Py_REFCNT(array) != 2)
         goto out;
-    PyObject *now = PyFloat_FromDouble(monotonic_now());
+    /* The trimmer's timer armed on this loop (trimmer.touch() would do nothing); else
+     * the pool's take does it all (arming it needs the running loop). */
+    PyObject *handle = PyObject_GetAttr(self->trimmer, s_handle);
+    PyObject *loop = handle == NULL ? NULL : PyObject_GetAttr(self->trimmer, s_loop_attr);
+    int armed = loop != NULL && handle != Py_None && loop == self->loop;
+    Py_XDECREF(handle);
+    Py_XDECREF(loop);
+    if (loop == NULL || !armed)
+        goto out;
+    PyObject *now = PyObject_CallNoArgs(Monotonic); /* (the trimmer's clock) */
     if (now == NULL)
         goto out;
     int bad = PyObject_SetAttr(entry, s_used, now);
     Py_DECREF(now);
     if (bad < 0)
         goto out;
-    /* trimmer.touch(), which does nothing while its timer is armed on this loop. */
-    PyObject *handle = PyObject_GetAttr(self->trimmer, s_handle);
-    PyObject *loop = handle == NULL ? NULL : PyObject_GetAttr(self->trimmer, s_loop_attr);
-    int armed = loop != NULL && handle != Py_None && loop == self->loop;
-    Py_XDECREF(handle);
-    Py_XDECREF(loop);
-    if (loop == NULL)
-        goto out;
-    if (!armed) {
-        PyObject *r = PyObject_CallMethodNoArgs(self->trimmer, s_touch);
-        if (r == NULL)
-            goto out;
-        Py_DECREF(r);
-    }
     result = length == size ? Py_NewRef(array)
                             : PySequence_GetSlice(array, 0, (Py_ssize_t)length);
 out:
@@ -953,7 +948,11 @@ static int take_direct(Spinner *self, PyObject *endpoint, PyObject *buf, PyObjec
     PyObject *recv_args[3] = {spec, src, Tag};
     if ((req = PyObject_Vectorcall(self->irecv, recv_args, 3, NULL)) == NULL)
         goto out;
-    double deadline = monotonic_now() + self->direct_wait;
+    double wait, deadline, now;
+    /* (Read every time, as _take_direct reads it; with the clock it reads.) */
+    if (attr_double(self->engine, s_direct_wait, &wait) < 0 || read_clock(PerfCounter, &now) < 0)
+        goto out;
+    deadline = now + wait;
     for (;;) {
         PyObject *test_args[2] = {req, self->status};
         PyObject *r = PyObject_VectorcallMethod(s_Test, test_args, 2, NULL);
@@ -974,7 +973,9 @@ static int take_direct(Spinner *self, PyObject *endpoint, PyObject *buf, PyObjec
                 goto out;
             break;
         }
-        if (monotonic_now() >= deadline) {
+        if (read_clock(PerfCounter, &now) < 0)
+            goto out;
+        if (now >= deadline) {
             outcome = Py_NewRef(Py_None);
             break;
         }
@@ -1093,6 +1094,24 @@ out:
     return result;
 }
 
+/* engine._route(msg) for each message of the list ``ready`` (the caller's, which
+ * nothing else changes meanwhile), in order: 0, or -1 with an exception set. */
+static int route_all(Spinner *self, PyObject *ready) {
+    if (!PyList_Check(ready)) {
+        PyErr_SetString(PyExc_TypeError, "the messages to route are not a list");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ready); i++) {
+        PyObject *msg = Py_NewRef(PyList_GET_ITEM(ready, i));
+        PyObject *r = PyObject_CallOneArg(self->route, msg);
+        Py_DECREF(msg);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
 /* take_one(endpoint): True, False, or NULL with an exception set. */
 static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
     if (self->engine == NULL) {
@@ -1160,19 +1179,7 @@ static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
         goto out;
     }
     Py_DECREF(now);
-    PyObject *it = PyObject_GetIter(ready);
-    if (it == NULL)
-        goto out;
-    PyObject *msg;
-    while ((msg = PyIter_Next(it)) != NULL) {
-        PyObject *r = PyObject_CallOneArg(self->route, msg);
-        Py_DECREF(msg);
-        if (r == NULL)
-            break;
-        Py_DECREF(r);
-    }
-    Py_DECREF(it);
-    if (PyErr_Occurred())
+    if (route_all(self, ready) < 0)
         goto out;
     PyObject *after = PyObject_GetAttr(endpoint, s_handed_over);
     if (after == NULL)
@@ -1196,16 +1203,6 @@ static PyObject *Spinner_call(Spinner *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_UnpackTuple(args, "Spinner", 1, 1, &endpoint))
         return NULL;
     return spinner_take(self, endpoint);
-}
-
-/* A clock's reading (perf_counter, thread_time): 0, or -1 with an exception set. */
-static int read_clock(PyObject *clock, double *out) {
-    PyObject *v = PyObject_CallNoArgs(clock);
-    if (v == NULL)
-        return -1;
-    *out = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
 /* Whether the poller's crowding says the CPUs are crowded at ``now``, as
@@ -1387,6 +1384,9 @@ static int test_sends_locked(Spinner *self, PyObject *done) {
         result = 0;
         goto out;
     }
+    /* (Made first: an allocation may collect garbage and run a finalizer.) */
+    if ((kept_reqs = PyList_New(0)) == NULL || (kept_ops = PyList_New(0)) == NULL)
+        goto out;
     PyObject *test_args[1] = {reqs};
     if ((indices = PyObject_Vectorcall(self->testsome, test_args, 1, NULL)) == NULL)
         goto out;
@@ -1403,6 +1403,19 @@ static int test_sends_locked(Spinner *self, PyObject *done) {
         PyErr_NoMemory();
         goto out;
     }
+    /* Python code may have run since the lists were read (Testsome's allocations): read
+     * them again, as _test_sends does; what was appended meanwhile stays. */
+    Py_SETREF(reqs, PyObject_GetAttr(self->engine, s_send_reqs));
+    if (reqs == NULL)
+        goto out;
+    Py_SETREF(ops, PyObject_GetAttr(self->engine, s_send_ops));
+    if (ops == NULL)
+        goto out;
+    if (!PyList_Check(reqs) || !PyList_Check(ops) || PyList_GET_SIZE(reqs) < n ||
+        PyList_GET_SIZE(ops) != PyList_GET_SIZE(reqs)) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine's send lists changed under its lock");
+        goto out;
+    }
     for (Py_ssize_t k = 0; k < PyList_GET_SIZE(indices); k++) {
         Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(indices, k));
         if (i == -1 && PyErr_Occurred())
@@ -1412,6 +1425,10 @@ static int test_sends_locked(Spinner *self, PyObject *done) {
             goto out;
         }
         finished[i] = 1;
+        if (i >= PyList_GET_SIZE(ops)) {
+            PyErr_SetString(PyExc_RuntimeError, "the engine's send lists shrank under its lock");
+            goto out;
+        }
         PyObject *op = PyList_GET_ITEM(ops, i);
         if (op == Py_None)
             continue;
@@ -1428,11 +1445,16 @@ static int test_sends_locked(Spinner *self, PyObject *done) {
         }
         Py_DECREF(op);
     }
-    if ((kept_reqs = PyList_New(0)) == NULL || (kept_ops = PyList_New(0)) == NULL)
+    /* (No allocation that may collect garbage below: the lists stay as they are.) */
+    Py_ssize_t now_n = PyList_GET_SIZE(reqs);
+    if (PyList_GET_SIZE(ops) != now_n || now_n < n) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine's send lists changed under its lock");
         goto out;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (!finished[i] && (PyList_Append(kept_reqs, PyList_GET_ITEM(reqs, i)) < 0 ||
-                             PyList_Append(kept_ops, PyList_GET_ITEM(ops, i)) < 0))
+    }
+    for (Py_ssize_t i = 0; i < now_n; i++) {
+        if ((i >= n || !finished[i]) &&
+            (PyList_Append(kept_reqs, PyList_GET_ITEM(reqs, i)) < 0 ||
+             PyList_Append(kept_ops, PyList_GET_ITEM(ops, i)) < 0))
             goto out;
     }
     if (PyObject_SetAttr(self->engine, s_send_reqs, kept_reqs) < 0 ||
@@ -1468,7 +1490,7 @@ static int wait_turn(Spinner *self) {
     PyObject *done = PyList_New(0), *ready = NULL, *message = NULL;
     if (done == NULL)
         return -1;
-    int result = -1, failed = 1;
+    int result = -1, failed = 1, progress = 0;
     PyObject *locked = PyObject_CallNoArgs(self->acquire);
     if (locked == NULL)
         goto out;
@@ -1478,6 +1500,11 @@ static int wait_turn(Spinner *self) {
         goto unlock;
     if (closed) {
         failed = 0;
+        goto unlock;
+    }
+    /* (Read again under the lock: another loop's thread may have posted some.) */
+    if ((progress = attr_nonempty(self->engine, s_recv_reqs)) != 0) {
+        failed = progress < 0;
         goto unlock;
     }
     if (test_sends_locked(self, done) < 0)
@@ -1498,8 +1525,14 @@ static int wait_turn(Spinner *self) {
             goto unlock;
         Py_DECREF(r);
         if (PyList_GET_SIZE(ready) > 0) {
-            PyObject *sort_args[2] = {ready, self->loop};
-            if ((r = PyObject_Vectorcall(self->sort_out, sort_args, 2, NULL)) == NULL)
+            /* (progress sorts them out for the loop running it.) */
+            PyObject *loop = PyObject_CallNoArgs(GetRunningLoop);
+            if (loop == NULL)
+                goto unlock;
+            PyObject *sort_args[2] = {ready, loop};
+            r = PyObject_Vectorcall(self->sort_out, sort_args, 2, NULL);
+            Py_DECREF(loop);
+            if (r == NULL)
                 goto unlock;
             Py_SETREF(ready, r);
         }
@@ -1508,6 +1541,12 @@ static int wait_turn(Spinner *self) {
 unlock:
     if (release_keeping_error(self->release) < 0 || failed)
         goto out;
+    if (progress > 0) {
+        PyObject *r = PyObject_CallNoArgs(self->progress);
+        Py_XDECREF(r);
+        result = r == NULL ? -1 : 0;
+        goto out;
+    }
     if (PyList_GET_SIZE(done) == 0 && (message == NULL || message == Py_None)) {
         result = 0; /* nothing moved */
         goto out;
@@ -1533,14 +1572,8 @@ unlock:
             goto out;
         Py_DECREF(r);
     }
-    if (ready != NULL) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ready); i++) {
-            PyObject *r = PyObject_CallOneArg(self->route, PyList_GET_ITEM(ready, i));
-            if (r == NULL)
-                goto out;
-            Py_DECREF(r);
-        }
-    }
+    if (ready != NULL && route_all(self, ready) < 0)
+        goto out;
     result = 0;
 out:
     Py_DECREF(done);
@@ -1799,6 +1832,13 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
     ThreadTime = PyObject_GetAttrString(time, "thread_time");
     Py_DECREF(time);
     if (Monotonic == NULL || PerfCounter == NULL || ThreadTime == NULL)
+        return NULL;
+    PyObject *asyncio = PyImport_ImportModule("asyncio");
+    if (asyncio == NULL)
+        return NULL;
+    GetRunningLoop = PyObject_GetAttrString(asyncio, "_get_running_loop");
+    Py_DECREF(asyncio);
+    if (GetRunningLoop == NULL)
         return NULL;
     if (PyType_Ready(&SpinnerType) < 0 || PyType_Ready(&SenderType) < 0)
         return NULL;
