@@ -52,6 +52,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #if PY_VERSION_HEX < 0x030C0000
 /* Python 3.10 and 3.11: the exception being handled, as 3.12's calls keep it. */
@@ -179,6 +180,21 @@ static int read_clock(PyObject *clock, double *out) {
     *out = PyFloat_AsDouble(v);
     Py_DECREF(v);
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* A monotonic clock's reading in seconds, for a deadline this file alone compares
+ * (a Python clock is read where Python compares the value): CLOCK_MONOTONIC where there
+ * is one (time.perf_counter's clock on Linux), time.perf_counter otherwise. 0, or -1
+ * with an exception set. */
+static int deadline_clock(double *out) {
+#ifdef CLOCK_MONOTONIC
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
+        *out = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+        return 0;
+    }
+#endif
+    return read_clock(PerfCounter, out);
 }
 
 /* A Received(conn_id, frames), its slots filled directly as mpi.py's new_received does. */
@@ -949,8 +965,8 @@ static int take_direct(Spinner *self, PyObject *endpoint, PyObject *buf, PyObjec
     if ((req = PyObject_Vectorcall(self->irecv, recv_args, 3, NULL)) == NULL)
         goto out;
     double wait, deadline, now;
-    /* (Read every time, as _take_direct reads it; with the clock it reads.) */
-    if (attr_double(self->engine, s_direct_wait, &wait) < 0 || read_clock(PerfCounter, &now) < 0)
+    /* (Read every time, as _take_direct reads it.) */
+    if (attr_double(self->engine, s_direct_wait, &wait) < 0 || deadline_clock(&now) < 0)
         goto out;
     deadline = now + wait;
     for (;;) {
@@ -973,7 +989,7 @@ static int take_direct(Spinner *self, PyObject *endpoint, PyObject *buf, PyObjec
                 goto out;
             break;
         }
-        if (read_clock(PerfCounter, &now) < 0)
+        if (deadline_clock(&now) < 0)
             goto out;
         if (now >= deadline) {
             outcome = Py_NewRef(Py_None);
@@ -1384,9 +1400,6 @@ static int test_sends_locked(Spinner *self, PyObject *done) {
         result = 0;
         goto out;
     }
-    /* (Made first: an allocation may collect garbage and run a finalizer.) */
-    if ((kept_reqs = PyList_New(0)) == NULL || (kept_ops = PyList_New(0)) == NULL)
-        goto out;
     PyObject *test_args[1] = {reqs};
     if ((indices = PyObject_Vectorcall(self->testsome, test_args, 1, NULL)) == NULL)
         goto out;
@@ -1399,12 +1412,15 @@ static int test_sends_locked(Spinner *self, PyObject *done) {
         result = 0;
         goto out;
     }
+    /* (Made before the lists are read again: an allocation may collect garbage.) */
+    if ((kept_reqs = PyList_New(0)) == NULL || (kept_ops = PyList_New(0)) == NULL)
+        goto out;
     if ((finished = PyMem_Calloc((size_t)n, 1)) == NULL) {
         PyErr_NoMemory();
         goto out;
     }
-    /* Python code may have run since the lists were read (Testsome's allocations): read
-     * them again, as _test_sends does; what was appended meanwhile stays. */
+    /* Python code may have run since the lists were read (a finalizer, on an
+     * allocation): read them again, as _test_sends does; what was appended stays. */
     Py_SETREF(reqs, PyObject_GetAttr(self->engine, s_send_reqs));
     if (reqs == NULL)
         goto out;
