@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType, SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,15 +30,13 @@ pytest.importorskip("mpi4py", reason="the mpi transport needs mpi4py (pip instal
 
 from hpcproc.transports import mpi
 
+from .test_mpi import WAIT, _address, bounded
+
 accel: ModuleType | None
 try:
     from hpcproc.transports import _mpi_accel as accel
 except ImportError:  # built without a compiler
     accel = None
-
-T = TypeVar("T")
-WAIT = 10.0
-
 
 @pytest.fixture
 def compiled() -> ModuleType:
@@ -57,10 +55,6 @@ def compiled() -> ModuleType:
         mpi._set_result,
     )
     return module
-
-
-async def bounded(awaitable: Awaitable[T]) -> T:
-    return await asyncio.wait_for(awaitable, WAIT)
 
 
 @dataclass
@@ -489,10 +483,6 @@ def turn_until_queued(take: Callable[[Any], bool], endpoint: Any) -> None:
     raise AssertionError("nothing was queued")
 
 
-def address(frame: memoryview) -> int:
-    return int(np.frombuffer(frame, np.uint8).ctypes.data)
-
-
 def test_the_spinner_takes_a_separate_frame_directly_as_take_one_does(
     compiled: ModuleType,
 ) -> None:
@@ -526,7 +516,7 @@ def test_the_spinner_takes_a_separate_frame_directly_as_take_one_does(
                     (entry,) = [
                         e
                         for e in pool.classes[1 << 17]
-                        if e.array.ctypes.data == address(event.frames[0])
+                        if e.array.ctypes.data == _address(event.frames[0])
                     ]
                     assert entry.used > used.get(id(entry.array), 0.0)
                     assert pool._trimmer._handle is not None  # the idle trim is armed
@@ -536,7 +526,7 @@ def test_the_spinner_takes_a_separate_frame_directly_as_take_one_does(
                     if fill == 2:
                         del got[1]  # dropped: its buffer is free for the third
                     del event
-                addresses[name] = [address(f) for f in got]
+                addresses[name] = [_address(f) for f in got]
                 assert bytes(got[0]) == b"\x01" * size and bytes(got[1]) == b"\x03" * size
                 got.clear()
             # The first message held, the second dropped: the third reuses the second's

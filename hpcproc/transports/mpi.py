@@ -929,9 +929,11 @@ class _Engine:
         except self.MPI.Exception as exc:
             problem = self._direct_failed(reqs[done], lengths[done], exc)
             done += 1
-        if done == len(reqs) and problem is None:
-            if not endpoint._deliver_data(src, src_ep, gen, conn_id, frames):
-                ready.append((src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames))
+        if (
+            done == len(reqs)
+            and problem is None
+            and endpoint._deliver_data(src, src_ep, gen, conn_id, frames)
+        ):
             return
         self._direct_settle(
             (src, _DATA, src_ep, endpoint.endpoint_id, gen, conn_id, frames),
@@ -1528,21 +1530,20 @@ class _MpiConnection(OutgoingConnection):
         # OutgoingConnection.send_nowait and the link's send_now written out for the
         # process layer's small message: two calls less per message.
         link = self._link
-        if type(link) is not _MpiLink:  # (a connection of an endpoint to itself)
-            return OutgoingConnection.send_nowait(self, frames)
-        sender = link._sender
-        if sender is not None and self._state is _CONN_OPEN and not link.finished:
-            link.sent = True
-            try:
-                return sender(self._id, frames)  # (what it does not send, nothing can now)
-            except TransportError:
-                raise
-            except Exception as exc:
-                raise self._bundle_failed(exc) from exc
-        # Without the compiled sender: one pickle of at most inline_max bytes, no
-        # memoryview. Anything else takes the general path.
-        if self._state is _CONN_OPEN and len(frames) == 1 and not link.finished:
-            frame = frames[0]
+        # (Not an _MpiLink: a connection of an endpoint to itself.)
+        if type(link) is _MpiLink and self._state is _CONN_OPEN and not link.finished:
+            sender = link._sender
+            if sender is not None:
+                link.sent = True
+                try:
+                    return sender(self._id, frames)  # (what it does not send, nothing can now)
+                except TransportError:
+                    raise
+                except Exception as exc:
+                    raise self._bundle_failed(exc) from exc
+            # Without the compiled sender: one pickle of at most inline_max bytes, no
+            # memoryview. Anything else takes the general path.
+            frame = frames[0] if len(frames) == 1 else None
             if type(frame) is bytes:
                 ep = link.endpoint
                 n = len(frame)
