@@ -7,16 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
+import functools
+import logging
 import os
+import random
 import select
 import socket
-from collections.abc import Iterator
+import struct
+import termios
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from hpcproc.transports import Received, tcp
+from hpcproc.transports import ConnectionOpened, Received, tcp
+from hpcproc.transports._multiplex import Kind
 
 from ._compiled import require_compiled
 
@@ -183,3 +191,429 @@ def test_a_tcp_link_reads_its_messages_through_it(
     got = asyncio.run(asyncio.wait_for(main(), 60))
     assert got == [b"message 0", b"message 1", b"message 2"]
     assert bool(calls) is tcp.ACCELERATED
+
+
+# ------------------------------------------------------------------------------ Reader
+#
+# The compiled poll of an endpoint's one plain link against the link's Python path
+# (``_TcpEndPoint._poll_links``, the reference) on the same bytes: a raw peer writes
+# wire messages into a real link, whose reads the test drives itself (the link's reader
+# callback is taken off the event loop, so that nothing else reads its socket).
+
+from .test_tcp import COOKIE, RawPeer, _control, _data_message  # noqa: E402
+
+WAIT = 10.0
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in socket ``fd``."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+
+class _Driven:
+    """A tcp endpoint with one link, to a raw peer, whose reads the test makes."""
+
+    def __init__(self, transport: tcp.TcpTransport, endpoint: Any, peer: RawPeer) -> None:
+        self.transport = transport
+        self.endpoint = endpoint
+        self.peer = peer
+        [self.link] = endpoint._polled_links()
+        asyncio.get_running_loop().remove_reader(self.link._fd)
+
+    @classmethod
+    async def open(cls, conns: int = 3) -> _Driven:
+        transport = tcp.create_transport(host="127.0.0.1")
+        try:
+            endpoint = await transport.new_endpoint()
+            port = transport.port
+            assert port is not None
+            peer = await RawPeer.open(port)
+            src = b"tcp://127.0.0.1:9/raw/1"
+            assert await peer.authenticate(src, bytes(endpoint.address)) is tcp._Status.ACCEPT
+            peer.writer.write(b"".join(_control(Kind.OPEN, c) for c in range(1, conns + 1)))
+            for _ in range(conns):  # they also prove the link is registered and read
+                event = await asyncio.wait_for(endpoint.receive(), WAIT)
+                assert isinstance(event, ConnectionOpened), event
+        except BaseException:
+            await transport.close()
+            raise
+        return cls(transport, endpoint, peer)
+
+    async def close(self) -> None:
+        if not self.link._dead:  # its reads back on the loop: it sees the peer go
+            asyncio.get_running_loop().add_reader(self.link._fd, self.link._on_readable)
+        self.peer.writer.close()
+        await self.transport.close()
+
+    def write(self, data: bytes) -> None:
+        """Put ``data`` into the link's socket (whole: waits until it is all there)."""
+        before = _pending(self.link._fd)
+        self.peer.writer.write(data)
+        assert not self.peer.writer.transport.get_write_buffer_size(), "not sent at once"
+        deadline = time.monotonic() + WAIT
+        while _pending(self.link._fd) < before + len(data):  # loopback: bounded
+            assert time.monotonic() < deadline, "the bytes did not arrive"
+
+    def pump(self, step: Any) -> list[bool]:
+        """Call ``step`` until the link's socket is drained: what each call returned."""
+        results = []
+        for _ in range(10000):
+            if self.link._dead or not _pending(self.link._fd):
+                return results
+            results.append(step())
+        raise AssertionError("the step did not drain the socket")
+
+    def taken(self) -> list[tuple[str, int, list[bytes]]]:
+        """The events queued since the last call, as comparable tuples."""
+        out = []
+        while self.endpoint._events._items:
+            event = self.endpoint._events._items.popleft()
+            if isinstance(event, Received):
+                out.append(("data", event.conn_id, [bytes(f) for f in event.frames]))
+            else:
+                out.append((type(event).__name__, getattr(event, "conn_id", 0), []))
+        return out
+
+
+def _driven(body: Callable[[_Driven], Awaitable[None]]) -> None:
+    async def main() -> None:
+        driven = await _Driven.open()
+        try:
+            await body(driven)
+        finally:
+            await driven.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.fixture
+def cookie(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HPCPROC_COOKIE", COOKIE)
+
+
+@pytest.fixture
+def reading(compiled: ModuleType) -> ModuleType:
+    """The compiled module, set up as tcp.py sets it up (which it does not where it is
+    turned off: these tests make their Readers themselves)."""
+    compiled.init(Received, int(Kind.DATA), tcp.DIRECT_MIN, tcp._SEND_NOW_MAX)
+    return compiled
+
+
+def test_one_plain_link_is_polled_by_a_reader_unless_turned_off(
+    reading: ModuleType, cookie: None
+) -> None:
+    async def body(d: _Driven) -> None:
+        step = d.endpoint._poll_step()
+        if tcp.ACCELERATED:
+            assert type(step) is reading.Reader
+            assert d.endpoint._poll_step() is step  # made once per set of links
+        else:
+            assert step == d.endpoint._poll_links
+
+    _driven(body)
+
+
+def test_reader_hands_small_messages_over_as_events_in_order(
+    reading: ModuleType, cookie: None
+) -> None:
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint)
+        assert reader() is True  # nothing there: polled, nothing handed over
+        messages = [(1 + i % 3, [b"m%d" % i * (i + 1)]) for i in range(50)]
+        messages.append((2, [b""]))  # an empty frame is a frame too
+        d.write(b"".join(_data_message(c, f) for c, f in messages))
+        assert set(d.pump(reader)) == {True}
+        # Incoming ids are numbered from 1 in the order the peer opened them.
+        assert d.taken() == [("data", c, f) for c, f in messages]
+        assert d.link._start == d.link._end  # all parsed
+        assert d.link.heard is True
+
+    _driven(body)
+
+
+def test_received_frames_are_copies_not_views_of_the_link_buffer(
+    reading: ModuleType, cookie: None
+) -> None:
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint)
+        d.write(_data_message(1, [b"keep me"]))
+        d.pump(reader)
+        [event] = list(d.endpoint._events._items)
+        d.link._buf[:] = bytes(len(d.link._buf))  # the buffer is reused for the next read
+        assert bytes(event.frames[0]) == b"keep me"
+
+    _driven(body)
+
+
+def test_reader_hands_over_to_a_receiver_and_ends_the_poll(
+    reading: ModuleType, cookie: None
+) -> None:
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint)
+        got: list[list[bytes]] = []
+        assert d.endpoint.set_receiver(2, lambda frames: got.append([bytes(f) for f in frames]))
+        before = d.endpoint._handed_over
+        d.write(_data_message(2, [b"to the receiver"]) + _data_message(1, [b"an event"]))
+        assert d.pump(reader) == [False]  # a hand-over ends a poll as an event does
+        assert got == [[b"to the receiver"]]
+        assert d.endpoint._handed_over == before + 1
+        assert d.taken() == [("data", 1, [b"an event"])]
+        # While an event waits, messages for a receiver queue behind it (order).
+        d.write(_data_message(1, [b"first"]) + _data_message(2, [b"second"]))
+        assert d.pump(reader) == [True]
+        assert got == [[b"to the receiver"]]
+        assert d.taken() == [("data", 1, [b"first"]), ("data", 2, [b"second"])]
+
+    _driven(body)
+
+
+def test_a_receiver_that_closes_the_link_stops_the_reader(
+    reading: ModuleType, cookie: None
+) -> None:
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint)
+        got: list[bytes] = []
+
+        def receiver(frames: Any) -> None:
+            got.append(bytes(frames[0]))
+            d.link.abort()
+
+        assert d.endpoint.set_receiver(1, receiver)
+        d.write(_data_message(1, [b"last"]) + _data_message(1, [b"never"]))
+        assert reader() is False
+        assert got == [b"last"]
+        assert reader() is False  # a dead link: nothing to poll
+
+    _driven(body)
+
+
+def _mixed_stream(rng: random.Random) -> bytes:
+    """Messages of every shape the link parses, ticks among them."""
+    parts = []
+    for _ in range(300):
+        kind = rng.randrange(6)
+        conn = rng.randrange(1, 4)
+        if kind == 0:
+            parts.append(_data_message(conn, [rng.randbytes(rng.randrange(0, 300))]))
+        elif kind == 1:
+            frames = [rng.randbytes(rng.randrange(0, 100)) for _ in range(rng.randrange(0, 4))]
+            parts.append(_data_message(conn, frames))
+        elif kind == 2:
+            parts.append(_data_message(conn, [rng.randbytes(tcp.DIRECT_MIN + rng.randrange(9))]))
+        elif kind == 3:
+            parts.append(tcp._TICK)
+        else:
+            parts.append(_data_message(conn, [rng.randbytes(rng.randrange(1000, 9000))]))
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_reader_delivers_what_the_python_path_delivers_however_bytes_arrive(
+    reading: ModuleType, cookie: None, seed: int
+) -> None:
+    """The same stream, cut at the same random points, through the Reader and through
+    _poll_links: the same events, in the same order."""
+    rng = random.Random(seed)
+    stream = _mixed_stream(rng)
+    cuts = sorted(rng.sample(range(1, len(stream)), 200))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+    def events_through(make_step: Callable[[_Driven], Any]) -> list[Any]:
+        out: list[Any] = []
+
+        async def body(d: _Driven) -> None:
+            step = make_step(d)
+            for chunk in chunks:
+                d.write(chunk)
+                d.pump(step)
+                out.extend(d.taken())
+            assert not d.link._dead
+
+        _driven(body)
+        return out
+
+    by_reader = events_through(lambda d: reading.Reader(d.link, d.endpoint))
+    by_python = events_through(lambda d: d.endpoint._poll_links)
+    assert len(by_python) >= 200
+    assert by_reader == by_python
+
+
+def test_more_than_the_buffer_holds_arrives_whole_and_in_order(
+    reading: ModuleType, cookie: None
+) -> None:
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint)
+        d.link._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        messages = [_data_message(1, [b"%06d" % i * 100]) for i in range(600)]  # ~370 KB
+        for i in range(0, len(messages), 50):
+            d.write(b"".join(messages[i : i + 50]))
+        assert _pending(d.link._fd) > tcp.RECV_BUFFER
+        d.pump(reader)
+        assert d.taken() == [("data", 1, [b"%06d" % i * 100]) for i in range(600)]
+
+    _driven(body)
+
+
+def test_reader_leaves_bad_input_to_the_link_which_drops_the_peer(
+    reading: ModuleType, cookie: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="hpcproc.transports")
+
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint)
+        d.write(_data_message(1, [b"good"]) + _data_message(42, [b"sneaky"]))
+        d.pump(reader)
+        assert d.taken()[0] == ("data", 1, [b"good"])
+        assert d.link._dead
+
+    _driven(body)
+    assert any("unknown connection 42" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+def test_reader_reports_the_end_of_the_stream_as_the_link_does(
+    reading: ModuleType, cookie: None, how: str
+) -> None:
+    async def body(d: _Driven) -> None:
+        reasons: list[str] = []
+        d.link.fail = reasons.append  # type: ignore[method-assign]
+        reader = reading.Reader(d.link, d.endpoint)
+        if how == "reset":  # SO_LINGER 0: close() sends a reset instead of a FIN.
+            sock = d.peer.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            d.peer.writer.transport.abort()
+        else:
+            d.peer.writer.close()
+        await d.peer.writer.wait_closed()  # (the link's reads are off the loop meanwhile)
+        ready, _, _ = select.select([d.link._fd], [], [], WAIT)
+        assert ready, "the end of the stream did not arrive"
+        assert reader() is True
+        expected = "peer closed the link" if how == "closed" else "receive failed: [Errno 104]"
+        assert len(reasons) == 1 and reasons[0].startswith(expected), reasons
+
+    _driven(body)
+
+
+def test_reader_refuses_what_is_not_a_link(reading: ModuleType) -> None:
+    with pytest.raises(TypeError, match="2"):
+        reading.Reader(object())
+    with pytest.raises(AttributeError):
+        reading.Reader(object(), object())
+
+
+def test_init_refuses_an_event_type_without_the_slots(compiled: ModuleType) -> None:
+    with pytest.raises(TypeError, match="not a type"):
+        compiled.init(object(), int(Kind.DATA), tcp.DIRECT_MIN, tcp._SEND_NOW_MAX)
+    with pytest.raises(TypeError, match="no conn_id and frames slots"):
+        compiled.init(int, int(Kind.DATA), tcp.DIRECT_MIN, tcp._SEND_NOW_MAX)
+    with pytest.raises(ValueError, match="not a byte"):
+        compiled.init(Received, 256, tcp.DIRECT_MIN, tcp._SEND_NOW_MAX)
+
+
+# ------------------------------------------------------------------------------ Sender
+#
+# The compiled send_now of a plain link against the Python method (the reference), on
+# the same real link: the bytes the raw peer reads, and what each leaves to send_data.
+
+
+def _frames_of_every_kind() -> list[Any]:
+    np = pytest.importorskip("numpy")
+    return [
+        b"bytes",
+        bytearray(b"a bytearray"),
+        memoryview(b"a memoryview slice")[2:9],
+        np.arange(6, dtype=np.float64),
+        np.arange(12, dtype=np.int32).reshape(3, 4),
+        b"",
+        bytes(range(256)) * (tcp._SEND_NOW_MAX // 256),  # the largest it sends itself
+    ]
+
+
+def test_sender_puts_on_the_wire_what_send_now_does(reading: ModuleType, cookie: None) -> None:
+    async def body(d: _Driven) -> None:
+        sender = reading.Sender(d.link)
+        for frame in _frames_of_every_kind():
+            for send in (sender, functools.partial(tcp._TcpLink.send_now, d.link)):
+                assert send(7, [frame]) is True
+                want = tcp._ONE_FRAME_SIZE + memoryview(frame).nbytes
+                got = await asyncio.wait_for(d.peer.reader.readexactly(want), WAIT)
+                assert got == _data_message(7, [bytes(memoryview(frame))])
+
+    _driven(body)
+
+
+def test_sender_leaves_to_send_data_what_send_now_leaves(reading: ModuleType, cookie: None) -> None:
+    np = pytest.importorskip("numpy")
+
+    async def body(d: _Driven) -> None:
+        sender = reading.Sender(d.link)
+        python = functools.partial(tcp._TcpLink.send_now, d.link)
+        for frames in (
+            [],
+            [b"two", b"frames"],
+            [bytes(tcp._SEND_NOW_MAX + 1)],
+            [np.arange(10, dtype=np.uint8)[::2]],  # not contiguous
+        ):
+            assert sender(1, frames) is False
+            if len(frames) != 1 or memoryview(frames[0]).c_contiguous:
+                assert python(1, frames) is False
+        d.link._wq.append(tcp._Write([memoryview(b"queued")], None))  # a backlog: in order
+        assert sender(1, [b"x"]) is python(1, [b"x"]) is False
+        d.link._wq.clear()
+        d.link.abort()
+        assert sender(1, [b"x"]) is python(1, [b"x"]) is False
+        assert _pending(d.peer.writer.get_extra_info("socket").fileno()) == 0
+
+    _driven(body)
+
+
+def test_what_the_kernel_does_not_take_is_queued_as_a_copy(
+    reading: ModuleType, cookie: None
+) -> None:
+    async def body(d: _Driven) -> None:
+        sender = reading.Sender(d.link)
+        d.link._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        frame = bytearray(b"%08d" % 0 * (tcp._SEND_NOW_MAX // 8))
+        sent = []
+        while not d.link._wq:  # until the socket's buffer is full and a part waits
+            frame[:8] = b"%08d" % len(sent)
+            assert sender(1, [frame]) is True
+            sent.append(bytes(frame))
+            assert len(sent) < 1000, "the socket never filled up"
+        frame[:] = bytes(len(frame))  # the caller's buffer is free at once
+        # The queue drains into the socket as the peer reads: everything, in order.
+        for i, want in enumerate(sent):
+            got = await asyncio.wait_for(
+                d.peer.reader.readexactly(tcp._ONE_FRAME_SIZE + len(want)), WAIT
+            )
+            assert got == _data_message(1, [want]), f"message {i} of {len(sent)}"
+
+    _driven(body)
+
+
+def test_sender_raises_the_failed_sends_oserror(reading: ModuleType, cookie: None) -> None:
+    async def body(d: _Driven) -> None:
+        sender = reading.Sender(d.link)
+        sock = d.peer.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        d.peer.writer.transport.abort()
+        await d.peer.writer.wait_closed()
+        select.select([d.link._fd], [], [], WAIT)  # the reset is there
+        with pytest.raises(OSError) as info:
+            for _ in range(3):  # (a first send may still go out before the reset is seen)
+                sender(1, [b"lost"])
+        assert info.value.errno in (errno.ECONNRESET, errno.EPIPE)
+        with pytest.raises(TypeError, match=r"\(conn_id, frames\)"):
+            sender(1)
+        with pytest.raises(OverflowError):
+            sender(-1, [b"x"])
+
+    _driven(body)
+
+
+def test_plain_links_send_through_it_unless_turned_off(reading: ModuleType, cookie: None) -> None:
+    async def body(d: _Driven) -> None:
+        sender = vars(d.link).get("send_now")  # shadows the method where it is in use
+        assert type(sender) is reading.Sender if tcp.ACCELERATED else sender is None
+
+    _driven(body)
