@@ -6,8 +6,9 @@ build goes on without them.
 * ``hpcproc.transports._ring_accel``: the shm transport's ring in C; without it the
   pure-Python ring (``hpcproc/transports/_shm_ring.py``) is used.
 * ``hpcproc.transports._socket_accel``: the tcp transport's read of a socket that may
-  have nothing to read, returning -1 instead of raising ``BlockingIOError``; without it
-  ``socket.recv_into`` does the reads.
+  have nothing to read (-1 instead of raising ``BlockingIOError``), a spinning
+  receiver's read and hand-over of small messages, and the send of one small frame;
+  without it ``hpcproc/transports/tcp.py`` does that work in Python.
 * ``hpcproc.transports._mpi_accel``: the mpi transport's hand-over of a small message
   to a spinning receiver (no MPI call: it builds without MPI); without it
   ``hpcproc/transports/mpi.py`` does that work in Python.
