@@ -9,6 +9,7 @@ import asyncio
 import errno
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import random
@@ -317,7 +318,7 @@ def test_reader_hands_small_messages_over_as_events_in_order(
     reading: ModuleType, cookie: None
 ) -> None:
     async def body(d: _Driven) -> None:
-        reader = reading.Reader(d.link, d.endpoint)
+        reader = reading.Reader(d.link, d.endpoint, 0.0)
         assert reader() is True  # nothing there: polled, nothing handed over
         messages = [(1 + i % 3, [b"m%d" % i * (i + 1)]) for i in range(50)]
         messages.append((2, [b""]))  # an empty frame is a frame too
@@ -335,7 +336,7 @@ def test_received_frames_are_copies_not_views_of_the_link_buffer(
     reading: ModuleType, cookie: None
 ) -> None:
     async def body(d: _Driven) -> None:
-        reader = reading.Reader(d.link, d.endpoint)
+        reader = reading.Reader(d.link, d.endpoint, 0.0)
         d.write(_data_message(1, [b"keep me"]))
         d.pump(reader)
         [event] = list(d.endpoint._events._items)
@@ -349,7 +350,7 @@ def test_reader_hands_over_to_a_receiver_and_ends_the_poll(
     reading: ModuleType, cookie: None
 ) -> None:
     async def body(d: _Driven) -> None:
-        reader = reading.Reader(d.link, d.endpoint)
+        reader = reading.Reader(d.link, d.endpoint, 0.0)
         got: list[list[bytes]] = []
         assert d.endpoint.set_receiver(2, lambda frames: got.append([bytes(f) for f in frames]))
         before = d.endpoint._handed_over
@@ -371,7 +372,7 @@ def test_a_receiver_that_closes_the_link_stops_the_reader(
     reading: ModuleType, cookie: None
 ) -> None:
     async def body(d: _Driven) -> None:
-        reader = reading.Reader(d.link, d.endpoint)
+        reader = reading.Reader(d.link, d.endpoint, 0.0)
         got: list[bytes] = []
 
         def receiver(frames: Any) -> None:
@@ -387,7 +388,7 @@ def test_a_receiver_that_closes_the_link_stops_the_reader(
     _driven(body)
 
 
-def _mixed_stream(rng: random.Random) -> bytes:
+def _mixed_stream(rng: random.Random) -> list[bytes]:
     """Messages of every shape the link parses, ticks among them."""
     parts = []
     for _ in range(300):
@@ -404,18 +405,23 @@ def _mixed_stream(rng: random.Random) -> bytes:
             parts.append(tcp._TICK)
         else:
             parts.append(_data_message(conn, [rng.randbytes(rng.randrange(1000, 9000))]))
-    return b"".join(parts)
+    return parts
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize(("seed", "wait"), [(1, 0.0), (2, 0.0), (3, 0.001), (4, 0.001)])
 def test_reader_delivers_what_the_python_path_delivers_however_bytes_arrive(
-    reading: ModuleType, cookie: None, seed: int
+    reading: ModuleType, cookie: None, seed: int, wait: float
 ) -> None:
     """The same stream, cut at the same random points, through the Reader and through
-    _poll_links: the same events, in the same order."""
+    _poll_links: the same events, in the same order (a large frame cut short is left
+    to the link's parse at once, or after a wait for its rest)."""
     rng = random.Random(seed)
-    stream = _mixed_stream(rng)
-    cuts = sorted(rng.sample(range(1, len(stream)), 200))
+    messages = _mixed_stream(rng)
+    stream = b"".join(messages)
+    # Mostly between messages (a read then starts on a message, where the Reader takes
+    # it), some anywhere (a message cut short: the link's parse goes on with it).
+    ends = list(itertools.accumulate(len(m) for m in messages))[:-1]
+    cuts = sorted(set(rng.sample(ends, 150) + rng.sample(range(1, len(stream)), 60)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
 
     def events_through(make_step: Callable[[_Driven], Any]) -> list[Any]:
@@ -432,7 +438,7 @@ def test_reader_delivers_what_the_python_path_delivers_however_bytes_arrive(
         _driven(body)
         return out
 
-    by_reader = events_through(lambda d: reading.Reader(d.link, d.endpoint))
+    by_reader = events_through(lambda d: reading.Reader(d.link, d.endpoint, wait))
     by_python = events_through(lambda d: d.endpoint._poll_links)
     assert len(by_python) >= 200
     assert by_reader == by_python
@@ -442,7 +448,7 @@ def test_more_than_the_buffer_holds_arrives_whole_and_in_order(
     reading: ModuleType, cookie: None
 ) -> None:
     async def body(d: _Driven) -> None:
-        reader = reading.Reader(d.link, d.endpoint)
+        reader = reading.Reader(d.link, d.endpoint, 0.0)
         d.link._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         messages = [_data_message(1, [b"%06d" % i * 100]) for i in range(600)]  # ~370 KB
         for i in range(0, len(messages), 50):
@@ -454,13 +460,57 @@ def test_more_than_the_buffer_holds_arrives_whole_and_in_order(
     _driven(body)
 
 
+def test_a_large_frame_is_received_straight_into_a_pooled_buffer(
+    reading: ModuleType, cookie: None
+) -> None:
+    np = pytest.importorskip("numpy")
+
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint, WAIT)
+        d.link._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        got: list[Any] = []
+        assert d.endpoint.set_receiver(3, got.append)
+        big = np.random.default_rng(5).integers(0, 256, tcp.POOL_MIN + 3, dtype=np.uint8)
+        stream = _data_message(3, [big.tobytes()]) + _data_message(3, [b"after"])
+        for i in range(0, len(stream), 64 << 10):  # all of it waits in the socket
+            d.write(stream[i : i + (64 << 10)])
+        # More than the link's buffer: the rest comes from the socket, into the frame;
+        # the buffer was full, so the link reads on (and finds the next message).
+        assert d.pump(reader) == [False]
+        assert [bytes(f[0]) for f in got] == [big.tobytes(), b"after"]
+        assert d.link._state == 0 and d.link._pool._out == 1  # a pooled buffer, lent
+        got.clear()
+        assert d.link._pool._out == 0  # back in the pool once dropped
+
+    _driven(body)
+
+
+def test_a_large_frame_cut_short_is_truncated_as_the_link_reports_it(
+    reading: ModuleType, cookie: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="hpcproc.transports")
+
+    async def body(d: _Driven) -> None:
+        reader = reading.Reader(d.link, d.endpoint, WAIT)
+        message = _data_message(1, [bytes(tcp.DIRECT_MIN * 2)])
+        d.write(message[: tcp.DIRECT_MIN])
+        d.peer.writer.close()
+        await d.peer.writer.wait_closed()  # (the link's reads are off the loop meanwhile)
+        assert reader() is True
+        assert d.link._dead
+        assert [kind for kind, _, _ in d.taken()] == ["ErrorEvent"]  # the bundle is lost
+
+    _driven(body)
+    assert any("truncated frame" in r.getMessage() for r in caplog.records)
+
+
 def test_reader_leaves_bad_input_to_the_link_which_drops_the_peer(
     reading: ModuleType, cookie: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="hpcproc.transports")
 
     async def body(d: _Driven) -> None:
-        reader = reading.Reader(d.link, d.endpoint)
+        reader = reading.Reader(d.link, d.endpoint, 0.0)
         d.write(_data_message(1, [b"good"]) + _data_message(42, [b"sneaky"]))
         d.pump(reader)
         assert d.taken()[0] == ("data", 1, [b"good"])
@@ -477,7 +527,7 @@ def test_reader_reports_the_end_of_the_stream_as_the_link_does(
     async def body(d: _Driven) -> None:
         reasons: list[str] = []
         d.link.fail = reasons.append  # type: ignore[method-assign]
-        reader = reading.Reader(d.link, d.endpoint)
+        reader = reading.Reader(d.link, d.endpoint, 0.0)
         if how == "reset":  # SO_LINGER 0: close() sends a reset instead of a FIN.
             sock = d.peer.writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
@@ -495,10 +545,12 @@ def test_reader_reports_the_end_of_the_stream_as_the_link_does(
 
 
 def test_reader_refuses_what_is_not_a_link(reading: ModuleType) -> None:
-    with pytest.raises(TypeError, match="2"):
-        reading.Reader(object())
-    with pytest.raises(AttributeError):
+    with pytest.raises(TypeError, match="3"):
         reading.Reader(object(), object())
+    with pytest.raises(ValueError, match="wait_s must be 0 to 60 seconds, not -1"):
+        reading.Reader(object(), object(), -1)
+    with pytest.raises(AttributeError):
+        reading.Reader(object(), object(), 0.0)
 
 
 def test_init_refuses_an_event_type_without_the_slots(compiled: ModuleType) -> None:

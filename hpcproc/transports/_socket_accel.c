@@ -9,18 +9,26 @@
  * instead, for about 0.2 us (the system call). A turn that finds the reply sooner makes
  * the round trip shorter (measured in the closing note of the change).
  *
- * Reader(link, endpoint)() -> bool
+ * Reader(link, endpoint, wait_s)() -> bool
  *   The endpoint's _poll_links for its one polled link, a plain _TcpLink: when the
  *   link waits for the next message with its buffer empty (the spinning receiver's
- *   common case), the read of the socket into the link's buffer and, for each whole
- *   DATA message of one small frame on an open connection, its hand-over (to the
- *   connection's receiver while no event waits, else as a Received event), as
- *   _TcpLink._parse's fast path and MultiplexedEndPoint._on_data do. Whatever else
- *   arrives (another kind, several frames, a large frame, a partial message, an unknown
- *   connection) is left where the link's Python parse takes it up, and every other
- *   state of the link goes to _poll_links itself. Measured: the Python from a read
- *   that brings a message to the event's return cost about 1.8 us a hop of an 8 B
- *   round trip of 15-16 us.
+ *   common case), the read of the socket into the link's buffer and, for each DATA
+ *   message of one frame on an open connection, its hand-over (to the connection's
+ *   receiver while no event waits, else as a Received event), as _TcpLink._parse and
+ *   MultiplexedEndPoint._on_data do: a small frame copied out of the buffer, a large
+ *   one (from DIRECT_MIN) in a buffer of the link's pool, its rest received straight
+ *   into it for up to wait_s (the turn's wait for a frame that is arriving; then it is
+ *   left with the link as its parse leaves one). Whatever else arrives (another kind,
+ *   several frames, a partial small message, an unknown connection) is left where the
+ *   link's Python parse takes it up, and every other state of the link goes to
+ *   _poll_links itself. Measured: the Python from a read that brings a message to the
+ *   event's return cost about 1.8 us a hop of an 8 B round trip of 15-16 us; at 256
+ *   KiB, the first part's parse and copy, the turns between the frame's reads and its
+ *   low-water marks, about 12 us a hop of a 97-110 us round trip.
+ *
+ * Sender(link)(conn_id, frames) -> bool
+ *   _TcpLink.send_now: the one-frame header and one small frame in one sendmsg (0.5 us
+ *   of Python a message).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -31,6 +39,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <sys/types.h>
 
 /* recv_nowait(fd, buffer, offset) -> int: see _socket_accel.pyi. */
@@ -102,7 +111,8 @@ static PyObject *One = NULL;          /* the int 1 */
 static PyObject *s_dead, *s_state, *s_start, *s_end, *s_lowat, *s_heard, *s_alive,
     *s_incoming, *s_buf, *s_fd, *s_max_message, *s_receivers, *s_events, *s_items,
     *s_waiters, *s_handed_over, *s_append, *s_put, *s_parse, *s_on_readable, *s_on_eof,
-    *s_read_failed, *s_poll_links, *s_wq, *s_queue_rest;
+    *s_read_failed, *s_poll_links, *s_wq, *s_queue_rest, *s_pool, *s_get, *s_frames,
+    *s_fi, *s_fpos, *s_nframes, *s_cid;
 
 /* init(received_type, data_kind, direct_min, send_now_max): see _socket_accel.pyi. */
 static PyObject *init(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
@@ -170,12 +180,15 @@ typedef struct {
     PyObject *events;    /* endpoint._events (an EventQueue) */
     PyObject *items;     /* its _items (a deque) */
     PyObject *waiters;   /* its _waiters (a deque) */
+    PyObject *pool_get;  /* link._pool.get: a large frame's buffer */
     int fd;              /* link._fd: open until the link is _dead */
     uint64_t max_message;
+    double wait_s;       /* how long a large frame's rest is waited for in a turn */
 } Reader;
 
 #define READER_FIELDS(X) \
-    X(link) X(endpoint) X(buf) X(incoming) X(receivers) X(events) X(items) X(waiters)
+    X(link) X(endpoint) X(buf) X(incoming) X(receivers) X(events) X(items) X(waiters) \
+    X(pool_get)
 
 static int Reader_traverse(Reader *self, visitproc visit, void *arg) {
 #define VISIT(f) Py_VISIT(self->f);
@@ -241,13 +254,20 @@ static PyObject *Reader_call(Reader *self, PyObject *const *args, size_t nargsf,
                              PyObject *kwnames);
 
 static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *link, *endpoint;
+    PyObject *link, *endpoint, *wait;
     if (kwds != NULL && PyDict_GET_SIZE(kwds) > 0) {
-        PyErr_SetString(PyExc_TypeError, "Reader(link, endpoint) takes no keywords");
+        PyErr_SetString(PyExc_TypeError, "Reader(link, endpoint, wait_s) takes no keywords");
         return NULL;
     }
-    if (!PyArg_UnpackTuple(args, "Reader", 2, 2, &link, &endpoint))
+    if (!PyArg_UnpackTuple(args, "Reader", 3, 3, &link, &endpoint, &wait))
         return NULL;
+    double wait_s = PyFloat_AsDouble(wait);
+    if (wait_s == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!(wait_s >= 0.0 && wait_s <= 60.0)) {
+        PyErr_Format(PyExc_ValueError, "Reader: wait_s must be 0 to 60 seconds, not %R", wait);
+        return NULL;
+    }
     if (ReceivedType == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_socket_accel.init() was not called");
         return NULL;
@@ -258,15 +278,22 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     self->vectorcall = (vectorcallfunc)Reader_call;
     self->link = Py_NewRef(link);
     self->endpoint = Py_NewRef(endpoint);
+    self->wait_s = wait_s;
     Py_ssize_t fd, max_message;
+    PyObject *pool = NULL;
     if ((self->buf = PyObject_GetAttr(link, s_buf)) == NULL ||
+        (pool = PyObject_GetAttr(link, s_pool)) == NULL ||
+        (self->pool_get = PyObject_GetAttr(pool, s_get)) == NULL ||
         (self->incoming = PyObject_GetAttr(link, s_incoming)) == NULL ||
         (self->receivers = PyObject_GetAttr(endpoint, s_receivers)) == NULL ||
         (self->events = PyObject_GetAttr(endpoint, s_events)) == NULL ||
         (self->items = PyObject_GetAttr(self->events, s_items)) == NULL ||
         (self->waiters = PyObject_GetAttr(self->events, s_waiters)) == NULL ||
-        attr_ssize(link, s_fd, &fd) < 0 || attr_ssize(link, s_max_message, &max_message) < 0)
+        attr_ssize(link, s_fd, &fd) < 0 || attr_ssize(link, s_max_message, &max_message) < 0) {
+        Py_XDECREF(pool);
         goto fail;
+    }
+    Py_DECREF(pool);
     if (!PyByteArray_CheckExact(self->buf) || PyByteArray_GET_SIZE(self->buf) < ONE_FRAME_SIZE ||
         !PyDict_CheckExact(self->incoming) || !PyDict_CheckExact(self->receivers)) {
         PyErr_SetString(PyExc_TypeError, "Reader: the link's _buf is not a bytearray, or its "
@@ -340,6 +367,117 @@ done:
     return rc;
 }
 
+/* A monotonic clock in seconds (CLOCK_MONOTONIC: time.monotonic's and perf_counter's on
+ * Linux), for a deadline this file alone compares. */
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Leave a large frame being received with the link, as its parse leaves one (state 2,
+ * ``fpos`` bytes in, the buffer consumed up to ``start``): 0, or -1 with an exception. */
+static int leave_frame(Reader *self, PyObject *frame, Py_ssize_t fpos, uint64_t cid,
+                       Py_ssize_t start) {
+    PyObject *link = self->link;
+    PyObject *frames = PyList_New(1);
+    PyObject *conn = PyLong_FromUnsignedLongLong(cid);
+    int rc = -1;
+    if (frames != NULL && conn != NULL) {
+        PyList_SET_ITEM(frames, 0, Py_NewRef(frame));
+        rc = (PyObject_SetAttr(link, s_frames, frames) < 0 || set_ssize(link, s_fi, 0) < 0 ||
+              set_ssize(link, s_fpos, fpos) < 0 || set_ssize(link, s_nframes, 1) < 0 ||
+              PyObject_SetAttr(link, s_cid, conn) < 0 || set_ssize(link, s_start, start) < 0 ||
+              set_ssize(link, s_state, 2) < 0)
+                 ? -1
+                 : 0;
+    }
+    Py_XDECREF(frames);
+    Py_XDECREF(conn);
+    return rc;
+}
+
+/* A DATA message of one large frame (``len`` >= DirectMin) for connection ``local``,
+ * its header at p[pos] of the n bytes read: the frame from the link's pool, the part
+ * read copied into it, the rest received straight into it (for up to wait_s), and its
+ * hand-over: the position after it. Where the rest did not come in time, or the stream
+ * ended or failed meanwhile, the frame is left with the link (leave_frame; its end or
+ * failure reported as the link's reads report them) and -2 returned; -1 with an
+ * exception set on error. */
+static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t pos,
+                             Py_ssize_t n, uint64_t cid, uint64_t len, PyObject *local,
+                             int *handed) {
+    PyObject *size = PyLong_FromUnsignedLongLong(len);
+    PyObject *frame = size == NULL ? NULL : PyObject_CallOneArg(self->pool_get, size);
+    Py_XDECREF(size);
+    if (frame == NULL)
+        return -1;
+    Py_buffer fb;
+    if (PyObject_GetBuffer(frame, &fb, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(frame);
+        return -1;
+    }
+    if ((uint64_t)fb.len != len) {
+        PyErr_Format(PyExc_ValueError, "the link's pool gave %zd bytes for a frame of %llu",
+                     fb.len, (unsigned long long)len);
+        PyBuffer_Release(&fb);
+        Py_DECREF(frame);
+        return -1;
+    }
+    Py_ssize_t have = n - pos - ONE_FRAME_SIZE;
+    if ((uint64_t)have > len)
+        have = (Py_ssize_t)len;
+    memcpy(fb.buf, p + pos + ONE_FRAME_SIZE, (size_t)have);
+    Py_ssize_t fpos = have, next = pos + ONE_FRAME_SIZE + have;
+    int ended = 0, err = 0; /* 1: the stream ended, 2: the read failed (err) */
+    if (fpos < fb.len) {
+        double deadline = now_s() + self->wait_s;
+        for (;;) {
+            ssize_t got;
+            Py_BEGIN_ALLOW_THREADS
+            got = recv(self->fd, (char *)fb.buf + fpos, (size_t)(fb.len - fpos), MSG_DONTWAIT);
+            err = errno;
+            Py_END_ALLOW_THREADS
+            if (got > 0) {
+                fpos += got;
+                if (fpos == fb.len)
+                    break;
+            } else if (got == 0) {
+                ended = 1;
+                break;
+            } else if (err == EINTR) {
+                if (PyErr_CheckSignals() < 0) {
+                    PyBuffer_Release(&fb);
+                    Py_DECREF(frame);
+                    return -1;
+                }
+            } else if (err != EAGAIN && err != EWOULDBLOCK) {
+                ended = 2;
+                break;
+            } else if (now_s() >= deadline) {
+                break;
+            }
+        }
+    }
+    int complete = fpos == fb.len;
+    PyBuffer_Release(&fb);
+    if (!complete) {
+        int rc = leave_frame(self, frame, fpos, cid, next);
+        Py_DECREF(frame);
+        if (rc == 0 && ended == 1)
+            rc = call_method(self->link, s_on_eof, NULL);
+        else if (rc == 0 && ended == 2) {
+            PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+            rc = exc == NULL ? -1 : call_method(self->link, s_read_failed, exc);
+            Py_XDECREF(exc);
+        }
+        return rc < 0 ? -1 : -2;
+    }
+    int rc = set_ssize(self->link, s_start, next) < 0 ? -1 : hand_over(self, local, frame, handed);
+    Py_DECREF(frame);
+    return rc < 0 ? -1 : next;
+}
+
 /* The whole one-frame small DATA messages at the front of buf[pos:n], handed over while
  * their connection is open on a live link: the position after the last one handed over
  * (the link's _start is kept at it), or -1 with an exception set. Stops where the
@@ -355,8 +493,9 @@ static Py_ssize_t deliver(Reader *self, const unsigned char *p, Py_ssize_t pos, 
             cid = cid << 8 | h[8 + i];
             len = len << 8 | h[16 + i];
         }
-        if (h[0] != DataKind || nframes != 1 || len > (uint64_t)(n - pos - ONE_FRAME_SIZE) ||
-            len >= DirectMin || len > self->max_message)
+        int small = len < DirectMin;
+        if (h[0] != DataKind || nframes != 1 || len > self->max_message ||
+            (small && len > (uint64_t)(n - pos - ONE_FRAME_SIZE)))
             break;
         PyObject *key = PyLong_FromUnsignedLongLong(cid);
         if (key == NULL)
@@ -376,23 +515,31 @@ static Py_ssize_t deliver(Reader *self, const unsigned char *p, Py_ssize_t pos, 
                 return -1;
             break;
         }
-        /* The frame is a copy, as the link's parse makes it (its buffer is reused). */
-        PyObject *bytes = PyByteArray_FromStringAndSize((const char *)h + ONE_FRAME_SIZE,
-                                                        (Py_ssize_t)len);
-        PyObject *frame = bytes == NULL ? NULL : PyMemoryView_FromObject(bytes);
-        Py_XDECREF(bytes);
-        Py_ssize_t next = pos + ONE_FRAME_SIZE + (Py_ssize_t)len;
-        if (frame == NULL || set_ssize(self->link, s_start, next) < 0) {
-            Py_XDECREF(frame);
+        if (!small) {
+            Py_ssize_t next = take_large(self, p, pos, n, cid, len, local, handed);
             Py_DECREF(local);
-            return -1;
+            if (next < 0)
+                return next;
+            pos = next;
+        } else {
+            /* The frame is a copy, as the link's parse makes it (its buffer is reused). */
+            PyObject *bytes = PyByteArray_FromStringAndSize((const char *)h + ONE_FRAME_SIZE,
+                                                            (Py_ssize_t)len);
+            PyObject *frame = bytes == NULL ? NULL : PyMemoryView_FromObject(bytes);
+            Py_XDECREF(bytes);
+            Py_ssize_t next = pos + ONE_FRAME_SIZE + (Py_ssize_t)len;
+            if (frame == NULL || set_ssize(self->link, s_start, next) < 0) {
+                Py_XDECREF(frame);
+                Py_DECREF(local);
+                return -1;
+            }
+            int rc = hand_over(self, local, frame, handed);
+            Py_DECREF(frame);
+            Py_DECREF(local);
+            if (rc < 0)
+                return -1;
+            pos = next;
         }
-        int rc = hand_over(self, local, frame, handed);
-        Py_DECREF(frame);
-        Py_DECREF(local);
-        if (rc < 0)
-            return -1;
-        pos = next;
         if (!*handed)
             continue;
         /* A receiver ran: the link may have been read, failed or closed meanwhile. */
@@ -722,7 +869,10 @@ PyMODINIT_FUNC PyInit__socket_accel(void) {
         {&s_parse, "_parse"},       {&s_on_readable, "_on_readable"},
         {&s_on_eof, "_on_eof"},     {&s_read_failed, "_read_failed"},
         {&s_poll_links, "_poll_links"}, {&s_wq, "_wq"},
-        {&s_queue_rest, "_queue_rest"},
+        {&s_queue_rest, "_queue_rest"}, {&s_pool, "_pool"},
+        {&s_get, "get"},            {&s_frames, "_frames"},
+        {&s_fi, "_fi"},             {&s_fpos, "_fpos"},
+        {&s_nframes, "_nframes"},   {&s_cid, "_cid"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].name);

@@ -25,27 +25,33 @@ def init(received_type: type, data_kind: int, direct_min: int, send_now_max: int
     """
 
 class Reader:
-    """``Reader(link, endpoint)()``: ``endpoint._poll_links()`` for its one plain link.
+    """``Reader(link, endpoint, wait_s)()``: ``endpoint._poll_links()`` for its one
+    plain link.
 
     Where the link waits for the next message with its buffer empty, reads the socket
-    into the link's buffer and hands each whole DATA message of one frame smaller than
-    ``direct_min``, on an open connection of a live link, over as
-    ``MultiplexedEndPoint._on_data`` does (a copy of the frame; to the connection's
-    receiver while no event waits, else a ``Received`` event), keeping the link's
-    ``_start``/``_end``/``heard`` as its parse does; leaves what follows the first other
-    message to the link's ``_parse`` (and its reads, when the buffer filled up), an end
-    of stream to ``_on_eof`` and a failed read to ``_read_failed``. In any other state
-    (mid-message, a low-water mark set) it calls ``endpoint._poll_links()``.
+    into the link's buffer and hands each whole DATA message of one frame, on an open
+    connection of a live link, over as ``MultiplexedEndPoint._on_data`` does (to the
+    connection's receiver while no event waits, else a ``Received`` event): a frame
+    smaller than ``direct_min`` as a copy, a larger one in a buffer from the link's
+    ``_pool`` into which the part read is copied and the rest received straight from
+    the socket, for up to ``wait_s`` (then the frame is left with the link as its parse
+    leaves one being received). Keeps the link's ``_start``/``_end``/``heard`` as its
+    parse does; leaves what follows the first other message to the link's ``_parse``
+    (and its reads, when the buffer filled up), an end of stream to ``_on_eof`` and a
+    failed read to ``_read_failed``. In any other state (mid-message, a low-water mark
+    set) it calls ``endpoint._poll_links()``.
 
     Returns False when the link is dead (nothing to poll) or a message went to a
-    receiver, True otherwise, as ``_poll_links`` does. Raises what a receiver raises.
-    Never blocks; holds no reference cycle of its own beyond the link and endpoint.
+    receiver, True otherwise, as ``_poll_links`` does. Raises what a receiver or the
+    pool raises. Blocks for at most ``wait_s`` (spinning, with the GIL released during
+    each read).
 
-    Raises (when made): RuntimeError before :func:`init`; AttributeError, TypeError or
-    ValueError when ``link`` is not a tcp link of ``endpoint``.
+    Raises (when made): RuntimeError before :func:`init`; ValueError when ``wait_s``
+    is not 0 to 60 seconds; AttributeError, TypeError or ValueError when ``link`` is
+    not a tcp link of ``endpoint``.
     """
 
-    def __init__(self, link: object, endpoint: object) -> None: ...
+    def __init__(self, link: object, endpoint: object, wait_s: float) -> None: ...
     def __call__(self) -> bool: ...
 
 class Sender:

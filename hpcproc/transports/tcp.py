@@ -177,7 +177,7 @@ _recv_nowait: Callable[[int, Buffer, int], int] | None = (
 )
 #: The compiled poll of an endpoint's one plain link, ``Reader(link, endpoint)``:
 #: see :meth:`_TcpEndPoint._poll_step`.
-_Reader: Callable[[_TcpLink, _TcpEndPoint], Callable[[], bool]] | None = (
+_Reader: Callable[[_TcpLink, _TcpEndPoint, float], Callable[[], bool]] | None = (
     None if _accel is None else _accel.Reader
 )
 #: The compiled ``send_now`` of a plain link, ``Sender(link)``: see :class:`_TcpLink`.
@@ -1139,15 +1139,16 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
     def _poll_step(self) -> Callable[[], bool]:
         """A poll's turn: :meth:`_poll_links`; for one plain link where the compiled
         module is built, its ``Reader``, which does the same with the common case (the
-        link waits for the next message, and small one-frame messages arrive) in C.
-        Made once per set of links."""
+        link waits for the next message, and one-frame messages arrive: a large frame's
+        rest is received straight into it for up to ``busy_poll_us``) in C. Made once
+        per set of links."""
         links = self._polled or self._polled_links()
         steps = self._steps
         if steps is not None and steps[0] is links:
             return steps[1]
         step: Callable[[], bool] = self._poll_links
         if _Reader is not None and len(links) == 1 and type(links[0]) is _TcpLink:
-            step = _Reader(links[0], self)
+            step = _Reader(links[0], self, self._transport._busy_poll_us * 1e-6)
         self._steps = (links, step)
         return step
 
