@@ -652,7 +652,9 @@ def test_the_spinners_spin_follows_the_pollers_spin_with_progress(
                 return loop.create_future(), "ours"
 
             python, c = both(ours_alone)
-            assert python == c == (False, False, [b"taken"], 0)
+            # (Whether the send to this same rank was also seen complete within the
+            # 50 us budget depends on the machine's load: not compared.)
+            assert python[:3] == c[:3] == (False, False, [b"taken"])
 
             # Crowded CPUs, or polling off after starved polls: no turn.
             def crowded(poller: IdlePoller, ready: deque[Any]) -> tuple[Any, Any]:
