@@ -504,20 +504,67 @@ def test_a_large_frame_cut_short_is_truncated_as_the_link_reports_it(
     assert any("truncated frame" in r.getMessage() for r in caplog.records)
 
 
+_BAD_INPUT = {
+    "unknown connection": (_data_message(42, [b"sneaky"]), "unknown connection 42"),
+    "unknown kind": (_control(99, 1), "unknown message kind 99"),
+    "oversize frame": (
+        tcp._ONE_FRAME_HEADER.pack(Kind.DATA, 1, 1, tcp.DEFAULT_MAX_MESSAGE + 1),
+        "exceeds the limit",
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(_BAD_INPUT))
+@pytest.mark.parametrize("through", ["reader", "python"])
 def test_reader_leaves_bad_input_to_the_link_which_drops_the_peer(
-    reading: ModuleType, cookie: None, caplog: pytest.LogCaptureFixture
+    reading: ModuleType,
+    cookie: None,
+    caplog: pytest.LogCaptureFixture,
+    bad: str,
+    through: str,
 ) -> None:
+    """Bad input after a good message: the good one delivered, the peer dropped with
+    the reason logged, and nothing raised to the poll (as on the Python path)."""
     caplog.set_level(logging.WARNING, logger="hpcproc.transports")
+    data, reason = _BAD_INPUT[bad]
 
     async def body(d: _Driven) -> None:
-        reader = reading.Reader(d.link, d.endpoint, 0.0)
-        d.write(_data_message(1, [b"good"]) + _data_message(42, [b"sneaky"]))
-        d.pump(reader)
+        step = reading.Reader(d.link, d.endpoint, 0.0) if through == "reader" else None
+        d.write(_data_message(1, [b"good"]) + data)
+        assert d.pump(step or d.endpoint._poll_links) == [True]
         assert d.taken()[0] == ("data", 1, [b"good"])
         assert d.link._dead
 
     _driven(body)
-    assert any("unknown connection 42" in r.getMessage() for r in caplog.records)
+    assert any(reason in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("through", ["reader", "python"])
+def test_a_receivers_oserror_fails_the_link_as_a_failed_read_does(
+    reading: ModuleType, cookie: None, through: str
+) -> None:
+    async def body(d: _Driven) -> None:
+        reasons: list[str] = []
+        d.link.fail = reasons.append  # type: ignore[method-assign]
+
+        def receiver(frames: Any) -> None:
+            raise ConnectionResetError(errno.ECONNRESET, "from the receiver")
+
+        assert d.endpoint.set_receiver(1, receiver)
+        step = reading.Reader(d.link, d.endpoint, 0.0) if through == "reader" else None
+        d.write(_data_message(1, [b"x"]))
+        assert (step or d.endpoint._poll_links)() is False  # it was handed over
+        assert reasons == ["receive failed: [Errno 104] from the receiver"]
+
+        def broken(frames: Any) -> None:
+            raise ZeroDivisionError("a bug in the receiver")
+
+        assert d.endpoint.set_receiver(2, broken)
+        d.write(_data_message(2, [b"y"]))
+        with pytest.raises(ZeroDivisionError):  # not a read's error: raised
+            (step or d.endpoint._poll_links)()
+
+    _driven(body)
 
 
 @pytest.mark.parametrize("how", ["closed", "reset"])

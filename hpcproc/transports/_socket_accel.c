@@ -112,7 +112,7 @@ static PyObject *s_dead, *s_state, *s_start, *s_end, *s_lowat, *s_heard, *s_aliv
     *s_incoming, *s_buf, *s_fd, *s_max_message, *s_receivers, *s_events, *s_items,
     *s_waiters, *s_handed_over, *s_append, *s_put, *s_parse, *s_on_readable, *s_on_eof,
     *s_read_failed, *s_poll_links, *s_wq, *s_queue_rest, *s_pool, *s_get, *s_frames,
-    *s_fi, *s_fpos, *s_nframes, *s_cid;
+    *s_fi, *s_fpos, *s_nframes, *s_cid, *s_read_error;
 
 /* init(received_type, data_kind, direct_min, send_now_max): see _socket_accel.pyi. */
 static PyObject *init(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
@@ -367,6 +367,25 @@ done:
     return rc;
 }
 
+/* The exception set while the Reader read, parsed or handed over: to the link's
+ * _read_error, which does with it what _on_readable's handler does (a read that would
+ * block ignored, bad input drops the peer, a failed read fails the link) and raises
+ * anything else again. 0 when it was dealt with, -1 with an exception set. */
+static int read_error(Reader *self) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1; /* (KeyboardInterrupt, SystemExit: not a read's) */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    int rc = call_method(self->link, s_read_error, value);
+    Py_DECREF(value);
+    return rc;
+}
+
 /* A monotonic clock in seconds (CLOCK_MONOTONIC: time.monotonic's and perf_counter's on
  * Linux), for a deadline this file alone compares. */
 static double now_s(void) {
@@ -429,7 +448,8 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
         have = (Py_ssize_t)len;
     memcpy(fb.buf, p + pos + ONE_FRAME_SIZE, (size_t)have);
     Py_ssize_t fpos = have, next = pos + ONE_FRAME_SIZE + have;
-    int ended = 0, err = 0; /* 1: the stream ended, 2: the read failed (err) */
+    int ended = 0, err = 0; /* 1: the stream ended, 2: the read failed (err), 3: a signal
+                             * handler raised */
     if (fpos < fb.len) {
         double deadline = now_s() + self->wait_s;
         for (;;) {
@@ -447,23 +467,38 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
                 break;
             } else if (err == EINTR) {
                 if (PyErr_CheckSignals() < 0) {
-                    PyBuffer_Release(&fb);
-                    Py_DECREF(frame);
-                    return -1;
+                    ended = 3;
+                    break;
                 }
             } else if (err != EAGAIN && err != EWOULDBLOCK) {
                 ended = 2;
                 break;
-            } else if (now_s() >= deadline) {
-                break;
             }
+            /* Every turn, not only when nothing came: a frame that streams in for
+             * longer than wait_s goes back to the link's reads too. */
+            if (now_s() >= deadline)
+                break;
         }
     }
     int complete = fpos == fb.len;
     PyBuffer_Release(&fb);
     if (!complete) {
+        /* The bytes taken stay taken: with the link, whatever else happened. */
+        PyObject *type, *value, *tb;
+        if (ended == 3)
+            PyErr_Fetch(&type, &value, &tb);
         int rc = leave_frame(self, frame, fpos, cid, next);
         Py_DECREF(frame);
+        if (ended == 3) {
+            if (rc == 0)
+                PyErr_Restore(type, value, tb);
+            else {
+                Py_XDECREF(type);
+                Py_XDECREF(value);
+                Py_XDECREF(tb);
+            }
+            return -1;
+        }
         if (rc == 0 && ended == 1)
             rc = call_method(self->link, s_on_eof, NULL);
         else if (rc == 0 && ended == 2) {
@@ -563,6 +598,10 @@ static PyObject *Reader_call(Reader *self, PyObject *const *args, size_t nargsf,
     }
     (void)args;
     PyObject *link = self->link;
+    if (link == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Reader was cleared (garbage collected)");
+        return NULL;
+    }
     int dead = attr_true(link, s_dead);
     if (dead != 0) {
         if (dead < 0)
@@ -625,17 +664,22 @@ static PyObject *Reader_call(Reader *self, PyObject *const *args, size_t nargsf,
     if (PyObject_SetAttr(link, s_heard, Py_True) == 0 && set_ssize(link, s_end, n) == 0)
         pos = deliver(self, (const unsigned char *)view.buf, 0, n, &handed);
     PyBuffer_Release(&view);
-    if (pos == -1)
-        return NULL;
-    if (pos >= 0 && (pos < n || n == cap)) {
+    if (pos == -1) {
+        /* Bad input, or a receiver's failed read: the read ends here, as in
+         * _on_readable (whose handler this is). */
+        if (read_error(self) < 0)
+            return NULL;
+    } else if (pos >= 0 && (pos < n || n == cap)) {
         /* The rest is the link's: its parse from _start, then its reads if the buffer
          * filled up (the socket may hold more). */
         PyObject *before = PyObject_GetAttr(self->endpoint, s_handed_over);
         if (before == NULL)
             return NULL;
         int rc = call_method(link, s_parse, NULL);
+        if (rc < 0)
+            rc = read_error(self) < 0 ? -1 : 1; /* dealt with: no reading on */
         if (rc == 0 && n == cap)
-            rc = call_method(link, s_on_readable, NULL);
+            rc = call_method(link, s_on_readable, NULL); /* (its own handler) */
         PyObject *after = rc < 0 ? NULL : PyObject_GetAttr(self->endpoint, s_handed_over);
         int same = after == NULL ? -1 : PyObject_RichCompareBool(before, after, Py_EQ);
         Py_DECREF(before);
@@ -739,14 +783,20 @@ static PyObject *Sender_call(Sender *self, PyObject *const *args, size_t nargsf,
         return NULL;
     }
     PyObject *frames = args[1];
+    if (self->link == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this Sender was cleared (garbage collected)");
+        return NULL;
+    }
     int dead = attr_true(self->link, s_dead);
     if (dead != 0)
         return dead < 0 ? NULL : Py_NewRef(Py_False);
     Py_ssize_t queued = PyObject_Length(self->wq);
-    Py_ssize_t count = queued < 0 ? -1 : PyObject_Length(frames);
+    if (queued != 0)
+        return queued < 0 ? NULL : Py_NewRef(Py_False);
+    Py_ssize_t count = PyObject_Length(frames);
     if (count < 0)
         return NULL;
-    if (queued > 0 || count != 1)
+    if (count != 1)
         Py_RETURN_FALSE;
     unsigned long long conn_id = PyLong_AsUnsignedLongLong(args[0]);
     if (conn_id == (unsigned long long)-1 && PyErr_Occurred())
@@ -873,6 +923,7 @@ PyMODINIT_FUNC PyInit__socket_accel(void) {
         {&s_get, "get"},            {&s_frames, "_frames"},
         {&s_fi, "_fi"},             {&s_fpos, "_fpos"},
         {&s_nframes, "_nframes"},   {&s_cid, "_cid"},
+        {&s_read_error, "_read_error"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].name);

@@ -624,12 +624,22 @@ class _TcpLink(Link):
                 space = len(self._buf) - self._end
                 if self._read_buffered(sock) < space:
                     return  # the socket is drained (or closed: 0; nothing there: -1)
-        except (BlockingIOError, InterruptedError):
+        except (WireError, OSError) as exc:
+            self._read_error(exc)
+
+    def _read_error(self, exc: Exception) -> None:
+        """What reading and parsing do with ``exc`` raised meanwhile (here, and for the
+        compiled Reader, which hands such errors over): nothing for a read that would
+        block, the peer dropped for bad input, the link failed for a failed read (or a
+        receiver's ``OSError``); any other exception is raised again."""
+        if isinstance(exc, (BlockingIOError, InterruptedError)):
             return
-        except WireError as exc:
+        if isinstance(exc, WireError):
             self._bad_peer(str(exc))
-        except OSError as exc:
+        elif isinstance(exc, OSError):
             self._read_failed(exc)
+        else:
+            raise exc
 
     def _read_failed(self, exc: OSError) -> None:
         """A read of the socket raised ``exc``: the link is down."""
@@ -1148,7 +1158,9 @@ class _TcpEndPoint(DialingEndPoint["TcpTransport"]):
             return steps[1]
         step: Callable[[], bool] = self._poll_links
         if _Reader is not None and len(links) == 1 and type(links[0]) is _TcpLink:
-            step = _Reader(links[0], self, self._transport._busy_poll_us * 1e-6)
+            # (Its wait for a large frame's rest is bounded to a minute, as it takes it.)
+            wait = min(self._transport._busy_poll_us * 1e-6, 60.0)
+            step = _Reader(links[0], self, wait)
         self._steps = (links, step)
         return step
 
