@@ -44,8 +44,8 @@ def _optional(name: str, **extra: Any) -> Extension:
 setup(
     ext_modules=[
         _optional("transports._ring_accel"),
-        _optional("transports._socket_accel"),
-        _optional("transports._mpi_accel"),
+        _optional("transports._socket_accel", depends=["hpcproc/transports/_accel_handover.h"]),
+        _optional("transports._mpi_accel", depends=["hpcproc/transports/_accel_handover.h"]),
         _optional("_pickle_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_compact_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_ucx_address_pad", libraries=["dl", "pthread"]),

@@ -54,6 +54,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "_accel_handover.h"
+
 #if PY_VERSION_HEX < 0x030C0000
 /* Python 3.10 and 3.11: the exception being handled, as 3.12's calls keep it. */
 static PyObject *PyErr_GetRaisedException(void) {
@@ -85,9 +87,6 @@ static void PyErr_SetRaisedException(PyObject *exc) {
 #define FLAG_INLINE 1
 
 static PyObject *LinkType = NULL;       /* mpi._MpiLink: only its links are taken here */
-static PyObject *ReceivedType = NULL;   /* base.Received (a frozen dataclass with slots) */
-static PyObject *ConnIdSlot = NULL;     /* Received.__dict__["conn_id"] */
-static PyObject *FramesSlot = NULL;     /* Received.__dict__["frames"] */
 
 static PyObject *One = NULL; /* the int 1 */
 static PyObject *Tag = NULL; /* the transport's MPI tag */
@@ -100,8 +99,8 @@ static PyObject *SetResult = NULL;   /* mpi._set_result(loop, future) */
 static PyObject *GetRunningLoop = NULL; /* asyncio._get_running_loop */
 static PyObject *Monotonic = NULL, *PerfCounter = NULL, *ThreadTime = NULL; /* time's */
 static PyObject *s_endpoint_id, *s_inbox, *s_addresses, *s_links, *s_gen, *s_alive,
-    *s_incoming, *s_heard, *s_receivers, *s_events, *s_items, *s_handed_over, *s_put,
-    *s_waiters, *s_append,
+    *s_incoming, *s_heard, *s_receivers, *s_events, *s_items, *s_handed_over,
+    *s_waiters,
     *s_endpoint, *s_opts, *s_inline_max, *s_remote_ep, *s_engine, *s_lock,
     *s_closed, *s_send_reqs, *s_send_ops, *s_comm, *s_rank, *s_Isend, *s_Test, *s_acquire,
     *s_release, *s_byte;
@@ -197,20 +196,6 @@ static int deadline_clock(double *out) {
     return read_clock(PerfCounter, out);
 }
 
-/* A Received(conn_id, frames), its slots filled directly as mpi.py's new_received does. */
-static PyObject *new_received(PyObject *conn_id, PyObject *frames) {
-    PyTypeObject *type = (PyTypeObject *)ReceivedType;
-    PyObject *event = type->tp_alloc(type, 0);
-    if (event == NULL)
-        return NULL;
-    if (Py_TYPE(ConnIdSlot)->tp_descr_set(ConnIdSlot, event, conn_id) < 0 ||
-        Py_TYPE(FramesSlot)->tp_descr_set(FramesSlot, event, frames) < 0) {
-        Py_DECREF(event);
-        return NULL;
-    }
-    return event;
-}
-
 /* An endpoint's containers that a hand-over uses: all made in its __init__ and never
  * replaced, so that a Spinner keeps them (the module's deliver_inline reads them). */
 typedef struct {
@@ -256,54 +241,10 @@ fail:
 }
 
 /* Hand ``frames`` of connection ``local`` of ``endpoint`` over, as _deliver_data does once
- * it found them: to the connection's receiver while no event waits, else as an event.
- * 0 on success, -1 with an exception set. */
+ * it found them (handover_deliver, which says how). 0, or -1 with an exception set. */
 static int hand_over(Target *t, PyObject *endpoint, PyObject *local, PyObject *frames) {
-    if (PyDict_GET_SIZE(t->receivers) > 0) {
-        Py_ssize_t waiting = PyObject_Length(t->items);
-        if (waiting < 0)
-            return -1;
-        PyObject *receiver = waiting ? NULL : PyDict_GetItemWithError(t->receivers, local);
-        if (receiver == NULL && PyErr_Occurred())
-            return -1;
-        if (receiver != NULL) {
-            Py_INCREF(receiver);
-            PyObject *count = PyObject_GetAttr(endpoint, s_handed_over);
-            PyObject *more = count == NULL ? NULL : PyNumber_Add(count, One);
-            Py_XDECREF(count);
-            if (more == NULL || PyObject_SetAttr(endpoint, s_handed_over, more) < 0) {
-                Py_XDECREF(more);
-                Py_DECREF(receiver);
-                return -1;
-            }
-            Py_DECREF(more);
-            PyObject *res = PyObject_CallOneArg(receiver, frames);
-            Py_DECREF(receiver);
-            if (res == NULL)
-                return -1;
-            Py_DECREF(res);
-            return 0;
-        }
-    }
-    PyObject *event = new_received(local, frames);
-    if (event == NULL)
-        return -1;
-    /* EventQueue.put: appended to its items; with a task waiting in get, through put
-     * itself (which wakes it). */
-    Py_ssize_t waiters = PyObject_Length(t->waiters);
-    PyObject *res = NULL;
-    if (waiters == 0) {
-        PyObject *args[2] = {t->items, event};
-        res = PyObject_VectorcallMethod(s_append, args, 2, NULL);
-    } else if (waiters > 0) {
-        PyObject *args[2] = {t->events, event};
-        res = PyObject_VectorcallMethod(s_put, args, 2, NULL);
-    }
-    Py_DECREF(event);
-    if (res == NULL)
-        return -1;
-    Py_DECREF(res);
-    return 0;
+    return handover_deliver(endpoint, t->receivers, t->events, t->items, t->waiters, local,
+                            frames, NULL);
 }
 
 /* The connection (its local id, a new reference) that a DATA message of link
@@ -1716,22 +1657,10 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "init: set_result is not callable");
         return NULL;
     }
-    PyObject *conn_id = PyObject_GetAttrString(received_type, "conn_id");
-    PyObject *frames = conn_id == NULL ? NULL : PyObject_GetAttrString(received_type, "frames");
-    if (frames == NULL || Py_TYPE(conn_id)->tp_descr_set == NULL ||
-        Py_TYPE(frames)->tp_descr_set == NULL) {
-        Py_XDECREF(conn_id);
-        Py_XDECREF(frames);
-        PyErr_Clear();
-        PyErr_SetString(PyExc_TypeError, "the event type has no conn_id and frames slots");
+    if (handover_init(received_type) < 0)
         return NULL;
-    }
     Py_INCREF(link_type);
     Py_XSETREF(LinkType, link_type);
-    Py_INCREF(received_type);
-    Py_XSETREF(ReceivedType, received_type);
-    Py_XSETREF(ConnIdSlot, conn_id);
-    Py_XSETREF(FramesSlot, frames);
     Py_INCREF(tag);
     Py_XSETREF(Tag, tag);
     MaxUntracked = max_untracked;
@@ -1791,8 +1720,7 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_links, "_links"},            {&s_gen, "gen"},        {&s_alive, "alive"},
         {&s_incoming, "incoming"},       {&s_heard, "heard"},    {&s_receivers, "_receivers"},
         {&s_events, "_events"},          {&s_items, "_items"},   {&s_handed_over, "_handed_over"},
-        {&s_put, "put"},                 {&s_endpoint, "endpoint"},
-        {&s_waiters, "_waiters"},        {&s_append, "append"},
+        {&s_endpoint, "endpoint"},      {&s_waiters, "_waiters"},
         {&s_opts, "opts"},               {&s_inline_max, "inline_max"},
         {&s_remote_ep, "remote_ep"},     {&s_engine, "engine"},   {&s_lock, "lock"},
         {&s_closed, "closed"},           {&s_send_reqs, "_send_reqs"},
@@ -1823,7 +1751,7 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_maximum, "maximum"},
     };
     One = PyLong_FromLong(1);
-    if (One == NULL)
+    if (One == NULL || handover_names() < 0)
         return NULL;
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].name);

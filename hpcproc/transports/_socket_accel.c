@@ -40,6 +40,8 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
+
+#include "_accel_handover.h"
 #include <sys/types.h>
 
 /* recv_nowait(fd, buffer, offset) -> int: see _socket_accel.pyi. */
@@ -101,16 +103,12 @@ static PyObject *recv_nowait(PyObject *Py_UNUSED(module), PyObject *const *args,
  * frame length (tcp.py's _ONE_FRAME_HEADER). */
 #define ONE_FRAME_SIZE 24
 
-static PyObject *ReceivedType = NULL; /* base.Received (a frozen dataclass with slots) */
-static PyObject *ConnIdSlot = NULL;   /* Received.__dict__["conn_id"] */
-static PyObject *FramesSlot = NULL;   /* Received.__dict__["frames"] */
 static unsigned char DataKind = 0;    /* Kind.DATA */
 static uint64_t DirectMin = 0;        /* tcp.DIRECT_MIN: larger frames are the link's */
 static uint64_t SendNowMax = 0;       /* tcp._SEND_NOW_MAX: larger ones go through send_data */
-static PyObject *One = NULL;          /* the int 1 */
 static PyObject *s_dead, *s_state, *s_start, *s_end, *s_lowat, *s_heard, *s_alive,
     *s_incoming, *s_buf, *s_fd, *s_max_message, *s_receivers, *s_events, *s_items,
-    *s_waiters, *s_handed_over, *s_append, *s_put, *s_parse, *s_on_readable, *s_on_eof,
+    *s_waiters, *s_handed_over, *s_parse, *s_on_readable, *s_on_eof,
     *s_read_failed, *s_poll_links, *s_wq, *s_queue_rest, *s_pool, *s_get, *s_frames,
     *s_fi, *s_fpos, *s_nframes, *s_cid, *s_read_error;
 
@@ -119,10 +117,6 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssi
     if (nargs != 4) {
         PyErr_Format(PyExc_TypeError, "init(received_type, data_kind, direct_min, send_now_max) "
                                       "takes 4 arguments, not %zd", nargs);
-        return NULL;
-    }
-    if (!PyType_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "init: received_type is not a type");
         return NULL;
     }
     long kind = PyLong_AsLong(args[1]);
@@ -138,35 +132,12 @@ static PyObject *init(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssi
         PyErr_Format(PyExc_ValueError, "init: data_kind %ld is not a byte", kind);
         return NULL;
     }
-    PyObject *dict = ((PyTypeObject *)args[0])->tp_dict;
-    PyObject *conn_id = dict == NULL ? NULL : PyDict_GetItemString(dict, "conn_id");
-    PyObject *frames = dict == NULL ? NULL : PyDict_GetItemString(dict, "frames");
-    if (conn_id == NULL || frames == NULL || Py_TYPE(conn_id)->tp_descr_set == NULL ||
-        Py_TYPE(frames)->tp_descr_set == NULL) {
-        PyErr_SetString(PyExc_TypeError, "init: received_type has no conn_id and frames slots");
+    if (handover_init(args[0]) < 0)
         return NULL;
-    }
-    Py_XSETREF(ReceivedType, Py_NewRef(args[0]));
-    Py_XSETREF(ConnIdSlot, Py_NewRef(conn_id));
-    Py_XSETREF(FramesSlot, Py_NewRef(frames));
     DataKind = (unsigned char)kind;
     DirectMin = direct_min;
     SendNowMax = send_now_max;
     Py_RETURN_NONE;
-}
-
-/* A Received(conn_id, frames), its slots filled directly (as _multiplex.new_received). */
-static PyObject *new_received(PyObject *conn_id, PyObject *frames) {
-    PyTypeObject *type = (PyTypeObject *)ReceivedType;
-    PyObject *event = type->tp_alloc(type, 0);
-    if (event == NULL)
-        return NULL;
-    if (Py_TYPE(ConnIdSlot)->tp_descr_set(ConnIdSlot, event, conn_id) < 0 ||
-        Py_TYPE(FramesSlot)->tp_descr_set(FramesSlot, event, frames) < 0) {
-        Py_DECREF(event);
-        return NULL;
-    }
-    return event;
 }
 
 typedef struct {
@@ -268,7 +239,7 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         PyErr_Format(PyExc_ValueError, "Reader: wait_s must be 0 to 60 seconds, not %R", wait);
         return NULL;
     }
-    if (ReceivedType == NULL) {
+    if (HandOverReceived == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_socket_accel.init() was not called");
         return NULL;
     }
@@ -313,56 +284,15 @@ fail:
     return NULL;
 }
 
-/* Hand one frame of connection ``local`` over as MultiplexedEndPoint._on_data does once
- * it found the connection: to its receiver while no event waits (counted in the
- * endpoint's _handed_over; *handed set), else as a Received event (EventQueue.put).
- * 0, or -1 with an exception set. */
+/* Hand one frame of connection ``local`` over (handover_deliver, which says how);
+ * *handed set when it went to a receiver. 0, or -1 with an exception set. */
 static int hand_over(Reader *self, PyObject *local, PyObject *frame, int *handed) {
     PyObject *frames = PyList_New(1);
     if (frames == NULL)
         return -1;
     PyList_SET_ITEM(frames, 0, Py_NewRef(frame));
-    int rc = -1;
-    if (PyDict_GET_SIZE(self->receivers) > 0) {
-        Py_ssize_t waiting = PyObject_Length(self->items);
-        if (waiting < 0)
-            goto done;
-        PyObject *receiver = waiting ? NULL : PyDict_GetItemWithError(self->receivers, local);
-        if (receiver == NULL && PyErr_Occurred())
-            goto done;
-        if (receiver != NULL) {
-            Py_INCREF(receiver);
-            PyObject *count = PyObject_GetAttr(self->endpoint, s_handed_over);
-            PyObject *more = count == NULL ? NULL : PyNumber_Add(count, One);
-            Py_XDECREF(count);
-            if (more == NULL || PyObject_SetAttr(self->endpoint, s_handed_over, more) < 0) {
-                Py_XDECREF(more);
-                Py_DECREF(receiver);
-                goto done;
-            }
-            Py_DECREF(more);
-            *handed = 1;
-            PyObject *res = PyObject_CallOneArg(receiver, frames);
-            Py_DECREF(receiver);
-            if (res == NULL)
-                goto done;
-            Py_DECREF(res);
-            rc = 0;
-            goto done;
-        }
-    }
-    PyObject *event = new_received(local, frames);
-    if (event == NULL)
-        goto done;
-    /* EventQueue.put: appended to its items; with a task waiting in get, through put
-     * itself (which wakes it). */
-    Py_ssize_t waiters = PyObject_Length(self->waiters);
-    if (waiters == 0)
-        rc = call_method(self->items, s_append, event);
-    else if (waiters > 0)
-        rc = call_method(self->events, s_put, event);
-    Py_DECREF(event);
-done:
+    int rc = handover_deliver(self->endpoint, self->receivers, self->events, self->items,
+                              self->waiters, local, frames, handed);
     Py_DECREF(frames);
     return rc;
 }
@@ -747,7 +677,7 @@ static PyObject *Sender_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     }
     if (!PyArg_UnpackTuple(args, "Sender", 1, 1, &link))
         return NULL;
-    if (ReceivedType == NULL) {
+    if (HandOverReceived == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_socket_accel.init() was not called");
         return NULL;
     }
@@ -915,7 +845,6 @@ PyMODINIT_FUNC PyInit__socket_accel(void) {
         {&s_max_message, "_max_message"}, {&s_receivers, "_receivers"},
         {&s_events, "_events"},     {&s_items, "_items"},
         {&s_waiters, "_waiters"},   {&s_handed_over, "_handed_over"},
-        {&s_append, "append"},      {&s_put, "put"},
         {&s_parse, "_parse"},       {&s_on_readable, "_on_readable"},
         {&s_on_eof, "_on_eof"},     {&s_read_failed, "_read_failed"},
         {&s_poll_links, "_poll_links"}, {&s_wq, "_wq"},
@@ -930,8 +859,7 @@ PyMODINIT_FUNC PyInit__socket_accel(void) {
         if (*names[i].slot == NULL)
             return NULL;
     }
-    One = PyLong_FromLong(1);
-    if (One == NULL || PyType_Ready(&ReaderType) < 0 || PyType_Ready(&SenderType) < 0)
+    if (handover_names() < 0 || PyType_Ready(&ReaderType) < 0 || PyType_Ready(&SenderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
