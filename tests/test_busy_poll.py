@@ -70,8 +70,9 @@ def test_every_polling_transport_takes_the_one_option_and_refuses_a_negative_one
 ) -> None:
     if name == "mpi" and importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed")
-    with pytest.raises(ValueError, match="busy_poll_us"):
-        create(name, busy_poll_us=-1)
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="busy_poll_us"):
+            create(name, busy_poll_us=bad)
 
 
 class _FindsOnTheThird:

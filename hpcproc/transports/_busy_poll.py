@@ -252,8 +252,9 @@ def ready_queue(loop: asyncio.AbstractEventLoop) -> Sized | None:
 
 
 def check_budget(busy_poll_us: float) -> None:
-    """Raise ``ValueError`` naming the option when ``busy_poll_us`` is negative."""
-    if busy_poll_us < 0:
+    """Raise ``ValueError`` naming the option when ``busy_poll_us`` is negative (or not
+    a number: NaN)."""
+    if not busy_poll_us >= 0:
         raise ValueError(f"{OPTION} must not be negative, not {busy_poll_us}")
 
 

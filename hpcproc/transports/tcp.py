@@ -51,13 +51,15 @@ nothing, which ``socket.recv_into`` reports by raising ``BlockingIOError`` (abou
 returns -1 (0.2 us): a turn of the poll that is shorter finds the reply sooner.
 
 The same compiled module does a spinning receiver's whole turn on an endpoint's one
-plain link (its ``Reader``: the read, and the hand-over of whole small one-frame
-messages as :meth:`_TcpLink._parse` and ``_on_data`` do, anything else left to them)
-and a plain link's ``send_now`` (its ``Sender``). The Python methods stay the
-reference, and run where the module is not built or ``HPCPROC_SOCKET_ACCEL=0``.
-Measured (a raw ping-pong here): the Python from a read that brings a message to
-the event's return cost 1.8 us a hop of an 8 B round trip of 13.6 us, send_now's
-0.5 us; with both in C it takes 10.25 us (a minimal spinning socket loop: 9.5).
+plain link (its ``Reader``: the read, and the hand-over of one-frame messages as
+:meth:`_TcpLink._parse` and ``_on_data`` do, a large frame's rest received straight
+into it; anything else left to them) and a plain link's ``send_now`` (its
+``Sender``). The Python methods stay the reference, and run where the module is not
+built or ``HPCPROC_SOCKET_ACCEL=0``. Measured (a raw ping-pong here): the Python from
+a read that brings a message to the event's return cost 1.8 us a hop of an 8 B round
+trip of 13.6 us, send_now's 0.5 us, and at 256 KiB the frame's parse, its turns and
+low-water marks about 8 us a hop of 90 us; in C, 10.25 and 73 us (a minimal spinning
+socket loop: 9.5 and 65).
 
 With ``tls`` (:mod:`hpcproc.tls`), every socket runs mutual TLS 1.3 before the
 handshake above, which then runs inside it; the TLS link sits beside the plain one (see
@@ -175,7 +177,7 @@ _accel = _compiled()
 _recv_nowait: Callable[[int, Buffer, int], int] | None = (
     None if _accel is None else _accel.recv_nowait
 )
-#: The compiled poll of an endpoint's one plain link, ``Reader(link, endpoint)``:
+#: The compiled poll of an endpoint's one plain link, ``Reader(link, endpoint, wait_s)``:
 #: see :meth:`_TcpEndPoint._poll_step`.
 _Reader: Callable[[_TcpLink, _TcpEndPoint, float], Callable[[], bool]] | None = (
     None if _accel is None else _accel.Reader
