@@ -414,7 +414,7 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
     PyBuffer_Release(&fb);
     if (!complete) {
         /* The bytes taken stay taken: with the link, whatever else happened. */
-        PyObject *type, *value, *tb;
+        PyObject *type = NULL, *value = NULL, *tb = NULL;
         if (ended == 3)
             PyErr_Fetch(&type, &value, &tb);
         int rc = leave_frame(self, frame, fpos, cid, next);
