@@ -11,7 +11,7 @@ venv: $(STAMP)
 # tests/plugin_transport: the test transport `teststreams`, registered through a real
 # `hpcproc.transports` entry point as a third party's transport would be.
 # setup.py builds the optional C parts (the shm ring, the pickler glue, the compact
-# format, the UCX address pad, the tcp socket read, the mpi hand-over) in place.
+# format, the UCX address pad, the tcp socket paths, the mpi hand-over) in place.
 $(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c hpcproc/_ucx_address_pad.c \
 		hpcproc/transports/_socket_accel.c hpcproc/transports/_mpi_accel.c \
 		hpcproc/transports/_accel_handover.h \
@@ -32,7 +32,7 @@ lint: venv
 # was found at install (tests/test_serialization.py runs every serializer itself; here the
 # pid's pickling functions are Python's too, and tests/test_compact.py's node in this
 # process writes pickles and reads compact frames in Python); then the tcp transport
-# reading its sockets with recv_into (HPCPROC_SOCKET_ACCEL=0), and the mpi transport's
+# reading, parsing and sending in Python (HPCPROC_SOCKET_ACCEL=0), and the mpi transport's
 # small messages in Python (HPCPROC_MPI_ACCEL=0, the two-rank scenarios included), the
 # fallbacks of those compiled parts.
 pytest: venv

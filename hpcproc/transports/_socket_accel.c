@@ -1,7 +1,8 @@
-/* The tcp transport's read of a socket that may have nothing to read, and a spinning
- * receiver's read and hand-over of small messages, in C. Optional: built at install
- * where a compiler exists; without it, or with HPCPROC_SOCKET_ACCEL=0, the transport
- * calls socket.recv_into and parses in Python (tcp.py), which stays the reference.
+/* The tcp transport's read of a socket that may have nothing to read, a spinning
+ * receiver's read and hand-over of messages, and the send of one small frame, in C.
+ * Optional: built at install where a compiler exists; without it, or with
+ * HPCPROC_SOCKET_ACCEL=0, the transport calls socket.recv_into, parses and sends in
+ * Python (tcp.py), which stays the reference.
  *
  * Why in C: a receive that polls its links reads each socket once per turn, and most
  * reads find nothing. socket.recv_into reports that by raising BlockingIOError, whose
@@ -22,9 +23,9 @@
  *   several frames, a partial small message, an unknown connection) is left where the
  *   link's Python parse takes it up, and every other state of the link goes to
  *   _poll_links itself. Measured: the Python from a read that brings a message to the
- *   event's return cost about 1.8 us a hop of an 8 B round trip of 15-16 us; at 256
- *   KiB, the first part's parse and copy, the turns between the frame's reads and its
- *   low-water marks, about 12 us a hop of a 97-110 us round trip.
+ *   event's return cost about 1.8 us a hop of an 8 B round trip of 13.6 us; at 256
+ *   KiB, the first part's parse, the turns between the frame's reads and their
+ *   low-water marks, about 8 us a hop of a 90 us round trip.
  *
  * Sender(link)(conn_id, frames) -> bool
  *   _TcpLink.send_now: the one-frame header and one small frame in one sendmsg (0.5 us
@@ -39,10 +40,10 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/types.h>
 #include <time.h>
 
 #include "_accel_handover.h"
-#include <sys/types.h>
 
 /* recv_nowait(fd, buffer, offset) -> int: see _socket_accel.pyi. */
 static PyObject *recv_nowait(PyObject *Py_UNUSED(module), PyObject *const *args,

@@ -1,4 +1,4 @@
-# The compiled socket read (_socket_accel.c), used by tcp.py's plain links.
+# The compiled socket paths (_socket_accel.c), used by tcp.py's plain links.
 from .base import Buffer
 
 def recv_nowait(fd: int, buffer: Buffer, offset: int) -> int:
