@@ -14,7 +14,7 @@ venv: $(STAMP)
 # format, the UCX address pad, the tcp socket paths, the mpi hand-over) in place.
 $(STAMP): pyproject.toml setup.py hpcproc/transports/_ring_accel.c hpcproc/_ucx_address_pad.c \
 		hpcproc/transports/_socket_accel.c hpcproc/transports/_mpi_accel.c \
-		hpcproc/transports/_accel_handover.h \
+		hpcproc/transports/_accel_handover.h hpcproc/transports/_accel_util.h \
 		hpcproc/_pickle_accel.c hpcproc/_compact_accel.c hpcproc/_accel_pid.h \
 		tests/plugin_transport/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

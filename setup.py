@@ -28,6 +28,13 @@ from typing import Any
 from setuptools import Extension, setup
 
 
+#: The headers the transports' compiled parts share.
+_TRANSPORT_HEADERS = [
+    "hpcproc/transports/_accel_handover.h",
+    "hpcproc/transports/_accel_util.h",
+]
+
+
 def _optional(name: str, **extra: Any) -> Extension:
     """The C part ``hpcproc.<name>`` from ``hpcproc/<name path>.c``, skipped where it
     cannot be built."""
@@ -44,8 +51,8 @@ def _optional(name: str, **extra: Any) -> Extension:
 setup(
     ext_modules=[
         _optional("transports._ring_accel"),
-        _optional("transports._socket_accel", depends=["hpcproc/transports/_accel_handover.h"]),
-        _optional("transports._mpi_accel", depends=["hpcproc/transports/_accel_handover.h"]),
+        _optional("transports._socket_accel", depends=_TRANSPORT_HEADERS),
+        _optional("transports._mpi_accel", depends=_TRANSPORT_HEADERS),
         _optional("_pickle_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_compact_accel", depends=["hpcproc/_accel_pid.h"]),
         _optional("_ucx_address_pad", libraries=["dl", "pthread"]),

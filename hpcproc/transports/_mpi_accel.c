@@ -55,30 +55,7 @@
 #include <time.h>
 
 #include "_accel_handover.h"
-
-#if PY_VERSION_HEX < 0x030C0000
-/* Python 3.10 and 3.11: the exception being handled, as 3.12's calls keep it. */
-static PyObject *PyErr_GetRaisedException(void) {
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (type == NULL)
-        return NULL;
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL)
-        PyException_SetTraceback(value, tb);
-    Py_DECREF(type);
-    Py_XDECREF(tb);
-    return value;
-}
-
-static void PyErr_SetRaisedException(PyObject *exc) {
-    if (exc == NULL)
-        return;
-    PyObject *type = Py_NewRef((PyObject *)Py_TYPE(exc));
-    PyObject *tb = PyException_GetTraceback(exc);
-    PyErr_Restore(type, exc, tb);
-}
-#endif
+#include "_accel_util.h"
 
 /* The envelope of one frame, "<BBHIIIQQQ": kind flags pad nframes src_ep dst_ep gen
  * conn_id length (mpi.py's _ONE). */
@@ -111,16 +88,6 @@ static uint32_t le32(const unsigned char *p) {
 
 static uint64_t le64(const unsigned char *p) {
     return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
-/* The truth of a container attribute ``obj.name`` (a deque or dict): 1, 0, -1 on error. */
-static int attr_nonempty(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    int r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
 }
 
 /* Whether ``obj.name == value`` for an int attribute: 1, 0, -1 on error. */
@@ -179,21 +146,6 @@ static int read_clock(PyObject *clock, double *out) {
     *out = PyFloat_AsDouble(v);
     Py_DECREF(v);
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
-}
-
-/* A monotonic clock's reading in seconds, for a deadline this file alone compares
- * (a Python clock is read where Python compares the value): CLOCK_MONOTONIC where there
- * is one (time.perf_counter's clock on Linux), time.perf_counter otherwise. 0, or -1
- * with an exception set. */
-static int deadline_clock(double *out) {
-#ifdef CLOCK_MONOTONIC
-    struct timespec ts;
-    if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0) {
-        *out = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-        return 0;
-    }
-#endif
-    return read_clock(PerfCounter, out);
 }
 
 /* An endpoint's containers that a hand-over uses: all made in its __init__ and never
@@ -273,7 +225,7 @@ static PyObject *find_connection(Target *t, PyObject *src, uint32_t src_ep, uint
     int same = attr_equals(link, s_gen, gen);
     if (same <= 0)
         goto done;
-    int alive = attr_nonempty(link, s_alive);
+    int alive = attr_true(link, s_alive);
     if (alive <= 0)
         goto done;
     incoming = PyObject_GetAttr(link, s_incoming);
@@ -428,7 +380,7 @@ static int release_keeping_error(PyObject *release) {
 /* The posting part of a send, under the engine's lock: 1 posted, 0 too many sends
  * outstanding, -1 with an exception set. */
 static int post_locked(PyObject *engine, PyObject *isend, PyObject *rank, PyObject *data) {
-    int closed = attr_nonempty(engine, s_closed);
+    int closed = attr_true(engine, s_closed);
     if (closed < 0)
         return -1;
     if (closed) {
@@ -805,10 +757,10 @@ static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 /* Whether the engine has requests outstanding (it then polls them: the Python path). */
 static int engine_busy(PyObject *engine) {
-    int r = attr_nonempty(engine, s_send_reqs);
+    int r = attr_true(engine, s_send_reqs);
     if (r != 0)
         return r;
-    return attr_nonempty(engine, s_recv_reqs);
+    return attr_true(engine, s_recv_reqs);
 }
 
 /* _BufferPool.take(length)'s common case, for a spinning receiver (on its loop): the
@@ -1095,7 +1047,7 @@ static PyObject *spinner_take(Spinner *self, PyObject *endpoint) {
         goto out;
     Py_DECREF(locked);
     int taken = 0, failed = 0;
-    int closed = attr_nonempty(self->engine, s_closed);
+    int closed = attr_true(self->engine, s_closed);
     if (closed < 0) {
         failed = 1;
     } else if (closed) {
@@ -1173,7 +1125,7 @@ static int crowded_at(PyObject *poller, double now) {
     if (attr_double(c, s_next_check, &next_check) < 0)
         goto out;
     if (now < next_check) {
-        r = attr_nonempty(c, s_crowded);
+        r = attr_true(c, s_crowded);
     } else {
         PyObject *at = PyFloat_FromDouble(now);
         PyObject *answer = at == NULL ? NULL : PyObject_CallOneArg(c, at);
@@ -1441,7 +1393,7 @@ static int wait_turn(Spinner *self) {
     if (locked == NULL)
         goto out;
     Py_DECREF(locked);
-    int closed = attr_nonempty(self->engine, s_closed);
+    int closed = attr_true(self->engine, s_closed);
     if (closed < 0)
         goto unlock;
     if (closed) {
@@ -1450,7 +1402,7 @@ static int wait_turn(Spinner *self) {
     }
     /* Frame receives to test (read under the lock: another loop's thread may post
      * some): progress itself, once the lock is free. */
-    if ((progress = attr_nonempty(self->engine, s_recv_reqs)) != 0) {
+    if ((progress = attr_true(self->engine, s_recv_reqs)) != 0) {
         failed = progress < 0;
         goto unlock;
     }

@@ -44,6 +44,7 @@
 #include <time.h>
 
 #include "_accel_handover.h"
+#include "_accel_util.h"
 
 /* recv_nowait(fd, buffer, offset) -> int: see _socket_accel.pyi. */
 static PyObject *recv_nowait(PyObject *Py_UNUSED(module), PyObject *const *args,
@@ -192,16 +193,6 @@ static int attr_ssize(PyObject *obj, PyObject *name, Py_ssize_t *out) {
     return *out == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-/* The truth of attribute ``obj.name``: 1, 0, or -1 with an exception set. */
-static int attr_true(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    int r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
-}
-
 /* ``obj.name = value`` for a Py_ssize_t value: 0, or -1 with an exception set. */
 static int set_ssize(PyObject *obj, PyObject *name, Py_ssize_t value) {
     PyObject *v = PyLong_FromSsize_t(value);
@@ -305,24 +296,10 @@ static int hand_over(Reader *self, PyObject *local, PyObject *frame, int *handed
 static int read_error(Reader *self) {
     if (!PyErr_ExceptionMatches(PyExc_Exception))
         return -1; /* (KeyboardInterrupt, SystemExit: not a read's) */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL)
-        PyException_SetTraceback(value, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    int rc = call_method(self->link, s_read_error, value);
-    Py_DECREF(value);
+    PyObject *exc = PyErr_GetRaisedException();
+    int rc = call_method(self->link, s_read_error, exc);
+    Py_DECREF(exc);
     return rc;
-}
-
-/* A monotonic clock in seconds (CLOCK_MONOTONIC: time.monotonic's and perf_counter's on
- * Linux), for a deadline this file alone compares. */
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* Leave a large frame being received with the link, as its parse leaves one (state 2,
@@ -379,10 +356,13 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
         have = (Py_ssize_t)len;
     memcpy(fb.buf, p + pos + ONE_FRAME_SIZE, (size_t)have);
     Py_ssize_t fpos = have, next = pos + ONE_FRAME_SIZE + have;
-    int ended = 0, err = 0; /* 1: the stream ended, 2: the read failed (err), 3: a signal
-                             * handler raised */
-    if (fpos < fb.len) {
-        double deadline = now_s() + self->wait_s;
+    int ended = 0, err = 0; /* 1: the stream ended, 2: the read failed (err), 3: an
+                             * exception is set (a signal handler's, the clock's) */
+    double now, deadline;
+    if (fpos < fb.len && deadline_clock(&now) < 0)
+        ended = 3;
+    else if (fpos < fb.len) {
+        deadline = now + self->wait_s;
         for (;;) {
             ssize_t got;
             Py_BEGIN_ALLOW_THREADS
@@ -407,7 +387,11 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
             }
             /* Every turn, not only when nothing came: a frame that streams in for
              * longer than wait_s goes back to the link's reads too. */
-            if (now_s() >= deadline)
+            if (deadline_clock(&now) < 0) {
+                ended = 3;
+                break;
+            }
+            if (now >= deadline)
                 break;
         }
     }
@@ -415,19 +399,14 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
     PyBuffer_Release(&fb);
     if (!complete) {
         /* The bytes taken stay taken: with the link, whatever else happened. */
-        PyObject *type = NULL, *value = NULL, *tb = NULL;
-        if (ended == 3)
-            PyErr_Fetch(&type, &value, &tb);
+        PyObject *raised = ended == 3 ? PyErr_GetRaisedException() : NULL;
         int rc = leave_frame(self, frame, fpos, cid, next);
         Py_DECREF(frame);
         if (ended == 3) {
             if (rc == 0)
-                PyErr_Restore(type, value, tb);
-            else {
-                Py_XDECREF(type);
-                Py_XDECREF(value);
-                Py_XDECREF(tb);
-            }
+                PyErr_SetRaisedException(raised);
+            else
+                Py_XDECREF(raised);
             return -1;
         }
         if (rc == 0 && ended == 1)
@@ -570,8 +549,10 @@ static PyObject *Reader_call(Reader *self, PyObject *const *args, size_t nargsf,
         PyBuffer_Release(&view);
         Py_RETURN_TRUE; /* polled, nothing there */
     }
-    /* The buffer was empty: what _make_room does before a read. */
-    if (start != 0 && (set_ssize(link, s_start, 0) < 0 || set_ssize(link, s_end, 0) < 0)) {
+    /* The buffer was empty: what _make_room does before a read (after one that brought
+     * bytes, _end is set to their count below). */
+    if (start != 0 &&
+        (set_ssize(link, s_start, 0) < 0 || (n <= 0 && set_ssize(link, s_end, 0) < 0))) {
         PyBuffer_Release(&view);
         return NULL;
     }
