@@ -541,6 +541,42 @@ def test_the_crowd_lasts_as_long_as_the_count_says_so() -> None:
     assert all(crowded(now + ms * 1e-3) for ms in range(1, int(20 * CROWD_HOLD * 1e3)))
 
 
+def test_a_spin_that_runs_out_gives_the_cpu_away_and_looks_once_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the end of its budget a spin (and the mpi receive's ``turn_and_poll``) gives
+    the CPU away once and looks again: what came meanwhile (from a task the spin kept
+    from the CPU) is taken, and for the receive counts as a near miss (its budget
+    doubles); with nothing, it gives up as before."""
+    yielded: list[None] = []
+    monkeypatch.setattr(os, "sched_yield", lambda: yielded.append(None))
+
+    async def body() -> None:
+        events = EventQueue()
+        poller = IdlePoller(asyncio.get_running_loop(), 20.0)
+        assert poller.spin(lambda: bool(yielded))  # true only once the CPU was given away
+        assert len(yielded) == 1
+        yielded.clear()
+        assert not poller.spin(lambda: False)
+        assert len(yielded) == 1
+        yielded.clear()
+
+        def comes_once_yielded(_: object) -> bool:
+            if yielded and not events:
+                events.put(ConnectionClosed(3))
+            return True
+
+        poller.budget.value = poller.budget.maximum / 4  # (shrunk by a silence)
+        assert poller.turn_and_poll(events._items, comes_once_yielded, None) == 0.0
+        assert (len(yielded), events.pop_ready()) == (1, ConnectionClosed(3))
+        assert poller.budget.value == poller.budget.maximum / 2  # a near miss: doubled
+        yielded.clear()
+        assert poller.turn_and_poll(events._items, lambda _: True, None) > 0  # gave up
+        assert len(yielded) == 1
+
+    _run(body())
+
+
 def test_a_crowded_machine_polls_by_yielding_the_cpu_between_looks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -341,6 +341,14 @@ def test_the_spinners_poll_follows_turn_and_poll(
         real_probed(self, now, starved)
 
     monkeypatch.setattr(IdlePoller, "probed", probed)
+    yielding: list[None] = []  # polls that yielded the CPU between their looks
+    real_poll_yielding = IdlePoller._poll_yielding
+
+    def poll_yielding(self: IdlePoller, look: Callable[[], bool]) -> None:
+        yielding.append(None)
+        real_poll_yielding(self, look)
+
+    monkeypatch.setattr(IdlePoller, "_poll_yielding", poll_yielding)
 
     async def main() -> None:
         async with pair() as p:
@@ -356,6 +364,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                     poller = IdlePoller(SimpleNamespace(_ready=ready), 50.0)  # type: ignore[arg-type]
                     ours = setup(poller, ready)
                     probes.clear()
+                    yielding.clear()
                     start = time.perf_counter()
                     if poll == "python":
                         got = poller.turn_and_poll(items, engine.take_one, b, ours)
@@ -369,6 +378,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                             poller._streak,
                             delivered,
                             len(probes),
+                            len(yielding),
                         )
                     )
                 return outcomes
@@ -379,7 +389,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
 
             # Nothing arrives: the budget runs out (the time it gave up is returned).
             python, c = both(plain)
-            assert python == c == ("gave up", 1, [], 0)
+            assert python == c == ("gave up", 1, [], 0, 0)
 
             # A message arrives: taken, and the poll ends with it queued.
             def message(poller: IdlePoller, ready: deque[Any]) -> object:
@@ -387,7 +397,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                 return plain(poller, ready)
 
             python, c = both(message)
-            assert python == c == (0.0, 1, [b"hi"], 0)
+            assert python == c == (0.0, 1, [b"hi"], 0, 0)
 
             # Every 8th turn the poll's CPU share is probed.
             def eighth(poller: IdlePoller, ready: deque[Any]) -> object:
@@ -395,7 +405,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                 return plain(poller, ready)
 
             python, c = both(eighth)
-            assert python == c == ("gave up", 8, [], 1)
+            assert python == c == ("gave up", 8, [], 1, 0)
 
             # Another callback ready: no poll, no turn counted; ours alone: a poll.
             def other(poller: IdlePoller, ready: deque[Any]) -> object:
@@ -403,7 +413,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                 return plain(poller, ready)
 
             python, c = both(other)
-            assert python == c == (0.0, 0, [], 0)
+            assert python == c == (0.0, 0, [], 0, 0)
 
             def ours_alone(poller: IdlePoller, ready: deque[Any]) -> object:
                 ready.append("ours")
@@ -411,7 +421,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                 return "ours"
 
             python, c = both(ours_alone)
-            assert python == c == ("gave up", 1, [], 0)
+            assert python == c == ("gave up", 1, [], 0, 0)
 
             # The loop's fair turn: -1.0, and the streak starts again.
             def fair(poller: IdlePoller, ready: deque[Any]) -> object:
@@ -419,15 +429,31 @@ def test_the_spinners_poll_follows_turn_and_poll(
                 return plain(poller, ready)
 
             python, c = both(fair)
-            assert python == c == (-1.0, 0, [], 0)
+            assert python == c == (-1.0, 0, [], 0, 0)
 
-            # Crowded CPUs, or polling off after starved polls: no poll.
+            # Crowded CPUs: a poll that yields the CPU between its looks (until its
+            # yielding budget runs out, or a message is taken); none by a poller that
+            # does not yield. Polling off after starved polls: no poll.
             def crowded(poller: IdlePoller, ready: deque[Any]) -> object:
                 poller.crowding = Crowded(True)  # type: ignore[assignment]
                 return None
 
             python, c = both(crowded)
-            assert python == c == (0.0, 1, [], 0)
+            assert python == c == (0.0, 1, [], 0, 1)
+
+            def crowded_message(poller: IdlePoller, ready: deque[Any]) -> object:
+                p.conn.send_nowait([b"hi"])  # type: ignore[attr-defined]
+                return crowded(poller, ready)
+
+            python, c = both(crowded_message)
+            assert python == c == (0.0, 1, [b"hi"], 0, 1)
+
+            def crowded_not_yielding(poller: IdlePoller, ready: deque[Any]) -> object:
+                poller.yields = False
+                return crowded(poller, ready)
+
+            python, c = both(crowded_not_yielding)
+            assert python == c == (0.0, 1, [], 0, 0)
 
             def off(poller: IdlePoller, ready: deque[Any]) -> object:
                 plain(poller, ready)
@@ -435,7 +461,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                 return None
 
             python, c = both(off)
-            assert python == c == (0.0, 1, [], 0)
+            assert python == c == (0.0, 1, [], 0, 0)
 
             # The engine shut down: take_one says stop.
             def closed(poller: IdlePoller, ready: deque[Any]) -> object:
@@ -446,7 +472,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
                 python, c = both(closed)
             finally:
                 engine.closed = False
-            assert python == c == (0.0, 1, [], 0)
+            assert python == c == (0.0, 1, [], 0, 0)
 
     run(main)
 

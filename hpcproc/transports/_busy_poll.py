@@ -51,7 +51,18 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   the CPU away on each such pass instead (:meth:`IdlePoller.yield_if_crowded`,
   ``spin(..., yield_when_crowded=True)``): otherwise its passes keep the CPU from the
   rank it waits for (the same all-to-all over mpi took 4.1-4.9 ms per round, against
-  0.19-0.32 ms yielding).
+  0.19-0.32 ms yielding). Its receive (:meth:`IdlePoller.turn_and_poll`) polls by
+  yielding too: two mpi ranks on one CPU with ``HPCPROC_YIELD_WHEN_IDLE=1``, 8 B
+  round trip 65-66 us when it did not poll at all, 21.5-22.7 us.
+* A spin that runs out of its budget (:meth:`IdlePoller.spin`, and the mpi receive's
+  :meth:`IdlePoller.turn_and_poll`) gives the CPU away once and looks a last time: a
+  task that the spin kept from the CPU, a peer on the same CPU that the machine-wide
+  count does not show (ranks confined to one CPU by ``taskset`` or a container's
+  cpuset), runs meanwhile and may have answered. Two such mpi ranks, whose pumps
+  spin on every pass round their loops, otherwise took turns by time slices: an 8 B
+  round trip took 8 ms, and takes 0.47-0.50 ms. (tcp and shm receives, which sleep
+  once their budget runs out, are not changed: two such processes still take
+  220-250 us a round trip, against 10-25 us when the CPUs are known to be crowded.)
 * On any other event loop (uvloop, or an asyncio whose loop has no ready queue) it
   never polls: every wait is a plain wait on the loop, correct and only slower.
 """
@@ -544,10 +555,14 @@ class IdlePoller:
     ) -> float:
         """A receive's whole idle poll in one call, :meth:`turn` and :meth:`poll` with
         ``step(arg)`` as ``poll_once``: nothing when a callback other than ``ours`` is
-        ready or polling is off (0.0); else counts the turn, and on the loop's fair
-        turn returns -1.0 without polling (the caller lets the loop run once); else
-        calls ``step(arg)`` until an event is queued, another callback became ready,
-        ``step`` returned False (0.0) or the budget ran out (the time it gave up).
+        ready (0.0); else counts the turn, and on the loop's fair turn returns -1.0
+        without polling (the caller lets the loop run once); else, on crowded CPUs,
+        polls by yielding if this poller :attr:`yields` (:meth:`poll_yielding`; 0.0);
+        else nothing while spinning is off after starved spins (0.0); else calls
+        ``step(arg)`` until an event is queued, another callback became ready,
+        ``step`` returned False (0.0) or the budget ran out (then, once it gave the CPU
+        away, one turn more: the time it gave up, unless that turn queued an event,
+        which doubles the budget as a near miss does).
 
         One frame for all of it, and ``step`` called without a bound method or a
         ``functools.partial`` in between: the mpi transport's receive, whose every
@@ -564,7 +579,11 @@ class IdlePoller:
         perf_counter = time.perf_counter
         start = perf_counter()
         c = self.crowding
-        if start < self._no_poll_until or (c.crowded if start < c.next_check else c(start)):
+        if c.crowded if start < c.next_check else c(start):
+            if self.yields:
+                self.poll_yielding(items, step, arg)
+            return 0.0
+        if start < self._no_poll_until:
             return 0.0
         # As poll: the callbacks ready before we started, the CPU probe, the budget.
         queued = len(ready)
@@ -579,11 +598,27 @@ class IdlePoller:
                 break
             now = perf_counter()
             if now >= deadline:
-                gave_up = now
+                # A last turn after giving the CPU away, as spin's (which see). What it
+                # takes came a little too late for the budget: a near miss, which
+                # doubles it (else a budget shrunk by a silence would stay so).
+                os.sched_yield()
+                if not step(arg):
+                    return 0.0
+                if items:
+                    self.budget.grow()
+                else:
+                    gave_up = now
                 break
         if cpu >= 0 and now - start > PROBE_MIN:
             self.probed(now, time.thread_time() - cpu < (now - start) / 2)
         return gave_up
+
+    def poll_yielding(self, items: Sized, step: Callable[[Any], bool], arg: Any) -> None:
+        """:meth:`turn_and_poll`'s poll on crowded CPUs (the compiled mpi spinner's
+        too): ``step(arg)`` with the CPU given away between two calls, until an event
+        is queued, ``step`` returned False, another callback became ready or the
+        yielding budget ran out."""
+        self._poll_yielding(lambda: not step(arg) or bool(items))
 
     def _poll_yielding(self, look: Callable[[], bool]) -> None:
         """The poll on crowded CPUs: ``look()`` (one look at the links; True: stop)
@@ -644,7 +679,9 @@ class IdlePoller:
         self, step: Callable[[], bool], ours: object = None, *, yield_when_crowded: bool = False
     ) -> bool:
         """Call ``step`` until it returns True, for at most the maximal budget, if the
-        loop is idle but for ``ours`` and polling is on; whether it returned True.
+        loop is idle but for ``ours`` and polling is on; whether it returned True. When
+        the budget runs out it gives the CPU away once (``sched_yield``) and calls
+        ``step`` a last time.
 
         For waits that are not a ``receive`` (a send's completion, a connect's answer,
         a progress callback): they take the budget as it is configured, not adapted.
@@ -665,7 +702,13 @@ class IdlePoller:
         deadline = now + self.budget.maximum
         while not step():
             if perf_counter() >= deadline:
-                return False
+                # A task this spin kept from the CPU (a peer on it, which the machine-
+                # wide count does not show: ranks confined to one CPU) runs now, and
+                # may have answered. Without it, two mpi ranks on one CPU, whose pumps
+                # spin on every pass round their loops, took turns by time slices: an
+                # 8 B round trip took 8 ms; with it, 0.5 ms.
+                os.sched_yield()
+                return step()
         return True
 
     # ------------------------------------------------------------------ receive

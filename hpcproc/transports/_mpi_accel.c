@@ -31,12 +31,13 @@
  *   frame's receive and the wait for it (up to busy_poll_us), the hand-over; what does
  *   not end in a hand-over is settled by the engine's _took_one_direct. Its
  *   poll(poller, items, endpoint, ours) is IdlePoller.turn_and_poll with it as the
- *   step, the loop of turns here. Its spin(poller, future, endpoint, ours) is
- *   IdlePoller.spin with ``engine.progress(); return future.done()`` as the step
- *   (_MpiEndPoint._spin: a send's completion, mostly), each progress here in its
- *   common case (no frame receive outstanding): the sends tested as _test_sends does,
- *   one probe, a message found taken by the engine's Python methods as progress takes
- *   it.
+ *   step, the loop of turns here (on crowded CPUs, the poller's poll_yielding with
+ *   it as the step: a system call per turn there anyway). Its spin(poller, future,
+ *   endpoint, ours) is IdlePoller.spin with ``engine.progress(); return
+ *   future.done()`` as the step (_MpiEndPoint._spin: a send's completion, mostly),
+ *   each progress here in its common case (no frame receive outstanding): the sends
+ *   tested as _test_sends does, one probe, a message found taken by the engine's
+ *   Python methods as progress takes it.
  *
  * Sender(link)(conn_id, frames) -> bool
  *   _MpiLink.send_now but its check of the link's ``finished`` (which the link makes
@@ -49,6 +50,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -676,7 +678,7 @@ static PyObject *s_Improbe, *s_any_source, *s_status_attr,
     *s_frame_target, *s_took_one_direct, *s_MPI, *s_Exception, *s_direct_wait, *s_pool,
     *s_classes, *s_trimmer, *s_array, *s_used, *s_touch, *s_handle, *s_loop_attr,
     *s_progress, *s_poll, *s_Request, *s_Testsome, *s_remaining, *s_future, *s_done,
-    *s_maximum;
+    *s_maximum, *s_yields, *s_poll_yielding, *s_grow;
 
 static PyObject *Spinner_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     PyObject *engine, *endpoint;
@@ -1200,12 +1202,25 @@ static PyObject *Spinner_poll(Spinner *self, PyObject *const *args, Py_ssize_t n
     if (read_clock(PerfCounter, &start) < 0 ||
         attr_double(poller, s_no_poll_until, &no_poll_until) < 0)
         goto fail;
-    if (start < no_poll_until)
-        goto done;
     int crowded = crowded_at(poller, start);
     if (crowded < 0)
         goto fail;
-    if (crowded)
+    if (crowded) {
+        /* Poll by yielding, as turn_and_poll does: its loop in Python, each look one
+         * call of this spinner (a system call per look anyway). */
+        int yields = attr_true(poller, s_yields);
+        if (yields < 0)
+            goto fail;
+        if (yields) {
+            PyObject *yield_args[4] = {poller, items, (PyObject *)self, endpoint};
+            PyObject *r = PyObject_VectorcallMethod(s_poll_yielding, yield_args, 4, NULL);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
+        }
+        goto done;
+    }
+    if (start < no_poll_until)
         goto done;
     /* The callbacks ready before the turns (read again: the crowding check may have
      * run Python code), as turn_and_poll reads them. */
@@ -1242,7 +1257,30 @@ static PyObject *Spinner_poll(Spinner *self, PyObject *const *args, Py_ssize_t n
         if (read_clock(PerfCounter, &now) < 0)
             goto fail;
         if (now >= deadline) {
-            gave_up = now;
+            /* A last turn after giving the CPU away, as turn_and_poll (an event it
+             * queues doubles the budget there too). */
+            sched_yield();
+            r = spinner_take(self, endpoint);
+            if (r == NULL)
+                goto fail;
+            go_on = r == Py_True;
+            Py_DECREF(r);
+            if (!go_on)
+                goto done;
+            if ((events = PyObject_Length(items)) < 0)
+                goto fail;
+            if (!events) {
+                gave_up = now;
+                break;
+            }
+            PyObject *budget_now = PyObject_GetAttr(poller, s_budget);
+            if (budget_now == NULL)
+                goto fail;
+            r = PyObject_CallMethodNoArgs(budget_now, s_grow);
+            Py_DECREF(budget_now);
+            if (r == NULL)
+                goto fail;
+            Py_DECREF(r);
             break;
         }
     }
@@ -1563,8 +1601,15 @@ static PyObject *Spinner_spin(Spinner *self, PyObject *const *args, Py_ssize_t n
             Py_RETURN_TRUE;
         if (read_clock(PerfCounter, &now) < 0)
             return NULL;
-        if (now >= deadline)
-            Py_RETURN_FALSE;
+        if (now >= deadline) {
+            /* A last call after giving the CPU away, as IdlePoller.spin. */
+            sched_yield();
+            if (wait_turn(self) < 0)
+                return NULL;
+            if ((d = future_done(future)) < 0)
+                return NULL;
+            return PyBool_FromLong(d);
+        }
     }
 }
 
@@ -1691,6 +1736,8 @@ PyMODINIT_FUNC PyInit__mpi_accel(void) {
         {&s_no_poll_until, "_no_poll_until"}, {&s_crowding, "crowding"},
         {&s_next_check, "next_check"},   {&s_crowded, "crowded"}, {&s_budget, "budget"},
         {&s_value, "value"},             {&s_probed, "probed"},
+        {&s_yields, "yields"},           {&s_poll_yielding, "poll_yielding"},
+        {&s_grow, "grow"},
         {&s_Irecv, "Irecv"},             {&s_frame_target, "_frame_target"},
         {&s_took_one_direct, "_took_one_direct"}, {&s_MPI, "MPI"},
         {&s_Exception, "Exception"},     {&s_direct_wait, "_direct_wait"},

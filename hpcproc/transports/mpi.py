@@ -63,8 +63,9 @@ gave 4 us. So all MPI calls happen on the event-loop thread, in three places:
   spins on the progress function for at most ``busy_poll_us`` microseconds, but only
   when no other task or callback of the loop is runnable, so spinning never delays
   other tasks: it replaces a trip round the loop (:mod:`~hpcproc.transports._busy_poll`:
-  the receive's budget adapts, it lets the loop run now and then, it stops while the
-  CPUs are oversubscribed, and it never spins on an event loop other than asyncio's);
+  the receive's budget adapts, it lets the loop run now and then, on oversubscribed
+  CPUs a receive polls by yielding the CPU between two probes and other waits do not
+  spin, and it never spins on an event loop other than asyncio's);
 * a *pump* callback polls on every loop iteration while there is traffic or pending
   work (and for ``hot_window`` seconds after the last activity; then it too spins up to
   ``busy_poll_us`` when nothing else is runnable, or, on crowded CPUs, gives the CPU
