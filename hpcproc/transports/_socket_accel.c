@@ -46,6 +46,29 @@
 #include "_accel_handover.h"
 #include "_accel_util.h"
 
+/* recv(fd, buf, len, MSG_DONTWAIT) with the GIL released (the caller keeps buf exported
+ * meanwhile, as socket.recv_into does), again after EINTR once the signal handlers ran:
+ * the count (0: end of stream), -1 with *err the errno (EAGAIN: nothing there), or -2
+ * with an exception set (a signal handler raised). */
+static ssize_t recv_dontwait(int fd, char *buf, size_t len, int *err) {
+    for (;;) {
+        ssize_t n;
+        int e;
+        Py_BEGIN_ALLOW_THREADS
+        n = recv(fd, buf, len, MSG_DONTWAIT);
+        e = errno;
+        Py_END_ALLOW_THREADS
+        if (n >= 0)
+            return n;
+        if (e != EINTR) {
+            *err = e;
+            return -1;
+        }
+        if (PyErr_CheckSignals() < 0)
+            return -2;
+    }
+}
+
 /* recv_nowait(fd, buffer, offset) -> int: see _socket_accel.pyi. */
 static PyObject *recv_nowait(PyObject *Py_UNUSED(module), PyObject *const *args,
                              Py_ssize_t nargs) {
@@ -74,23 +97,12 @@ static PyObject *recv_nowait(PyObject *Py_UNUSED(module), PyObject *const *args,
         PyBuffer_Release(&view);
         return NULL;
     }
-    ssize_t n;
-    int err;
-    for (;;) {
-        /* The buffer stays exported (it cannot be resized or freed) while the GIL is
-         * released, as socket.recv_into does. */
-        Py_BEGIN_ALLOW_THREADS
-        n = recv((int)fd, (char *)view.buf + offset, (size_t)(view.len - offset), MSG_DONTWAIT);
-        err = errno;
-        Py_END_ALLOW_THREADS
-        if (n >= 0 || err != EINTR)
-            break;
-        if (PyErr_CheckSignals() < 0) {
-            PyBuffer_Release(&view);
-            return NULL;
-        }
-    }
+    int err = 0;
+    ssize_t n =
+        recv_dontwait((int)fd, (char *)view.buf + offset, (size_t)(view.len - offset), &err);
     PyBuffer_Release(&view);
+    if (n == -2)
+        return NULL;
     if (n >= 0)
         return PyLong_FromSsize_t(n);
     if (err == EAGAIN || err == EWOULDBLOCK)
@@ -289,6 +301,16 @@ static int hand_over(Reader *self, PyObject *local, PyObject *frame, int *handed
     return rc;
 }
 
+/* A read of link's socket failed with errno err: OSError(errno, strerror), the errno's
+ * subclass, as recv_into raises it, to the link's _read_failed. 0, or -1 with an
+ * exception set. */
+static int read_failed(PyObject *link, int err) {
+    PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+    int rc = exc == NULL ? -1 : call_method(link, s_read_failed, exc);
+    Py_XDECREF(exc);
+    return rc;
+}
+
 /* The exception set while the Reader read, parsed or handed over: to the link's
  * _read_error, which does with it what _on_readable's handler does (a read that would
  * block ignored, bad input drops the peer, a failed read fails the link) and raises
@@ -364,11 +386,8 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
     else if (fpos < fb.len) {
         deadline = now + self->wait_s;
         for (;;) {
-            ssize_t got;
-            Py_BEGIN_ALLOW_THREADS
-            got = recv(self->fd, (char *)fb.buf + fpos, (size_t)(fb.len - fpos), MSG_DONTWAIT);
-            err = errno;
-            Py_END_ALLOW_THREADS
+            ssize_t got =
+                recv_dontwait(self->fd, (char *)fb.buf + fpos, (size_t)(fb.len - fpos), &err);
             if (got > 0) {
                 fpos += got;
                 if (fpos == fb.len)
@@ -376,11 +395,9 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
             } else if (got == 0) {
                 ended = 1;
                 break;
-            } else if (err == EINTR) {
-                if (PyErr_CheckSignals() < 0) {
-                    ended = 3;
-                    break;
-                }
+            } else if (got == -2) {
+                ended = 3;
+                break;
             } else if (err != EAGAIN && err != EWOULDBLOCK) {
                 ended = 2;
                 break;
@@ -411,11 +428,8 @@ static Py_ssize_t take_large(Reader *self, const unsigned char *p, Py_ssize_t po
         }
         if (rc == 0 && ended == 1)
             rc = call_method(self->link, s_on_eof, NULL);
-        else if (rc == 0 && ended == 2) {
-            PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
-            rc = exc == NULL ? -1 : call_method(self->link, s_read_failed, exc);
-            Py_XDECREF(exc);
-        }
+        else if (rc == 0 && ended == 2)
+            rc = read_failed(self->link, err);
         return rc < 0 ? -1 : -2;
     }
     int rc = set_ssize(self->link, s_start, next) < 0 ? -1 : hand_over(self, local, frame, handed);
@@ -531,19 +545,11 @@ static PyObject *Reader_call(Reader *self, PyObject *const *args, size_t nargsf,
     if (PyObject_GetBuffer(self->buf, &view, PyBUF_WRITABLE) < 0)
         return NULL;
     Py_ssize_t cap = view.len;
-    ssize_t n;
-    int err;
-    for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        n = recv(self->fd, view.buf, (size_t)view.len, MSG_DONTWAIT);
-        err = errno;
-        Py_END_ALLOW_THREADS
-        if (n >= 0 || err != EINTR)
-            break;
-        if (PyErr_CheckSignals() < 0) {
-            PyBuffer_Release(&view);
-            return NULL;
-        }
+    int err = 0;
+    ssize_t n = recv_dontwait(self->fd, view.buf, (size_t)view.len, &err);
+    if (n == -2) {
+        PyBuffer_Release(&view);
+        return NULL;
     }
     if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
         PyBuffer_Release(&view);
@@ -561,13 +567,8 @@ static PyObject *Reader_call(Reader *self, PyObject *const *args, size_t nargsf,
         if (n == 0) {
             if (call_method(link, s_on_eof, NULL) < 0)
                 return NULL;
-        } else {
-            /* OSError(errno, strerror) is the errno's subclass, as recv_into raises. */
-            PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
-            int rc = exc == NULL ? -1 : call_method(link, s_read_failed, exc);
-            Py_XDECREF(exc);
-            if (rc < 0)
-                return NULL;
+        } else if (read_failed(link, err) < 0) {
+            return NULL;
         }
         Py_RETURN_TRUE;
     }
