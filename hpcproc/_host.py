@@ -14,7 +14,14 @@ import socket
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["host_identity", "host_name", "ranks_on_host", "shared_cpus", "usable_cpus"]
+__all__ = [
+    "cpu_mask",
+    "host_identity",
+    "host_name",
+    "ranks_on_host",
+    "shared_cpus",
+    "usable_cpus",
+]
 
 
 def host_name() -> str:
@@ -63,6 +70,17 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_mask(pid: int = 0) -> frozenset[int] | None:
+    """The CPUs process ``pid`` (0: this one) may run on, its affinity mask (which a
+    cpuset cgroup narrows too); None where it cannot be read (no such process, or a
+    platform without affinity masks). Reading another process's mask needs no
+    privilege. Not cached: a mask may change while a process runs."""
+    try:
+        return frozenset(os.sched_getaffinity(pid))
+    except (AttributeError, OSError):
+        return None
 
 
 @lru_cache(maxsize=1)

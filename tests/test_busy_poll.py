@@ -516,6 +516,56 @@ def test_more_other_runnable_tasks_than_cpus_is_crowded_for_a_while() -> None:
     assert not runnable_unknown(0.0)
 
 
+def test_linked_peers_bound_within_this_processs_cpus_crowd_them_while_linked() -> None:
+    """Peers (by pid) whose affinity masks lie within this process's own, with it,
+    outnumbering those CPUs: crowded, whatever the machine-wide count, until the last
+    link to one of them is gone; then the count decides again."""
+    runnable = [1]
+    two = frozenset({0, 1})
+    crowding = Crowding("auto", machine_cpus=2, runnable=lambda: runnable[0], own_cpus=two)
+    assert not crowding(0.0)
+    crowding.peer_linked(101, two)
+    crowding.peer_linked(101, two)  # a second link to the same process counts once
+    crowding.peer_linked(102, frozenset({1, 2}))  # not within ours: may run elsewhere
+    crowding.peer_linked(103, None)  # mask unknown
+    assert not crowding.confined and not crowding(1.0)
+    crowding.peer_linked(104, frozenset({1}))  # three processes on two CPUs
+    assert crowding.confined and crowding.crowded
+    assert crowding(2.0) and crowding.next_check == float("inf")
+    crowding.peer_unlinked(101)
+    assert crowding(3.0)  # one link to 101 is left
+    crowding.peer_unlinked(101)
+    assert not crowding.confined and not crowding.crowded
+    assert crowding.next_check == float("-inf")  # the count is read at the next look
+    runnable[0] = 4
+    now = 4.0
+    for _ in range(CROWD_SAMPLES - 1):
+        assert not crowding(now)
+        now += CROWD_PERIOD
+    assert crowding(now)  # the count crowds it again by itself
+
+
+def test_a_peer_bound_to_this_processs_one_cpu_crowds_it_unless_forced_or_unknown() -> None:
+    one = frozenset({3})
+    for mode, own, confined in (("auto", one, True), ("0", one, False), ("auto", None, False)):
+        crowding = Crowding(mode, machine_cpus=8, runnable=lambda: 1, own_cpus=own)
+        crowding.peer_linked(7, one)
+        assert crowding.confined is confined and crowding(0.0) is confined
+        crowding.peer_unlinked(7)
+        assert not crowding(1.0)
+    forced = Crowding("1", runnable=lambda: 0, own_cpus=one)
+    forced.peer_linked(7, one)
+    forced.peer_unlinked(7)
+    assert forced(0.0)  # forced crowded stays so
+    oversubscribed = Crowding("auto", ranks=4, cpus=2, runnable=lambda: 0, own_cpus=one)
+    oversubscribed.peer_linked(7, one)
+    oversubscribed.peer_unlinked(7)
+    assert oversubscribed(0.0)  # the launcher's answer holds for the whole job
+    unlinked = Crowding("auto", machine_cpus=8, runnable=lambda: 1, own_cpus=one)
+    unlinked.peer_unlinked(9)  # never linked: nothing to undo
+    assert not unlinked(0.0)
+
+
 def test_the_crowd_lasts_as_long_as_the_count_says_so() -> None:
     """Past its hold a crowd is not ended by the first reading, nor by a single
     reading under the CPU count among readings over it."""

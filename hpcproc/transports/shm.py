@@ -87,6 +87,7 @@ import numpy as np
 if not sys.platform.startswith("linux"):
     raise ImportError("the shm transport needs Linux (memfd_create, abstract Unix sockets)")
 
+from .._host import cpu_mask
 from ._busy_poll import LATE, PROBE_MIN, Budget, IdlePoller, check_budget
 from ._dialing import CROSS_WAIT, CrossedConnects
 from ._idle_pool import IdleTrimmer, env_bytes, idle_seconds
@@ -525,8 +526,12 @@ class _ShmLink(Link):
         self._loop = endpoint._loop
         self._sock = sock
         self._fd = sock.fileno()
-        #: Whether the peer endpoint lives in another process.
-        self._remote_process = _peer_pid(sock) != os.getpid()
+        #: The peer's pid as this process sees it (0: in a pid namespace this one
+        #: cannot see), and whether the peer endpoint lives in another process.
+        self._peer_pid = _peer_pid(sock)
+        self._remote_process = self._peer_pid != os.getpid()
+        #: Whether :meth:`start` told the process's crowding about the peer.
+        self._counted = False
         self._writer = RingWriter(tx, len(tx) - HEADER_SIZE)
         self._reader = RingReader(rx, check_ring(rx))
         self._max_record = self._writer.capacity // 4
@@ -563,6 +568,11 @@ class _ShmLink(Link):
         """Start receiving (after the link is registered with its endpoint)."""
         if self._down:
             return
+        if self._remote_process and self._peer_pid > 0:
+            # A peer bound to this process's CPUs makes them crowded (see
+            # Crowding.peer_linked): only a same-host transport can know its pid.
+            self._endpoint._poller.crowding.peer_linked(self._peer_pid, cpu_mask(self._peer_pid))
+            self._counted = True
         self._loop.add_reader(self._fd, self._on_readable)
         self._progress()
 
@@ -1182,6 +1192,9 @@ class _ShmLink(Link):
         if self._down:
             return
         self._down = True
+        if self._counted:
+            self._counted = False
+            self._endpoint._poller.crowding.peer_unlinked(self._peer_pid)
         self._loop.remove_reader(self._fd)
         if self._notices:
             self._loop.remove_writer(self._fd)
