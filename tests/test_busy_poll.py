@@ -7,6 +7,9 @@ import asyncio
 import importlib.util
 import inspect
 import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -40,6 +43,7 @@ from hpcproc.transports.base import (
     Transport,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
 
 
@@ -922,3 +926,102 @@ def test_routing_whose_network_part_cannot_be_looked_at_leaves_its_shm_rings_awa
         await _echo_round_trips(transport, await PeerProcess.start("shm+tcp", timeout=30.0), 1)
 
     asyncio.run(asyncio.wait_for(main(), 60.0))
+
+
+# ------------------------------------------------------- processes bound to CPUs
+
+_BOUND_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    os.sched_setaffinity(0, {int(cpu) for cpu in sys.argv[2].split(",")})
+    from hpcproc.transports import ConnectionClosed, ConnectionOpened, Received, create
+    from hpcproc.transports._busy_poll import crowding as process_crowding
+
+    async def next_event(endpoint, kind):
+        event = await asyncio.wait_for(endpoint.receive(), 10)
+        assert isinstance(event, kind), event
+        return event
+
+    async def main():
+        transport = create(sys.argv[3])
+        endpoint = await transport.new_endpoint()
+        crowding = process_crowding()
+        if sys.argv[1] == "listen":
+            print(endpoint.address.decode(), flush=True)
+            opened = await next_event(endpoint, ConnectionOpened)
+            theirs = bytes((await next_event(endpoint, Received)).frames[0]).decode()
+            mine = crowding.confined  # while the link lives
+            back = await endpoint.connect(opened.remote_address, timeout=10)
+            await back.send([b"done"])
+            await next_event(endpoint, ConnectionClosed)
+        else:
+            conn = await endpoint.connect(sys.argv[4].encode(), timeout=10)
+            await conn.send([str(crowding.confined).encode()])
+            await next_event(endpoint, ConnectionOpened)
+            await next_event(endpoint, Received)  # the listener has looked
+            await conn.close()
+            theirs = mine = None
+        await transport.close()
+        print(mine, theirs, crowding.confined, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def _two_cpus() -> tuple[str, str, str]:
+    """Two CPUs this process may run on, and all of them, as CPU lists."""
+    mask = sorted(os.sched_getaffinity(0))
+    return str(mask[0]), str(mask[1]), ",".join(map(str, mask))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("name", ["shm", "tcp"])
+@pytest.mark.parametrize(
+    ("listener", "dialer", "mode", "confined"),
+    [
+        ("first", "first", "auto", True),
+        ("first", "second", "auto", False),
+        ("all", "all", "auto", False),
+        ("first", "all", "auto", False),
+        ("first", "first", "0", False),
+    ],
+)
+def test_processes_bound_to_one_cpu_poll_by_yielding_while_they_are_linked(
+    name: str, listener: str, dialer: str, mode: str, confined: bool
+) -> None:
+    """Two real processes, each bound to CPUs by its own affinity mask, linked by
+    ``name`` (shm knows its peer's pid from the socket, tcp from the handshake):
+    each counts its CPUs as crowded (its receives then poll by yielding) exactly while
+    the link lives and only when both are bound to the same single CPU, which the
+    machine-wide count of runnable tasks does not show (an 8 B shm round trip there
+    took 245 us spinning, 10 us yielding). ``HPCPROC_YIELD_WHEN_IDLE=0`` overrides."""
+    first, second, every = _two_cpus()
+    cpus = {"first": first, "second": second, "all": every}
+    env = {**os.environ, "HPCPROC_YIELD_WHEN_IDLE": mode}
+
+    async def child(*args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _BOUND_CHILD, *args, stdout=subprocess.PIPE, cwd=ROOT, env=env
+        )
+
+    async def main() -> tuple[list[str], list[str]]:
+        listening = await child("listen", cpus[listener], name)
+        dialing = None
+        try:
+            assert listening.stdout is not None
+            address = await asyncio.wait_for(listening.stdout.readline(), TIMEOUT)
+            dialing = await child("dial", cpus[dialer], name, address.decode().strip())
+            outs = [await asyncio.wait_for(p.communicate(), TIMEOUT) for p in (listening, dialing)]
+            assert listening.returncode == dialing.returncode == 0
+            return outs[0][0].decode().split(), outs[1][0].decode().split()
+        finally:
+            for proc in (listening, dialing):
+                if proc is not None and proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+    listened, dialed = asyncio.run(main())
+    # The listener's view and the dialer's, both while linked; then each after closing.
+    assert listened == [str(confined), str(confined), "False"]
+    assert dialed == ["None", "None", "False"]

@@ -228,6 +228,10 @@ def test_silent_close_before_the_nonce_is_a_dial_error_not_yet_answered() -> Non
     ("hello", "reason"),
     [
         (HELLO.pack(b"NOTHPCP!", b"n" * 32, 0, 3, 3) + b"srcdst", "bad handshake magic"),
+        (
+            HELLO.pack(FORMAT.magic[:-1] + b"\x09", b"n" * 32, 0, 3, 3) + b"srcdst",
+            "version 9 of the hpcproc pipe handshake and this endpoint version 1: run one",
+        ),
         (HELLO.pack(FORMAT.magic, b"n" * 32, 0, 0, 3) + b"dst", "out of range"),
         (HELLO.pack(FORMAT.magic, b"n" * 32, 0, 3, 1025), "out of range"),
         (HELLO.pack(FORMAT.magic, b"n" * 32, 0, 3, 3) + b"sr", "closed after"),

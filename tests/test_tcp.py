@@ -39,7 +39,17 @@ from hpcproc.transports import (
 )
 from hpcproc.transports._multiplex import Kind
 from hpcproc.transports._wire import PREFIX, encode_header
-from hpcproc.transports.tcp import _HELLO, _MAGIC, MAX_FRAMES, TcpTransport, _context, _Status
+from hpcproc.transports.tcp import (
+    _HELLO,
+    _MAGIC,
+    _WHO,
+    MAX_FRAMES,
+    TcpTransport,
+    _context,
+    _same_host_pid,
+    _Status,
+    _who,
+)
 
 COOKIE = "test-cookie-for-tcp"
 WAIT = 10.0
@@ -131,8 +141,8 @@ class RawPeer:
         shake = Handshake(cookie, initiator=True, context=_context(src, dst))
         self.writer.write(_HELLO.pack(_MAGIC, shake.nonce, 0, len(src), len(dst)) + src + dst)
         nonce = await asyncio.wait_for(self.reader.readexactly(32), WAIT)
-        self.writer.write(shake.proof(nonce))
-        reply = await asyncio.wait_for(self.reader.readexactly(33), WAIT)
+        self.writer.write(shake.proof(nonce) + bytes(_WHO.size))  # who: no process here
+        reply = await asyncio.wait_for(self.reader.readexactly(33 + _WHO.size), WAIT)
         assert shake.verify(nonce, reply[:32])
         return _Status(reply[32])
 
@@ -298,6 +308,18 @@ def test_missing_cookie_file_is_created_with_mode_0600(
     run(main)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert path.read_bytes().strip()
+
+
+def test_a_peers_pid_counts_only_where_it_names_another_process_of_this_host() -> None:
+    """The handshake's link parameters name the peer process; its pid is used (to read
+    its CPUs) only when both share the host and the pid namespace, and never our own."""
+    mine = _who()
+    space, pid = _WHO.unpack(mine)
+    assert pid == os.getpid()
+    assert _same_host_pid(_WHO.pack(space, 4242)) == 4242
+    assert _same_host_pid(mine) == 0  # this very process
+    assert _same_host_pid(_WHO.pack(bytes(8), 4242)) == 0  # another host or pid namespace
+    assert _same_host_pid(bytes(_WHO.size)) == 0  # a peer that names no process
 
 
 # --------------------------------------------------------------------------- bad input

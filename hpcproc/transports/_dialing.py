@@ -354,6 +354,11 @@ async def accept_handshake(
             " or none)"
         )
     if magic != form.magic:
+        if magic[:-1] == form.magic[:-1]:  # the last byte is the handshake's version
+            raise HandshakeError(
+                f"the peer speaks version {magic[-1]} of the hpcproc {form.name} handshake and"
+                f" this endpoint version {form.magic[-1]}: run one hpcproc version on every rank"
+            )
         raise HandshakeError(f"bad handshake magic {magic!r} (not an hpcproc {form.name} peer)")
     if not 0 < src_len <= MAX_ADDRESS or not 0 < dst_len <= MAX_ADDRESS:
         raise HandshakeError(f"address lengths {src_len}/{dst_len} out of range")

@@ -9,8 +9,12 @@ socket, a :class:`~hpcproc.transports._multiplex.Link` carrying the byte layout 
 
 Links are established by the handshake of :mod:`~hpcproc.transports._dialing`
 (challenge-response on the cookie, then the acceptor's decision, which also resolves
-crossed connects), with no link parameters (``extra_len`` 0) and the magic
-``b"HPCPTCP\\x01"``. A losing socket is closed before any link message is read from it.
+crossed connects), with the magic ``b"HPCPTCP\\x02"``. Its link parameters
+(``extra_X``, 12 bytes) say who the process is for a peer on the same host: 8 bytes
+that are equal for two processes exactly when they share the host and the pid
+namespace, and the pid; a link to such a peer counts its CPUs for the crowding of
+:mod:`~hpcproc.transports._busy_poll` (:meth:`Crowding.peer_linked`). A losing socket
+is closed before any link message is read from it.
 
 I/O design, chosen by measurement on Python 3.11. A ping-pong through asyncio streams
 (``readexactly`` / ``write`` + ``drain``) reached 0.24-0.36 GB/s at 16 MiB where the
@@ -85,6 +89,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import hashlib
 import logging
 import os
 import select
@@ -100,6 +105,7 @@ from typing import Final, TypeVar, cast
 
 import numpy as np
 
+from .._host import cpu_mask, host_identity
 from ..tls import TlsConfig, describe_tls_error, tls_config
 from ._busy_poll import IdlePoller, check_budget
 from ._dialing import (
@@ -190,8 +196,11 @@ _Sender: Callable[[_TcpLink], Callable[[int, Sequence[Buffer]], bool]] | None = 
 ACCELERATED: Final = _accel is not None
 
 
-_MAGIC = b"HPCPTCP\x01"
-_FORMAT = HandshakeFormat("tcp", _MAGIC, 0, log)
+#: The handshake's magic; its last byte is the handshake's version (2: with ``_WHO``).
+_MAGIC = b"HPCPTCP\x02"
+#: The link parameters: this process's pid space (:func:`_pid_space`) and pid.
+_WHO = struct.Struct("!8sI")
+_FORMAT = HandshakeFormat("tcp", _MAGIC, _WHO.size, log)
 # The names the raw-protocol tests speak the handshake with.
 _HELLO = HELLO
 _Status = Status
@@ -210,6 +219,30 @@ def parse_address(address: bytes) -> TcpAddress:
         ValueError: the address is malformed.
     """
     return parse_host_address(address, _FORMAT.scheme)
+
+
+@functools.lru_cache(maxsize=1)
+def _pid_space() -> bytes:
+    """8 bytes equal for two processes exactly when a pid names the same process for
+    both: one host (:func:`~hpcproc._host.host_identity`) and one pid namespace."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = "?"
+    return hashlib.blake2b(f"{host_identity()}/{namespace}".encode(), digest_size=8).digest()
+
+
+def _who() -> bytes:
+    """This process's link parameters (read per handshake: a forked child has its own
+    pid)."""
+    return _WHO.pack(_pid_space(), os.getpid())
+
+
+def _same_host_pid(extra: bytes) -> int:
+    """The pid of the peer whose link parameters are ``extra`` where it is another
+    process of this host and pid namespace, else 0."""
+    space, pid = _WHO.unpack(extra)
+    return pid if space == _pid_space() and pid != os.getpid() else 0
 
 
 def _tune(sock: socket.socket) -> None:
@@ -237,6 +270,7 @@ class _SocketChannel(SetupChannel["_TcpEndPoint"]):
         self._loop = asyncio.get_running_loop()
         self._owned = False
         self.peer = f"peer {_peer_name(sock)}"
+        self.extra = _who()
 
     async def send(self, data: bytes) -> None:
         await self._loop.sock_sendall(self._sock, data)
@@ -259,7 +293,9 @@ class _SocketChannel(SetupChannel["_TcpEndPoint"]):
             self._sock.close()
 
     def link(self, endpoint: _TcpEndPoint, remote: EndPointAddress, peer_extra: bytes) -> Link:
-        return _TcpLink(endpoint, remote, self._sock, self._transport._max_message)
+        return _TcpLink(
+            endpoint, remote, self._sock, self._transport._max_message, _same_host_pid(peer_extra)
+        )
 
     async def start(self, link: Link, first: bytes = b"") -> None:
         assert isinstance(link, _TcpLink)
@@ -400,9 +436,14 @@ class _TcpLink(Link):
         remote: EndPointAddress,
         sock: socket.socket,
         max_message: int,
+        peer_pid: int = 0,
     ) -> None:
         super().__init__(remote, endpoint)
         self._ep = endpoint
+        #: The peer's pid where it is another process of this host (else 0), and
+        #: whether :meth:`start` told the process's crowding about it.
+        self._peer_pid = peer_pid
+        self._counted = False
         self._pool = endpoint._transport._pool
         self._sock = sock
         self._fd = sock.fileno()
@@ -438,6 +479,11 @@ class _TcpLink(Link):
         """Queue ``first`` (the handshake's last bytes) ahead of everything, start reading."""
         if first:
             self._push(memoryview(first), None)
+        if self._peer_pid and not self._dead:
+            # A peer bound within this process's CPUs may make them crowded (see
+            # Crowding.peer_linked).
+            self._ep._idle_poller().crowding.peer_linked(self._peer_pid, cpu_mask(self._peer_pid))
+            self._counted = True
         self._loop.add_reader(self._fd, self._on_readable)
 
     # ------------------------------------------------------------------ send side
@@ -821,6 +867,9 @@ class _TcpLink(Link):
         if self._dead:
             return
         self._dead = True
+        if self._counted:
+            self._counted = False
+            self._ep._idle_poller().crowding.peer_unlinked(self._peer_pid)
         self._loop.remove_reader(self._fd)
         if self._writing:
             self._loop.remove_writer(self._fd)
@@ -977,7 +1026,9 @@ class _TlsChannel(_SocketChannel):
         return "the peer" if self._remote is None else _show(self._remote)
 
     def link(self, endpoint: _TcpEndPoint, remote: EndPointAddress, peer_extra: bytes) -> Link:
-        return _TlsLink(endpoint, remote, self._sock, self._transport._max_message)
+        return _TlsLink(
+            endpoint, remote, self._sock, self._transport._max_message, _same_host_pid(peer_extra)
+        )
 
     def dial_error(self, exc: Exception, *, answered: bool) -> ConnectError | None:
         if isinstance(exc, _TlsRefused):
