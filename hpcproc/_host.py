@@ -9,6 +9,7 @@ while abstract Unix sockets (what ``shm`` connects through) are per network name
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from functools import lru_cache
@@ -18,6 +19,7 @@ __all__ = [
     "cpu_mask",
     "host_identity",
     "host_name",
+    "pid_space",
     "ranks_on_host",
     "shared_cpus",
     "usable_cpus",
@@ -44,6 +46,18 @@ def host_identity() -> str:
     except OSError:
         netns = "?"
     return f"{host_name()}/{boot}/{netns}"
+
+
+@lru_cache(maxsize=1)
+def pid_space() -> bytes:
+    """8 bytes equal for two processes exactly when a pid names the same process for
+    both: one host (:func:`host_identity`) and one pid namespace. What a transport
+    sends with its pid so that a peer knows whether that pid is one it can look at."""
+    try:
+        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        namespace = "?"
+    return hashlib.blake2b(f"{host_identity()}/{namespace}".encode(), digest_size=8).digest()
 
 
 @lru_cache(maxsize=1)

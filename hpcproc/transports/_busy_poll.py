@@ -38,8 +38,8 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   fixed for the job), or that the same-host processes this one is linked to whose CPUs
   all lie within its own outnumber those CPUs with it (two processes bound to one CPU by
   ``taskset`` or a container's cpuset: :meth:`Crowding.peer_linked`, for as long as
-  the links last; shm and tcp links know their same-host peers' pids), or that the
-  kernel counts
+  the links last; shm, tcp and mpi links know their same-host peers' pids), or that
+  the kernel counts
   more runnable tasks besides this process than the machine has CPUs, in
   :data:`CROWD_SAMPLES` readings in a row
   (``/proc/loadavg``, read at most every :data:`CROWD_PERIOD`: other jobs, or "hosts"
@@ -65,10 +65,8 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   count does not show (ranks confined to one CPU by ``taskset`` or a container's
   cpuset), runs meanwhile and may have answered. Two such mpi ranks, whose pumps
   spin on every pass round their loops, otherwise took turns by time slices: an 8 B
-  round trip took 8 ms, and takes 0.47-0.50 ms. (tcp and shm receives sleep once their
-  budget runs out: two such processes took 215-245 us a round trip; their links now
-  tell the crowding that they share a CPU, and an 8 B round trip takes 17-18 us over
-  tcp, 9.5-10 us over shm.)
+  round trip took 8 ms, and 0.47-0.50 ms with this last look alone; its links now also
+  tell the crowding that the two share a CPU (above), and it takes 22-24 us.
 * On any other event loop (uvloop, or an asyncio whose loop has no ready queue) it
   never polls: every wait is a plain wait on the loop, correct and only slower.
 """
@@ -266,7 +264,8 @@ class Crowding:
         mode): the machine-wide count of runnable tasks does not show such a crowd,
         and a receive that spins there keeps the CPU from the process it waits for.
         Measured, two processes on one CPU, 8 B round trip: shm 245 us spinning,
-        9.5-10 us polling by yielding; tcp 216-221 against 17-18 us.
+        9.5-10 us polling by yielding; tcp 216-221 against 17-18 us; mpi 460-470
+        against 22-24 us.
         """
         links = self._peers.get(pid, 0)
         self._peers[pid] = links + 1

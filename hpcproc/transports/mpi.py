@@ -17,7 +17,9 @@ The transport never uses the caller's communicator directly: the first transport
 created in a process duplicates it (``COMM_WORLD`` unless ``comm=`` is given) and every
 later transport on the same communicator shares that duplicate. **The first
 ``create_transport`` for a communicator is therefore collective over it**, like any
-MPI library's initialisation; every rank must create one.
+MPI library's initialisation; every rank must create one. It also gathers who every
+rank is (host, pid namespace and pid, one ``allgather``): a link to a rank of this
+host counts that rank's CPUs for the crowding of :mod:`~hpcproc.transports._busy_poll`.
 
 Wire protocol
 -------------
@@ -172,6 +174,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 
+from .._host import cpu_mask, pid_space
 from .._loops import running_loop
 from ..mpi_init import import_mpi
 from ._busy_poll import FAIR_STREAK, PROBE_MIN, IdlePoller, check_budget
@@ -450,6 +453,14 @@ class _Engine:
         self.comm.Set_errhandler(mpi.ERRORS_RETURN)
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
+        space, pid = pid_space(), os.getpid()
+        #: Per rank, its pid where it is another process of this host and pid
+        #: namespace, else 0: a link to it counts its CPUs for the crowding (see
+        #: Crowding.peer_linked). Collective, as the Dup above.
+        self.local_pids: list[int] = [
+            theirs if their_space == space and theirs != pid else 0
+            for their_space, theirs in self.comm.allgather((space, pid))
+        ]
         self.options = options
         self.lock = threading.RLock()
         self.endpoints: dict[int, _MpiEndPoint] = {}
@@ -1338,6 +1349,22 @@ class _MpiLink(Link):
         self.inflight: set[asyncio.Future[None]] = set()
         #: Where built, send_now's work in C (``_mpi_accel.c``).
         self._sender: Sender | None = _accel.Sender(self) if ACCELERATED else None
+        #: Whether :meth:`count_peer` told the process's crowding about the peer.
+        self._counted = False
+
+    def count_peer(self) -> None:
+        """Now that the link is live: tell the process's crowding the peer's CPUs,
+        where the peer is another process of this host (see Crowding.peer_linked)."""
+        pid = self.endpoint.engine.local_pids[self.rank]
+        if pid and not self._counted and not self.finished:
+            self._counted = True
+            self.endpoint._poller.crowding.peer_linked(pid, cpu_mask(pid))
+
+    def _uncount_peer(self) -> None:
+        if self._counted:
+            self._counted = False
+            pid = self.endpoint.engine.local_pids[self.rank]
+            self.endpoint._poller.crowding.peer_unlinked(pid)
 
     def send_control(self, kind: Kind, conn_id: int) -> None:
         if self.finished:
@@ -1447,6 +1474,7 @@ class _MpiLink(Link):
         if self.finished:
             return
         self.finished = True
+        self._uncount_peer()
         ep = self.endpoint
         ep.engine.post_control(self.rank, _Msg.DOWN, ep.endpoint_id, self.remote_ep, self.gen, 0)
         if self.inflight:
@@ -1462,6 +1490,7 @@ class _MpiLink(Link):
                 )
             except Exception as exc:
                 log.debug("could not send DOWN to %r: %r", self.remote, exc)
+        self._uncount_peer()
         self._fail_inflight()
 
     def _fail_inflight(self) -> None:
@@ -1796,6 +1825,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
             return
         link = _MpiLink(self, remote, src, src_ep, gen)
         self._register_link(link)
+        link.count_peer()
         engine.post_control(src, _Msg.ACCEPT, self.endpoint_id, src_ep, gen, 0)
 
     def _on_reply(
@@ -1817,6 +1847,7 @@ class _MpiEndPoint(MultiplexedEndPoint):
             # Register now, not when the connecting task resumes: the peer may
             # already be sending on this link.
             self._register_link(pending.link)
+            pending.link.count_peer()
             pending.future.set_result(pending.link)
         elif kind == _Msg.REFUSE:
             pending.future.set_exception(

@@ -89,7 +89,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import hashlib
 import logging
 import os
 import select
@@ -105,7 +104,7 @@ from typing import Final, TypeVar, cast
 
 import numpy as np
 
-from .._host import cpu_mask, host_identity
+from .._host import cpu_mask, pid_space
 from ..tls import TlsConfig, describe_tls_error, tls_config
 from ._busy_poll import IdlePoller, check_budget
 from ._dialing import (
@@ -198,7 +197,7 @@ ACCELERATED: Final = _accel is not None
 
 #: The handshake's magic; its last byte is the handshake's version (2: with ``_WHO``).
 _MAGIC = b"HPCPTCP\x02"
-#: The link parameters: this process's pid space (:func:`_pid_space`) and pid.
+#: The link parameters: this process's :func:`~hpcproc._host.pid_space` and pid.
 _WHO = struct.Struct("!8sI")
 _FORMAT = HandshakeFormat("tcp", _MAGIC, _WHO.size, log)
 # The names the raw-protocol tests speak the handshake with.
@@ -221,28 +220,17 @@ def parse_address(address: bytes) -> TcpAddress:
     return parse_host_address(address, _FORMAT.scheme)
 
 
-@functools.lru_cache(maxsize=1)
-def _pid_space() -> bytes:
-    """8 bytes equal for two processes exactly when a pid names the same process for
-    both: one host (:func:`~hpcproc._host.host_identity`) and one pid namespace."""
-    try:
-        namespace = str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        namespace = "?"
-    return hashlib.blake2b(f"{host_identity()}/{namespace}".encode(), digest_size=8).digest()
-
-
 def _who() -> bytes:
     """This process's link parameters (read per handshake: a forked child has its own
     pid)."""
-    return _WHO.pack(_pid_space(), os.getpid())
+    return _WHO.pack(pid_space(), os.getpid())
 
 
 def _same_host_pid(extra: bytes) -> int:
     """The pid of the peer whose link parameters are ``extra`` where it is another
     process of this host and pid namespace, else 0."""
     space, pid = _WHO.unpack(extra)
-    return pid if space == _pid_space() and pid != os.getpid() else 0
+    return pid if space == pid_space() and pid != os.getpid() else 0
 
 
 def _tune(sock: socket.socket) -> None:

@@ -601,3 +601,45 @@ def test_stopped_rank_is_lost_by_heartbeats_which_mpi_never_reports() -> None:
             await bounded(transport.close(), "transport close()")
 
     run(scenario)
+
+
+def test_ranks_bound_to_one_cpu_of_one_host_poll_by_yielding_while_linked() -> None:
+    """Each rank knows the other's pid where both run on one host (and pid namespace):
+    bound to one CPU, both count it crowded while their link lives (their receives then
+    poll by yielding: two ranks on one CPU, 8 B round trip 460-470 us spinning, 22-24
+    yielding), and not once it is closed. Ranks on two hosts know no pid, and count
+    nothing."""
+    import os
+
+    from hpcproc._host import pid_space
+    from hpcproc.transports import _busy_poll
+
+    async def scenario() -> None:
+        whos = await exchange((pid_space(), os.getpid()))
+        same_host = whos[0][0] == whos[1][0]
+        mask = os.sched_getaffinity(0)
+        one = min(mask)  # the same CPU on both ranks of one host (one launcher's mask)
+        saved = _busy_poll._crowding
+        crowding = _busy_poll._crowding = _busy_poll.Crowding(
+            "auto", machine_cpus=os.cpu_count() or 1, runnable=lambda: 1, own_cpus=frozenset({one})
+        )
+        os.sched_setaffinity(0, {one})
+        try:
+            await barrier("both bound")
+            transport = await new_transport()
+            engine = transport._engine  # type: ignore[attr-defined]
+            assert engine.local_pids[rank] == 0
+            assert engine.local_pids[peer_rank] == (whos[peer_rank][1] if same_host else 0)
+            endpoint = await transport.new_endpoint()
+            try:
+                await connected_both_ways(endpoint)
+                assert crowding.confined is same_host, f"rank {rank}: {crowding.confined}"
+                await barrier("looked")
+            finally:
+                await bounded(transport.close(), "transport close()")
+            assert not crowding.confined and not crowding.crowded
+        finally:
+            os.sched_setaffinity(0, mask)
+            _busy_poll._crowding = saved
+
+    run(scenario)
