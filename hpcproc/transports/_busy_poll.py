@@ -39,9 +39,8 @@ accessor (:func:`ready_queue`). Guarantees and costs:
   all lie within its own outnumber those CPUs with it (two processes bound to one CPU by
   ``taskset`` or a container's cpuset: :meth:`Crowding.peer_linked`, for as long as
   the links last; shm, tcp and mpi links know their same-host peers' pids), or that
-  the kernel counts
-  more runnable tasks besides this process than the machine has CPUs, in
-  :data:`CROWD_SAMPLES` readings in a row
+  the kernel counts more runnable tasks besides this process than the machine has
+  CPUs, in :data:`CROWD_SAMPLES` readings in a row
   (``/proc/loadavg``, read at most every :data:`CROWD_PERIOD`: other jobs, or "hosts"
   that share one machine's CPUs). Once crowded, it stays so for :data:`CROWD_HOLD`
   before the count is read again, and until :data:`CROWD_SAMPLES` readings in a row are
@@ -76,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import threading
 import time
 from collections.abc import Callable, Container, Sequence, Sized
 from typing import Any
@@ -180,6 +180,7 @@ class Crowding:
     __slots__ = (
         "_against",
         "_inside",
+        "_links_lock",
         "_machine_cpus",
         "_mode",
         "_own_cpus",
@@ -219,6 +220,8 @@ class Crowding:
         #: lie within this process's own.
         self._peers: dict[int, int] = {}
         self._inside: set[int] = set()
+        #: Links of endpoints on different threads' loops open and close at once.
+        self._links_lock = threading.Lock()
         #: Whether linked peers bound within this process's CPUs outnumber them (in
         #: ``auto`` mode only): crowded for as long as those links last.
         self.confined = False
@@ -267,21 +270,23 @@ class Crowding:
         9.5-10 us polling by yielding; tcp 216-221 against 17-18 us; mpi 460-470
         against 22-24 us.
         """
-        links = self._peers.get(pid, 0)
-        self._peers[pid] = links + 1
-        own = self._own_cpus
-        if links == 0 and cpus and own is not None and cpus <= own:
-            self._inside.add(pid)
-            self._confinement_changed()
+        with self._links_lock:
+            links = self._peers.get(pid, 0)
+            self._peers[pid] = links + 1
+            own = self._own_cpus
+            if links == 0 and cpus and own is not None and cpus <= own:
+                self._inside.add(pid)
+                self._confinement_changed()
 
     def peer_unlinked(self, pid: int) -> None:
         """A link that :meth:`peer_linked` counted is gone."""
-        links = self._peers.pop(pid, 0) - 1
-        if links > 0:
-            self._peers[pid] = links
-        elif pid in self._inside:
-            self._inside.discard(pid)
-            self._confinement_changed()
+        with self._links_lock:
+            links = self._peers.pop(pid, 0) - 1
+            if links > 0:
+                self._peers[pid] = links
+            elif pid in self._inside:
+                self._inside.discard(pid)
+                self._confinement_changed()
 
     def _confinement_changed(self) -> None:
         own = self._own_cpus

@@ -569,8 +569,8 @@ class _ShmLink(Link):
         if self._down:
             return
         if self._remote_process and self._peer_pid > 0:
-            # A peer bound to this process's CPUs makes them crowded (see
-            # Crowding.peer_linked): only a same-host transport can know its pid.
+            # A peer bound within this process's CPUs may make them crowded (see
+            # Crowding.peer_linked).
             self._endpoint._poller.crowding.peer_linked(self._peer_pid, cpu_mask(self._peer_pid))
             self._counted = True
         self._loop.add_reader(self._fd, self._on_readable)

@@ -13,7 +13,9 @@ crossed connects), with the magic ``b"HPCPTCP\\x02"``. Its link parameters
 (``extra_X``, 12 bytes) say who the process is for a peer on the same host: 8 bytes
 that are equal for two processes exactly when they share the host and the pid
 namespace, and the pid; a link to such a peer counts its CPUs for the crowding of
-:mod:`~hpcproc.transports._busy_poll` (:meth:`Crowding.peer_linked`). A losing socket
+:mod:`~hpcproc.transports._busy_poll` (:meth:`Crowding.peer_linked`). (The dialer
+sends its own with its proof, before the acceptor has proved the cookie: a pid and a
+digest are what a listener that is not an hpcproc peer could learn.) A losing socket
 is closed before any link message is read from it.
 
 I/O design, chosen by measurement on Python 3.11. A ping-pong through asyncio streams
