@@ -457,20 +457,16 @@ class IdlePoller:
             return False
         return len(ready) != 1 or ready[0] is not ours
 
-    def turn(
-        self,
-        now: float,
-        ours: object = None,
-        all_ours: Callable[[], Container[object]] | None = None,
-    ) -> bool:
+    def turn(self, now: float, ours: object = None, own_ready: int = -1) -> bool:
         """Whether a receive polls at ``now``, this turn counted: not on the loop's fair
         turn (every :data:`FAIR_STREAK` + 1st, see :meth:`take_turn`), and only when
-        polling is enabled and no callback is ready but the caller's own (``ours``; or,
-        when several are ready, those ``all_ours`` returns), and either the CPUs are
-        crowded and this poller :attr:`yields` (it then polls by yielding, starved
-        spins or not) or they are not and spinning is not off after starved spins:
-        the checks of :meth:`others_ready` and :meth:`polling_off` in one call, for
-        the receive paths."""
+        polling is enabled and no callback is ready but the caller's own (``ours``; or
+        ``own_ready``, how many of the ready callbacks are the caller's, where it
+        counts them: callbacks it never cancels), and either the CPUs are crowded and
+        this poller :attr:`yields` (it then polls by yielding, starved spins or not)
+        or they are not and spinning is not off after starved spins: the checks of
+        :meth:`others_ready` and :meth:`polling_off` in one call, for the receive
+        paths."""
         self._streak += 1
         if self._streak > FAIR_STREAK:
             self._streak = 0
@@ -478,11 +474,8 @@ class IdlePoller:
         ready: Any = self._ready
         if ready is None:
             return False
-        if ready and (len(ready) != 1 or ready[0] is not ours):
-            if all_ours is None:
-                return False
-            if _others_among(ready, all_ours()):
-                return False
+        if ready and (len(ready) != 1 or ready[0] is not ours) and len(ready) > own_ready:
+            return False
         c = self.crowding
         crowded = self._yield = c.crowded if now < c.next_check else c(now)
         if crowded:
