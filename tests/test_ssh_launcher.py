@@ -92,7 +92,11 @@ def _start_sshd(workdir: Path, address: str, port: int, netns: str | None) -> Li
         argv = ["nsenter", f"--net=/run/netns/{netns}", "unshare", "-u", "-i", "sh", "-c", script]
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     sshd = LineProcess(argv, os.environ, workdir)
-    sshd.wait_for_lines("Server listening on", 1, WAIT)
+    try:
+        sshd.wait_for_lines("Server listening on", 1, WAIT)
+    except BaseException:
+        sshd.kill(WAIT)  # reaped, whether it ended or hangs
+        raise
     return sshd
 
 
@@ -116,6 +120,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _listening_sshd(workdir: Path, address: str, netns: str | None) -> tuple[LineProcess, int]:
+    """:func:`_start_sshd` on a port free here; another one when the host's own network
+    namespace has that port in use (seen in CI: ``Bind to port ... on 127.1.0.1 failed:
+    Address already in use``, a port free in this namespace but not in the host's)."""
+    for _ in range(4):
+        port = _free_port()
+        try:
+            return _start_sshd(workdir, address, port, netns), port
+        except AssertionError as exc:
+            if "Address already in use" not in str(exc):
+                raise
+    port = _free_port()
+    return _start_sshd(workdir, address, port, netns), port
+
+
 @pytest.fixture
 def ssh_hosts(tmp_path: Path) -> Iterator[SshHosts]:
     if not os.path.exists(SSHD) or shutil.which("ssh") is None:
@@ -131,7 +150,6 @@ def ssh_hosts(tmp_path: Path) -> Iterator[SshHosts]:
     shutil.copy(tmp_path / "userkey.pub", tmp_path / "authorized_keys")
     host_key = (tmp_path / "hostkey.pub").read_text().split()[:2]
     (tmp_path / "known_hosts").write_text(f"hpcproc-test-host {' '.join(host_key)}\n")
-    port = _free_port()
     cluster = _cluster_hosts()
     # Without the multi-host cluster: three names that resolve to this machine.
     hosts = [(name, address) for name, address, _ in cluster] or [
@@ -139,29 +157,33 @@ def ssh_hosts(tmp_path: Path) -> Iterator[SshHosts]:
         ("127.0.0.2", "127.0.0.1"),
         ("127.0.0.3", "127.0.0.1"),
     ]
-    lines = [
-        f"Host {name}\n  HostName {address}\n  Port {port}\n"
-        f"  IdentityFile {tmp_path / 'userkey'}\n  IdentitiesOnly yes\n"
-        f"  HostKeyAlias hpcproc-test-host\n  UserKnownHostsFile {tmp_path / 'known_hosts'}\n"
-        "  StrictHostKeyChecking yes\n  ConnectTimeout 10\n"
-        for name, address in hosts
-    ]
-    lines.append(f"Host refusing\n  HostName 127.0.0.1\n  Port {_free_port()}\n")
-    config = tmp_path / "ssh_config"
-    config.write_text("".join(lines))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
-    env.update(
-        HPCPROC_SSH=f"ssh -F {config}",
-        HPCPROC_COOKIE="test-ssh-cookie",
-        PYTHONPATH=str(ROOT),
-    )
     sshds: list[LineProcess] = []
     try:
+        ports: dict[str, int] = {}
         if cluster:
-            for _, address, netns in cluster:
-                sshds.append(_start_sshd(tmp_path, address, port, netns))
+            for name, address, netns in cluster:
+                sshd, ports[name] = _listening_sshd(tmp_path, address, netns)
+                sshds.append(sshd)
         else:
-            sshds.append(_start_sshd(tmp_path, "127.0.0.1", port, None))
+            sshd, port = _listening_sshd(tmp_path, "127.0.0.1", None)
+            sshds.append(sshd)
+            ports = {name: port for name, _ in hosts}
+        lines = [
+            f"Host {name}\n  HostName {address}\n  Port {ports[name]}\n"
+            f"  IdentityFile {tmp_path / 'userkey'}\n  IdentitiesOnly yes\n"
+            f"  HostKeyAlias hpcproc-test-host\n  UserKnownHostsFile {tmp_path / 'known_hosts'}\n"
+            "  StrictHostKeyChecking yes\n  ConnectTimeout 10\n"
+            for name, address in hosts
+        ]
+        lines.append(f"Host refusing\n  HostName 127.0.0.1\n  Port {_free_port()}\n")
+        config = tmp_path / "ssh_config"
+        config.write_text("".join(lines))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_"))}
+        env.update(
+            HPCPROC_SSH=f"ssh -F {config}",
+            HPCPROC_COOKIE="test-ssh-cookie",
+            PYTHONPATH=str(ROOT),
+        )
         yield SshHosts([n for n, _ in hosts], config, env)
     finally:
         for sshd in sshds:
