@@ -19,7 +19,9 @@ __all__ = [
     "cpu_mask",
     "host_identity",
     "host_name",
+    "local_pid",
     "pid_space",
+    "process_identity",
     "ranks_on_host",
     "shared_cpus",
     "usable_cpus",
@@ -58,6 +60,18 @@ def pid_space() -> bytes:
     except OSError:
         namespace = "?"
     return hashlib.blake2b(f"{host_identity()}/{namespace}".encode(), digest_size=8).digest()
+
+
+def process_identity() -> tuple[bytes, int]:
+    """``(pid_space(), pid)``: what a transport tells a peer of this process (read each
+    time: a forked child has its own pid)."""
+    return pid_space(), os.getpid()
+
+
+def local_pid(space: bytes, pid: int) -> int:
+    """``pid`` where ``(space, pid)`` (a peer's :func:`process_identity`) names another
+    process of this host and pid namespace, else 0."""
+    return pid if space == pid_space() and pid != os.getpid() else 0
 
 
 @lru_cache(maxsize=1)

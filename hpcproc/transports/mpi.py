@@ -174,7 +174,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 
-from .._host import cpu_mask, pid_space
+from .._host import cpu_mask, local_pid, process_identity
 from .._loops import running_loop
 from ..mpi_init import import_mpi
 from ._busy_poll import FAIR_STREAK, PROBE_MIN, IdlePoller, check_budget
@@ -453,13 +453,11 @@ class _Engine:
         self.comm.Set_errhandler(mpi.ERRORS_RETURN)
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
-        space, pid = pid_space(), os.getpid()
         #: Per rank, its pid where it is another process of this host and pid
         #: namespace, else 0: a link to it counts its CPUs for the crowding (see
         #: Crowding.peer_linked). Collective, as the Dup above.
         self.local_pids: list[int] = [
-            theirs if their_space == space and theirs != pid else 0
-            for their_space, theirs in self.comm.allgather((space, pid))
+            local_pid(space, pid) for space, pid in self.comm.allgather(process_identity())
         ]
         self.options = options
         self.lock = threading.RLock()

@@ -106,7 +106,7 @@ from typing import Final, TypeVar, cast
 
 import numpy as np
 
-from .._host import cpu_mask, pid_space
+from .._host import cpu_mask, local_pid, process_identity
 from ..tls import TlsConfig, describe_tls_error, tls_config
 from ._busy_poll import IdlePoller, check_budget
 from ._dialing import (
@@ -199,7 +199,7 @@ ACCELERATED: Final = _accel is not None
 
 #: The handshake's magic; its last byte is the handshake's version (2: with ``_WHO``).
 _MAGIC = b"HPCPTCP\x02"
-#: The link parameters: this process's :func:`~hpcproc._host.pid_space` and pid.
+#: The link parameters: this process's :func:`~hpcproc._host.process_identity`.
 _WHO = struct.Struct("!8sI")
 _FORMAT = HandshakeFormat("tcp", _MAGIC, _WHO.size, log)
 # The names the raw-protocol tests speak the handshake with.
@@ -225,14 +225,13 @@ def parse_address(address: bytes) -> TcpAddress:
 def _who() -> bytes:
     """This process's link parameters (read per handshake: a forked child has its own
     pid)."""
-    return _WHO.pack(pid_space(), os.getpid())
+    return _WHO.pack(*process_identity())
 
 
 def _same_host_pid(extra: bytes) -> int:
     """The pid of the peer whose link parameters are ``extra`` where it is another
     process of this host and pid namespace, else 0."""
-    space, pid = _WHO.unpack(extra)
-    return pid if space == pid_space() and pid != os.getpid() else 0
+    return local_pid(*_WHO.unpack(extra))
 
 
 def _tune(sock: socket.socket) -> None:
