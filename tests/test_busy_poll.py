@@ -640,6 +640,7 @@ def test_a_peer_bound_to_this_processs_one_cpu_crowds_it_unless_forced_or_unknow
     assert oversubscribed(0.0)  # the launcher's answer holds for the whole job
     unlinked = Crowding("auto", machine_cpus=8, runnable=lambda: 1, own_cpus=one)
     unlinked.peer_unlinked(9)  # never linked: nothing to undo
+    assert unlinked.count_link(0) == 0  # not a process of this host: nothing counted
     assert not unlinked(0.0)
 
 

@@ -280,6 +280,17 @@ class Crowding:
                 self._inside.add(pid)
                 self._confinement_changed()
 
+    def count_link(self, pid: int) -> int:
+        """:meth:`peer_linked` for a link to process ``pid`` of this host (0: not one,
+        nothing counted), its mask read now; the pid to hand :meth:`peer_unlinked`
+        when the link goes, 0 when there is nothing to undo."""
+        if pid <= 0:
+            return 0
+        from .._host import cpu_mask
+
+        self.peer_linked(pid, cpu_mask(pid))
+        return pid
+
     def peer_unlinked(self, pid: int) -> None:
         """A link that :meth:`peer_linked` counted is gone."""
         with self._links_lock:

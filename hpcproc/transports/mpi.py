@@ -174,7 +174,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
 
-from .._host import cpu_mask, local_pid, process_identity
+from .._host import local_pid, process_identity
 from .._loops import running_loop
 from ..mpi_init import import_mpi
 from ._busy_poll import FAIR_STREAK, PROBE_MIN, IdlePoller, check_budget
@@ -1347,22 +1347,20 @@ class _MpiLink(Link):
         self.inflight: set[asyncio.Future[None]] = set()
         #: Where built, send_now's work in C (``_mpi_accel.c``).
         self._sender: Sender | None = _accel.Sender(self) if ACCELERATED else None
-        #: Whether :meth:`count_peer` told the process's crowding about the peer.
-        self._counted = False
+        #: The pid :meth:`count_peer` counted in the process's crowding (0: none).
+        self._counted_pid = 0
 
     def count_peer(self) -> None:
         """Now that the link is live: tell the process's crowding the peer's CPUs,
         where the peer is another process of this host (see Crowding.peer_linked)."""
-        pid = self.endpoint.engine.local_pids[self.rank]
-        if pid and not self._counted and not self.finished:
-            self._counted = True
-            self.endpoint._poller.crowding.peer_linked(pid, cpu_mask(pid))
+        if not self._counted_pid and not self.finished:
+            pid = self.endpoint.engine.local_pids[self.rank]
+            self._counted_pid = self.endpoint._poller.crowding.count_link(pid)
 
     def _uncount_peer(self) -> None:
-        if self._counted:
-            self._counted = False
-            pid = self.endpoint.engine.local_pids[self.rank]
-            self.endpoint._poller.crowding.peer_unlinked(pid)
+        if self._counted_pid:
+            self.endpoint._poller.crowding.peer_unlinked(self._counted_pid)
+            self._counted_pid = 0
 
     def send_control(self, kind: Kind, conn_id: int) -> None:
         if self.finished:

@@ -87,7 +87,6 @@ import numpy as np
 if not sys.platform.startswith("linux"):
     raise ImportError("the shm transport needs Linux (memfd_create, abstract Unix sockets)")
 
-from .._host import cpu_mask
 from ._busy_poll import LATE, PROBE_MIN, Budget, IdlePoller, check_budget
 from ._dialing import CROSS_WAIT, CrossedConnects
 from ._idle_pool import IdleTrimmer, env_bytes, idle_seconds
@@ -530,8 +529,8 @@ class _ShmLink(Link):
         #: cannot see), and whether the peer endpoint lives in another process.
         self._peer_pid = _peer_pid(sock)
         self._remote_process = self._peer_pid != os.getpid()
-        #: Whether :meth:`start` told the process's crowding about the peer.
-        self._counted = False
+        #: The pid :meth:`start` counted in the process's crowding (0: none).
+        self._counted_pid = 0
         self._writer = RingWriter(tx, len(tx) - HEADER_SIZE)
         self._reader = RingReader(rx, check_ring(rx))
         self._max_record = self._writer.capacity // 4
@@ -568,11 +567,10 @@ class _ShmLink(Link):
         """Start receiving (after the link is registered with its endpoint)."""
         if self._down:
             return
-        if self._remote_process and self._peer_pid > 0:
+        if self._remote_process:
             # A peer bound within this process's CPUs may make them crowded (see
             # Crowding.peer_linked).
-            self._endpoint._poller.crowding.peer_linked(self._peer_pid, cpu_mask(self._peer_pid))
-            self._counted = True
+            self._counted_pid = self._endpoint._poller.crowding.count_link(self._peer_pid)
         self._loop.add_reader(self._fd, self._on_readable)
         self._progress()
 
@@ -1200,9 +1198,9 @@ class _ShmLink(Link):
         if self._down:
             return
         self._down = True
-        if self._counted:
-            self._counted = False
-            self._endpoint._poller.crowding.peer_unlinked(self._peer_pid)
+        if self._counted_pid:
+            self._endpoint._poller.crowding.peer_unlinked(self._counted_pid)
+            self._counted_pid = 0
         self._loop.remove_reader(self._fd)
         if self._notices:
             self._loop.remove_writer(self._fd)

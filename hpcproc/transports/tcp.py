@@ -106,7 +106,7 @@ from typing import Final, TypeVar, cast
 
 import numpy as np
 
-from .._host import cpu_mask, local_pid, process_identity
+from .._host import local_pid, process_identity
 from ..tls import TlsConfig, describe_tls_error, tls_config
 from ._busy_poll import IdlePoller, check_budget
 from ._dialing import (
@@ -429,10 +429,10 @@ class _TcpLink(Link):
     ) -> None:
         super().__init__(remote, endpoint)
         self._ep = endpoint
-        #: The peer's pid where it is another process of this host (else 0), and
-        #: whether :meth:`start` told the process's crowding about it.
+        #: The peer's pid where it is another process of this host (else 0), and the
+        #: pid :meth:`start` counted in the process's crowding (0: none).
         self._peer_pid = peer_pid
-        self._counted = False
+        self._counted_pid = 0
         self._pool = endpoint._transport._pool
         self._sock = sock
         self._fd = sock.fileno()
@@ -471,8 +471,7 @@ class _TcpLink(Link):
         if self._peer_pid and not self._dead:
             # A peer bound within this process's CPUs may make them crowded (see
             # Crowding.peer_linked).
-            self._ep._idle_poller().crowding.peer_linked(self._peer_pid, cpu_mask(self._peer_pid))
-            self._counted = True
+            self._counted_pid = self._ep._idle_poller().crowding.count_link(self._peer_pid)
         self._loop.add_reader(self._fd, self._on_readable)
 
     # ------------------------------------------------------------------ send side
@@ -856,9 +855,9 @@ class _TcpLink(Link):
         if self._dead:
             return
         self._dead = True
-        if self._counted:
-            self._counted = False
-            self._ep._idle_poller().crowding.peer_unlinked(self._peer_pid)
+        if self._counted_pid:
+            self._ep._idle_poller().crowding.peer_unlinked(self._counted_pid)
+            self._counted_pid = 0
         self._loop.remove_reader(self._fd)
         if self._writing:
             self._loop.remove_writer(self._fd)
