@@ -392,11 +392,18 @@ def test_the_spinners_poll_follows_turn_and_poll(
             assert python == c == ("gave up", 1, [], 0, 0)
 
             # A message arrives: taken, and the poll ends with it queued.
-            def message(poller: IdlePoller, ready: deque[Any]) -> object:
-                p.conn.send_nowait([b"hi"])  # type: ignore[attr-defined]
-                return plain(poller, ready)
+            Setup = Callable[[IdlePoller, deque[Any]], object]
 
-            python, c = both(message)
+            def with_message(setup: Setup) -> Setup:
+                """``setup`` after a message was sent to the polled endpoint."""
+
+                def sent(poller: IdlePoller, ready: deque[Any]) -> object:
+                    p.conn.send_nowait([b"hi"])  # type: ignore[attr-defined]
+                    return setup(poller, ready)
+
+                return sent
+
+            python, c = both(with_message(plain))
             assert python == c == (0.0, 1, [b"hi"], 0, 0)
 
             # Every 8th turn the poll's CPU share is probed.
@@ -441,11 +448,7 @@ def test_the_spinners_poll_follows_turn_and_poll(
             python, c = both(crowded)
             assert python == c == (0.0, 1, [], 0, 1)
 
-            def crowded_message(poller: IdlePoller, ready: deque[Any]) -> object:
-                p.conn.send_nowait([b"hi"])  # type: ignore[attr-defined]
-                return crowded(poller, ready)
-
-            python, c = both(crowded_message)
+            python, c = both(with_message(crowded))
             assert python == c == (0.0, 1, [b"hi"], 0, 1)
 
             def crowded_not_yielding(poller: IdlePoller, ready: deque[Any]) -> object:
